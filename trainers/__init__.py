@@ -1,0 +1,1 @@
+"""bitrl_compile.trainers"""
