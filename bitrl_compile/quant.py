@@ -1,0 +1,113 @@
+"""BitNet b1.58 quantization math: the one source of truth.
+
+Weights (per tensor, or per output channel):
+    gamma = max(mean(|W|), EPS)        W_t = clip(round(W / gamma), -1, 1)        W ~ gamma * W_t
+Activations (per token, i.e. per row of a [batch, K] input):
+    s = 127 / max(max(|x|), EPS)       x_q = clip(round(x * s), -128, 127)        (int8)
+BitLinear epilogue, in float32, with a fused multiply-add (one rounding):
+    acc = x_q . W_t^T  (int32)         c = gamma / s        y = fma(float32(acc), c, bias)
+
+`round` is round-half-to-even everywhere (numpy, torch and TVM's `round` agree).
+The compiled kernels compute exactly these float32 operations in this order, so the
+numpy functions below are the bit-exact reference for them. The torch functions
+(`*_ste`) are the same math for quantization-aware training, with the straight-through
+estimator x + (q(x) - x).detach().
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = np.float32(1e-5)
+QMAX = np.float32(127.0)
+
+
+def ternarize_weight(w: np.ndarray, per_channel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize a float [N, K] weight to ternary int8 trits and float32 scales.
+
+    Returns (w_t int8 [N, K] in {-1, 0, 1}, gamma float32 [N] if per_channel else [1]).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"ternarize_weight expects a 2-D [out, in] weight, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight contains NaN or Inf; fix or retrain the model before compiling")
+    absw = np.abs(w)
+    if per_channel:
+        gamma = np.maximum(absw.mean(axis=1, dtype=np.float64).astype(np.float32), EPS)
+        w_t = np.clip(np.round(w / gamma[:, None]), -1, 1)
+    else:
+        gamma = np.maximum(np.float32(absw.mean(dtype=np.float64)), EPS).reshape(1)
+        w_t = np.clip(np.round(w / gamma[0]), -1, 1)
+    return w_t.astype(np.int8), gamma.astype(np.float32)
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax int8 quantization of a [B, K] float32 input.
+
+    Returns (x_q int8 [B, K], s float32 [B]) with x ~ x_q / s.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.max(np.abs(x), axis=-1)
+    s = (QMAX / np.maximum(amax, EPS)).astype(np.float32)
+    x_q = np.clip(np.round(x * s[..., None]), -128, 127).astype(np.int8)
+    return x_q, s
+
+
+def fma_f32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Correctly rounded float32 fused multiply-add, a * b + c with a single rounding.
+
+    a*b is exact in float64 (24+24 < 53 bits). The sum is formed in float64 rounded
+    *to odd* (TwoSum gives the exact error; a non-zero error on an even mantissa moves
+    the result one ulp towards it), and rounding-to-odd in a format of >= 2*24+2 bits
+    followed by rounding to float32 is a correct rounding (Boldo & Melquiond, 2008).
+    """
+    p = np.asarray(a, np.float32).astype(np.float64) * np.asarray(b, np.float32).astype(np.float64)
+    c64 = np.asarray(c, np.float32).astype(np.float64)
+    p, c64 = np.broadcast_arrays(p, c64)
+    s = p + c64
+    bp = s - c64
+    err = (p - bp) + (c64 - (s - bp))
+    even = (s.view(np.int64) & 1) == 0
+    fix = (err != 0) & even & np.isfinite(s)
+    s = np.where(fix, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+def bitlinear_reference(
+    x: np.ndarray,
+    w_t: np.ndarray,
+    gamma: np.ndarray,
+    bias: np.ndarray | None = None,
+    return_int: bool = False,
+):
+    """The BitLinear op on a [B, K] input: act-quant, ternary matmul (int32), rescale, bias.
+
+    Activation functions are applied by the caller. With return_int=True also returns
+    (x_q, s, acc) for bit-exact checks of the integer path.
+    """
+    x_q, s = quantize_activations(x)
+    acc = x_q.astype(np.int32) @ w_t.astype(np.int32).T
+    c = (np.asarray(gamma, np.float32)[None, :] / s[:, None]).astype(np.float32)
+    b = np.zeros(w_t.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32)
+    y = fma_f32(acc.astype(np.float32), c, np.broadcast_to(b[None, :], acc.shape))
+    if return_int:
+        return y, (x_q, s, acc)
+    return y
+
+
+# ---------------------------------------------------------------- torch (training, STE)
+
+def ternarize_weight_ste(w, per_channel: bool = False):
+    """Fake-quantized ternary weight gamma * W_t with a straight-through gradient."""
+    absw = w.abs()
+    gamma = (absw.mean(dim=1, keepdim=True) if per_channel else absw.mean()).clamp(min=float(EPS))
+    q = (w / gamma).round().clamp(-1, 1) * gamma
+    return w + (q - w).detach()
+
+
+def quantize_activations_ste(x):
+    """Fake-quantized per-row absmax int8 activations with a straight-through gradient."""
+    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=float(EPS))
+    q = (x * s).round().clamp(-128, 127) / s
+    return x + (q - x).detach()

@@ -1,0 +1,183 @@
+"""`load("policy.bitrl")` -> Policy: observations in, environment-ready actions out (numpy only).
+
+The manifest says how to prepare an observation (one-hot, /255, normalisation statistics
+baked in at compile time) and how to turn the network's output into an action the
+environment accepts (argmax or sampling for discrete actions; tanh squash and rescaling to
+the Box bounds, or clipping, for continuous ones). No torch and no TVM compiler are imported.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import safetensors_np
+from .artifact import LIB, PARAMS, ArtifactError, read_artifact
+from .tvm_runtime import load_vm, to_device
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return flags
+
+
+def check_runnable_here(manifest: dict, path: str | os.PathLike = "artifact") -> None:
+    """Raise ArtifactError (one line, with the fix) if this machine cannot run the artifact."""
+    target = manifest.get("target", {})
+    arch = target.get("arch")
+    if arch != host_arch():
+        raise ArtifactError(
+            f"{path}: compiled for {arch} (target {target.get('name')}) and this machine is {host_arch()}; "
+            f"run it on the target device, or emulated here with `bitrl-compile run {path}` (qemu-{arch})")
+    missing = [f for f in target.get("cpu_features", []) if f not in _cpu_flags()]
+    if missing and _cpu_flags():
+        raise ArtifactError(f"{path}: target {target.get('name')} needs CPU features {missing} that this CPU "
+                            "lacks; recompile with `--target host`")
+
+
+class Policy:
+    """A compiled policy. `act(obs)` takes one observation or a batch and returns action(s)."""
+
+    def __init__(self, manifest: dict, lib_bytes: bytes, params: dict[str, np.ndarray], path="artifact"):
+        self.manifest = manifest
+        self.path = str(path)
+        self.input_spec = manifest["input"]
+        self.output_spec = manifest["output"]
+        self.obs_shape = tuple(self.input_spec["shape"])
+        # tvm-ffi opens the library from a file; it stays mapped after the file is removed.
+        fd, tmp = tempfile.mkstemp(suffix=".so", prefix="bitrl-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(lib_bytes)
+            self._vm = load_vm(tmp)
+        finally:
+            os.unlink(tmp)
+        self._main = self._vm["main"]
+        self._params_np = [np.ascontiguousarray(params[name]) for name in manifest["params"]]
+        self._params = [to_device(p) for p in self._params_np]
+        norm = self.input_spec.get("normalize")
+        self._norm = None
+        if norm:
+            self._norm = (np.asarray(norm["mean"], np.float32), np.asarray(norm["var"], np.float32),
+                          np.float32(norm.get("eps", 1e-8)), norm.get("clip"))
+
+    # ---------------------------------------------------------------- observations
+
+    def _prepare(self, obs) -> tuple[np.ndarray, bool]:
+        kind = self.input_spec.get("preprocess", "none")
+        obs = np.asarray(obs)
+        if kind == "onehot":
+            n = int(self.input_spec["n"])
+            if obs.ndim > 1 or not np.issubdtype(obs.dtype, np.integer):
+                raise ValueError(f"observation must be an integer or a 1-D batch of integers in [0, {n}); "
+                                 f"got shape {obs.shape} dtype {obs.dtype}")
+            single = obs.ndim == 0
+            idx = obs.reshape(-1)
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"observation index out of range [0, {n})")
+            x = np.eye(n, dtype=np.float32)[idx]
+        else:
+            if obs.dtype == object or not (np.issubdtype(obs.dtype, np.number) or obs.dtype == np.bool_):
+                raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
+            if obs.shape == self.obs_shape:
+                single, x = True, obs[None]
+            elif obs.shape[1:] == self.obs_shape:
+                single, x = False, obs
+            else:
+                raise ValueError(f"observation has shape {obs.shape}; this policy expects {self.obs_shape} "
+                                 f"or a batch (B, {', '.join(map(str, self.obs_shape))})")
+            x = x.astype(np.float32)
+            if kind == "image":
+                x = x / np.float32(255.0)
+        if x.shape[0] == 0:
+            raise ValueError("observation batch is empty (batch size 0)")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("observation contains NaN or Inf")
+        if self._norm is not None:
+            mean, var, eps, clip = self._norm
+            x = (x - mean) / np.sqrt(var + eps)
+            if clip is not None:
+                x = np.clip(x, -clip, clip)
+        return np.ascontiguousarray(x, dtype=np.float32), single
+
+    # ---------------------------------------------------------------- inference
+
+    def forward(self, obs) -> np.ndarray:
+        """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
+        x, single = self._prepare(obs)
+        out = self._run(x)
+        return out[0] if single else out
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        result = self._main(to_device(x), *self._params)
+        if not hasattr(result, "__dlpack__") and len(result) == 1:
+            result = result[0]
+        return np.from_dlpack(result).copy()
+
+    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
+        """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box."""
+        x, single = self._prepare(obs)
+        out = self._run(x)
+        actions = self.postprocess(out, deterministic, rng)
+        return actions[0] if single else actions
+
+    def postprocess(self, out: np.ndarray, deterministic: bool = True, rng=None):
+        spec = self.output_spec
+        if spec["kind"] == "discrete":
+            if deterministic or spec.get("outputs") == "q_values":
+                return np.argmax(out, axis=-1)
+            rng = rng or np.random.default_rng()
+            z = out - out.max(axis=-1, keepdims=True)
+            p = np.exp(z)
+            p /= p.sum(axis=-1, keepdims=True)
+            u = rng.random((out.shape[0], 1))
+            return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), out.shape[-1] - 1)
+        mean = out.reshape((out.shape[0], *spec["shape"]))
+        if not deterministic and spec.get("log_std") is not None:
+            rng = rng or np.random.default_rng()
+            std = np.exp(np.asarray(spec["log_std"], np.float32)).reshape(spec["shape"])
+            mean = mean + std * rng.standard_normal(mean.shape).astype(np.float32)
+        low = np.asarray(spec["low"], np.float32).reshape(spec["shape"])
+        high = np.asarray(spec["high"], np.float32).reshape(spec["shape"])
+        squash = spec.get("squash", "clip")
+        if squash == "tanh":
+            a = low + (np.tanh(mean) + 1.0) * 0.5 * (high - low)
+        elif squash == "clip":
+            a = np.clip(mean, low, high)
+        else:
+            a = mean
+        return a.astype(np.float32)
+
+    def __repr__(self) -> str:
+        t = self.manifest.get("target", {})
+        return f"Policy({self.path!r}, target={t.get('name')}, obs_shape={self.obs_shape})"
+
+
+def load(path: str | os.PathLike) -> Policy:
+    """Load and verify a policy.bitrl artifact for this machine."""
+    art = read_artifact(path)
+    check_runnable_here(art.manifest, path)
+    try:
+        params, _ = safetensors_np.loads(art.members[PARAMS])
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {PARAMS} is unreadable ({e}); recompile the artifact") from None
+    missing = [n for n in art.manifest["params"] if n not in params]
+    if missing:
+        raise ArtifactError(f"{path}: parameters {missing} are missing from {PARAMS}; recompile the artifact")
+    return Policy(art.manifest, art.members[LIB], params, path)

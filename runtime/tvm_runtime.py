@@ -1,0 +1,64 @@
+"""Load a compiled Relax VM library with the TVM *runtime* only: tvm-ffi + libtvm_runtime.so.
+
+`import tvm` drags in the 240 MB compiler; a device needs neither it nor torch. We load the
+runtime library that ships inside the `apache-tvm` wheel (found without importing `tvm`,
+or named by BITRL_TVM_RUNTIME), then let tvm-ffi open the exported library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+_RUNTIME_LOADED = False
+
+
+def _import_tvm_ffi():
+    """Import tvm_ffi without letting it import torch (it tries to, for DLPack interop)."""
+    if "tvm_ffi" in sys.modules:
+        return sys.modules["tvm_ffi"]
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tvm_ffi tolerates
+    try:
+        import tvm_ffi
+    except ImportError as e:
+        raise RuntimeError(f"the TVM runtime is not installed ({e}); run `pip install apache-tvm-ffi numpy`") from None
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return tvm_ffi
+
+
+def find_libtvm_runtime() -> Path:
+    env = os.environ.get("BITRL_TVM_RUNTIME")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("tvm")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            for candidate in (Path(folder) / "lib" / "libtvm_runtime.so", Path(folder) / "libtvm_runtime.so"):
+                if candidate.is_file():
+                    return candidate
+    raise RuntimeError("libtvm_runtime.so not found; install `apache-tvm` or set BITRL_TVM_RUNTIME to its path")
+
+
+def load_vm(lib_path: str | os.PathLike):
+    """Open an exported Relax library and return an initialised VM (call vm["main"](...))."""
+    global _RUNTIME_LOADED
+    tvm_ffi = _import_tvm_ffi()
+    if not _RUNTIME_LOADED:
+        ctypes.CDLL(str(find_libtvm_runtime()), ctypes.RTLD_GLOBAL)
+        _RUNTIME_LOADED = True
+    mod = tvm_ffi.load_module(str(lib_path))
+    vm = mod["vm_load_executable"]()
+    vm["vm_initialization"](1, 0, 2)  # device type kDLCPU, device id 0, pooled allocator
+    return vm
+
+
+def to_device(array):
+    """A numpy array as a tvm-ffi tensor (zero copy; keep the numpy array alive)."""
+    return _import_tvm_ffi().from_dlpack(array)
