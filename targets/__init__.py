@@ -1,1 +1,90 @@
-"""bitrl_compile.targets"""
+"""Targets are data: a name, the device, the TVM target, the toolchain and how tests run it.
+
+`rasp4` is built on TVM's own `arm/rasp4b64` tag (Cortex-A72, ARMv8.0-A + NEON, keys arm_cpu/cpu):
+no dotprod, no fp16, no LSE atomics — such instructions SIGILL on a real Pi 4, and the tests run
+every rasp4 library under `qemu-aarch64 -cpu cortex-a72` and disassemble it to make sure.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    device: str
+    tvm: dict                      # TVM 0.27 target, dict form (or {"tag": ...} extended by "attrs")
+    arch: str                      # "x86_64" | "aarch64": what `uname -m` says on the device
+    cc: str | None                 # cross compiler for export_library; None = host compiler
+    cc_package: str | None = None  # Debian package that provides `cc`
+    qemu_cpu: str | None = None    # `qemu-aarch64 -cpu` that models the device
+    cpu_features: tuple[str, ...] = field(default_factory=tuple)  # /proc/cpuinfo flags the code needs
+
+
+def _host_target() -> Target:
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    from tvm.target import codegen
+
+    tvm_target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+    if arch == "aarch64":
+        tvm_target["mtriple"] = "aarch64-linux-gnu"
+    return Target("host", f"this machine ({arch}, {tvm_target['mcpu']})", tvm_target, arch, None)
+
+
+TARGETS: dict[str, Target] = {
+    "rasp4": Target(
+        "rasp4", "Raspberry Pi 4 (Cortex-A72, ARMv8.0-A, NEON, no dotprod)",
+        {"tag": "arm/rasp4b64", "attrs": {"num-cores": 4}}, "aarch64",
+        cc="aarch64-linux-gnu-g++", cc_package="g++-aarch64-linux-gnu", qemu_cpu="cortex-a72",
+        cpu_features=("asimd",)),
+    "rasp5": Target(
+        "rasp5", "Raspberry Pi 5 (Cortex-A76, ARMv8.2-A, +dotprod +fp16)",
+        {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76",
+         "mattr": ["+neon", "+dotprod", "+fullfp16"], "keys": ["arm_cpu", "cpu"], "num-cores": 4},
+        "aarch64", cc="aarch64-linux-gnu-g++", cc_package="g++-aarch64-linux-gnu", qemu_cpu="cortex-a76",
+        cpu_features=("asimd", "asimddp")),
+    "x86-avx2": Target(
+        "x86-avx2", "any Haswell-or-newer x86-64", {"kind": "llvm", "mcpu": "haswell"}, "x86_64",
+        None, cpu_features=("avx2", "fma")),
+    "x86-avx512": Target(
+        "x86-avx512", "AVX-512 VNNI servers (Ice Lake server, Zen 4)", {"kind": "llvm", "mcpu": "icelake-server"},
+        "x86_64", None, cpu_features=("avx512f", "avx512_vnni")),
+}
+
+
+def known_targets() -> list[str]:
+    return ["host", *TARGETS]
+
+
+def get_target(name: str) -> Target:
+    if name == "host":
+        return _host_target()
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; known targets: {', '.join(known_targets())}")
+    return TARGETS[name]
+
+
+def tvm_target(target: Target):
+    """The tvm.target.Target object for a Target (built on a TVM tag where we have one)."""
+    import tvm
+
+    spec = dict(target.tvm)
+    if "tag" in spec:
+        base = tvm.target.Target(spec["tag"]).export()
+        base.update(spec.get("attrs", {}))
+        base.pop("tag", None)
+        return tvm.target.Target(base)
+    return tvm.target.Target(spec)
+
+
+def check_toolchain(target: Target) -> None:
+    """Raise a one-line error naming the Debian package when the target's compiler is missing."""
+    cc = target.cc or "g++"
+    if shutil.which(cc) is None:
+        pkg = target.cc_package or "g++"
+        raise RuntimeError(f"compiler {cc} for target {target.name} is not installed; "
+                           f"run `apt-get install {pkg}`")

@@ -1,0 +1,71 @@
+"""Ternary weight layouts: pairs of pure functions pack(trits) -> bytes, unpack(bytes) -> trits.
+
+Trits t in {-1, 0, +1} are stored as codes c = t + 1 in {0, 1, 2}.
+
+2-bit ("2bit"): 4 trits per byte, row-major over [N, K]; K is padded to a multiple of 4 with
+code 1 (a zero weight). Trit k of row n sits in byte k // 4 of that row at bits 2*(k % 4):
+
+    byte j of row n:   bit  7 6 | 5 4 | 3 2 | 1 0
+                       c[4j+3]  | c[4j+2] | c[4j+1] | c[4j]
+
+Base-3 ("base3"): 5 trits per byte, byte = c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4 (0..242), K padded to a
+multiple of 5 with code 1. 8/5 = 1.6 bits per weight, against the log2(3) = 1.585 floor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check_trits(w_t: np.ndarray) -> np.ndarray:
+    w_t = np.asarray(w_t)
+    if w_t.ndim != 2:
+        raise ValueError(f"expected a 2-D [N, K] trit matrix, got shape {w_t.shape}")
+    if w_t.size and (w_t.min() < -1 or w_t.max() > 1):
+        raise ValueError("trits must be in {-1, 0, 1}")
+    return w_t.astype(np.int8)
+
+
+def pack_2bit(w_t: np.ndarray) -> np.ndarray:
+    """[N, K] trits -> [N, ceil(K/4)] uint8."""
+    w_t = _check_trits(w_t)
+    n, k = w_t.shape
+    codes = np.ones((n, -(-k // 4) * 4), np.uint8)
+    codes[:, :k] = w_t + 1
+    c = codes.reshape(n, -1, 4)
+    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).astype(np.uint8)
+
+
+def unpack_2bit(packed: np.ndarray, k: int) -> np.ndarray:
+    """[N, ceil(K/4)] uint8 -> [N, K] int8 trits."""
+    packed = np.asarray(packed, np.uint8)
+    shifts = np.array([0, 2, 4, 6], np.uint8)
+    codes = (packed[..., None] >> shifts) & 3
+    return (codes.reshape(packed.shape[0], -1)[:, :k].astype(np.int8) - 1)
+
+
+def pack_base3(w_t: np.ndarray) -> np.ndarray:
+    """[N, K] trits -> [N, ceil(K/5)] uint8."""
+    w_t = _check_trits(w_t)
+    n, k = w_t.shape
+    codes = np.ones((n, -(-k // 5) * 5), np.uint8)
+    codes[:, :k] = w_t + 1
+    c = codes.reshape(n, -1, 5).astype(np.uint16)
+    return (c[..., 0] + 3 * c[..., 1] + 9 * c[..., 2] + 27 * c[..., 3] + 81 * c[..., 4]).astype(np.uint8)
+
+
+def unpack_base3(packed: np.ndarray, k: int) -> np.ndarray:
+    """[N, ceil(K/5)] uint8 -> [N, K] int8 trits."""
+    packed = np.asarray(packed, np.uint8).astype(np.int16)
+    if packed.size and packed.max() > 242:
+        raise ValueError("base-3 byte out of range (> 242): corrupt packed weights")
+    digits = [(packed // p) % 3 for p in (1, 3, 9, 27, 81)]
+    codes = np.stack(digits, axis=-1).reshape(packed.shape[0], -1)
+    return codes[:, :k].astype(np.int8) - 1
+
+
+LAYOUTS = {"2bit": (pack_2bit, unpack_2bit), "base3": (pack_base3, unpack_base3)}
+
+
+def bits_per_weight(layout: str) -> float:
+    return {"2bit": 2.0, "base3": 1.6, "int8": 8.0}[layout]

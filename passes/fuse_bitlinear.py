@@ -1,0 +1,52 @@
+"""fuse_bitlinear: fold a constant bias add and an elementwise activation into the BitLinear op.
+
+Pipeline position: after `ternarize`, before `pack_weights`. Rewrites
+    relu|tanh|sigmoid( add( bitlinear(x, w, g, 0, "none"), b ) )  ->  bitlinear(x, w, g, b, act)
+for a constant bias b of N elements (either operand order of the add). The result is one op per
+layer that `legalize_bitlinear` turns into one kernel with the epilogue (rescale, bias,
+activation) inside it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, rewrite_call
+
+from . import bitlinear_op
+
+_ACTIVATIONS = {"relax.nn.relu": "relu", "relax.tanh": "tanh", "relax.sigmoid": "sigmoid"}
+
+
+def _fold_bias(call, m, bl, bias):
+    op = bitlinear_op.parse(m[bl])
+    b = m[bias].value.numpy()
+    n = op.w.ty.shape[0]
+    if op.activation != "none" or np.any(bitlinear_op.constant_value(op.bias)) or b.size != int(n):
+        return call
+    old = bitlinear_op.constant_value(op.bias)
+    new_bias = (old + b.reshape(-1)).astype(np.float32)
+    return bitlinear_op.make(op.x, op.w, op.gamma, relax.const(new_bias), "none", op.layout, op.k, call.ty)
+
+
+def _fold_activation(call, m, bl):
+    op = bitlinear_op.parse(m[bl])
+    if op.activation != "none":
+        return call
+    act = _ACTIVATIONS[call.op.name]
+    return bitlinear_op.make(op.x, op.w, op.gamma, op.bias, act, op.layout, op.k, call.ty)
+
+
+@tvm.transform.module_pass(opt_level=0, name="bitrl.FuseBitLinear")
+def fuse_bitlinear(mod, _ctx):
+    bl = bitlinear_op.pattern()
+    bias = is_const()
+    add = is_op("relax.add")(bl, bias) | is_op("relax.add")(bias, bl)
+    act = is_op("relax.nn.relu")(bl) | is_op("relax.tanh")(bl) | is_op("relax.sigmoid")(bl)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            func = rewrite_call(add, lambda call, m: _fold_bias(call, m, bl, bias), func)
+            func = rewrite_call(act, lambda call, m: _fold_activation(call, m, bl), func)
+            mod[gv] = func
+    return mod
