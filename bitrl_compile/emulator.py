@@ -1,0 +1,498 @@
+"""Run aarch64 (Raspberry Pi) artifacts on this x86 machine: a real aarch64 Python under qemu-user.
+
+    with EmulatedPolicy("policy.bitrl") as policy:      # rasp4 artifact, qemu -cpu cortex-a72
+        action = policy.act(obs)
+
+The aarch64 Python is Debian's: its arm64 packages (python3.11-minimal and the libraries it
+links) unpacked into a plain folder that qemu uses as the guest's root (`-L`), plus the aarch64
+wheels of numpy and apache-tvm-ffi and the aarch64 `libtvm_runtime.so` (taken out of the
+apache-tvm wheel; the compiler library is not needed). No chroot, no binfmt. It is built once,
+on first use, under
+
+    $BITRL_CACHE/aarch64-py311/        (BITRL_CACHE defaults to ~/.cache/bitrl-compile)
+        sysroot/        the Debian arm64 packages, `dpkg -x`ed; sysroot/usr/bin/python3.11
+        site/           the aarch64 wheels, unpacked
+        tvm-runtime/    libtvm_runtime.so for aarch64
+        runtime/HASH/   a copy of bitrl_compile.runtime for the guest, one per source version
+        recipe.json     what was built; a different recipe rebuilds the folder
+
+`python -m bitrl_compile.emulator setup` builds it up front (CI does). The build needs
+`dpkg`/`apt-get` with the arm64 architecture added (done here when running as root) and pip.
+qemu enforces the ISA of the `-cpu` it is given: an instruction a Cortex-A72 lacks (sdot, LSE
+atomics) kills the guest with SIGILL, as it would on a Raspberry Pi 4.
+"""
+
+from __future__ import annotations
+
+import compileall
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import bitrl_compile
+from bitrl_compile import runtime
+from bitrl_compile.runtime import serve
+from bitrl_compile.runtime.artifact import ArtifactError
+
+PYTHON_VERSION = "3.11"
+DEBIAN_PACKAGES = (  # python3.11 and every library it or its extension modules link, all :arm64
+    "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
+    "libc6", "zlib1g", "libexpat1", "libffi8", "libssl3", "libbz2-1.0", "liblzma5", "libgcc-s1",
+    "libstdc++6", "libsqlite3-0", "libncursesw6", "libtinfo6", "libreadline8", "libuuid1", "libcrypt1",
+    "libtirpc3", "libnsl2", "libdb5.3", "libgdbm6",
+)
+DEBIAN_PACKAGES_ALL = ("media-types",)  # Architecture: all, so no :arm64 suffix
+TVM_FFI = "apache-tvm-ffi==0.1.14.post1"
+TVM = "apache-tvm==0.27.0.post1"
+LIBTVM_RUNTIME_MEMBER = "tvm/lib/libtvm_runtime.so"
+WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux2014_aarch64")
+QEMU = "qemu-aarch64"
+DEFAULT_CPU = "cortex-a72"  # Raspberry Pi 4; "cortex-a76" is the Pi 5
+
+
+class EmulatorError(RuntimeError):
+    """The emulator cannot be set up or the emulated process failed; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Aarch64Python:
+    """A ready aarch64 Python: run `python` under `qemu-aarch64 -L sysroot` with `site` on its path."""
+
+    root: Path
+    sysroot: Path
+    site: Path
+    libtvm_runtime: Path
+
+    @property
+    def python(self) -> Path:
+        return self.sysroot / "usr" / "bin" / f"python{PYTHON_VERSION}"
+
+
+def _log(message: str) -> None:
+    print(f"bitrl-compile: {message}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BITRL_CACHE") or Path.home() / ".cache" / "bitrl-compile").expanduser()
+
+
+def _recipe() -> dict:
+    return {"recipe": 1, "python": PYTHON_VERSION, "debian": list(DEBIAN_PACKAGES + DEBIAN_PACKAGES_ALL),
+            "wheels": _wheel_specs(), "tvm": TVM, "platforms": list(WHEEL_PLATFORMS)}
+
+
+def _wheel_specs() -> list[str]:
+    # The host's numpy version, so that emulated and native results compare like for like.
+    return [f"numpy=={importlib.metadata.version('numpy')}", TVM_FFI, "typing-extensions>=4.13"]
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise EmulatorError(f"{QEMU} not found; install it with `apt-get install qemu-user`")
+    return path
+
+
+def ensure_aarch64_python() -> Aarch64Python:
+    """The cached aarch64 Python, built on first use (about a minute, 100 MB of downloads)."""
+    qemu_binary()
+    root = cache_root() / f"aarch64-py{PYTHON_VERSION.replace('.', '')}"
+    py = Aarch64Python(root=root, sysroot=root / "sysroot", site=root / "site",
+                       libtvm_runtime=root / "tvm-runtime" / "libtvm_runtime.so")
+    if _is_built(root):
+        return py
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
+        if not _is_built(root):
+            _build(root)
+    return py
+
+
+def _is_built(root: Path) -> bool:
+    try:
+        return json.loads((root / "recipe.json").read_text()) == _recipe()
+    except (OSError, ValueError):
+        return False
+
+
+def _build(root: Path) -> None:
+    """Build the whole folder next to `root`, then rename it into place: never a half cache."""
+    started = time.monotonic()
+    _log(f"building an aarch64 Python {PYTHON_VERSION} for qemu in {root} (once; about a minute)")
+    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
+    try:
+        new = work / root.name
+        sysroot, site, tvm_runtime = new / "sysroot", new / "site", new / "tvm-runtime"
+        for folder in (sysroot, site, tvm_runtime, work / "debs", work / "wheels"):
+            folder.mkdir(parents=True)
+
+        _log(f"  downloading {len(DEBIAN_PACKAGES) + len(DEBIAN_PACKAGES_ALL)} Debian arm64 packages")
+        _apt_download([f"{p}:arm64" for p in DEBIAN_PACKAGES] + list(DEBIAN_PACKAGES_ALL), work / "debs")
+        _log("  unpacking them into the sysroot")
+        for deb in sorted((work / "debs").glob("*.deb")):
+            _run(["dpkg", "-x", str(deb), str(sysroot)], f"unpack {deb.name}")
+        _relativize_symlinks(sysroot)
+
+        _log(f"  downloading aarch64 wheels: {', '.join(_wheel_specs())}")
+        _pip_download(_wheel_specs(), work / "wheels")
+        for wheel in sorted((work / "wheels").glob("*.whl")):
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(site)
+        _log(f"  taking libtvm_runtime.so out of the aarch64 {TVM} wheel (~95 MB download)")
+        tvm_wheels = work / "tvm-wheel"
+        tvm_wheels.mkdir()
+        _pip_download([TVM], tvm_wheels)
+        (wheel,) = tvm_wheels.glob("*.whl")
+        with zipfile.ZipFile(wheel) as z, open(tvm_runtime / "libtvm_runtime.so", "wb") as out:
+            shutil.copyfileobj(z.open(LIBTVM_RUNTIME_MEMBER), out)
+        wheel.unlink()
+
+        _log("  precompiling the standard library and wheels to bytecode")
+        _precompile(new, root)
+        _log("  checking that it runs under qemu")
+        smoke = _run_guest(new, "import ctypes, numpy, tvm_ffi\n"
+                                f"ctypes.CDLL({str(tvm_runtime / 'libtvm_runtime.so')!r}, ctypes.RTLD_GLOBAL)\n"
+                                "print(numpy.__version__)", timeout=600)
+        if smoke.returncode != 0:
+            raise EmulatorError(f"the aarch64 Python built in {new} does not start under qemu: "
+                                f"{_last_line(smoke.stderr)}")
+
+        (new / "recipe.json").write_text(json.dumps(_recipe(), indent=2))
+        if root.exists():  # an outdated recipe: move it aside, then swap the new one in
+            os.rename(root, work / "old")
+        os.rename(new, root)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = sum(os.lstat(os.path.join(folder, f)).st_size for folder, _, files in os.walk(root) for f in files)
+    _log(f"aarch64 Python ready in {time.monotonic() - started:.0f} s ({size / 2**20:.0f} MB in {root})")
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise EmulatorError(f"cannot {what}: `{cmd[0]}` not found (building the aarch64 Python needs "
+                            "Debian's dpkg and apt-get)") from None
+    if proc.returncode != 0:
+        raise EmulatorError(f"cannot {what}: `{shlex.join(cmd)}` failed: {_last_line(proc.stderr)}")
+    return proc
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no message)"
+
+
+def _apt_download(packages: list[str], folder: Path) -> None:
+    """`apt-get download` the packages; adds the arm64 architecture first when we may (root)."""
+    is_root = os.geteuid() == 0
+    foreign = _run(["dpkg", "--print-foreign-architectures"], "list dpkg architectures").stdout.split()
+    if "arm64" not in foreign:
+        if not is_root:
+            raise EmulatorError("the aarch64 Python needs Debian's arm64 packages; run once: "
+                                "`sudo dpkg --add-architecture arm64 && sudo apt-get update`")
+        _log("  adding the arm64 architecture to dpkg (dpkg --add-architecture arm64; apt-get update)")
+        _run(["dpkg", "--add-architecture", "arm64"], "add the arm64 architecture")
+        _run(["apt-get", "update", "-q"], "update the apt package lists")
+    # As root apt drops to the `_apt` user, which cannot write into our private temp folder.
+    cmd = ["apt-get", "download", "-q", *(["-o", "APT::Sandbox::User=root"] if is_root else []), *packages]
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 and is_root:  # the arm64 package lists may be missing or stale
+        _run(["apt-get", "update", "-q"], "update the apt package lists")
+        proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        fix = "" if is_root else " (run `sudo apt-get update` and retry)"
+        raise EmulatorError(f"cannot download Debian arm64 packages: {_last_line(proc.stderr)}{fix}")
+
+
+def _pip_download(specs: list[str], folder: Path) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-cache-dir", "--disable-pip-version-check",
+           "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--no-deps", "-d", str(folder)]
+    for platform_tag in WHEEL_PLATFORMS:
+        cmd += ["--platform", platform_tag]
+    _run(cmd + specs, f"download aarch64 wheels {specs}")
+
+
+def _relativize_symlinks(sysroot: Path) -> None:
+    """Point absolute symlinks inside the sysroot (e.g. to /etc/...) at the sysroot, not the host."""
+    for folder, dirs, files in os.walk(sysroot):
+        for name in dirs + files:
+            link = Path(folder) / name
+            if link.is_symlink() and os.readlink(link).startswith("/"):
+                target = sysroot / os.readlink(link).lstrip("/")
+                link.unlink()
+                link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def _precompile(new: Path, root: Path) -> None:
+    """Write .pyc files once, so that each emulated start does not recompile the stdlib (7 s -> 2.5 s).
+
+    `new` is the folder being built, renamed to `root` afterwards (tracebacks name files there).
+    Bytecode depends only on the Python minor version: the host compiles it when it is 3.11 too,
+    otherwise the guest does (slower, once).
+    """
+    folders = {str(new / sub): str(root / sub) for sub in (f"sysroot/usr/lib/python{PYTHON_VERSION}", "site")}
+    if _host_is_guest_version():
+        for folder, final in folders.items():
+            compileall.compile_dir(folder, quiet=2, workers=0, ddir=final)
+        return
+    code = (f"import compileall\nfor f, d in {folders!r}.items():\n"
+            "    compileall.compile_dir(f, quiet=2, ddir=d)")
+    _run_guest(new, code, timeout=1800)
+
+
+def _host_is_guest_version() -> bool:
+    return f"{sys.version_info.major}.{sys.version_info.minor}" == PYTHON_VERSION
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def _runtime_tree(py: Aarch64Python) -> Path:
+    """A folder holding `bitrl_compile/__init__.py` and `bitrl_compile/runtime/*.py` for the guest.
+
+    The guest cannot import the host's package (it would need torch and tvm); it gets a copy of
+    the import-light part, cached by the hash of its sources.
+    """
+    sources = {"bitrl_compile/__init__.py": Path(bitrl_compile.__file__)}
+    for source in sorted(Path(runtime.__file__).parent.glob("*.py")):
+        sources[f"bitrl_compile/runtime/{source.name}"] = source
+    contents = {name: path.read_bytes() for name, path in sources.items()}
+    digest = hashlib.sha256()
+    for name, data in contents.items():
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    tree = py.root / "runtime" / digest.hexdigest()[:16]
+    if tree.is_dir():
+        return tree
+    tree.parent.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=tree.parent))
+    try:
+        for name, data in contents.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_bytes(data)
+        if _host_is_guest_version():
+            compileall.compile_dir(work, quiet=2, workers=1, ddir=str(tree))
+        try:
+            os.rename(work, tree)
+        except OSError:  # another process put the same tree in place first
+            if not tree.is_dir():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return tree
+
+
+def _guest_command(root: Path, libtvm_runtime: Path, pythonpath: list[Path], cpu: str) -> list[str]:
+    sysroot = root / "sysroot"
+    return [qemu_binary(), "-cpu", cpu, "-L", str(sysroot),
+            "-E", f"PYTHONPATH={os.pathsep.join(map(str, pythonpath))}",
+            "-E", f"BITRL_TVM_RUNTIME={libtvm_runtime}",
+            # no user site, and no current folder first on sys.path: a checkout's bitrl_compile/
+            # (without runtime/, a separate top-level folder) would shadow the copy made for the guest
+            "-E", "PYTHONNOUSERSITE=1", "-E", "PYTHONSAFEPATH=1", "-U", "PYTHONHOME",
+            str(sysroot / "usr" / "bin" / f"python{PYTHON_VERSION}")]
+
+
+def _run_guest(root: Path, code: str, timeout: float) -> subprocess.CompletedProcess:
+    cmd = _guest_command(root, root / "tvm-runtime" / "libtvm_runtime.so", [root / "site"], DEFAULT_CPU)
+    return subprocess.run(cmd + ["-c", code], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def qemu_python_command(cpu: str = DEFAULT_CPU) -> list[str]:
+    """The command that runs the aarch64 Python under qemu for `cpu`; append `-c CODE` or a script.
+
+    The guest can `import numpy, tvm_ffi, bitrl_compile.runtime`; BITRL_TVM_RUNTIME names its
+    aarch64 libtvm_runtime.so.
+    """
+    py = ensure_aarch64_python()
+    return _guest_command(py.root, py.libtvm_runtime, [_runtime_tree(py), py.site], cpu)
+
+
+def run_python_under_qemu(code: str, cpu: str = DEFAULT_CPU, timeout: float = 300.0,
+                          cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    """Run `python -c code` on the emulated `cpu`, output captured as text.
+
+    A guest killed by SIGILL has returncode -signal.SIGILL, as a native process would (qemu-user
+    then writes a core file into `cwd` if `ulimit -c` allows it).
+    """
+    return subprocess.run(qemu_python_command(cpu) + ["-c", code], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, check=False)
+
+
+# ---------------------------------------------------------------------------------- EmulatedPolicy
+
+_ERRORS: dict[str, type[Exception]] = {"ValueError": ValueError, "ArtifactError": ArtifactError,
+                                       "TypeError": TypeError, "KeyError": KeyError,
+                                       "IndexError": IndexError, "RuntimeError": RuntimeError}
+
+
+def _raise_remote(header: dict) -> None:
+    kind, message = header.get("error", "RuntimeError"), header.get("message", "")
+    if kind in _ERRORS:
+        raise _ERRORS[kind](message)
+    raise EmulatorError(f"{kind}: {message}")
+
+
+class EmulatedPolicy:
+    """A policy.bitrl for aarch64 running in one persistent qemu process; the API of runtime.Policy.
+
+    `act(obs, deterministic=False, rng=rng)` draws one seed from `rng` for the guest's sampler, so
+    sampled actions are repeatable for a seeded rng but differ from a native Policy's.
+    """
+
+    def __init__(self, path: str | os.PathLike, cpu: str = DEFAULT_CPU, startup_timeout: float = 300.0):
+        self.path = str(path)
+        self.cpu = cpu
+        self._lock = threading.Lock()
+        self._proc = None
+        command = qemu_python_command(cpu) + ["-m", "bitrl_compile.runtime.serve", os.path.abspath(path)]
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr)
+        try:
+            ready, _, _ = select.select([self._proc.stdout], [], [], startup_timeout)
+            if not ready:
+                raise EmulatorError(f"{self.path}: the emulated runtime did not start within "
+                                    f"{startup_timeout:.0f} s on {cpu}")
+            header, _ = self._receive()
+            if not header.get("ok"):
+                _raise_remote(header)
+        except BaseException:
+            self.close()
+            raise
+        self.manifest: dict = header["manifest"]
+        self.input_spec = self.manifest["input"]
+        self.output_spec = self.manifest["output"]
+        self.obs_shape = tuple(self.input_spec["shape"])
+
+    def forward(self, obs) -> np.ndarray:
+        """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
+        return self._call({"method": "forward"}, obs)
+
+    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
+        """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box."""
+        seed = None
+        if not deterministic:
+            seed = int((rng or np.random.default_rng()).integers(2**63))
+        return self._call({"method": "act", "deterministic": bool(deterministic), "seed": seed}, obs)
+
+    def _call(self, request: dict, obs):
+        obs = np.asarray(obs)
+        if obs.dtype == object:  # has no bytes to send; the runtime's own message
+            raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
+        header, payload = serve.array_message(obs)
+        with self._lock:
+            if self._proc is None:
+                raise EmulatorError(f"{self.path}: the emulated policy is closed")
+            try:
+                serve.write_message(self._proc.stdin, dict(request, **header), payload)
+            except (BrokenPipeError, OSError):
+                raise self._died() from None
+            reply, data = self._receive()
+        if not reply.get("ok"):
+            _raise_remote(reply)
+        result = serve.message_array(reply, data)
+        return result[()] if result.ndim == 0 else result
+
+    def _receive(self) -> tuple[dict, bytes]:
+        try:
+            message = serve.read_message(self._proc.stdout)
+        except serve.ProtocolError:
+            message = None
+        if message is None:
+            raise self._died()
+        return message
+
+    def _died(self) -> EmulatorError:
+        try:
+            code = self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._stderr.seek(0)
+        stderr = self._stderr.read().decode(errors="replace")
+        if code is not None and code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+            if code == -signal.SIGILL:
+                how += f" (an instruction that {self.cpu} does not have)"
+        else:
+            how = f"exited with status {code}"
+        return EmulatorError(f"{self.path}: the emulated runtime ({QEMU} -cpu {self.cpu}) {how}: "
+                             f"{_last_line(stderr)}")
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()  # end of input: the server returns
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        self._stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_proc", None) is not None:
+            self.close()
+
+    def __repr__(self) -> str:
+        target = getattr(self, "manifest", {}).get("target", {})
+        return f"EmulatedPolicy({self.path!r}, target={target.get('name')}, cpu={self.cpu})"
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bitrl_compile.emulator setup` builds the cache; `... python ARGS` runs the guest."""
+    argv = sys.argv[1:] if argv is None else argv
+    usage = ("usage: python -m bitrl_compile.emulator setup            build the aarch64 Python cache\n"
+             "       python -m bitrl_compile.emulator python [--cpu CPU] ARGS...   run it under qemu")
+    if argv[:1] == ["setup"]:
+        try:
+            py = ensure_aarch64_python()
+        except EmulatorError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"aarch64 Python: {py.python}\nsite: {py.site}\nlibtvm_runtime: {py.libtvm_runtime}")
+        return 0
+    if argv[:1] == ["python"]:
+        args, cpu = argv[1:], DEFAULT_CPU
+        if args[:1] == ["--cpu"] and len(args) >= 2:
+            cpu, args = args[1], args[2:]
+        try:
+            command = qemu_python_command(cpu) + args
+        except EmulatorError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return subprocess.call(command)
+    print(usage, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
