@@ -126,8 +126,8 @@ def run(mod: tvm.IRModule, *inputs: np.ndarray, func_name: str = "main"):
     def ev(expr):
         if isinstance(expr, relax.Var):
             return env[expr]
-        if isinstance(expr, tvm.ir.Constant):
-            return expr.value.numpy()
+        if isinstance(expr, tvm.ir.Constant):  # tensors, and PrimValues (a python scalar)
+            return expr.value.numpy() if hasattr(expr.value, "numpy") else expr.value
         if isinstance(expr, relax.Tuple):
             return tuple(ev(f) for f in expr.fields)
         if isinstance(expr, relax.TupleGetItem):

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import safetensors_np
 from .artifact import LIB, PARAMS, ArtifactError, read_artifact
-from .tvm_runtime import load_vm, to_device
+from .tvm_runtime import aligned, load_vm, to_device
 
 
 def host_arch() -> str:
@@ -69,7 +69,7 @@ class Policy:
         finally:
             os.unlink(tmp)
         self._main = self._vm["main"]
-        self._params_np = [np.ascontiguousarray(params[name]) for name in manifest["params"]]
+        self._params_np = [aligned(params[name]) for name in manifest["params"]]
         self._params = [to_device(p) for p in self._params_np]
         norm = self.input_spec.get("normalize")
         self._norm = None
@@ -114,7 +114,7 @@ class Policy:
             x = (x - mean) / np.sqrt(var + eps)
             if clip is not None:
                 x = np.clip(x, -clip, clip)
-        return np.ascontiguousarray(x, dtype=np.float32), single
+        return aligned(x, np.float32), single
 
     # ---------------------------------------------------------------- inference
 

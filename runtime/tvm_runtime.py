@@ -51,7 +51,10 @@ def load_vm(lib_path: str | os.PathLike):
     global _RUNTIME_LOADED
     tvm_ffi = _import_tvm_ffi()
     if not _RUNTIME_LOADED:
-        ctypes.CDLL(str(find_libtvm_runtime()), ctypes.RTLD_GLOBAL)
+        # In a process that imported `tvm` (the compiler, which contains the runtime) the VM is
+        # already registered; loading a second copy of the runtime would corrupt its registries.
+        if tvm_ffi.get_global_func("vm.builtin.alloc_storage", allow_missing=True) is None:
+            ctypes.CDLL(str(find_libtvm_runtime()), ctypes.RTLD_GLOBAL)
         _RUNTIME_LOADED = True
     mod = tvm_ffi.load_module(str(lib_path))
     vm = mod["vm_load_executable"]()
@@ -59,6 +62,26 @@ def load_vm(lib_path: str | os.PathLike):
     return vm
 
 
+ALIGNMENT = 64  # TVM kernels assume 64-byte aligned buffers (aligned vector loads)
+
+
+def aligned(array, dtype=None):
+    """A C-contiguous, 64-byte aligned copy of `array` (or `array` itself if it already is one)."""
+    import numpy as np
+
+    array = np.asarray(array, dtype=dtype)
+    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
+        return array
+    raw = np.empty(array.nbytes + ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % ALIGNMENT
+    out = raw[offset:offset + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
 def to_device(array):
-    """A numpy array as a tvm-ffi tensor (zero copy; keep the numpy array alive)."""
-    return _import_tvm_ffi().from_dlpack(array)
+    """An aligned contiguous numpy array as a tvm-ffi tensor (zero copy; keep the array alive).
+
+    Misaligned memory would crash inside a kernel, so it is refused here with a ValueError.
+    """
+    return _import_tvm_ffi().from_dlpack(array, require_alignment=ALIGNMENT, require_contiguous=True)

@@ -1,0 +1,193 @@
+"""The whole compile on one screen: policy file -> Relax -> our passes -> TVM -> policy.bitrl.
+
+    load_policy (frontends)      safe loading; torch.nn.Module or ONNX + input/output specs
+    to_relax                     torch.export -> from_exported_program  |  relax.frontend.onnx
+    quantize_module              ternarize -> fuse_bitlinear -> pack_weights      (runnable IR)
+    lower_module                 legalize_bitlinear (TensorIR kernels) -> lift_params
+    tvm.compile + export_library (the target's cross compiler), write_artifact (atomic)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bitrl_compile import __version__, layouts
+from bitrl_compile.runtime import artifact as art
+from bitrl_compile.runtime import safetensors_np
+
+
+class CompileError(RuntimeError):
+    """The model cannot be compiled; the message names the op or stage and what to do."""
+
+
+@dataclass
+class CompiledPolicy:
+    path: Path
+    manifest: dict
+    quantized: object                       # the Relax module after pack_weights (reference input)
+    params: dict[str, np.ndarray]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ frontends
+
+def to_relax(loaded):
+    """A LoadedPolicy as a float32 Relax IRModule whose `main` takes a [batch, *obs_shape] input."""
+    obs_shape = tuple(loaded.input["shape"]) if loaded.input.get("preprocess") != "onehot" \
+        else (int(loaded.input["n"]),)
+    if loaded.onnx_model is not None:
+        from tvm.relax.frontend.onnx import from_onnx
+
+        try:
+            mod = from_onnx(loaded.onnx_model, keep_params_in_input=False)
+        except Exception as e:  # noqa: BLE001 - TVM raises many kinds; we name the op when we can
+            raise CompileError(f"ONNX import failed: {_first_line(e)}") from e
+        return mod
+    import torch
+    from tvm.relax.frontend.torch import from_exported_program
+
+    example = torch.zeros((2, *obs_shape), dtype=torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    try:
+        ep = torch.export.export(loaded.module.eval(), (example,), dynamic_shapes=({0: batch},))
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"torch.export could not capture the policy: {_first_line(e)}") from e
+    try:
+        return from_exported_program(ep, unwrap_unit_return_tuple=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        ops = re.findall(r"Unsupported function types? \[?([^\]\n]+)", msg)
+        if ops:
+            raise CompileError(f"cannot lower op(s) {ops[0].strip()} to TVM; replace them in the policy "
+                               "or file an issue") from e
+        raise CompileError(f"TVM could not import the exported program: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------ passes
+
+def quantize_module(mod, per_channel: bool = False):
+    """ternarize -> fuse_bitlinear -> pack_weights: still runnable (BitLinear = numpy reference)."""
+    import tvm
+
+    from bitrl_compile.passes.fuse_bitlinear import fuse_bitlinear
+    from bitrl_compile.passes.pack_weights import pack_weights
+    from bitrl_compile.passes.ternarize import ternarize
+
+    seq = tvm.transform.Sequential([ternarize(per_channel), fuse_bitlinear, pack_weights])
+    return seq(mod)
+
+
+def lower_module(mod, tvm_target):
+    """legalize_bitlinear -> lift_params. Returns (module ready for tvm.compile, params)."""
+    from bitrl_compile.passes.legalize_bitlinear import legalize_bitlinear
+    from bitrl_compile.passes.lift_params import lift_params
+
+    return lift_params(legalize_bitlinear(tvm_target)(mod))
+
+
+def bitlinear_layers(mod) -> list[dict]:
+    """The manifest's per-layer table: shapes, activation, layout, scale kind, bits per weight."""
+    from tvm import relax
+
+    from bitrl_compile.passes import bitlinear_op
+
+    layers = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            op = bitlinear_op.parse(binding.value) if isinstance(binding.value, relax.Call) else None
+            if op is None:
+                continue
+            n = int(op.w.ty.shape[0])
+            per_channel = int(op.gamma.ty.shape[0]) > 1
+            layers.append({"name": f"bitlinear{len(layers)}", "in": op.k, "out": n,
+                           "activation": op.activation, "layout": op.layout,
+                           "scale": "per_channel" if per_channel else "per_tensor",
+                           "weight_bits_per_param": layouts.bits_per_weight(op.layout)})
+    return layers
+
+
+# ------------------------------------------------------------------------------------ compile
+
+def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_channel: bool = False,
+                   force: bool = False, log: Callable[[str], None] = lambda s: None) -> CompiledPolicy:
+    """Compile a LoadedPolicy for a target into a policy.bitrl artifact at `output`."""
+    import tvm
+
+    from bitrl_compile import targets
+
+    target = targets.get_target(target_name)
+    targets.check_toolchain(target)
+    output = Path(output)
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    mod = to_relax(loaded)
+    timings["import"] = time.perf_counter() - t0
+    log(f"imported {loaded.source} policy into Relax ({len(mod['main'].body.blocks[0].bindings)} ops)")
+
+    t0 = time.perf_counter()
+    quantized = quantize_module(mod, per_channel)
+    layers = bitlinear_layers(quantized)
+    if not layers:
+        raise CompileError("the policy has no linear layer with constant weights to ternarize")
+    tvm_target = targets.tvm_target(target)
+    lowered, params = lower_module(quantized, tvm_target)
+    timings["passes"] = time.perf_counter() - t0
+    log(f"ternarized {len(layers)} linear layers; lowering for {target.name} ({target.device})")
+
+    t0 = time.perf_counter()
+    try:
+        executable = tvm.compile(lowered, target=tvm_target)
+    except Exception as e:  # noqa: BLE001
+        raise CompileError(f"TVM could not compile the policy for {target.name}: {_first_line(e)}") from e
+    with tempfile.TemporaryDirectory(prefix="bitrl-") as tmp:
+        lib_path = Path(tmp) / art.LIB
+        if target.cc:
+            from tvm.support import cc as tvm_cc
+
+            executable.export_library(str(lib_path), fcompile=tvm_cc.cross_compiler(target.cc))
+        else:
+            executable.export_library(str(lib_path))
+        lib_bytes = lib_path.read_bytes()
+    timings["build"] = time.perf_counter() - t0
+
+    manifest = build_manifest(loaded, target, tvm_target, layers, params)
+    members = {art.LIB: lib_bytes, art.PARAMS: safetensors_np.dumps(params)}
+    art.write_artifact(output, manifest, members, force=force)
+    log(f"wrote {output} ({output.stat().st_size} bytes)")
+    return CompiledPolicy(output, manifest, quantized, params, timings)
+
+
+def build_manifest(loaded, target, tvm_target, layers, params) -> dict:
+    import tvm
+
+    n_weights = sum(layer["in"] * layer["out"] for layer in layers)
+    return {
+        "target": {"name": target.name, "device": target.device, "arch": target.arch,
+                   "tvm": str(tvm_target), "cpu_features": list(target.cpu_features)},
+        "versions": {"bitrl_compile": __version__, "tvm": tvm.__version__,
+                     "python": platform.python_version()},
+        "source": {"format": loaded.source, "description": loaded.description},
+        "input": loaded.input,
+        "output": loaded.output,
+        "layers": layers,
+        "params": list(params),
+        "stats": {"ternary_weights": n_weights,
+                  "param_bytes": int(sum(v.nbytes for v in params.values()))},
+    }
