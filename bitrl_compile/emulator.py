@@ -110,7 +110,7 @@ def qemu_binary() -> str:
 
 
 def ensure_aarch64_python() -> Aarch64Python:
-    """The cached aarch64 Python, built on first use (about a minute, 100 MB of downloads)."""
+    """The cached aarch64 Python, built on first use (about 20 s here, 130 MB of downloads, 150 MB on disk)."""
     qemu_binary()
     root = cache_root() / f"aarch64-py{PYTHON_VERSION.replace('.', '')}"
     py = Aarch64Python(root=root, sysroot=root / "sysroot", site=root / "site",
@@ -135,7 +135,9 @@ def _is_built(root: Path) -> bool:
 def _build(root: Path) -> None:
     """Build the whole folder next to `root`, then rename it into place: never a half cache."""
     started = time.monotonic()
-    _log(f"building an aarch64 Python {PYTHON_VERSION} for qemu in {root} (once; about a minute)")
+    for stale in root.parent.glob(f".{root.name}.build-*"):  # left by a killed build (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    _log(f"building an aarch64 Python {PYTHON_VERSION} for qemu in {root} (once; about 20 s)")
     work = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
     try:
         new = work / root.name

@@ -158,3 +158,13 @@ def test_sdot_sigills_on_cortex_a72_and_runs_on_cortex_a76(aarch64_python, tmp_p
     pi5 = run_python_under_qemu(code, cpu="cortex-a76", cwd=tmp_path)
     assert pi5.returncode == 0, pi5.stderr
     assert pi5.stdout.strip() == str(2 * sum(range(16)))
+
+
+@pytest.mark.xfail(reason="runtime/policy.py checks cpu_features against /proc/cpuinfo, which under qemu-user "
+                          "is the x86 host's; getauxval(AT_HWCAP) gives the emulated CPU's features")
+def test_emulated_policy_loads_an_artifact_that_requires_asimd(aarch64_python, rasp4_artifact, tmp_path):
+    art = runtime.read_artifact(rasp4_artifact)
+    manifest = dict(art.manifest, target=dict(art.manifest["target"], cpu_features=["asimd"]))
+    path = runtime.write_artifact(tmp_path / "asimd.bitrl", manifest, art.members)
+    with EmulatedPolicy(path) as policy:
+        assert policy.forward(np.ones(4, np.float32)).shape == (3,)
