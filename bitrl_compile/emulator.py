@@ -291,40 +291,98 @@ def _runtime_tree(py: Aarch64Python) -> Path:
             (work / name).write_bytes(data)
         if _host_is_guest_version():
             compileall.compile_dir(work, quiet=2, workers=1, ddir=str(tree))
-        try:
-            os.rename(work, tree)
-        except OSError:  # another process put the same tree in place first
-            if not tree.is_dir():
-                raise
+        _rename_into_place(work, tree)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return tree
 
 
-def _guest_command(root: Path, libtvm_runtime: Path, pythonpath: list[Path], cpu: str) -> list[str]:
-    sysroot = root / "sysroot"
-    return [qemu_binary(), "-cpu", cpu, "-L", str(sysroot),
+def _guest_command(root: Path, guest_root: Path, pythonpath: list[Path], cpu: str) -> list[str]:
+    """qemu running the Python of the cache folder `root`, with `guest_root` as the guest's `/`."""
+    return [qemu_binary(), "-cpu", cpu, "-L", str(guest_root),
             "-E", f"PYTHONPATH={os.pathsep.join(map(str, pythonpath))}",
-            "-E", f"BITRL_TVM_RUNTIME={libtvm_runtime}",
+            "-E", f"BITRL_TVM_RUNTIME={root / 'tvm-runtime' / 'libtvm_runtime.so'}",
             # no user site, and no current folder first on sys.path: a checkout's bitrl_compile/
             # (without runtime/, a separate top-level folder) would shadow the copy made for the guest
             "-E", "PYTHONNOUSERSITE=1", "-E", "PYTHONSAFEPATH=1", "-U", "PYTHONHOME",
-            str(sysroot / "usr" / "bin" / f"python{PYTHON_VERSION}")]
+            str(root / "sysroot" / "usr" / "bin" / f"python{PYTHON_VERSION}")]
 
 
-def _run_guest(root: Path, code: str, timeout: float) -> subprocess.CompletedProcess:
-    cmd = _guest_command(root, root / "tvm-runtime" / "libtvm_runtime.so", [root / "site"], DEFAULT_CPU)
+def _run_guest(root: Path, code: str, timeout: float, cpu: str = DEFAULT_CPU) -> subprocess.CompletedProcess:
+    """Python code on the bare sysroot of the cache folder `root` (building and probing it)."""
+    cmd = _guest_command(root, root / "sysroot", [root / "site"], cpu)
     return subprocess.run(cmd + ["-c", code], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# Linux's names for the bits of AT_HWCAP and AT_HWCAP2 on arm64 (arch/arm64/include/uapi/asm/hwcap.h),
+# the words of the "Features" line of /proc/cpuinfo.
+HWCAP = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp",
+         "cpuid", "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512",
+         "sve", "asimdfhm", "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg")
+HWCAP2 = ("dcpodp", "sve2", "sveaes", "svepmull", "svebitperm", "svesha3", "svesm4", "flagm2", "frint",
+          "svei8mm", "svef32mm", "svef64mm", "svebf16", "i8mm", "bf16", "dgh", "rng", "bti", "mte")
+_HWCAP_PROBE = """import ctypes
+getauxval = ctypes.CDLL(None).getauxval
+getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+print(getauxval(16), getauxval(26))"""  # AT_HWCAP, AT_HWCAP2
+
+
+def cpu_features(cpu: str = DEFAULT_CPU) -> list[str]:
+    """The features qemu gives the guest for `cpu`, named as /proc/cpuinfo names them ("asimddp")."""
+    py = ensure_aarch64_python()
+    probe = _run_guest(py.root, _HWCAP_PROBE, timeout=120, cpu=cpu)
+    if probe.returncode != 0:
+        raise EmulatorError(f"{QEMU} cannot run CPU model {cpu!r} ({_last_line(probe.stderr)}); "
+                            f"`{QEMU} -cpu help` lists them")
+    hwcap, hwcap2 = map(int, probe.stdout.split())
+    return ([name for bit, name in enumerate(HWCAP) if hwcap >> bit & 1]
+            + [name for bit, name in enumerate(HWCAP2) if hwcap2 >> bit & 1])
+
+
+def _guest_root(py: Aarch64Python, cpu: str) -> Path:
+    """The guest's `/` for one CPU model: the sysroot's folders plus a /proc/cpuinfo for that CPU.
+
+    qemu-user 7.2 (Debian 12) shows an aarch64 guest the x86 host's /proc/cpuinfo, so code that
+    checks CPU features there (the runtime's `cpu_features` check does) would see x86 flags. With
+    `-L`, a file that exists under the guest root replaces the host's: we write the Features line a
+    Linux kernel would print for the emulated CPU (other /proc files stay the host's).
+    """
+    view = py.root / "cpus" / cpu
+    if (view / "proc" / "cpuinfo").is_file():
+        return view
+    features = " ".join(cpu_features(cpu))
+    view.parent.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=view.parent))
+    try:
+        for entry in os.listdir(py.sysroot):
+            (work / entry).symlink_to(os.path.relpath(py.sysroot / entry, view))
+        (work / "proc").mkdir()
+        (work / "proc" / "cpuinfo").write_text("".join(
+            f"processor\t: {i}\nFeatures\t: {features}\nCPU architecture: 8\n\n"
+            for i in range(os.cpu_count() or 1)))
+        _rename_into_place(work, view)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return view
+
+
+def _rename_into_place(work: Path, final: Path) -> None:
+    os.chmod(work, 0o755)  # mkdtemp made it private
+    try:
+        os.rename(work, final)
+    except OSError:  # another process put the same folder in place first
+        if not final.is_dir():
+            raise
 
 
 def qemu_python_command(cpu: str = DEFAULT_CPU) -> list[str]:
     """The command that runs the aarch64 Python under qemu for `cpu`; append `-c CODE` or a script.
 
     The guest can `import numpy, tvm_ffi, bitrl_compile.runtime`; BITRL_TVM_RUNTIME names its
-    aarch64 libtvm_runtime.so.
+    aarch64 libtvm_runtime.so; its /proc/cpuinfo lists the features of `cpu`.
     """
     py = ensure_aarch64_python()
-    return _guest_command(py.root, py.libtvm_runtime, [_runtime_tree(py), py.site], cpu)
+    return _guest_command(py.root, _guest_root(py, cpu), [_runtime_tree(py), py.site], cpu)
 
 
 def run_python_under_qemu(code: str, cpu: str = DEFAULT_CPU, timeout: float = 300.0,

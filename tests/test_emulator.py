@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +74,8 @@ def test_emulated_python_is_aarch64(aarch64_python):
 def test_qemu_command_names_cpu_sysroot_and_runtime(aarch64_python):
     cmd = emulator.qemu_python_command("cortex-a76")
     assert cmd[1:3] == ["-cpu", "cortex-a76"]
-    assert cmd[cmd.index("-L") + 1] == str(aarch64_python.sysroot)
+    guest_root = Path(cmd[cmd.index("-L") + 1])
+    assert (guest_root / "usr").resolve() == (aarch64_python.sysroot / "usr").resolve()
     assert f"BITRL_TVM_RUNTIME={aarch64_python.libtvm_runtime}" in cmd
     assert cmd[-1] == str(aarch64_python.python)
 
@@ -160,8 +162,22 @@ def test_sdot_sigills_on_cortex_a72_and_runs_on_cortex_a76(aarch64_python, tmp_p
     assert pi5.stdout.strip() == str(2 * sum(range(16)))
 
 
-@pytest.mark.xfail(reason="runtime/policy.py checks cpu_features against /proc/cpuinfo, which under qemu-user "
-                          "is the x86 host's; getauxval(AT_HWCAP) gives the emulated CPU's features")
+def test_guest_proc_cpuinfo_lists_the_emulated_cpus_features(aarch64_python):
+    code = "print(next(line for line in open('/proc/cpuinfo') if line.startswith('Features')))"
+    pi4 = run_python_under_qemu(code, cpu="cortex-a72")
+    pi5 = run_python_under_qemu(code, cpu="cortex-a76")
+    assert pi4.returncode == 0 and pi5.returncode == 0, pi4.stderr + pi5.stderr
+    pi4_features, pi5_features = pi4.stdout.split(":")[1].split(), pi5.stdout.split(":")[1].split()
+    assert "asimd" in pi4_features and "asimddp" not in pi4_features and "atomics" not in pi4_features
+    assert {"asimd", "asimddp", "atomics", "fphp"} <= set(pi5_features)
+    assert emulator.cpu_features("cortex-a76") == pi5_features
+
+
+def test_unknown_cpu_model_is_one_clear_error(aarch64_python):
+    with pytest.raises(EmulatorError, match="cpu help"):
+        emulator.qemu_python_command("cortex-z9")
+
+
 def test_emulated_policy_loads_an_artifact_that_requires_asimd(aarch64_python, rasp4_artifact, tmp_path):
     art = runtime.read_artifact(rasp4_artifact)
     manifest = dict(art.manifest, target=dict(art.manifest["target"], cpu_features=["asimd"]))
