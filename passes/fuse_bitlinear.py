@@ -40,6 +40,7 @@ def _fold_activation(call, m, bl):
 
 @tvm.transform.module_pass(opt_level=0, name="bitrl.FuseBitLinear")
 def fuse_bitlinear(mod, _ctx):
+    mod = mod.clone()  # passes are functional: never mutate the caller's module
     bl = bitlinear_op.pattern()
     bias = is_const()
     add = is_op("relax.add")(bl, bias) | is_op("relax.add")(bias, bl)

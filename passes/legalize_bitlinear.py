@@ -47,7 +47,7 @@ def legalize_bitlinear(target=None):
 
     @tvm.transform.module_pass(opt_level=0, name="bitrl.LegalizeBitLinear")
     def _pass(mod, _ctx):
-        legalizer = _Legalizer(mod, target)
+        legalizer = _Legalizer(mod.clone(), target)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 legalizer.builder_.update_func(gv, legalizer.visit_expr(func))

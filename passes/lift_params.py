@@ -38,6 +38,6 @@ def lift_params(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModul
     attrs["num_input"] = len(func.params)
     new_func = relax.Function(list(func.params) + lifter.params, body, func.ret_ty, func.is_pure,
                               tvm.ir.make_node("ir.DictAttrs", **attrs))
-    mod = mod.copy() if hasattr(mod, "copy") else tvm.IRModule(dict(mod.functions))
+    mod = mod.clone()
     mod[func_name] = new_func
     return mod, {v.name: value for v, value in zip(lifter.params, lifter.values)}

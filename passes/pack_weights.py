@@ -27,6 +27,7 @@ def _pack(call, _m):
 
 @tvm.transform.module_pass(opt_level=0, name="bitrl.PackWeights")
 def pack_weights(mod, _ctx):
+    mod = mod.clone()  # passes are functional: never mutate the caller's module
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
             mod[gv] = rewrite_call(bitlinear_op.pattern(), _pack, func)

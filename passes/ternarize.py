@@ -53,6 +53,7 @@ def ternarize(per_channel: bool = False):
 
     @tvm.transform.module_pass(opt_level=0, name="bitrl.Ternarize")
     def _pass(mod, _ctx):
+        mod = mod.clone()  # passes are functional: never mutate the caller's module
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 func = rewrite_call(linear, rewrite, func)

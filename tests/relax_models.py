@@ -7,6 +7,8 @@ import torch
 import tvm
 from tvm.relax.frontend.torch import from_exported_program
 
+from bitrl_compile import targets
+
 ACTS = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
 
 
@@ -26,9 +28,13 @@ def to_relax(module: torch.nn.Module, in_features: int) -> tvm.IRModule:
     return from_exported_program(ep, unwrap_unit_return_tuple=True)
 
 
+def host_target() -> tvm.target.Target:
+    return targets.tvm_target(targets.get_target("host"))
+
+
 def run_host(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
-    """Build a Relax module for the host and run `main` (BitLinear calls run the numpy reference)."""
-    ex = tvm.compile(mod, target="llvm")
+    """Build a Relax module for the host CPU and run `main` (BitLinear calls run the numpy reference)."""
+    ex = tvm.compile(mod, target=host_target())
     vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
     return out.numpy()
