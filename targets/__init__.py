@@ -74,9 +74,8 @@ def tvm_target(target: Target):
 
     spec = dict(target.tvm)
     if "tag" in spec:
-        base = tvm.target.Target(spec["tag"]).export()
+        base = {str(k): v for k, v in tvm.target.Target(spec["tag"]).export().items() if k not in ("tag", "host")}
         base.update(spec.get("attrs", {}))
-        base.pop("tag", None)
         return tvm.target.Target(base)
     return tvm.target.Target(spec)
 

@@ -1,0 +1,105 @@
+"""End to end on the host: policy -> artifact -> runtime, checked against the numpy reference."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from bitrl_compile import pipeline, reference
+from bitrl_compile.frontends import LoadedPolicy
+from bitrl_compile.runtime import load, safetensors_np
+from relax_models import mlp, observations
+
+DISCRETE = {"kind": "discrete", "n": 3, "outputs": "logits"}
+INPUT = {"shape": [5], "dtype": "float32", "preprocess": "none", "normalize": None}
+
+
+def loaded(module, output=DISCRETE, input_spec=INPUT):
+    return LoadedPolicy(module=module, onnx_model=None, input=dict(input_spec), output=dict(output),
+                        source="test-mlp", description="")
+
+
+@pytest.fixture(scope="module")
+def relu_policy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("art") / "relu.bitrl"
+    return pipeline.compile_policy(loaded(mlp((5, 64, 64, 3), "relu")), "host", path)
+
+
+def test_artifact_holds_manifest_library_and_packed_params(relu_policy):
+    with zipfile.ZipFile(relu_policy.path) as z:
+        assert sorted(z.namelist()) == ["lib.so", "manifest.json", "params.safetensors"]
+        manifest = json.loads(z.read("manifest.json"))
+        params, _ = safetensors_np.loads(z.read("params.safetensors"))
+    assert manifest["format"] == "bitrl" and manifest["target"]["name"] == "host"
+    assert [(la["in"], la["out"], la["activation"]) for la in manifest["layers"]] == \
+        [(5, 64, "relu"), (64, 64, "relu"), (64, 3, "none")]
+    assert set(manifest["members"]) == {"lib.so", "params.safetensors"}
+    packed = [v for v in params.values() if v.dtype == np.uint8]
+    assert [p.shape for p in packed] == [(64, 2), (64, 16), (3, 16)]
+
+
+def test_compiled_policy_equals_the_reference_bit_for_bit(relu_policy):
+    policy = load(relu_policy.path)
+    x = observations(257, 5)
+    np.testing.assert_array_equal(policy.forward(x), reference.run(relu_policy.quantized, x))
+
+
+def test_single_and_batched_calls_agree(relu_policy):
+    policy = load(relu_policy.path)
+    x = observations(9, 5)
+    batched = policy.act(x)
+    assert batched.shape == (9,)
+    assert [int(policy.act(o)) for o in x] == batched.tolist()
+    np.testing.assert_array_equal(policy.forward(x[3]), policy.forward(x)[3])
+
+
+def test_continuous_actions_are_squashed_into_the_box(tmp_path):
+    spec = {"kind": "continuous", "shape": [2], "low": [-2.0, 0.0], "high": [2.0, 1.0], "squash": "tanh",
+            "log_std": None}
+    result = pipeline.compile_policy(loaded(mlp((5, 16, 2), "tanh"), spec), "host", tmp_path / "c.bitrl")
+    policy = load(result.path)
+    x = observations(50, 5) * 100
+    actions = policy.act(x)
+    mean = reference.run(result.quantized, x)
+    np.testing.assert_allclose(actions, np.array([-2, 0]) + (np.tanh(mean) + 1) / 2 * np.array([4, 1]),
+                               rtol=1e-5, atol=1e-5)
+    assert actions.dtype == np.float32 and (actions >= [-2, 0]).all() and (actions <= [2, 1]).all()
+
+
+def test_normalisation_statistics_are_applied_before_the_network(tmp_path):
+    norm = {"mean": [1, 2, 3, 4, 5], "var": [4, 4, 4, 4, 4], "eps": 0.0, "clip": 1.5}
+    spec = dict(INPUT, normalize=norm)
+    result = pipeline.compile_policy(loaded(mlp((5, 8, 3)), input_spec=spec), "host", tmp_path / "n.bitrl")
+    x = observations(20, 5)
+    expected = reference.run(result.quantized, np.clip((x - np.arange(1, 6)) / 2, -1.5, 1.5).astype(np.float32))
+    np.testing.assert_array_equal(load(result.path).forward(x), expected)
+
+
+def test_existing_output_is_refused_without_force_and_left_intact(relu_policy):
+    before = relu_policy.path.read_bytes()
+    with pytest.raises(FileExistsError, match="--force"):
+        pipeline.compile_policy(loaded(mlp((5, 8, 3))), "host", relu_policy.path)
+    assert relu_policy.path.read_bytes() == before
+
+
+def test_unknown_target_lists_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="known targets: host, rasp4"):
+        pipeline.compile_policy(loaded(mlp((5, 8, 3))), "pi-zero", tmp_path / "x.bitrl")
+    assert not list(tmp_path.iterdir())
+
+
+def test_unsupported_op_is_named(tmp_path):
+    import torch
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            return torch.special.i0e(self.fc(x))
+
+    with pytest.raises(pipeline.CompileError, match="i0e"):
+        pipeline.compile_policy(loaded(Odd()), "host", tmp_path / "odd.bitrl")
+    assert not list(tmp_path.iterdir())
