@@ -319,12 +319,13 @@ def _finish(loaded: LoadedPolicy, path: Path, cfg: dict, trust_pickle: bool, vec
     loaded.input = _complete_input(loaded.input, path)
     if loaded.module is not None:
         module = loaded.module
-        if isinstance(module, torch.fx.GraphModule):  # an exported program's module: no eval(), keep dtypes
+        if isinstance(module, torch.fx.GraphModule):  # an exported graph: its dtypes are baked into the ops
             bad = [n for n, t in module.state_dict().items() if t.is_floating_point() and t.dtype != torch.float32]
             if bad:
                 raise ModelLoadError(f"{path}: tensor {bad[0]} is not float32; export the model in float32")
         else:
-            module = module.float().eval()
+            module = module.float()
+        module = module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
         _check_finite(module.state_dict(), path)
@@ -774,6 +775,15 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
 
 # ---------------------------------------------------------------- torch.export, TorchScript, pickled modules
 
+def _program_module(ep, check_guards: bool = True) -> torch.fx.GraphModule:
+    """`ep.module()` with the ordinary train()/eval() back: torch makes them raise on exported modules, but the
+    graph was captured in one mode already, so for a policy they only need to be harmless flags."""
+    module = ep.module(check_guards=check_guards)
+    for name in ("train", "eval"):
+        module.__dict__.pop(name, None)
+    return module
+
+
 def _dynamic_batch(module: nn.Module, obs_shape: list[int], path: Path, what: str) -> nn.Module:
     """Re-export with a dynamic batch dimension; the program's module accepts any batch and re-exports."""
     x = torch.zeros(2, *obs_shape)
@@ -783,7 +793,7 @@ def _dynamic_batch(module: nn.Module, obs_shape: list[int], path: Path, what: st
         raise ModelLoadError(f"{path}: the {what} cannot be exported with a dynamic batch dimension "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); export it with "
                              "dynamic_shapes={0: Dim('batch')} on the batch axis") from None
-    return ep.module()
+    return _program_module(ep)
 
 
 def _pt2_unsafe_members(zf: zipfile.ZipFile) -> list[str]:
@@ -831,9 +841,9 @@ def _load_torch_export(path: Path, zf: zipfile.ZipFile, cfg: dict, trust_pickle:
     shape = list(node.meta["val"].shape)
     obs_shape = [int(d) for d in (cfg.get("obs_shape") or shape[1:])]
     if isinstance(shape[0], int):  # a fixed batch size: guards would reject other batches
-        module = _dynamic_batch(ep.module(check_guards=False), obs_shape, path, "program")
+        module = _dynamic_batch(_program_module(ep, check_guards=False), obs_shape, path, "program")
     else:
-        module = ep.module()
+        module = _program_module(ep)
     return LoadedPolicy(module, None, {"shape": obs_shape, "preprocess": "none"}, {}, "torch-export",
                         f"torch.export program, obs {obs_shape}")
 
@@ -865,7 +875,7 @@ def _load_torchscript(path: Path, cfg: dict) -> LoadedPolicy:
         raise ModelLoadError(f"{path}: TorchScript cannot be converted to torch.export "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); export the original module "
                              "with torch.export.save or to ONNX instead") from None
-    module = _dynamic_batch(ep.module(), obs_shape, path, "converted TorchScript")
+    module = _dynamic_batch(_program_module(ep), obs_shape, path, "converted TorchScript")
     with torch.no_grad():
         x = torch.randn(3, *obs_shape, generator=torch.Generator().manual_seed(0))
         if not torch.allclose(module(x), sm(x), rtol=1e-5, atol=1e-6):

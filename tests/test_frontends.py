@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from bitrl_compile.runtime.policy import Policy
 from torch import nn
 
 from bitrl_compile.frontends import LoadedPolicy, ModelLoadError, load_policy, save_mlp_policy
+from bitrl_compile.runtime.policy import Policy
 
 DEMO = Path(__file__).resolve().parents[1] / "bitrl_compile" / "examples" / "cartpole_ppo.safetensors"
 
@@ -39,7 +39,8 @@ def act(loaded: LoadedPolicy, x: np.ndarray) -> np.ndarray:
 
 
 def assert_exports_with_dynamic_batch(loaded: LoadedPolicy, x: np.ndarray) -> None:
-    ep = torch.export.export(loaded.module, (torch.as_tensor(x[:2]),),
+    """What the pipeline does with every module: eval(), then torch.export with a dynamic batch."""
+    ep = torch.export.export(loaded.module.eval(), (torch.as_tensor(x[:2]),),
                              dynamic_shapes=({0: torch.export.Dim("batch")},))
     np.testing.assert_allclose(ep.module()(torch.as_tensor(x)).detach().numpy(), run(loaded, x), rtol=1e-6, atol=1e-6)
 
@@ -115,6 +116,33 @@ def test_sb3_discrete_observations_are_one_hot(sb3_trained):
     states = np.arange(16)
     expected, _ = model.predict(states, deterministic=True)
     np.testing.assert_array_equal(act(loaded, np.eye(16, dtype=np.float32)[states]), expected)
+
+
+def test_sb3_image_observations_are_scaled_and_cnn_policies_refused(tmp_path):
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    class ImageEnv(gym.Env):
+        observation_space = gym.spaces.Box(0, 255, (36, 36, 3), np.uint8)
+        action_space = gym.spaces.Discrete(3)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return self.observation_space.sample(), {}
+
+        def step(self, action):
+            return self.observation_space.sample(), 0.0, False, False, {}
+
+    model = PPO("MlpPolicy", ImageEnv(), seed=0, policy_kwargs={"net_arch": [16]})
+    model.save(tmp_path / "mlp.zip")
+    loaded = load_policy(tmp_path / "mlp.zip")
+    assert loaded.input["preprocess"] == "image" and loaded.input["shape"] == [3, 36, 36]  # SB3 stores CHW
+    images = np.random.default_rng(0).integers(0, 256, (8, 36, 36, 3), dtype=np.uint8)
+    x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    np.testing.assert_array_equal(act(loaded, x), model.predict(images, deterministic=True)[0])
+    PPO("CnnPolicy", ImageEnv(), seed=0).save(tmp_path / "cnn.zip")
+    with pytest.raises(ModelLoadError, match="CNN policies.*not supported yet"):
+        load_policy(tmp_path / "cnn.zip")
 
 
 def _rewrite_zip(src: Path, dst: Path, **members: bytes) -> Path:
