@@ -8,9 +8,9 @@ the reference on the observations the fp32 policy visits, and act() latency on t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def run_demo(out: Path, episodes: int = 10, target_names=("host", "rasp4"),
         log(f"[4/4] {name} artifact: {episodes} episodes" + (" under qemu" if name != "host" else ""))
         policy = open_policy(str(result.path))
         try:
-            returns, _ = evaluate(lambda o: policy.act(o), DEMO_ENV, episodes)
+            returns, _ = evaluate(policy.act, DEMO_ENV, episodes)
             outputs = policy.forward(obs_batch)
             latency = _latency_us(policy.act, obs_batch[0], latency_calls) \
                 if type(policy).__name__ != "EmulatedPolicy" else None

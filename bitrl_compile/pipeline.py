@@ -14,9 +14,9 @@ import platform
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def to_relax(loaded):
 
         try:
             mod = from_onnx(loaded.onnx_model, keep_params_in_input=False)
-        except Exception as e:  # noqa: BLE001 - TVM raises many kinds; we name the op when we can
+        except Exception as e:
             raise CompileError(f"ONNX import failed: {_first_line(e)}") from e
         return mod
     import torch
@@ -59,11 +59,11 @@ def to_relax(loaded):
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
         ep = torch.export.export(loaded.module.eval(), (example,), dynamic_shapes=({0: batch},))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CompileError(f"torch.export could not capture the policy: {_first_line(e)}") from e
     try:
         return from_exported_program(ep, unwrap_unit_return_tuple=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         msg = str(e)
         ops = re.findall(r"Unsupported function types? \[?([^\]\n]+)", msg)
         if ops:
@@ -154,7 +154,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     t0 = time.perf_counter()
     try:
         executable = tvm.compile(lowered, target=tvm_target)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CompileError(f"TVM could not compile the policy for {target.name}: {_first_line(e)}") from e
     with tempfile.TemporaryDirectory(prefix="bitrl-") as tmp:
         lib_path = Path(tmp) / art.LIB

@@ -49,8 +49,8 @@ class Expected:
 
 def _params():
     rng = np.random.default_rng(0)
-    return dict(w=rng.integers(-1, 2, (8, 4)).astype(np.int8), g=np.array([0.7], np.float32),
-                b=rng.standard_normal(8).astype(np.float32))
+    return {"w": rng.integers(-1, 2, (8, 4)).astype(np.int8), "g": np.array([0.7], np.float32),
+            "b": rng.standard_normal(8).astype(np.float32)}
 
 
 def test_bias_and_relu_fold_into_one_op():

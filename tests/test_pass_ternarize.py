@@ -8,7 +8,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from bitrl_compile import quant, reference
-from bitrl_compile.passes import bitlinear_op  # noqa: F401  (registers the reference op for the VM)
+from bitrl_compile.passes import bitlinear_op
 from bitrl_compile.passes.ternarize import ternarize
 from relax_models import mlp, observations, run_host, to_relax
 
@@ -21,7 +21,6 @@ def bind(mod, **params):
 class Before:
     @R.function
     def main(x: R.Tensor(("n", 4), "float32"), w: R.Tensor((8, 4), "float32"), b: R.Tensor((8,), "float32")):
-        n = T.int64()
         with R.dataflow():
             wt = R.permute_dims(w, axes=[1, 0])
             y = R.matmul(x, wt, out_dtype="float32")
