@@ -14,6 +14,7 @@ import platform
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,9 @@ def to_relax(loaded):
     example = torch.zeros((2, *obs_shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
-        ep = torch.export.export(loaded.module.eval(), (example,), dynamic_shapes=({0: batch},))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.export's internal deprecations
+            ep = torch.export.export(loaded.module.eval(), (example,), dynamic_shapes=({0: batch},))
     except Exception as e:
         raise CompileError(f"torch.export could not capture the policy: {_first_line(e)}") from e
     try:

@@ -93,16 +93,16 @@ class Policy:
                 raise ValueError(f"observation index out of range [0, {n})")
             x = np.eye(n, dtype=np.float32)[idx]
         else:
-            if obs.dtype == object or not (np.issubdtype(obs.dtype, np.number) or obs.dtype == np.bool_):
+            if obs.dtype != np.float32 and not (np.issubdtype(obs.dtype, np.number) or obs.dtype == np.bool_):
                 raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
             if obs.shape == self.obs_shape:
-                single, x = True, obs[None]
+                single, x = True, obs.reshape(1, *self.obs_shape)
             elif obs.shape[1:] == self.obs_shape:
                 single, x = False, obs
             else:
                 raise ValueError(f"observation has shape {obs.shape}; this policy expects {self.obs_shape} "
                                  f"or a batch (B, {', '.join(map(str, self.obs_shape))})")
-            x = x.astype(np.float32)
+            x = x.astype(np.float32, copy=False)
             if kind == "image":
                 x = x / np.float32(255.0)
         if x.shape[0] == 0:

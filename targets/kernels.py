@@ -68,17 +68,20 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
     return func.with_attr("global_symbol", kernel_name(k, n, activation, per_channel))
 
 
-def schedule_default(func, target=None):
-    """A correct, modestly parallel default schedule (tuned schedules come from the tuning database).
+PARALLEL_MIN_WORK = 1 << 16  # multiply-adds per batch row below which waking threads costs more than it saves
 
-    Rows of the output are split across threads; the packed-weight inner product runs serially.
+
+def schedule_default(func, target=None):
+    """A correct default schedule (tuned schedules come from the tuning database).
+
+    Output rows are split across threads when a layer is large enough to pay for the thread pool's
+    wake-up (tens of microseconds); small policy layers run on the calling thread.
     """
     sch = tvm.s_tir.Schedule(func)
-    acc = sch.get_sblock("acc")
-    b, j, _ = sch.get_loops(acc)
-    fused = sch.fuse(b, j)
-    sch.parallel(fused)
-    y = sch.get_sblock("y")
-    yb, yj = sch.get_loops(y)
-    sch.parallel(sch.fuse(yb, yj))
+    x, w = func.params[0], func.params[1]
+    work = int(x.shape[1]) * int(w.shape[0])
+    if work >= PARALLEL_MIN_WORK:
+        for block in ("acc", "y"):
+            loops = sch.get_loops(sch.get_sblock(block))
+            sch.parallel(sch.fuse(loops[0], loops[1]))
     return sch.mod["main"]
