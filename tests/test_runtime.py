@@ -97,3 +97,15 @@ def test_truncated_artifact_is_rejected(artifact, tmp_path):
     bad.write_bytes(artifact.read_bytes()[: artifact.stat().st_size // 2])
     with pytest.raises(ArtifactError):
         load(bad)
+
+
+def test_interrupted_write_leaves_no_file_behind(tmp_path):
+    from bitrl_compile.runtime import write_artifact
+
+    class Boom(bytes):
+        def __len__(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_artifact(tmp_path / "p.bitrl", {"target": {}}, {"lib.so": b"x", "params.safetensors": Boom(b"y")})
+    assert list(tmp_path.iterdir()) == []

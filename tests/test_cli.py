@@ -1,0 +1,83 @@
+"""The bitrl-compile command as a user runs it: subprocesses, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bitrl_compile.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def rasp4_artifact(sb3_ppo_cartpole, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "policy.bitrl"
+    r = cli(sb3_ppo_cartpole, "--target", "rasp4", "-o", out)  # the default command is compile
+    assert r.returncode == 0, r.stderr
+    assert "3 BitLinear layers" in r.stdout and "rasp4" in r.stdout
+    return out
+
+
+def test_inspect_shows_layers_bits_and_members(rasp4_artifact):
+    r = cli("inspect", rasp4_artifact)
+    assert r.returncode == 0, r.stderr
+    for text in ("4 ->", "64 -> 64", "2bit", "lib.so", "params.safetensors", "sb3-ppo", "bits per weight"):
+        assert text in r.stdout
+    manifest = json.loads(cli("inspect", "--json", rasp4_artifact).stdout)
+    assert manifest["target"]["arch"] == "aarch64" and manifest["output"]["kind"] == "discrete"
+
+
+def test_run_executes_an_aarch64_artifact_under_qemu(rasp4_artifact):
+    r = cli("run", rasp4_artifact, "--env", "CartPole-v1", "--episodes", "2")
+    assert r.returncode == 0, r.stderr
+    assert "mean return" in r.stdout and "emulated under qemu" in r.stdout
+
+
+def test_existing_output_is_refused_with_exit_code_1(rasp4_artifact, sb3_ppo_cartpole):
+    before = rasp4_artifact.read_bytes()
+    r = cli(sb3_ppo_cartpole, "--target", "rasp4", "-o", rasp4_artifact)
+    assert r.returncode == 1 and "--force" in r.stderr and "Traceback" not in r.stderr
+    assert rasp4_artifact.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n not a model", b"PK\x03\x04 truncated zip", b""])
+def test_bad_model_files_give_one_line_and_no_output(tmp_path, content):
+    model = tmp_path / "model.pt"
+    model.write_bytes(content)
+    r = cli(model, "-o", tmp_path / "out.bitrl")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("bitrl-compile: error:"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_unknown_target_and_missing_file_are_user_errors(tmp_path, sb3_ppo_cartpole):
+    r = cli(sb3_ppo_cartpole, "--target", "pi-zero", "-o", tmp_path / "x.bitrl")
+    assert r.returncode == 1 and "known targets" in r.stderr
+    r = cli("inspect", tmp_path / "nothing.bitrl")
+    assert r.returncode == 1 and "no such artifact" in r.stderr
+
+
+def test_pickled_module_needs_the_trust_flag(tmp_path):
+    import torch
+
+    model = tmp_path / "whole.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(3, 2)), model)
+    r = cli(model, "-o", tmp_path / "x.bitrl")
+    assert r.returncode == 1 and "--trust-pickle" in r.stderr
+    r = cli(model, "-o", tmp_path / "x.bitrl", "--trust-pickle", "--config",
+            _write(tmp_path / "c.json", {"input": {"shape": [3]}, "output": {"kind": "discrete", "n": 2}}))
+    assert r.returncode == 0, r.stderr
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_targets_lists_every_target():
+    out = cli("targets").stdout
+    for name in ("host", "rasp4", "rasp5", "x86-avx2", "x86-avx512"):
+        assert name in out
