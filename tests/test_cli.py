@@ -8,7 +8,7 @@ import pytest
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bitrl_compile.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bitrl_compile.cli", *map(str, args)], capture_output=True, check=False,
                           text=True, cwd=cwd, timeout=600)
 
 
