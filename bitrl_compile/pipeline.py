@@ -65,14 +65,32 @@ def to_relax(loaded):
     except Exception as e:
         raise CompileError(f"torch.export could not capture the policy: {_first_line(e)}") from e
     try:
-        return from_exported_program(ep, unwrap_unit_return_tuple=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return from_exported_program(ep, unwrap_unit_return_tuple=True)
     except Exception as e:
         msg = str(e)
         ops = re.findall(r"Unsupported function types? \[?([^\]\n]+)", msg)
         if ops:
-            raise CompileError(f"cannot lower op(s) {ops[0].strip()} to TVM; replace them in the policy "
-                               "or file an issue") from e
+            names = [o.strip(" '\"") for o in ops[0].split(",")]
+            raise CompileError(f"cannot lower op(s) {', '.join(names)} to TVM (used {_where(ep, names)}); "
+                               "replace them in the policy or file an issue") from e
         raise CompileError(f"TVM could not import the exported program: {_first_line(e)}") from e
+
+
+def _where(ep, op_names: list[str]) -> str:
+    """Where in the policy's modules an op is used, from torch.export's node metadata."""
+    places = []
+    for node in ep.graph_module.graph.nodes:
+        target = str(getattr(node.target, "__name__", node.target))
+        if node.op == "call_function" and any(name in target for name in op_names):
+            stack = node.meta.get("nn_module_stack") or {}
+            path = [p for p, _ in stack.values() if p] if stack else []
+            line = (node.meta.get("stack_trace") or "").strip().splitlines()
+            code = line[-1].strip() if line else ""
+            module = path[-1] if path else "forward"
+            places.append(f"in {module}: {code}" if code else f"in {module}")
+    return "; ".join(dict.fromkeys(places)) or "somewhere in forward"
 
 
 def _first_line(e: BaseException) -> str:
@@ -116,10 +134,13 @@ def bitlinear_layers(mod) -> list[dict]:
                 continue
             n = int(op.w.ty.shape[0])
             per_channel = int(op.gamma.ty.shape[0]) > 1
+            w = bitlinear_op.constant_value(op.w)
+            trits = layouts.unpack_2bit(w, op.k) if op.layout == "2bit" else w
             layers.append({"name": f"bitlinear{len(layers)}", "in": op.k, "out": n,
                            "activation": op.activation, "layout": op.layout,
                            "scale": "per_channel" if per_channel else "per_tensor",
-                           "weight_bits_per_param": layouts.bits_per_weight(op.layout)})
+                           "weight_bits_per_param": layouts.bits_per_weight(op.layout),
+                           "zero_fraction": round(float(np.mean(trits == 0)), 4)})
     return layers
 
 
@@ -145,10 +166,17 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     log(f"imported {loaded.source} policy into Relax ({len(mod['main'].body.blocks[0].bindings)} ops)")
 
     t0 = time.perf_counter()
-    quantized = quantize_module(mod, per_channel)
+    try:
+        quantized = quantize_module(mod, per_channel)
+    except ValueError as e:  # e.g. NaN/Inf weights that reached the passes (ONNX initialisers)
+        raise CompileError(f"quantization failed: {_first_line(e)}") from e
     layers = bitlinear_layers(quantized)
     if not layers:
         raise CompileError("the policy has no linear layer with constant weights to ternarize")
+    for layer in layers:
+        if layer["zero_fraction"] == 1.0:
+            warnings.warn(f"{layer['name']} ({layer['in']} -> {layer['out']}) has only zero weights after "
+                          "ternarization; it will output its bias alone. Check the model.", stacklevel=2)
     tvm_target = targets.tvm_target(target)
     lowered, params = lower_module(quantized, tvm_target)
     timings["passes"] = time.perf_counter() - t0

@@ -81,3 +81,20 @@ def test_targets_lists_every_target():
     out = cli("targets").stdout
     for name in ("host", "rasp4", "rasp5", "x86-avx2", "x86-avx512"):
         assert name in out
+
+
+def test_internal_errors_exit_2_and_debug_shows_the_traceback(monkeypatch, sb3_ppo_cartpole, tmp_path):
+    from click.testing import CliRunner
+
+    from bitrl_compile import cli as cli_module
+    from bitrl_compile import pipeline
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug in the compiler")
+
+    monkeypatch.setattr(pipeline, "compile_policy", broken)  # stands in for a bug, not for the thing tested
+    runner = CliRunner()
+    r = runner.invoke(cli_module.main, [str(sb3_ppo_cartpole), "-o", str(tmp_path / "x.bitrl")])
+    assert r.exit_code == 2 and "internal error: a bug in the compiler" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli_module.main, [str(sb3_ppo_cartpole), "-o", str(tmp_path / "x.bitrl"), "--debug"])
+    assert r.exit_code == 2 and "Traceback" in r.output

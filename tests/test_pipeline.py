@@ -74,32 +74,3 @@ def test_normalisation_statistics_are_applied_before_the_network(tmp_path):
     x = observations(20, 5)
     expected = reference.run(result.quantized, np.clip((x - np.arange(1, 6)) / 2, -1.5, 1.5).astype(np.float32))
     np.testing.assert_array_equal(load(result.path).forward(x), expected)
-
-
-def test_existing_output_is_refused_without_force_and_left_intact(relu_policy):
-    before = relu_policy.path.read_bytes()
-    with pytest.raises(FileExistsError, match="--force"):
-        pipeline.compile_policy(loaded(mlp((5, 8, 3))), "host", relu_policy.path)
-    assert relu_policy.path.read_bytes() == before
-
-
-def test_unknown_target_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="known targets: host, rasp4"):
-        pipeline.compile_policy(loaded(mlp((5, 8, 3))), "pi-zero", tmp_path / "x.bitrl")
-    assert not list(tmp_path.iterdir())
-
-
-def test_unsupported_op_is_named(tmp_path):
-    import torch
-
-    class Odd(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(5, 3)
-
-        def forward(self, x):
-            return torch.special.i0e(self.fc(x))
-
-    with pytest.raises(pipeline.CompileError, match="i0e"):
-        pipeline.compile_policy(loaded(Odd()), "host", tmp_path / "odd.bitrl")
-    assert not list(tmp_path.iterdir())
