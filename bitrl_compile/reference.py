@@ -35,9 +35,14 @@ def _axis(call):
     return tuple(int(a) for a in axis)
 
 
-def _shape(call, arg):
-    value = arg if not isinstance(arg, relax.ShapeExpr) else arg.values
-    return [int(v) for v in value]
+def _concrete(dims, sizes: dict) -> list[int]:
+    """Shape dimensions (ints or symbolic PrimExprs like `batch * 3`) evaluated for this run."""
+    from tvm.sym.analyzer import Analyzer
+
+    analyzer = Analyzer()
+    for var, size in sizes.items():
+        analyzer.bind(var, size)
+    return [int(d) if isinstance(d, (int, np.integer)) else int(analyzer.simplify(d)) for d in dims]
 
 
 def _softmax(x, axis):
@@ -66,7 +71,7 @@ _ELEMENTWISE = {
 }
 
 
-def _eval_call(call, args):
+def _eval_call(call, args, sizes):
     name = call.op.name
     if name == "relax.call_pure_packed":
         op = bitlinear_op.parse(call)
@@ -84,7 +89,9 @@ def _eval_call(call, args):
     if name == "relax.permute_dims":
         return np.transpose(x, _ints(_attr(call, "axes")))
     if name == "relax.reshape":
-        return x.reshape(_shape(call, call.args[1]))
+        return x.reshape(_concrete(call.ty.shape, sizes))
+    if name == "relax.broadcast_to":
+        return np.broadcast_to(x, _concrete(call.ty.shape, sizes)).copy()
     if name == "relax.astype":
         return x.astype(str(_attr(call, "dtype")))
     if name == "relax.clip":
@@ -117,8 +124,13 @@ def run(mod: tvm.IRModule, *inputs: np.ndarray, func_name: str = "main"):
     """Execute `mod[func_name]` on numpy inputs. Returns numpy arrays (tuples stay tuples)."""
     func = mod[func_name]
     env: dict = {}
+    sizes: dict = {}  # symbolic dimension (tirx.Var) -> its size in this run, e.g. the batch
     for param, value in zip(func.params, inputs):
         env[param] = np.asarray(value)
+        shape = getattr(param.ty, "shape", None)
+        for dim, size in zip(shape or [], env[param].shape):
+            if isinstance(dim, tvm.tirx.Var):
+                sizes[dim] = tvm.tirx.IntImm("int64", size)
     n_inputs = len(inputs)
     if n_inputs != len(func.params):
         raise ValueError(f"{func_name} takes {len(func.params)} inputs, got {n_inputs}")
@@ -135,7 +147,7 @@ def run(mod: tvm.IRModule, *inputs: np.ndarray, func_name: str = "main"):
         if isinstance(expr, relax.Call):
             return _eval_call(expr, [ev(a) if not isinstance(a, (relax.ShapeExpr, relax.ExternFunc,
                                                                     tvm.ir.StringImm)) else a
-                                     for a in expr.args])
+                                     for a in expr.args], sizes)
         if isinstance(expr, (relax.ShapeExpr, tvm.ir.StringImm, relax.ExternFunc)):
             return expr
         if hasattr(expr, "value"):  # PrimValue

@@ -2,7 +2,9 @@
 
 Pipeline position: after `ternarize`, before `pack_weights`. Rewrites
     relu|tanh|sigmoid( add( bitlinear(x, w, g, 0, "none"), b ) )  ->  bitlinear(x, w, g, b, act)
-for a constant bias b of N elements (either operand order of the add). The result is one op per
+for a constant bias b of N elements (either operand order of the add), also when a reshape that keeps
+the last dimension sits in between (torch.export flattens [batch, tokens, K] linears to 2-D and
+reshapes back; elementwise ops commute with such a reshape). The result is one op per
 layer that `legalize_bitlinear` turns into one kernel with the epilogue (rescale, bias,
 activation) inside it.
 """
@@ -12,11 +14,28 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from . import bitlinear_op
 
 _ACTIVATIONS = {"relax.nn.relu": "relu", "relax.tanh": "tanh", "relax.sigmoid": "sigmoid"}
+
+
+def _through_reshape(call, m, bl, reshaped, fold):
+    """fold() applied under a reshape that keeps the last (output channel) dimension."""
+    if m.get(reshaped) is None:
+        return fold(call, m)
+    inner = m[bl]
+    shape = m[reshaped].ty.shape
+    if int(inner.ty.shape[-1]) != int(shape[-1]):
+        return call
+    fused = fold(call, m)
+    if fused.same_as(call):
+        return call
+    rebuilt = bitlinear_op.parse(fused)
+    new = bitlinear_op.make(rebuilt.x, rebuilt.w, rebuilt.gamma, rebuilt.bias, rebuilt.activation,
+                            rebuilt.layout, rebuilt.k, inner.ty)
+    return relax.op.reshape(new, shape)
 
 
 def _fold_bias(call, m, bl, bias):
@@ -42,12 +61,21 @@ def _fold_activation(call, m, bl):
 def fuse_bitlinear(mod, _ctx):
     mod = mod.clone()  # passes are functional: never mutate the caller's module
     bl = bitlinear_op.pattern()
+    reshaped = is_op("relax.reshape")(bl, wildcard())
+    value = bl | reshaped
     bias = is_const()
-    add = is_op("relax.add")(bl, bias) | is_op("relax.add")(bias, bl)
-    act = is_op("relax.nn.relu")(bl) | is_op("relax.tanh")(bl) | is_op("relax.sigmoid")(bl)
+    add = is_op("relax.add")(value, bias) | is_op("relax.add")(bias, value)
+    act = is_op("relax.nn.relu")(value) | is_op("relax.tanh")(value) | is_op("relax.sigmoid")(value)
+
+    def fold_bias(call, m):
+        return _through_reshape(call, m, bl, reshaped, lambda c, mm: _fold_bias(c, mm, bl, bias))
+
+    def fold_activation(call, m):
+        return _through_reshape(call, m, bl, reshaped, lambda c, mm: _fold_activation(c, mm, bl))
+
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            func = rewrite_call(add, lambda call, m: _fold_bias(call, m, bl, bias), func)
-            func = rewrite_call(act, lambda call, m: _fold_activation(call, m, bl), func)
+            func = rewrite_call(add, fold_bias, func)
+            func = rewrite_call(act, fold_activation, func)
             mod[gv] = func
     return mod

@@ -39,7 +39,17 @@ class _Legalizer(PyExprMutator):
             func = kernels.bitlinear_primfunc(op.k, n, op.activation, per_channel)
             func = kernels.schedule_default(func, self.target).with_attr("global_symbol", name)
             self.kernels[name] = self.builder_.add_func(func, name)
-        return relax.call_tir(self.kernels[name], [op.x, op.w, op.gamma, op.bias], call.ty)
+        if op.x.ty.ndim == 2:
+            return relax.call_tir(self.kernels[name], [op.x, op.w, op.gamma, op.bias], call.ty)
+        # [..., K] inputs (token sequences): the kernel sees [rows, K]; every row is quantized on its own.
+        lead = list(op.x.ty.shape)[:-1]
+        rows = lead[0]
+        for d in lead[1:]:
+            rows = rows * d
+        flat = self.builder_.emit(relax.op.reshape(op.x, (rows, op.k)))
+        out = self.builder_.emit(relax.call_tir(self.kernels[name], [flat, op.w, op.gamma, op.bias],
+                                                relax.TensorType((rows, n), "float32")))
+        return relax.op.reshape(out, call.ty.shape)
 
 
 def legalize_bitlinear(target=None):

@@ -4,7 +4,8 @@ Pipeline position: first, on the float32 Relax module from a frontend, with para
 constants. Matches `matmul(x, permute_dims(W))` (torch.nn.Linear via torch.export) and
 `matmul(x, C)` with a constant [K, N] C (ONNX MatMul), quantizes W with
 `quant.ternarize_weight` (absmean, per tensor or per output channel) and emits
-`bitrl.bitlinear(x, W_t:int8, gamma, zeros(N), "none", "int8", K)`. Bias and activation are
+`bitrl.bitlinear(x, W_t:int8, gamma, zeros(N), "none", "int8", K)`; x may be [..., K] (a sequence of
+tokens: each row is quantized on its own). Bias and activation are
 folded in afterwards by `fuse_bitlinear`. Matmuls with non-constant operands stay float.
 """
 
@@ -47,7 +48,7 @@ def ternarize(per_channel: bool = False):
             if weight.ndim != 2:
                 return call
             weight = weight.T
-        if not np.issubdtype(weight.dtype, np.floating) or m[x].ty.ndim != 2:
+        if not np.issubdtype(weight.dtype, np.floating) or m[x].ty.ndim < 2:
             return call
         return _ternary_call(m[x], weight, per_channel, call.ty)
 

@@ -89,3 +89,24 @@ def test_non_constant_bias_is_not_folded():
     p = _params()
     mod = bind(VarBias, w=p["w"], g=p["g"], zeros=np.zeros(8, np.float32))
     tvm.ir.assert_structural_equal(fuse_bitlinear(mod), mod)
+
+
+def test_relu_after_the_reshape_back_to_tokens_is_fused():
+    # torch.export flattens a [batch, tokens, K] linear to 2-D and reshapes back before the activation.
+    import torch
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 16)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x.reshape(x.shape[0], 3, 8))).sum(dim=1)
+
+    ternary = ternarize()(to_relax(Tokens().eval(), 24))
+    fused = relax.transform.DeadCodeElimination()(fuse_bitlinear(ternary))
+    ops = [bitlinear_op.parse(b.value) for b in fused["main"].body.blocks[0].bindings]
+    assert [op.activation for op in ops if op is not None] == ["relu"]
+    assert "relax.nn.relu" not in fused.script()
+    x = observations(8, 24)
+    np.testing.assert_allclose(reference.run(fused, x), reference.run(ternary, x), rtol=0, atol=1e-5)

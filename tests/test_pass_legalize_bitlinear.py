@@ -69,3 +69,25 @@ def test_integer_path_is_bit_exact_at_the_kernel_level():
     np.testing.assert_array_equal(out.numpy(), quant.fma_f32(acc.astype(np.float32), 1 / s[:, None],
                                                               np.zeros((3, n), np.float32)))
     assert acc[0, 0] == 127 * k
+
+
+def test_token_sequences_are_flattened_for_the_kernel_and_stay_bit_exact():
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    @I.ir_module
+    class Tokens:
+        @R.function
+        def main(x: R.Tensor(("n", 3, 8), "float32"), w: R.Tensor((8, 16), "float32")):
+            with R.dataflow():
+                y = R.nn.relu(R.matmul(x, w, out_dtype="float32"))
+                R.output(y)
+            return y
+
+    w = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    mod = relax.transform.BindParams("main", {"w": tvm.runtime.tensor(w)})(Tokens)
+    quantized = pack_weights(fuse_bitlinear(ternarize()(mod)))
+    x = np.random.default_rng(1).standard_normal((5, 3, 8)).astype(np.float32)
+    compiled = run_host(legalize_bitlinear(HASWELL)(quantized), x)
+    assert compiled.shape == (5, 3, 16)
+    np.testing.assert_array_equal(compiled, reference.run(quantized, x))
