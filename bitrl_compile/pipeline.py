@@ -146,9 +146,30 @@ def bitlinear_layers(mod) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ compile
 
+def runtime_library(target) -> bytes:
+    """The target architecture's libtvm_runtime.so, to bundle with an artifact."""
+    from bitrl_compile.runtime.policy import host_arch
+    from bitrl_compile.runtime.tvm_runtime import find_libtvm_runtime
+
+    if target.arch == host_arch():
+        path = find_libtvm_runtime()
+        if path is None:
+            raise CompileError("libtvm_runtime.so not found to bundle; install apache-tvm")
+        return path.read_bytes()
+    if target.arch == "aarch64":
+        from bitrl_compile.emulator import ensure_aarch64_python
+
+        return ensure_aarch64_python().libtvm_runtime.read_bytes()  # from the aarch64 apache-tvm wheel
+    raise CompileError(f"cannot bundle a TVM runtime for {target.arch} from this {host_arch()} machine")
+
+
 def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_channel: bool = False,
-                   force: bool = False, log: Callable[[str], None] = lambda s: None) -> CompiledPolicy:
-    """Compile a LoadedPolicy for a target into a policy.bitrl artifact at `output`."""
+                   force: bool = False, bundle_runtime: bool = False,
+                   log: Callable[[str], None] = lambda s: None) -> CompiledPolicy:
+    """Compile a LoadedPolicy for a target into a policy.bitrl artifact at `output`.
+
+    bundle_runtime adds the target's libtvm_runtime.so (3 MB), so the device needs only
+    `pip install apache-tvm-ffi numpy`."""
     import tvm
 
     from bitrl_compile import targets
@@ -200,6 +221,8 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
 
     manifest = build_manifest(loaded, target, tvm_target, layers, params)
     members = {art.LIB: lib_bytes, art.PARAMS: safetensors_np.dumps(params)}
+    if bundle_runtime:
+        members[art.RUNTIME] = runtime_library(target)
     art.write_artifact(output, manifest, members, force=force)
     log(f"wrote {output} ({output.stat().st_size} bytes)")
     return CompiledPolicy(output, manifest, quantized, params, timings)

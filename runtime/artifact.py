@@ -4,6 +4,7 @@ Members:
     manifest.json        format version, target, versions, input/output spec, layers, member hashes
     lib.so               the compiled Relax VM library for the target (exported by TVM)
     params.safetensors   packed parameters, passed to the library's `main` after the observation
+    libtvm_runtime.so    optional: the target's TVM runtime (--bundle-runtime), for devices without apache-tvm
 
 The manifest lists the sha256 of every other member; `read_artifact` verifies them all.
 The compiler writes artifacts with `write_artifact` from this module (one definition of the
@@ -26,6 +27,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LIB = "lib.so"
 PARAMS = "params.safetensors"
+RUNTIME = "libtvm_runtime.so"
 
 
 class ArtifactError(ValueError):

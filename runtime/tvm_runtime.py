@@ -1,8 +1,10 @@
 """Load a compiled Relax VM library with the TVM *runtime* only: tvm-ffi + libtvm_runtime.so.
 
-`import tvm` drags in the 240 MB compiler; a device needs neither it nor torch. We load the
-runtime library that ships inside the `apache-tvm` wheel (found without importing `tvm`,
-or named by BITRL_TVM_RUNTIME), then let tvm-ffi open the exported library.
+`import tvm` drags in the 240 MB compiler; a device needs neither it nor torch. We load
+libtvm_runtime.so (3 MB) from, in this order: the path in BITRL_TVM_RUNTIME; the `apache-tvm` wheel
+if installed (found without importing `tvm`); the copy bundled in the artifact
+(`bitrl-compile --bundle-runtime`), so that a device needs only `pip install apache-tvm-ffi numpy`.
+Then tvm-ffi opens the exported library.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import ctypes
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 _RUNTIME_LOADED = False
@@ -33,9 +36,12 @@ def _import_tvm_ffi():
     return tvm_ffi
 
 
-def find_libtvm_runtime() -> Path:
+def find_libtvm_runtime() -> Path | None:
+    """The TVM runtime library of this machine: BITRL_TVM_RUNTIME, else the apache-tvm wheel's, else None."""
     env = os.environ.get("BITRL_TVM_RUNTIME")
     if env:
+        if not Path(env).is_file():
+            raise RuntimeError(f"BITRL_TVM_RUNTIME={env} is not a file; point it at libtvm_runtime.so or unset it")
         return Path(env)
     spec = importlib.util.find_spec("tvm")
     if spec is not None and spec.submodule_search_locations:
@@ -43,19 +49,38 @@ def find_libtvm_runtime() -> Path:
             for candidate in (Path(folder) / "lib" / "libtvm_runtime.so", Path(folder) / "libtvm_runtime.so"):
                 if candidate.is_file():
                     return candidate
-    raise RuntimeError("libtvm_runtime.so not found; install `apache-tvm` or set BITRL_TVM_RUNTIME to its path")
+    return None
 
 
-def load_vm(lib_path: str | os.PathLike):
-    """Open an exported Relax library and return an initialised VM (call vm["main"](...))."""
+def _load_runtime(bundled: bytes | None) -> None:
     global _RUNTIME_LOADED
+    if _RUNTIME_LOADED:
+        return
     tvm_ffi = _import_tvm_ffi()
-    if not _RUNTIME_LOADED:
-        # In a process that imported `tvm` (the compiler, which contains the runtime) the VM is
-        # already registered; loading a second copy of the runtime would corrupt its registries.
-        if tvm_ffi.get_global_func("vm.builtin.alloc_storage", allow_missing=True) is None:
-            ctypes.CDLL(str(find_libtvm_runtime()), ctypes.RTLD_GLOBAL)
-        _RUNTIME_LOADED = True
+    # In a process that imported `tvm` (the compiler, which contains the runtime) the VM is
+    # already registered; loading a second copy of the runtime would corrupt its registries.
+    if tvm_ffi.get_global_func("vm.builtin.alloc_storage", allow_missing=True) is None:
+        path = find_libtvm_runtime()
+        if path is None and bundled is None:
+            raise RuntimeError("libtvm_runtime.so not found; `pip install apache-tvm`, set BITRL_TVM_RUNTIME, "
+                               "or compile the artifact with --bundle-runtime")
+        if path is None:
+            fd, tmp = tempfile.mkstemp(prefix="libtvm_runtime-", suffix=".so")
+            with os.fdopen(fd, "wb") as f:
+                f.write(bundled)
+            try:
+                ctypes.CDLL(tmp, ctypes.RTLD_GLOBAL)
+            finally:
+                os.unlink(tmp)  # stays mapped
+        else:
+            ctypes.CDLL(str(path), ctypes.RTLD_GLOBAL)
+    _RUNTIME_LOADED = True
+
+
+def load_vm(lib_path: str | os.PathLike, bundled_runtime: bytes | None = None):
+    """Open an exported Relax library and return an initialised VM (call vm["main"](...))."""
+    tvm_ffi = _import_tvm_ffi()
+    _load_runtime(bundled_runtime)
     mod = tvm_ffi.load_module(str(lib_path))
     vm = mod["vm_load_executable"]()
     vm["vm_initialization"](1, 0, 2)  # device type kDLCPU, device id 0, pooled allocator

@@ -84,3 +84,20 @@ def test_sb3_ppo_cartpole_on_host_and_rasp4_matches_the_reference(sb3_ppo_cartpo
         margin = np.abs(expected[:, 0] - expected[:, 1]) > 2e-3 * scale
         np.testing.assert_array_equal(outputs[target].argmax(1)[margin], expected.argmax(1)[margin])
     np.testing.assert_allclose(outputs["host"], outputs["rasp4"], rtol=0, atol=1e-3 * np.abs(outputs["host"]).max())
+
+
+def test_bundled_aarch64_runtime_needs_only_tvm_ffi_and_numpy(tmp_path):
+    from bitrl_compile.emulator import run_python_under_qemu
+
+    loaded = _loaded(mlp((6, 32, 4), "relu"), 6, {"kind": "discrete", "n": 4, "outputs": "logits"})
+    result = pipeline.compile_policy(loaded, "rasp4", tmp_path / "b.bitrl", bundle_runtime=True)
+    code = ("import os, sys, numpy as np\n"
+            "os.environ.pop('BITRL_TVM_RUNTIME', None)  # the guest has tvm-ffi and numpy, no apache-tvm\n"
+            "from bitrl_compile.runtime import load\n"
+            f"out = load({str(result.path)!r}).forward(np.arange(12, dtype=np.float32).reshape(2, 6))\n"
+            "assert 'tvm' not in sys.modules\n"
+            "print(out.tobytes().hex())\n")
+    r = run_python_under_qemu(code, cpu="cortex-a72")
+    assert r.returncode == 0, r.stderr
+    expected = reference.run(result.quantized, np.arange(12, dtype=np.float32).reshape(2, 6))
+    assert bytes.fromhex(r.stdout.strip().splitlines()[-1]) == expected.astype(np.float32).tobytes()

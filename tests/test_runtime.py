@@ -8,7 +8,7 @@ import pytest
 
 from bitrl_compile import pipeline
 from bitrl_compile.frontends import LoadedPolicy
-from bitrl_compile.runtime import ArtifactError, load
+from bitrl_compile.runtime import ArtifactError, load, read_artifact
 from relax_models import mlp
 
 
@@ -66,3 +66,16 @@ def test_soak_100k_calls_keep_memory_flat_and_results_identical(artifact):
             np.testing.assert_array_equal(out, expected)
     growth = _rss_bytes() - before
     assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 100k calls"
+
+
+def test_bundled_runtime_library_is_used_when_the_device_has_no_apache_tvm(tmp_path):
+    lp = LoadedPolicy(module=mlp((4, 16, 2)), onnx_model=None,
+                      input={"shape": [4], "dtype": "float32", "preprocess": "none", "normalize": None},
+                      output={"kind": "discrete", "n": 2, "outputs": "logits"}, source="test")
+    path = pipeline.compile_policy(lp, "host", tmp_path / "b.bitrl", bundle_runtime=True).path
+    assert "libtvm_runtime.so" in read_artifact(path).members
+    code = ("import sys, numpy as np\nfrom bitrl_compile.runtime import tvm_runtime, load\n"
+            "tvm_runtime.find_libtvm_runtime = lambda: None  # as on a device without the apache-tvm wheel\n"
+            f"print(load({str(path)!r}).act(np.ones(4)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
