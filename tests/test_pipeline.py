@@ -74,3 +74,10 @@ def test_normalisation_statistics_are_applied_before_the_network(tmp_path):
     x = observations(20, 5)
     expected = reference.run(result.quantized, np.clip((x - np.arange(1, 6)) / 2, -1.5, 1.5).astype(np.float32))
     np.testing.assert_array_equal(load(result.path).forward(x), expected)
+
+
+def test_x86_avx2_target_runs_here_bit_exact(tmp_path):
+    result = pipeline.compile_policy(loaded(mlp((5, 48, 3), "relu")), "x86-avx2", tmp_path / "avx2.bitrl")
+    assert result.manifest["target"]["cpu_features"] == ["avx2", "fma"]
+    x = observations(40, 5)
+    np.testing.assert_array_equal(load(result.path).forward(x), reference.run(result.quantized, x))
