@@ -3,6 +3,9 @@
     bitrl-compile MODEL --target rasp4 -o policy.bitrl     compile (the default command)
     bitrl-compile run policy.bitrl --env CartPole-v1       run episodes (aarch64 under qemu)
     bitrl-compile inspect policy.bitrl                     manifest, layers, bits/weight, sizes
+    bitrl-compile train --env CartPole-v1 --steps 100000   PPO (frozen ternary backbone + heads, or a whole MLP)
+    bitrl-compile finetune policy.zip --env CartPole-v1    QAT of an fp32 policy so its ternary version keeps the return
+    bitrl-compile bench model.zip --env CartPole-v1        memory, latency, energy estimate, return kept: report + plots
     bitrl-compile demo                                     the built-in example, end to end
     bitrl-compile targets                                  the known targets
 
@@ -82,9 +85,15 @@ def main():
               help="observation statistics to bake in (SB3 vecnormalize.pkl needs --trust-pickle; or JSON/npz)")
 @click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
 @click.option("--per-channel", is_flag=True, help="one weight scale per output channel instead of per tensor")
+@click.option("--features", is_flag=True, help="compile the MLP's torso (all layers but the last) as a backbone "
+              "whose output is features (policy.features(obs)), for `bitrl-compile train --backbone`")
+@click.option("--bundle-runtime", is_flag=True,
+              help="put the target's libtvm_runtime.so (3 MB) in the artifact: the device then needs only "
+                   "`pip install apache-tvm-ffi numpy`")
 @click.option("--force", is_flag=True, help="overwrite the output file")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, force, debug):
+def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, features,
+                bundle_runtime, force, debug):
     """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX) for a target."""
     with _guard(debug):
         from bitrl_compile.frontends import load_policy
@@ -96,7 +105,12 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
             cfg = dict(cfg or {}, env=env_id)
         t0 = time.perf_counter()
         loaded = load_policy(model, config=cfg, trust_pickle=trust_pickle, vecnormalize=vecnormalize)
+        if features:
+            from bitrl_compile.trainers.ppo import features_policy
+
+            loaded = features_policy(loaded)
         result = compile_policy(loaded, target, out, per_channel=per_channel, force=force,
+                                bundle_runtime=bundle_runtime,
                                 log=lambda s: click.echo(f"  {s}", err=True))
         click.echo(_summary(result.manifest, out, time.perf_counter() - t0))
 
@@ -184,6 +198,118 @@ def run_cmd(artifact, env_id, episodes, seed, stochastic, debug):
             policy.close()
 
 
+@main.command("train")
+@click.option("--env", "env_id", required=True, help="gymnasium environment id, e.g. CartPole-v1")
+@click.option("--steps", type=click.IntRange(min=1), help="environment steps [default: the env's preset]")
+@click.option("--backbone", type=click.Path(dir_okay=False),
+              help="frozen backbone: a policy file (its ternary torso, in torch) or a features .bitrl (runtime)")
+@click.option("--heads-bits", type=click.Choice(["32", "8", "1.58"]), default="32", show_default=True,
+              help="head weights: fp32, int8, or ternary (straight-through QAT)")
+@click.option("--hidden", help="head widths, comma-separated [default: 64,64; 64 with a backbone]")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), help="output folder [default: runs/ENV-seedS]")
+@click.option("--num-envs", type=click.IntRange(min=1), help="parallel environments [default: the env's preset]")
+@click.option("--eval-episodes", default=10, show_default=True)
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--debug", is_flag=True)
+def train_cmd(env_id, steps, backbone, heads_bits, hidden, seed, out, num_envs, eval_episodes, no_progress, debug):
+    """Train a policy with PPO (heads on a frozen ternary backbone, or a whole MLP), with logs and a plot."""
+    with _guard(debug):
+        import numpy as np
+
+        from bitrl_compile.trainers import ppo
+
+        if backbone and not Path(backbone).is_file():
+            raise FileNotFoundError(f"{backbone}: no such backbone file; give a policy file or a features .bitrl")
+        overrides = {"seed": seed, "heads_bits": float(heads_bits), "backbone": backbone,
+                     "eval_episodes": eval_episodes, "progress": not no_progress,
+                     "out": out or f"runs/{env_id}-seed{seed}"}
+        if steps:
+            overrides["total_timesteps"] = steps
+        if num_envs:
+            overrides["num_envs"] = num_envs
+        if hidden:
+            overrides["hidden"] = _widths(hidden)
+        _check_env(env_id)
+        result = ppo.train(ppo.args_for(env_id, **overrides), log=lambda s: click.echo(s, err=True))
+        click.echo(f"{env_id}: deterministic return {np.mean(result.eval_returns):.1f} ± "
+                   f"{np.std(result.eval_returns):.1f} over {len(result.eval_returns)} episodes after "
+                   f"{result.global_step} steps")
+        click.echo(f"  {result.out}/policy.safetensors  (compile: bitrl-compile {result.out}/policy.safetensors)")
+        click.echo(f"  {result.out}/learning_curve.png, progress.csv, checkpoint.safetensors")
+
+
+@main.command("finetune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--env", "env_id", required=True, help="the gymnasium environment the policy was trained on")
+@click.option("--steps", type=click.IntRange(min=1), help="QAT steps [default: half the env's preset]")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="fine-tuned policy [default: MODEL stem + -ternary.safetensors]")
+@click.option("--out", type=click.Path(file_okay=False), help="run folder for logs [default: runs/finetune-ENV]")
+@click.option("--episodes", default=20, show_default=True, help="evaluation episodes before and after")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
+@click.option("--vecnormalize", type=click.Path(exists=True, dir_okay=False), help="observation statistics")
+@click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
+@click.option("--force", is_flag=True, help="overwrite the output file")
+@click.option("--no-progress", is_flag=True)
+@click.option("--debug", is_flag=True)
+def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecnormalize, trust_pickle, force,
+                 no_progress, debug):
+    """Quantization-aware fine-tune of an fp32 MLP policy so that its ternary version keeps the return."""
+    with _guard(debug):
+        import shutil
+
+        import numpy as np
+
+        from bitrl_compile.evaluate import evaluate
+        from bitrl_compile.frontends import load_policy
+        from bitrl_compile.trainers import ppo
+
+        output = Path(output) if output else Path(model).with_name(Path(model).stem + "-ternary.safetensors")
+        if output.exists() and not force:
+            raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+        _check_env(env_id)
+        cfg = json.loads(Path(config).read_text()) if config else None
+
+        def load():
+            return load_policy(model, config=cfg, trust_pickle=trust_pickle, vecnormalize=vecnormalize)
+
+        def mean(act):
+            returns, _ = evaluate(act, env_id, episodes, 10_000)
+            return f"{np.mean(returns):.1f} ± {np.std(returns):.1f}"
+
+        before = load()
+        click.echo(f"before: fp32 {mean(ppo.reference_act(before, ternary=False))}, ternary (PTQ) "
+                   f"{mean(ppo.reference_act(before))}  ({episodes} episodes)")
+        overrides = {"seed": seed, "progress": not no_progress, "eval_episodes": episodes,
+                     "out": out or f"runs/finetune-{env_id}-seed{seed}"}
+        if steps:
+            overrides["total_timesteps"] = steps
+        result = ppo.train(ppo.finetune_args(env_id, str(model), **overrides),
+                           log=lambda s: click.echo(s, err=True), init_loaded=before)
+        shutil.copyfile(result.out / "policy.safetensors", output)
+        click.echo(f"after {result.global_step} QAT steps: ternary {mean(ppo.reference_act(load_policy(output)))}")
+        click.echo(f"  {output}  (compile: bitrl-compile {output})")
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise ValueError(f"--hidden {text!r}: give comma-separated integers, e.g. 64,64") from None
+    if not widths or min(widths) < 1:
+        raise ValueError(f"--hidden {text!r}: widths must be positive integers")
+    return widths
+
+
+def _check_env(env_id: str) -> None:
+    import gymnasium
+
+    if env_id not in gymnasium.registry:
+        raise ValueError(f"unknown environment {env_id!r}; give a gymnasium id such as CartPole-v1")
+
+
 @main.command("targets")
 def targets_cmd():
     """List the known targets."""
@@ -192,6 +318,33 @@ def targets_cmd():
     for name in targets.known_targets():
         t = targets.get_target(name)
         click.echo(f"{name:<11} {t.device}  [{t.arch}, {'cross: ' + t.cc if t.cc else 'host compiler'}]")
+
+
+@main.command("bench")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, host")
+@click.option("--env", "env_id", help="gymnasium env id: measure the return kept (and spaces for bare state_dicts)")
+@click.option("--episodes", default=10, show_default=True, type=click.IntRange(min=0))
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1), help="the second batch size")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="threads for every implementation")
+@click.option("--calls", default=2000, show_default=True, type=click.IntRange(min=10),
+              help="timed act() calls per implementation and batch size")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
+@click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
+@click.option("--debug", is_flag=True)
+def bench_cmd(model, target, env_id, episodes, batch, threads, calls, seed, out, config, trust_pickle, debug):
+    """Measure what MODEL gains as a ternary artifact: memory, latency, energy estimate, return kept."""
+    with _guard(debug):
+        from bitrl_compile.bench import run_bench
+
+        cfg = json.loads(Path(config).read_text()) if config else None
+        run_bench(model, target=target, env_id=env_id, episodes=episodes, batch=batch, threads=threads,
+                  out=Path(out), calls=calls, seed=seed, config=cfg, trust_pickle=trust_pickle,
+                  log=lambda s: click.echo(s, err=True))
+        click.echo((Path(out) / "report.md").read_text())
 
 
 @main.command("demo")

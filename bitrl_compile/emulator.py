@@ -448,6 +448,10 @@ class EmulatedPolicy:
         """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
         return self._call({"method": "forward"}, obs)
 
+    def features(self, obs) -> np.ndarray:
+        """A backbone artifact's features (manifest output kind "features") for one obs or a batch."""
+        return self._call({"method": "features"}, obs)
+
     def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
         """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box."""
         seed = None

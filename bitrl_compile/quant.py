@@ -42,6 +42,16 @@ def ternarize_weight(w: np.ndarray, per_channel: bool = False) -> tuple[np.ndarr
     return w_t.astype(np.int8), gamma.astype(np.float32)
 
 
+def quantize_weight_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel absmax int8 weights (for int8 heads): scale = max(max|W_row|, EPS) / 127.
+
+    Returns (w_q int8 [N, K] in [-127, 127], scale float32 [N]) with W ~ scale[:, None] * w_q.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    scale = (np.maximum(np.abs(w).max(axis=1), EPS) / QMAX).astype(np.float32)
+    return np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-row absmax int8 quantization of a [B, K] float32 input.
 
@@ -111,3 +121,10 @@ def quantize_activations_ste(x):
     s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=float(EPS))
     q = (x * s).round().clamp(-128, 127) / s
     return x + (q - x).detach()
+
+
+def quantize_weight_int8_ste(w):
+    """Fake-quantized per-output-channel int8 weight with a straight-through gradient."""
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=float(EPS)) / 127.0
+    q = (w / scale).round().clamp(-127, 127) * scale
+    return w + (q - w).detach()

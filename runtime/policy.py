@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import safetensors_np
-from .artifact import LIB, PARAMS, ArtifactError, read_artifact
+from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, read_artifact
 from .tvm_runtime import aligned, load_vm, to_device
 
 
@@ -54,7 +54,8 @@ def check_runnable_here(manifest: dict, path: str | os.PathLike = "artifact") ->
 class Policy:
     """A compiled policy. `act(obs)` takes one observation or a batch and returns action(s)."""
 
-    def __init__(self, manifest: dict, lib_bytes: bytes, params: dict[str, np.ndarray], path="artifact"):
+    def __init__(self, manifest: dict, lib_bytes: bytes, params: dict[str, np.ndarray], path="artifact",
+                 bundled_runtime: bytes | None = None):
         self.manifest = manifest
         self.path = str(path)
         self.input_spec = manifest["input"]
@@ -65,7 +66,7 @@ class Policy:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(lib_bytes)
-            self._vm = load_vm(tmp)
+            self._vm = load_vm(tmp, bundled_runtime)
         finally:
             os.unlink(tmp)
         self._main = self._vm["main"]
@@ -130,6 +131,13 @@ class Policy:
             result = result[0]
         return np.from_dlpack(result).copy()
 
+    def features(self, obs) -> np.ndarray:
+        """A backbone's output features, [D] for one observation or [B, D] for a batch (output kind "features")."""
+        if self.output_spec["kind"] != "features":
+            raise ValueError(f"{self.path} is a policy (output kind {self.output_spec['kind']!r}), not a backbone; "
+                             "call act(obs) or forward(obs), or compile a torso with `bitrl-compile MODEL --features`")
+        return self.forward(obs)
+
     def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
         """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box."""
         x, single = self._prepare(obs)
@@ -139,6 +147,9 @@ class Policy:
 
     def postprocess(self, out: np.ndarray, deterministic: bool = True, rng=None):
         spec = self.output_spec
+        if spec["kind"] == "features":
+            raise ValueError(f"{self.path} is a backbone (output kind \"features\", {spec.get('dim')} values), not a "
+                             "policy; call features(obs) and feed them to trained heads")
         if spec["kind"] == "discrete":
             if deterministic or spec.get("outputs") == "q_values":
                 return np.argmax(out, axis=-1)
@@ -180,4 +191,4 @@ def load(path: str | os.PathLike) -> Policy:
     missing = [n for n in art.manifest["params"] if n not in params]
     if missing:
         raise ArtifactError(f"{path}: parameters {missing} are missing from {PARAMS}; recompile the artifact")
-    return Policy(art.manifest, art.members[LIB], params, path)
+    return Policy(art.manifest, art.members[LIB], params, path, art.members.get(RUNTIME))

@@ -10,7 +10,7 @@ Every message, in both directions, is a frame:
     n bytes    a JSON header (UTF-8)
     k bytes    raw payload, k = header["nbytes"] (0 when absent)
 
-Requests:  {"method": "forward" | "act", "shape": [...], "dtype": "<f4", "nbytes": k,
+Requests:  {"method": "forward" | "features" | "act", "shape": [...], "dtype": "<f4", "nbytes": k,
             "deterministic": true, "seed": null}  + the observation's bytes (C order)
 Replies:   {"ok": true, "shape": [...], "dtype": "<i8", "nbytes": k}  + the result's bytes
            {"ok": false, "error": "ValueError", "message": "..."}   (the server keeps serving)
@@ -93,11 +93,13 @@ def handle(policy, header: dict, payload: bytes) -> np.ndarray:
     obs = message_array(header, payload)
     if method == "forward":
         return np.asarray(policy.forward(obs))
+    if method == "features":
+        return np.asarray(policy.features(obs))
     if method == "act":
         seed = header.get("seed")
         rng = None if seed is None else np.random.default_rng(seed)
         return np.asarray(policy.act(obs, deterministic=bool(header.get("deterministic", True)), rng=rng))
-    raise ValueError(f"unknown method {method!r}; expected 'forward' or 'act'")
+    raise ValueError(f"unknown method {method!r}; expected 'forward', 'features' or 'act'")
 
 
 def serve(artifact: str, requests: BinaryIO, replies: BinaryIO) -> int:
