@@ -106,7 +106,7 @@ PRESETS: dict[str, dict] = {
                        "total_timesteps": 400_000},
     "Pendulum-v1": {"num_envs": 8, "num_steps": 256, "num_minibatches": 16, "update_epochs": 10,
                     "learning_rate": 1e-3, "gamma": 0.9, "gae_lambda": 0.95, "norm_reward": True,
-                    "total_timesteps": 200_000},
+                    "total_timesteps": 100_000},
     "MountainCar-v0": {"num_envs": 16, "num_steps": 16, "num_minibatches": 1, "update_epochs": 4,
                        "learning_rate": 1e-3, "gamma": 0.99, "gae_lambda": 0.98, "total_timesteps": 400_000},
 }
