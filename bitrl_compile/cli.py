@@ -331,20 +331,21 @@ def targets_cmd():
 @click.option("--calls", default=2000, show_default=True, type=click.IntRange(min=10),
               help="timed act() calls per implementation and batch size")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", default="bench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="out/bench", show_default=True, type=click.Path(file_okay=False))
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
 @click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
 @click.option("--debug", is_flag=True)
 def bench_cmd(model, target, env_id, episodes, batch, threads, calls, seed, out, config, trust_pickle, debug):
     """Measure what MODEL gains as a ternary artifact: memory, latency, energy estimate, return kept."""
     with _guard(debug):
-        from bitrl_compile.bench import run_bench
+        from bitrl_compile.bench import run_bench, summary_lines
 
         cfg = json.loads(Path(config).read_text()) if config else None
-        run_bench(model, target=target, env_id=env_id, episodes=episodes, batch=batch, threads=threads,
-                  out=Path(out), calls=calls, seed=seed, config=cfg, trust_pickle=trust_pickle,
-                  log=lambda s: click.echo(s, err=True))
-        click.echo((Path(out) / "report.md").read_text())
+        report = run_bench(model, target=target, env_id=env_id, episodes=episodes, batch=batch, threads=threads,
+                           out=Path(out), calls=calls, seed=seed, config=cfg, trust_pickle=trust_pickle,
+                           log=lambda s: click.echo(s, err=True))
+        click.echo("\n".join(summary_lines(report)[2:]))
+        click.echo(f"report: {Path(out) / 'report.md'} (data: report.json; plots: {', '.join(report['plots'])})")
 
 
 @main.command("demo")

@@ -1,0 +1,246 @@
+"""The measured process of `bitrl-compile bench`: `python bench_child.py '{json}'`, one JSON line out.
+
+`bitrl_compile.bench` starts this file (by path, never imported) in a fresh interpreter, so that
+what it measures is what a deployment would load. It imports only the standard library at the
+top (so that the bare-interpreter baseline is bare); each implementation imports numpy and its own
+engine, and nothing else:
+
+    bitrl         bitrl_compile.runtime (numpy + tvm-ffi + libtvm_runtime.so): Policy.act
+    torch         torch: the fp32 nn.Module as the bench saved it (torch.save; a torch.export program
+                  when the module cannot be pickled), called eagerly under torch.inference_mode()
+    onnxruntime   onnxruntime.InferenceSession(fp32.onnx or int8.onnx), CPU execution provider
+    python        nothing (the interpreter alone);  numpy: `import numpy` only
+
+All implementations turn an observation into an action the same way: the baselines use the
+runtime's own `Policy._prepare` and `Policy.postprocess` (observation normalisation, one-hot,
+argmax, squash) around their forward pass, exactly as our artifact's `act()` does.
+
+Modes (config["mode"]):
+    memory    one implementation: load, run `calls` act() calls per batch size, report the peak
+              resident set (VmHWM of /proc/self/status) and the RSS after start and after loading.
+              (getrusage's ru_maxrss is not used: Linux carries the parent's high-water mark over
+              an exec, so a child of a 1 GB process reports >= 1 GB.)
+    latency   several implementations in this one process, in rounds that alternate between them;
+              every act() call timed with perf_counter_ns; RAPL energy when readable.
+    count     under qemu with the bench's TCG plugin: the guest makes a marker system call before
+              and after `calls` act() calls, and the plugin writes how many guest instructions
+              were executed in total and inside each registered address range (the libraries).
+
+It also runs under qemu-aarch64 with the emulator's aarch64 Python (numpy, tvm-ffi, runtime copy
+and, when installed there, onnxruntime): keep its imports to the standard library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import sys
+import time
+from types import SimpleNamespace
+
+MARKER_SYSCALL = 0xB17  # the bench plugin's marker: syscall(MARKER_SYSCALL, cmd, a, b)
+MARK_RANGE, MARK_COUNT = 1, 2
+# Executable mappings attributed to each implementation's own library (regex on /proc/self/maps paths).
+LIBRARIES = {"bitrl": {"compiled policy (lib.so)": r"/bitrl-[^/]*\.so", "TVM runtime": r"libtvm_runtime\.so"},
+             "onnxruntime": {"ONNX Runtime": r"onnxruntime_pybind11_state[^/]*\.so"}}
+
+
+def status_bytes() -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of this process in bytes, from /proc/self/status."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _io(spec: dict) -> SimpleNamespace:
+    """What Policy._prepare / Policy.postprocess read from a Policy, built from the manifest specs."""
+    import numpy as np
+
+    norm = spec["input"].get("normalize")
+    return SimpleNamespace(
+        input_spec=spec["input"], output_spec=spec["output"], obs_shape=tuple(spec["input"]["shape"]),
+        _norm=None if not norm else (np.asarray(norm["mean"], np.float32), np.asarray(norm["var"], np.float32),
+                                     np.float32(norm.get("eps", 1e-8)), norm.get("clip")))
+
+
+def make_act(impl: str, cfg: dict):
+    """obs (one or a batch) -> action(s), for one implementation; loads its engine and model."""
+    if impl == "bitrl":
+        from bitrl_compile.runtime import load
+
+        return load(cfg["artifact"]).act
+    from bitrl_compile.runtime.policy import Policy
+
+    io = _io(cfg["spec"])
+
+    def wrap(forward):
+        def act(obs):
+            x, single = Policy._prepare(io, obs)
+            actions = Policy.postprocess(io, forward(x))
+            return actions[0] if single else actions
+        return act
+
+    threads = int(cfg.get("threads", 1))
+    if impl == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        if cfg.get("torch_module"):  # written by this bench from the module it loaded: safe to unpickle
+            module = torch.load(cfg["torch_module"], weights_only=False).eval()
+        else:
+            module = torch.export.load(cfg["pt2"]).module()
+
+        def forward(x):
+            with torch.inference_mode():
+                return module(torch.from_numpy(x)).numpy()
+        return wrap(forward)
+    if impl in ("onnxruntime", "onnxruntime-int8"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        path = cfg["onnx_int8"] if impl.endswith("int8") else cfg["onnx_fp32"]
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return wrap(lambda x: session.run(None, {name: x})[0])
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _inputs(cfg: dict) -> dict:
+    """batch size -> observations: one observation for batch 1, else a [B, ...] array."""
+    import numpy as np
+
+    obs = np.load(cfg["obs"])
+    out = {}
+    for b in cfg["batches"]:
+        out[b] = obs[0] if b == 1 else np.resize(obs, (b, *obs.shape[1:]))
+    return out
+
+
+def run_memory(cfg: dict) -> dict:
+    start = status_bytes()["VmRSS"]
+    impl = cfg["impls"][0]
+    act = None
+    if impl == "numpy":
+        import numpy  # noqa: F401
+    elif impl != "python":
+        act = make_act(impl, cfg)
+    loaded = status_bytes()["VmRSS"]
+    if act is not None:
+        for x in _inputs(cfg).values():
+            for _ in range(cfg["calls"]):
+                act(x)
+    end = status_bytes()
+    heavy = ("torch", "tvm", "tvm_ffi", "onnxruntime", "numpy", "bitrl_compile.runtime")
+    return {"impl": impl, "rss_start": start, "rss_loaded": loaded, "rss_end": end["VmRSS"],
+            "peak_rss": end["VmHWM"], "modules": sorted(m for m in heavy if m in sys.modules), "pid": os.getpid()}
+
+
+def _rapl_files() -> list[str]:
+    root = "/sys/class/powercap"
+    try:
+        names = sorted(n for n in os.listdir(root) if re.fullmatch(r"intel-rapl:\d+", n))
+    except OSError:
+        return []
+    files = [f"{root}/{n}/energy_uj" for n in names]
+    return [f for f in files if os.access(f, os.R_OK)]
+
+
+def _rapl_uj(files: list[str]) -> int:
+    total = 0
+    for name in files:
+        with open(name) as f:
+            total += int(f.read())
+    return total
+
+
+def run_latency(cfg: dict) -> dict:
+    acts = {impl: make_act(impl, cfg) for impl in cfg["impls"]}
+    inputs = _inputs(cfg)
+    rapl = _rapl_files()
+    rounds, calls, warmup = int(cfg["rounds"]), int(cfg["calls"]), int(cfg["warmup"])
+    per_round = max(1, calls // rounds)
+    times = {impl: {b: [] for b in inputs} for impl in acts}
+    energy = {impl: {b: 0 for b in inputs} for impl in acts}
+    for impl, act in acts.items():
+        for x in inputs.values():
+            for _ in range(warmup):
+                act(x)
+    clock = time.perf_counter_ns
+    for r in range(rounds):
+        order = list(acts) if r % 2 == 0 else list(reversed(list(acts)))
+        for impl in order:
+            act = acts[impl]
+            for b, x in inputs.items():
+                samples = times[impl][b]
+                e0 = _rapl_uj(rapl) if rapl else 0
+                for _ in range(per_round):
+                    t0 = clock()
+                    act(x)
+                    samples.append(clock() - t0)
+                if rapl:
+                    energy[impl][b] += _rapl_uj(rapl) - e0
+    return {"times_ns": {i: {str(b): t for b, t in d.items()} for i, d in times.items()},
+            "rapl_uj": {i: {str(b): e for b, e in d.items()} for i, d in energy.items()} if rapl else None,
+            "rapl_files": rapl}
+
+
+_LIBC: list = []
+
+
+def _marker(cmd: int, a: int = 0, b: int = 0) -> None:
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None))
+    _LIBC[0].syscall(ctypes.c_long(MARKER_SYSCALL), ctypes.c_long(cmd), ctypes.c_ulong(a), ctypes.c_ulong(b))
+
+
+def _executable_range(pattern: str) -> tuple[int, int] | None:
+    lo = hi = None
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and "x" in fields[1] and re.search(pattern, fields[5]):
+                a, b = (int(v, 16) for v in fields[0].split("-"))
+                lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+    return None if lo is None else (lo, hi)
+
+
+def run_count(cfg: dict) -> dict:
+    """Marker labels: 2*k before and 2*k+1 after the k-th (impl, batch) block of `calls` calls."""
+    inputs = _inputs(cfg)
+    blocks, ranges = [], []
+    for impl in cfg["impls"]:
+        act = make_act(impl, cfg)
+        for name, pattern in LIBRARIES.get(impl.removesuffix("-int8"), {}).items():
+            found = _executable_range(pattern)
+            if found:
+                _marker(MARK_RANGE, *found)
+                ranges.append({"impl": impl, "library": name, "range": [hex(found[0]), hex(found[1])]})
+        for b, x in inputs.items():
+            for _ in range(cfg["warmup"]):
+                act(x)
+            k = len(blocks)
+            _marker(MARK_COUNT, 2 * k)
+            for _ in range(cfg["calls"]):
+                act(x)
+            _marker(MARK_COUNT, 2 * k + 1)
+            blocks.append({"impl": impl, "batch": b, "calls": cfg["calls"]})
+    return {"blocks": blocks, "ranges": ranges}
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    result = {"memory": run_memory, "latency": run_latency, "count": run_count}[cfg["mode"]](cfg)
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
