@@ -280,6 +280,7 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
             return f"{np.mean(returns):.1f} ± {np.std(returns):.1f}"
 
         before = load()
+        ppo.check_policy_fits(before, env_id, model)
         click.echo(f"before: fp32 {mean(ppo.reference_act(before, ternary=False))}, ternary (PTQ) "
                    f"{mean(ppo.reference_act(before))}  ({episodes} episodes)")
         overrides = {"seed": seed, "progress": not no_progress, "eval_episodes": episodes,

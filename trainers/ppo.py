@@ -601,12 +601,7 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
         from bitrl_compile.frontends import load_policy
 
         loaded = init_loaded if init_loaded is not None else load_policy(args.init_policy)
-        if not isinstance(loaded.module, MLPPolicy) or loaded.input["shape"] != [obs_dim]:
-            raise ValueError(f"{args.init_policy}: finetune needs an MLP policy for {args.env_id}'s {obs_dim}-value "
-                             f"observations (got {loaded.description}, input {loaded.input['shape']})")
-        if loaded.output["kind"] != output_spec(action_space)["kind"]:
-            raise ValueError(f"{args.init_policy}: {loaded.output['kind']} actions, but {args.env_id} has "
-                             f"{type(action_space).__name__} actions; give the environment it was trained on")
+        check_policy_fits(loaded, args.env_id, args.init_policy)
         init_actor, init_log_std = loaded.module.train(), loaded.output.get("log_std")
         for p in init_actor.parameters():
             p.requires_grad_(True)
@@ -775,6 +770,20 @@ def _progress(args: Args, log):
                             item_show_func=lambda s: s)
     bar.__enter__()
     return bar
+
+
+def check_policy_fits(loaded, env_id: str, name: str = "policy") -> None:
+    """Raise ValueError unless `loaded` is an MLP policy for env_id's observation and action spaces."""
+    env = gym.make(env_id)
+    obs_dim, action_space = int(np.prod(env.observation_space.shape)), env.action_space
+    env.close()
+    if not isinstance(loaded.module, MLPPolicy) or loaded.input["shape"] != [obs_dim]:
+        raise ValueError(f"{name}: finetune needs an MLP policy for {env_id}'s {obs_dim}-value observations "
+                         f"(got {loaded.description}, input {loaded.input['shape']}); give the env it was trained on")
+    want = output_spec(action_space)
+    if loaded.output["kind"] != want["kind"] or loaded.output.get("n") != want.get("n"):
+        raise ValueError(f"{name}: its actions ({loaded.output['kind']}, {loaded.output.get('n', '')}) do not match "
+                         f"{env_id}'s {action_space}; give the environment it was trained on")
 
 
 def finetune_args(env_id: str, init_policy: str, **overrides) -> Args:
