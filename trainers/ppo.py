@@ -19,7 +19,10 @@ stores features and the update never runs the backbone again):
                       --features`): the forward runs in the TVM runtime (`policy.features(obs)`, numpy, no torch),
                       natively or, for a rasp4 artifact, in an aarch64 Python under qemu. The heads train in torch.
 Heads are MLPs whose Linear layers are fp32 (bits 32), int8 weights and activations (8) or ternary BitLinear (1.58),
-quantized with the straight-through estimator from `bitrl_compile.quant`.
+quantized with the straight-through estimator from `bitrl_compile.quant`. The compiler emits ternary layers only:
+ternary heads compile to exactly what was trained, fp32 and int8 heads get ternarized (post-training) by it.
+To plug in another backbone (e.g. a BitNet model): `TorchBackbone(module, dim, stats)` for any frozen module that
+maps [B, *obs] float32 to [B, dim], or any object with `dim` and `__call__(obs, update=False) -> features`.
 
 Where a pretrained backbone comes from here: the torso of a trained policy, e.g. of a QAT run of this trainer
 (its torso is ternary by training). `finetune` is QAT of an existing policy: its actor becomes the ternary heads
@@ -28,7 +31,8 @@ Where a pretrained backbone comes from here: the torso of a trained policy, e.g.
 Vector environments use gymnasium's SAME_STEP autoreset (set explicitly): the observation returned with a done is
 already the next episode's first; the last one is `info["final_obs"]`, whose value bootstraps truncated episodes.
 Outputs in `--out`: progress.csv (step,name,value; no wall-clock values, so equal seeds give equal files),
-TensorBoard events when `tensorboard` is installed, checkpoint.safetensors, policy.safetensors (compile it with
+TensorBoard events when `tensorboard` is installed, checkpoint.safetensors (agent, Adam state, observation
+statistics; `load_checkpoint` restores them, there is no resume of a run yet), policy.safetensors (compile it with
 `bitrl-compile`), learning_curve.png.
 """
 
@@ -199,17 +203,17 @@ class ObsNormalizer:
     """No backbone: features = the observations, normalised with running statistics (or frozen given ones)."""
 
     def __init__(self, obs_dim: int, enabled: bool = True, clip: float = 10.0, frozen: dict | None = None):
-        self.dim, self.enabled, self.clip = obs_dim, enabled or frozen is not None, clip
+        self.dim, self.enabled, self.clip, self.eps = obs_dim, enabled or frozen is not None, clip, 1e-8
         self.rms = RunningMeanStd((obs_dim,))
         self.frozen = frozen is not None
         if frozen is not None:
             self.rms.mean, self.rms.var = np.asarray(frozen["mean"], np.float64), np.asarray(frozen["var"], np.float64)
-            self.clip = frozen.get("clip")
+            self.clip, self.eps = frozen.get("clip"), float(frozen.get("eps", 1e-8))
 
     def stats(self) -> dict | None:
         if not self.enabled:
             return None
-        return {"mean": self.rms.mean.tolist(), "var": self.rms.var.tolist(), "eps": 1e-8, "clip": self.clip}
+        return {"mean": self.rms.mean.tolist(), "var": self.rms.var.tolist(), "eps": self.eps, "clip": self.clip}
 
     def __call__(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
         if update and self.enabled and not self.frozen:
@@ -264,8 +268,13 @@ def torso_module(policy: MLPPolicy, bits: float = 1.58) -> tuple[nn.Sequential, 
 
 
 def load_backbone(path):
-    """A compiled "features" artifact (runtime; aarch64 ones under qemu) or a policy file's ternary torso."""
+    """A compiled "features" artifact (runtime; aarch64 ones under qemu), a BitNet backbone checkpoint folder
+    (`bitrl_compile.bitnet`, ternary forward in torch) or a policy file's ternary torso."""
     path = str(path)
+    if Path(path).is_dir():
+        from bitrl_compile import bitnet
+
+        return bitnet.FrozenBitNet(bitnet.load_backbone(path), f"BitNet backbone {path}")
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(b"PK") and path.endswith(".bitrl"):
