@@ -201,8 +201,9 @@ def run_cmd(artifact, env_id, episodes, seed, stochastic, debug):
 @main.command("train")
 @click.option("--env", "env_id", required=True, help="gymnasium environment id, e.g. CartPole-v1")
 @click.option("--steps", type=click.IntRange(min=1), help="environment steps [default: the env's preset]")
-@click.option("--backbone", type=click.Path(dir_okay=False),
-              help="frozen backbone: a policy file (its ternary torso, in torch) or a features .bitrl (runtime)")
+@click.option("--backbone", type=click.Path(),
+              help="frozen backbone: a policy file (its ternary torso, in torch), a BitNet backbone folder (torch) "
+              "or a features .bitrl (runtime)")
 @click.option("--heads-bits", type=click.Choice(["32", "8", "1.58"]), default="32", show_default=True,
               help="head weights: fp32, int8, or ternary (straight-through QAT)")
 @click.option("--hidden", help="head widths, comma-separated [default: 64,64; 64 with a backbone]")
@@ -219,8 +220,9 @@ def train_cmd(env_id, steps, backbone, heads_bits, hidden, seed, out, num_envs, 
 
         from bitrl_compile.trainers import ppo
 
-        if backbone and not Path(backbone).is_file():
-            raise FileNotFoundError(f"{backbone}: no such backbone file; give a policy file or a features .bitrl")
+        if backbone and not Path(backbone).exists():
+            raise FileNotFoundError(f"{backbone}: no such backbone; give a policy file, a BitNet backbone folder "
+                                    "or a features .bitrl")
         overrides = {"seed": seed, "heads_bits": float(heads_bits), "backbone": backbone,
                      "eval_episodes": eval_episodes, "progress": not no_progress,
                      "out": out or f"runs/{env_id}-seed{seed}"}

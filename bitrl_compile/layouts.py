@@ -64,6 +64,32 @@ def unpack_base3(packed: np.ndarray, k: int) -> np.ndarray:
     return codes[:, :k].astype(np.int8) - 1
 
 
+def pack_hf_bitnet(w_t: np.ndarray) -> np.ndarray:
+    """[N, K] trits -> [ceil(N/4), K] uint8: the storage of Hugging Face's packed BitNet checkpoints
+    (`microsoft/bitnet-b1.58-2B-4T`), 4 trits per byte along the *output* dimension, in blocks of R = ceil(N/4)
+    rows (rows past N are code 0). A checkpoint format, read once at load; no kernel consumes it.
+
+        byte [r, k]:   bit  7 6      | 5 4      | 3 2     | 1 0
+                            c[3R+r,k] | c[2R+r,k] | c[R+r,k] | c[r,k]
+    """
+    w_t = _check_trits(w_t)
+    n, k = w_t.shape
+    r = -(-n // 4)
+    codes = np.zeros((4 * r, k), np.uint8)
+    codes[:n] = w_t + 1
+    c = codes.reshape(4, r, k)
+    return (c[0] | (c[1] << 2) | (c[2] << 4) | (c[3] << 6)).astype(np.uint8)
+
+
+def unpack_hf_bitnet(packed: np.ndarray, n: int) -> np.ndarray:
+    """[ceil(N/4), K] uint8 -> [N, K] int8 trits (inverse of `pack_hf_bitnet`; code 3 is invalid)."""
+    packed = np.asarray(packed, np.uint8)
+    codes = np.concatenate([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=0)[:n]
+    if codes.size and codes.max() > 2:
+        raise ValueError("2-bit code 3 in packed BitNet weights: corrupt or not ternary")
+    return codes.astype(np.int8) - 1
+
+
 LAYOUTS = {"2bit": (pack_2bit, unpack_2bit), "base3": (pack_base3, unpack_base3)}
 
 

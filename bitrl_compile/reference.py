@@ -68,7 +68,27 @@ _ELEMENTWISE = {
     "relax.tanh": np.tanh, "relax.exp": np.exp, "relax.log": np.log, "relax.sqrt": np.sqrt,
     "relax.negative": np.negative, "relax.abs": np.abs,
     "relax.sigmoid": lambda x: (1 / (1 + np.exp(-x))).astype(x.dtype),
+    "relax.rsqrt": lambda x: (1 / np.sqrt(x)).astype(x.dtype),
+    "relax.sin": np.sin, "relax.cos": np.cos,
 }
+_COMPARE = {
+    "relax.greater": np.greater, "relax.greater_equal": np.greater_equal, "relax.less": np.less,
+    "relax.less_equal": np.less_equal, "relax.equal": np.equal, "relax.not_equal": np.not_equal,
+}
+
+
+def _int_list(arg) -> list[int]:
+    """A ShapeExpr, tuple of PrimValues or tuple of ints (strided_slice's axes/begin/end) as python ints."""
+    values = arg.values if isinstance(arg, relax.ShapeExpr) else arg
+    return [int(v.value) if hasattr(v, "value") else int(v) for v in values]
+
+
+def _strided_slice(x, axes, begin, end, strides=None):
+    index = [slice(None)] * x.ndim
+    strides = _int_list(strides) if strides is not None else [1] * len(_int_list(axes))
+    for axis, b, e, s in zip(_int_list(axes), _int_list(begin), _int_list(end), strides):
+        index[axis] = slice(b, e, s)
+    return x[tuple(index)]
 
 
 def _eval_call(call, args, sizes):
@@ -83,7 +103,19 @@ def _eval_call(call, args, sizes):
     if name in _ELEMENTWISE:
         out = _ELEMENTWISE[name](*args)
         return np.asarray(out, dtype=np.result_type(*[np.asarray(a).dtype for a in args]))
+    if name in _COMPARE:
+        return _COMPARE[name](*args)
     x = args[0] if args else None
+    if name == "relax.where":
+        return np.where(*args).astype(np.result_type(args[1], args[2]))
+    if name == "relax.strided_slice":
+        return _strided_slice(*args)
+    if name == "relax.take":
+        return np.take(x, np.asarray(args[1]).astype(np.int64), axis=_axis(call))
+    if name == "relax.full":
+        return np.full(_int_list(x), args[1], dtype=str(_attr(call, "dtype")))
+    if name == "relax.arange":
+        return np.arange(*[int(a) for a in args], dtype=str(_attr(call, "dtype")))
     if name == "relax.matmul":
         return np.matmul(args[0], args[1]).astype(np.float32)
     if name == "relax.permute_dims":
