@@ -4,6 +4,7 @@
     to_relax                     torch.export -> from_exported_program  |  relax.frontend.onnx
     quantize_module              ternarize -> fuse_bitlinear -> pack_weights      (runnable IR)
     lower_module                 legalize_bitlinear (TensorIR kernels) -> lift_params
+    store_weights                kernel-layout weights -> base-3 (runtime/weights.py unpacks at load)
     tvm.compile + export_library (the target's cross compiler), write_artifact (atomic)
 """
 
@@ -43,8 +44,9 @@ class CompiledPolicy:
 
 def to_relax(loaded):
     """A LoadedPolicy as a float32 Relax IRModule whose `main` takes a [batch, *obs_shape] input."""
-    obs_shape = tuple(loaded.input["shape"]) if loaded.input.get("preprocess") != "onehot" \
-        else (int(loaded.input["n"]),)
+    kind = loaded.input.get("preprocess")
+    obs_shape = (int(loaded.input["n"]),) if kind == "onehot" else \
+        (int(loaded.input["text"]["length"]),) if kind == "text" else tuple(loaded.input["shape"])
     if loaded.onnx_model is not None:
         from tvm.relax.frontend.onnx import from_onnx
 
@@ -118,6 +120,15 @@ def lower_module(mod, tvm_target):
     from bitrl_compile.passes.lift_params import lift_params
 
     return lift_params(legalize_bitlinear(tvm_target)(mod))
+
+
+def store_weights(lowered, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Kernel-layout weights -> base-3 storage. Returns (the params to store, manifest["weights"])."""
+    from bitrl_compile.passes.legalize_bitlinear import weight_params
+    from bitrl_compile.runtime import weights
+
+    specs = weight_params(lowered)
+    return {name: weights.to_storage(v, specs[name]) if name in specs else v for name, v in params.items()}, specs
 
 
 def bitlinear_layers(mod) -> list[dict]:
@@ -200,6 +211,10 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
                           "ternarization; it will output its bias alone. Check the model.", stacklevel=2)
     tvm_target = targets.tvm_target(target)
     lowered, params = lower_module(quantized, tvm_target)
+    params, weight_layouts = store_weights(lowered, params)
+    for layer in layers:  # stored base-3 in the artifact, unpacked at load into the kernel's tiles
+        layer.update(layout="base3", compute_layout=targets.kernel_spec(tvm_target).layout,
+                     weight_bits_per_param=layouts.bits_per_weight("base3"))
     timings["passes"] = time.perf_counter() - t0
     log(f"ternarized {len(layers)} linear layers; lowering for {target.name} ({target.device})")
 
@@ -220,6 +235,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     timings["build"] = time.perf_counter() - t0
 
     manifest = build_manifest(loaded, target, tvm_target, layers, params)
+    manifest["weights"] = weight_layouts
     members = {art.LIB: lib_bytes, art.PARAMS: safetensors_np.dumps(params)}
     if bundle_runtime:
         members[art.RUNTIME] = runtime_library(target)

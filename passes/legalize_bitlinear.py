@@ -1,9 +1,11 @@
 """legalize_bitlinear: every BitLinear op becomes a call_tir to a TensorIR kernel for the target.
 
 Pipeline position: last of ours, after `pack_weights` and before TVM's own build pipeline
-(LegalizeOps etc. lower the remaining float ops). Expects 2-bit packed constant weights. One
-kernel per distinct (K, N, activation, scale kind), shared by layers of the same shape; the kernel
-gets the target's default schedule (`targets.kernels.schedule_default`).
+(LegalizeOps etc. lower the remaining float ops). Expects 2-bit packed constant weights, and repacks
+them into the compute layout of the target's kernel (`targets.kernel_spec`: 2-bit tiles, see
+runtime/weights.py). One kernel per distinct (K, N, activation, scale kind), shared by layers of the
+same shape; the kernel gets the default schedule of its ISA (`targets.kernels.schedule_default`).
+`weight_params` then tells the artifact writer which parameters are weights in which layout.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from bitrl_compile.targets import kernels
+from bitrl_compile import layouts
+from bitrl_compile.runtime import weights
+from bitrl_compile.targets import kernel_spec, kernels
 
 from . import bitlinear_op
 
@@ -22,6 +26,7 @@ class _Legalizer(PyExprMutator):
     def __init__(self, mod, target):
         super().__init__(mod)
         self.target = target
+        self.spec = kernel_spec(target)
         self.kernels: dict[str, relax.GlobalVar] = {}
 
     def visit_call_(self, call):
@@ -32,22 +37,25 @@ class _Legalizer(PyExprMutator):
         if op.layout != "2bit":
             raise ValueError(f"legalize_bitlinear expects 2-bit packed weights, got layout {op.layout!r}; "
                              "run pack_weights first")
+        packed = bitlinear_op.constant_value(op.w)
+        if packed is None:
+            raise ValueError("legalize_bitlinear needs constant weights (to repack them for the kernel)")
         n = int(op.w.ty.shape[0])
         per_channel = int(op.gamma.ty.shape[0]) > 1
         name = kernels.kernel_name(op.k, n, op.activation, per_channel)
         if name not in self.kernels:
-            func = kernels.bitlinear_primfunc(op.k, n, op.activation, per_channel)
-            func = kernels.schedule_default(func, self.target).with_attr("global_symbol", name)
-            self.kernels[name] = self.builder_.add_func(func, name)
+            func = kernels.bitlinear_kernel(op.k, n, op.activation, per_channel, spec=self.spec)
+            self.kernels[name] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+        w = relax.const(weights.pack_tiles(layouts.unpack_2bit(packed, op.k), self.spec.layout))
         if op.x.ty.ndim == 2:
-            return relax.call_tir(self.kernels[name], [op.x, op.w, op.gamma, op.bias], call.ty)
+            return relax.call_tir(self.kernels[name], [op.x, w, op.gamma, op.bias], call.ty)
         # [..., K] inputs (token sequences): the kernel sees [rows, K]; every row is quantized on its own.
         lead = list(op.x.ty.shape)[:-1]
         rows = lead[0]
         for d in lead[1:]:
             rows = rows * d
         flat = self.builder_.emit(relax.op.reshape(op.x, (rows, op.k)))
-        out = self.builder_.emit(relax.call_tir(self.kernels[name], [flat, op.w, op.gamma, op.bias],
+        out = self.builder_.emit(relax.call_tir(self.kernels[name], [flat, w, op.gamma, op.bias],
                                                 relax.TensorType((rows, n), "float32")))
         return relax.op.reshape(out, call.ty.shape)
 
@@ -64,3 +72,29 @@ def legalize_bitlinear(target=None):
         return legalizer.builder_.get()
 
     return _pass
+
+
+def weight_params(mod, func_name: str = "main") -> dict[str, dict]:
+    """{parameter name: its layout} for every kernel weight that `lift_params` made a parameter.
+
+    The layout is the manifest's: {"storage": "base3", "compute": "tiles8x4", "shape": [N, K]}; the
+    artifact stores base-3 and the runtime unpacks it into the compute layout at load.
+    """
+    func = mod[func_name]
+    found: dict[str, dict] = {}
+
+    def visit(expr):
+        if not (isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            return
+        kernel = mod[expr.args[0]]
+        attrs = kernel.attrs if kernel.attrs is not None else {}
+        w = expr.args[1].fields[1]
+        if "bitrl.weight_layout" not in attrs or not isinstance(w, relax.Var):
+            return
+        for param in func.params:
+            if param.same_as(w):
+                found[param.name] = {"storage": "base3", "compute": str(attrs["bitrl.weight_layout"]),
+                                          "shape": [int(attrs["bitrl.n"]), int(attrs["bitrl.k"])]}
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return found

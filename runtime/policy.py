@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import safetensors_np
+from . import safetensors_np, weights
 from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, read_artifact
 from .tvm_runtime import aligned, load_vm, to_device
 
@@ -110,6 +110,10 @@ class Policy:
             raise ValueError("observation batch is empty (batch size 0)")
         if not np.all(np.isfinite(x)):
             raise ValueError("observation contains NaN or Inf")
+        if kind == "text":  # a text state encoder: the state written as text, one token per byte (runtime/text.py)
+            from .text import serialize
+
+            x = serialize(x, int(self.input_spec["text"]["decimals"])).astype(np.float32)
         if self._norm is not None:
             mean, var, eps, clip = self._norm
             x = (x - mean) / np.sqrt(var + eps)
@@ -191,4 +195,8 @@ def load(path: str | os.PathLike) -> Policy:
     missing = [n for n in art.manifest["params"] if n not in params]
     if missing:
         raise ArtifactError(f"{path}: parameters {missing} are missing from {PARAMS}; recompile the artifact")
+    try:
+        params = weights.unpack_params(params, art.manifest.get("weights", {}))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}: {e}; recompile the artifact") from None
     return Policy(art.manifest, art.members[LIB], params, path, art.members.get(RUNTIME))

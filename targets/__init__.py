@@ -3,6 +3,9 @@
 `rasp4` is built on TVM's own `arm/rasp4b64` tag (Cortex-A72, ARMv8.0-A + NEON, keys arm_cpu/cpu):
 no dotprod, no fp16, no LSE atomics — such instructions SIGILL on a real Pi 4, and the tests run
 every rasp4 library under `qemu-aarch64 -cpu cortex-a72` and disassemble it to make sure.
+
+`KERNELS` is the data that picks a BitLinear kernel for a TVM target: the first entry whose LLVM
+features the target has. Its tile shape is also the weights' compute layout (runtime/weights.py).
 """
 
 from __future__ import annotations
@@ -54,6 +57,53 @@ TARGETS: dict[str, Target] = {
         "x86-avx512", "AVX-512 VNNI servers (Ice Lake server, Zen 4)", {"kind": "llvm", "mcpu": "icelake-server"},
         "x86_64", None, cpu_features=("avx512f", "avx512_vnni")),
 }
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """How targets/kernels.py builds the BitLinear kernel for one instruction set.
+
+    The weights are read as 2-bit tiles of tile_n output channels x 4 * tile_k inputs (layout
+    `tiles{tile_n}x{tile_k}`, runtime/weights.py); one tile row of codes times tile_k activations is
+    one dot-product instruction per lane group. `rows` batch rows share each decoded tile (GEMM).
+    """
+
+    isa: str                   # the tensor intrinsic in targets/intrinsics.py ("generic": none)
+    features: tuple[str, ...]  # LLVM target features it needs (tvm.target.codegen.target_has_features)
+    tile_n: int                # output channels per tile: the int32 lanes of one accumulator
+    tile_k: int                # inputs per lane and per 2-bit plane: the width of one dot product
+    rows: int                  # batch rows per register block in the GEMM loop
+    vector: int                # float32 lanes for the activation-quantization and epilogue loops
+
+    @property
+    def layout(self) -> str:
+        return f"tiles{self.tile_n}x{self.tile_k}"
+
+
+KERNELS: tuple[KernelSpec, ...] = (  # in order of preference
+    KernelSpec("avx512-vnni", ("avx512vnni", "avx512bw"), tile_n=16, tile_k=4, rows=4, vector=16),  # vpdpbusd
+    KernelSpec("avx2", ("avx2",), tile_n=8, tile_k=4, rows=4, vector=8),             # vpmaddubsw + vpmaddwd
+    KernelSpec("neon-dotprod", ("neon", "dotprod"), tile_n=4, tile_k=4, rows=4, vector=4),  # sdot (A76)
+    KernelSpec("neon", ("neon",), tile_n=8, tile_k=2, rows=4, vector=4),             # smull/smlal + sadalp (A72)
+    KernelSpec("generic", (), tile_n=8, tile_k=4, rows=1, vector=4),                 # plain TIR, LLVM's choice
+)
+
+
+def kernel_spec(tvm_target=None, isa: str | None = None) -> KernelSpec:
+    """The kernel for a tvm.target.Target (None: the generic kernel), or the one named `isa`."""
+    if isa is not None:
+        for spec in KERNELS:
+            if spec.isa == isa:
+                return spec
+        raise ValueError(f"unknown kernel ISA {isa!r}; known: {', '.join(s.isa for s in KERNELS)}")
+    if tvm_target is None or str(tvm_target.kind.name) != "llvm":
+        return KERNELS[-1]
+    from tvm.target.codegen import target_has_features
+
+    for spec in KERNELS:
+        if all(target_has_features(f, tvm_target) for f in spec.features):
+            return spec
+    return KERNELS[-1]
 
 
 def known_targets() -> list[str]:

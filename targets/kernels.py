@@ -1,11 +1,27 @@
-"""TensorIR BitLinear kernels: the math of `bitrl_compile.quant`, over the 2-bit layout of
-`bitrl_compile.layouts`, with a default schedule per target.
+"""TensorIR BitLinear kernels: the math of `bitrl_compile.quant` on 2-bit weight tiles, per ISA.
 
-One PrimFunc per (K, N, activation, scale kind), symbolic in the batch:
-    x[B, K] f32, w[N, ceil(K/4)] u8, gamma[G] f32, bias[N] f32  ->  y[B, N] f32
-Stages: amax -> s -> x_q (int8) -> acc (int32, exact) -> y = act(fma(f32(acc), gamma/s, bias)).
-The fma is explicit (`tirx.fma`, one rounding) so the result does not depend on whether LLVM
-contracts a multiply and an add; `quant.fma_f32` is its bit-exact numpy twin.
+One PrimFunc per (K, N, activation, scale kind) and kernel spec (targets.KERNELS), symbolic in the batch:
+
+    x[B, K] f32, w[NT, KB, NL, KG] u8 (layout tiles{NL}x{KG}, runtime/weights.py), gamma[G] f32,
+    bias[N] f32  ->  y[B, N] f32
+
+Stages, each computed once per row or per output:
+    amax[b]   = max_k |x[b, k]|                       per row (vectorised: rfactor over lanes)
+    scale[b]  = 127 / max(amax[b], eps)               per row
+    x_q[b, k] = int8(clip(round(x * scale), -128, 127)), zero-padded to KB * 4 KG inputs
+    xsum[b]   = sum_k x_q[b, k]                       per row (int32)
+    acc[b, n] = sum_k (w[n, k] + 1) * x_q[b, k]       int32, exact: the tensor intrinsics of
+                                                      targets/intrinsics.py, one per ISA
+    y[b, n]   = act(fma(f32(acc - xsum), gamma / scale, bias))   dot(w+1, a) - sum(a) = dot(w, a)
+
+The rescale is an explicit fma (`tirx.fma`, one rounding), so the result does not depend on whether
+LLVM contracts a multiply and an add; `quant.fma_f32` is its bit-exact numpy twin. Per-tensor gamma /
+scale is computed once per row; per-channel gamma[n] / scale[b] once per output (a float32 division,
+as in the reference).
+
+Rows are computed in register blocks of `spec.rows` (each decoded weight tile is reused for all of
+them: the GEMM part) and the remaining batch % rows rows one at a time (the GEMV part: batch 1 is a
+policy step). Output tiles are split across threads when a layer is large enough to pay for it.
 """
 
 from __future__ import annotations
@@ -15,46 +31,77 @@ from tvm import te
 from tvm import tirx as T
 
 from bitrl_compile.quant import EPS, QMAX
+from bitrl_compile.runtime.weights import tiles_packed_shape
+
+from . import KernelSpec, intrinsics, kernel_spec
 
 ACTIVATIONS = ("none", "relu", "tanh", "sigmoid")
+PARALLEL_MIN_WORK = 1 << 16  # multiply-adds per batch row below which waking threads costs more than it saves
 
 
 def kernel_name(k: int, n: int, activation: str, per_channel: bool) -> str:
     return f"bitrl_bitlinear_k{k}_n{n}_{activation}{'_pc' if per_channel else ''}"
 
 
-def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bool = False):
-    """The unscheduled BitLinear PrimFunc for a K -> N layer (2-bit packed weights)."""
+def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bool = False,
+                       spec: KernelSpec | None = None):
+    """The unscheduled BitLinear PrimFunc for a K -> N layer, weights in spec.layout."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not fusable; expected one of {ACTIVATIONS}")
+    spec = spec or kernel_spec(None)
+    nt, kb, nl, kg = tiles_packed_shape(n, k, spec.layout)
+    kp = kb * 4 * kg
     batch = T.Var("batch", "int64")
-    kp = (k + 3) // 4
     x = te.placeholder((batch, k), "float32", name="x")
-    w = te.placeholder((n, kp), "uint8", name="w")
+    w = te.placeholder((nt, kb, nl, kg), "uint8", name="w")
     gamma = te.placeholder((n if per_channel else 1,), "float32", name="gamma")
     bias = te.placeholder((n,), "float32", name="bias")
 
-    r = te.reduce_axis((0, k), name="r")
-    amax = te.compute((batch,), lambda b: te.max(te.abs(x[b, r]), axis=r), name="amax")
+    lanes = spec.vector if k % spec.vector == 0 and k > spec.vector else 1
+    r = te.reduce_axis((0, k // lanes), name="r")  # per row: `lanes` partial maxima, then their max
+    amax_lanes = te.compute((batch, lanes), lambda b, v: te.max(te.abs(x[b, r * lanes + v]), axis=r),
+                            name="amax_lanes")
+    rv = te.reduce_axis((0, lanes), name="rv")
+    amax = te.compute((batch,), lambda b: te.max(amax_lanes[b, rv], axis=rv), name="amax")
     scale = te.compute((batch,), lambda b: T.const(float(QMAX), "float32") /
                        T.max(amax[b], T.const(float(EPS), "float32")), name="scale")
-    x_q = te.compute(
-        (batch, k),
-        lambda b, i: T.Cast("int8", T.max(T.min(T.round(x[b, i] * scale[b]), T.const(127.0, "float32")),
-                                          T.const(-128.0, "float32"))),
-        name="x_q")
 
-    def trit(j, i):
-        code = (w[j, i // 4] >> T.Cast("uint8", (i % 4) * 2)) & T.const(3, "uint8")
-        return T.Cast("int32", code) - 1
+    def quantize(b, i, q, j):
+        idx = i * (4 * kg) + q * kg + j
+        value = x[b, T.min(idx, k - 1)] if kp != k else x[b, idx]  # the clamp keeps padded lanes in bounds
+        v = T.Cast("int8", T.max(T.min(T.round(value * scale[b]), T.const(127.0, "float32")),
+                                 T.const(-128.0, "float32")))
+        return T.if_then_else(idx < k, v, T.const(0, "int8")) if kp != k else v
 
-    rk = te.reduce_axis((0, k), name="rk")
-    acc = te.compute((batch, n), lambda b, j: te.sum(T.Cast("int32", x_q[b, rk]) * trit(j, rk), axis=rk),
-                     name="acc")
+    x_q = te.compute((batch, kb, 4, kg), quantize, name="x_q")
+    ri = te.reduce_axis((0, kb), name="ri")  # per row: 4 KG partial sums, then their sum
+    xsum_lanes = te.compute((batch, 4 * kg), lambda b, v: te.sum(T.Cast("int32", x_q[b, ri, v // kg, v % kg]),
+                                                                 axis=ri), name="xsum_lanes")
+    rv = te.reduce_axis((0, 4 * kg), name="rv")
+    xsum = te.compute((batch,), lambda b: te.sum(xsum_lanes[b, rv], axis=rv), name="xsum")
+
+    def dot(row, jo, i):
+        ri, rp, rj = te.reduce_axis((0, kb), "rkb"), te.reduce_axis((0, 4), "rq"), te.reduce_axis((0, kg), "rk")
+        code = (w[jo, ri, i, rj] >> T.Cast("uint8", rp * 2)) & T.const(3, "uint8")
+        return te.sum(T.Cast("int32", code) * T.Cast("int32", x_q[row, ri, rp, rj]), axis=[ri, rp, rj])
+
+    rows = spec.rows
+    blocked = batch // rows * rows if rows > 1 else T.const(0, "int64")
+    acc_block = None
+    if rows > 1:
+        acc_block = te.compute((batch // rows, rows, nt, nl), lambda t, b, jo, i: dot(t * rows + b, jo, i),
+                               name="acc_block")
+    acc_row = te.compute((batch - blocked, 1, nt, nl), lambda t, b, jo, i: dot(blocked + t + b, jo, i),
+                         name="acc_row")
+    rescale = None if per_channel else te.compute((batch,), lambda b: gamma[0] / scale[b], name="rescale")
 
     def epilogue(b, j):
-        g = gamma[j] if per_channel else gamma[0]
-        y = T.op.fma(T.Cast("float32", acc[b, j]), g / scale[b], bias[j])
+        jo, i = j // nl, j % nl
+        a = acc_row[b - blocked, 0, jo, i]
+        if acc_block is not None:
+            a = T.if_then_else(b < blocked, acc_block[b // rows, b % rows, jo, i], a)
+        c = gamma[j] / scale[b] if per_channel else rescale[b]
+        y = T.op.fma(T.Cast("float32", a - xsum[b]), c, bias[j])
         if activation == "relu":
             return T.max(y, T.const(0.0, "float32"))
         if activation == "tanh":
@@ -65,23 +112,56 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
 
     y = te.compute((batch, n), epilogue, name="y")
     func = te.create_prim_func([x, w, gamma, bias, y])
-    return func.with_attr("global_symbol", kernel_name(k, n, activation, per_channel))
+    return func.with_attrs({"global_symbol": kernel_name(k, n, activation, per_channel),
+                            "bitrl.isa": spec.isa, "bitrl.weight_layout": spec.layout, "bitrl.n": n, "bitrl.k": k})
 
 
-PARALLEL_MIN_WORK = 1 << 16  # multiply-adds per batch row below which waking threads costs more than it saves
+def _vectorize_lanes(sch, block: str) -> None:
+    """A [batch, lanes] reduction block: make the lanes the inner loop, one vector op per step."""
+    blk = sch.get_sblock(block)
+    _, lane, red = sch.get_loops(blk)
+    sch.reorder(red, lane)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(blk, red)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
-def schedule_default(func, target=None):
-    """A correct default schedule (tuned schedules come from the tuning database).
-
-    Output rows are split across threads when a layer is large enough to pay for the thread pool's
-    wake-up (tens of microseconds); small policy layers run on the calling thread.
-    """
+def schedule_default(func, spec: KernelSpec | None = None):
+    """The hand-written default schedule for the spec's ISA (tuned schedules come from a database)."""
+    spec = spec or kernel_spec(isa=str(func.attrs["bitrl.isa"]))
     sch = tvm.s_tir.Schedule(func)
-    x, w = func.params[0], func.params[1]
-    work = int(x.shape[1]) * int(w.shape[0])
-    if work >= PARALLEL_MIN_WORK:
-        for block in ("acc", "y"):
-            loops = sch.get_loops(sch.get_sblock(block))
-            sch.parallel(sch.fuse(loops[0], loops[1]))
+    k, n = int(func.attrs["bitrl.k"]), int(func.attrs["bitrl.n"])
+    vl = spec.vector
+
+    if int(sch.get(sch.get_loops(sch.get_sblock("amax_lanes"))[1]).extent) > 1:
+        _vectorize_lanes(sch, "amax_lanes")
+    _vectorize_lanes(sch, "xsum_lanes")
+    _, i, q, j = sch.get_loops(sch.get_sblock("x_q"))
+    lanes = sch.fuse(i, q, j)
+    if int(sch.get(lanes).extent) % vl == 0:
+        sch.vectorize(sch.split(lanes, [None, vl])[1])
+
+    parallel = k * n >= PARALLEL_MIN_WORK
+    for block, rows in (("acc_block", spec.rows), ("acc_row", 1)):
+        if rows == 1 and block == "acc_block":
+            continue
+        blk = sch.get_sblock(block)
+        t, r, jo, ji, kb, q, kk = sch.get_loops(blk)
+        sch.reorder(jo, t, kb, r, ji, q, kk)
+        if parallel:
+            sch.parallel(jo)
+        sch.decompose_reduction(blk, kb)
+        if spec.isa != "generic":
+            sch.tensorize(r if rows > 1 else ji, intrinsics.intrinsic(spec.isa, spec.tile_n, spec.tile_k, rows))
+
+    _, j = sch.get_loops(sch.get_sblock("y"))
+    if n % vl == 0:
+        sch.vectorize(sch.split(j, [None, vl])[1])
     return sch.mod["main"]
+
+
+def bitlinear_kernel(k: int, n: int, activation: str = "none", per_channel: bool = False, target=None,
+                     spec: KernelSpec | None = None):
+    """The scheduled kernel for a tvm.target.Target (or an explicit spec)."""
+    spec = spec or kernel_spec(target)
+    return schedule_default(bitlinear_primfunc(k, n, activation, per_channel, spec), spec)

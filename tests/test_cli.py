@@ -24,7 +24,7 @@ def rasp4_artifact(sb3_ppo_cartpole, tmp_path_factory):
 def test_inspect_shows_layers_bits_and_members(rasp4_artifact):
     r = cli("inspect", rasp4_artifact)
     assert r.returncode == 0, r.stderr
-    for text in ("4 ->", "64 -> 64", "2bit", "lib.so", "params.safetensors", "sb3-ppo", "bits per weight"):
+    for text in ("4 ->", "64 -> 64", "base3", "lib.so", "params.safetensors", "sb3-ppo", "bits per weight"):
         assert text in r.stdout
     manifest = json.loads(cli("inspect", "--json", rasp4_artifact).stdout)
     assert manifest["target"]["arch"] == "aarch64" and manifest["output"]["kind"] == "discrete"

@@ -51,8 +51,9 @@ def test_compiled_tanh_policy_is_within_a_stated_tolerance():
 
 def test_integer_path_is_bit_exact_at_the_kernel_level():
     # The kernel with the "none" activation and zero bias and gamma = s exposes float(acc) exactly.
-    from bitrl_compile import layouts
-    from bitrl_compile.targets.kernels import bitlinear_primfunc, schedule_default
+    from bitrl_compile.runtime.weights import pack_tiles
+    from bitrl_compile.targets import kernel_spec
+    from bitrl_compile.targets.kernels import bitlinear_kernel
 
     k, n = 4096, 16
     rng = np.random.default_rng(0)
@@ -61,11 +62,12 @@ def test_integer_path_is_bit_exact_at_the_kernel_level():
     x = np.full((3, k), 1.0, np.float32)
     x[1] = rng.standard_normal(k)
     x[2, ::2] = -1
-    lib = tvm.compile(tvm.IRModule({"main": schedule_default(bitlinear_primfunc(k, n))}), target=HASWELL)
+    lib = tvm.compile(tvm.IRModule({"main": bitlinear_kernel(k, n, target=HASWELL)}), target=HASWELL)
     _, (_, s, acc) = quant.bitlinear_reference(x, w_t, np.ones(1, np.float32), return_int=True)
     gamma = np.ones(1, np.float32)
     out = tvm.runtime.tensor(np.zeros((3, n), np.float32))
-    lib(*[tvm.runtime.tensor(a) for a in (x, layouts.pack_2bit(w_t), gamma, np.zeros(n, np.float32))], out)
+    lib(*[tvm.runtime.tensor(a) for a in (x, pack_tiles(w_t, kernel_spec(HASWELL).layout), gamma, np.zeros(n, np.float32))],
+        out)
     np.testing.assert_array_equal(out.numpy(), quant.fma_f32(acc.astype(np.float32), 1 / s[:, None],
                                                               np.zeros((3, n), np.float32)))
     assert acc[0, 0] == 127 * k

@@ -36,7 +36,9 @@ def test_artifact_holds_manifest_library_and_packed_params(relu_policy):
         [(5, 64, "relu"), (64, 64, "relu"), (64, 3, "none")]
     assert set(manifest["members"]) == {"lib.so", "params.safetensors"}
     packed = [v for v in params.values() if v.dtype == np.uint8]
-    assert [p.shape for p in packed] == [(64, 2), (64, 16), (3, 16)]
+    assert [p.shape for p in packed] == [(64, 1), (64, 13), (3, 13)]  # base-3: 5 trits per byte
+    assert [w["shape"] for w in manifest["weights"].values()] == [[64, 5], [64, 64], [3, 64]]
+    assert {w["storage"] for w in manifest["weights"].values()} == {"base3"}
 
 
 def test_compiled_policy_equals_the_reference_bit_for_bit(relu_policy):

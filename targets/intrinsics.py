@@ -1,0 +1,196 @@
+"""Tensor intrinsics of the BitLinear kernels: one 2-bit weight tile times `rows` activation rows.
+
+Every intrinsic has the same description (what it computes), for a tile of the `tiles{NL}x{KG}`
+layout (runtime/weights.py) and `rows` batch rows:
+
+    C[b, i] += sum over q < 4, j < KG of  int32((W[i, j] >> 2q) & 3) * int32(A[b, q, j])
+
+C: int32 [rows, NL] accumulators (lanes = output channels), W: uint8 [NL, KG] tile bytes,
+A: int8 [rows, 4, KG] activations. The codes (w + 1 in {0, 1, 2}) are unsigned, so
+dot(w + 1, a) = dot(w, a) + sum(a), and the kernel subtracts sum(a) once per row in its epilogue.
+Each implementation decodes the tile once (one vector load, a shift and a mask per plane q) and
+reuses the codes for all rows; each plane is one dot-product instruction per row against KG
+activations broadcast to every lane:
+
+    avx512-vnni  NL=16 KG=4  vpdpbusd (u8 x s8, 4 products per int32 lane, no saturation)
+    avx2         NL=8  KG=4  vpmaddubsw (u8 x s8 pairs -> int16; |pair| <= 2*2*128 = 512, and the sum
+                             of the 4 planes <= 2048: never saturates) then vpmaddwd by 1 -> int32
+    neon-dotprod NL=4  KG=4  sdot (codes 0..2 are valid signed bytes)
+    neon         NL=8  KG=2  smull/smlal: 4 products per int16 lane, |sum| <= 4*2*128 = 1024, so the
+                             int16 partial sums cannot overflow; sadalp widens them into int32 per
+                             tile (no int16 value lives longer than one tile, whatever K is)
+
+The int32 accumulators hold at most 2*128*K_padded in magnitude: exact for K < 8 million.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target.codegen import llvm_version_major
+
+
+def _desc(nl: int, kg: int, rows: int):
+    if rows == 1:  # the tail rows: the batch row is an outer loop, not an iterator of the intrinsic
+        @T.prim_func(s_tir=True)
+        def desc(a: T.handle, w: T.handle, c: T.handle):
+            A = T.match_buffer(a, (1, 1, 4, kg), "int8", offset_factor=1)
+            W = T.match_buffer(w, (1, 1, nl, kg), "uint8", offset_factor=1)
+            C = T.match_buffer(c, (1, 1, nl), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0, 0, 0:nl], W[0, 0, 0:nl, 0:kg], A[0, 0, 0:4, 0:kg])
+                T.writes(C[0, 0, 0:nl])
+                for i, q, j in T.grid(nl, 4, kg):
+                    with T.sblock("update"):
+                        vi, vq, vj = T.axis.remap("SRR", [i, q, j])
+                        C[0, 0, vi] = C[0, 0, vi] + T.Cast(
+                            "int32", (W[0, 0, vi, vj] >> T.Cast("uint8", vq * 2)) & T.uint8(3)
+                        ) * T.Cast("int32", A[0, 0, vq, vj])
+
+        return desc
+
+    @T.prim_func(s_tir=True)
+    def desc_rows(a: T.handle, w: T.handle, c: T.handle):
+        A = T.match_buffer(a, (rows, 1, 4, kg), "int8", offset_factor=1)
+        W = T.match_buffer(w, (1, 1, nl, kg), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, 1, nl), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0, 0:nl], W[0, 0, 0:nl, 0:kg], A[0:rows, 0, 0:4, 0:kg])
+            T.writes(C[0:rows, 0, 0:nl])
+            for b, i, q, j in T.grid(rows, nl, 4, kg):
+                with T.sblock("update"):
+                    vb, vi, vq, vj = T.axis.remap("SSRR", [b, i, q, j])
+                    C[vb, 0, vi] = C[vb, 0, vi] + T.Cast(
+                        "int32", (W[0, 0, vi, vj] >> T.Cast("uint8", vq * 2)) & T.uint8(3)
+                    ) * T.Cast("int32", A[vb, 0, vq, vj])
+
+    return desc_rows
+
+
+def _plane(W, q: int, nbytes: int, dtype: str = "uint8"):
+    """The codes of plane q of a tile, (byte >> 2q) & 3, as `nbytes` lanes of `dtype` (same bits)."""
+    v = W.vload([0, 0, 0, 0], f"uint8x{nbytes}")
+    if q:
+        v = v >> T.broadcast(T.uint8(2 * q), nbytes)
+    if q < 3:
+        v = v & T.broadcast(T.uint8(3), nbytes)
+    return v if dtype == "uint8" else T.reinterpret(f"{dtype}x{nbytes // (1 if dtype.endswith('8') else 4)}", v)
+
+
+def _activations(A, b, q: int, kg: int, nbytes: int):
+    """The KG activations of row b, plane q, repeated to `nbytes` int8 lanes (one vpbroadcastd / dup)."""
+    word = {4: "int32", 2: "int16"}[kg]
+    return T.reinterpret(f"int8x{nbytes}", T.broadcast(T.reinterpret(word, A.vload([b, 0, q, 0], f"int8x{kg}")),
+                                                       nbytes // kg))
+
+
+def _impl_avx2(nl: int, kg: int, rows: int):
+    assert (nl, kg) == (8, 4)
+
+    def madd(A, W, b, q):  # u8 codes x s8 activations, adjacent pairs summed to int16 (never saturates)
+        return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", _plane(W, q, 32),
+                                       _activations(A, b, q, 4, 32))
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, w: T.handle, c: T.handle):
+        A = T.match_buffer(a, (rows, 1, 4, 4), "int8", offset_factor=1)
+        W = T.match_buffer(w, (1, 1, 8, 4), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, 1, 8), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0, 0:8], W[0, 0, 0:8, 0:4], A[0:rows, 0, 0:4, 0:4])
+            T.writes(C[0:rows, 0, 0:8])
+            for b in T.unroll(rows):
+                C[b, 0, T.ramp(0, 1, 8)] = C[b, 0, T.ramp(0, 1, 8)] + T.call_llvm_pure_intrin(
+                    "int32x8", "llvm.x86.avx2.pmadd.wd",
+                    madd(A, W, b, 0) + madd(A, W, b, 1) + madd(A, W, b, 2) + madd(A, W, b, 3),
+                    T.broadcast(T.int16(1), 16))
+
+    return impl
+
+
+def _impl_vnni(nl: int, kg: int, rows: int):
+    assert (nl, kg) == (16, 4)
+
+    bytes_as = "int8" if llvm_version_major() >= 21 else "int32"  # LLVM 21 retyped the operands as i8 vectors
+
+    def dpbusd(acc, A, W, b, q):  # acc + u8 codes . s8 activations, 4 products per int32 lane
+        a = _activations(A, b, q, 4, 64)
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, _plane(W, q, 64, bytes_as),
+                                       a if bytes_as == "int8" else T.reinterpret("int32x16", a))
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, w: T.handle, c: T.handle):
+        A = T.match_buffer(a, (rows, 1, 4, 4), "int8", offset_factor=1)
+        W = T.match_buffer(w, (1, 1, 16, 4), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, 1, 16), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0, 0:16], W[0, 0, 0:16, 0:4], A[0:rows, 0, 0:4, 0:4])
+            T.writes(C[0:rows, 0, 0:16])
+            for b in T.unroll(rows):
+                # A fresh chain per tile: the loop-carried dependency is one add, not four vpdpbusd.
+                C[b, 0, T.ramp(0, 1, 16)] = C[b, 0, T.ramp(0, 1, 16)] + dpbusd(dpbusd(dpbusd(dpbusd(
+                    T.broadcast(T.int32(0), 16), A, W, b, 0), A, W, b, 1), A, W, b, 2), A, W, b, 3)
+
+    return impl
+
+
+def _impl_sdot(nl: int, kg: int, rows: int):
+    assert (nl, kg) == (4, 4)
+
+    def sdot(acc, A, W, b, q):  # acc + s8 codes . s8 activations, 4 products per int32 lane
+        return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc,
+                                       _plane(W, q, 16, "int8"), _activations(A, b, q, 4, 16))
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, w: T.handle, c: T.handle):
+        A = T.match_buffer(a, (rows, 1, 4, 4), "int8", offset_factor=1)
+        W = T.match_buffer(w, (1, 1, 4, 4), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, 1, 4), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0, 0:4], W[0, 0, 0:4, 0:4], A[0:rows, 0, 0:4, 0:4])
+            T.writes(C[0:rows, 0, 0:4])
+            for b in T.unroll(rows):
+                C[b, 0, T.ramp(0, 1, 4)] = C[b, 0, T.ramp(0, 1, 4)] + sdot(sdot(sdot(sdot(
+                    T.broadcast(T.int32(0), 4), A, W, b, 0), A, W, b, 1), A, W, b, 2), A, W, b, 3)
+
+    return impl
+
+
+def _impl_neon(nl: int, kg: int, rows: int):
+    assert (nl, kg) == (8, 2)
+
+    def half_products(A, W, b, half):
+        # int16 lanes = (channel, input pair) of channels 0-3 (low) or 4-7 (high): smull, then smlal /
+        # smull2, smlal2; 4 products per lane, |sum| <= 4 * 2 * 128 = 1024.
+        pick = T.vectorlow if half == 0 else T.vectorhigh
+        total = None
+        for q in range(4):
+            prod = T.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16",
+                                           pick("int8x8", _plane(W, q, 16, "int8")), _activations(A, b, q, 2, 8))
+            total = prod if total is None else total + prod
+        return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", total)  # sadalp
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, w: T.handle, c: T.handle):
+        A = T.match_buffer(a, (rows, 1, 4, 2), "int8", offset_factor=1)
+        W = T.match_buffer(w, (1, 1, 8, 2), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, 1, 8), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0, 0:8], W[0, 0, 0:8, 0:2], A[0:rows, 0, 0:4, 0:2])
+            T.writes(C[0:rows, 0, 0:8])
+            for b in T.unroll(rows):
+                C[b, 0, T.ramp(0, 1, 4)] = C[b, 0, T.ramp(0, 1, 4)] + half_products(A, W, b, 0)
+                C[b, 0, T.ramp(4, 1, 4)] = C[b, 0, T.ramp(4, 1, 4)] + half_products(A, W, b, 1)
+
+    return impl
+
+
+IMPLEMENTATIONS = {"avx2": _impl_avx2, "avx512-vnni": _impl_vnni, "neon-dotprod": _impl_sdot, "neon": _impl_neon}
+
+
+def intrinsic(isa: str, nl: int, kg: int, rows: int) -> str:
+    """The name of the registered tensor intrinsic for one ISA, tile shape and row count."""
+    name = f"bitrl_{isa}_tiles{nl}x{kg}_rows{rows}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, _desc(nl, kg, rows), IMPLEMENTATIONS[isa](nl, kg, rows))
+    return name
