@@ -6,7 +6,8 @@
 For every environment and seed (runs in bench/runs/, one process per job, `--jobs` at a time):
   fp32            PPO from scratch (trainers/ppo.py, the env's preset budget), float32 actor
   ternary PTQ     the same weights, every Linear a BitLinear (ternary weights, int8 activations), no training
-  ternary QAT     `finetune`: PPO continues from the fp32 policy with straight-through ternary layers (half budget)
+  ternary QAT     `finetune`: PPO from the fp32 policy with straight-through ternary layers, a fresh critic and a
+                  KL term to the fp32 policy (a quarter of the budget)
   backbone+heads  the QAT policy's torso frozen as the backbone; new ternary actor/critic heads trained with PPO
                   from scratch on its features (half budget)
   compiled        the QAT and backbone+heads policies compiled for the host; their returns must equal the numpy
@@ -67,7 +68,7 @@ def run_job(env_id: str, seed: int, scale: float, episodes: int, root: str) -> d
     timed("fp32", lambda: ppo.train(ppo.args_for(env_id, total_timesteps=steps, out=str(out / "fp32"), **common),
                                     log=quiet))
     timed("qat", lambda: ppo.train(ppo.finetune_args(env_id, str(out / "fp32" / "policy.safetensors"),
-                                                     total_timesteps=steps // 2, out=str(out / "qat"), **common),
+                                                     total_timesteps=steps // 4, out=str(out / "qat"), **common),
                                    log=quiet))
     timed("heads", lambda: ppo.train(ppo.args_for(env_id, backbone=str(out / "qat" / "policy.safetensors"),
                                                   heads_bits=1.58, total_timesteps=steps // 2,
@@ -123,7 +124,7 @@ def markdown(results: list[dict], envs: list[str], meta: dict) -> str:
             continue
         s = summarize(results, env_id)
         sec = s["seconds"]
-        budget = (f"{s['steps']:,} fp32 PPO steps ({sec['fp32']:.0f} s per seed), {s['steps'] // 2:,} QAT steps "
+        budget = (f"{s['steps']:,} fp32 PPO steps ({sec['fp32']:.0f} s per seed), {s['steps'] // 4:,} QAT steps "
                   f"({sec['qat']:.0f} s), {s['steps'] // 2:,} heads steps ({sec['heads']:.0f} s); random policy "
                   f"{np.mean(s['means']['random']):.1f}.")
         lines += [f"## {env_id}", "", budget, "",

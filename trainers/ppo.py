@@ -39,6 +39,7 @@ statistics; `load_checkpoint` restores them, there is no resume of a run yet), p
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import json
@@ -90,6 +91,7 @@ class Args:
     backbone: str | None = None      # a policy file (its torso, in torch) or a "features" .bitrl (runtime)
     init_policy: str | None = None   # finetune: start the actor from this policy (frozen obs statistics)
     critic_warmup: int = 0           # first iterations train only the critic (finetune: a fresh critic)
+    distill_coef: float = 0.0        # finetune: + coef * KL(initial fp32 policy || ternary policy) on rollout states
     eval_every: int = 10_000         # steps between deterministic evaluations (0: only at the end)
     eval_episodes: int = 10
     eval_seed: int = 10_000          # evaluation episode i is reset with eval_seed + i
@@ -107,7 +109,7 @@ PRESETS: dict[str, dict] = {
                    "learning_rate": 1e-3, "gamma": 0.99, "gae_lambda": 0.94, "total_timesteps": 100_000},
     "LunarLander-v3": {"num_envs": 16, "num_steps": 128, "num_minibatches": 8, "update_epochs": 4,
                        "learning_rate": 5e-4, "gamma": 0.999, "gae_lambda": 0.98, "ent_coef": 0.01,
-                       "total_timesteps": 400_000},
+                       "total_timesteps": 300_000},
     "Pendulum-v1": {"num_envs": 8, "num_steps": 256, "num_minibatches": 16, "update_epochs": 10,
                     "learning_rate": 1e-3, "gamma": 0.9, "gae_lambda": 0.95, "norm_reward": True,
                     "total_timesteps": 100_000},
@@ -393,6 +395,17 @@ class Agent(nn.Module):
         return out.argmax(1).numpy() if self.discrete else out.numpy()
 
 
+def distillation_kl(teacher: nn.Module, agent: Agent, f: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) of the action distributions on features f; for Box actions the means are
+    compared under the student's std, so only the means are pulled together."""
+    student = agent.distribution(f)
+    with torch.no_grad():
+        t_out = teacher(f)
+    if agent.discrete:
+        return torch.distributions.kl_divergence(Categorical(logits=t_out), student).mean()
+    return torch.distributions.kl_divergence(Normal(t_out, student.stddev.detach()), student).sum(1).mean()
+
+
 # ------------------------------------------------------------------------------------------------ GAE
 
 def compute_gae(rewards: np.ndarray, values: np.ndarray, episode_ends: np.ndarray, last_value: np.ndarray,
@@ -601,7 +614,7 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
     output_spec(action_space)  # refuses unsupported action spaces
 
     # ---- backbone (frozen) and heads (trained)
-    init_actor, init_log_std = None, None
+    init_actor, init_log_std, teacher = None, None, None
     if args.backbone and args.init_policy:
         raise ValueError("give either a backbone (train heads on it) or an initial policy (finetune), not both")
     if args.backbone:
@@ -612,6 +625,7 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
         loaded = init_loaded if init_loaded is not None else load_policy(args.init_policy)
         check_policy_fits(loaded, args.env_id, args.init_policy)
         init_actor, init_log_std = loaded.module.train(), loaded.output.get("log_std")
+        teacher = copy.deepcopy(init_actor).eval()  # the fp32 policy, before its layers become ternary
         for p in init_actor.parameters():
             p.requires_grad_(True)
         backbone = ObsNormalizer(obs_dim, enabled=False, frozen=loaded.input.get("normalize"))
@@ -722,6 +736,8 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
                 loss = v_loss * args.vf_coef
                 if train_actor:
                     loss = loss + pg_loss - args.ent_coef * entropy_loss
+                if teacher is not None and args.distill_coef:  # QAT anchored to the fp32 policy's behaviour
+                    loss = loss + args.distill_coef * distillation_kl(teacher, agent, b_feats[mb])
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -796,11 +812,12 @@ def check_policy_fits(loaded, env_id: str, name: str = "policy") -> None:
 
 
 def finetune_args(env_id: str, init_policy: str, **overrides) -> Args:
-    """QAT of an existing policy: ternary heads from its weights, a fresh critic warmed up for 5 iterations, a
-    third of the preset's learning rate, frozen observation statistics."""
+    """QAT of an existing policy: ternary heads from its weights, PPO plus a KL term that keeps the ternary policy
+    acting like the fp32 one, a fresh critic warmed up for 10 iterations, a third of the preset's learning rate,
+    a quarter of its steps, frozen observation statistics."""
     base = args_for(env_id)
-    defaults = {"init_policy": init_policy, "heads_bits": 1.58, "critic_warmup": 5,
-                "learning_rate": base.learning_rate / 3, "total_timesteps": max(base.total_timesteps // 2, 1)}
+    defaults = {"init_policy": init_policy, "heads_bits": 1.58, "critic_warmup": 10, "distill_coef": 1.0,
+                "learning_rate": base.learning_rate / 3, "total_timesteps": max(base.total_timesteps // 4, 1)}
     return dataclasses.replace(base, **{**defaults, **overrides})
 
 
