@@ -411,7 +411,8 @@ def count_instructions(artifact: Path, target: str, child_cfg: dict, impls: list
             "threads": 1, "results": results, "ratio_over_bitrl": ratio, "notes": notes,
             "method": f"qemu-aarch64 -cpu {cpu} with the bench's TCG plugin ({PLUGIN_SOURCE.name}): instructions "
                       "of every translated block entered, between two marker system calls around "
-                      f"{calls} act() calls (after 20 warm-up calls), PYTHONHASHSEED=0, one thread"}
+                      f"{calls} act() calls (after 20 warm-up calls) on 64-byte aligned observations, "
+                      "PYTHONHASHSEED=0, one thread; repeated runs agree to within about 1%"}
 
 
 # ---------------------------------------------------------------------------------------- energy
@@ -818,7 +819,8 @@ def _md_memory(mem: dict) -> list[str]:
              f"model and runs {mem['rss_calls']} act() calls at each batch size (`bench_child.py`, memory mode). "
              "Peak = VmHWM from the child's own /proc/self/status. getrusage's ru_maxrss is not used: Linux "
              "carries the parent's high-water mark over fork+exec, so every child would report at least the size "
-             "of the bench process." + host), "",
+             "of the bench process. The baselines import `bitrl_compile.runtime` only for the observation and "
+             "action code that every implementation shares (Python and numpy)." + host), "",
             _table(["process", "RSS at start", "after loading", "peak RSS", "peak above bare python",
                     "heavy modules imported"], rss), ""]
 
@@ -831,7 +833,8 @@ def _md_latency(lat: dict) -> list[str]:
             (f"act() (observation in, action out) timed call by call with `time.perf_counter_ns`, in one process "
              f"holding every implementation, {lat['threads']} thread(s) each (torch set_num_threads, ONNX Runtime "
              f"intra_op_num_threads, TVM_NUM_THREADS, OMP/MKL/OpenBLAS), in {lat['rounds']} rounds that alternate "
-             "between them after a warm-up. The p99 is sensitive to other load on the machine."), "",
+             "between them after a warm-up, on the same 64-byte aligned observations. The p99 is sensitive to other "
+             "load on the machine (see the load average above)."), "",
             _table(["implementation", "batch", "p50 µs", "p99 µs", "mean µs", "p50 µs per obs", "p50 / ours",
                     "calls"], rows), ""]
 

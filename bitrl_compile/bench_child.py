@@ -115,14 +115,17 @@ def make_act(impl: str, cfg: dict):
 
 
 def _inputs(cfg: dict) -> dict:
-    """batch size -> observations: one observation for batch 1, else a [B, ...] array."""
+    """batch size -> observations: one observation for batch 1, else a [B, ...] array.
+
+    Each in a 64-byte aligned buffer, as the runtime wants them (it copies an unaligned one, and where
+    numpy happens to allocate would otherwise decide whether a run pays for that copy).
+    """
     import numpy as np
 
+    from bitrl_compile.runtime.tvm_runtime import aligned
+
     obs = np.load(cfg["obs"])
-    out = {}
-    for b in cfg["batches"]:
-        out[b] = obs[0] if b == 1 else np.resize(obs, (b, *obs.shape[1:]))
-    return out
+    return {b: aligned(obs[0] if b == 1 else np.resize(obs, (b, *obs.shape[1:]))) for b in cfg["batches"]}
 
 
 def run_memory(cfg: dict) -> dict:
