@@ -77,6 +77,13 @@ def _load_runtime(bundled: bytes | None) -> None:
     _RUNTIME_LOADED = True
 
 
+def load_module(lib_path: str | os.PathLike, bundled_runtime: bytes | None = None):
+    """Open any exported TVM library (e.g. kernels alone) with the runtime only: a tvm-ffi module."""
+    tvm_ffi = _import_tvm_ffi()
+    _load_runtime(bundled_runtime)
+    return tvm_ffi.load_module(str(lib_path))
+
+
 def load_vm(lib_path: str | os.PathLike, bundled_runtime: bytes | None = None):
     """Open an exported Relax library and return an initialised VM (call vm["main"](...))."""
     tvm_ffi = _import_tvm_ffi()

@@ -166,7 +166,8 @@ def _impl_neon(nl: int, kg: int, rows: int):
         total = None
         for q in range(4):
             prod = T.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16",
-                                           pick("int8x8", _plane(W, q, 16, "int8")), _activations(A, b, q, 2, 8))
+                                           pick("int8x8", _plane(W, q, 16, "int8")),
+                                           _activations(A, b, q, 2, 8))
             total = prod if total is None else total + prod
         return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", total)  # sadalp
 

@@ -1,0 +1,182 @@
+"""BitLinear kernels of every ISA equal the numpy reference bit for bit, on x86 and under qemu (A72, A76).
+
+Covers: the GEMV rows (batch % rows) and the register-blocked GEMM rows, K and N that are not multiples
+of the tile, per-tensor and per-channel scales, fused ReLU, and the adversarial accumulator test: all
+weights +1 or -1 against activations of +-127 at K = 4096 and 16384 (int16 partial sums in widening
+multiply-accumulate kernels overflow there if they live across tiles). AVX-512 VNNI cannot run on this
+CPU (and qemu's TCG has no AVX-512): its tile layout and schedule run here through the generic kernel
+with the same tile shape, and its library is checked to contain vpdpbusd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tvm
+
+from bitrl_compile import quant, targets
+from bitrl_compile.passes.bitlinear_op import apply_activation
+from bitrl_compile.runtime.weights import pack_tiles
+from bitrl_compile.targets import kernels
+
+HOST = targets.tvm_target(targets.get_target("host"))
+BATCHES = (1, 3, 4, 5, 9)  # rows = 4: GEMV only, GEMV, one block, block + 1, two blocks + 1
+# (K, N, activation, per_channel): tails in K and N, tiny layers, a policy-sized layer
+SHAPES = [(7, 5, "relu", True), (100, 37, "none", False), (64, 64, "relu", False)]
+OVERFLOW_K = (4096, 16384)
+
+
+def _case(k: int, n: int, per_channel: bool, seed: int):
+    rng = np.random.default_rng(seed)
+    w_t = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    gamma = rng.uniform(0.01, 2, n if per_channel else 1).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((max(BATCHES), k)).astype(np.float32) * rng.uniform(0.01, 10, (max(BATCHES), 1))
+    x[0] = 0  # the absmax epsilon
+    return w_t, gamma, bias, x.astype(np.float32)
+
+
+def _overflow_case(k: int):
+    """Weights all +1 (row 0), all -1 (row 1), alternating; activations +-1 -> x_q = +-127 everywhere."""
+    n = 16
+    w_t = np.where(np.arange(k)[None, :] % 2 == np.arange(n)[:, None] % 2, 1, -1).astype(np.int8)
+    w_t[0], w_t[1] = 1, -1
+    x = np.where(np.random.default_rng(k).random((max(BATCHES), k)) < 0.5, -1, 1).astype(np.float32)
+    x[0] = 1
+    x[1] = -1
+    x[3] = np.where(w_t[2] > 0, 1, -1)  # |acc| = 127 K in row 2, through the tile decoding
+    return w_t, np.ones(1, np.float32), np.zeros(n, np.float32), x
+
+
+def _expected(x, w_t, gamma, bias, activation):
+    return apply_activation(quant.bitlinear_reference(x, w_t, gamma, bias), activation)
+
+
+def _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x):
+    func = kernels.bitlinear_kernel(k, n, activation, per_channel, spec=spec)
+    fn = tvm.compile(tvm.IRModule({"main": func}), target=HOST)[kernels.kernel_name(k, n, activation, per_channel)]
+    w = tvm.runtime.tensor(pack_tiles(w_t, spec.layout))
+    outs = []
+    for b in BATCHES:
+        y = tvm.runtime.tensor(np.zeros((b, n), np.float32))
+        fn(tvm.runtime.tensor(x[:b]), w, tvm.runtime.tensor(gamma), tvm.runtime.tensor(bias), y)
+        outs.append(y.numpy())
+    return outs
+
+
+HOST_SPECS = [targets.kernel_spec(HOST), targets.kernel_spec(isa="generic"),
+              # the AVX-512 VNNI tile shape (tiles16x4, 4 rows per block) through plain TIR
+              dataclasses.replace(targets.kernel_spec(isa="generic"), tile_n=16, rows=4, vector=16)]
+
+
+@pytest.mark.parametrize("spec", HOST_SPECS, ids=lambda s: f"{s.isa}-{s.layout}-rows{s.rows}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"k{s[0]}n{s[1]}{s[2]}{'pc' if s[3] else ''}")
+def test_host_kernels_are_bit_exact_with_the_reference(spec, shape):
+    k, n, activation, per_channel = shape
+    w_t, gamma, bias, x = _case(k, n, per_channel, seed=k + n)
+    for b, out in zip(BATCHES, _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x)):
+        np.testing.assert_array_equal(out, _expected(x[:b], w_t, gamma, bias, activation), err_msg=f"batch {b}")
+
+
+@pytest.mark.parametrize("k", OVERFLOW_K)
+def test_host_kernel_accumulators_do_not_overflow(k):
+    spec = targets.kernel_spec(HOST)
+    w_t, gamma, bias, x = _overflow_case(k)
+    _, (_, s, acc) = quant.bitlinear_reference(x, w_t, gamma, bias, return_int=True)
+    assert acc[0, 0] == 127 * k and acc[0, 1] == -127 * k and acc[3, 2] == 127 * k
+    for b, out in zip(BATCHES, _run_host(spec, k, 16, "none", False, w_t, gamma, bias, x)):
+        np.testing.assert_array_equal(out, quant.fma_f32(acc[:b].astype(np.float32), 1 / s[:b, None],
+                                                         np.zeros((b, 16), np.float32)))
+
+
+# ------------------------------------------------------------------------------------ aarch64 under qemu
+
+GUEST_RUNNER = """
+import sys, numpy as np
+from bitrl_compile.runtime import tvm_runtime as rt
+data = dict(np.load(sys.argv[1]))
+out = {}
+for key in sorted({k.rsplit('/', 1)[0] for k in data}):
+    fn = rt.load_module(key + '.so')[str(data[key + '/name'])]
+    args = [rt.to_device(rt.aligned(data[key + '/' + a])) for a in ('w', 'gamma', 'bias')]
+    for b in [int(v) for v in data[key + '/batches']]:
+        y = rt.aligned(np.zeros((b, int(data[key + '/n'])), np.float32))
+        fn(rt.to_device(rt.aligned(data[key + '/x'][:b])), *args, rt.to_device(y))
+        out[key + '/' + str(b)] = y
+np.savez(sys.argv[2], **out)
+"""
+
+
+def _arm_cases():
+    cases = [(f"k{k}n{n}{act}", k, n, act, pc, _case(k, n, pc, seed=k * n)) for k, n, act, pc in SHAPES]
+    cases += [(f"overflow{k}", k, 16, "none", False, _overflow_case(k)) for k in OVERFLOW_K]
+    return cases
+
+
+@pytest.fixture(scope="module", params=["rasp4", "rasp5"])
+def arm_build(request, tmp_path_factory):
+    """Every ARM test kernel of one target, cross-compiled, and their disassembly."""
+    from tvm.support import cc
+
+    target = targets.get_target(request.param)
+    tvm_target = targets.tvm_target(target)
+    spec = targets.kernel_spec(tvm_target)
+    folder = tmp_path_factory.mktemp(request.param)
+    inputs, expected, asm = {}, {}, []
+    for key, k, n, act, pc, (w_t, gamma, bias, x) in _arm_cases():
+        lib = tvm.compile(tvm.IRModule({"main": kernels.bitlinear_kernel(k, n, act, pc, spec=spec)}), target=tvm_target)
+        lib.export_library(str(folder / f"{key}.so"), fcompile=cc.cross_compiler(target.cc))
+        asm.append(subprocess.run([shutil.which("aarch64-linux-gnu-objdump"), "-d", str(folder / f"{key}.so")],
+                                  check=True, capture_output=True, text=True).stdout)
+        path = str(folder / key)
+        inputs.update({f"{path}/name": np.array(kernels.kernel_name(k, n, act, pc)), f"{path}/n": np.array(n),
+                       f"{path}/batches": np.array(BATCHES), f"{path}/x": x, f"{path}/gamma": gamma,
+                       f"{path}/bias": bias, f"{path}/w": pack_tiles(w_t, spec.layout)})
+        expected.update({f"{path}/{b}": _expected(x[:b], w_t, gamma, bias, act) for b in BATCHES})
+    np.savez(folder / "inputs.npz", **inputs)
+    return target, spec, folder, expected, "\n".join(asm)
+
+
+def test_arm_kernels_are_bit_exact_under_qemu(arm_build):
+    from bitrl_compile.emulator import run_python_under_qemu
+
+    target, spec, folder, expected, _ = arm_build
+    argv = f"import sys; sys.argv = ['-c', {str(folder / 'inputs.npz')!r}, {str(folder / 'out.npz')!r}]\n"
+    proc = run_python_under_qemu(argv + GUEST_RUNNER, cpu=target.qemu_cpu, timeout=600, cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = dict(np.load(folder / "out.npz"))
+    assert sorted(out) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(out[key], value, err_msg=f"{target.name} ({spec.isa}) {key}")
+
+
+def test_arm_kernels_use_the_intended_instructions(arm_build):
+    target, spec, _, _, asm = arm_build
+    mnemonics = set(re.findall(r"^\s+[0-9a-f]+:\s+(?:[0-9a-f]{8}\s+)?([a-z][a-z0-9.]*)", asm, re.MULTILINE))
+    if target.name == "rasp4":  # Cortex-A72: no dotprod; widening multiply-accumulate, pairwise widening add
+        assert spec.isa == "neon"
+        assert not mnemonics & {"sdot", "udot", "usdot"}
+        assert {"smull", "smlal", "sadalp"} <= mnemonics, sorted(mnemonics)
+    else:  # Cortex-A76
+        assert spec.isa == "neon-dotprod"
+        assert "sdot" in mnemonics
+
+
+def test_x86_kernels_use_the_intended_instructions(tmp_path):
+    for name, isa, wanted in (("x86-avx2", "avx2", {"vpmaddubsw", "vpmaddwd"}),
+                              ("x86-avx512", "avx512-vnni", {"vpdpbusd"})):
+        tvm_target = targets.tvm_target(targets.get_target(name))
+        spec = targets.kernel_spec(tvm_target)
+        assert spec.isa == isa
+        lib = tvm.compile(tvm.IRModule({"main": kernels.bitlinear_kernel(256, 64, "relu", spec=spec)}),
+                          target=tvm_target)
+        lib.export_library(str(tmp_path / f"{name}.so"))
+        asm = subprocess.run(["objdump", "-d", str(tmp_path / f"{name}.so")], check=True, capture_output=True,
+                             text=True).stdout
+        mnemonics = set(re.findall(r"^\s+[0-9a-f]+:\s+(?:[0-9a-f]{2} )+\s*([a-z][a-z0-9]*)", asm, re.MULTILINE))
+        assert wanted <= mnemonics, (name, sorted(m for m in mnemonics if m.startswith("vp")))
