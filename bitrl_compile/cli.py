@@ -351,6 +351,15 @@ def bench_cmd(model, target, env_id, episodes, batch, threads, calls, seed, out,
         click.echo(f"report: {Path(out) / 'report.md'} (data: report.json; plots: {', '.join(report['plots'])})")
 
 
+@main.command("bench-kernels", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_kernels_cmd(args):
+    """One BitLinear layer, ours vs torch, ONNX Runtime fp32/int8, TVM fp32 (same as bench/kernels.py; --help)."""
+    from bitrl_compile.bench_kernels import main as bench_kernels
+
+    sys.exit(bench_kernels(list(args)))
+
+
 @main.command("demo")
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--episodes", default=10, show_default=True)
