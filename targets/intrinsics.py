@@ -138,8 +138,10 @@ def _impl_sdot(nl: int, kg: int, rows: int):
     assert (nl, kg) == (4, 4)
 
     def sdot(acc, A, W, b, q):  # acc + s8 codes . s8 activations, 4 products per int32 lane
+        # the row's 16 activations in one load; plane q uses its lane (sdot by element: no ld1r per plane)
+        row = T.reinterpret("int32x4", A.vload([b, 0, 0, 0], "int8x16"))
         return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc,
-                                       _plane(W, q, 16, "int8"), _activations(A, b, q, 4, 16))
+                                       _plane(W, q, 16, "int8"), T.reinterpret("int8x16", T.Shuffle([row], [q] * 4)))
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, w: T.handle, c: T.handle):
@@ -165,9 +167,9 @@ def _impl_neon(nl: int, kg: int, rows: int):
         pick = T.vectorlow if half == 0 else T.vectorhigh
         total = None
         for q in range(4):
+            pair = T.Shuffle([T.reinterpret("int16x4", A.vload([b, 0, 0, 0], "int8x8"))], [q] * 4)  # dup .h[q]
             prod = T.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16",
-                                           pick("int8x8", _plane(W, q, 16, "int8")),
-                                           _activations(A, b, q, 2, 8))
+                                           pick("int8x8", _plane(W, q, 16, "int8")), T.reinterpret("int8x8", pair))
             total = prod if total is None else total + prod
         return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", total)  # sadalp
 
