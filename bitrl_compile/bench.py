@@ -306,6 +306,9 @@ def measure_latency(child_cfg: dict, impls: list[str], calls: int, threads: int,
             entry = {"calls": len(us), "p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
                      "mean_us": float(us.mean()), "min_us": float(us.min())}
             entry["p50_us_per_obs"] = entry["p50_us"] / int(b)
+            if raw.get("thread_cpu_ns"):
+                cpu = np.asarray(raw["thread_cpu_ns"][impl][b], np.float64) / 1e3
+                entry["cpu_p50_us"], entry["cpu_p99_us"] = float(np.percentile(cpu, 50)), float(np.percentile(cpu, 99))
             if raw["rapl_uj"]:
                 entry["rapl_uj_per_call"] = raw["rapl_uj"][impl][b] / len(us)
             results[impl][b] = entry
@@ -826,17 +829,23 @@ def _md_memory(mem: dict) -> list[str]:
 
 
 def _md_latency(lat: dict) -> list[str]:
+    def cpu(v, key):
+        return f"{v[key]:.1f}" if key in v else "n/a"
+
     rows = [[LABELS[impl], b, f"{v['p50_us']:.1f}", f"{v['p99_us']:.1f}", f"{v['mean_us']:.1f}",
-             f"{v['p50_us_per_obs']:.2f}", f"{lat['p50_ratio_over_bitrl'][impl][b]:.2f}x", v["calls"]]
+             cpu(v, "cpu_p50_us"), cpu(v, "cpu_p99_us"), f"{v['p50_us_per_obs']:.2f}",
+             f"{lat['p50_ratio_over_bitrl'][impl][b]:.2f}x", v["calls"]]
             for impl, by_b in lat["results"].items() for b, v in by_b.items()]
     return ["## Latency", "",
             (f"act() (observation in, action out) timed call by call with `time.perf_counter_ns`, in one process "
              f"holding every implementation, {lat['threads']} thread(s) each (torch set_num_threads, ONNX Runtime "
              f"intra_op_num_threads, TVM_NUM_THREADS, OMP/MKL/OpenBLAS), in {lat['rounds']} rounds that alternate "
-             "between them after a warm-up, on the same 64-byte aligned observations. The p99 is sensitive to other "
-             "load on the machine (see the load average above)."), "",
-            _table(["implementation", "batch", "p50 µs", "p99 µs", "mean µs", "p50 µs per obs", "p50 / ours",
-                    "calls"], rows), ""]
+             "between them after a warm-up, on the same 64-byte aligned observations. The wall-clock p99 is "
+             "sensitive to other load on the machine (see the load average above); the CPU-time columns (the "
+             "calling thread's `time.thread_time_ns`, measured at one thread only, where every implementation "
+             "computes on the calling thread) leave out the time other processes held the core."), "",
+            _table(["implementation", "batch", "p50 µs", "p99 µs", "mean µs", "CPU p50 µs", "CPU p99 µs",
+                    "p50 µs per obs", "p50 / ours", "calls"], rows), ""]
 
 
 def _md_instructions(lat: dict) -> list[str]:

@@ -81,6 +81,7 @@ def test_latencies_are_from_this_run(demo_bench):
         for b, v in by_batch.items():
             assert v["calls"] == CALLS // lat["rounds"] * lat["rounds"]
             assert 0 < v["min_us"] <= v["p50_us"] <= v["p99_us"]
+            assert 0 < v["cpu_p50_us"] <= v["cpu_p99_us"]  # the calling thread's CPU time, at one thread
             assert lat["p50_ratio_over_bitrl"][impl][b] == v["p50_us"] / lat["results"]["bitrl"][b]["p50_us"]
 
 
