@@ -621,16 +621,18 @@ def _plot_latency(report: dict, plt):
         if lat["kind"] == "wall_clock":
             p50 = [lat["results"][i][b]["p50_us"] for i in impls]
             p99 = [lat["results"][i][b]["p99_us"] for i in impls]
-            bars = ax.bar(x, p50, color=colors)
-            ax.scatter(x, p99, marker="_", s=900, color="#333333", zorder=3, label="p99")
+            bars = ax.bar(x, p50, color=colors, label="p50 (wall clock)")
+            ax.scatter(x, p99, marker="_", s=900, color="#333333", zorder=3, label="p99 (wall clock)")
+            if all("cpu_p99_us" in lat["results"][i][b] for i in impls):
+                ax.scatter(x, [lat["results"][i][b]["cpu_p99_us"] for i in impls], marker="o", s=22,
+                           color="#333333", zorder=3, label="p99 of the calling thread's CPU time")
             _label_bars(ax, bars, [f"{v:.1f}" for v in p50])
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.set_ylabel("µs per act() call (bar: p50, dash: p99; log scale)")
+            ax.set_ylabel("µs per act() call (log scale)")
             ax.set_ylim(min(p50) / 2, max(p99) * 2)
-            ax.legend(fontsize=8, loc="upper right", markerscale=0.3)
         else:
             total = [lat["results"][i][b]["instructions_per_call"] for i in impls]
             inlib = [sum(lat["results"][i][b]["in_library"].values()) for i in impls]
@@ -645,6 +647,10 @@ def _plot_latency(report: dict, plt):
         ax.set_title(f"batch {b}")
     if lat["kind"] == "wall_clock":
         fig.suptitle(f"act() latency, {lat['threads']} thread(s), {report['machine']['cpu']}", fontsize=11)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        handles[labels.index("p50 (wall clock)")] = Patch(color="#777777")  # one swatch for bars of every colour
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, -0.02), markerscale=0.5)
     else:
         fig.suptitle(f"instructions per act() under qemu-aarch64 -cpu {lat['cpu']} (a count, not a time)",
                      fontsize=11)
@@ -652,9 +658,7 @@ def _plot_latency(report: dict, plt):
                             Patch(facecolor="#777777", alpha=0.35, hatch="//", edgecolor="white",
                                   label="Python, numpy and glue")],
                    loc="lower center", ncol=2, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
-        fig.tight_layout(rect=(0, 0.05, 1, 1))
-        return "latency.png", fig
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return "latency.png", fig
 
 
