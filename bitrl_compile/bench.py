@@ -76,7 +76,6 @@ def run_bench(model: str | os.PathLike, *, target: str = "host", env_id: str | N
     if batch < 1 or threads < 1 or calls < 10 or episodes < 0:
         raise ValueError("--batch and --threads must be >= 1, --calls >= 10 and --episodes >= 0")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tgt = targets.get_target(target)
     cross = tgt.arch != host_arch()
     cfg = dict(config or {}, **({"env": env_id} if env_id else {}))
@@ -85,6 +84,7 @@ def run_bench(model: str | os.PathLike, *, target: str = "host", env_id: str | N
 
     log("[1/7] loading the policy and compiling it")
     loaded = load_policy(model, config=cfg or None, trust_pickle=trust_pickle)
+    out.mkdir(parents=True, exist_ok=True)
     compiled = compile_policy(loaded, target, out / "policy.bitrl", force=True, log=lambda s: log(f"      {s}"))
     host_artifact = compiled.path
     if cross:  # memory is measured natively: a host build of the same policy
