@@ -115,6 +115,6 @@ def run_demo(out: Path, episodes: int = 10, target_names=("host", "rasp4"),
     lines.append("")
     param_bytes = sum(v.nbytes for v in next(iter(compiled.values())).params.values())
     lines.append(f"return kept by the ternary artifact: {kept:.1f}% of fp32; parameters {n_params * 4 / param_bytes:.1f}x "
-                 "smaller than fp32 (2-bit weights plus fp32 scales and biases; the file adds the compiled code)")
+                 "smaller than fp32 (base-3 weights plus fp32 scales and biases; the file adds the compiled code)")
     lines.append("rasp4 runs under qemu-aarch64 -cpu cortex-a72 (timings there are not device timings)")
     return "\n".join(lines)

@@ -10,6 +10,8 @@ same shape; the kernel gets the default schedule of its ISA (`targets.kernels.sc
 
 from __future__ import annotations
 
+import warnings
+
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -27,6 +29,9 @@ class _Legalizer(PyExprMutator):
         super().__init__(mod)
         self.target = target
         self.spec = kernel_spec(target)
+        if target is not None and self.spec.isa == "generic":
+            warnings.warn(f"no tensorized BitLinear kernel for target {target}; using the generic TIR kernel "
+                          "(correct, but slower)", stacklevel=2)
         self.kernels: dict[str, relax.GlobalVar] = {}
 
     def visit_call_(self, call):
