@@ -253,7 +253,8 @@ class BitNetModel(nn.Module):
             raise ValueError(f"sequence of {n} tokens is longer than max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         cos, sin = self.rope_cos[:n], self.rope_sin[:n]
-        mask = torch.full((n, n), float("-inf"), dtype=h.dtype, device=h.device).triu(1)
+        pos = torch.arange(n, device=h.device)  # causal mask (arange/where: TVM 0.27 cannot legalize full(-inf))
+        mask = torch.where(pos[None, :] > pos[:, None], float("-inf"), 0.0).to(h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, mask)
         return self.norm(h)
@@ -548,7 +549,8 @@ class BitNetBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: normalised observations [B, obs_dim] (numeric) or byte codes [B, L] (text); see `prepare`."""
         h = self.model(inputs_embeds=self.encoder(x))
-        return h[:, -1] if self.spec.pool == "last" else h.mean(dim=1)
+        # the last token by its positive index: TVM's take(mode="fast") reads index -1 out of bounds
+        return h[:, h.shape[1] - 1] if self.spec.pool == "last" else h.mean(dim=1)
 
     def prepare(self, obs: np.ndarray) -> torch.Tensor:
         """Raw observations [B, obs_dim] -> the forward's input, with the runtime's exact float32 operations."""
@@ -621,6 +623,7 @@ def backbone_policy(backbone: BitNetBackbone, description: str = "") -> LoadedPo
                "text": {"decimals": spec.decimals, "length": spec.input_length()}, "normalize": None}
     else:
         inp = {"shape": [spec.obs_dim], "dtype": "float32", "preprocess": "none", "normalize": spec.normalize}
+    inp["max_batch"] = None  # no static buffers for 2**20 rows of attention scores; see pipeline.to_relax
     cfg = backbone.model.config
     desc = description or (f"BitNet b1.58 backbone ({spec.kind} encoder, {cfg.num_hidden_layers} layers, "
                            f"d={cfg.hidden_size}, {spec.pool} token)")

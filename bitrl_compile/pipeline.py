@@ -59,7 +59,10 @@ def to_relax(loaded):
     from tvm.relax.frontend.torch import from_exported_program
 
     example = torch.zeros((2, *obs_shape), dtype=torch.float32)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    # TVM plans static buffers for the batch's upper bound; input["max_batch"] = None drops the bound (buffers sized
+    # per call), for models whose intermediates at 2**20 rows exceed memory (attention scores: bad_alloc at load).
+    max_batch = loaded.input.get("max_batch", 1 << 20)
+    batch = torch.export.Dim("batch", min=1, max=max_batch) if max_batch else torch.export.Dim("batch", min=1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.export's internal deprecations
