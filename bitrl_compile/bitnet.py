@@ -423,11 +423,13 @@ def expected_shapes(cfg: BitNetConfig) -> dict[str, tuple[int, ...]]:
 
 def load_bitnet(path) -> BitNetForCausalLM:
     """A Hugging Face-layout BitNet b1.58 checkpoint (folder, or its model.safetensors) as a float32 model."""
-    folder, hf, tensors = _read_checkpoint(path)
-    where = str(folder)
+    return _model_from(*_read_checkpoint(path))
+
+
+def _model_from(folder: Path, hf: dict, tensors: dict[str, torch.Tensor]) -> BitNetForCausalLM:
     cfg = BitNetConfig.from_hf(hf, f"{folder / 'config.json'}")
     ignore = ("encoder.",) if "bitrl_backbone" in hf else ()
-    state = bitnet_state_dict(cfg, tensors, where, ignore)
+    state = bitnet_state_dict(cfg, tensors, str(folder), ignore)
     with torch.device("meta"):
         model = BitNetForCausalLM(cfg)
     model = model.to_empty(device="cpu")
@@ -597,9 +599,9 @@ def load_backbone(path) -> BitNetBackbone:
         spec = EncoderSpec(**hf["bitrl_backbone"])
     except TypeError as e:
         raise ModelLoadError(f"{folder}/config.json: bad \"bitrl_backbone\" entry ({e})") from None
-    lm = load_bitnet(folder)
-    backbone = BitNetBackbone(lm.model, spec)
     enc = {k[len("encoder."):]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
+    backbone = BitNetBackbone(_model_from(folder, hf, tensors).model, spec)
+    del tensors
     want = {k: tuple(v.shape) for k, v in backbone.encoder.state_dict().items() if not k.startswith("embed")}
     for name, shape in want.items():
         if name not in enc:

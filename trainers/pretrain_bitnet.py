@@ -26,6 +26,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -167,8 +168,9 @@ def pretrain(args: Args, log=lambda s: print(s, file=sys.stderr)) -> bitnet.BitN
 
     params = list(backbone.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate, total_steps=args.updates,
-                                                   pct_start=0.05)
+    warmup = max(args.updates // 20, 1)  # linear warm-up, then cosine decay to 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(u / args.updates, 1.0))))
     out = Path(args.out) if args.out else None
     rows = []
 
