@@ -80,16 +80,19 @@ def time_calls(fns: dict, rounds: int, block_s: float, cpu_clock: bool) -> tuple
 
 
 def copy_bandwidth(nbytes: int, min_s: float = 0.05) -> float:
-    """Bytes moved per second (read + write) by numpy copying a buffer of nbytes, best of 5 blocks."""
+    """Bytes moved per second (read + write) by numpy copying a buffer of nbytes, best of 5 blocks.
+
+    Timed with the calling thread's CPU clock (numpy copies on it), like the kernels at one thread.
+    """
     src = np.ones(max(nbytes // 8, 1), np.float64)
     dst = np.empty_like(src)
     best = float("inf")
     for _ in range(5):
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < min_s:
+        calls, start = 0, time.thread_time()
+        while time.thread_time() - start < min_s:
             np.copyto(dst, src)
             calls += 1
-        best = min(best, (time.perf_counter() - start) / calls)
+        best = min(best, (time.thread_time() - start) / calls)
     return 2 * src.nbytes / best
 
 
@@ -342,6 +345,7 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
     import torch
 
     torch.set_num_threads(threads)
+    load_before = os.getloadavg()
     rng = np.random.default_rng(0)
     rows = []
     dram = copy_bandwidth(256 << 20, min_s=0.2)
@@ -380,7 +384,7 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
                 rows.append(row)
                 log(format_row(row))
     clock = "CPU time of the calling thread" if threads == 1 else "wall clock"
-    result = {"machine": machine(), "threads": threads, "rounds": rounds, "block_ms": block_ms, "clock": clock,
+    result = {"machine": dict(machine(), load_average_at_start=load_before), "threads": threads, "rounds": rounds, "block_ms": block_ms, "clock": clock,
               "rows": rows}
     if arm:
         result["arm_instructions"] = arm_instruction_counts(sizes, batches, log)
@@ -411,10 +415,11 @@ def format_row(row: dict) -> str:
 
 def report(result: dict, command: str) -> str:
     m = result["machine"]
-    load = ", ".join(f"{v:.2f}" for v in m["load_average"] or [])
+    load = " -> ".join(", ".join(f"{v:.2f}" for v in m[key]) for key in ("load_average_at_start", "load_average")
+                       if m.get(key))
     lines = [f"bitrl-compile kernel benchmark: µs per call ({result['clock']}), {result['threads']} thread(s), "
              + f"median of {result['rounds']} rounds of >= {result['block_ms']:g} ms",
-             f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, load average {load}",
+             f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, load average (start -> end) {load}",
              f"command: {command}", "", HEADER, "-" * len(HEADER)]
     lines += [format_row(row) for row in result["rows"]]
     row0 = result["rows"][0]
