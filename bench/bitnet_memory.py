@@ -153,6 +153,12 @@ def render(r: dict, command: str) -> str:
               f"{mib(rss['torch']['VmHWM'] - base['torch'])} |"),
               "", (f"Peak RSS, torch fp32 / runtime: **{rss['torch']['VmHWM'] / rss['runtime']['VmHWM']:.1f}x** "
               f"(model's share: {(rss['torch']['VmHWM'] - base['torch']) / max(rss['runtime']['VmHWM'] - base['runtime'], 1):.1f}x)."),
+              "", (f"torch's share holds the fp32 weights ({mib(r['fp32_file'])}), the pages of the safetensors file "
+                   "they were read from (mapped, file-backed) and torch's working memory. A lower bound for any torch "
+                   f"fp32 process is its import plus the weights, {mib(base['torch'] + r['fp32_file'])}: "
+                   f"{(base['torch'] + r['fp32_file']) / rss['runtime']['VmHWM']:.1f}x the runtime's peak. The "
+                   "runtime's share holds the unpacked kernel-layout weights (2 bits per weight), the artifact's bytes "
+                   "and transient int8 codes while base-3 weights are unpacked at load (a layer at a time)."),
               "", f"Reproduce: `{command}` ({r['machine']})."]
     return "\n".join(lines)
 

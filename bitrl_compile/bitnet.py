@@ -430,10 +430,9 @@ def _model_from(folder: Path, hf: dict, tensors: dict[str, torch.Tensor]) -> Bit
     cfg = BitNetConfig.from_hf(hf, f"{folder / 'config.json'}")
     ignore = ("encoder.",) if "bitrl_backbone" in hf else ()
     state = bitnet_state_dict(cfg, tensors, str(folder), ignore)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned (no copy of the weights)
         model = BitNetForCausalLM(cfg)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)

@@ -76,7 +76,7 @@ def main():
 
 
 @main.command("compile")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, host")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="artifact path [default: MODEL stem + .bitrl]")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
@@ -94,12 +94,13 @@ def main():
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, features,
                 bundle_runtime, force, debug):
-    """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX) for a target."""
+    """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet backbone folder)."""
     with _guard(debug):
         from bitrl_compile.frontends import load_policy
         from bitrl_compile.pipeline import compile_policy
 
-        out = Path(output) if output else Path(model).with_suffix(".bitrl")
+        out = Path(output) if output else Path(model).with_suffix(".bitrl") if not Path(model).is_dir() \
+            else Path(model).with_name(Path(model).name + ".bitrl")  # a BitNet backbone folder
         cfg = json.loads(Path(config).read_text()) if config else None
         if env_id:
             cfg = dict(cfg or {}, env=env_id)

@@ -127,6 +127,13 @@ def load_policy(path, *, config: dict | str | None = None, trust_pickle: bool = 
                 vecnormalize: str | None = None) -> LoadedPolicy:
     """Load a policy file of any supported format (detected by content); see the module docstring."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():  # a BitNet backbone checkpoint folder (docs/bitnet.md)
+        from bitrl_compile import bitnet
+
+        return bitnet.backbone_policy(bitnet.load_backbone(path))
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: a folder without config.json; give a policy file or a BitNet backbone folder "
+                             "(config.json + model.safetensors)")
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file; check the path")
     cfg = _read_config(config)

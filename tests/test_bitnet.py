@@ -291,6 +291,21 @@ def test_backbone_checkpoint_round_trip_keeps_features(kind, tmp_path):
     assert tokens == (3 + 1 if kind == "numeric" else text.text_length(5, 1))  # 3 patches of 2 + readout
 
 
+def test_load_policy_reads_a_backbone_folder_as_a_features_policy(tmp_path):
+    from bitrl_compile.frontends import load_policy
+
+    spec = bitnet.EncoderSpec(obs_dim=3, normalize={"mean": [0.0] * 3, "var": [1.0] * 3, "eps": 1e-8, "clip": 5.0})
+    bitnet.save_backbone(bitnet.new_backbone(bitnet.BitNetConfig(num_hidden_layers=1), spec), tmp_path / "bb")
+    loaded = load_policy(tmp_path / "bb")  # what `bitrl-compile FOLDER` compiles
+    assert loaded.output == {"kind": "features", "dim": 64} and loaded.input["normalize"] == spec.normalize
+    assert not any(m.quantized for m in loaded.module.modules() if isinstance(m, bitnet.BitLinear))
+    with pytest.raises(ModelLoadError, match="folder without config.json"):
+        load_policy(tmp_path)
+    with pytest.raises(ModelLoadError, match="no \"bitrl_backbone\" entry"):
+        _tiny_checkpoint(tmp_path / "lm")
+        load_policy(tmp_path / "lm")
+
+
 def test_frozen_backbone_plugs_into_the_trainer(tmp_path):
     from bitrl_compile.trainers import ppo
 
