@@ -54,7 +54,9 @@ class Args:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    patch: int = 1
+    encoder: str = "numeric"         # numeric (a token per value) | text (the state as text, a token per byte)
+    patch: int = 1                   # numeric: values per token
+    decimals: int = 2                # text: digits after the point
     updates: int = 3000
     batch_size: int = 256
     learning_rate: float = 1e-3
@@ -151,14 +153,18 @@ def pretrain(args: Args, log=lambda s: print(s, file=sys.stderr)) -> bitnet.BitN
     stats = {"mean": mean.astype(float).tolist(), "var": var.astype(float).tolist(), "eps": 1e-8, "clip": 10.0}
     cfg = bitnet.BitNetConfig(vocab_size=256, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                               num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-                              num_key_value_heads=args.num_key_value_heads, max_position_embeddings=64)
-    spec = bitnet.EncoderSpec(kind="numeric", obs_dim=obs_dim, patch=args.patch, normalize=stats, env=args.env_id)
+                              num_key_value_heads=args.num_key_value_heads, max_position_embeddings=128)
+    spec = bitnet.EncoderSpec(kind=args.encoder, obs_dim=obs_dim, patch=args.patch, decimals=args.decimals,
+                              normalize=stats if args.encoder == "numeric" else None, env=args.env_id)
     backbone = bitnet.new_backbone(cfg, spec, args.seed).train()   # BitLinear layers are quantized (QAT)
     heads = Predictors(backbone.dim, obs_dim, n_actions)
 
-    x = backbone.prepare(data["obs"])
-    recon_target = x.clone()
-    delta, _, _ = standardise(backbone.prepare(data["next_obs"]).numpy() - x.numpy())
+    def normalised(o: np.ndarray) -> torch.Tensor:  # targets: normalised observations, for either encoder
+        return torch.from_numpy(np.clip((o - mean) / np.sqrt(var + 1e-8), -10, 10).astype(np.float32))
+
+    x = backbone.prepare(data["obs"])  # the encoder's input: normalised values, or the state's text as bytes
+    recon_target = normalised(data["obs"])
+    delta, _, _ = standardise((normalised(data["next_obs"]) - recon_target).numpy())
     reward, _, _ = standardise(data["reward"][:, None])
     delta, reward, action = torch.from_numpy(delta), torch.from_numpy(reward[:, 0]), torch.from_numpy(data["action"])
     n = len(x)
