@@ -81,7 +81,7 @@ def train_job(kind: str, env_id: str, seed: int, scale: float, episodes: int, ro
     return record
 
 
-def pretrain_job(env_id: str, root: str, steps: int, updates: int) -> dict:
+def pretrain_job(env_id: str, root: str, steps: int, updates: int, encoder: str = "numeric") -> dict:
     """The self-supervised backbone (teacher: the fp32 seed-0 policy) and the untrained control."""
     from bitrl_compile import bitnet
     from bitrl_compile.trainers import pretrain_bitnet as pre
@@ -90,7 +90,7 @@ def pretrain_job(env_id: str, root: str, steps: int, updates: int) -> dict:
     if not (folder / "backbone" / "config.json").exists():
         t0 = time.perf_counter()
         args = pre.Args(env_id=env_id, steps=steps, updates=updates, out=str(folder / "backbone"),
-                        teacher=str(folder / "fp32-seed0" / "policy.safetensors"), epsilon=0.3)
+                        teacher=str(folder / "fp32-seed0" / "policy.safetensors"), epsilon=0.3, encoder=encoder)
         log = open(folder / "pretrain.log", "w")  # noqa: SIM115 - closed below
         pre.pretrain(args, log=lambda s: print(s, file=log, flush=True))
         log.close()
@@ -115,9 +115,9 @@ def compiled_job(env_id: str, root: str, seeds: list[int], episodes: int) -> dic
     folder = Path(root) / env_id
     backbone = bitnet.load_backbone(folder / "backbone")
     artifact = folder / "backbone-host.bitrl"
+    stats = backbone.spec.normalize or {"mean": 0.0, "var": 1.0}  # text backbones read raw values
     obs = np.random.default_rng(0).standard_normal((256, backbone.spec.obs_dim)).astype(np.float32)
-    obs = obs * np.sqrt(np.asarray(backbone.spec.normalize["var"], np.float32)) + \
-        np.asarray(backbone.spec.normalize["mean"], np.float32)
+    obs = obs * np.sqrt(np.asarray(stats["var"], np.float32)) + np.asarray(stats["mean"], np.float32)
     pipeline.compile_policy(bitnet.backbone_policy(backbone), "host", artifact, force=True)
     policy = load(artifact)
     diff = np.abs(policy.features(obs) - backbone.features(obs)).max(axis=1)
@@ -190,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every PPO budget")
     p.add_argument("--pretrain-steps", type=int, default=50_000, help="transitions collected for pretraining")
     p.add_argument("--pretrain-updates", type=int, default=3000)
+    p.add_argument("--encoder", choices=["numeric", "text"], default="numeric",
+                   help="text: the state written as text, one token per byte (runs in bench/runs/bitnet-text)")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs" / "bitnet")
+    p.add_argument("--runs", type=Path, help="[default: bench/runs/bitnet, or bitnet-text]")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args(argv)
     command = "python bench/bitnet_rl.py" + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
     seeds = list(range(args.seeds))
+    args.runs = args.runs or ROOT / "bench" / "runs" / ("bitnet" if args.encoder == "numeric" else "bitnet-text")
     root = str(args.runs)
     for env_id in args.envs:
         (args.runs / env_id).mkdir(parents=True, exist_ok=True)
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         pre = {}
         for e in args.envs:
             fp32[e, 0].result()
-            pre[e] = pool.submit(pretrain_job, e, root, args.pretrain_steps, args.pretrain_updates)
+            pre[e] = pool.submit(pretrain_job, e, root, args.pretrain_steps, args.pretrain_updates, args.encoder)
         heads = []
         for e in args.envs:
             pre[e].result()
@@ -235,16 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                          check=False).stdout.strip()
     meta = {"command": command, "commit": rev, "machine": machine(), "minutes": (time.time() - t0) / 60,
-            "jobs": args.jobs, "seeds": seeds, "episodes": args.episodes, "envs": args.envs}
+            "jobs": args.jobs, "seeds": seeds, "episodes": args.episodes, "envs": args.envs, "encoder": args.encoder}
     text = render(results, meta)
     print(text)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "bitnet_rl.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
-    if not args.no_docs and DOCS.exists() and BEGIN in DOCS.read_text():
+    name = "bitnet_rl" if args.encoder == "numeric" else "bitnet_rl_text"
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    begin, end = (BEGIN, END) if args.encoder == "numeric" else (BEGIN.replace(":", " --encoder text:"),
+                                                                  END.replace(":", " --encoder text:"))
+    if not args.no_docs and DOCS.exists() and begin in DOCS.read_text():
         doc = DOCS.read_text()
-        head, rest = doc.split(BEGIN, 1)
-        DOCS.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+        head, rest = doc.split(begin, 1)
+        DOCS.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
         log(f"updated {DOCS}")
     return 0
 

@@ -542,6 +542,10 @@ class BitNetBackbone(nn.Module):
             raise ValueError(f"encoder kind {spec.kind!r} / pool {spec.pool!r}: use numeric|text and last|mean")
         if spec.kind == "text" and model.config.vocab_size < 256:
             raise ValueError(f"a text encoder needs byte tokens: vocab_size {model.config.vocab_size} < 256")
+        tokens = spec.input_length() if spec.kind == "text" else -(-spec.obs_dim // spec.patch) + 1
+        if tokens > model.config.max_position_embeddings:
+            raise ValueError(f"the {spec.kind} encoder makes {tokens} tokens, more than max_position_embeddings "
+                             f"{model.config.max_position_embeddings}; raise it or use fewer decimals / larger patches")
         self.spec, self.model = spec, model
         self.encoder = NumericEncoder(spec.obs_dim, model.config.hidden_size, spec.patch) \
             if spec.kind == "numeric" else TextEncoder(model.embed_tokens)
