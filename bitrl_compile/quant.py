@@ -109,9 +109,13 @@ def bitlinear_reference(
 # ---------------------------------------------------------------- torch (training, STE)
 
 def ternarize_weight_ste(w, per_channel: bool = False):
-    """Fake-quantized ternary weight gamma * W_t with a straight-through gradient."""
-    absw = w.abs()
-    gamma = (absw.mean(dim=1, keepdim=True) if per_channel else absw.mean()).clamp(min=float(EPS))
+    """Fake-quantized ternary weight gamma * W_t with a straight-through gradient.
+
+    gamma is the float64 mean rounded to float32, as in `ternarize_weight`: QAT leaves many weights within an ulp
+    of +-gamma/2 (they oscillate across the threshold), so a float32 mean one ulp off flips trits against the
+    compiled model."""
+    absw = w.detach().abs().double()
+    gamma = (absw.mean(dim=1, keepdim=True) if per_channel else absw.mean()).to(w.dtype).clamp(min=float(EPS))
     q = (w / gamma).round().clamp(-1, 1) * gamma
     return w + (q - w).detach()
 
