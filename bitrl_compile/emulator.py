@@ -22,6 +22,22 @@ on first use, under
 qemu enforces the ISA of the `-cpu` it is given: an instruction a Cortex-A72 lacks (sdot, LSE
 atomics) kills the guest with SIGILL, as it would on a Raspberry Pi 4. An EmulatedPolicy starts in
 about 3 s and then answers a call in about 1 ms; its timings are not the device's.
+
+TVM's RPC server, what a Raspberry Pi runs for MetaSchedule autotuning
+(`python3 -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090`), runs here the same way:
+
+    with RPCServer("cortex-a72") as server:             # about 6 s to start
+        remote = tvm.rpc.connect(server.host, server.port)
+
+It needs the full `tvm` Python package in the guest: a second cache, built by `ensure_guest_tvm()`
+(`setup --tvm`; about 20 s, 280 MB on disk), apart so that the aarch64 Python above is not rebuilt:
+
+    $BITRL_CACHE/aarch64-tvm/
+        site/           the aarch64 wheels of apache-tvm (the whole package) and of what it and
+                        tvm.exec.rpc_server import that the aarch64 Python lacks
+        recipe.json
+
+`python -m bitrl_compile.emulator rpc-server [--cpu CPU] [--port PORT]` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +81,10 @@ TVM_FFI = "apache-tvm-ffi==0.1.14.post1"
 TVM = "apache-tvm==0.27.0.post1"
 LIBTVM_RUNTIME_MEMBER = "tvm/lib/libtvm_runtime.so"
 WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux2014_aarch64")
+# The guest TVM (ensure_guest_tvm): apache-tvm needs ml_dtypes (numpy, apache-tvm-ffi and
+# typing-extensions are in the aarch64 Python already); tvm.exec.rpc_server needs cloudpickle (its
+# PopenWorker) and uses psutil to stop a timed-out session's children (TVM's "rpc" extra).
+GUEST_TVM_WHEELS = ("ml_dtypes==0.6.0", "cloudpickle==3.1.1", "psutil==7.0.0")
 QEMU = "qemu-aarch64"
 DEFAULT_CPU = "cortex-a72"  # Raspberry Pi 4; "cortex-a76" is the Pi 5
 
@@ -127,9 +148,9 @@ def ensure_aarch64_python() -> Aarch64Python:
     return py
 
 
-def _is_built(root: Path) -> bool:
+def _is_built(root: Path, recipe: dict | None = None) -> bool:
     try:
-        return json.loads((root / "recipe.json").read_text()) == _recipe()
+        return json.loads((root / "recipe.json").read_text()) == (recipe or _recipe())
     except (OSError, ValueError):
         return False
 
@@ -245,25 +266,92 @@ def _relativize_symlinks(sysroot: Path) -> None:
                 link.symlink_to(os.path.relpath(target, link.parent))
 
 
-def _precompile(new: Path, root: Path) -> None:
+def _precompile(new: Path, root: Path,
+                subfolders: tuple[str, ...] = (f"sysroot/usr/lib/python{PYTHON_VERSION}", "site"),
+                python_root: Path | None = None) -> None:
     """Write .pyc files once, so that each emulated start does not recompile the stdlib (7 s -> 2.5 s).
 
     `new` is the folder being built, renamed to `root` afterwards (tracebacks name files there).
     Bytecode depends only on the Python minor version: the host compiles it when it is 3.11 too,
-    otherwise the guest does (slower, once).
+    otherwise the guest does (slower, once), the aarch64 Python of `python_root` (default `new`).
     """
-    folders = {str(new / sub): str(root / sub) for sub in (f"sysroot/usr/lib/python{PYTHON_VERSION}", "site")}
+    folders = {str(new / sub): str(root / sub) for sub in subfolders}
     if _host_is_guest_version():
         for folder, final in folders.items():
             compileall.compile_dir(folder, quiet=2, workers=0, ddir=final)
         return
     code = (f"import compileall\nfor f, d in {folders!r}.items():\n"
             "    compileall.compile_dir(f, quiet=2, ddir=d)")
-    _run_guest(new, code, timeout=1800)
+    _run_guest(python_root or new, code, timeout=1800)
 
 
 def _host_is_guest_version() -> bool:
     return f"{sys.version_info.major}.{sys.version_info.minor}" == PYTHON_VERSION
+
+
+# ------------------------------------------------------------------------------------------ guest TVM
+
+
+def _tvm_recipe() -> dict:
+    return {"recipe": 1, "python": PYTHON_VERSION, "wheels": [TVM, *GUEST_TVM_WHEELS],
+            "platforms": list(WHEEL_PLATFORMS)}
+
+
+def ensure_guest_tvm() -> Path:
+    """The `site` folder holding the whole aarch64 `tvm` package (and ml_dtypes, cloudpickle, psutil).
+
+    Put it on the guest's PYTHONPATH before the aarch64 Python's own `site` (numpy, tvm_ffi). Built
+    on first use (about 20 s: a 95 MB download, 280 MB on disk, mostly libtvm_compiler.so) in its
+    own cache folder, `cache_root() / "aarch64-tvm"`, with its own recipe.
+    """
+    py = ensure_aarch64_python()
+    root = cache_root() / "aarch64-tvm"
+    if not _is_built(root, _tvm_recipe()):
+        with open(root.parent / f".{root.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
+            if not _is_built(root, _tvm_recipe()):
+                _build_guest_tvm(root, py)
+    return root / "site"
+
+
+def _build_guest_tvm(root: Path, py: Aarch64Python) -> None:
+    """Build the folder next to `root`, then rename it into place, as _build does."""
+    started = time.monotonic()
+    for stale in root.parent.glob(f".{root.name}.build-*"):  # left by a killed build (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    _log(f"adding the full {TVM} package to the aarch64 Python in {root} (once; about 20 s)")
+    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
+    try:
+        new = work / root.name
+        site = new / "site"
+        site.mkdir(parents=True)
+        specs = [TVM, *GUEST_TVM_WHEELS]
+        _log(f"  downloading aarch64 wheels: {', '.join(specs)} (~95 MB)")
+        _pip_download(specs, work / "wheels")
+        _log("  unpacking them")
+        for wheel in sorted((work / "wheels").glob("*.whl")):
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(site)
+            wheel.unlink()
+        _log("  precompiling them to bytecode")
+        _precompile(new, root, ("site",), python_root=py.root)
+        _log("  checking that `import tvm` works under qemu")
+        version = TVM.split("==")[1]
+        command = _guest_command(py.root, py.sysroot, [site, py.site], DEFAULT_CPU)
+        smoke = subprocess.run(command + ["-c", "import tvm; print(tvm.__version__)"], capture_output=True,
+                               text=True, timeout=600, check=False)
+        if smoke.returncode != 0 or smoke.stdout.strip() != version:
+            raise EmulatorError(f"the aarch64 TVM just unpacked does not import under qemu: "
+                                f"{_last_line(smoke.stderr or smoke.stdout)}")
+
+        (new / "recipe.json").write_text(json.dumps(_tvm_recipe(), indent=2))
+        if root.exists():  # an outdated recipe: move it aside, then swap the new one in
+            os.rename(root, work / "old")
+        os.rename(new, root)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = sum(os.lstat(os.path.join(folder, f)).st_size for folder, _, files in os.walk(root) for f in files)
+    _log(f"aarch64 TVM ready in {time.monotonic() - started:.0f} s ({size / 2**20:.0f} MB in {root})")
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -299,14 +387,19 @@ def _runtime_tree(py: Aarch64Python) -> Path:
     return tree
 
 
-def _guest_command(root: Path, guest_root: Path, pythonpath: list[Path], cpu: str) -> list[str]:
-    """qemu running the Python of the cache folder `root`, with `guest_root` as the guest's `/`."""
+def _guest_command(root: Path, guest_root: Path, pythonpath: list[Path], cpu: str,
+                   env: dict[str, str] | None = None) -> list[str]:
+    """qemu running the Python of the cache folder `root`, with `guest_root` as the guest's `/`.
+
+    `env`: more variables for the guest's environment.
+    """
+    extra = [arg for name, value in (env or {}).items() for arg in ("-E", f"{name}={value}")]
     return [qemu_binary(), "-cpu", cpu, "-L", str(guest_root),
             "-E", f"PYTHONPATH={os.pathsep.join(map(str, pythonpath))}",
             "-E", f"BITRL_TVM_RUNTIME={root / 'tvm-runtime' / 'libtvm_runtime.so'}",
             # no user site, and no current folder first on sys.path: a checkout's bitrl_compile/
             # (without runtime/, a separate top-level folder) would shadow the copy made for the guest
-            "-E", "PYTHONNOUSERSITE=1", "-E", "PYTHONSAFEPATH=1", "-U", "PYTHONHOME",
+            "-E", "PYTHONNOUSERSITE=1", "-E", "PYTHONSAFEPATH=1", *extra, "-U", "PYTHONHOME",
             str(root / "sysroot" / "usr" / "bin" / f"python{PYTHON_VERSION}")]
 
 
@@ -530,22 +623,201 @@ class EmulatedPolicy:
         return f"EmulatedPolicy({self.path!r}, target={target.get('name')}, cpu={self.cpu})"
 
 
+# --------------------------------------------------------------------------------------- RPCServer
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _write_launcher(folder: Path, command: list[str], py: Aarch64Python) -> Path:
+    """`folder/bin/python3.11`: a shell script that runs `command` (qemu and the guest Python) with "$@".
+
+    qemu tells the guest that argv[0] is the script (`-0`), so the guest Python's sys.executable is
+    the script, and a guest that starts Python again (TVM's RPC server runs its worker as
+    `sys.executable -m tvm.exec.popen_worker`, multiprocessing's spawn does the same) gets qemu with
+    the same -cpu, root and environment: without binfmt_misc the kernel cannot run an aarch64 binary
+    itself (ENOEXEC). `folder/pyvenv.cfg` points that Python at the sysroot's standard library, as a
+    venv's does (without it the guest would look for it in /usr and add /usr/local/... to sys.path).
+    """
+    launcher = folder / "bin" / f"python{PYTHON_VERSION}"
+    launcher.parent.mkdir(parents=True)
+    qemu, python = shlex.join(command[:-1]), shlex.quote(command[-1])
+    launcher.write_text(f'#!/bin/sh\nexec {qemu} -0 "$0" {python} "$@"\n')
+    launcher.chmod(0o755)
+    (folder / "pyvenv.cfg").write_text(f"home = {py.python.parent}\n")
+    return launcher
+
+
+class RPCServer:
+    """TVM's own RPC server, `python3.11 -m tvm.exec.rpc_server`, in the aarch64 Python under qemu.
+
+    What a Raspberry Pi runs for MetaSchedule autotuning, on this machine:
+
+        with RPCServer("cortex-a72") as server:         # starts in about 6 s
+            remote = tvm.rpc.connect(server.host, server.port)
+            remote.upload("lib.so")
+            f = remote.load_module("lib.so")["main"]
+
+    `port=None` picks a free one. The server forks a child per session, as on the device (fork works
+    under qemu-user). `runtime_only` (TVM_USE_RUNTIME_LIB=1) loads libtvm_runtime.so, not the 229 MB
+    libtvm_compiler.so, which a server does not call: a start takes about 6 s instead of 19 s (two
+    Python processes import tvm). Its timings are qemu's, not the device's. Its files (log, uploads,
+    the guest's TMPDIR) live in a temporary folder that `close()` removes, with the whole process group.
+    """
+
+    def __init__(self, cpu: str = DEFAULT_CPU, host: str = "127.0.0.1", port: int | None = None,
+                 startup_timeout: float = 300.0, *, runtime_only: bool = True):
+        self.cpu = cpu
+        self._host = host
+        self._proc: subprocess.Popen | None = None
+        self._folder: Path | None = None
+        py = ensure_aarch64_python()
+        site = ensure_guest_tvm()
+        guest_root = _guest_root(py, cpu)  # an unknown CPU model fails here, with qemu's list to look at
+        self._port = _free_port(host) if port is None else int(port)
+        self._folder = Path(tempfile.mkdtemp(prefix="bitrl-rpc-"))
+        try:
+            (self._folder / "tmp").mkdir()
+            env = {"TMPDIR": str(self._folder / "tmp"), "PYTHONUNBUFFERED": "1"}
+            if runtime_only:
+                env["TVM_USE_RUNTIME_LIB"] = "1"
+            command = _guest_command(py.root, guest_root, [site, py.site], cpu, env=env)
+            launcher = _write_launcher(self._folder / "python", command, py)
+            self.log_path = self._folder / "server.log"
+            argv = [str(launcher), "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(self._port),
+                    "--port-end", str(self._port + 1)]  # [port, port-end): this port or none
+            with open(self.log_path, "wb") as log:
+                self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                              stderr=subprocess.STDOUT, cwd=self._folder,
+                                              start_new_session=True)
+            self._wait_until_ready(startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def _what(self) -> str:
+        return f"TVM's RPC server ({QEMU} -cpu {self.cpu}, {self.address})"
+
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        """Until the log says "bind to HOST:PORT" and an RPC session opens; EmulatorError if it dies."""
+        import tvm.rpc
+
+        probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self._host, self._host)
+        deadline = time.monotonic() + timeout
+        bound, last_error = False, ""
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise EmulatorError(f"{self._what()} {_exit_status(code, self.cpu)}: "
+                                    f"{_last_line(self._log_text())}")
+            bound = bound or f"bind to {self._host}:{self._port}" in self._log_text()
+            if bound:
+                try:
+                    session = tvm.rpc.connect(probe_host, self._port, session_timeout=60)
+                except Exception as e:  # noqa: BLE001 - TVMError or socket error: retry until the deadline
+                    last_error = _last_line(str(e))
+                else:
+                    del session  # ends the session; the server goes back to accepting
+                    return
+            if time.monotonic() > deadline:
+                log = self._log_text()
+                why = last_error or (_last_line(log) if log.strip() else "nothing in its log yet")
+                raise EmulatorError(f"{self._what()} did not answer within {timeout:.0f} s: {why}")
+            time.sleep(0.2)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The server's exit status once it has ended (None if still running after `timeout` s)."""
+        if self._proc is None:
+            raise EmulatorError(f"{self._what()} is closed")
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        """Kill the server's process group (its sessions and worker too) and remove its folder."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        folder, self._folder = self._folder, None
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_proc", None) is not None or getattr(self, "_folder", None) is not None:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if getattr(self, "_proc", None) is not None else "closed"
+        return f"RPCServer({self._host}:{getattr(self, '_port', None)}, cpu={self.cpu}, {state})"
+
+
+def _exit_status(code: int, cpu: str) -> str:
+    if code < 0:
+        how = f"was killed by {signal.Signals(-code).name}"
+        if code == -signal.SIGILL:
+            how += f" (an instruction that {cpu} does not have)"
+        return how
+    return f"exited with status {code}"
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bitrl_compile.emulator setup` builds the cache; `... python ARGS` runs the guest."""
+    """`python -m bitrl_compile.emulator setup` builds the cache; `... python ARGS` runs the guest;
+    `... rpc-server` runs TVM's RPC server in it."""
     argv = sys.argv[1:] if argv is None else argv
-    usage = ("usage: python -m bitrl_compile.emulator setup            build the aarch64 Python cache\n"
-             "       python -m bitrl_compile.emulator python [--cpu CPU] ARGS...   run it under qemu")
-    if argv[:1] == ["setup"]:
+    usage = ("usage: python -m bitrl_compile.emulator setup [--tvm]     build the aarch64 Python cache "
+             "(--tvm: and the guest TVM)\n"
+             "       python -m bitrl_compile.emulator python [--cpu CPU] ARGS...   run it under qemu\n"
+             "       python -m bitrl_compile.emulator rpc-server [--cpu CPU] [--host HOST] [--port PORT]\n"
+             "                                       TVM's RPC server under qemu, in the foreground")
+    if argv[:1] == ["setup"] and argv[1:] in ([], ["--tvm"]):
         try:
             py = ensure_aarch64_python()
+            tvm_site = ensure_guest_tvm() if argv[1:] == ["--tvm"] else None
         except EmulatorError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"aarch64 Python: {py.python}\nsite: {py.site}\nlibtvm_runtime: {py.libtvm_runtime}")
+        if tvm_site is not None:
+            print(f"tvm site: {tvm_site}")
         return 0
+    if argv[:1] == ["rpc-server"]:
+        return _rpc_server_main(argv[1:])
     if argv[:1] == ["python"]:
         args, cpu = argv[1:], DEFAULT_CPU
         if args[:1] == ["--cpu"] and len(args) >= 2:
@@ -558,6 +830,37 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.call(command)
     print(usage, file=sys.stderr)
     return 2
+
+
+def _rpc_server_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bitrl_compile.emulator rpc-server",
+        description="TVM's RPC server in the aarch64 Python under qemu; Ctrl-C stops it.")
+    parser.add_argument("--cpu", default=DEFAULT_CPU,
+                        help=f"qemu CPU model (default {DEFAULT_CPU}, Raspberry Pi 4)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (0.0.0.0: reachable from other machines)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on SIGTERM too (__exit__)
+    try:
+        with RPCServer(args.cpu, host=args.host, port=args.port) as server:
+            print(f"{server.address}  (TVM RPC server, {QEMU} -cpu {args.cpu}; Ctrl-C stops it)", flush=True)
+            shown = len(server._log_text())
+            while (code := server.wait(timeout=0.5)) is None:
+                text = server._log_text()  # the server's log lines (sessions, loaded modules) on stderr
+                sys.stderr.write(text[shown:])
+                shown = len(text)
+            sys.stderr.write(server._log_text()[shown:])
+            print(f"error: the server {_exit_status(code, args.cpu)}", file=sys.stderr)
+            return 1
+    except EmulatorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -197,3 +197,14 @@ def intrinsic(isa: str, nl: int, kg: int, rows: int) -> str:
     if TensorIntrin.get(name, allow_missing=True) is None:
         TensorIntrin.register(name, _desc(nl, kg, rows), IMPLEMENTATIONS[isa](nl, kg, rows))
     return name
+
+
+def register_all() -> None:
+    """Register the intrinsic of every kernel spec (GEMV and GEMM rows): MetaSchedule replays stored
+    traces, whose tensorize steps name them, when it opens a database."""
+    from . import KERNELS
+
+    for spec in KERNELS:
+        if spec.isa in IMPLEMENTATIONS:
+            for rows in {1, spec.rows}:
+                intrinsic(spec.isa, spec.tile_n, spec.tile_k, rows)

@@ -26,6 +26,9 @@ policy step). Output tiles are split across threads when a layer is large enough
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import tvm
 from tvm import te
 from tvm import tirx as T
@@ -44,14 +47,15 @@ def kernel_name(k: int, n: int, activation: str, per_channel: bool) -> str:
 
 
 def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bool = False,
-                       spec: KernelSpec | None = None):
-    """The unscheduled BitLinear PrimFunc for a K -> N layer, weights in spec.layout."""
+                       spec: KernelSpec | None = None, batch: int | None = None):
+    """The unscheduled BitLinear PrimFunc for a K -> N layer, weights in spec.layout; symbolic in the
+    batch unless `batch` is given (tuning measures a concrete batch)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not fusable; expected one of {ACTIVATIONS}")
     spec = spec or kernel_spec(None)
     nt, kb, nl, kg = tiles_packed_shape(n, k, spec.layout)
     kp = kb * 4 * kg
-    batch = T.Var("batch", "int64")
+    batch = T.Var("batch", "int64") if batch is None else T.const(batch, "int64")
     x = te.placeholder((batch, k), "float32", name="x")
     w = te.placeholder((nt, kb, nl, kg), "uint8", name="w")
     gamma = te.placeholder((n if per_channel else 1,), "float32", name="gamma")
@@ -112,7 +116,7 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
 
     y = te.compute((batch, n), epilogue, name="y")
     func = te.create_prim_func([x, w, gamma, bias, y])
-    return func.with_attrs({"global_symbol": kernel_name(k, n, activation, per_channel),
+    return func.with_attrs({"global_symbol": kernel_name(k, n, activation, per_channel), "bitrl.activation": activation,
                             "bitrl.isa": spec.isa, "bitrl.weight_layout": spec.layout, "bitrl.n": n, "bitrl.k": k})
 
 
@@ -126,11 +130,39 @@ def _vectorize_lanes(sch, block: str) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def schedule_default(func, spec: KernelSpec | None = None):
-    """The hand-written default schedule for the spec's ISA (tuned schedules come from a database)."""
-    spec = spec or kernel_spec(isa=str(func.attrs["bitrl.isa"]))
-    sch = tvm.s_tir.Schedule(func)
+@dataclass(frozen=True)
+class Knobs:
+    """The schedule's tunable choices; the defaults are the hand-written schedule.
+
+    For each row path (GEMV: the batch % rows tail rows, one at a time; GEMM: register blocks of
+    spec.rows rows): `*_tiles` output tiles computed side by side for each step of K (independent
+    accumulators that share one activation load), `*_unroll` steps of K unrolled. Every choice keeps
+    the integer math and the epilogue as they are, so any point of the space is bit-exact.
+    """
+
+    gemv_tiles: int = 1
+    gemv_unroll: int = 1
+    gemm_tiles: int = 1
+    gemm_unroll: int = 1
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_KNOBS = Knobs()
+
+
+def kernel_shape(func, spec: KernelSpec) -> tuple[int, int]:
+    """(NT, KB) of a kernel: output tiles and K steps, the extents the knobs must divide."""
+    nt, kb, _, _ = tiles_packed_shape(int(func.attrs["bitrl.n"]), int(func.attrs["bitrl.k"]), spec.layout)
+    return nt, kb
+
+
+def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
+    """Schedule the kernel in `sch` (a tvm.s_tir.Schedule of bitlinear_primfunc) with the given knobs."""
+    func = sch.mod["main"]
     k, n = int(func.attrs["bitrl.k"]), int(func.attrs["bitrl.n"])
+    nt, kb_extent = kernel_shape(func, spec)
     vl = spec.vector
 
     if int(sch.get(sch.get_loops(sch.get_sblock("amax_lanes"))[1]).extent) > 1:
@@ -142,26 +174,43 @@ def schedule_default(func, spec: KernelSpec | None = None):
         sch.vectorize(sch.split(lanes, [None, vl])[1])
 
     parallel = k * n >= PARALLEL_MIN_WORK
-    for block, rows in (("acc_block", spec.rows), ("acc_row", 1)):
+    for block, rows, tiles, unroll in (("acc_block", spec.rows, knobs.gemm_tiles, knobs.gemm_unroll),
+                                       ("acc_row", 1, knobs.gemv_tiles, knobs.gemv_unroll)):
         if rows == 1 and block == "acc_block":
             continue
+        if nt % tiles or kb_extent % unroll:
+            raise ValueError(f"knobs {knobs} do not divide the kernel's {nt} tiles x {kb_extent} K steps")
         blk = sch.get_sblock(block)
         t, r, jo, ji, kb, q, kk = sch.get_loops(blk)
-        sch.reorder(jo, t, kb, r, ji, q, kk)
+        jo_o, jo_i = sch.split(jo, [None, tiles])
+        kb_o, kb_i = sch.split(kb, [None, unroll])
+        sch.reorder(jo_o, t, kb_o, kb_i, jo_i, r, ji, q, kk)
         if parallel:
-            sch.parallel(jo)
-        sch.decompose_reduction(blk, kb)
+            sch.parallel(jo_o)
+        sch.decompose_reduction(blk, kb_o)
+        if unroll > 1:
+            sch.unroll(kb_i)
+        if tiles > 1:
+            sch.unroll(jo_i)
         if spec.isa != "generic":
             sch.tensorize(r if rows > 1 else ji, intrinsics.intrinsic(spec.isa, spec.tile_n, spec.tile_k, rows))
 
     _, j = sch.get_loops(sch.get_sblock("y"))
     if n % vl == 0:
         sch.vectorize(sch.split(j, [None, vl])[1])
+
+
+def schedule_default(func, spec: KernelSpec | None = None, knobs: Knobs = DEFAULT_KNOBS):
+    """The kernel scheduled with `knobs`: by default the hand-written schedule of the spec's ISA
+    (tuned knobs come from a MetaSchedule database, targets/tuning.py)."""
+    spec = spec or kernel_spec(isa=str(func.attrs["bitrl.isa"]))
+    sch = tvm.s_tir.Schedule(func)
+    apply_schedule(sch, spec, knobs)
     return sch.mod["main"]
 
 
 def bitlinear_kernel(k: int, n: int, activation: str = "none", per_channel: bool = False, target=None,
-                     spec: KernelSpec | None = None):
-    """The scheduled kernel for a tvm.target.Target (or an explicit spec)."""
+                     spec: KernelSpec | None = None, knobs: Knobs = DEFAULT_KNOBS):
+    """The scheduled kernel for a tvm.target.Target (or an explicit spec), with the default or given knobs."""
     spec = spec or kernel_spec(target)
-    return schedule_default(bitlinear_primfunc(k, n, activation, per_channel, spec), spec)
+    return schedule_default(bitlinear_primfunc(k, n, activation, per_channel, spec), spec, knobs)

@@ -1,0 +1,541 @@
+"""MetaSchedule tuning of the BitLinear kernels, and the per-target databases that compiles apply.
+
+The design space is the hand-written schedule with its knobs (`kernels.Knobs`): per row path (GEMV
+tail rows, register-blocked GEMM rows) how many output tiles run side by side and how many K steps
+are unrolled. MetaSchedule samples it (`sample_categorical`, one per knob that has a choice), builds
+each candidate (cross-compiled for aarch64), measures it locally or on a board through TVM RPC, and
+keeps the records in a JSON database. Every point of the space computes the same integers, and the
+winner is still checked against the numpy reference before it is stored.
+
+A workload is one kernel at one concrete batch (`workload()`: batch 1 is a policy step and tunes the
+GEMV path; a batch >= spec.rows tunes the GEMM path). A compile looks its kernels up in the target's
+database (`targets/tuned/<target>/`, `--db DIR` for another one): GEMV knobs from the best record at a
+batch below spec.rows, GEMM knobs from the best at a batch of at least spec.rows, each only if the
+stored workload is structurally equal to the kernel built now (a changed kernel makes its records
+stale, and the compile falls back to the default schedule and says so).
+
+The search is `replay-func`: each candidate re-runs the space function, because which schedule
+instructions run depends on the sampled knobs (a trace replayed with other decisions would not be a
+valid schedule), and the space is small enough (at most 4^4 points) that sampling covers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+import tvm_ffi
+
+from bitrl_compile.targets import Target, get_target, intrinsics, kernel_spec, kernels, tvm_target
+from bitrl_compile.targets.kernels import DEFAULT_KNOBS, Knobs
+
+SPACE_VERSION = 1           # bump when the meaning of the knobs changes: older records are then ignored
+CHOICES = {"tiles": (1, 2, 4, 8), "unroll": (1, 2, 4, 8)}
+DB_ROOT = Path(__file__).resolve().parent / "tuned"
+RPC_HELP = ("on the board run `python3 -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090` "
+            "(pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 there), then pass --rpc BOARD:9090")
+
+
+class TuneError(RuntimeError):
+    """Tuning cannot run as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    """One BitLinear kernel of a model: a K -> N layer with its activation and scale kind."""
+
+    k: int
+    n: int
+    activation: str = "none"
+    per_channel: bool = False
+
+    @property
+    def name(self) -> str:
+        return kernels.kernel_name(self.k, self.n, self.activation, self.per_channel)
+
+
+def workload(key: KernelKey, spec, batch: int):
+    """The PrimFunc MetaSchedule tunes: the unscheduled kernel at a concrete batch."""
+    func = kernels.bitlinear_primfunc(key.k, key.n, key.activation, key.per_channel, spec, batch=batch)
+    return func.with_attrs({"bitrl.batch": batch, "bitrl.space": SPACE_VERSION})
+
+
+def knob_slots(func, spec) -> list[tuple[str, list[int]]]:
+    """The knobs a workload samples, in order, with their options (the divisors of the extents)."""
+    batch = int(func.attrs["bitrl.batch"])
+    nt, kb = kernels.kernel_shape(func, spec)
+    slots = []
+    for path, used in (("gemv", spec.rows == 1 or batch % spec.rows != 0), ("gemm", spec.rows > 1 and batch >= spec.rows)):
+        for knob, extent in (("tiles", nt), ("unroll", kb)):
+            options = [c for c in CHOICES[knob] if extent % c == 0]
+            if used and len(options) > 1:
+                slots.append((f"{path}_{knob}", options))
+    return slots
+
+
+def _spec_of(func):
+    return kernel_spec(isa=str(func.attrs["bitrl.isa"]))
+
+
+def design_space(sch, forced: Knobs | None = None) -> None:
+    """MetaSchedule's space function: sample the knobs (or take `forced` ones), apply the schedule."""
+    func = sch.mod["main"]
+    spec = _spec_of(func)
+    values = {}
+    for name, options in knob_slots(func, spec):
+        decision = None if forced is None else options.index(getattr(forced, name))
+        rv = sch.sample_categorical(options, [1.0 / len(options)] * len(options), decision=decision)
+        values[name] = int(sch.get(rv))
+    kernels.apply_schedule(sch, spec, Knobs(**values))
+
+
+def knobs_of(trace, func, spec) -> Knobs:
+    """The knobs a record's trace chose for a workload (the inverse of design_space)."""
+    slots = knob_slots(func, spec)
+    samples = [inst for inst in trace.insts if inst.kind.name == "SampleCategorical"]
+    if len(samples) != len(slots):
+        raise ValueError(f"trace samples {len(samples)} knobs, the space has {len(slots)}")
+    values = {}
+    for (name, options), inst in zip(slots, samples):
+        if [int(c) for c in inst.attrs[0]] != options:
+            raise ValueError(f"trace's options for {name} differ from the space's {options}")
+        values[name] = options[int(trace.get_decision(inst))]
+    return Knobs(**values)
+
+
+def trace_for(func, knobs: Knobs):
+    """A MetaSchedule trace of the space at the given knobs (to store the default as a record)."""
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    design_space(sch, forced=knobs)
+    return sch.trace
+
+
+# ------------------------------------------------------------------------------------ databases
+#
+# The repository keeps one small JSON file per target: a record per (kernel, ISA, batch) with the
+# knobs and the measured times. MetaSchedule's own JSON database stores every workload as a serialized
+# PrimFunc (about 150 KB per kernel), too large to review; the workloads are a deterministic function
+# of the kernel's parameters, so a record stores those plus the workload's structural hash, and
+# `ms_database()` rebuilds a MetaSchedule database (workloads and traces) from the file when needed.
+
+FORMAT = "bitrl-tuning"
+
+
+def database_path(target: Target, tvm_tgt=None, folder: str | os.PathLike | None = None) -> Path:
+    """The database file of a target: FOLDER/<target>.json (default folder: targets/tuned in the
+    repository); `host` is per CPU model (host-znver3.json)."""
+    name = target.name
+    if name == "host":
+        tvm_tgt = tvm_tgt if tvm_tgt is not None else tvm_target(target)
+        name = f"host-{tvm_tgt.attrs.get('mcpu', 'generic')}"
+    return (Path(folder) if folder is not None else DB_ROOT) / f"{name}.json"
+
+
+def workload_hash(func) -> str:
+    return f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}"
+
+
+def load_database(path: Path) -> list[dict]:
+    """The records of a database file ([] when it does not exist); one clear line when it is broken."""
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError("not a bitrl-compile tuning database")
+        records = data["records"]
+        for r in records:
+            Knobs(**r["knobs"])
+            KernelKey(int(r["k"]), int(r["n"]), str(r["activation"]), bool(r["per_channel"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise TuneError(f"tuning database {path} is unreadable ({e}); fix or delete it, or pass --no-tuning") from e
+    return records
+
+
+def save_database(path: Path, records: list[dict]) -> None:
+    """Write the records sorted, atomically (a temporary file renamed over the old one)."""
+    records = sorted(records, key=lambda r: (r["isa"], r["kernel"], r["batch"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": FORMAT, "version": 1, "records": records}, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def ms_database(path: Path, work_dir: str | os.PathLike):
+    """A MetaSchedule JSONDatabase in `work_dir` holding the file's records as workloads + traces."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db = ms.database.JSONDatabase(str(Path(work_dir) / "database_workload.json"),
+                                  str(Path(work_dir) / "database_tuning_record.json"), allow_missing=True)
+    for r in load_database(path):
+        key = KernelKey(int(r["k"]), int(r["n"]), r["activation"], bool(r["per_channel"]))
+        func = workload(key, kernel_spec(isa=r["isa"]), int(r["batch"]))
+        wl = db.commit_workload(tvm.IRModule({"main": func}))
+        db.commit_tuning_record(ms.database.TuningRecord(
+            trace_for(func, Knobs(**r["knobs"])), wl, [r["us"] * 1e-6], tvm.target.Target(r["target"]),
+            ms.arg_info.ArgInfo.from_prim_func(func)))
+    return db
+
+
+@dataclass
+class KernelSchedule:
+    """What a compile uses for one kernel: the knobs and where they came from (for the manifest)."""
+
+    knobs: Knobs
+    source: str                                  # "tuned" | "default"
+    detail: dict = field(default_factory=dict)   # per path: batch, µs, database; or why default
+
+    def manifest(self) -> dict:
+        return {"schedule": self.source, "knobs": self.knobs.as_dict(), **self.detail}
+
+
+class TunedSchedules:
+    """The records of one database file, looked up by kernel at compile time (read-only)."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path is not None else None
+        self.records = load_database(self.path) if self.path is not None else []
+
+    def lookup(self, key: KernelKey, spec) -> KernelSchedule:
+        best: dict[str, dict] = {}
+        stale = 0
+        for r in self.records:
+            if r["kernel"] != key.name or r["isa"] != spec.isa:
+                continue
+            batch = int(r["batch"])
+            func = workload(key, spec, batch)
+            knobs = Knobs(**r["knobs"])
+            nt, kb = kernels.kernel_shape(func, spec)
+            if r.get("space") != SPACE_VERSION or r.get("workload_hash") != workload_hash(func) or \
+                    any(v < 1 or (nt if name.endswith("tiles") else kb) % v for name, v in knobs.as_dict().items()):
+                stale += 1
+                continue
+            # GEMV knobs from the smallest batch with tail rows (a policy step), GEMM knobs from the
+            # largest batch with register blocks.
+            gemv = spec.rows == 1 or batch % spec.rows != 0
+            gemm = spec.rows > 1 and batch >= spec.rows
+            if gemv and ("gemv" not in best or batch < best["gemv"]["batch"]):
+                best["gemv"] = r
+            if gemm and ("gemm" not in best or batch > best["gemm"]["batch"]):
+                best["gemm"] = r
+        if not best:
+            why = f"{stale} stale record(s): the kernel changed since tuning" if stale else "no tuning record"
+            where = str(self.path) if self.path is not None else "no database"
+            return KernelSchedule(DEFAULT_KNOBS, "default", {"reason": f"{why} ({where})"})
+        values = DEFAULT_KNOBS.as_dict()
+        detail = {"database": str(self.path)}
+        for path, r in sorted(best.items()):
+            values.update({k: v for k, v in r["knobs"].items() if k.startswith(path)})
+            detail[path] = {"batch": r["batch"], "us": r["us"], "default_us": r["default_us"]}
+        return KernelSchedule(Knobs(**values), "tuned", detail)
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+def _export(cc: str | None, mod) -> str:
+    """MetaSchedule builder export: a shared library, cross-compiled for aarch64 targets."""
+    from tvm.support import cc as tvm_cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bitrl-tune-"), "kernel.so")
+    if cc:
+        mod.export_library(path, fcompile=tvm_cc.cross_compiler(cc))
+    else:
+        mod.export_library(path)
+    return path
+
+
+def _connect(rpc_config):
+    """MetaSchedule runner session: straight to the board's RPC server (no tracker)."""
+    from tvm import rpc
+
+    return rpc.connect(rpc_config.tracker_host, int(rpc_config.tracker_port),
+                       session_timeout=rpc_config.session_timeout_sec)
+
+
+def parse_rpc(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise TuneError(f"--rpc expects HOST:PORT (e.g. 192.168.1.20:9090), got {address!r}")
+    return host, int(port)
+
+
+class Device:
+    """Where kernels run for checking and timing: this machine, or a board through TVM RPC."""
+
+    def __init__(self, target: Target, rpc: str | None, timeout: float = 600):
+        self.target, self.rpc, self.session = target, rpc, None
+        if rpc is not None:
+            from tvm import rpc as tvm_rpc
+
+            host, port = parse_rpc(rpc)
+            try:
+                self.session = tvm_rpc.connect(host, port, session_timeout=timeout)
+            except Exception as e:
+                raise TuneError(f"cannot reach the RPC server at {rpc}: {str(e).strip().splitlines()[-1]}; "
+                                f"{RPC_HELP}") from e
+        self.device = self.session.cpu() if self.session is not None else tvm.cpu()
+
+    def load(self, func, tvm_tgt):
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_tgt)
+        if self.session is None:
+            return lib.jit()
+        path = _export(self.target.cc, lib)
+        try:
+            self.session.upload(path)
+        finally:
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        return self.session.load_module("kernel.so")
+
+    def tensor(self, array):
+        return tvm.runtime.tensor(array, device=self.device)
+
+
+def _inputs(key: KernelKey, spec, batch: int, seed: int):
+    from bitrl_compile.runtime.weights import pack_tiles
+
+    rng = np.random.default_rng(seed)
+    w_t = rng.integers(-1, 2, (key.n, key.k)).astype(np.int8)
+    gamma = rng.uniform(0.01, 2, key.n if key.per_channel else 1).astype(np.float32)
+    bias = rng.standard_normal(key.n).astype(np.float32)
+    x = (rng.standard_normal((batch, key.k)) * rng.uniform(0.01, 10, (batch, 1))).astype(np.float32)
+    return x, w_t, pack_tiles(w_t, spec.layout), gamma, bias
+
+
+def verify(key: KernelKey, spec, knobs: Knobs, device: Device, tvm_tgt, batches: Iterable[int]) -> str | None:
+    """Run the symbolic-batch kernel with `knobs` on the device and compare it with the numpy
+    reference (bit for bit for none/relu; within 1e-6 for tanh/sigmoid, whose float functions differ
+    by an ulp between TVM and numpy). Returns None when it matches, else what differed."""
+    from bitrl_compile import quant
+    from bitrl_compile.passes.bitlinear_op import apply_activation
+
+    fn = device.load(kernels.bitlinear_kernel(key.k, key.n, key.activation, key.per_channel, spec=spec,
+                                              knobs=knobs), tvm_tgt)[key.name]
+    for batch in sorted(set(batches)):
+        x, w_t, w, gamma, bias = _inputs(key, spec, batch, seed=batch)
+        y = device.tensor(np.zeros((batch, key.n), np.float32))
+        fn(device.tensor(x), device.tensor(w), device.tensor(gamma), device.tensor(bias), y)
+        got = y.numpy()
+        want = apply_activation(quant.bitlinear_reference(x, w_t, gamma, bias), key.activation)
+        exact = key.activation in ("none", "relu")
+        if (exact and not np.array_equal(got, want)) or (not exact and not np.allclose(got, want, rtol=0, atol=1e-6)):
+            bad = int(np.sum(got != want))
+            return f"batch {batch}: {bad} of {got.size} outputs differ from the reference"
+    return None
+
+
+def time_pair(key: KernelKey, spec, knobs: Knobs, batch: int, device: Device, tvm_tgt,
+              rounds: int = 5, min_repeat_ms: int = 50) -> tuple[float, float]:
+    """Seconds per call of the default and the `knobs` kernels at `batch`, measured side by side on
+    the device (TVM's time_evaluator, taking turns; the median of `rounds` turns each)."""
+    x, _, w, gamma, bias = _inputs(key, spec, batch, seed=0)
+    args = [device.tensor(a) for a in (x, w, gamma, bias, np.zeros((batch, key.n), np.float32))]
+    timers = []
+    for k in (DEFAULT_KNOBS, knobs):
+        mod = device.load(kernels.schedule_default(workload(key, spec, batch), spec, k), tvm_tgt)
+        timers.append(mod.time_evaluator(key.name, device.device, number=1, repeat=1, min_repeat_ms=min_repeat_ms))
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            times[i].append(float(timer(*args).mean))
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+# ------------------------------------------------------------------------------------ tuning
+
+@dataclass
+class TuneRow:
+    kernel: str
+    batch: int
+    default_us: float
+    tuned_us: float
+    knobs: dict
+    trials: int
+    stored: str            # "tuned" | "default" (the default was faster) | "rejected: ..."
+
+    @property
+    def speedup(self) -> float:
+        return self.default_us / self.tuned_us if self.tuned_us else 0.0
+
+
+def _progress_callback(total: int):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class Progress(PyMeasureCallback):
+        def __init__(self):
+            self.done, self.best, self.started = 0, {}, time.monotonic()
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            name = str(task_scheduler.tasks_[task_id].ctx.task_name)
+            for result in runner_results:
+                self.done += 1
+                secs = [float(s) for s in (result.run_secs or [])]
+                if secs and result.error_msg is None:
+                    self.best[name] = min(self.best.get(name, math.inf), float(np.median(secs)))
+            width = 30
+            filled = int(width * min(self.done, total) / max(total, 1))
+            best = self.best.get(name)
+            best = f"{best * 1e6:.2f} µs" if best is not None else "no successful trial yet"
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} trials, "
+                  f"{time.monotonic() - self.started:.0f} s; {name}: best {best}\033[K",
+                  end="", file=sys.stderr, flush=True)
+
+    return Progress()
+
+
+def _ms_records(work: Path) -> list:
+    """The tuning records MetaSchedule wrote into its work folder (opening them replays the traces,
+    which needs our tensor intrinsics registered)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    paths = [work / "database_workload.json", work / "database_tuning_record.json"]
+    if not all(p.is_file() for p in paths):
+        return []
+    intrinsics.register_all()
+    return list(ms.database.JSONDatabase(*map(str, paths), allow_missing=False).get_all_tuning_records())
+
+
+def _run_secs(record) -> float:
+    secs = [float(s) for s in (record.run_secs or [])]
+    return float(np.median(secs)) if secs else math.inf
+
+
+def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: Iterable[int] = (1,),
+         db: str | os.PathLike | None = None, rpc: str | None = None, work_dir: str | os.PathLike | None = None,
+         threads: int = 1, seed: int = 0, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+         ) -> tuple[list[TuneRow], Path, float]:
+    """Tune every kernel at every batch with `trials` MetaSchedule trials each, verify the best
+    candidates against the reference on the device, time them against the default schedule side by
+    side and store the faster of the two in the database (`db`: a folder, default targets/tuned).
+    Returns (rows, database file, seconds spent).
+
+    Ctrl-C stops the search; what was measured until then is verified and stored as usual."""
+    import logging
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from bitrl_compile.runtime.policy import host_arch
+
+    started = time.monotonic()
+    target = get_target(target_name)
+    tvm_tgt = tvm_target(target)
+    spec = kernel_spec(tvm_tgt)
+    path = database_path(target, tvm_tgt, db)
+    records = load_database(path)  # fail early on a broken file, before any trial
+    if target.arch != host_arch() and rpc is None:
+        raise TuneError(f"target {target.name} runs on {target.arch}: timings need the device; {RPC_HELP}")
+    if trials < 1:
+        raise TuneError("--trials must be at least 1")
+    keys, batches = list(dict.fromkeys(keys)), sorted(set(batches))
+    if not keys:
+        raise TuneError("the model has no BitLinear kernel to tune")
+    tasks = {f"{key.name}_b{batch}": (key, batch) for key in keys for batch in batches}
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # the runner's workers inherit it
+    device = Device(target, rpc)
+
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=20 if rpc is None else 5)
+    if rpc is None:
+        runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60)
+    else:
+        host, port = parse_rpc(rpc)
+        runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, port, "bitrl", session_timeout_sec=600),
+                                     evaluator_config=evaluator, f_create_session=_connect, timeout_sec=600)
+    builder = ms.builder.LocalBuilder(f_export=functools.partial(_export, target.cc), timeout_sec=120)
+    space = ms.space_generator.ScheduleFn(design_space, sch_rules=[], postprocs=[], mutator_probs={})
+    mod = tvm.IRModule({name: workload(key, spec, batch).with_attr("global_symbol", name)
+                        for name, (key, batch) in tasks.items()})
+
+    with contextlib.ExitStack() as stack:
+        work = Path(work_dir) if work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bitrl-tune-")))
+        log(f"tuning {len(tasks)} kernel workload(s) for {target.name} ({spec.isa} kernels), {trials} trials each, "
+            f"measured {'on ' + rpc if rpc else 'here'} with {threads} thread(s); MetaSchedule logs in {work}/logs")
+        total = trials * len(tasks)
+        interrupted = False
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        level = ms_logger.level
+        ms_logger.setLevel(logging.WARNING)  # its per-round tables go to the log files, not the console
+        try:
+            ms.tune_tir(mod, tvm_tgt, str(work), max_trials_global=total, max_trials_per_task=trials,
+                        num_trials_per_iter=min(trials, 8), builder=builder, runner=runner, cost_model="random",
+                        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                           _progress_callback(total)],
+                        task_scheduler="round-robin", space=space, strategy="replay-func", seed=seed,
+                        num_tuning_cores=1)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            ms_logger.setLevel(level)
+            print(file=sys.stderr)
+        if interrupted:
+            log("interrupted: verifying and storing what was measured so far")
+        search_s = time.monotonic() - started
+        found = _ms_records(work)
+
+        rows = []
+        for name, (key, batch) in tasks.items():
+            func = workload(key, spec, batch)
+            mine = sorted((r for r in found if str(r.workload.mod["main"].attrs["global_symbol"]) == name),
+                          key=_run_secs)
+            candidates = list(dict.fromkeys(knobs_of(r.trace, func, spec) for r in mine if _run_secs(r) < math.inf))
+            chosen, stored = None, "no successful trial: default kept"
+            for knobs in candidates[:3]:  # the fastest that computes exactly what the reference does
+                problem = verify(key, spec, knobs, device, tvm_tgt,
+                                 [b for b in (1, spec.rows - 1, spec.rows, spec.rows + 1, 2 * spec.rows + 1, batch) if b >= 1])
+                if problem is None:
+                    chosen = knobs
+                    break
+                stored = f"rejected {knobs.as_dict()} ({problem}): default kept"
+                log(f"{name}: {stored}")
+            default_s, tuned_s = time_pair(key, spec, chosen or DEFAULT_KNOBS, batch, device, tvm_tgt)
+            if chosen is None or chosen == DEFAULT_KNOBS or tuned_s >= default_s:
+                stored = "default is fastest" if chosen is not None else stored
+                chosen, tuned_s = DEFAULT_KNOBS, default_s
+            else:
+                stored = "tuned"
+            records = [r for r in records if (r["kernel"], r["isa"], r["batch"]) != (key.name, spec.isa, batch)]
+            if candidates:  # an untried workload leaves no record: the compile says it is untuned
+                records.append({"kernel": key.name, "k": key.k, "n": key.n, "activation": key.activation,
+                                "per_channel": key.per_channel, "isa": spec.isa, "batch": batch,
+                                "space": SPACE_VERSION, "workload_hash": workload_hash(func),
+                                "knobs": chosen.as_dict(), "us": round(tuned_s * 1e6, 3),
+                                "default_us": round(default_s * 1e6, 3), "trials": len(mine),
+                                "threads": threads, "target": str(tvm_tgt),
+                                "measured_on": rpc or "localhost"})
+            rows.append(TuneRow(key.name, batch, default_s * 1e6, tuned_s * 1e6, chosen.as_dict(), len(mine), stored))
+        save_database(path, records)
+    log(f"search {search_s:.0f} s, verification and timing {time.monotonic() - started - search_s:.0f} s; "
+        f"database: {path}")
+    return rows, path, time.monotonic() - started
+
+
+def summary(rows: list[TuneRow]) -> str:
+    """The table the CLI prints: per kernel and batch, default µs, tuned µs, speedup, knobs."""
+    header = f"{'kernel':<40} {'batch':>5} {'trials':>6} {'default µs':>11} {'tuned µs':>10} {'speedup':>8}  knobs / stored"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        knobs = " ".join(f"{k}={v}" for k, v in r.knobs.items() if v != 1) or "(default)"
+        lines.append(f"{r.kernel:<40} {r.batch:>5} {r.trials:>6} {r.default_us:>11.2f} {r.tuned_us:>10.2f} "
+                     f"{r.speedup:>7.2f}x  {knobs} / {r.stored}")
+    return "\n".join(lines)
+
+
