@@ -6,6 +6,7 @@
     bitrl-compile train --env CartPole-v1 --steps 100000   PPO (frozen ternary backbone + heads, or a whole MLP)
     bitrl-compile finetune policy.zip --env CartPole-v1    QAT of an fp32 policy so its ternary version keeps the return
     bitrl-compile bench model.zip --env CartPole-v1        memory, latency, energy estimate, return kept: report + plots
+    bitrl-compile tune model.zip --target rasp4 --rpc PI:9090   MetaSchedule tuning into targets/tuned/rasp4.json
     bitrl-compile demo                                     the built-in example, end to end
     bitrl-compile targets                                  the known targets
 
@@ -90,10 +91,13 @@ def main():
 @click.option("--bundle-runtime", is_flag=True,
               help="put the target's libtvm_runtime.so (3 MB) in the artifact: the device then needs only "
                    "`pip install apache-tvm-ffi numpy`")
+@click.option("--db", "tuning_db", type=click.Path(file_okay=False),
+              help="folder of tuning databases (<target>.json) [default: the repository's targets/tuned]")
+@click.option("--no-tuning", is_flag=True, help="use the default kernel schedules, ignoring tuning databases")
 @click.option("--force", is_flag=True, help="overwrite the output file")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, features,
-                bundle_runtime, force, debug):
+                bundle_runtime, tuning_db, no_tuning, force, debug):
     """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet backbone folder)."""
     with _guard(debug):
         from bitrl_compile.frontends import load_policy
@@ -111,7 +115,7 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
 
             loaded = features_policy(loaded)
         result = compile_policy(loaded, target, out, per_channel=per_channel, force=force,
-                                bundle_runtime=bundle_runtime,
+                                bundle_runtime=bundle_runtime, tuning_db=tuning_db, tuning=not no_tuning,
                                 log=lambda s: click.echo(f"  {s}", err=True))
         click.echo(_summary(result.manifest, out, time.perf_counter() - t0))
 
@@ -126,6 +130,12 @@ def _summary(manifest: dict, path: Path, seconds: float | None = None) -> str:
     for layer in layers:
         lines.append(f"    {layer['name']:<12} {layer['in']:>6} -> {layer['out']:<6} {layer['activation']:<8} "
                      f"{layer['layout']} ({layer['weight_bits_per_param']:g} bits/weight), {layer['scale']}")
+    for kernel in manifest.get("kernels", []):
+        knobs = " ".join(f"{k}={v}" for k, v in kernel["knobs"].items() if v != 1) or "default knobs"
+        where = (", ".join(f"{p} tuned at batch {kernel[p]['batch']}: {kernel[p]['us']:g} µs vs default "
+                           f"{kernel[p]['default_us']:g} µs" for p in ("gemv", "gemm") if p in kernel)
+                 if kernel["schedule"] == "tuned" else f"default schedule: {kernel.get('reason', 'tuning off')}")
+        lines.append(f"    kernel {kernel['kernel']:<36} {kernel['isa']:<12} {knobs}; {where}")
     if seconds is not None:
         lines.append(f"  compiled in {seconds:.1f} s")
     return "\n".join(lines)
@@ -157,6 +167,49 @@ def inspect_cmd(artifact, as_json, debug):
         if stats.get("ternary_weights"):
             bits = 8 * stats["param_bytes"] / stats["ternary_weights"]
             click.echo(f"  parameters: {stats['param_bytes']:,} bytes = {bits:.2f} bits per weight incl. scales/bias")
+
+
+@main.command("tune")
+@click.argument("model", type=click.Path())
+@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, host")
+@click.option("--trials", default=32, show_default=True, help="MetaSchedule trials per kernel and batch")
+@click.option("--batch", "batches", default="1", show_default=True,
+              help="batch sizes to tune, comma-separated: 1 tunes the policy step (GEMV), e.g. 32 the GEMM rows")
+@click.option("--db", "tuning_db", type=click.Path(file_okay=False),
+              help="folder of tuning databases to update (<target>.json) [default: the repository's targets/tuned]")
+@click.option("--rpc", help="HOST:PORT of `python3 -m tvm.exec.rpc_server` on the device (needed for rasp4/rasp5)")
+@click.option("--threads", default=1, show_default=True, help="kernel threads while measuring")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
+@click.option("--env", "env_id", help="gymnasium env id, to read action/observation spaces for bare state_dicts")
+@click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
+@click.option("--per-channel", is_flag=True, help="tune the per-output-channel-scale kernels")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def tune_cmd(model, target, trials, batches, tuning_db, rpc, threads, config, env_id, trust_pickle, per_channel,
+             seed, debug):
+    """Tune MODEL's BitLinear kernels for a target with MetaSchedule and store the result in the
+    target's tuning database, which later compiles apply. Ctrl-C keeps what was found."""
+    with _guard(debug):
+        from bitrl_compile.frontends import load_policy
+        from bitrl_compile.pipeline import kernel_keys
+        from bitrl_compile.targets import tuning
+
+        try:
+            sizes = [int(b) for b in batches.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"--batch expects comma-separated integers, got {batches!r}") from None
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--batch expects batch sizes of at least 1, got {batches!r}")
+        cfg = json.loads(Path(config).read_text()) if config else None
+        if env_id:
+            cfg = dict(cfg or {}, env=env_id)
+        loaded = load_policy(model, config=cfg, trust_pickle=trust_pickle)
+        keys = kernel_keys(loaded, per_channel)
+        rows, path, seconds = tuning.tune(keys, target, trials=trials, batches=sizes, db=tuning_db, rpc=rpc,
+                                          threads=threads, seed=seed, log=lambda s: click.echo(s, err=True))
+        click.echo(tuning.summary(rows))
+        click.echo(f"tuned {len(keys)} kernel(s) x {len(sizes)} batch size(s) in {seconds:.0f} s; "
+                   f"database {path} (compiles for {target} now use it)")
 
 
 def open_policy(path: str):

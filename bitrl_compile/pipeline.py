@@ -117,12 +117,19 @@ def quantize_module(mod, per_channel: bool = False):
     return seq(mod)
 
 
-def lower_module(mod, tvm_target):
-    """legalize_bitlinear -> lift_params. Returns (module ready for tvm.compile, params)."""
+def lower_module(mod, tvm_target, schedules=None):
+    """legalize_bitlinear (with tuned schedules, if given) -> lift_params.
+    Returns (module ready for tvm.compile, params)."""
     from bitrl_compile.passes.legalize_bitlinear import legalize_bitlinear
     from bitrl_compile.passes.lift_params import lift_params
 
-    return lift_params(legalize_bitlinear(tvm_target)(mod))
+    return lift_params(legalize_bitlinear(tvm_target, schedules)(mod))
+
+
+def kernel_schedules(lowered) -> list[dict]:
+    from bitrl_compile.passes.legalize_bitlinear import kernel_schedules as schedules
+
+    return schedules(lowered)
 
 
 def store_weights(lowered, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
@@ -158,6 +165,15 @@ def bitlinear_layers(mod) -> list[dict]:
     return layers
 
 
+def kernel_keys(loaded, per_channel: bool = False) -> list:
+    """The BitLinear kernels a policy compiles to (for `bitrl-compile tune`), one per distinct shape."""
+    from bitrl_compile.targets.tuning import KernelKey
+
+    layers = bitlinear_layers(quantize_module(to_relax(loaded), per_channel))
+    return list(dict.fromkeys(KernelKey(layer["in"], layer["out"], layer["activation"],
+                                        layer["scale"] == "per_channel") for layer in layers))
+
+
 # ------------------------------------------------------------------------------------ compile
 
 def runtime_library(target) -> bytes:
@@ -178,15 +194,18 @@ def runtime_library(target) -> bytes:
 
 
 def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_channel: bool = False,
-                   force: bool = False, bundle_runtime: bool = False,
-                   log: Callable[[str], None] = lambda s: None) -> CompiledPolicy:
+                   force: bool = False, bundle_runtime: bool = False, tuning_db: str | os.PathLike | None = None,
+                   tuning: bool = True, log: Callable[[str], None] = lambda s: None) -> CompiledPolicy:
     """Compile a LoadedPolicy for a target into a policy.bitrl artifact at `output`.
 
     bundle_runtime adds the target's libtvm_runtime.so (3 MB), so the device needs only
-    `pip install apache-tvm-ffi numpy`."""
+    `pip install apache-tvm-ffi numpy`. Kernels take their schedule from the target's tuning
+    database (`targets/tuned/<target>.json`, or the one in the folder `tuning_db`) where it has a
+    record for them, else the default schedule; tuning=False always uses the default."""
     import tvm
 
     from bitrl_compile import targets
+    from bitrl_compile.targets import tuning as tuning_db_mod
 
     target = targets.get_target(target_name)
     targets.check_toolchain(target)
@@ -213,7 +232,14 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
             warnings.warn(f"{layer['name']} ({layer['in']} -> {layer['out']}) has only zero weights after "
                           "ternarization; it will output its bias alone. Check the model.", stacklevel=2)
     tvm_target = targets.tvm_target(target)
-    lowered, params = lower_module(quantized, tvm_target)
+    schedules = tuning_db_mod.TunedSchedules(tuning_db_mod.database_path(target, tvm_target, tuning_db)) \
+        if tuning else None
+    lowered, params = lower_module(quantized, tvm_target, schedules)
+    kernel_table = kernel_schedules(lowered)
+    untuned = [k for k in kernel_table if k["schedule"] != "tuned"]
+    log(f"{len(kernel_table)} kernel(s): {len(kernel_table) - len(untuned)} tuned, {len(untuned)} with the default "
+        "schedule" + (f" ({untuned[0].get('reason', 'tuning off')}; `bitrl-compile tune MODEL --target "
+                      f"{target.name}` tunes them)" if untuned and tuning else ""))
     params, weight_layouts = store_weights(lowered, params)
     for layer in layers:  # stored base-3 in the artifact, unpacked at load into the kernel's tiles
         layer.update(layout="base3", compute_layout=targets.kernel_spec(tvm_target).layout,
@@ -239,6 +265,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
 
     manifest = build_manifest(loaded, target, tvm_target, layers, params)
     manifest["weights"] = weight_layouts
+    manifest["kernels"] = kernel_table
     members = {art.LIB: lib_bytes, art.PARAMS: safetensors_np.dumps(params)}
     if bundle_runtime:
         members[art.RUNTIME] = runtime_library(target)

@@ -4,12 +4,15 @@ Pipeline position: last of ours, after `pack_weights` and before TVM's own build
 (LegalizeOps etc. lower the remaining float ops). Expects 2-bit packed constant weights, and repacks
 them into the compute layout of the target's kernel (`targets.kernel_spec`: 2-bit tiles, see
 runtime/weights.py). One kernel per distinct (K, N, activation, scale kind), shared by layers of the
-same shape; the kernel gets the default schedule of its ISA (`targets.kernels.schedule_default`).
+same shape; the kernel gets the schedule knobs that `schedules` (a `targets.tuning.TunedSchedules`:
+a tuning database) has for it, else the hand-written default schedule of its ISA. Each kernel
+records its schedule in the attribute "bitrl.schedule" (JSON; `kernel_schedules` reads them).
 `weight_params` then tells the artifact writer which parameters are weights in which layout.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import tvm
@@ -25,9 +28,10 @@ from . import bitlinear_op
 
 @mutator
 class _Legalizer(PyExprMutator):
-    def __init__(self, mod, target):
+    def __init__(self, mod, target, schedules):
         super().__init__(mod)
         self.target = target
+        self.schedules = schedules
         self.spec = kernel_spec(target)
         if target is not None and self.spec.isa == "generic":
             warnings.warn(f"no tensorized BitLinear kernel for target {target}; using the generic TIR kernel "
@@ -49,8 +53,16 @@ class _Legalizer(PyExprMutator):
         per_channel = int(op.gamma.ty.shape[0]) > 1
         name = kernels.kernel_name(op.k, n, op.activation, per_channel)
         if name not in self.kernels:
-            func = kernels.bitlinear_kernel(op.k, n, op.activation, per_channel, spec=self.spec)
-            self.kernels[name] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+            schedule = {"schedule": "default", "knobs": kernels.DEFAULT_KNOBS.as_dict()}
+            knobs = kernels.DEFAULT_KNOBS
+            if self.schedules is not None:
+                from bitrl_compile.targets.tuning import KernelKey
+
+                found = self.schedules.lookup(KernelKey(op.k, n, op.activation, per_channel), self.spec)
+                knobs, schedule = found.knobs, found.manifest()
+            func = kernels.bitlinear_kernel(op.k, n, op.activation, per_channel, spec=self.spec, knobs=knobs)
+            func = func.with_attrs({"global_symbol": name, "bitrl.schedule": json.dumps(schedule, sort_keys=True)})
+            self.kernels[name] = self.builder_.add_func(func, name)
         w = relax.const(weights.pack_tiles(layouts.unpack_2bit(packed, op.k), self.spec.layout))
         if op.x.ty.ndim == 2:
             return relax.call_tir(self.kernels[name], [op.x, w, op.gamma, op.bias], call.ty)
@@ -65,18 +77,31 @@ class _Legalizer(PyExprMutator):
         return relax.op.reshape(out, call.ty.shape)
 
 
-def legalize_bitlinear(target=None):
-    """The pass; `target` (a tvm.target.Target or None) selects the kernels' schedule."""
+def legalize_bitlinear(target=None, schedules=None):
+    """The pass; `target` (a tvm.target.Target or None) selects the kernels' ISA, `schedules` (a
+    `targets.tuning.TunedSchedules` or None) their tuned knobs."""
 
     @tvm.transform.module_pass(opt_level=0, name="bitrl.LegalizeBitLinear")
     def _pass(mod, _ctx):
-        legalizer = _Legalizer(mod.clone(), target)
+        legalizer = _Legalizer(mod.clone(), target, schedules)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 legalizer.builder_.update_func(gv, legalizer.visit_expr(func))
         return legalizer.builder_.get()
 
     return _pass
+
+
+def kernel_schedules(mod) -> list[dict]:
+    """The manifest's "kernels": per BitLinear kernel its name, ISA, weight layout and schedule."""
+    out = []
+    for gv, func in sorted(mod.functions.items(), key=lambda kv: kv[0].name_hint):
+        attrs = func.attrs if func.attrs is not None else {}
+        if "bitrl.schedule" in attrs:
+            out.append({"kernel": gv.name_hint, "isa": str(attrs["bitrl.isa"]), "in": int(attrs["bitrl.k"]),
+                        "out": int(attrs["bitrl.n"]), "layout": str(attrs["bitrl.weight_layout"]),
+                        **json.loads(str(attrs["bitrl.schedule"]))})
+    return out
 
 
 def weight_params(mod, func_name: str = "main") -> dict[str, dict]:

@@ -41,6 +41,7 @@ import tvm_ffi
 from bitrl_compile.targets import Target, get_target, intrinsics, kernel_spec, kernels, tvm_target
 from bitrl_compile.targets.kernels import DEFAULT_KNOBS, Knobs
 
+NOISE = 0.03               # a tuned kernel must beat the default by this fraction to replace it
 SPACE_VERSION = 1           # bump when the meaning of the knobs changes: older records are then ignored
 CHOICES = {"tiles": (1, 2, 4, 8), "unroll": (1, 2, 4, 8)}
 DB_ROOT = Path(__file__).resolve().parent / "tuned"
@@ -48,7 +49,7 @@ RPC_HELP = ("on the board run `python3 -m tvm.exec.rpc_server --host 0.0.0.0 --p
             "(pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 there), then pass --rpc BOARD:9090")
 
 
-class TuneError(RuntimeError):
+class TuneError(ValueError):
     """Tuning cannot run as asked; the message says what to do."""
 
 
@@ -251,6 +252,14 @@ class TunedSchedules:
 
 # ------------------------------------------------------------------------------------ measuring
 
+def _build(mod, target, _params):
+    """MetaSchedule builder build: TVM's default without `import tvm.s_tir.tensor_intrin` (30 s per
+    worker process, for intrinsics our kernels do not use)."""
+    from tvm.driver import build as tvm_build
+
+    return tvm_build(mod, target=target)
+
+
 def _export(cc: str | None, mod) -> str:
     """MetaSchedule builder export: a shared library, cross-compiled for aarch64 targets."""
     from tvm.support import cc as tvm_cc
@@ -261,6 +270,25 @@ def _export(cc: str | None, mod) -> str:
     else:
         mod.export_library(path)
     return path
+
+
+def _alloc_arguments(session, device, args_info, alloc_repeat):
+    """MetaSchedule runner arguments made here and copied to the board: TVM's default fills them on
+    the device with `tvm.contrib.random`, which a server with only libtvm_runtime.so lacks."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(alloc_repeat):
+        args = []
+        for info in args_info:
+            _, dtype, shape = info  # ["TENSOR", dtype, shape]
+            if "float" in dtype:
+                value = rng.uniform(-1, 1, shape).astype(dtype)
+            else:
+                info_ = np.iinfo(dtype)
+                value = rng.integers(max(info_.min, -128), min(info_.max, 255) + 1, shape).astype(dtype)
+            args.append(tvm.runtime.tensor(value, device=device))
+        out.append(args)
+    return out
 
 
 def _connect(rpc_config):
@@ -279,31 +307,46 @@ def parse_rpc(address: str) -> tuple[str, int]:
 
 
 class Device:
-    """Where kernels run for checking and timing: this machine, or a board through TVM RPC."""
+    """Where kernels run for checking and timing: this machine, or a board through TVM RPC.
+
+    A context manager: TVM's RPC server serves one session at a time, so the session is held only
+    inside `with` (MetaSchedule's runner opens its own while tuning)."""
 
     def __init__(self, target: Target, rpc: str | None, timeout: float = 600):
-        self.target, self.rpc, self.session = target, rpc, None
-        if rpc is not None:
+        self.target, self.rpc, self.timeout = target, rpc, timeout
+        self.session, self.device, self.uploads = None, tvm.cpu(), 0
+
+    def __enter__(self):
+        if self.rpc is not None:
             from tvm import rpc as tvm_rpc
 
-            host, port = parse_rpc(rpc)
+            host, port = parse_rpc(self.rpc)
             try:
-                self.session = tvm_rpc.connect(host, port, session_timeout=timeout)
+                self.session = tvm_rpc.connect(host, port, session_timeout=self.timeout)
             except Exception as e:
-                raise TuneError(f"cannot reach the RPC server at {rpc}: {str(e).strip().splitlines()[-1]}; "
-                                f"{RPC_HELP}") from e
-        self.device = self.session.cpu() if self.session is not None else tvm.cpu()
+                raise TuneError(f"cannot reach the RPC server at {self.rpc}: "
+                                f"{(str(e).strip().splitlines() or [type(e).__name__])[-1]}; {RPC_HELP}") from e
+            self.device = self.session.cpu()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        self.session, self.device = None, tvm.cpu()
+        gc.collect()  # the last reference to the session closes it, and the server takes the next one
 
     def load(self, func, tvm_tgt):
         lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_tgt)
         if self.session is None:
             return lib.jit()
         path = _export(self.target.cc, lib)
+        self.uploads += 1
+        name = f"bitrl-kernel-{self.uploads}.so"  # a fresh name: dlopen would return a loaded library again
         try:
-            self.session.upload(path)
+            self.session.upload(path, name)
         finally:
             shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-        return self.session.load_module("kernel.so")
+        return self.session.load_module(name)
 
     def tensor(self, array):
         return tvm.runtime.tensor(array, device=self.device)
@@ -383,14 +426,17 @@ def _progress_callback(total: int):
     @derived_object
     class Progress(PyMeasureCallback):
         def __init__(self):
-            self.done, self.best, self.started = 0, {}, time.monotonic()
+            self.done, self.best, self.started, self.errors = 0, {}, time.monotonic(), []
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             name = str(task_scheduler.tasks_[task_id].ctx.task_name)
-            for result in runner_results:
+            for built, result in zip(builder_results, runner_results):
                 self.done += 1
                 secs = [float(s) for s in (result.run_secs or [])]
-                if secs and result.error_msg is None:
+                error = built.error_msg or result.error_msg
+                if error:
+                    self.errors.append(str(error))
+                elif secs:
                     self.best[name] = min(self.best.get(name, math.inf), float(np.median(secs)))
             width = 30
             filled = int(width * min(self.done, total) / max(total, 1))
@@ -401,6 +447,24 @@ def _progress_callback(total: int):
                   end="", file=sys.stderr, flush=True)
 
     return Progress()
+
+
+@contextlib.contextmanager
+def _without_tvm_tensor_intrinsics():
+    """MetaSchedule's TuneContext imports tvm.s_tir.tensor_intrin, which registers TVM's own tensor
+    intrinsics for every backend (CUDA, Hexagon, RISC-V...) and takes about 30 s here; our space uses
+    only ours. While tuning, an empty module stands in for it, unless it was imported already."""
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        del sys.modules[name]
 
 
 def _ms_records(work: Path) -> list:
@@ -416,8 +480,9 @@ def _ms_records(work: Path) -> list:
 
 
 def _run_secs(record) -> float:
+    """Median seconds of a MetaSchedule record; inf for a failed trial (stored as 1e10 s)."""
     secs = [float(s) for s in (record.run_secs or [])]
-    return float(np.median(secs)) if secs else math.inf
+    return float(np.median(secs)) if secs and max(secs) < 1e9 else math.inf
 
 
 def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: Iterable[int] = (1,),
@@ -451,7 +516,8 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
         raise TuneError("the model has no BitLinear kernel to tune")
     tasks = {f"{key.name}_b{batch}": (key, batch) for key in keys for batch in batches}
     os.environ["TVM_NUM_THREADS"] = str(threads)  # the runner's workers inherit it
-    device = Device(target, rpc)
+    with Device(target, rpc):  # reachable? (fails early, with the command to run on the board)
+        pass
 
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=20 if rpc is None else 5)
     if rpc is None:
@@ -459,8 +525,9 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
     else:
         host, port = parse_rpc(rpc)
         runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, port, "bitrl", session_timeout_sec=600),
-                                     evaluator_config=evaluator, f_create_session=_connect, timeout_sec=600)
-    builder = ms.builder.LocalBuilder(f_export=functools.partial(_export, target.cc), timeout_sec=120)
+                                     evaluator_config=evaluator, f_create_session=_connect,
+                                     f_alloc_argument=_alloc_arguments)
+    builder = ms.builder.LocalBuilder(f_build=_build, f_export=functools.partial(_export, target.cc), timeout_sec=120)
     space = ms.space_generator.ScheduleFn(design_space, sch_rules=[], postprocs=[], mutator_probs={})
     mod = tvm.IRModule({name: workload(key, spec, batch).with_attr("global_symbol", name)
                         for name, (key, batch) in tasks.items()})
@@ -474,11 +541,12 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
         level = ms_logger.level
         ms_logger.setLevel(logging.WARNING)  # its per-round tables go to the log files, not the console
+        progress = _progress_callback(total)
         try:
+            stack.enter_context(_without_tvm_tensor_intrinsics())
             ms.tune_tir(mod, tvm_tgt, str(work), max_trials_global=total, max_trials_per_task=trials,
                         num_trials_per_iter=min(trials, 8), builder=builder, runner=runner, cost_model="random",
-                        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                           _progress_callback(total)],
+                        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
                         task_scheduler="round-robin", space=space, strategy="replay-func", seed=seed,
                         num_tuning_cores=1)
         except KeyboardInterrupt:
@@ -488,10 +556,15 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
             print(file=sys.stderr)
         if interrupted:
             log("interrupted: verifying and storing what was measured so far")
+        if progress.errors:
+            first = [line for line in progress.errors[0].splitlines() if line.strip()]
+            log(f"{len(progress.errors)} of {progress.done} trials failed; the first: "
+                f"{' / '.join(first[:2] + first[-2:]) if len(first) > 4 else ' / '.join(first)}")
         search_s = time.monotonic() - started
         found = _ms_records(work)
 
         rows = []
+        device = stack.enter_context(Device(target, rpc))
         for name, (key, batch) in tasks.items():
             func = workload(key, spec, batch)
             mine = sorted((r for r in found if str(r.workload.mod["main"].attrs["global_symbol"]) == name),
@@ -507,8 +580,8 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
                 stored = f"rejected {knobs.as_dict()} ({problem}): default kept"
                 log(f"{name}: {stored}")
             default_s, tuned_s = time_pair(key, spec, chosen or DEFAULT_KNOBS, batch, device, tvm_tgt)
-            if chosen is None or chosen == DEFAULT_KNOBS or tuned_s >= default_s:
-                stored = "default is fastest" if chosen is not None else stored
+            if chosen is None or chosen == DEFAULT_KNOBS or tuned_s > (1 - NOISE) * default_s:
+                stored = "default is as fast" if chosen is not None else stored
                 chosen, tuned_s = DEFAULT_KNOBS, default_s
             else:
                 stored = "tuned"
