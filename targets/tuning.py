@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -419,7 +420,35 @@ class TuneRow:
         return self.default_us / self.tuned_us if self.tuned_us else 0.0
 
 
-def _progress_callback(total: int):
+class _Stop(Exception):
+    """Raised by the progress callback after a Ctrl-C, between two rounds of trials."""
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(stop):
+    """The first Ctrl-C sets `stop` (the search ends after the round being measured); a second one
+    interrupts at once. Only the main thread can handle signals; elsewhere nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nCtrl-C: stopping after this round of trials (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _progress_callback(total: int, stop):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
@@ -445,6 +474,8 @@ def _progress_callback(total: int):
             print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} trials, "
                   f"{time.monotonic() - self.started:.0f} s; {name}: best {best}\033[K",
                   end="", file=sys.stderr, flush=True)
+            if stop.is_set():
+                raise _Stop("interrupted")
 
     return Progress()
 
@@ -541,15 +572,18 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
         level = ms_logger.level
         ms_logger.setLevel(logging.WARNING)  # its per-round tables go to the log files, not the console
-        progress = _progress_callback(total)
+        stop = threading.Event()
+        progress = _progress_callback(total, stop)
         try:
-            stack.enter_context(_without_tvm_tensor_intrinsics())
-            ms.tune_tir(mod, tvm_tgt, str(work), max_trials_global=total, max_trials_per_task=trials,
-                        num_trials_per_iter=min(trials, 8), builder=builder, runner=runner, cost_model="random",
-                        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
-                        task_scheduler="round-robin", space=space, strategy="replay-func", seed=seed,
-                        num_tuning_cores=1)
-        except KeyboardInterrupt:
+            with _without_tvm_tensor_intrinsics(), _ctrl_c_stops(stop):
+                ms.tune_tir(mod, tvm_tgt, str(work), max_trials_global=total, max_trials_per_task=trials,
+                            num_trials_per_iter=min(trials, 8), builder=builder, runner=runner, cost_model="random",
+                            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
+                            task_scheduler="round-robin", space=space, strategy="replay-func", seed=seed,
+                            num_tuning_cores=1)
+        except BaseException:  # our _Stop comes back through TVM's FFI as another exception type
+            if not stop.is_set():
+                raise
             interrupted = True
         finally:
             ms_logger.setLevel(level)
