@@ -228,6 +228,28 @@ def artifact_for_another_architecture(tmp: Path):
 
 # ---------------------------------------------------------------------------------------- runtime inputs
 
+# ---------------------------------------------------------------------------------------- tuning
+
+def broken_tuning_database(tmp: Path):
+    from bitrl_compile.targets import get_target, tuning
+
+    (tmp / "host").mkdir()
+    tuning.database_path(get_target("host"), folder=tmp / "host").write_text('{"format": "bitrl-tuning", "recor')
+    pipeline.compile_policy(_loaded(), "host", tmp / "p.bitrl", tuning_db=tmp / "host")
+
+
+def tuning_a_pi_without_a_board(tmp: Path):
+    from bitrl_compile.targets import tuning
+
+    tuning.tune([tuning.KernelKey(16, 16)], "rasp4", trials=1, db=tmp)
+
+
+def tuning_board_unreachable(tmp: Path):
+    from bitrl_compile.targets import tuning
+
+    tuning.tune([tuning.KernelKey(16, 16)], "rasp4", trials=1, db=tmp, rpc="127.0.0.1:1")
+
+
 def _act(obs):
     return lambda tmp: load(_artifact()).act(obs)
 
@@ -260,6 +282,11 @@ CASES = [
     Case("output path exists", "compiling", output_exists, FileExistsError, "--force"),
     Case("output folder does not exist", "compiling", output_not_writable, FileNotFoundError, "does not exist"),
     Case("interrupted while writing", "compiling", interrupted_write, KeyboardInterrupt, "interrupted"),
+    Case("unreadable tuning database", "tuning", broken_tuning_database, ValueError, "--no-tuning"),
+    Case("tuning a Raspberry Pi target without a board", "tuning", tuning_a_pi_without_a_board, ValueError,
+         "python3 -m tvm.exec.rpc_server"),
+    Case("the board's RPC server does not answer", "tuning", tuning_board_unreachable, ValueError,
+         "cannot reach the RPC server"),
     Case("tampered member", "artifact", tampered_member, ArtifactError, "sha256"),
     Case("newer format version", "artifact", newer_format_version, ArtifactError, "upgrade bitrl-compile"),
     Case("missing member", "artifact", missing_member, ArtifactError, "lib.so is missing"),
