@@ -46,8 +46,9 @@ NOISE = 0.03               # a tuned kernel must beat the default by this fracti
 SPACE_VERSION = 1           # bump when the meaning of the knobs changes: older records are then ignored
 CHOICES = {"tiles": (1, 2, 4, 8), "unroll": (1, 2, 4, 8)}
 DB_ROOT = Path(__file__).resolve().parent / "tuned"
-RPC_HELP = ("on the board run `python3 -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090` "
-            "(pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 there), then pass --rpc BOARD:9090")
+RPC_HELP = ("on the board run `python3 -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090` (after "
+            "`pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 cloudpickle psutil` there), "
+            "then pass --rpc BOARD:9090")
 
 
 class TuneError(ValueError):
