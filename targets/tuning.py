@@ -9,10 +9,10 @@ winner is still checked against the numpy reference before it is stored.
 
 A workload is one kernel at one concrete batch (`workload()`: batch 1 is a policy step and tunes the
 GEMV path; a batch >= spec.rows tunes the GEMM path). A compile looks its kernels up in the target's
-database (`targets/tuned/<target>/`, `--db DIR` for another one): GEMV knobs from the best record at a
-batch below spec.rows, GEMM knobs from the best at a batch of at least spec.rows, each only if the
-stored workload is structurally equal to the kernel built now (a changed kernel makes its records
-stale, and the compile falls back to the default schedule and says so).
+database (`targets/tuned/<target>.json`, `--db DIR` for another folder): GEMV knobs from the record at
+the smallest batch with tail rows, GEMM knobs from the one at the largest batch with register blocks,
+each only if the stored workload hash equals the structural hash of the kernel built now (a changed
+kernel makes its records stale, and the compile falls back to the default schedule and says so).
 
 The search is `replay-func`: each candidate re-runs the space function, because which schedule
 instructions run depends on the sampled knobs (a trace replayed with other decisions would not be a
@@ -119,7 +119,7 @@ def knobs_of(trace, func, spec) -> Knobs:
 
 
 def trace_for(func, knobs: Knobs):
-    """A MetaSchedule trace of the space at the given knobs (to store the default as a record)."""
+    """The MetaSchedule trace of the space at the given knobs (what `ms_database` stores)."""
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
     design_space(sch, forced=knobs)
     return sch.trace

@@ -228,3 +228,15 @@ def test_tune_rasp4_through_rpc_under_qemu_then_compile_offline(tmp_path):
     x = np.random.default_rng(1).standard_normal((13, 4)).astype(np.float32)
     with EmulatedPolicy(compiled.path, cpu="cortex-a72") as policy:
         np.testing.assert_array_equal(policy.forward(x), reference.run(compiled.quantized, x))
+
+
+def test_file_rebuilds_a_metaschedule_database(tuned_db, tmp_path):
+    """The compact file is a MetaSchedule database in disguise: rebuilt, MetaSchedule's own query
+    returns the stored schedule for the workload."""
+    _, path, rows = tuned_db
+    db = tuning.ms_database(path, tmp_path)
+    for row in rows:
+        func = tuning.workload(KEY, SPEC, row.batch)
+        sch = db.query_schedule(tvm.IRModule({"main": func}), HOST, "main")
+        assert sch is not None
+        tvm.ir.assert_structural_equal(sch.mod["main"], kernels.schedule_default(func, SPEC, Knobs(**row.knobs)))
