@@ -34,9 +34,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# Acrobot-v1 is left out by default: fp32 PPO (ours, and SB3's with RL-Zoo's settings) stays at -500 for the
-# first 60k-150k steps, so within this budget there is no fp32 return to keep (`--envs Acrobot-v1` runs it).
-ENVS = ["CartPole-v1", "LunarLander-v3", "Pendulum-v1"]
+ENVS = ["CartPole-v1", "Acrobot-v1", "LunarLander-v3", "Pendulum-v1"]
 EVAL_SEED = 10_000
 VARIANTS = [("fp32", "fp32 PPO"), ("ptq", "ternary PTQ"), ("qat", "ternary QAT"),
             ("heads", "frozen ternary backbone + ternary heads"), ("qat_compiled", "QAT, compiled (host)"),

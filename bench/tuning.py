@@ -81,7 +81,7 @@ def report(result: dict, command: str) -> str:
              f"machine: {m['machine']['cpu']}, {m['machine']['cores']} cores; commit {m['commit']}",
              f"command: {command}", "", HEADER, "-" * len(HEADER)]
     lines += [format_row(r) for r in result["rows"]]
-    lines += ["", "default/tuned µs: one call, measured side by side in this run (TVM time_evaluator, taking turns);",
+    lines += ["", "default/tuned µs: one call, measured side by side in this run (TVM time_evaluator, taking turns, best of 9);",
               "bound: 2-bit weight bytes / numpy copy bandwidth of a buffer of that size (read + write);",
               "a tuned kernel is kept only when it beats the default by 3% (else the default is stored)."]
     return "\n".join(lines)
@@ -96,22 +96,29 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--db", help="folder of tuning databases to store the records in (default: a temporary one)")
     parser.add_argument("--json", help="write the results as JSON")
-    parser.add_argument("--markdown", help="replace the table between the markers in this markdown file")
+    parser.add_argument("--markdown", help="replace the table between this target's markers in a markdown file")
+    parser.add_argument("--from-json", help="only render a saved --json result (with --markdown)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    command = "python bench/tuning.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(HEADER, flush=True)
-    result = run(sizes, batches, args.trials, args.target, args.db, args.threads,
-                 log=lambda s: print(s, flush=True))
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        command = result["meta"].get("command", "")
+    else:
+        command = "python bench/tuning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(HEADER, flush=True)
+        result = run(sizes, batches, args.trials, args.target, args.db, args.threads,
+                     log=lambda s: print(s, flush=True))
+        result["meta"]["command"] = command.strip()
     text = report(result, command.strip())
     print()
     print(text)
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
         path = Path(args.markdown)
-        begin, end = "<!-- bench/tuning.py: begin -->", "<!-- bench/tuning.py: end -->"
+        target = result["meta"]["target"]
+        begin, end = f"<!-- bench/tuning.py {target}: begin -->", f"<!-- bench/tuning.py {target}: end -->"
         doc = path.read_text()
         if begin not in doc or end not in doc:
             raise SystemExit(f"{path} has no {begin} ... {end} markers")
