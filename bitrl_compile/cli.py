@@ -94,10 +94,15 @@ def main():
 @click.option("--db", "tuning_db", type=click.Path(file_okay=False),
               help="folder of tuning databases (<target>.json) [default: the repository's targets/tuned]")
 @click.option("--no-tuning", is_flag=True, help="use the default kernel schedules, ignoring tuning databases")
+@click.option("--qat", "qat_env", metavar="ENV",
+              help="first fine-tune the fp32 policy with quantization-aware training on gymnasium ENV (as "
+                   "`bitrl-compile finetune` does; writes MODEL stem + -ternary.safetensors), then compile that: "
+                   "for policies whose plain ternary version loses return")
+@click.option("--qat-steps", type=click.IntRange(min=1), help="QAT steps [default: a quarter of ENV's preset]")
 @click.option("--force", is_flag=True, help="overwrite the output file")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, features,
-                bundle_runtime, tuning_db, no_tuning, force, debug):
+                bundle_runtime, tuning_db, no_tuning, qat_env, qat_steps, force, debug):
     """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet backbone folder)."""
     with _guard(debug):
         from bitrl_compile.frontends import load_policy
@@ -105,6 +110,13 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
 
         out = Path(output) if output else Path(model).with_suffix(".bitrl") if not Path(model).is_dir() \
             else Path(model).with_name(Path(model).name + ".bitrl")  # a BitNet backbone folder
+        if qat_env:  # the fine-tuned file carries its architecture and observation statistics
+            tuned = Path(model).with_name(Path(model).stem + "-ternary.safetensors")
+            click.get_current_context().invoke(finetune_cmd, model=model, env_id=qat_env, steps=qat_steps,
+                                               output=str(tuned), config=config, vecnormalize=vecnormalize,
+                                               trust_pickle=trust_pickle, force=force, no_progress=True,
+                                               debug=debug)
+            model, config, vecnormalize = str(tuned), None, None
         cfg = json.loads(Path(config).read_text()) if config else None
         if env_id:
             cfg = dict(cfg or {}, env=env_id)

@@ -48,6 +48,17 @@ def test_finetune_then_compile_then_train_heads_on_the_compiled_backbone(trained
     assert "CompiledBackbone" in r.stderr or "backbone.bitrl" in r.stderr
 
 
+def test_compile_with_qat_fine_tunes_first_then_compiles_the_ternary_policy(trained, tmp_path):
+    model = tmp_path / "policy.safetensors"
+    model.write_bytes((trained / "policy.safetensors").read_bytes())
+    r = cli(model, "--qat", "CartPole-v1", "--qat-steps", 256, "-o", tmp_path / "p.bitrl")
+    assert r.returncode == 0, r.stderr
+    assert "ternary (PTQ)" in r.stdout and "after 256 QAT steps" in r.stdout and "3 BitLinear layers" in r.stdout
+    assert (tmp_path / "policy-ternary.safetensors").is_file() and (tmp_path / "p.bitrl").is_file()
+    manifest = json.loads(cli("inspect", "--json", tmp_path / "p.bitrl").stdout)
+    assert manifest["input"]["normalize"] is not None  # the statistics came along with the fine-tuned file
+
+
 def test_running_a_backbone_artifact_as_a_policy_is_a_one_line_error(tmp_path, trained):
     r = cli(trained / "policy.safetensors", "--features", "-o", tmp_path / "b.bitrl")
     assert r.returncode == 0, r.stderr
