@@ -199,14 +199,24 @@ def _build(root: Path) -> None:
             raise EmulatorError(f"the aarch64 Python just built does not start under qemu: "
                                 f"{_last_line(smoke.stderr)}")
 
-        (new / "recipe.json").write_text(json.dumps(_recipe(), indent=2))
-        if root.exists():  # an outdated recipe: move it aside, then swap the new one in
-            os.rename(root, work / "old")
-        os.rename(new, root)
+        _swap_in(new, root, work, _recipe())
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _log_ready("aarch64 Python", root, started)
+
+
+def _swap_in(new: Path, root: Path, work: Path, recipe: dict) -> None:
+    """Mark the folder built at `new` with its recipe and rename it to `root` (an outdated `root` is
+    moved aside into `work` first, and removed with it)."""
+    (new / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    if root.exists():
+        os.rename(root, work / "old")
+    os.rename(new, root)
+
+
+def _log_ready(what: str, root: Path, started: float) -> None:
     size = sum(os.lstat(os.path.join(folder, f)).st_size for folder, _, files in os.walk(root) for f in files)
-    _log(f"aarch64 Python ready in {time.monotonic() - started:.0f} s ({size / 2**20:.0f} MB in {root})")
+    _log(f"{what} ready in {time.monotonic() - started:.0f} s ({size / 2**20:.0f} MB in {root})")
 
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -344,14 +354,10 @@ def _build_guest_tvm(root: Path, py: Aarch64Python) -> None:
             raise EmulatorError(f"the aarch64 TVM just unpacked does not import under qemu: "
                                 f"{_last_line(smoke.stderr or smoke.stdout)}")
 
-        (new / "recipe.json").write_text(json.dumps(_tvm_recipe(), indent=2))
-        if root.exists():  # an outdated recipe: move it aside, then swap the new one in
-            os.rename(root, work / "old")
-        os.rename(new, root)
+        _swap_in(new, root, work, _tvm_recipe())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    size = sum(os.lstat(os.path.join(folder, f)).st_size for folder, _, files in os.walk(root) for f in files)
-    _log(f"aarch64 TVM ready in {time.monotonic() - started:.0f} s ({size / 2**20:.0f} MB in {root})")
+    _log_ready("aarch64 TVM", root, started)
 
 
 # ------------------------------------------------------------------------------------------- running
