@@ -430,7 +430,8 @@ class _Stop(Exception):
 @contextlib.contextmanager
 def _ctrl_c_stops(stop):
     """The first Ctrl-C sets `stop` (the search ends after the round being measured); a second one
-    interrupts at once. Only the main thread can handle signals; elsewhere nothing changes."""
+    ends it at once. Either way what was measured is verified and stored. Only the main thread can
+    handle signals; elsewhere nothing changes."""
     import signal
     import threading
 
@@ -442,7 +443,7 @@ def _ctrl_c_stops(stop):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nCtrl-C: stopping after this round of trials (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print("\nCtrl-C: stopping after this round of trials (Ctrl-C again: at once)", file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
