@@ -138,85 +138,83 @@ def ensure_aarch64_python() -> Aarch64Python:
     root = cache_root() / f"aarch64-py{PYTHON_VERSION.replace('.', '')}"
     py = Aarch64Python(root=root, sysroot=root / "sysroot", site=root / "site",
                        libtvm_runtime=root / "tvm-runtime" / "libtvm_runtime.so")
-    if _is_built(root):
-        return py
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
-        if not _is_built(root):
-            _build(root)
+    _cached(root, _recipe(), f"an aarch64 Python {PYTHON_VERSION} for qemu", _build, "aarch64 Python")
     return py
 
 
-def _is_built(root: Path, recipe: dict | None = None) -> bool:
+def _cached(root: Path, recipe: dict, announce: str, fill, ready: str) -> None:
+    """Make the cache folder `root` for `recipe` unless it is there: `fill(new, work, root)` populates a
+    folder `new` inside the scratch folder `work`, which is then renamed to `root`, so a killed
+    build never leaves half a cache. One build at a time (a lock file); the others wait and reuse it."""
+    if _is_built(root, recipe):
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_built(root, recipe):
+            return
+        started = time.monotonic()
+        for stale in root.parent.glob(f".{root.name}.build-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        _log(f"building {announce} in {root} (once; about 20 s)")
+        work = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
+        try:
+            new = work / root.name
+            new.mkdir()
+            fill(new, work, root)
+            (new / "recipe.json").write_text(json.dumps(recipe, indent=2))
+            if root.exists():  # an outdated recipe: move it aside, then swap the new one in
+                os.rename(root, work / "old")
+            os.rename(new, root)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    size = sum(os.lstat(os.path.join(folder, f)).st_size for folder, _, files in os.walk(root) for f in files)
+    _log(f"{ready} ready in {time.monotonic() - started:.0f} s ({size / 2**20:.0f} MB in {root})")
+
+
+def _is_built(root: Path, recipe: dict) -> bool:
     try:
-        return json.loads((root / "recipe.json").read_text()) == (recipe or _recipe())
+        return json.loads((root / "recipe.json").read_text()) == recipe
     except (OSError, ValueError):
         return False
 
 
-def _build(root: Path) -> None:
-    """Build the whole folder next to `root`, then rename it into place: never a half cache."""
-    started = time.monotonic()
-    for stale in root.parent.glob(f".{root.name}.build-*"):  # left by a killed build (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    _log(f"building an aarch64 Python {PYTHON_VERSION} for qemu in {root} (once; about 20 s)")
-    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
-    try:
-        new = work / root.name
-        sysroot, site, tvm_runtime = new / "sysroot", new / "site", new / "tvm-runtime"
-        for folder in (sysroot, site, tvm_runtime, work / "debs", work / "wheels"):
-            folder.mkdir(parents=True)
+def _build(new: Path, work: Path, root: Path) -> None:
+    """Fill the aarch64 Python's cache folder `new` (renamed to `root` afterwards)."""
+    sysroot, site, tvm_runtime = new / "sysroot", new / "site", new / "tvm-runtime"
+    for folder in (sysroot, site, tvm_runtime, work / "debs", work / "wheels"):
+        folder.mkdir(parents=True)
 
-        _log(f"  downloading {len(DEBIAN_PACKAGES) + len(DEBIAN_PACKAGES_ALL)} Debian arm64 packages")
-        _apt_download([f"{p}:arm64" for p in DEBIAN_PACKAGES] + list(DEBIAN_PACKAGES_ALL), work / "debs")
-        _log("  unpacking them into the sysroot")
-        for deb in sorted((work / "debs").glob("*.deb")):
-            _run(["dpkg", "-x", str(deb), str(sysroot)], f"unpack {deb.name}")
-        _relativize_symlinks(sysroot)
+    _log(f"  downloading {len(DEBIAN_PACKAGES) + len(DEBIAN_PACKAGES_ALL)} Debian arm64 packages")
+    _apt_download([f"{p}:arm64" for p in DEBIAN_PACKAGES] + list(DEBIAN_PACKAGES_ALL), work / "debs")
+    _log("  unpacking them into the sysroot")
+    for deb in sorted((work / "debs").glob("*.deb")):
+        _run(["dpkg", "-x", str(deb), str(sysroot)], f"unpack {deb.name}")
+    _relativize_symlinks(sysroot)
 
-        _log(f"  downloading aarch64 wheels: {', '.join(_wheel_specs())}")
-        _pip_download(_wheel_specs(), work / "wheels")
-        for wheel in sorted((work / "wheels").glob("*.whl")):
-            with zipfile.ZipFile(wheel) as z:
-                z.extractall(site)
-        _log(f"  taking libtvm_runtime.so out of the aarch64 {TVM} wheel (~95 MB download)")
-        tvm_wheels = work / "tvm-wheel"
-        tvm_wheels.mkdir()
-        _pip_download([TVM], tvm_wheels)
-        (wheel,) = tvm_wheels.glob("*.whl")
-        with zipfile.ZipFile(wheel) as z, open(tvm_runtime / "libtvm_runtime.so", "wb") as out:
-            shutil.copyfileobj(z.open(LIBTVM_RUNTIME_MEMBER), out)
-        wheel.unlink()
+    _log(f"  downloading aarch64 wheels: {', '.join(_wheel_specs())}")
+    _pip_download(_wheel_specs(), work / "wheels")
+    for wheel in sorted((work / "wheels").glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+    _log(f"  taking libtvm_runtime.so out of the aarch64 {TVM} wheel (~95 MB download)")
+    tvm_wheels = work / "tvm-wheel"
+    tvm_wheels.mkdir()
+    _pip_download([TVM], tvm_wheels)
+    (wheel,) = tvm_wheels.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z, open(tvm_runtime / "libtvm_runtime.so", "wb") as out:
+        shutil.copyfileobj(z.open(LIBTVM_RUNTIME_MEMBER), out)
+    wheel.unlink()
 
-        _log("  precompiling the standard library and wheels to bytecode")
-        _precompile(new, root)
-        _log("  checking that it runs under qemu")
-        smoke = _run_guest(new, "import ctypes, numpy, tvm_ffi\n"
-                                f"ctypes.CDLL({str(tvm_runtime / 'libtvm_runtime.so')!r}, ctypes.RTLD_GLOBAL)\n"
-                                "print(numpy.__version__)", timeout=600)
-        if smoke.returncode != 0:
-            raise EmulatorError(f"the aarch64 Python just built does not start under qemu: "
-                                f"{_last_line(smoke.stderr)}")
-
-        _swap_in(new, root, work, _recipe())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    _log_ready("aarch64 Python", root, started)
-
-
-def _swap_in(new: Path, root: Path, work: Path, recipe: dict) -> None:
-    """Mark the folder built at `new` with its recipe and rename it to `root` (an outdated `root` is
-    moved aside into `work` first, and removed with it)."""
-    (new / "recipe.json").write_text(json.dumps(recipe, indent=2))
-    if root.exists():
-        os.rename(root, work / "old")
-    os.rename(new, root)
-
-
-def _log_ready(what: str, root: Path, started: float) -> None:
-    size = sum(os.lstat(os.path.join(folder, f)).st_size for folder, _, files in os.walk(root) for f in files)
-    _log(f"{what} ready in {time.monotonic() - started:.0f} s ({size / 2**20:.0f} MB in {root})")
+    _log("  precompiling the standard library and wheels to bytecode")
+    _precompile(new, root)
+    _log("  checking that it runs under qemu")
+    smoke = _run_guest(new, "import ctypes, numpy, tvm_ffi\n"
+                            f"ctypes.CDLL({str(tvm_runtime / 'libtvm_runtime.so')!r}, ctypes.RTLD_GLOBAL)\n"
+                            "print(numpy.__version__)", timeout=600)
+    if smoke.returncode != 0:
+        raise EmulatorError(f"the aarch64 Python just built does not start under qemu: "
+                            f"{_last_line(smoke.stderr)}")
 
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -316,48 +314,33 @@ def ensure_guest_tvm() -> Path:
     """
     py = ensure_aarch64_python()
     root = cache_root() / "aarch64-tvm"
-    if not _is_built(root, _tvm_recipe()):
-        with open(root.parent / f".{root.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
-            if not _is_built(root, _tvm_recipe()):
-                _build_guest_tvm(root, py)
+    _cached(root, _tvm_recipe(), f"the full {TVM} package for the aarch64 Python",
+            lambda new, work, final: _build_guest_tvm(new, work, final, py), "aarch64 TVM")
     return root / "site"
 
 
-def _build_guest_tvm(root: Path, py: Aarch64Python) -> None:
-    """Build the folder next to `root`, then rename it into place, as _build does."""
-    started = time.monotonic()
-    for stale in root.parent.glob(f".{root.name}.build-*"):  # left by a killed build (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    _log(f"adding the full {TVM} package to the aarch64 Python in {root} (once; about 20 s)")
-    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
-    try:
-        new = work / root.name
-        site = new / "site"
-        site.mkdir(parents=True)
-        specs = [TVM, *GUEST_TVM_WHEELS]
-        _log(f"  downloading aarch64 wheels: {', '.join(specs)} (~95 MB)")
-        _pip_download(specs, work / "wheels")
-        _log("  unpacking them")
-        for wheel in sorted((work / "wheels").glob("*.whl")):
-            with zipfile.ZipFile(wheel) as z:
-                z.extractall(site)
-            wheel.unlink()
-        _log("  precompiling them to bytecode")
-        _precompile(new, root, ("site",), python_root=py.root)
-        _log("  checking that `import tvm` works under qemu")
-        version = TVM.split("==")[1]
-        command = _guest_command(py.root, py.sysroot, [site, py.site], DEFAULT_CPU)
-        smoke = subprocess.run(command + ["-c", "import tvm; print(tvm.__version__)"], capture_output=True,
-                               text=True, timeout=600, check=False)
-        if smoke.returncode != 0 or smoke.stdout.strip() != version:
-            raise EmulatorError(f"the aarch64 TVM just unpacked does not import under qemu: "
-                                f"{_last_line(smoke.stderr or smoke.stdout)}")
-
-        _swap_in(new, root, work, _tvm_recipe())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    _log_ready("aarch64 TVM", root, started)
+def _build_guest_tvm(new: Path, work: Path, root: Path, py: Aarch64Python) -> None:
+    """Fill the guest TVM's cache folder `new` (renamed to `root` afterwards)."""
+    site = new / "site"
+    site.mkdir()
+    specs = [TVM, *GUEST_TVM_WHEELS]
+    _log(f"  downloading aarch64 wheels: {', '.join(specs)} (~95 MB)")
+    _pip_download(specs, work / "wheels")
+    _log("  unpacking them")
+    for wheel in sorted((work / "wheels").glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+        wheel.unlink()
+    _log("  precompiling them to bytecode")
+    _precompile(new, root, ("site",), python_root=py.root)
+    _log("  checking that `import tvm` works under qemu")
+    version = TVM.split("==")[1]
+    command = _guest_command(py.root, py.sysroot, [site, py.site], DEFAULT_CPU)
+    smoke = subprocess.run(command + ["-c", "import tvm; print(tvm.__version__)"], capture_output=True,
+                           text=True, timeout=600, check=False)
+    if smoke.returncode != 0 or smoke.stdout.strip() != version:
+        raise EmulatorError(f"the aarch64 TVM just unpacked does not import under qemu: "
+                            f"{_last_line(smoke.stderr or smoke.stdout)}")
 
 
 # ------------------------------------------------------------------------------------------- running
