@@ -126,12 +126,6 @@ def lower_module(mod, tvm_target, schedules=None):
     return lift_params(legalize_bitlinear(tvm_target, schedules)(mod))
 
 
-def kernel_schedules(lowered) -> list[dict]:
-    from bitrl_compile.passes.legalize_bitlinear import kernel_schedules as schedules
-
-    return schedules(lowered)
-
-
 def store_weights(lowered, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """Kernel-layout weights -> base-3 storage. Returns (the params to store, manifest["weights"])."""
     from bitrl_compile.passes.legalize_bitlinear import weight_params
@@ -205,6 +199,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     import tvm
 
     from bitrl_compile import targets
+    from bitrl_compile.passes.legalize_bitlinear import kernel_schedules
     from bitrl_compile.targets import tuning as tuning_db_mod
 
     target = targets.get_target(target_name)
