@@ -148,6 +148,10 @@ class Knobs:
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
+    def fit(self, nt: int, kb: int) -> bool:
+        """Whether every knob divides its extent: `*_tiles` the NT output tiles, `*_unroll` the KB K steps."""
+        return all(v >= 1 and (nt if name.endswith("tiles") else kb) % v == 0 for name, v in self.as_dict().items())
+
 
 DEFAULT_KNOBS = Knobs()
 
@@ -163,6 +167,8 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
     func = sch.mod["main"]
     k, n = int(func.attrs["bitrl.k"]), int(func.attrs["bitrl.n"])
     nt, kb_extent = kernel_shape(func, spec)
+    if not knobs.fit(nt, kb_extent):
+        raise ValueError(f"knobs {knobs} do not divide the kernel's {nt} tiles x {kb_extent} K steps")
     vl = spec.vector
 
     if int(sch.get(sch.get_loops(sch.get_sblock("amax_lanes"))[1]).extent) > 1:
@@ -178,8 +184,6 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
                                        ("acc_row", 1, knobs.gemv_tiles, knobs.gemv_unroll)):
         if rows == 1 and block == "acc_block":
             continue
-        if nt % tiles or kb_extent % unroll:
-            raise ValueError(f"knobs {knobs} do not divide the kernel's {nt} tiles x {kb_extent} K steps")
         blk = sch.get_sblock(block)
         t, r, jo, ji, kb, q, kk = sch.get_loops(blk)
         jo_o, jo_i = sch.split(jo, [None, tiles])

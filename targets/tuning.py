@@ -230,7 +230,7 @@ class TunedSchedules:
             knobs = Knobs(**r["knobs"])
             nt, kb = kernels.kernel_shape(func, spec)
             if r.get("space") != SPACE_VERSION or r.get("workload_hash") != workload_hash(func) or \
-                    any(v < 1 or (nt if name.endswith("tiles") else kb) % v for name, v in knobs.as_dict().items()):
+                    not knobs.fit(nt, kb):
                 stale += 1
                 continue
             # GEMV knobs from the smallest batch with tail rows (a policy step), GEMM knobs from the
