@@ -18,6 +18,13 @@ so one vector load of a tile (NL KG bytes), a shift by 2q and a mask give the co
 KG inputs of plane q] with output channels in the lanes: one vpdpbusd / sdot / vpmaddubsw per plane,
 against KG activations broadcast to every lane.
 
+Compute, "lut{NL}" (the lookup-table kernels, targets/kernels.py), 2 bits per weight: [ceil(N/NL),
+2 ceil(K/8), NL, 1] uint8. Inputs go in pairs; the pair of codes (c0, c1) of inputs (2g, 2g+1) is one index
+c0 + 3 c1 in 0..8 (padding: index 4, weight pair (0, 0)) into a 16-entry table of the pair's partial sums
+(T-MAC / bitnet.cpp TL1 style). The byte at [jo, kb, i, 0] holds the indices of output n = jo NL + i for
+inputs (4kb, 4kb+1) in bits 3..0 and (4kb+2, 4kb+3) in bits 7..4, so one vector load gives NL outputs'
+indices for 4 inputs, and a mask or a shift makes them `tbl` / `vpshufb` indices.
+
 The artifact stores base3; `to_compute` unpacks it once, at load, into the target's tiles. The
 manifest says which: manifest["weights"][param] = {"storage": "base3", "compute": "tiles8x4",
 "shape": [N, K]}.
@@ -67,26 +74,30 @@ def unpack_base3(packed, k: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- tiles
 
 def tile_shape(layout: str) -> tuple[int, int]:
-    """(NL, KG) of a "tiles{NL}x{KG}" layout name."""
-    m = re.fullmatch(r"tiles(\d+)x(\d+)", layout)
+    """(NL, KG) of a "tiles{NL}x{KG}" layout name; (NL, 1) for "lut{NL}" (one index byte per 4 inputs)."""
+    m = re.fullmatch(r"tiles(\d+)x(\d+)", layout) or re.fullmatch(r"lut(\d+)()", layout)
     if m is None:
-        raise ValueError(f"unknown compute layout {layout!r}; expected tiles<NL>x<KG>, e.g. tiles8x4")
-    return int(m.group(1)), int(m.group(2))
+        raise ValueError(f"unknown compute layout {layout!r}; expected tiles<NL>x<KG> or lut<NL>, e.g. tiles8x4")
+    return int(m.group(1)), int(m.group(2) or 1)
 
 
 def tiles_packed_shape(n: int, k: int, layout: str) -> tuple[int, int, int, int]:
     nl, kg = tile_shape(layout)
+    if layout.startswith("lut"):  # an even number of steps of 4 inputs (the kernels take them by 2 or more)
+        return -(-n // nl), 2 * -(-k // 8), nl, kg
     return -(-n // nl), -(-k // (4 * kg)), nl, kg
 
 
 def pack_tiles(w_t, layout: str) -> np.ndarray:
-    """[N, K] trits -> [ceil(N/NL), ceil(K/KT), NL, KG] uint8 (the docstring's tile layout)."""
+    """[N, K] trits -> [ceil(N/NL), ceil(K/KT), NL, KG] uint8 (the docstring's tiles or lut layout)."""
     w_t = _check_trits(w_t)
     n, k = w_t.shape
     nt, kb, nl, kg = tiles_packed_shape(n, k, layout)
     codes = np.ones((nt * nl, kb * 4 * kg), np.uint8)
     codes[:n, :k] = w_t + 1
     c = codes.reshape(nt, nl, kb, 4, kg).transpose(0, 2, 1, 4, 3)  # [jo, kb, i, j, q]
+    if layout.startswith("lut"):  # [jo, kb, i, 0, q]: two pair indices per byte
+        return np.ascontiguousarray((c[..., 0] + 3 * c[..., 1]) | ((c[..., 2] + 3 * c[..., 3]) << 4))
     return np.ascontiguousarray(c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6))
 
 
@@ -98,7 +109,13 @@ def unpack_tiles(packed, n: int, k: int, layout: str) -> np.ndarray:
         raise ValueError(f"{layout} weights for N={n}, K={k} must be uint8 {list(shape)}, "
                          f"got {packed.dtype} {list(packed.shape)}")
     nt, kb, nl, kg = shape
-    c = np.stack([(packed >> (2 * q)) & 3 for q in range(4)], axis=-1)  # [jo, kb, i, j, q]
+    if layout.startswith("lut"):
+        pairs = np.stack([packed & 15, packed >> 4], axis=-1)  # [jo, kb, i, 0, pair]
+        if pairs.size and pairs.max() > 8:
+            raise ValueError("table index > 8 in packed weights: corrupt or not ternary")
+        c = np.stack([pairs[..., 0] % 3, pairs[..., 0] // 3, pairs[..., 1] % 3, pairs[..., 1] // 3], axis=-1)
+    else:
+        c = np.stack([(packed >> (2 * q)) & 3 for q in range(4)], axis=-1)  # [jo, kb, i, j, q]
     codes = c.transpose(0, 2, 1, 4, 3).reshape(nt * nl, kb * 4 * kg)[:n, :k]
     if codes.size and codes.max() > 2:
         raise ValueError("2-bit code 3 in packed weights: corrupt or not ternary")

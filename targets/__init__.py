@@ -66,6 +66,10 @@ class KernelSpec:
     The weights are read as 2-bit tiles of tile_n output channels x 4 * tile_k inputs (layout
     `tiles{tile_n}x{tile_k}`, runtime/weights.py); one tile row of codes times tile_k activations is
     one dot-product instruction per lane group. `rows` batch rows share each decoded tile (GEMM).
+
+    A "lut" kernel (T-MAC / bitnet.cpp TL1 style) reads weights as `lut{tile_n}`: per pair of inputs a
+    4-bit index into a 16-entry table of the pair's partial sums, built once per row; one `tbl` /
+    `vpshufb` looks up tile_n outputs at once (tile_k is 1: one index byte per output and 4 inputs).
     """
 
     isa: str                   # the tensor intrinsic in targets/intrinsics.py ("generic": none)
@@ -74,10 +78,11 @@ class KernelSpec:
     tile_k: int                # inputs per lane and per 2-bit plane: the width of one dot product
     rows: int                  # batch rows per register block in the GEMM loop
     vector: int                # float32 lanes for the activation-quantization and epilogue loops
+    method: str = "dot"        # "dot": codes times activations; "lut": table lookups of pair sums
 
     @property
     def layout(self) -> str:
-        return f"tiles{self.tile_n}x{self.tile_k}"
+        return f"lut{self.tile_n}" if self.method == "lut" else f"tiles{self.tile_n}x{self.tile_k}"
 
 
 KERNELS: tuple[KernelSpec, ...] = (  # in order of preference
@@ -85,6 +90,9 @@ KERNELS: tuple[KernelSpec, ...] = (  # in order of preference
     KernelSpec("avx2", ("avx2",), tile_n=8, tile_k=4, rows=4, vector=8),             # vpmaddubsw + vpmaddwd
     KernelSpec("neon-dotprod", ("neon", "dotprod"), tile_n=4, tile_k=4, rows=4, vector=4),  # sdot (A76)
     KernelSpec("neon", ("neon",), tile_n=8, tile_k=2, rows=4, vector=4),             # smull/smlal + sadalp (A72)
+    KernelSpec("avx512-lut", ("avx512bw",), tile_n=64, tile_k=1, rows=4, vector=16, method="lut"),  # vpshufb
+    KernelSpec("avx2-lut", ("avx2",), tile_n=32, tile_k=1, rows=4, vector=8, method="lut"),       # vpshufb
+    KernelSpec("neon-lut", ("neon",), tile_n=16, tile_k=1, rows=4, vector=4, method="lut"),       # tbl
     KernelSpec("generic", (), tile_n=8, tile_k=4, rows=1, vector=4),                 # plain TIR, LLVM's choice
 )
 

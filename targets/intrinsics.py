@@ -191,6 +191,138 @@ def _impl_neon(nl: int, kg: int, rows: int):
 IMPLEMENTATIONS = {"avx2": _impl_avx2, "avx512-vnni": _impl_vnni, "neon-dotprod": _impl_sdot, "neon": _impl_neon}
 
 
+# ------------------------------------------------------------------------------------ lookup tables
+#
+# The lut kernels (layout lut{NL}, runtime/weights.py) read, per row b and input pair g, a table of the
+# pair's 16 partial sums v[e] = (e % 3 - 1) a[2g] + (e // 3 - 1) a[2g+1] (e < 9; 0 above), split into its
+# low bytes LO (uint8) and high bytes HI (int8): v = 256 HI + LO. One intrinsic is KU steps of 4 inputs
+# for NL outputs and `rows` rows:
+#
+#     C[b, i] += sum over u < KU, h < 2 of  v_b[2u + h][(W[u, i] >> 4h) & 15]
+#
+# Implementation: the NL index bytes of a step are one load, & 15 and >> 4 give the two pairs' indices;
+# per pair two table lookups (LO and HI: `tbl` on NEON, `vpshufb` on x86, whose 16-byte tables are
+# repeated in every 128-bit lane) and a byte interleave (zip1/zip2, vpunpck[lh]bw) rebuild the int16
+# partial sums, which are summed in int16 lanes over the KU steps and then widened into C. |v| <= 256,
+# so the 2 KU <= 64 int16 terms sum to at most 16384 in magnitude: no overflow (LUT_STEPS bounds KU).
+# The description spells the lookup as a sum over all 16 entries of [index == e] v[e]: tensorize
+# cannot match a data-dependent buffer index.
+
+LUT_STEPS = 4  # steps of 4 inputs per intrinsic call (KU): the int16 partial sums widen once per call
+
+
+def lut_steps(kb: int) -> int:
+    """KU for a kernel with `kb` steps of 4 inputs (even: runtime/weights.py pads it): the largest power
+    of two <= LUT_STEPS dividing kb."""
+    ku = LUT_STEPS
+    while kb % ku:
+        ku //= 2
+    return ku
+
+
+def _desc_lut(nl: int, ku: int, rows: int):
+    def term(C, W, HI, LO, vb, vi, vu, vh, ve):
+        idx = T.Cast("int32", (W[0, vu, vi, 0] >> T.Cast("uint8", vh * 4)) & T.uint8(15))
+        entry = T.Cast("int32", HI[vb, vu * 2 + vh, ve]) * 256 + T.Cast("int32", LO[vb, vu * 2 + vh, ve])
+        return C[vb, 0, vi] + T.if_then_else(idx == ve, entry, 0)
+
+    if rows == 1:  # the tail rows: the batch row is an outer loop, not an iterator of the intrinsic
+        @T.prim_func(s_tir=True)
+        def desc(lo: T.handle, hi: T.handle, w: T.handle, c: T.handle):
+            LO = T.match_buffer(lo, (1, 2 * ku, 16), "uint8", offset_factor=1)
+            HI = T.match_buffer(hi, (1, 2 * ku, 16), "int8", offset_factor=1)
+            W = T.match_buffer(w, (1, ku, nl, 1), "uint8", offset_factor=1)
+            C = T.match_buffer(c, (1, 1, nl), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0, 0, 0:nl], W[0, 0:ku, 0:nl, 0], HI[0, 0:2 * ku, 0:16], LO[0, 0:2 * ku, 0:16])
+                T.writes(C[0, 0, 0:nl])
+                for i, u, h, e in T.grid(nl, ku, 2, 16):
+                    with T.sblock("update"):
+                        vi, vu, vh, ve = T.axis.remap("SRRR", [i, u, h, e])
+                        C[0, 0, vi] = term(C, W, HI, LO, 0, vi, vu, vh, ve)
+
+        return desc
+
+    @T.prim_func(s_tir=True)
+    def desc_rows(lo: T.handle, hi: T.handle, w: T.handle, c: T.handle):
+        LO = T.match_buffer(lo, (rows, 2 * ku, 16), "uint8", offset_factor=1)
+        HI = T.match_buffer(hi, (rows, 2 * ku, 16), "int8", offset_factor=1)
+        W = T.match_buffer(w, (1, ku, nl, 1), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, 1, nl), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0, 0:nl], W[0, 0:ku, 0:nl, 0], HI[0:rows, 0:2 * ku, 0:16], LO[0:rows, 0:2 * ku, 0:16])
+            T.writes(C[0:rows, 0, 0:nl])
+            for b, i, u, h, e in T.grid(rows, nl, ku, 2, 16):
+                with T.sblock("update"):
+                    vb, vi, vu, vh, ve = T.axis.remap("SSRRR", [b, i, u, h, e])
+                    C[vb, 0, vi] = term(C, W, HI, LO, vb, vi, vu, vh, ve)
+
+    return desc_rows
+
+
+def _tbl_neon(table, idx, nl: int):
+    return T.call_llvm_pure_intrin("int8x16", "llvm.aarch64.neon.tbl1.v16i8", table, idx)
+
+
+def _tbl_x86(table, idx, nl: int):  # the 16-byte table repeated in each 128-bit lane (vbroadcasti128)
+    name = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}[nl]
+    return T.call_llvm_pure_intrin(f"int8x{nl}", name, T.Shuffle([table] * (nl // 16), list(range(nl))), idx)
+
+
+def _impl_lut(lookup):
+    def build(nl: int, ku: int, rows: int):
+        lanes = nl // 16  # 128-bit lanes: byte interleaves stay inside them
+        # int16 lane 8 L + k of half h holds output 16 L + 8 h + k; put the outputs back in order
+        outputs = [h * nl // 2 + 8 * lane + k for lane in range(lanes) for h in range(2) for k in range(8)]
+
+        def sums(LO, HI, W, b):
+            """Per half (bytes 0-7 or 8-15 of every 128-bit lane), the int16 sums over the KU steps."""
+            total = [None, None]
+            for u in range(ku):
+                codes = W.vload([0, u, 0, 0], f"uint8x{nl}")
+                for h in range(2):
+                    idx = T.reinterpret(f"int8x{nl}", codes & T.broadcast(T.uint8(15), nl) if h == 0 else
+                                        codes >> T.broadcast(T.uint8(4), nl))
+                    lo = lookup(T.reinterpret("int8x16", LO.vload([b, 2 * u + h, 0], "uint8x16")), idx, nl)
+                    hi = lookup(HI.vload([b, 2 * u + h, 0], "int8x16"), idx, nl)
+                    for half in range(2):
+                        pick = [j for lane in range(lanes) for k in range(8)
+                                for j in (16 * lane + 8 * half + k, nl + 16 * lane + 8 * half + k)]
+                        v = T.reinterpret(f"int16x{nl // 2}", T.Shuffle([lo, hi], pick))  # zip / vpunpck
+                        total[half] = v if total[half] is None else total[half] + v
+            return total
+
+        @T.prim_func(s_tir=True)
+        def impl(lo: T.handle, hi: T.handle, w: T.handle, c: T.handle):
+            LO = T.match_buffer(lo, (rows, 2 * ku, 16), "uint8", offset_factor=1)
+            HI = T.match_buffer(hi, (rows, 2 * ku, 16), "int8", offset_factor=1)
+            W = T.match_buffer(w, (1, ku, nl, 1), "uint8", offset_factor=1)
+            C = T.match_buffer(c, (rows, 1, nl), "int32", offset_factor=1)
+            with T.sblock("root"):
+                T.reads(C[0:rows, 0, 0:nl], W[0, 0:ku, 0:nl, 0], HI[0:rows, 0:2 * ku, 0:16],
+                        LO[0:rows, 0:2 * ku, 0:16])
+                T.writes(C[0:rows, 0, 0:nl])
+                for b in T.unroll(rows):
+                    C[b, 0, T.ramp(0, 1, nl)] = C[b, 0, T.ramp(0, 1, nl)] + T.Cast(
+                        f"int32x{nl}", T.Shuffle(sums(LO, HI, W, b), outputs))
+
+        return impl
+
+    return build
+
+
+LUT_IMPLEMENTATIONS = {"neon-lut": _impl_lut(_tbl_neon), "avx2-lut": _impl_lut(_tbl_x86),
+                       "avx512-lut": _impl_lut(_tbl_x86)}
+
+
+def lut_intrinsic(isa: str, nl: int, ku: int, rows: int) -> str:
+    """The name of the registered lookup-table intrinsic for one ISA, tile width, KU and row count."""
+    name = f"bitrl_{isa}_lut{nl}_steps{ku}_rows{rows}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, _desc_lut(nl, ku, rows), LUT_IMPLEMENTATIONS[isa](nl, ku, rows))
+    return name
+
+
 def intrinsic(isa: str, nl: int, kg: int, rows: int) -> str:
     """The name of the registered tensor intrinsic for one ISA, tile shape and row count."""
     name = f"bitrl_{isa}_tiles{nl}x{kg}_rows{rows}"
@@ -205,6 +337,11 @@ def register_all() -> None:
     from . import KERNELS
 
     for spec in KERNELS:
-        if spec.isa in IMPLEMENTATIONS:
-            for rows in {1, spec.rows}:
+        for rows in {1, spec.rows}:
+            if spec.isa in IMPLEMENTATIONS:
                 intrinsic(spec.isa, spec.tile_n, spec.tile_k, rows)
+            elif spec.isa in LUT_IMPLEMENTATIONS:
+                ku = LUT_STEPS
+                while ku:
+                    lut_intrinsic(spec.isa, spec.tile_n, ku, rows)
+                    ku //= 2

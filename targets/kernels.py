@@ -78,16 +78,27 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
         return T.if_then_else(idx < k, v, T.const(0, "int8")) if kp != k else v
 
     x_q = te.compute((batch, kb, 4, kg), quantize, name="x_q")
-    ri = te.reduce_axis((0, kb), name="ri")  # per row: 4 KG partial sums, then their sum
-    xsum_lanes = te.compute((batch, 4 * kg), lambda b, v: te.sum(T.Cast("int32", x_q[b, ri, v // kg, v % kg]),
-                                                                 axis=ri), name="xsum_lanes")
-    rv = te.reduce_axis((0, 4 * kg), name="rv")
-    xsum = te.compute((batch,), lambda b: te.sum(xsum_lanes[b, rv], axis=rv), name="xsum")
+    if spec.method == "lut":
+        xsum = None
+        lut_lo, lut_hi = _pair_tables(x_q, batch, kb)
 
-    def dot(row, jo, i):
-        ri, rp, rj = te.reduce_axis((0, kb), "rkb"), te.reduce_axis((0, 4), "rq"), te.reduce_axis((0, kg), "rk")
-        code = (w[jo, ri, i, rj] >> T.Cast("uint8", rp * 2)) & T.const(3, "uint8")
-        return te.sum(T.Cast("int32", code) * T.Cast("int32", x_q[row, ri, rp, rj]), axis=[ri, rp, rj])
+        def dot(row, jo, i):  # sum over input pairs g of table_g[index of the pair's two trits], spelled
+            # as sum_e [index == e] table_g[e] (the intrinsics do the lookup; see targets/intrinsics.py)
+            ri, rh, re_ = te.reduce_axis((0, kb), "rkb"), te.reduce_axis((0, 2), "rh"), te.reduce_axis((0, 16), "re")
+            idx = T.Cast("int32", (w[jo, ri, i, 0] >> T.Cast("uint8", rh * 4)) & T.const(15, "uint8"))
+            entry = T.Cast("int32", lut_hi[row, ri * 2 + rh, re_]) * 256 + T.Cast("int32", lut_lo[row, ri * 2 + rh, re_])
+            return te.sum(T.if_then_else(idx == re_, entry, 0), axis=[ri, rh, re_])
+    else:
+        ri = te.reduce_axis((0, kb), name="ri")  # per row: 4 KG partial sums, then their sum
+        xsum_lanes = te.compute((batch, 4 * kg), lambda b, v: te.sum(T.Cast("int32", x_q[b, ri, v // kg, v % kg]),
+                                                                     axis=ri), name="xsum_lanes")
+        rv = te.reduce_axis((0, 4 * kg), name="rv")
+        xsum = te.compute((batch,), lambda b: te.sum(xsum_lanes[b, rv], axis=rv), name="xsum")
+
+        def dot(row, jo, i):
+            ri, rp, rj = te.reduce_axis((0, kb), "rkb"), te.reduce_axis((0, 4), "rq"), te.reduce_axis((0, kg), "rk")
+            code = (w[jo, ri, i, rj] >> T.Cast("uint8", rp * 2)) & T.const(3, "uint8")
+            return te.sum(T.Cast("int32", code) * T.Cast("int32", x_q[row, ri, rp, rj]), axis=[ri, rp, rj])
 
     rows = spec.rows
     blocked = batch // rows * rows if rows > 1 else T.const(0, "int64")
@@ -105,7 +116,7 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
         if acc_block is not None:
             a = T.if_then_else(b < blocked, acc_block[b // rows, b % rows, jo, i], a)
         c = gamma[j] / scale[b] if per_channel else rescale[b]
-        y = T.op.fma(T.Cast("float32", a - xsum[b]), c, bias[j])
+        y = T.op.fma(T.Cast("float32", a if xsum is None else a - xsum[b]), c, bias[j])
         if activation == "relu":
             return T.max(y, T.const(0.0, "float32"))
         if activation == "tanh":
@@ -118,6 +129,21 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
     func = te.create_prim_func([x, w, gamma, bias, y])
     return func.with_attrs({"global_symbol": kernel_name(k, n, activation, per_channel), "bitrl.activation": activation,
                             "bitrl.isa": spec.isa, "bitrl.weight_layout": spec.layout, "bitrl.n": n, "bitrl.k": k})
+
+
+def _pair_tables(x_q, batch, kb: int):
+    """The lut kernels' tables: per row b and input pair g, v[e] = (e % 3 - 1) a0 + (e // 3 - 1) a1 for
+    table index e = c0 + 3 c1 < 9 (0 for e >= 9), as low bytes (uint8) and high bytes (int8)."""
+    def entry(b, g, e):
+        a0 = T.Cast("int16", x_q[b, g // 2, (g % 2) * 2, 0])
+        a1 = T.Cast("int16", x_q[b, g // 2, (g % 2) * 2 + 1, 0])
+        v = T.Cast("int16", e % 3 - 1) * a0 + T.Cast("int16", e // 3 - 1) * a1
+        return T.Select(e < 9, v, T.const(0, "int16"))  # Select, not if_then_else: it vectorizes
+
+    lut_lo = te.compute((batch, 2 * kb, 16), lambda b, g, e: T.Cast("uint8", entry(b, g, e)), name="lut_lo")
+    lut_hi = te.compute((batch, 2 * kb, 16), lambda b, g, e: T.Cast("int8", entry(b, g, e) >> T.const(8, "int16")),
+                        name="lut_hi")
+    return lut_lo, lut_hi
 
 
 def _vectorize_lanes(sch, block: str) -> None:
@@ -159,7 +185,7 @@ DEFAULT_KNOBS = Knobs()
 def kernel_shape(func, spec: KernelSpec) -> tuple[int, int]:
     """(NT, KB) of a kernel: output tiles and K steps, the extents the knobs must divide."""
     nt, kb, _, _ = tiles_packed_shape(int(func.attrs["bitrl.n"]), int(func.attrs["bitrl.k"]), spec.layout)
-    return nt, kb
+    return (nt, kb // intrinsics.lut_steps(kb)) if spec.method == "lut" else (nt, kb)
 
 
 def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
@@ -173,7 +199,11 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
 
     if int(sch.get(sch.get_loops(sch.get_sblock("amax_lanes"))[1]).extent) > 1:
         _vectorize_lanes(sch, "amax_lanes")
-    _vectorize_lanes(sch, "xsum_lanes")
+    if spec.method == "lut":
+        for block in ("lut_lo", "lut_hi"):
+            sch.vectorize(sch.get_loops(sch.get_sblock(block))[-1])
+    else:
+        _vectorize_lanes(sch, "xsum_lanes")
     _, i, q, j = sch.get_loops(sch.get_sblock("x_q"))
     lanes = sch.fuse(i, q, j)
     if int(sch.get(lanes).extent) % vl == 0:
@@ -185,10 +215,17 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
         if rows == 1 and block == "acc_block":
             continue
         blk = sch.get_sblock(block)
-        t, r, jo, ji, kb, q, kk = sch.get_loops(blk)
+        if spec.method == "lut":
+            t, r, jo, ji, kb, h, e = sch.get_loops(blk)
+            ku = intrinsics.lut_steps(int(sch.get(kb).extent))
+            kb, ku_loop = sch.split(kb, [None, ku])
+            inner = (ku_loop, h, e)
+        else:
+            t, r, jo, ji, kb, q, kk = sch.get_loops(blk)
+            inner = (q, kk)
         jo_o, jo_i = sch.split(jo, [None, tiles])
         kb_o, kb_i = sch.split(kb, [None, unroll])
-        sch.reorder(jo_o, t, kb_o, kb_i, jo_i, r, ji, q, kk)
+        sch.reorder(jo_o, t, kb_o, kb_i, jo_i, r, ji, *inner)
         if parallel:
             sch.parallel(jo_o)
         sch.decompose_reduction(blk, kb_o)
@@ -196,7 +233,9 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
             sch.unroll(kb_i)
         if tiles > 1:
             sch.unroll(jo_i)
-        if spec.isa != "generic":
+        if spec.method == "lut":
+            sch.tensorize(r if rows > 1 else ji, intrinsics.lut_intrinsic(spec.isa, spec.tile_n, ku, rows))
+        elif spec.isa != "generic":
             sch.tensorize(r if rows > 1 else ji, intrinsics.intrinsic(spec.isa, spec.tile_n, spec.tile_k, rows))
 
     _, j = sch.get_loops(sch.get_sblock("y"))

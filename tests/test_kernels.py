@@ -69,9 +69,17 @@ def _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x):
     return outs
 
 
+def _host_runs(spec) -> bool:
+    from tvm.target.codegen import target_has_features
+
+    return all(target_has_features(f, HOST) for f in spec.features)
+
+
 HOST_SPECS = [targets.kernel_spec(HOST), targets.kernel_spec(isa="generic"),
               # the AVX-512 VNNI tile shape (tiles16x4, 4 rows per block) through plain TIR
-              dataclasses.replace(targets.kernel_spec(isa="generic"), tile_n=16, rows=4, vector=16)]
+              dataclasses.replace(targets.kernel_spec(isa="generic"), tile_n=16, rows=4, vector=16),
+              # the lookup-table kernels this CPU can run (x86: slower than the dot-product ones, kept exact)
+              *[s for s in targets.KERNELS if s.method == "lut" and not s.isa.startswith("neon") and _host_runs(s)]]
 
 
 @pytest.mark.parametrize("spec", HOST_SPECS, ids=lambda s: f"{s.isa}-{s.layout}-rows{s.rows}")
@@ -83,9 +91,9 @@ def test_host_kernels_are_bit_exact_with_the_reference(spec, shape):
         np.testing.assert_array_equal(out, _expected(x[:b], w_t, gamma, bias, activation), err_msg=f"batch {b}")
 
 
+@pytest.mark.parametrize("spec", [targets.kernel_spec(HOST), *HOST_SPECS[3:]], ids=lambda s: s.isa)
 @pytest.mark.parametrize("k", OVERFLOW_K)
-def test_host_kernel_accumulators_do_not_overflow(k):
-    spec = targets.kernel_spec(HOST)
+def test_host_kernel_accumulators_do_not_overflow(k, spec):
     w_t, gamma, bias, x = _overflow_case(k)
     _, (_, s, acc) = quant.bitlinear_reference(x, w_t, gamma, bias, return_int=True)
     assert acc[0, 0] == 127 * k and acc[0, 1] == -127 * k and acc[3, 2] == 127 * k
@@ -118,15 +126,18 @@ def _arm_cases():
     return cases
 
 
-@pytest.fixture(scope="module", params=["rasp4", "rasp5"])
+@pytest.fixture(scope="module", params=[("rasp4", None), ("rasp4", "neon-lut"), ("rasp5", None)],
+                ids=lambda p: f"{p[0]}-{p[1] or 'default'}")
 def arm_build(request, tmp_path_factory):
-    """Every ARM test kernel of one target, cross-compiled, and their disassembly."""
+    """Every ARM test kernel of one target (its default kernel or the one named), cross-compiled, and their
+    disassembly."""
     from tvm.support import cc
 
-    target = targets.get_target(request.param)
+    board, isa = request.param
+    target = targets.get_target(board)
     tvm_target = targets.tvm_target(target)
-    spec = targets.kernel_spec(tvm_target)
-    folder = tmp_path_factory.mktemp(request.param)
+    spec = targets.kernel_spec(tvm_target, isa=isa)
+    folder = tmp_path_factory.mktemp(board)
     inputs, expected, asm = {}, {}, []
     for key, k, n, act, pc, (w_t, gamma, bias, x) in _arm_cases():
         lib = tvm.compile(tvm.IRModule({"main": kernels.bitlinear_kernel(k, n, act, pc, spec=spec)}), target=tvm_target)
@@ -158,10 +169,13 @@ def test_arm_kernels_are_bit_exact_under_qemu(arm_build):
 def test_arm_kernels_use_the_intended_instructions(arm_build):
     target, spec, _, _, asm = arm_build
     mnemonics = set(re.findall(r"^\s+[0-9a-f]+:\s+(?:[0-9a-f]{8}\s+)?([a-z][a-z0-9.]*)", asm, re.MULTILINE))
-    if target.name == "rasp4":  # Cortex-A72: no dotprod; widening multiply-accumulate, pairwise widening add
-        assert spec.isa == "neon"
+    if target.name == "rasp4":  # Cortex-A72: no dotprod; widening multiply-accumulate or table lookups
         assert not mnemonics & {"sdot", "udot", "usdot"}
-        assert {"smull", "smlal", "sadalp"} <= mnemonics, sorted(mnemonics)
+        if spec.isa == "neon-lut":
+            assert {"tbl", "zip1", "zip2"} <= mnemonics, sorted(mnemonics)
+        else:
+            assert spec.isa == "neon"
+            assert {"smull", "smlal", "sadalp"} <= mnemonics, sorted(mnemonics)
     else:  # Cortex-A76
         assert spec.isa == "neon-dotprod"
         assert "sdot" in mnemonics

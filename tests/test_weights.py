@@ -69,3 +69,19 @@ def test_corrupt_weights_are_refused_by_name():
                               {"p0": {"storage": "base3", "compute": "tiles8x4", "shape": [2, 5]}})
     with pytest.raises(ValueError, match="unknown compute layout"):
         weights.tile_shape("rows2bit")
+
+
+def test_lut_layout_is_the_documented_one():
+    # lut16: byte [jo, kb, i, 0] holds the pair index c0 + 3 c1 of inputs (4kb, 4kb+1) in bits 3..0 and of
+    # (4kb+2, 4kb+3) in bits 7..4; c = w + 1; K is padded to an even number of steps (8 inputs)
+    w_t = np.zeros((16, 6), np.int8)
+    w_t[2, 0], w_t[2, 1] = 1, -1  # pair (2, 0) -> index 2
+    w_t[2, 3] = 1                 # pair (1, 2) -> index 7
+    w_t[5, 4] = -1                # step 1, pair (0, 1) -> index 3; inputs 6, 7 are padding (index 4)
+    lut = weights.pack_tiles(w_t, "lut16")
+    assert lut.shape == (1, 2, 16, 1)
+    assert lut[0, 0, 2, 0] == 2 | 7 << 4
+    assert lut[0, 1, 5, 0] == 3 | 4 << 4
+    assert lut[0, 0, 0, 0] == 4 | 4 << 4
+    with pytest.raises(ValueError, match="table index > 8"):
+        weights.unpack_tiles(lut | 0x0F, 16, 6, "lut16")
