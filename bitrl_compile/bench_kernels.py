@@ -43,12 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
-IMPLS = ("ours", "torch", "ort_fp32", "ort_int8", "tvm_fp32")
-LABELS = {"ours": "ours (ternary)", "torch": "torch fp32", "ort_fp32": "ORT fp32", "ort_int8": "ORT int8",
+IMPLS = ("ours", "lut", "torch", "ort_fp32", "ort_int8", "tvm_fp32")
+LABELS = {"ours": "ours (ternary)", "lut": "ours, lookup tables", "torch": "torch fp32", "ort_fp32": "ORT fp32", "ort_int8": "ORT int8",
           "tvm_fp32": "TVM fp32"}
 MARKER_SYSCALL = 0xB17  # the bench plugin's marker, see qemu_insn_plugin.c
 # multiply-accumulates per instruction of the dot-product instructions whose loops we count
-DOT_MACS = {"vpmaddubsw": 32, "vpdpbusd": 64, "sdot": 16, "smull": 8, "smlal": 8}
+# (a tbl looks up the low or the high bytes of 16 outputs' pair sums: 2 tbl per 32 multiply-accumulates)
+DOT_MACS = {"vpmaddubsw": 32, "vpdpbusd": 64, "sdot": 16, "smull": 8, "smlal": 8, "tbl": 16}
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -98,8 +99,9 @@ def copy_bandwidth(nbytes: int, min_s: float = 0.05) -> float:
 
 # ------------------------------------------------------------------------------------ implementations
 
-def ours(k: int, n: int, batch: int, rng):
-    """The compiled kernel for this host and a zero-argument call; asserts bit-exactness first."""
+def ours(k: int, n: int, batch: int, rng, method: str = "dot"):
+    """The compiled kernel for this host (its dot-product kernel, or with method="lut" its lookup-table
+    kernel) and a zero-argument call; asserts bit-exactness first."""
     import tvm
 
     from bitrl_compile import quant, targets
@@ -107,7 +109,7 @@ def ours(k: int, n: int, batch: int, rng):
     from bitrl_compile.targets import kernels
 
     target = targets.tvm_target(targets.get_target("host"))
-    spec = targets.kernel_spec(target)
+    spec = targets.kernel_spec(target, method=method)
     lib = tvm.compile(tvm.IRModule({"main": kernels.bitlinear_kernel(k, n, "none", spec=spec)}), target=target)
     fn = lib[kernels.kernel_name(k, n, "none", False)]
     w_t = rng.integers(-1, 2, (n, k)).astype(np.int8)
@@ -276,19 +278,22 @@ def arm_instruction_counts(sizes, batches, log) -> dict:
     except (ImportError, RuntimeError) as e:
         result["dynamic_error"] = str(e)
     with tempfile.TemporaryDirectory(prefix="bitrl-kbench-") as tmp:
-        for board in ("rasp4", "rasp5"):
+        for board, method in (("rasp4", "dot"), ("rasp4", "lut"), ("rasp5", "dot"), ("rasp5", "lut")):
             target = targets.get_target(board)
             tvm_target = targets.tvm_target(target)
-            spec = targets.kernel_spec(tvm_target)
+            spec = targets.kernel_spec(tvm_target, method=method)
+            variant = f"{board} {spec.isa}"
             cases = []
             for size in sizes:
-                lib = Path(tmp) / f"{board}-{size}.so"
+                lib = Path(tmp) / f"{board}-{spec.isa}-{size}.so"
                 func = kernels.bitlinear_kernel(size, size, "none", spec=spec)
                 tvm.compile(tvm.IRModule({"main": func}), target=tvm_target).export_library(
                     str(lib), fcompile=cc.cross_compiler(target.cc))
                 if objdump and size == max(sizes):
-                    result["static"][board] = {"cpu": target.qemu_cpu, "isa": spec.isa,
-                                               "loops": inner_loops(disassemble(lib, objdump))}
+                    loops = inner_loops(disassemble(lib, objdump))
+                    if spec.method == "lut":  # leave out the table-building loops (smull/smlal by constants)
+                        loops = [lp for lp in loops if "tbl" in lp["dot_instructions"]]
+                    result["static"][variant] = {"cpu": target.qemu_cpu, "isa": spec.isa, "loops": loops}
                 for batch in batches:
                     calls = max(1, min(20, (1 << 22) // (size * size * batch)))
                     cases.append({"lib": str(lib), "name": kernels.kernel_name(size, size, "none", False),
@@ -297,7 +302,7 @@ def arm_instruction_counts(sizes, batches, log) -> dict:
             if plugin is None:
                 continue
             log(f"  counting instructions under qemu-aarch64 -cpu {target.qemu_cpu} ({len(cases)} cases)")
-            counts_file = Path(tmp) / f"{board}-counts.txt"
+            counts_file = Path(tmp) / f"{board}-{spec.isa}-counts.txt"
             command = qemu_python_command(target.qemu_cpu)
             command = [*command[:-1], "-E", "TVM_NUM_THREADS=1", command[-1]]
             proc = subprocess.run(command + ["-c", GUEST_COUNTER % {"marker": MARKER_SYSCALL}, json.dumps(cases)],
@@ -312,7 +317,7 @@ def arm_instruction_counts(sizes, batches, log) -> dict:
             for i, case in enumerate(cases):
                 before, after, r = lines[2 * i], lines[2 * i + 1], case_range[i]
                 in_lib = (after[1 + r] - before[1 + r]) / case["calls"]  # instructions inside this library
-                result["dynamic"].setdefault(board, {})[f"{case['k']}x{case['batch']}"] = {
+                result["dynamic"].setdefault(variant, {})[f"{case['k']}x{case['batch']}"] = {
                     "instructions_per_call": in_lib, "per_1000_macs": round(1000 * in_lib /
                                                                             (case["k"] * case["n"] * case["batch"]), 1)}
     result["method"] = {
@@ -349,6 +354,9 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
     rng = np.random.default_rng(0)
     rows = []
     dram = copy_bandwidth(256 << 20, min_s=0.2)
+    from bitrl_compile import targets
+
+    lut_spec = targets.kernel_spec(targets.tvm_target(targets.get_target("host")), method="lut")
     with tempfile.TemporaryDirectory(prefix="bitrl-kbench-") as tmp:
         for size in sizes:
             w = (rng.standard_normal((size, size)) * 0.02).astype(np.float32)
@@ -358,6 +366,8 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
                 x = rng.standard_normal((batch, size)).astype(np.float32)
                 call, spec, weight_bytes = ours(size, size, batch, rng)
                 fns = {"ours": call}
+                if "lut" in impls and lut_spec is not None:
+                    fns["lut"] = ours(size, size, batch, rng, method="lut")[0]
                 if "torch" in impls:
                     fns["torch"] = torch_fp32(w, b, x)
                 if "ort_fp32" in impls:
@@ -379,7 +389,8 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
                        "bandwidth_bound_us": {"same_size_copy": weight_bytes / same_level * 1e6,
                                               "dram_copy": weight_bytes / dram * 1e6},
                        "copy_gb_s": {"same_size": same_level / 1e9, "dram": dram / 1e9},
-                       "kernel": {"isa": spec.isa, "layout": spec.layout, "rows": spec.rows}}
+                       "kernel": {"isa": spec.isa, "layout": spec.layout, "rows": spec.rows},
+                       "lut_kernel": lut_spec and {"isa": lut_spec.isa, "layout": lut_spec.layout}}
                 row["over_bound"] = {lvl: us["ours"] / t for lvl, t in row["bandwidth_bound_us"].items()}
                 rows.append(row)
                 log(format_row(row))
@@ -391,8 +402,8 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
     return result
 
 
-HEADER = (f"{'N=K':>5} {'batch':>5} | {'ours':>9} {'torch':>9} {'ORT fp32':>9} {'ORT int8':>9} {'TVM fp32':>10} | "
-          f"{'x torch':>7} {'x ORT8':>7} {'x ORT32':>7} {'x TVM':>7} | {'bits/w':>9} {'fp32/ours':>9} | "
+HEADER = (f"{'N=K':>5} {'batch':>5} | {'ours':>9} {'ours lut':>9} {'torch':>9} {'ORT fp32':>9} {'ORT int8':>9} "
+          f"{'TVM fp32':>10} | {'x lut':>7} {'x torch':>7} {'x ORT8':>7} {'x ORT32':>7} {'x TVM':>7} | {'bits/w':>9} {'fp32/ours':>9} | "
           f"{'bound':>7} {'ours/bound':>10}")
 
 
@@ -406,8 +417,8 @@ def format_row(row: dict) -> str:
         return f"{sp[name]:6.1f}x" if name in sp else f"{'-':>7}"
 
     bound = row["bandwidth_bound_us"]["same_size_copy"]
-    return (f"{row['n']:>5} {row['batch']:>5} | {t('ours')} {t('torch')} {t('ort_fp32')} {t('ort_int8')} "
-            f"{t('tvm_fp32'):>10} | {s('torch')} {s('ort_int8')} {s('ort_fp32')} {s('tvm_fp32')} | "
+    return (f"{row['n']:>5} {row['batch']:>5} | {t('ours')} {t('lut')} {t('torch')} {t('ort_fp32')} {t('ort_int8')} "
+            f"{t('tvm_fp32'):>10} | {s('lut')} {s('torch')} {s('ort_int8')} {s('ort_fp32')} {s('tvm_fp32')} | "
             f"{row['bits_per_weight']['compute']:.1f}/{row['bits_per_weight']['storage']:.2f} "
             f"{row['fp32_over_ours_weight_bytes']['storage']:8.1f}x | {bound:7.1f} "
             f"{row['over_bound']['same_size_copy']:9.2f}x")
@@ -425,7 +436,9 @@ def report(result: dict, command: str) -> str:
     row0 = result["rows"][0]
     dram = ", ".join(f"{r['n']}x{r['batch']}: {r['over_bound']['dram_copy']:.2f}x" for r in result["rows"])
     lines += ["", f"ours = {row0['kernel']['isa']} kernel on {row0['kernel']['layout']} tiles "
-              + f"({row0['kernel']['rows']} rows per register block); x = their time / ours; bits/w = as computed "
+              + f"({row0['kernel']['rows']} rows per register block); ours lut = the "
+              + f"{(row0.get('lut_kernel') or {}).get('isa', '-')} lookup-table kernel (runtime/weights.py lut layout); "
+              + "x = their time / ours; bits/w = as computed "
               + "(2-bit tiles) / as stored (base-3); fp32/ours = fp32 weight bytes / base-3 bytes;",
               "bound = kernel weight bytes / numpy copy bandwidth (read + write bytes per second) on a buffer of "
               + f"the same size; ours / bound against a 256 MB (DRAM) copy: {dram}"]

@@ -97,21 +97,22 @@ KERNELS: tuple[KernelSpec, ...] = (  # in order of preference
 )
 
 
-def kernel_spec(tvm_target=None, isa: str | None = None) -> KernelSpec:
-    """The kernel for a tvm.target.Target (None: the generic kernel), or the one named `isa`."""
+def kernel_spec(tvm_target=None, isa: str | None = None, method: str | None = None) -> KernelSpec:
+    """The kernel for a tvm.target.Target (None: the generic kernel), or the one named `isa`; with `method`
+    ("dot" or "lut") the first of that method the target can run (None if there is none)."""
     if isa is not None:
         for spec in KERNELS:
             if spec.isa == isa:
                 return spec
         raise ValueError(f"unknown kernel ISA {isa!r}; known: {', '.join(s.isa for s in KERNELS)}")
     if tvm_target is None or str(tvm_target.kind.name) != "llvm":
-        return KERNELS[-1]
+        return KERNELS[-1] if method in (None, "dot") else None
     from tvm.target.codegen import target_has_features
 
     for spec in KERNELS:
-        if all(target_has_features(f, tvm_target) for f in spec.features):
+        if method in (None, spec.method) and all(target_has_features(f, tvm_target) for f in spec.features):
             return spec
-    return KERNELS[-1]
+    return KERNELS[-1] if method in (None, "dot") else None
 
 
 def known_targets() -> list[str]:
