@@ -20,7 +20,8 @@ bytes / the copy bandwidth numpy measures on a buffer of the same size (so the s
 repeated calls see) and on a 256 MB buffer (DRAM).
 
 The instruction-count proxy for the Raspberry Pi kernels (timings under qemu mean nothing): the same layers
-compiled for rasp4 (Cortex-A72, NEON smull/sadalp) and rasp5 (Cortex-A76, sdot); per call, the guest
+compiled for rasp4 (Cortex-A72) and rasp5 (Cortex-A76), each with its dot-product kernel (A72: NEON
+smull/smlal + sadalp, A76: sdot) and its lookup-table kernel (tbl); per call, the guest
 instructions executed inside the kernel library under `qemu-aarch64 -cpu <core>`, counted by the bench's
 TCG plugin (bitrl_compile/qemu_insn_plugin.c), and statically, the instructions of the kernel's inner
 loops per 1,000 multiply-accumulates, from the disassembly (for every ISA, x86 too).

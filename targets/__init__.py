@@ -5,7 +5,9 @@ no dotprod, no fp16, no LSE atomics — such instructions SIGILL on a real Pi 4,
 every rasp4 library under `qemu-aarch64 -cpu cortex-a72` and disassemble it to make sure.
 
 `KERNELS` is the data that picks a BitLinear kernel for a TVM target: the first entry whose LLVM
-features the target has. Its tile shape is also the weights' compute layout (runtime/weights.py).
+features the target has. The order is measured (bitrl-compile bench-kernels, docs/kernels.md): on x86
+the dot-product kernels beat the lookup-table ones (vpshufb and the byte interleaves share one port),
+on the Cortex-A76 sdot beats them, on the Cortex-A72 the lookup tables win. Its tile shape is also the weights' compute layout (runtime/weights.py).
 """
 
 from __future__ import annotations
@@ -89,10 +91,12 @@ KERNELS: tuple[KernelSpec, ...] = (  # in order of preference
     KernelSpec("avx512-vnni", ("avx512vnni", "avx512bw"), tile_n=16, tile_k=4, rows=4, vector=16),  # vpdpbusd
     KernelSpec("avx2", ("avx2",), tile_n=8, tile_k=4, rows=4, vector=8),             # vpmaddubsw + vpmaddwd
     KernelSpec("neon-dotprod", ("neon", "dotprod"), tile_n=4, tile_k=4, rows=4, vector=4),  # sdot (A76)
-    KernelSpec("neon", ("neon",), tile_n=8, tile_k=2, rows=4, vector=4),             # smull/smlal + sadalp (A72)
+    # A72 (rasp4): tbl lookups take 1.3-1.7x fewer instructions than smull/smlal at batch 1, about as many
+    # at batch 32 from N = K = 1024 (docs/kernels.md); the A72 also issues integer multiplies on one pipe only
+    KernelSpec("neon-lut", ("neon",), tile_n=16, tile_k=1, rows=2, vector=4, method="lut"),       # tbl
+    KernelSpec("neon", ("neon",), tile_n=8, tile_k=2, rows=4, vector=4),             # smull/smlal + sadalp
     KernelSpec("avx512-lut", ("avx512bw",), tile_n=64, tile_k=1, rows=4, vector=16, method="lut"),  # vpshufb
     KernelSpec("avx2-lut", ("avx2",), tile_n=32, tile_k=1, rows=4, vector=8, method="lut"),       # vpshufb
-    KernelSpec("neon-lut", ("neon",), tile_n=16, tile_k=1, rows=4, vector=4, method="lut"),       # tbl
     KernelSpec("generic", (), tile_n=8, tile_k=4, rows=1, vector=4),                 # plain TIR, LLVM's choice
 )
 

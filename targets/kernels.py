@@ -140,9 +140,11 @@ def _pair_tables(x_q, batch, kb: int):
         v = T.Cast("int16", e % 3 - 1) * a0 + T.Cast("int16", e // 3 - 1) * a1
         return T.Select(e < 9, v, T.const(0, "int16"))  # Select, not if_then_else: it vectorizes
 
-    lut_lo = te.compute((batch, 2 * kb, 16), lambda b, g, e: T.Cast("uint8", entry(b, g, e)), name="lut_lo")
-    lut_hi = te.compute((batch, 2 * kb, 16), lambda b, g, e: T.Cast("int8", entry(b, g, e) >> T.const(8, "int16")),
-                        name="lut_hi")
+    def both(b, g, e):  # one block writes both tables: each entry is computed once
+        v = entry(b, g, e)
+        return [T.Cast("uint8", v), T.Cast("int8", v >> T.const(8, "int16"))]
+
+    lut_lo, lut_hi = te.compute((batch, 2 * kb, 16), both, name="lut")
     return lut_lo, lut_hi
 
 
@@ -200,8 +202,7 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
     if int(sch.get(sch.get_loops(sch.get_sblock("amax_lanes"))[1]).extent) > 1:
         _vectorize_lanes(sch, "amax_lanes")
     if spec.method == "lut":
-        for block in ("lut_lo", "lut_hi"):
-            sch.vectorize(sch.get_loops(sch.get_sblock(block))[-1])
+        sch.vectorize(sch.get_loops(sch.get_sblock("lut_v0"))[-1])  # one loop nest writes both tables
     else:
         _vectorize_lanes(sch, "xsum_lanes")
     _, i, q, j = sch.get_loops(sch.get_sblock("x_q"))

@@ -219,7 +219,7 @@ def test_tune_rasp4_through_rpc_under_qemu_then_compile_offline(tmp_path):
     assert row.trials == 2 and row.tuned_us > 0
     assert path == tmp_path / "rasp4.json"
     (record,) = json.loads(path.read_text())["records"]
-    assert record["isa"] == spec.isa == "neon" and record["measured_on"] == server.address
+    assert record["isa"] == spec.isa == "neon-lut" and record["measured_on"] == server.address
 
     compiled = pipeline.compile_policy(load_policy(DEMO), "rasp4", tmp_path / "p.bitrl", tuning_db=tmp_path)
     mine = [k for k in compiled.manifest["kernels"] if k["kernel"] == KEY.name]
