@@ -112,8 +112,9 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
             else Path(model).with_name(Path(model).name + ".bitrl")  # a BitNet backbone folder
         if qat_env:  # the fine-tuned file carries its architecture and observation statistics
             tuned = Path(model).with_name(Path(model).stem + "-ternary.safetensors")
+            logs = Path(model).with_name(Path(model).stem + "-qat")  # beside the model, not in the cwd
             click.get_current_context().invoke(finetune_cmd, model=model, env_id=qat_env, steps=qat_steps,
-                                               output=str(tuned), config=config, vecnormalize=vecnormalize,
+                                               output=str(tuned), out=str(logs), config=config, vecnormalize=vecnormalize,
                                                trust_pickle=trust_pickle, force=force, no_progress=True,
                                                debug=debug)
             model, config, vecnormalize = str(tuned), None, None

@@ -55,6 +55,7 @@ def test_compile_with_qat_fine_tunes_first_then_compiles_the_ternary_policy(trai
     assert r.returncode == 0, r.stderr
     assert "ternary (PTQ)" in r.stdout and "after 256 QAT steps" in r.stdout and "3 BitLinear layers" in r.stdout
     assert (tmp_path / "policy-ternary.safetensors").is_file() and (tmp_path / "p.bitrl").is_file()
+    assert (tmp_path / "policy-qat" / "progress.csv").is_file()  # the fine-tune's logs, beside the model
     manifest = json.loads(cli("inspect", "--json", tmp_path / "p.bitrl").stdout)
     assert manifest["input"]["normalize"] is not None  # the statistics came along with the fine-tuned file
 
