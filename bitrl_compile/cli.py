@@ -78,7 +78,7 @@ def main():
 
 @main.command("compile")
 @click.argument("model", type=click.Path())
-@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, host")
+@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, x86-amx, host")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="artifact path [default: MODEL stem + .bitrl]")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
 @click.option("--env", "env_id", help="gymnasium env id, to read action/observation spaces for bare state_dicts")
@@ -184,7 +184,7 @@ def inspect_cmd(artifact, as_json, debug):
 
 @main.command("tune")
 @click.argument("model", type=click.Path())
-@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, host")
+@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, x86-amx, host")
 @click.option("--trials", default=32, show_default=True, help="MetaSchedule trials per kernel and batch")
 @click.option("--batch", "batches", default="1", show_default=True,
               help="batch sizes to tune, comma-separated: 1 tunes the policy step (GEMV), e.g. 32 the GEMM rows")
@@ -392,7 +392,7 @@ def targets_cmd():
 
 @main.command("bench")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, host")
+@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, x86-amx, host")
 @click.option("--env", "env_id", help="gymnasium env id: measure the return kept (and spaces for bare state_dicts)")
 @click.option("--episodes", default=10, show_default=True, type=click.IntRange(min=0))
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1), help="the second batch size")

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import safetensors_np, weights
 from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, read_artifact
-from .tvm_runtime import aligned, load_vm, to_device
+from .tvm_runtime import aligned, enable_amx, load_vm, to_device
 
 
 def host_arch() -> str:
@@ -49,6 +49,9 @@ def check_runnable_here(manifest: dict, path: str | os.PathLike = "artifact") ->
     if missing and _cpu_flags():
         raise ArtifactError(f"{path}: target {target.get('name')} needs CPU features {missing} that this CPU "
                             "lacks; recompile with `--target host`")
+    if "amx_tile" in target.get("cpu_features", []) and not enable_amx():
+        raise ArtifactError(f"{path}: its kernels use AMX, and Linux did not grant this process the AMX state "
+                            "(needs Linux >= 5.16); recompile with `--target x86-avx512`")
 
 
 class Policy:

@@ -17,6 +17,27 @@ import tempfile
 from pathlib import Path
 
 _RUNTIME_LOADED = False
+_AMX: bool | None = None
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64 (>= 5.16)
+
+
+def enable_amx() -> bool:
+    """Ask Linux once per process for the AMX tile state, which kernels with AMX tile products (the
+    `amx` BitLinear kernel at batch >= 16) need: without it their first tile instruction faults.
+    Returns whether AMX is usable; False (and nothing done) on CPUs without AMX."""
+    global _AMX
+    if _AMX is None:
+        _AMX = False
+        try:
+            flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith("flags")), [])
+        except OSError:
+            flags = []
+        if "amx_tile" in flags:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _AMX = libc.syscall(ctypes.c_long(SYS_ARCH_PRCTL), ctypes.c_long(ARCH_REQ_XCOMP_PERM),
+                                ctypes.c_ulong(XFEATURE_XTILEDATA)) == 0
+    return _AMX
 
 
 def _import_tvm_ffi():
@@ -81,6 +102,7 @@ def load_module(lib_path: str | os.PathLike, bundled_runtime: bytes | None = Non
     """Open any exported TVM library (e.g. kernels alone) with the runtime only: a tvm-ffi module."""
     tvm_ffi = _import_tvm_ffi()
     _load_runtime(bundled_runtime)
+    enable_amx()
     return tvm_ffi.load_module(str(lib_path))
 
 
@@ -88,6 +110,7 @@ def load_vm(lib_path: str | os.PathLike, bundled_runtime: bytes | None = None):
     """Open an exported Relax library and return an initialised VM (call vm["main"](...))."""
     tvm_ffi = _import_tvm_ffi()
     _load_runtime(bundled_runtime)
+    enable_amx()
     mod = tvm_ffi.load_module(str(lib_path))
     vm = mod["vm_load_executable"]()
     vm["vm_initialization"](1, 0, 2)  # device type kDLCPU, device id 0, pooled allocator

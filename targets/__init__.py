@@ -16,6 +16,12 @@ import platform
 import shutil
 from dataclasses import dataclass, field
 
+from bitrl_compile.runtime.tvm_runtime import enable_amx
+
+# Kernels built in this process may be run in it (tests, benchmarks, tuning workers, the pipeline's own
+# check of what it compiled): on AMX CPUs ask for the tile state now, as the runtime does when it loads.
+enable_amx()
+
 
 @dataclass(frozen=True)
 class Target:
@@ -37,7 +43,17 @@ def _host_target() -> Target:
     tvm_target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
     if arch == "aarch64":
         tvm_target["mtriple"] = "aarch64-linux-gnu"
-    return Target("host", f"this machine ({arch}, {tvm_target['mcpu']})", tvm_target, arch, None)
+    import tvm
+
+    # the CPU flags its kernels need, so that the artifact refuses to start on a CPU without them
+    spec = kernel_spec(tvm.target.Target(tvm_target))
+    flags = tuple(CPU_FLAGS[f] for f in spec.features if f in CPU_FLAGS)
+    return Target("host", f"this machine ({arch}, {tvm_target['mcpu']})", tvm_target, arch, None, cpu_features=flags)
+
+
+# LLVM target features of the kernels (KernelSpec.features) -> the /proc/cpuinfo flags that say a CPU has them
+CPU_FLAGS = {"amx-int8": "amx_int8", "amx-tile": "amx_tile", "avx512vnni": "avx512_vnni", "avx512bw": "avx512bw",
+             "avx2": "avx2", "neon": "asimd", "dotprod": "asimddp"}
 
 
 TARGETS: dict[str, Target] = {
@@ -55,6 +71,10 @@ TARGETS: dict[str, Target] = {
     "x86-avx2": Target(
         "x86-avx2", "any Haswell-or-newer x86-64", {"kind": "llvm", "mcpu": "haswell"}, "x86_64",
         None, cpu_features=("avx2", "fma")),
+    "x86-amx": Target(
+        "x86-amx", "AMX servers (Sapphire Rapids, Emerald Rapids, Granite Rapids)",
+        {"kind": "llvm", "mcpu": "sapphirerapids"}, "x86_64", None,
+        cpu_features=("amx_tile", "amx_int8", "avx512_vnni", "avx512bw")),
     "x86-avx512": Target(
         "x86-avx512", "AVX-512 VNNI servers (Ice Lake server, Zen 4)", {"kind": "llvm", "mcpu": "icelake-server"},
         "x86_64", None, cpu_features=("avx512f", "avx512_vnni")),
@@ -81,6 +101,7 @@ class KernelSpec:
     rows: int                  # batch rows per register block in the GEMM loop
     vector: int                # float32 lanes for the activation-quantization and epilogue loops
     method: str = "dot"        # "dot": codes times activations; "lut": table lookups of pair sums
+    amx_rows: int = 0          # > 0: batch rows per AMX tile, computed first with tdpbssd (intrinsics.py)
 
     @property
     def layout(self) -> str:
@@ -88,6 +109,9 @@ class KernelSpec:
 
 
 KERNELS: tuple[KernelSpec, ...] = (  # in order of preference
+    # AMX (Sapphire Rapids and later): 16-row blocks as int8 tile products, the other rows as avx512-vnni
+    KernelSpec("amx", ("amx-int8", "amx-tile", "avx512vnni", "avx512bw"), tile_n=16, tile_k=4, rows=4, vector=16,
+               amx_rows=16),
     KernelSpec("avx512-vnni", ("avx512vnni", "avx512bw"), tile_n=16, tile_k=4, rows=4, vector=16),  # vpdpbusd
     KernelSpec("avx2", ("avx2",), tile_n=8, tile_k=4, rows=4, vector=8),             # vpmaddubsw + vpmaddwd
     KernelSpec("neon-dotprod", ("neon", "dotprod"), tile_n=4, tile_k=4, rows=4, vector=4),  # sdot (A76)

@@ -188,7 +188,125 @@ def _impl_neon(nl: int, kg: int, rows: int):
     return impl
 
 
-IMPLEMENTATIONS = {"avx2": _impl_avx2, "avx512-vnni": _impl_vnni, "neon-dotprod": _impl_sdot, "neon": _impl_neon}
+IMPLEMENTATIONS = {"avx2": _impl_avx2, "avx512-vnni": _impl_vnni, "neon-dotprod": _impl_sdot, "neon": _impl_neon,
+                   "amx": _impl_vnni}  # the amx kernel's register blocks and single rows are avx512-vnni
+
+
+# ------------------------------------------------------------------------------------------------ AMX
+#
+# One AMX tile product (tdpbssd, s8 x s8 -> s32) is C[m, n] += sum over k4 < 16, kk < 4 of
+# A[m, 4 k4 + kk] B[k4, 4 n + kk]: 16 x 16 x 64 multiply-accumulates. With A = 16 activation rows of 64
+# inputs (x_q as it is) and B row k4 = plane q = k4 % 4 of weight step k4 // 4 (the decoded codes of a
+# tiles16x4 tile are exactly a B row: 16 outputs x 4 inputs), one intrinsic is a block of 16 rows x
+# `tiles` output tiles over the whole of K: each output tile's accumulators stay in their own tile
+# register (independent tdpbssd chains), the 16 rows' activations are loaded once per 64 inputs for
+# all of them, and each output tile decodes its B tile (16 x 64 bytes) into its own stack buffer.
+# Codes are 0..2, so A x B is dot(w + 1, a), as in the other kernels. The tile configuration is loaded
+# in every call (it is per thread) and the tiles are released at the end. The process must have asked
+# Linux for the AMX state first (runtime.tvm_runtime.enable_amx, Linux >= 5.16), or tdpbssd faults.
+
+AMX_STEPS = 4  # kb steps of 16 inputs per tile product (64 inputs: the tile width in bytes)
+
+
+def _code(W, o, r, i, j, q):
+    return T.Cast("int32", (W[o, r, i, j] >> T.Cast("uint8", q * 2)) & T.uint8(3))
+
+
+def _desc_amx(rows: int, nl: int, kg: int, kb: int, tiles: int):
+    @T.prim_func(s_tir=True)
+    def desc_one(a: T.handle, w: T.handle, c: T.handle):  # one output tile: the kernel does not split jo
+        A = T.match_buffer(a, (rows, kb, 4, kg), "int8", offset_factor=1)
+        W = T.match_buffer(w, (1, kb, nl, kg), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, 1, nl), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0, 0:nl], W[0, 0:kb, 0:nl, 0:kg], A[0:rows, 0:kb, 0:4, 0:kg])
+            T.writes(C[0:rows, 0, 0:nl])
+            for b, i, r, q, j in T.grid(rows, nl, kb, 4, kg):
+                with T.sblock("update"):
+                    vb, vi, vr, vq, vj = T.axis.remap("SSRRR", [b, i, r, q, j])
+                    C[vb, 0, vi] = C[vb, 0, vi] + _code(W, 0, vr, vi, vj, vq) * T.Cast("int32", A[vb, vr, vq, vj])
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, w: T.handle, c: T.handle):
+        A = T.match_buffer(a, (rows, kb, 4, kg), "int8", offset_factor=1)
+        W = T.match_buffer(w, (tiles, kb, nl, kg), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, tiles, nl), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:tiles, 0:nl], W[0:tiles, 0:kb, 0:nl, 0:kg], A[0:rows, 0:kb, 0:4, 0:kg])
+            T.writes(C[0:rows, 0:tiles, 0:nl])
+            for b, o, i, r, q, j in T.grid(rows, tiles, nl, kb, 4, kg):
+                with T.sblock("update"):
+                    vb, vo, vi, vr, vq, vj = T.axis.remap("SSSRRR", [b, o, i, r, q, j])
+                    C[vb, vo, vi] = C[vb, vo, vi] + _code(W, vo, vr, vi, vj, vq) * T.Cast("int32", A[vb, vr, vq, vj])
+
+    return desc if tiles > 1 else desc_one
+
+
+def _amx(name: str, *args):
+    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def _impl_amx(rows: int, nl: int, kg: int, kb: int, tiles: int):
+    assert (rows, nl, kg) == (16, 16, 4) and 2 * tiles + 1 <= 8  # C tiles, one A tile, B tiles
+    full, tail = divmod(kb, AMX_STEPS)
+    a_tile = tiles
+
+    def decode(W, o, step, r):  # B row r of output tile o: plane r % 4 of weight step `step` (64 bytes)
+        shift = T.broadcast(T.Cast("uint8", (r % 4) * 2), 64)
+        return T.reinterpret("int8x64", (W.vload([o, step, 0, 0], "uint8x64") >> shift) & T.broadcast(T.uint8(3), 64))
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, w: T.handle, c: T.handle):
+        sa = T.int64()
+        sc = T.int64()
+        A = T.match_buffer(a, (rows, kb, 4, kg), "int8", strides=[sa, 16, 4, 1], offset_factor=1)
+        W = T.match_buffer(w, (tiles, kb, nl, kg), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, tiles, nl), "int32", strides=[sc, nl, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:tiles, 0:nl], W[0:tiles, 0:kb, 0:nl, 0:kg], A[0:rows, 0:kb, 0:4, 0:kg])
+            T.writes(C[0:rows, 0:tiles, 0:nl])
+            cfg = T.alloc_buffer((64,), "uint8")
+            tile = T.alloc_buffer((tiles, 16, 64), "int8")
+            cfg[T.ramp(0, 1, 64)] = T.broadcast(T.uint8(0), 64)
+            cfg[0] = T.uint8(1)  # palette 1; tiles 0.. (C), `tiles` (A), then B: all 16 rows of 64 bytes
+            for t in T.unroll(2 * tiles + 1):
+                cfg[16 + 2 * t] = T.uint8(64)
+                cfg[48 + t] = T.uint8(16)
+            T.evaluate(_amx("ldtilecfg", cfg.access_ptr("r")))
+            for o in T.unroll(tiles):
+                T.evaluate(_amx("tileloadd64", T.Cast("int8", o), C.access_ptr("r", offset=o * nl), sc * 4))
+            for ch in range(full):
+                T.evaluate(_amx("tileloadd64", T.int8(a_tile), A.access_ptr("r", offset=ch * 64), sa))
+                for o in T.unroll(tiles):
+                    for r in T.unroll(16):
+                        tile[o, r, T.ramp(0, 1, 64)] = decode(W, o, ch * AMX_STEPS + r // 4, r)
+                    T.evaluate(_amx("tileloadd64", T.Cast("int8", a_tile + 1 + o),
+                                    tile.access_ptr("r", offset=o * 1024), T.int64(64)))
+                    T.evaluate(_amx("tdpbssd", T.Cast("int8", o), T.int8(a_tile), T.Cast("int8", a_tile + 1 + o)))
+            if tail > 0:  # the last steps: B rows past K are zero (and so are the padded activations)
+                T.evaluate(_amx("tileloadd64", T.int8(a_tile), A.access_ptr("r", offset=full * 64), sa))
+                for o in T.unroll(tiles):
+                    for r in T.unroll(16):
+                        if r < tail * 4:
+                            tile[o, r, T.ramp(0, 1, 64)] = decode(W, o, full * AMX_STEPS + r // 4, r)
+                        else:
+                            tile[o, r, T.ramp(0, 1, 64)] = T.broadcast(T.int8(0), 64)
+                    T.evaluate(_amx("tileloadd64", T.Cast("int8", a_tile + 1 + o),
+                                    tile.access_ptr("r", offset=o * 1024), T.int64(64)))
+                    T.evaluate(_amx("tdpbssd", T.Cast("int8", o), T.int8(a_tile), T.Cast("int8", a_tile + 1 + o)))
+            for o in T.unroll(tiles):
+                T.evaluate(_amx("tilestored64", T.Cast("int8", o), C.access_ptr("w", offset=o * nl), sc * 4))
+            T.evaluate(_amx("tilerelease"))
+
+    return impl
+
+
+def amx_intrinsic(rows: int, nl: int, kg: int, kb: int, tiles: int) -> str:
+    """The name of the registered AMX intrinsic: `rows` x `tiles` output tiles of `nl`, over `kb` steps."""
+    name = f"bitrl_amx_tiles{nl}x{kg}_rows{rows}_out{tiles}_steps{kb}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, _desc_amx(rows, nl, kg, kb, tiles), _impl_amx(rows, nl, kg, kb, tiles))
+    return name
 
 
 # ------------------------------------------------------------------------------------ lookup tables

@@ -37,6 +37,7 @@ from bitrl_compile.quant import EPS, QMAX
 from bitrl_compile.runtime.weights import tiles_packed_shape
 
 from . import KernelSpec, intrinsics, kernel_spec
+from .intrinsics import AMX_STEPS
 
 ACTIVATIONS = ("none", "relu", "tanh", "sigmoid")
 PARALLEL_MIN_WORK = 1 << 16  # multiply-adds per batch row below which waking threads costs more than it saves
@@ -54,7 +55,8 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
         raise ValueError(f"activation {activation!r} not fusable; expected one of {ACTIVATIONS}")
     spec = spec or kernel_spec(None)
     nt, kb, nl, kg = tiles_packed_shape(n, k, spec.layout)
-    kp = kb * 4 * kg
+    kb_x = -(-kb // AMX_STEPS) * AMX_STEPS if amx_used(spec, kb) else kb  # AMX reads 64 inputs at a time
+    kp = kb_x * 4 * kg
     batch = T.Var("batch", "int64") if batch is None else T.const(batch, "int64")
     x = te.placeholder((batch, k), "float32", name="x")
     w = te.placeholder((nt, kb, nl, kg), "uint8", name="w")
@@ -77,7 +79,7 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
                                  T.const(-128.0, "float32")))
         return T.if_then_else(idx < k, v, T.const(0, "int8")) if kp != k else v
 
-    x_q = te.compute((batch, kb, 4, kg), quantize, name="x_q")
+    x_q = te.compute((batch, kb_x, 4, kg), quantize, name="x_q")
     if spec.method == "lut":
         xsum = None
         lut_lo, lut_hi = _pair_tables(x_q, batch, kb)
@@ -100,12 +102,25 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
             code = (w[jo, ri, i, rj] >> T.Cast("uint8", rp * 2)) & T.const(3, "uint8")
             return te.sum(T.Cast("int32", code) * T.Cast("int32", x_q[row, ri, rp, rj]), axis=[ri, rp, rj])
 
-    rows = spec.rows
-    blocked = batch // rows * rows if rows > 1 else T.const(0, "int64")
-    acc_block = None
+    # Row paths, in order: AMX tiles of spec.amx_rows rows, register blocks of spec.rows rows, single rows.
+    amx_rows, rows = (spec.amx_rows if amx_used(spec, kb) else 0), spec.rows
+    acc_amx = acc_block = None
+    if amx_rows:
+        amx_end = batch // amx_rows * amx_rows
+        acc_amx = te.compute((batch // amx_rows, amx_rows, nt, nl),
+                             lambda t, b, jo, i: dot(t * amx_rows + b, jo, i), name="acc_amx")
+    else:
+        amx_end = None
+
+    def after_amx(e):  # a row index counted from the first row after the AMX tiles
+        return e if amx_end is None else amx_end + e
+
     if rows > 1:
-        acc_block = te.compute((batch // rows, rows, nt, nl), lambda t, b, jo, i: dot(t * rows + b, jo, i),
-                               name="acc_block")
+        blocked = after_amx((batch if amx_end is None else batch - amx_end) // rows * rows)
+        acc_block = te.compute(((batch if amx_end is None else batch - amx_end) // rows, rows, nt, nl),
+                               lambda t, b, jo, i: dot(after_amx(t * rows + b), jo, i), name="acc_block")
+    else:
+        blocked = T.const(0, "int64") if amx_end is None else amx_end
     acc_row = te.compute((batch - blocked, 1, nt, nl), lambda t, b, jo, i: dot(blocked + t + b, jo, i),
                          name="acc_row")
     rescale = None if per_channel else te.compute((batch,), lambda b: gamma[0] / scale[b], name="rescale")
@@ -114,7 +129,10 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
         jo, i = j // nl, j % nl
         a = acc_row[b - blocked, 0, jo, i]
         if acc_block is not None:
-            a = T.if_then_else(b < blocked, acc_block[b // rows, b % rows, jo, i], a)
+            r = b if amx_end is None else b - amx_end
+            a = T.if_then_else(b < blocked, acc_block[r // rows, r % rows, jo, i], a)
+        if acc_amx is not None:
+            a = T.if_then_else(b < amx_end, acc_amx[b // amx_rows, b % amx_rows, jo, i], a)
         c = gamma[j] / scale[b] if per_channel else rescale[b]
         y = T.op.fma(T.Cast("float32", a if xsum is None else a - xsum[b]), c, bias[j])
         if activation == "relu":
@@ -129,6 +147,15 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
     func = te.create_prim_func([x, w, gamma, bias, y])
     return func.with_attrs({"global_symbol": kernel_name(k, n, activation, per_channel), "bitrl.activation": activation,
                             "bitrl.isa": spec.isa, "bitrl.weight_layout": spec.layout, "bitrl.n": n, "bitrl.k": k})
+
+
+AMX_MIN_STEPS = 8  # K >= 128: below, the tile setup costs more than AMX saves (docs/kernels.md)
+AMX_TILES = 2      # output tiles per AMX intrinsic (independent accumulator tiles sharing the A tile)
+
+
+def amx_used(spec: KernelSpec, kb: int) -> bool:
+    """Whether a kernel with `kb` steps of K computes its blocks of spec.amx_rows rows with AMX."""
+    return spec.amx_rows > 0 and kb >= AMX_MIN_STEPS
 
 
 def _pair_tables(x_q, batch, kb: int):
@@ -211,6 +238,20 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
         sch.vectorize(sch.split(lanes, [None, vl])[1])
 
     parallel = k * n >= PARALLEL_MIN_WORK
+    if amx_used(spec, kb_extent):  # one AMX intrinsic per (block of amx_rows rows, AMX_TILES output tiles)
+        blk = sch.get_sblock("acc_amx")
+        t, r, jo, ji, kb, q, kk = sch.get_loops(blk)
+        tiles = next(v for v in (AMX_TILES, 2, 1) if nt % v == 0)
+        if tiles > 1:
+            jo, jo_i = sch.split(jo, [None, tiles])
+            sch.reorder(jo, t, r, jo_i, ji, kb, q, kk)
+        else:
+            sch.reorder(jo, t, r, ji, kb, q, kk)
+        if parallel:
+            sch.parallel(jo)
+        sch.decompose_reduction(blk, r)
+        sch.tensorize(r, intrinsics.amx_intrinsic(spec.amx_rows, spec.tile_n, spec.tile_k, kb_extent, tiles))
+
     for block, rows, tiles, unroll in (("acc_block", spec.rows, knobs.gemm_tiles, knobs.gemm_unroll),
                                        ("acc_row", 1, knobs.gemv_tiles, knobs.gemv_unroll)):
         if rows == 1 and block == "acc_block":

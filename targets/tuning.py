@@ -294,6 +294,16 @@ def _alloc_arguments(session, device, args_info, alloc_repeat):
     return out
 
 
+def _alloc_arguments_local(device, args_info, alloc_repeat):
+    """MetaSchedule's own argument maker, in a runner worker that may run AMX kernels (enable_amx)."""
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+
+    from bitrl_compile.runtime.tvm_runtime import enable_amx
+
+    enable_amx()
+    return default_alloc_argument(device, args_info, alloc_repeat)
+
+
 def _connect(rpc_config):
     """MetaSchedule runner session: straight to the board's RPC server (no tracker)."""
     from tvm import rpc
@@ -556,7 +566,8 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
 
     evaluator = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=20 if rpc is None else 5)
     if rpc is None:
-        runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60)
+        runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60,
+                                       f_alloc_argument=_alloc_arguments_local)
     else:
         host, port = parse_rpc(rpc)
         runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, port, "bitrl", session_timeout_sec=600),

@@ -79,7 +79,7 @@ def _write(path, obj):
 
 def test_targets_lists_every_target():
     out = cli("targets").stdout
-    for name in ("host", "rasp4", "rasp5", "x86-avx2", "x86-avx512"):
+    for name in ("host", "rasp4", "rasp5", "x86-avx2", "x86-avx512", "x86-amx"):
         assert name in out
 
 

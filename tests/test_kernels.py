@@ -14,6 +14,7 @@ import dataclasses
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,22 +32,22 @@ SHAPES = [(7, 5, "relu", True), (100, 37, "none", False), (64, 64, "relu", False
 OVERFLOW_K = (4096, 16384)
 
 
-def _case(k: int, n: int, per_channel: bool, seed: int):
+def _case(k: int, n: int, per_channel: bool, seed: int, rows: int = max(BATCHES)):
     rng = np.random.default_rng(seed)
     w_t = rng.integers(-1, 2, (n, k)).astype(np.int8)
     gamma = rng.uniform(0.01, 2, n if per_channel else 1).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
-    x = rng.standard_normal((max(BATCHES), k)).astype(np.float32) * rng.uniform(0.01, 10, (max(BATCHES), 1))
+    x = rng.standard_normal((rows, k)).astype(np.float32) * rng.uniform(0.01, 10, (rows, 1))
     x[0] = 0  # the absmax epsilon
     return w_t, gamma, bias, x.astype(np.float32)
 
 
-def _overflow_case(k: int):
+def _overflow_case(k: int, rows: int = max(BATCHES)):
     """Weights all +1 (row 0), all -1 (row 1), alternating; activations +-1 -> x_q = +-127 everywhere."""
     n = 16
     w_t = np.where(np.arange(k)[None, :] % 2 == np.arange(n)[:, None] % 2, 1, -1).astype(np.int8)
     w_t[0], w_t[1] = 1, -1
-    x = np.where(np.random.default_rng(k).random((max(BATCHES), k)) < 0.5, -1, 1).astype(np.float32)
+    x = np.where(np.random.default_rng(k).random((rows, k)) < 0.5, -1, 1).astype(np.float32)
     x[0] = 1
     x[1] = -1
     x[3] = np.where(w_t[2] > 0, 1, -1)  # |acc| = 127 K in row 2, through the tile decoding
@@ -57,12 +58,12 @@ def _expected(x, w_t, gamma, bias, activation):
     return apply_activation(quant.bitlinear_reference(x, w_t, gamma, bias), activation)
 
 
-def _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x):
+def _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x, batches=BATCHES):
     func = kernels.bitlinear_kernel(k, n, activation, per_channel, spec=spec)
     fn = tvm.compile(tvm.IRModule({"main": func}), target=HOST)[kernels.kernel_name(k, n, activation, per_channel)]
     w = tvm.runtime.tensor(pack_tiles(w_t, spec.layout))
     outs = []
-    for b in BATCHES:
+    for b in batches:
         y = tvm.runtime.tensor(np.zeros((b, n), np.float32))
         fn(tvm.runtime.tensor(x[:b]), w, tvm.runtime.tensor(gamma), tvm.runtime.tensor(bias), y)
         outs.append(y.numpy())
@@ -100,6 +101,60 @@ def test_host_kernel_accumulators_do_not_overflow(k, spec):
     for b, out in zip(BATCHES, _run_host(spec, k, 16, "none", False, w_t, gamma, bias, x)):
         np.testing.assert_array_equal(out, quant.fma_f32(acc[:b].astype(np.float32), 1 / s[:b, None],
                                                          np.zeros((b, 16), np.float32)))
+
+
+# AMX (this CPU's kernel if it has AMX): tiles of 16 rows, then 4-row blocks, then single rows; K >= 128
+# (kernels.AMX_MIN_STEPS), K not a multiple of 64 (zero-padded last tile product), 1 or 2 output tiles
+# per intrinsic (N / 16 odd or even)
+AMX_BATCHES = (16, 17, 21, 32, 37)
+AMX_SHAPES = [(128, 32, "relu", False), (1000, 48, "none", True), (520, 96, "tanh", False)]
+needs_amx = pytest.mark.skipif(targets.kernel_spec(HOST).amx_rows == 0, reason="this CPU has no AMX")
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=lambda s: f"k{s[0]}n{s[1]}{s[2]}{'pc' if s[3] else ''}")
+def test_amx_tile_products_are_bit_exact_with_the_reference(shape):
+    k, n, activation, per_channel = shape
+    spec = targets.kernel_spec(HOST)
+    assert kernels.amx_used(spec, -(-k // 16))
+    w_t, gamma, bias, x = _case(k, n, per_channel, seed=k + n, rows=max(AMX_BATCHES))
+    outs = _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x, AMX_BATCHES)
+    for b, out in zip(AMX_BATCHES, outs):
+        want = _expected(x[:b], w_t, gamma, bias, activation)
+        if activation == "tanh":  # TVM and numpy tanh may differ by an ulp
+            np.testing.assert_allclose(out, want, rtol=0, atol=1e-6, err_msg=f"batch {b}")
+        else:
+            np.testing.assert_array_equal(out, want, err_msg=f"batch {b}")
+
+
+@needs_amx
+@pytest.mark.parametrize("k", OVERFLOW_K)
+def test_amx_accumulators_do_not_overflow(k):
+    spec = targets.kernel_spec(HOST)
+    w_t, gamma, bias, x = _overflow_case(k, rows=max(AMX_BATCHES))
+    _, (_, s, acc) = quant.bitlinear_reference(x, w_t, gamma, bias, return_int=True)
+    for b, out in zip(AMX_BATCHES, _run_host(spec, k, 16, "none", False, w_t, gamma, bias, x, AMX_BATCHES)):
+        np.testing.assert_array_equal(out, quant.fma_f32(acc[:b].astype(np.float32), 1 / s[:b, None],
+                                                         np.zeros((b, 16), np.float32)))
+
+
+@needs_amx
+def test_amx_kernel_uses_tile_products_and_the_runtime_asks_for_the_tile_state(tmp_path):
+    spec = targets.kernel_spec(HOST)
+    lib = tvm.compile(tvm.IRModule({"main": kernels.bitlinear_kernel(256, 64, "relu", spec=spec)}), target=HOST)
+    lib.export_library(str(tmp_path / "amx.so"))
+    asm = subprocess.run(["objdump", "-d", str(tmp_path / "amx.so")], check=True, capture_output=True, text=True).stdout
+    assert {"tdpbssd", "ldtilecfg", "tileloadd", "tilestored", "vpdpbusd"} <= set(re.findall(r"\t([a-z0-9]+)\s", asm))
+    # a fresh process that only loads the library through our runtime can run the AMX tiles
+    code = ("import numpy as np, sys; from bitrl_compile.runtime import tvm_runtime as rt; "
+            "fn = rt.load_module(sys.argv[1])['bitrl_bitlinear_k256_n64_relu']; "
+            "a = [rt.aligned(np.ones((32, 256), np.float32)), rt.aligned(np.full((4, 16, 16, 4), 0x55, np.uint8)), "
+            "rt.aligned(np.ones(1, np.float32)), rt.aligned(np.zeros(64, np.float32)), "
+            "rt.aligned(np.zeros((32, 64), np.float32))]; fn(*[rt.to_device(v) for v in a]); print(a[-1].sum())")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "amx.so")], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert float(proc.stdout) == 0.0  # all weights 0 (code 1 everywhere), so relu(0 * x + 0) = 0
 
 
 # ------------------------------------------------------------------------------------ aarch64 under qemu
@@ -181,7 +236,8 @@ def test_arm_kernels_use_the_intended_instructions(arm_build):
 
 def test_x86_kernels_use_the_intended_instructions(tmp_path):
     for name, isa, wanted in (("x86-avx2", "avx2", {"vpmaddubsw", "vpmaddwd"}),
-                              ("x86-avx512", "avx512-vnni", {"vpdpbusd"})):
+                              ("x86-avx512", "avx512-vnni", {"vpdpbusd"}),
+                              ("x86-amx", "amx", {"tdpbssd", "ldtilecfg", "vpdpbusd"})):
         tvm_target = targets.tvm_target(targets.get_target(name))
         spec = targets.kernel_spec(tvm_target)
         assert spec.isa == isa
