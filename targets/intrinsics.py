@@ -198,9 +198,10 @@ IMPLEMENTATIONS = {"avx2": _impl_avx2, "avx512-vnni": _impl_vnni, "neon-dotprod"
 # A[m, 4 k4 + kk] B[k4, 4 n + kk]: 16 x 16 x 64 multiply-accumulates. With A = 16 activation rows of 64
 # inputs (x_q as it is) and B row k4 = plane q = k4 % 4 of weight step k4 // 4 (the decoded codes of a
 # tiles16x4 tile are exactly a B row: 16 outputs x 4 inputs), one intrinsic is a block of 16 rows x
-# `tiles` output tiles over the whole of K: each output tile's accumulators stay in their own tile
-# register (independent tdpbssd chains), the 16 rows' activations are loaded once per 64 inputs for
-# all of them, and each output tile decodes its B tile (16 x 64 bytes) into its own stack buffer.
+# `tiles` (<= 4) output tiles over the whole of K: each output tile's accumulators stay in their own
+# tile register (independent tdpbssd chains), the 16 rows' activations are loaded once per 64 inputs
+# for all of them, and each output tile decodes its B tile (16 x 64 bytes) into its own buffer, loaded
+# into the B tile registers in turn (8 tile registers: `tiles` C, one A, the rest B).
 # Codes are 0..2, so A x B is dot(w + 1, a), as in the other kernels. The tile configuration is loaded
 # in every call (it is per thread) and the tiles are released at the end. The process must have asked
 # Linux for the AMX state first (runtime.tvm_runtime.enable_amx, Linux >= 5.16), or tdpbssd faults.
@@ -247,7 +248,8 @@ def _amx(name: str, *args):
 
 
 def _impl_amx(rows: int, nl: int, kg: int, kb: int, tiles: int):
-    assert (rows, nl, kg) == (16, 16, 4) and 2 * tiles + 1 <= 8  # C tiles, one A tile, B tiles
+    nb = min(tiles, 7 - tiles)  # B tile registers (after the C tiles and the A tile), used in turn
+    assert (rows, nl, kg) == (16, 16, 4) and nb >= 1
     full, tail = divmod(kb, AMX_STEPS)
     a_tile = tiles
 
@@ -269,7 +271,7 @@ def _impl_amx(rows: int, nl: int, kg: int, kb: int, tiles: int):
             tile = T.alloc_buffer((tiles, 16, 64), "int8")
             cfg[T.ramp(0, 1, 64)] = T.broadcast(T.uint8(0), 64)
             cfg[0] = T.uint8(1)  # palette 1; tiles 0.. (C), `tiles` (A), then B: all 16 rows of 64 bytes
-            for t in T.unroll(2 * tiles + 1):
+            for t in T.unroll(tiles + 1 + nb):
                 cfg[16 + 2 * t] = T.uint8(64)
                 cfg[48 + t] = T.uint8(16)
             T.evaluate(_amx("ldtilecfg", cfg.access_ptr("r")))
@@ -280,9 +282,9 @@ def _impl_amx(rows: int, nl: int, kg: int, kb: int, tiles: int):
                 for o in T.unroll(tiles):
                     for r in T.unroll(16):
                         tile[o, r, T.ramp(0, 1, 64)] = decode(W, o, ch * AMX_STEPS + r // 4, r)
-                    T.evaluate(_amx("tileloadd64", T.Cast("int8", a_tile + 1 + o),
+                    T.evaluate(_amx("tileloadd64", T.Cast("int8", a_tile + 1 + o % nb),
                                     tile.access_ptr("r", offset=o * 1024), T.int64(64)))
-                    T.evaluate(_amx("tdpbssd", T.Cast("int8", o), T.int8(a_tile), T.Cast("int8", a_tile + 1 + o)))
+                    T.evaluate(_amx("tdpbssd", T.Cast("int8", o), T.int8(a_tile), T.Cast("int8", a_tile + 1 + o % nb)))
             if tail > 0:  # the last steps: B rows past K are zero (and so are the padded activations)
                 T.evaluate(_amx("tileloadd64", T.int8(a_tile), A.access_ptr("r", offset=full * 64), sa))
                 for o in T.unroll(tiles):
@@ -291,9 +293,9 @@ def _impl_amx(rows: int, nl: int, kg: int, kb: int, tiles: int):
                             tile[o, r, T.ramp(0, 1, 64)] = decode(W, o, full * AMX_STEPS + r // 4, r)
                         else:
                             tile[o, r, T.ramp(0, 1, 64)] = T.broadcast(T.int8(0), 64)
-                    T.evaluate(_amx("tileloadd64", T.Cast("int8", a_tile + 1 + o),
+                    T.evaluate(_amx("tileloadd64", T.Cast("int8", a_tile + 1 + o % nb),
                                     tile.access_ptr("r", offset=o * 1024), T.int64(64)))
-                    T.evaluate(_amx("tdpbssd", T.Cast("int8", o), T.int8(a_tile), T.Cast("int8", a_tile + 1 + o)))
+                    T.evaluate(_amx("tdpbssd", T.Cast("int8", o), T.int8(a_tile), T.Cast("int8", a_tile + 1 + o % nb)))
             for o in T.unroll(tiles):
                 T.evaluate(_amx("tilestored64", T.Cast("int8", o), C.access_ptr("w", offset=o * nl), sc * 4))
             T.evaluate(_amx("tilerelease"))

@@ -150,7 +150,7 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
 
 
 AMX_MIN_STEPS = 8  # K >= 128: below, the tile setup costs more than AMX saves (docs/kernels.md)
-AMX_TILES = 2      # output tiles per AMX intrinsic (independent accumulator tiles sharing the A tile)
+AMX_TILES = 4      # output tiles per AMX intrinsic (independent accumulator tiles sharing the A tile)
 
 
 def amx_used(spec: KernelSpec, kb: int) -> bool:
@@ -242,11 +242,12 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
         blk = sch.get_sblock("acc_amx")
         t, r, jo, ji, kb, q, kk = sch.get_loops(blk)
         tiles = next(v for v in (AMX_TILES, 2, 1) if nt % v == 0)
+        # blocks outermost: with batch < amx_rows the path costs nothing (not even a parallel launch)
         if tiles > 1:
             jo, jo_i = sch.split(jo, [None, tiles])
-            sch.reorder(jo, t, r, jo_i, ji, kb, q, kk)
+            sch.reorder(t, jo, r, jo_i, ji, kb, q, kk)
         else:
-            sch.reorder(jo, t, r, ji, kb, q, kk)
+            sch.reorder(t, jo, r, ji, kb, q, kk)
         if parallel:
             sch.parallel(jo)
         sch.decompose_reduction(blk, r)
