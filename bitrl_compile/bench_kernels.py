@@ -390,7 +390,8 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
                        "bandwidth_bound_us": {"same_size_copy": weight_bytes / same_level * 1e6,
                                               "dram_copy": weight_bytes / dram * 1e6},
                        "copy_gb_s": {"same_size": same_level / 1e9, "dram": dram / 1e9},
-                       "kernel": {"isa": spec.isa, "layout": spec.layout, "rows": spec.rows},
+                       "kernel": {"isa": spec.isa, "layout": spec.layout, "rows": spec.rows,
+                                  "amx_rows": spec.amx_rows},
                        "lut_kernel": lut_spec and {"isa": lut_spec.isa, "layout": lut_spec.layout}}
                 row["over_bound"] = {lvl: us["ours"] / t for lvl, t in row["bandwidth_bound_us"].items()}
                 rows.append(row)
@@ -436,8 +437,10 @@ def report(result: dict, command: str) -> str:
     lines += [format_row(row) for row in result["rows"]]
     row0 = result["rows"][0]
     dram = ", ".join(f"{r['n']}x{r['batch']}: {r['over_bound']['dram_copy']:.2f}x" for r in result["rows"])
+    amx = row0["kernel"].get("amx_rows")
     lines += ["", f"ours = {row0['kernel']['isa']} kernel on {row0['kernel']['layout']} tiles "
-              + f"({row0['kernel']['rows']} rows per register block); ours lut = the "
+              + (f"({amx}-row AMX tiles, then " if amx else "(")
+              + f"{row0['kernel']['rows']} rows per register block); ours lut = the "
               + f"{(row0.get('lut_kernel') or {}).get('isa', '-')} lookup-table kernel (runtime/weights.py lut layout); "
               + "x = their time / ours; bits/w = as computed "
               + "(2-bit tiles) / as stored (base-3); fp32/ours = fp32 weight bytes / base-3 bytes;",
