@@ -19,9 +19,15 @@ LLVM contracts a multiply and an add; `quant.fma_f32` is its bit-exact numpy twi
 scale is computed once per row; per-channel gamma[n] / scale[b] once per output (a float32 division,
 as in the reference).
 
+The lookup-table kernels (spec.method == "lut", layout lut{NL}) replace xsum and acc: per row and input
+pair g they build a 16-entry table of the pair's partial sums (`_pair_tables`), and acc[b, n] is the sum
+over the pairs of table_g[index of w's two trits]: dot(w, a) itself, no sum(a) to subtract.
+
 Rows are computed in register blocks of `spec.rows` (each decoded weight tile is reused for all of
-them: the GEMM part) and the remaining batch % rows rows one at a time (the GEMV part: batch 1 is a
-policy step). Output tiles are split across threads when a layer is large enough to pay for it.
+them: the GEMM part) and the remaining rows one at a time (the GEMV part: batch 1 is a policy step).
+With spec.amx_rows (the `amx` kernel, K >= 128), blocks of that many rows come first, as AMX tile
+products (intrinsics.py); the register blocks and single rows take the rest. Output tiles are split
+across threads when a layer is large enough to pay for it.
 """
 
 from __future__ import annotations
