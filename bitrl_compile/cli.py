@@ -327,6 +327,7 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
                  no_progress, debug):
     """Quantization-aware fine-tune of an fp32 MLP policy so that its ternary version keeps the return."""
     with _guard(debug):
+        import os
         import shutil
 
         import numpy as np
@@ -358,7 +359,13 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
             overrides["total_timesteps"] = steps
         result = ppo.train(ppo.finetune_args(env_id, str(model), **overrides),
                            log=lambda s: click.echo(s, err=True), init_loaded=before)
-        shutil.copyfile(result.out / "policy.safetensors", output)
+        tmp = Path(output).with_name(Path(output).name + ".tmp")  # copied whole, then renamed into place
+        try:
+            shutil.copyfile(result.out / "policy.safetensors", tmp)
+            os.replace(tmp, output)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         click.echo(f"after {result.global_step} QAT steps: ternary {mean(ppo.reference_act(load_policy(output)))}")
         click.echo(f"  {output}  (compile: bitrl-compile {output})")
 

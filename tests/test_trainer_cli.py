@@ -35,6 +35,7 @@ def test_finetune_then_compile_then_train_heads_on_the_compiled_backbone(trained
             "-o", ternary, "--out", tmp_path / "qat", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "ternary (PTQ)" in r.stdout and "after 512 QAT steps" in r.stdout and ternary.is_file()
+    assert not list(tmp_path.glob("*.tmp"))  # written to a temporary file, then renamed into place
 
     r = cli(ternary, "--features", "-o", tmp_path / "backbone.bitrl")
     assert r.returncode == 0, r.stderr
