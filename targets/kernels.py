@@ -164,6 +164,15 @@ def amx_used(spec: KernelSpec, kb: int) -> bool:
     return spec.amx_rows > 0 and kb >= AMX_MIN_STEPS
 
 
+def row_paths(spec: KernelSpec, k: int, batch: int) -> dict[str, int]:
+    """How many of `batch` rows each path computes: "amx" (tile products), "gemm" (register blocks of
+    spec.rows) and "gemv" (single rows). The knobs of a path only matter when it has rows."""
+    kb = tiles_packed_shape(1, k, spec.layout)[1]
+    amx = batch // spec.amx_rows * spec.amx_rows if amx_used(spec, kb) else 0
+    gemm = (batch - amx) // spec.rows * spec.rows if spec.rows > 1 else 0
+    return {"amx": amx, "gemm": gemm, "gemv": batch - amx - gemm}
+
+
 def _pair_tables(x_q, batch, kb: int):
     """The lut kernels' tables: per row b and input pair g, v[e] = (e % 3 - 1) a0 + (e // 3 - 1) a1 for
     table index e = c0 + 3 c1 < 9 (0 for e >= 9), as low bytes (uint8) and high bytes (int8)."""

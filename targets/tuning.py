@@ -8,7 +8,9 @@ keeps the records in a JSON database. Every point of the space computes the same
 winner is still checked against the numpy reference before it is stored.
 
 A workload is one kernel at one concrete batch (`workload()`: batch 1 is a policy step and tunes the
-GEMV path; a batch >= spec.rows tunes the GEMM path). A compile looks its kernels up in the target's
+GEMV path; a batch >= spec.rows tunes the GEMM path; `kernels.row_paths` says which rows run where: with
+the amx kernel, rows in AMX tiles have no knobs, so batch 32 has none and batch 12 or 28 tunes the 4-row
+blocks). A compile looks its kernels up in the target's
 database (`targets/tuned/<target>.json`, `--db DIR` for another folder): GEMV knobs from the record at
 the smallest batch with tail rows, GEMM knobs from the one at the largest batch with register blocks,
 each only if the stored workload hash equals the structural hash of the kernel built now (a changed
@@ -79,11 +81,12 @@ def knob_slots(func, spec) -> list[tuple[str, list[int]]]:
     """The knobs a workload samples, in order, with their options (the divisors of the extents)."""
     batch = int(func.attrs["bitrl.batch"])
     nt, kb = kernels.kernel_shape(func, spec)
+    rows = kernels.row_paths(spec, int(func.attrs["bitrl.k"]), batch)
     slots = []
-    for path, used in (("gemv", spec.rows == 1 or batch % spec.rows != 0), ("gemm", spec.rows > 1 and batch >= spec.rows)):
+    for path in ("gemv", "gemm"):
         for knob, extent in (("tiles", nt), ("unroll", kb)):
             options = [c for c in CHOICES[knob] if extent % c == 0]
-            if used and len(options) > 1:
+            if rows[path] and len(options) > 1:
                 slots.append((f"{path}_{knob}", options))
     return slots
 
@@ -233,13 +236,12 @@ class TunedSchedules:
                     not knobs.fit(nt, kb):
                 stale += 1
                 continue
-            # GEMV knobs from the smallest batch with tail rows (a policy step), GEMM knobs from the
-            # largest batch with register blocks.
-            gemv = spec.rows == 1 or batch % spec.rows != 0
-            gemm = spec.rows > 1 and batch >= spec.rows
-            if gemv and ("gemv" not in best or batch < best["gemv"]["batch"]):
+            # GEMV knobs from the smallest batch with single rows (a policy step), GEMM knobs from the
+            # largest batch with register blocks (rows in AMX tiles have no knobs).
+            rows = kernels.row_paths(spec, key.k, batch)
+            if rows["gemv"] and ("gemv" not in best or batch < best["gemv"]["batch"]):
                 best["gemv"] = r
-            if gemm and ("gemm" not in best or batch > best["gemm"]["batch"]):
+            if rows["gemm"] and ("gemm" not in best or batch > best["gemm"]["batch"]):
                 best["gemm"] = r
         if not best:
             why = f"{stale} stale record(s): the kernel changed since tuning" if stale else "no tuning record"
