@@ -11,30 +11,17 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
 from . import safetensors_np, weights
 from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, read_artifact
-from .tvm_runtime import aligned, enable_amx, load_vm, to_device
+from .tvm_runtime import aligned, cpu_flags, enable_amx, load_vm, to_device
 
 
 def host_arch() -> str:
     machine = platform.machine().lower()
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return flags
 
 
 def check_runnable_here(manifest: dict, path: str | os.PathLike = "artifact") -> None:
@@ -45,8 +32,9 @@ def check_runnable_here(manifest: dict, path: str | os.PathLike = "artifact") ->
         raise ArtifactError(
             f"{path}: compiled for {arch} (target {target.get('name')}) and this machine is {host_arch()}; "
             f"run it on the target device, or emulated here with `bitrl-compile run {path}` (qemu-{arch})")
-    missing = [f for f in target.get("cpu_features", []) if f not in _cpu_flags()]
-    if missing and _cpu_flags():
+    flags = cpu_flags()
+    missing = [f for f in target.get("cpu_features", []) if f not in flags]
+    if missing and flags:
         raise ArtifactError(f"{path}: target {target.get('name')} needs CPU features {missing} that this CPU "
                             "lacks; recompile with `--target host`")
     if "amx_tile" in target.get("cpu_features", []) and not enable_amx():

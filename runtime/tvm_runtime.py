@@ -21,6 +21,19 @@ _AMX: bool | None = None
 ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64 (>= 5.16)
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo ("flags" on x86, "Features" on ARM); empty if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return flags
+
+
 def enable_amx() -> bool:
     """Ask Linux once per process for the AMX tile state, which kernels with AMX tile products (the
     `amx` BitLinear kernel at batch >= 16) need: without it their first tile instruction faults.
@@ -28,12 +41,7 @@ def enable_amx() -> bool:
     global _AMX
     if _AMX is None:
         _AMX = False
-        try:
-            flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("flags")), [])
-        except OSError:
-            flags = []
-        if "amx_tile" in flags:
+        if "amx_tile" in cpu_flags():
             libc = ctypes.CDLL(None, use_errno=True)
             _AMX = libc.syscall(ctypes.c_long(SYS_ARCH_PRCTL), ctypes.c_long(ARCH_REQ_XCOMP_PERM),
                                 ctypes.c_ulong(XFEATURE_XTILEDATA)) == 0
