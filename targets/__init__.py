@@ -7,7 +7,8 @@ every rasp4 library under `qemu-aarch64 -cpu cortex-a72` and disassemble it to m
 `KERNELS` is the data that picks a BitLinear kernel for a TVM target: the first entry whose LLVM
 features the target has. The order is measured (bitrl-compile bench-kernels, docs/kernels.md): on x86
 the dot-product kernels beat the lookup-table ones (vpshufb and the byte interleaves share one port),
-on the Cortex-A76 sdot beats them, on the Cortex-A72 the lookup tables win. Its tile shape is also the weights' compute layout (runtime/weights.py).
+on the Cortex-A76 sdot beats them, on the Cortex-A72 the lookup tables win. Its tile shape is also the
+weights' compute layout (runtime/weights.py).
 """
 
 from __future__ import annotations
@@ -133,14 +134,15 @@ def kernel_spec(tvm_target=None, isa: str | None = None, method: str | None = No
             if spec.isa == isa:
                 return spec
         raise ValueError(f"unknown kernel ISA {isa!r}; known: {', '.join(s.isa for s in KERNELS)}")
+    fallback = KERNELS[-1] if method in (None, "dot") else None  # the generic kernel is a dot-product one
     if tvm_target is None or str(tvm_target.kind.name) != "llvm":
-        return KERNELS[-1] if method in (None, "dot") else None
+        return fallback
     from tvm.target.codegen import target_has_features
 
     for spec in KERNELS:
         if method in (None, spec.method) and all(target_has_features(f, tvm_target) for f in spec.features):
             return spec
-    return KERNELS[-1] if method in (None, "dot") else None
+    return fallback
 
 
 def known_targets() -> list[str]:

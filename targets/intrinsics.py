@@ -30,6 +30,11 @@ from tvm.script import tirx as T
 from tvm.target.codegen import llvm_version_major
 
 
+def _code(W, o, r, i, j, q):
+    """The code (w + 1) of plane q in byte W[o, r, i, j] of a 2-bit tile, as the descriptions spell it."""
+    return T.Cast("int32", (W[o, r, i, j] >> T.Cast("uint8", q * 2)) & T.uint8(3))
+
+
 def _desc(nl: int, kg: int, rows: int):
     if rows == 1:  # the tail rows: the batch row is an outer loop, not an iterator of the intrinsic
         @T.prim_func(s_tir=True)
@@ -43,9 +48,7 @@ def _desc(nl: int, kg: int, rows: int):
                 for i, q, j in T.grid(nl, 4, kg):
                     with T.sblock("update"):
                         vi, vq, vj = T.axis.remap("SRR", [i, q, j])
-                        C[0, 0, vi] = C[0, 0, vi] + T.Cast(
-                            "int32", (W[0, 0, vi, vj] >> T.Cast("uint8", vq * 2)) & T.uint8(3)
-                        ) * T.Cast("int32", A[0, 0, vq, vj])
+                        C[0, 0, vi] = C[0, 0, vi] + _code(W, 0, 0, vi, vj, vq) * T.Cast("int32", A[0, 0, vq, vj])
 
         return desc
 
@@ -60,9 +63,7 @@ def _desc(nl: int, kg: int, rows: int):
             for b, i, q, j in T.grid(rows, nl, 4, kg):
                 with T.sblock("update"):
                     vb, vi, vq, vj = T.axis.remap("SSRR", [b, i, q, j])
-                    C[vb, 0, vi] = C[vb, 0, vi] + T.Cast(
-                        "int32", (W[0, 0, vi, vj] >> T.Cast("uint8", vq * 2)) & T.uint8(3)
-                    ) * T.Cast("int32", A[vb, 0, vq, vj])
+                    C[vb, 0, vi] = C[vb, 0, vi] + _code(W, 0, 0, vi, vj, vq) * T.Cast("int32", A[vb, 0, vq, vj])
 
     return desc_rows
 
@@ -207,10 +208,6 @@ IMPLEMENTATIONS = {"avx2": _impl_avx2, "avx512-vnni": _impl_vnni, "neon-dotprod"
 # Linux for the AMX state first (runtime.tvm_runtime.enable_amx, Linux >= 5.16), or tdpbssd faults.
 
 AMX_STEPS = 4  # kb steps of 16 inputs per tile product (64 inputs: the tile width in bytes)
-
-
-def _code(W, o, r, i, j, q):
-    return T.Cast("int32", (W[o, r, i, j] >> T.Cast("uint8", q * 2)) & T.uint8(3))
 
 
 def _desc_amx(rows: int, nl: int, kg: int, kb: int, tiles: int):

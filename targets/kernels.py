@@ -122,8 +122,9 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
         return e if amx_end is None else amx_end + e
 
     if rows > 1:
-        blocked = after_amx((batch if amx_end is None else batch - amx_end) // rows * rows)
-        acc_block = te.compute(((batch if amx_end is None else batch - amx_end) // rows, rows, nt, nl),
+        rest = batch if amx_end is None else batch - amx_end  # the rows after the AMX tiles
+        blocked = after_amx(rest // rows * rows)
+        acc_block = te.compute((rest // rows, rows, nt, nl),
                                lambda t, b, jo, i: dot(after_amx(t * rows + b), jo, i), name="acc_block")
     else:
         blocked = T.const(0, "int64") if amx_end is None else amx_end
