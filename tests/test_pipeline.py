@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from bitrl_compile import pipeline, reference
+from bitrl_compile import pipeline, reference, targets
 from bitrl_compile.frontends import LoadedPolicy
 from bitrl_compile.runtime import load, safetensors_np
 from relax_models import mlp, observations
@@ -76,6 +76,19 @@ def test_normalisation_statistics_are_applied_before_the_network(tmp_path):
     x = observations(20, 5)
     expected = reference.run(result.quantized, np.clip((x - np.arange(1, 6)) / 2, -1.5, 1.5).astype(np.float32))
     np.testing.assert_array_equal(load(result.path).forward(x), expected)
+
+
+def test_host_artifacts_name_the_cpu_flags_their_kernels_need(tmp_path, monkeypatch):
+    from bitrl_compile.runtime import policy
+
+    result = pipeline.compile_policy(loaded(mlp((5, 8, 3))), "host", tmp_path / "h.bitrl")
+    spec = targets.kernel_spec(targets.tvm_target(targets.get_target("host")))
+    want = [targets.CPU_FLAGS[f] for f in spec.features if f in targets.CPU_FLAGS]
+    assert result.manifest["target"]["cpu_features"] == want and set(want) <= policy.cpu_flags()
+    if "amx_tile" in want:  # where Linux refuses the AMX state, the artifact says so in one line
+        monkeypatch.setattr(policy, "enable_amx", lambda: False)
+        with pytest.raises(policy.ArtifactError, match="Linux did not grant this process the AMX state"):
+            policy.check_runnable_here(result.manifest, "h.bitrl")
 
 
 def test_x86_avx2_target_runs_here_bit_exact(tmp_path):

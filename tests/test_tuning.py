@@ -56,6 +56,15 @@ def test_space_samples_only_the_row_paths_a_batch_runs():
     assert {n.split("_")[0] for n, _ in tuning.knob_slots(tuning.workload(KEY, SPEC, rows + 1), SPEC)} == {"gemv", "gemm"}
 
 
+def test_rows_in_amx_tiles_have_no_knobs():
+    amx = targets.kernel_spec(isa="amx")
+    key = tuning.KernelKey(256, 256)  # K >= 128: AMX tiles of 16 rows, then 4-row blocks, then single rows
+    assert kernels.row_paths(amx, 256, 37) == {"amx": 32, "gemm": 4, "gemv": 1}
+    assert kernels.row_paths(amx, 64, 37) == {"amx": 0, "gemm": 36, "gemv": 1}  # K < 128: no AMX
+    assert tuning.knob_slots(tuning.workload(key, amx, 32), amx) == []
+    assert {n.split("_")[0] for n, _ in tuning.knob_slots(tuning.workload(key, amx, 28), amx)} == {"gemm"}
+
+
 @pytest.mark.parametrize("pick", [(1, -1, -1, 1), (-1, 0, 1, -1), (-1, -1, -1, -1)])
 def test_every_point_of_the_space_is_bit_exact(pick):
     """Corners of the space (indices into each knob's options) on the GEMV and GEMM rows and K tails."""
