@@ -8,7 +8,7 @@ The benchmark lives in bitrl_compile/bench_kernels.py so that the installed CLI 
 
 import sys
 
-from bitrl_compile.bench_kernels import main
+from bitrl_compile.bench.kernels import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitrl_compile.bench_kernels import copy_bandwidth, machine
+from bitrl_compile.bench.kernels import copy_bandwidth, machine
 from bitrl_compile.runtime.weights import tiles_packed_shape
 from bitrl_compile.targets import get_target, kernel_spec, tuning, tvm_target
 

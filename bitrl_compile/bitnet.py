@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitrl_compile import layouts
-from bitrl_compile.frontends import LoadedPolicy, ModelLoadError
+from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.quant import quantize_activations_ste, ternarize_weight_ste
 from bitrl_compile.runtime import text as text_io
 

@@ -225,20 +225,6 @@ def tune_cmd(model, target, trials, batches, tuning_db, rpc, threads, config, en
                    f"database {path} (compiles for {target} now use it)")
 
 
-def open_policy(path: str):
-    """A runtime Policy for this machine, or an emulated one for an aarch64 artifact on x86."""
-    from bitrl_compile.runtime.artifact import read_artifact
-    from bitrl_compile.runtime.policy import host_arch, load
-
-    manifest = read_artifact(path).manifest
-    if manifest["target"]["arch"] != host_arch():
-        from bitrl_compile.emulator import EmulatedPolicy
-
-        cpu = {"rasp4": "cortex-a72", "rasp5": "cortex-a76"}.get(manifest["target"]["name"], "cortex-a72")
-        return EmulatedPolicy(path, cpu=cpu)
-    return load(path)
-
-
 @main.command("run")
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--env", "env_id", required=True, help="gymnasium environment id, e.g. CartPole-v1")
@@ -249,6 +235,7 @@ def open_policy(path: str):
 def run_cmd(artifact, env_id, episodes, seed, stochastic, debug):
     """Run ARTIFACT in a gymnasium environment and report the returns."""
     with _guard(debug):
+        from bitrl_compile.devices import open_policy
         from bitrl_compile.evaluate import evaluate
 
         policy = open_policy(artifact)
@@ -415,7 +402,7 @@ def targets_cmd():
 def bench_cmd(model, target, env_id, episodes, batch, threads, calls, seed, out, config, trust_pickle, debug):
     """Measure what MODEL gains as a ternary artifact: memory, latency, energy estimate, return kept."""
     with _guard(debug):
-        from bitrl_compile.bench import run_bench, summary_lines
+        from bitrl_compile.bench.report import run_bench, summary_lines
 
         cfg = json.loads(Path(config).read_text()) if config else None
         report = run_bench(model, target=target, env_id=env_id, episodes=episodes, batch=batch, threads=threads,
@@ -429,7 +416,7 @@ def bench_cmd(model, target, env_id, episodes, batch, threads, calls, seed, out,
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_kernels_cmd(args):
     """One BitLinear layer, ours vs torch, ONNX Runtime fp32/int8, TVM fp32 (same as bench/kernels.py; --help)."""
-    from bitrl_compile.bench_kernels import main as bench_kernels
+    from bitrl_compile.bench.kernels import main as bench_kernels
 
     sys.exit(bench_kernels(list(args)))
 

@@ -38,7 +38,7 @@ def run_demo(out: Path, episodes: int = 10, target_names=("host", "rasp4"),
     import torch
 
     from bitrl_compile import pipeline, reference
-    from bitrl_compile.cli import open_policy
+    from bitrl_compile.devices import open_policy
     from bitrl_compile.evaluate import evaluate
     from bitrl_compile.frontends import load_policy
 

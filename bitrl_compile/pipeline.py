@@ -181,7 +181,7 @@ def runtime_library(target) -> bytes:
             raise CompileError("libtvm_runtime.so not found to bundle; install apache-tvm")
         return path.read_bytes()
     if target.arch == "aarch64":
-        from bitrl_compile.emulator import ensure_aarch64_python
+        from bitrl_compile.devices import ensure_aarch64_python
 
         return ensure_aarch64_python().libtvm_runtime.read_bytes()  # from the aarch64 apache-tvm wheel
     raise CompileError(f"cannot bundle a TVM runtime for {target.arch} from this {host_arch()} machine")

@@ -1,6 +1,6 @@
 """Serve one policy over stdin/stdout: `python -m bitrl_compile.runtime.serve ARTIFACT`.
 
-This is how a policy compiled for another machine runs here: `bitrl_compile.emulator` starts
+This is how a policy compiled for another machine runs here: `bitrl_compile.devices` starts
 this module under qemu with an aarch64 Python and talks to it through pipes. It imports only
 numpy, the standard library and this runtime, so it runs wherever the runtime does.
 

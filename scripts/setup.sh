@@ -39,5 +39,5 @@ assert os.path.samefile(os.path.dirname(r.__file__), 'runtime')" 2>/dev/null \
   && $PY -m pip show apache-tvm-ffi 2>/dev/null | grep -qx "Version: 0.1.14.post1" \
   || $PY -m pip install "${pip_quiet[@]}" -e ".[test]"
 
-$PY -m bitrl_compile.emulator setup --tvm >/dev/null
+$PY -m bitrl_compile.devices setup --tvm >/dev/null
 echo "setup: ready ($($PY -c 'import tvm, torch; print("tvm", tvm.__version__, "torch", torch.__version__)' 2>/dev/null))"

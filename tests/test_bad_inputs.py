@@ -27,8 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bitrl_compile import pipeline
-from bitrl_compile.emulator import EmulatorError, qemu_binary
-from bitrl_compile.frontends import LoadedPolicy, ModelLoadError, load_policy, save_mlp_policy
+from bitrl_compile.devices import EmulatorError, qemu_binary
+from bitrl_compile.frontends import load_policy, save_mlp_policy
+from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime import ArtifactError, load, write_artifact
 from relax_models import mlp
 

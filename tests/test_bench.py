@@ -13,7 +13,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from bitrl_compile import bench, bench_child
+from bitrl_compile.bench import child as bench_child
+from bitrl_compile.bench import report as bench
 from bitrl_compile.demo import demo_policy_path
 from bitrl_compile.frontends import load_policy
 from bitrl_compile.runtime import read_artifact, safetensors_np

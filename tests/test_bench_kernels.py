@@ -1,6 +1,6 @@
 """bench-kernels: a tiny run measures every implementation, checks ours bit-exact, and reports the machine."""
 
-from bitrl_compile import bench_kernels
+from bitrl_compile.bench import kernels as bench_kernels
 
 
 def test_a_tiny_kernel_benchmark_reports_every_implementation():

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bitrl_compile import bitnet, layouts, quant
-from bitrl_compile.frontends import ModelLoadError
+from bitrl_compile.loaded import ModelLoadError
 from bitrl_compile.runtime import text
 
 transformers = pytest.importorskip("transformers")

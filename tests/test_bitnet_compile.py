@@ -94,7 +94,7 @@ def test_heads_train_on_the_compiled_backbone_through_the_runtime(tmp_path):
 
 
 def test_rasp4_backbone_under_qemu_matches_torch_and_the_host(numeric, tmp_path):
-    from bitrl_compile.emulator import EmulatedPolicy
+    from bitrl_compile.devices import EmulatedPolicy
 
     backbone, host = numeric
     compiled = pipeline.compile_policy(bitnet.backbone_policy(backbone), "rasp4", tmp_path / "rasp4.bitrl")

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from bitrl_compile.frontends import LoadedPolicy, ModelLoadError, load_policy, save_mlp_policy
+from bitrl_compile.frontends import load_policy, save_mlp_policy
+from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime.policy import Policy
 
 DEMO = Path(__file__).resolve().parents[1] / "bitrl_compile" / "examples" / "cartpole_ppo.safetensors"

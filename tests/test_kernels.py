@@ -209,7 +209,7 @@ def arm_build(request, tmp_path_factory):
 
 
 def test_arm_kernels_are_bit_exact_under_qemu(arm_build):
-    from bitrl_compile.emulator import run_python_under_qemu
+    from bitrl_compile.devices import run_python_under_qemu
 
     target, spec, folder, expected, _ = arm_build
     argv = f"import sys; sys.argv = ['-c', {str(folder / 'inputs.npz')!r}, {str(folder / 'out.npz')!r}]\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitrl_compile import pipeline, reference, targets
-from bitrl_compile.frontends import LoadedPolicy
+from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import load, safetensors_np
 from relax_models import mlp, observations
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bitrl_compile import pipeline, quant, reference
-from bitrl_compile.frontends import LoadedPolicy
+from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import load
 from relax_models import mlp
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from bitrl_compile import pipeline, reference
-from bitrl_compile.emulator import EmulatedPolicy
-from bitrl_compile.frontends import LoadedPolicy, load_policy
+from bitrl_compile.devices import EmulatedPolicy
+from bitrl_compile.frontends import load_policy
+from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import ArtifactError, load
 from relax_models import mlp, observations
 
@@ -87,7 +88,7 @@ def test_sb3_ppo_cartpole_on_host_and_rasp4_matches_the_reference(sb3_ppo_cartpo
 
 
 def test_bundled_aarch64_runtime_needs_only_tvm_ffi_and_numpy(tmp_path):
-    from bitrl_compile.emulator import run_python_under_qemu
+    from bitrl_compile.devices import run_python_under_qemu
 
     loaded = _loaded(mlp((6, 32, 4), "relu"), 6, {"kind": "discrete", "n": 4, "outputs": "logits"})
     result = pipeline.compile_policy(loaded, "rasp4", tmp_path / "b.bitrl", bundle_runtime=True)

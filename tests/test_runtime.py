@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitrl_compile import pipeline
-from bitrl_compile.frontends import LoadedPolicy
+from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import ArtifactError, load, read_artifact
 from relax_models import mlp
 

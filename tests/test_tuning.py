@@ -217,7 +217,7 @@ def test_tune_rasp4_through_rpc_under_qemu_then_compile_offline(tmp_path):
     """The board path end to end: TVM's RPC server in an aarch64 guest (cortex-a72) measures the
     cross-compiled candidates; the database then drives a rasp4 compile whose artifact, run under
     qemu, equals the reference. (Timings under qemu mean nothing; the path must work.)"""
-    from bitrl_compile.emulator import EmulatedPolicy, RPCServer
+    from bitrl_compile.devices import EmulatedPolicy, RPCServer
 
     rasp4 = targets.tvm_target(targets.get_target("rasp4"))
     spec = targets.kernel_spec(rasp4)

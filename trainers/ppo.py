@@ -282,7 +282,7 @@ def load_backbone(path):
     with open(path, "rb") as f:
         head = f.read(4)
     if head.startswith(b"PK") and path.endswith(".bitrl"):
-        from bitrl_compile.cli import open_policy
+        from bitrl_compile.devices import open_policy
 
         return CompiledBackbone(open_policy(path), path)
     from bitrl_compile.frontends import load_policy
@@ -298,7 +298,7 @@ def load_backbone(path):
 def features_policy(loaded):
     """A LoadedPolicy of an MLP policy's torso whose manifest output is {"kind": "features", "dim": D}: compile it
     with `pipeline.compile_policy` (or `bitrl-compile MODEL --features`) to run a backbone in the runtime."""
-    from bitrl_compile.frontends import LoadedPolicy
+    from bitrl_compile.loaded import LoadedPolicy
 
     if not isinstance(loaded.module, MLPPolicy):
         raise ValueError(  # noqa: TRY004 - a user error (exit code 1)

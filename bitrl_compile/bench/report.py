@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bitrl_compile import __version__, bench_child
+from bitrl_compile import __version__
+from bitrl_compile.bench import child as bench_child
 
 CHILD = Path(bench_child.__file__)
 PLUGIN_SOURCE = Path(__file__).with_name("qemu_insn_plugin.c")
@@ -320,7 +321,7 @@ def measure_latency(child_cfg: dict, impls: list[str], calls: int, threads: int,
 
 def build_plugin() -> Path:
     """libbitrl_insn.so from qemu_insn_plugin.c, built once per source version under the cache."""
-    from bitrl_compile.emulator import cache_root
+    from bitrl_compile.devices import cache_root
 
     source = PLUGIN_SOURCE.read_bytes()
     lib = cache_root() / "qemu-plugins" / f"libbitrl_insn-{hashlib.sha256(source).hexdigest()[:12]}.so"
@@ -345,7 +346,7 @@ def guest_onnxruntime() -> Path:
     """A folder with the aarch64 onnxruntime wheel (this host's version) unpacked, for the qemu guest."""
     import fcntl
 
-    from bitrl_compile.emulator import WHEEL_PLATFORMS, cache_root
+    from bitrl_compile.devices import WHEEL_PLATFORMS, cache_root
 
     version = importlib.metadata.version("onnxruntime")
     site = cache_root() / f"aarch64-onnxruntime-{version}"
@@ -376,7 +377,7 @@ def guest_onnxruntime() -> Path:
 def count_instructions(artifact: Path, target: str, child_cfg: dict, impls: list[str], out: Path, calls: int,
                        log: Callable[[str], None] = print) -> dict:
     """Guest instructions per act() call under qemu, total and inside each implementation's library."""
-    from bitrl_compile.emulator import qemu_python_command
+    from bitrl_compile.devices import qemu_python_command
 
     cpu = BOARD_CPU.get(target, "cortex-a72")
     plugin = build_plugin()
@@ -508,7 +509,7 @@ def energy_counters(latency: dict) -> dict:
 def returns_section(compiled, files: dict, spec: dict, env_id: str | None, episodes: int, seed: int,
                     obs: np.ndarray, returns: dict, fp32_act: Callable) -> tuple[dict | None, dict]:
     from bitrl_compile import reference
-    from bitrl_compile.cli import open_policy
+    from bitrl_compile.devices import open_policy
 
     policy = open_policy(str(compiled.path))
     int8_act = _parent_act("onnxruntime-int8", files, spec)
@@ -529,7 +530,7 @@ def returns_section(compiled, files: dict, spec: dict, env_id: str | None, episo
     finally:
         if hasattr(policy, "close"):
             policy.close()
-    from bitrl_compile.bench_child import _io
+    from bitrl_compile.bench.child import _io
     from bitrl_compile.runtime.policy import Policy
 
     prepared, _ = Policy._prepare(_io(spec), obs)

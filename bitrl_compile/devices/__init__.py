@@ -17,7 +17,7 @@ on first use, under
         cpus/CPU/       the guest's `/` for one -cpu: the sysroot plus a /proc/cpuinfo of that CPU
         recipe.json     what was built; a different recipe rebuilds the folder
 
-`python -m bitrl_compile.emulator setup` builds it up front (for CI). The build needs
+`python -m bitrl_compile.devices setup` builds it up front (for CI). The build needs
 `dpkg`/`apt-get` with the arm64 architecture added (done here when running as root) and pip.
 qemu enforces the ISA of the `-cpu` it is given: an instruction a Cortex-A72 lacks (sdot, LSE
 atomics) kills the guest with SIGILL, as it would on a Raspberry Pi 4. An EmulatedPolicy starts in
@@ -37,7 +37,7 @@ It needs the full `tvm` Python package in the guest: a second cache, built by `e
                         tvm.exec.rpc_server import that the aarch64 Python lacks
         recipe.json
 
-`python -m bitrl_compile.emulator rpc-server [--cpu CPU] [--port PORT]` runs one in the foreground.
+`python -m bitrl_compile.devices rpc-server [--cpu CPU] [--port PORT]` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -786,13 +786,13 @@ def _exit_status(code: int, cpu: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bitrl_compile.emulator setup` builds the cache; `... python ARGS` runs the guest;
+    """`python -m bitrl_compile.devices setup` builds the cache; `... python ARGS` runs the guest;
     `... rpc-server` runs TVM's RPC server in it."""
     argv = sys.argv[1:] if argv is None else argv
-    usage = ("usage: python -m bitrl_compile.emulator setup [--tvm]     build the aarch64 Python cache "
+    usage = ("usage: python -m bitrl_compile.devices setup [--tvm]     build the aarch64 Python cache "
              "(--tvm: and the guest TVM)\n"
-             "       python -m bitrl_compile.emulator python [--cpu CPU] ARGS...   run it under qemu\n"
-             "       python -m bitrl_compile.emulator rpc-server [--cpu CPU] [--host HOST] [--port PORT]\n"
+             "       python -m bitrl_compile.devices python [--cpu CPU] ARGS...   run it under qemu\n"
+             "       python -m bitrl_compile.devices rpc-server [--cpu CPU] [--host HOST] [--port PORT]\n"
              "                                       TVM's RPC server under qemu, in the foreground")
     if argv[:1] == ["setup"] and argv[1:] in ([], ["--tvm"]):
         try:
@@ -825,7 +825,7 @@ def _rpc_server_main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m bitrl_compile.emulator rpc-server",
+        prog="python -m bitrl_compile.devices rpc-server",
         description="TVM's RPC server in the aarch64 Python under qemu; Ctrl-C stops it.")
     parser.add_argument("--cpu", default=DEFAULT_CPU,
                         help=f"qemu CPU model (default {DEFAULT_CPU}, Raspberry Pi 4)")
@@ -852,5 +852,19 @@ def _rpc_server_main(argv: list[str]) -> int:
         return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def qemu_cpu(manifest: dict) -> str:
+    """The `qemu-aarch64 -cpu` that models the CPU an artifact was compiled for (its TVM target's mcpu)."""
+    try:
+        return json.loads(manifest["target"]["tvm"]).get("mcpu") or DEFAULT_CPU
+    except (KeyError, TypeError, ValueError):
+        return DEFAULT_CPU
+
+
+def open_policy(path: str | os.PathLike):
+    """A runtime Policy for this machine, or an EmulatedPolicy (qemu) for an artifact of another architecture."""
+    from bitrl_compile.runtime.policy import host_arch
+
+    manifest = runtime.read_artifact(path).manifest
+    if manifest["target"]["arch"] != host_arch():
+        return EmulatedPolicy(path, cpu=qemu_cpu(manifest))
+    return runtime.load(path)

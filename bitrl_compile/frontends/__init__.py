@@ -73,19 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-class ModelLoadError(ValueError):
-    """A policy file cannot be loaded; the message (one line) names the file, the problem and the fix."""
-
-
-@dataclass
-class LoadedPolicy:
-    module: nn.Module | None
-    onnx_model: object | None  # onnx.ModelProto
-    input: dict
-    output: dict
-    source: str
-    description: str = ""
+from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU,

@@ -265,7 +265,7 @@ def arm_instruction_counts(sizes, batches, log) -> dict:
     from tvm.support import cc
 
     from bitrl_compile import targets
-    from bitrl_compile.emulator import qemu_python_command
+    from bitrl_compile.devices import qemu_python_command
     from bitrl_compile.runtime.weights import tiles_packed_shape
     from bitrl_compile.targets import kernels
 
@@ -273,7 +273,7 @@ def arm_instruction_counts(sizes, batches, log) -> dict:
     result: dict = {"method": {}, "static": {}, "dynamic": {}}
     plugin = None
     try:
-        from bitrl_compile.bench import build_plugin
+        from bitrl_compile.bench.report import build_plugin
 
         plugin = build_plugin()
     except (ImportError, RuntimeError) as e:
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(os.environ.get(k) != v for k, v in want.items()) and not os.environ.get("BITRL_KBENCH_CHILD"):
         # thread pools read these when they start: run the measurement in a process that has them from birth
         env = dict(os.environ, **want, BITRL_KBENCH_CHILD="1")
-        return subprocess.run([sys.executable, "-m", "bitrl_compile.bench_kernels",
+        return subprocess.run([sys.executable, "-m", "bitrl_compile.bench.kernels",
                                *(argv if argv is not None else sys.argv[1:])], env=env, check=False).returncode
     print(f"command: {command}", flush=True)
     print(HEADER, flush=True)
