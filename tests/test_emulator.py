@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitrl_compile import devices as emulator, runtime
+from bitrl_compile import devices as emulator
+from bitrl_compile import runtime
 from bitrl_compile.devices import EmulatedPolicy, EmulatorError, run_python_under_qemu
 
 RASP4 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}

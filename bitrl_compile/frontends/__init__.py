@@ -75,7 +75,6 @@ from torch import nn
 
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 
-
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU,
                "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 _TORCH_ACTIVATIONS = {cls.__name__: name for name, cls in ACTIVATIONS.items()}
