@@ -66,7 +66,6 @@ import tempfile
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
