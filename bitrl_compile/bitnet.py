@@ -44,8 +44,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +56,7 @@ from bitrl_compile import layouts
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.quant import quantize_activations_ste, ternarize_weight_ste
 from bitrl_compile.runtime import text as text_io
+from bitrl_compile.runtime.artifact import write_atomic
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -468,20 +467,9 @@ def save_bitnet(model: BitNetForCausalLM, folder, *, dtype: torch.dtype = torch.
             out[name] = t.detach().to(dtype).contiguous()
     for name, t in (extra_tensors or {}).items():
         out[name] = t.detach().float().contiguous()
-    _write_atomic(folder / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
-    _write_atomic(folder / "model.safetensors", save(out, metadata={"format": "pt"}))
+    write_atomic(folder / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    write_atomic(folder / "model.safetensors", save(out, metadata={"format": "pt"}))
     return folder
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ state encoders

@@ -314,13 +314,11 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
                  no_progress, debug):
     """Quantization-aware fine-tune of an fp32 MLP policy so that its ternary version keeps the return."""
     with _guard(debug):
-        import os
-        import shutil
-
         import numpy as np
 
         from bitrl_compile.evaluate import evaluate
         from bitrl_compile.frontends import load_policy
+        from bitrl_compile.runtime.artifact import write_atomic
         from bitrl_compile.trainers import ppo
 
         output = Path(output) if output else Path(model).with_name(Path(model).stem + "-ternary.safetensors")
@@ -346,13 +344,7 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
             overrides["total_timesteps"] = steps
         result = ppo.train(ppo.finetune_args(env_id, str(model), **overrides),
                            log=lambda s: click.echo(s, err=True), init_loaded=before)
-        tmp = Path(output).with_name(Path(output).name + ".tmp")  # copied whole, then renamed into place
-        try:
-            shutil.copyfile(result.out / "policy.safetensors", tmp)
-            os.replace(tmp, output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(output, (result.out / "policy.safetensors").read_bytes())  # whole or not at all
         click.echo(f"after {result.global_step} QAT steps: ternary {mean(ppo.reference_act(load_policy(output)))}")
         click.echo(f"  {output}  (compile: bitrl-compile {output})")
 

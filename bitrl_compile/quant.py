@@ -21,6 +21,23 @@ import numpy as np
 EPS = np.float32(1e-5)
 QMAX = np.float32(127.0)
 
+# The activations a BitLinear kernel applies in its epilogue (fuse_bitlinear matches them, targets/kernels.py
+# emits them, apply_activation is their numpy meaning).
+FUSABLE_ACTIVATIONS = ("none", "relu", "tanh", "sigmoid")
+
+
+def apply_activation(y: np.ndarray, activation: str) -> np.ndarray:
+    """The numpy meaning of a fused activation, in float32 (the kernels' reference)."""
+    if activation == "relu":
+        return np.maximum(y, np.float32(0))
+    if activation == "tanh":
+        return np.tanh(y)
+    if activation == "sigmoid":
+        return (1 / (1 + np.exp(-y))).astype(np.float32)
+    if activation != "none":
+        raise ValueError(f"activation {activation!r} not fusable; expected one of {FUSABLE_ACTIVATIONS}")
+    return y
+
 
 def ternarize_weight(w: np.ndarray, per_channel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Quantize a float [N, K] weight to ternary int8 trits and float32 scales.

@@ -63,16 +63,6 @@ def constant_value(expr) -> np.ndarray | None:
     return expr.value.numpy() if isinstance(expr, tvm.ir.Constant) else None
 
 
-def apply_activation(y: np.ndarray, activation: str) -> np.ndarray:
-    if activation == "relu":
-        return np.maximum(y, np.float32(0))
-    if activation == "tanh":
-        return np.tanh(y)
-    if activation == "sigmoid":
-        return (1 / (1 + np.exp(-y))).astype(np.float32)
-    return y
-
-
 def reference(x, w, gamma, bias, activation: str, layout: str, k: int) -> np.ndarray:
     """The numpy meaning of one bitrl.bitlinear call (the bit-exact reference of the kernels)."""
     if layout == "2bit":
@@ -81,7 +71,7 @@ def reference(x, w, gamma, bias, activation: str, layout: str, k: int) -> np.nda
         raise ValueError(f"unknown BitLinear weight layout {layout!r}")
     lead = x.shape[:-1]
     y = quant.bitlinear_reference(x.reshape(-1, k), w, gamma, bias)
-    return apply_activation(y, activation).reshape(*lead, w.shape[0])
+    return quant.apply_activation(y, activation).reshape(*lead, w.shape[0])
 
 
 @tvm_ffi.register_global_func(OP_NAME, override=True)

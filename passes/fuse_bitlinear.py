@@ -16,9 +16,12 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
+from bitrl_compile.quant import FUSABLE_ACTIVATIONS
+
 from . import bitlinear_op
 
-_ACTIVATIONS = {"relax.nn.relu": "relu", "relax.tanh": "tanh", "relax.sigmoid": "sigmoid"}
+_RELAX_OPS = {"relu": "relax.nn.relu", "tanh": "relax.tanh", "sigmoid": "relax.sigmoid"}
+_ACTIVATIONS = {_RELAX_OPS[a]: a for a in FUSABLE_ACTIVATIONS if a != "none"}  # Relax op name -> fused activation
 
 
 def _through_reshape(call, m, bl, reshaped, fold):

@@ -19,8 +19,10 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 FORMAT = "bitrl"
 FORMAT_VERSION = 1
@@ -45,6 +47,30 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], mode: int | None = None) -> Path:
+    """Write a file whole or not at all: into a temporary file beside `path` (bytes, or `data(f)` writes it),
+    flushed to disk, then renamed over `path`; on any error or interrupt the temporary file is removed.
+    The file gets mkstemp's 0600 unless `mode` says otherwise. The project's one atomic write."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def write_artifact(path: str | os.PathLike, manifest: dict, members: dict[str, bytes],
                    force: bool = False) -> Path:
     """Write manifest + members as one zip, atomically. Refuses to overwrite unless force."""
@@ -55,20 +81,13 @@ def write_artifact(path: str | os.PathLike, manifest: dict, members: dict[str, b
         raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
                     members={name: sha256(data) for name, data in members.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
-                z.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-                for name, data in members.items():
-                    z.writestr(name, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+            for name, data in members.items():
+                z.writestr(name, data)
+
+    write_atomic(path, write)
     return path
 
 

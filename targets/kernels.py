@@ -39,13 +39,12 @@ import tvm
 from tvm import te
 from tvm import tirx as T
 
-from bitrl_compile.quant import EPS, QMAX
+from bitrl_compile.quant import EPS, FUSABLE_ACTIVATIONS, QMAX
 from bitrl_compile.runtime.weights import tiles_packed_shape
 
 from . import KernelSpec, intrinsics, kernel_spec
 from .intrinsics import AMX_STEPS
 
-ACTIVATIONS = ("none", "relu", "tanh", "sigmoid")
 PARALLEL_MIN_WORK = 1 << 16  # multiply-adds per batch row below which waking threads costs more than it saves
 
 
@@ -57,8 +56,8 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
                        spec: KernelSpec | None = None, batch: int | None = None):
     """The unscheduled BitLinear PrimFunc for a K -> N layer, weights in spec.layout; symbolic in the
     batch unless `batch` is given (tuning measures a concrete batch)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} not fusable; expected one of {ACTIVATIONS}")
+    if activation not in FUSABLE_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} not fusable; expected one of {FUSABLE_ACTIVATIONS}")
     spec = spec or kernel_spec(None)
     nt, kb, nl, kg = tiles_packed_shape(n, k, spec.layout)
     kb_x = -(-kb // AMX_STEPS) * AMX_STEPS if amx_used(spec, kb) else kb  # AMX reads 64 inputs at a time

@@ -41,6 +41,7 @@ import numpy as np
 import tvm
 import tvm_ffi
 
+from bitrl_compile.runtime.artifact import write_atomic
 from bitrl_compile.targets import Target, get_target, intrinsics, kernel_spec, kernels, tvm_target
 from bitrl_compile.targets.kernels import DEFAULT_KNOBS, Knobs
 
@@ -174,17 +175,8 @@ def save_database(path: Path, records: list[dict]) -> None:
     """Write the records sorted, atomically (a temporary file renamed over the old one)."""
     records = sorted(records, key=lambda r: (r["isa"], r["kernel"], r["batch"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": FORMAT, "version": 1, "records": records}, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; this file is shared and committed
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps({"format": FORMAT, "version": 1, "records": records}, indent=1) + "\n"
+    write_atomic(path, text.encode(), mode=0o644)  # shared and committed, not mkstemp's 0600
 
 
 def ms_database(path: Path, work_dir: str | os.PathLike):
@@ -383,7 +375,6 @@ def verify(key: KernelKey, spec, knobs: Knobs, device: Device, tvm_tgt, batches:
     reference (bit for bit for none/relu; within 1e-6 for tanh/sigmoid, whose float functions differ
     by an ulp between TVM and numpy). Returns None when it matches, else what differed."""
     from bitrl_compile import quant
-    from bitrl_compile.passes.bitlinear_op import apply_activation
 
     fn = device.load(kernels.bitlinear_kernel(key.k, key.n, key.activation, key.per_channel, spec=spec,
                                               knobs=knobs), tvm_tgt)[key.name]
@@ -392,7 +383,7 @@ def verify(key: KernelKey, spec, knobs: Knobs, device: Device, tvm_tgt, batches:
         y = device.tensor(np.zeros((batch, key.n), np.float32))
         fn(device.tensor(x), device.tensor(w), device.tensor(gamma), device.tensor(bias), y)
         got = y.numpy()
-        want = apply_activation(quant.bitlinear_reference(x, w_t, gamma, bias), key.activation)
+        want = quant.apply_activation(quant.bitlinear_reference(x, w_t, gamma, bias), key.activation)
         exact = key.activation in ("none", "relu")
         if (exact and not np.array_equal(got, want)) or (not exact and not np.allclose(got, want, rtol=0, atol=1e-6)):
             bad = int(np.sum(got != want))

@@ -21,7 +21,7 @@ import pytest
 import tvm
 
 from bitrl_compile import quant, targets
-from bitrl_compile.passes.bitlinear_op import apply_activation
+from bitrl_compile.quant import apply_activation
 from bitrl_compile.runtime.weights import pack_tiles
 from bitrl_compile.targets import kernels
 

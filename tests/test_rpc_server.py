@@ -18,7 +18,7 @@ from tvm.support import cc
 
 from bitrl_compile import quant, targets
 from bitrl_compile.devices import EmulatorError, RPCServer
-from bitrl_compile.passes.bitlinear_op import apply_activation
+from bitrl_compile.quant import apply_activation
 from bitrl_compile.runtime.weights import pack_tiles
 from bitrl_compile.targets import kernels
 

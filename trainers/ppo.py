@@ -497,7 +497,9 @@ def plot_learning_curve(logger: Logger, path: Path, title: str) -> None:
 def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer, backbone, args: Args,
                     global_step: int) -> None:
     """agent.*, optimizer.* and obs_rms.* tensors plus JSON metadata (args, optimizer groups, step) in safetensors."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from bitrl_compile.runtime.artifact import write_atomic
 
     tensors = {f"agent.{k}": v.detach().contiguous() for k, v in agent.state_dict().items()}
     opt = optimizer.state_dict()
@@ -510,9 +512,7 @@ def save_checkpoint(path: Path, agent: Agent, optimizer: torch.optim.Optimizer, 
         tensors["obs_rms.count"] = torch.tensor(float(backbone.rms.count), dtype=torch.float64)
     meta = {"args": json.dumps(dataclasses.asdict(args)), "global_step": str(global_step),
             "param_groups": json.dumps(opt["param_groups"])}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_atomic(path, save(tensors, metadata=meta))
 
 
 def load_checkpoint(path: str | Path, agent: Agent, optimizer: torch.optim.Optimizer | None = None,

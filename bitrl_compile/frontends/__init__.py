@@ -62,7 +62,6 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -73,6 +72,7 @@ import torch
 from torch import nn
 
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
+from bitrl_compile.runtime.artifact import write_atomic
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU,
                "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
@@ -537,14 +537,7 @@ def save_mlp_policy(path, module_or_state_dict, config: dict) -> None:
     _load_mlp_config(Path(path), sd, config)  # validate before writing
     data = save(sd, metadata={"config": json.dumps(config)})
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, data)
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
