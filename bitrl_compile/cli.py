@@ -38,11 +38,12 @@ class _DefaultGroup(click.Group):
 
 
 def _fail(e: BaseException, debug: bool) -> None:
+    from bitrl_compile.loaded import ModelLoadError
     from bitrl_compile.pipeline import CompileError
 
     if debug:
         traceback.print_exc()
-    user_error = isinstance(e, USER_ERRORS + (CompileError,)) or type(e).__name__ in ("ModelLoadError",)
+    user_error = isinstance(e, USER_ERRORS + (CompileError, ModelLoadError))
     if isinstance(e, RuntimeError) and not isinstance(e, CompileError) and "install" in str(e):
         user_error = True  # a missing tool: the message says what to install
     name = "error" if user_error else "internal error"
@@ -237,6 +238,7 @@ def run_cmd(artifact, env_id, episodes, seed, stochastic, debug):
     with _guard(debug):
         from bitrl_compile.devices import open_policy
         from bitrl_compile.evaluate import evaluate
+        from bitrl_compile.runtime.policy import host_arch
 
         policy = open_policy(artifact)
         t0 = time.perf_counter()
@@ -245,11 +247,10 @@ def run_cmd(artifact, env_id, episodes, seed, stochastic, debug):
         dt = time.perf_counter() - t0
         import numpy as np
 
-        emulated = " (emulated under qemu)" if type(policy).__name__ == "EmulatedPolicy" else ""
+        emulated = " (emulated under qemu)" if policy.manifest["target"]["arch"] != host_arch() else ""
         click.echo(f"{env_id}: mean return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {episodes} "
                    f"episodes, {steps} steps in {dt:.1f} s{emulated}")
-        if hasattr(policy, "close"):
-            policy.close()
+        policy.close()
 
 
 @main.command("train")

@@ -42,6 +42,94 @@ def check_runnable_here(manifest: dict, path: str | os.PathLike = "artifact") ->
                             "(needs Linux >= 5.16); recompile with `--target x86-avx512`")
 
 
+def normalization(input_spec: dict) -> tuple | None:
+    """The observation statistics baked into an input spec, as prepare_observations takes them."""
+    norm = input_spec.get("normalize")
+    if not norm:
+        return None
+    return (np.asarray(norm["mean"], np.float32), np.asarray(norm["var"], np.float32),
+            np.float32(norm.get("eps", 1e-8)), norm.get("clip"))
+
+
+def prepare_observations(input_spec: dict, obs, norm: tuple | None = None) -> tuple[np.ndarray, bool]:
+    """One observation or a batch -> (the network's float32 [B, *shape] input, whether it was one observation):
+    validation (shape, dtype, range, NaN/Inf), one-hot, /255, text serialisation, then `norm` (what
+    `normalization(input_spec)` returns) applied. The manifest's input spec says which."""
+    kind = input_spec.get("preprocess", "none")
+    obs_shape = tuple(input_spec["shape"])
+    obs = np.asarray(obs)
+    if kind == "onehot":
+        n = int(input_spec["n"])
+        if obs.ndim > 1 or not np.issubdtype(obs.dtype, np.integer):
+            raise ValueError(f"observation must be an integer or a 1-D batch of integers in [0, {n}); "
+                             f"got shape {obs.shape} dtype {obs.dtype}")
+        single = obs.ndim == 0
+        idx = obs.reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"observation index out of range [0, {n})")
+        x = np.eye(n, dtype=np.float32)[idx]
+    else:
+        if obs.dtype != np.float32 and not (np.issubdtype(obs.dtype, np.number) or obs.dtype == np.bool_):
+            raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
+        if obs.shape == obs_shape:
+            single, x = True, obs.reshape(1, *obs_shape)
+        elif obs.shape[1:] == obs_shape:
+            single, x = False, obs
+        else:
+            raise ValueError(f"observation has shape {obs.shape}; this policy expects {obs_shape} "
+                             f"or a batch (B, {', '.join(map(str, obs_shape))})")
+        x = x.astype(np.float32, copy=False)
+        if kind == "image":
+            x = x / np.float32(255.0)
+    if x.shape[0] == 0:
+        raise ValueError("observation batch is empty (batch size 0)")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("observation contains NaN or Inf")
+    if kind == "text":  # a text state encoder: the state written as text, one token per byte (runtime/text.py)
+        from .text import serialize
+
+        x = serialize(x, int(input_spec["text"]["decimals"])).astype(np.float32)
+    if norm is not None:
+        mean, var, eps, clip = norm
+        x = (x - mean) / np.sqrt(var + eps)
+        if clip is not None:
+            x = np.clip(x, -clip, clip)
+    return aligned(x, np.float32), single
+
+
+def postprocess(output_spec: dict, out: np.ndarray, deterministic: bool = True, rng=None, path: str = "artifact"):
+    """The network's [B, ...] output -> actions the environment accepts, as the manifest's output spec says:
+    argmax or sampling for Discrete; tanh squash and rescaling to the Box bounds, or clipping, for Box."""
+    spec = output_spec
+    if spec["kind"] == "features":
+        raise ValueError(f"{path} is a backbone (output kind \"features\", {spec.get('dim')} values), not a "
+                         "policy; call features(obs) and feed them to trained heads")
+    if spec["kind"] == "discrete":
+        if deterministic or spec.get("outputs") == "q_values":
+            return np.argmax(out, axis=-1)
+        rng = rng or np.random.default_rng()
+        z = out - out.max(axis=-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=-1, keepdims=True)
+        u = rng.random((out.shape[0], 1))
+        return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), out.shape[-1] - 1)
+    mean = out.reshape((out.shape[0], *spec["shape"]))
+    if not deterministic and spec.get("log_std") is not None:
+        rng = rng or np.random.default_rng()
+        std = np.exp(np.asarray(spec["log_std"], np.float32)).reshape(spec["shape"])
+        mean = mean + std * rng.standard_normal(mean.shape).astype(np.float32)
+    low = np.asarray(spec["low"], np.float32).reshape(spec["shape"])
+    high = np.asarray(spec["high"], np.float32).reshape(spec["shape"])
+    squash = spec.get("squash", "clip")
+    if squash == "tanh":
+        a = low + (np.tanh(mean) + 1.0) * 0.5 * (high - low)
+    elif squash == "clip":
+        a = np.clip(mean, low, high)
+    else:
+        a = mean
+    return a.astype(np.float32)
+
+
 class Policy:
     """A compiled policy. `act(obs)` takes one observation or a batch and returns action(s)."""
 
@@ -63,54 +151,10 @@ class Policy:
         self._main = self._vm["main"]
         self._params_np = [aligned(params[name]) for name in manifest["params"]]
         self._params = [to_device(p) for p in self._params_np]
-        norm = self.input_spec.get("normalize")
-        self._norm = None
-        if norm:
-            self._norm = (np.asarray(norm["mean"], np.float32), np.asarray(norm["var"], np.float32),
-                          np.float32(norm.get("eps", 1e-8)), norm.get("clip"))
-
-    # ---------------------------------------------------------------- observations
+        self._norm = normalization(self.input_spec)
 
     def _prepare(self, obs) -> tuple[np.ndarray, bool]:
-        kind = self.input_spec.get("preprocess", "none")
-        obs = np.asarray(obs)
-        if kind == "onehot":
-            n = int(self.input_spec["n"])
-            if obs.ndim > 1 or not np.issubdtype(obs.dtype, np.integer):
-                raise ValueError(f"observation must be an integer or a 1-D batch of integers in [0, {n}); "
-                                 f"got shape {obs.shape} dtype {obs.dtype}")
-            single = obs.ndim == 0
-            idx = obs.reshape(-1)
-            if idx.size and (idx.min() < 0 or idx.max() >= n):
-                raise ValueError(f"observation index out of range [0, {n})")
-            x = np.eye(n, dtype=np.float32)[idx]
-        else:
-            if obs.dtype != np.float32 and not (np.issubdtype(obs.dtype, np.number) or obs.dtype == np.bool_):
-                raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
-            if obs.shape == self.obs_shape:
-                single, x = True, obs.reshape(1, *self.obs_shape)
-            elif obs.shape[1:] == self.obs_shape:
-                single, x = False, obs
-            else:
-                raise ValueError(f"observation has shape {obs.shape}; this policy expects {self.obs_shape} "
-                                 f"or a batch (B, {', '.join(map(str, self.obs_shape))})")
-            x = x.astype(np.float32, copy=False)
-            if kind == "image":
-                x = x / np.float32(255.0)
-        if x.shape[0] == 0:
-            raise ValueError("observation batch is empty (batch size 0)")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("observation contains NaN or Inf")
-        if kind == "text":  # a text state encoder: the state written as text, one token per byte (runtime/text.py)
-            from .text import serialize
-
-            x = serialize(x, int(self.input_spec["text"]["decimals"])).astype(np.float32)
-        if self._norm is not None:
-            mean, var, eps, clip = self._norm
-            x = (x - mean) / np.sqrt(var + eps)
-            if clip is not None:
-                x = np.clip(x, -clip, clip)
-        return aligned(x, np.float32), single
+        return prepare_observations(self.input_spec, obs, self._norm)
 
     # ---------------------------------------------------------------- inference
 
@@ -121,6 +165,8 @@ class Policy:
         return out[0] if single else out
 
     def _run(self, x: np.ndarray) -> np.ndarray:
+        if self._main is None:
+            raise ValueError(f"{self.path}: this Policy was closed; load the artifact again")
         result = self._main(to_device(x), *self._params)
         if not hasattr(result, "__dlpack__") and len(result) == 1:
             result = result[0]
@@ -141,34 +187,18 @@ class Policy:
         return actions[0] if single else actions
 
     def postprocess(self, out: np.ndarray, deterministic: bool = True, rng=None):
-        spec = self.output_spec
-        if spec["kind"] == "features":
-            raise ValueError(f"{self.path} is a backbone (output kind \"features\", {spec.get('dim')} values), not a "
-                             "policy; call features(obs) and feed them to trained heads")
-        if spec["kind"] == "discrete":
-            if deterministic or spec.get("outputs") == "q_values":
-                return np.argmax(out, axis=-1)
-            rng = rng or np.random.default_rng()
-            z = out - out.max(axis=-1, keepdims=True)
-            p = np.exp(z)
-            p /= p.sum(axis=-1, keepdims=True)
-            u = rng.random((out.shape[0], 1))
-            return np.minimum((np.cumsum(p, axis=-1) < u).sum(axis=-1), out.shape[-1] - 1)
-        mean = out.reshape((out.shape[0], *spec["shape"]))
-        if not deterministic and spec.get("log_std") is not None:
-            rng = rng or np.random.default_rng()
-            std = np.exp(np.asarray(spec["log_std"], np.float32)).reshape(spec["shape"])
-            mean = mean + std * rng.standard_normal(mean.shape).astype(np.float32)
-        low = np.asarray(spec["low"], np.float32).reshape(spec["shape"])
-        high = np.asarray(spec["high"], np.float32).reshape(spec["shape"])
-        squash = spec.get("squash", "clip")
-        if squash == "tanh":
-            a = low + (np.tanh(mean) + 1.0) * 0.5 * (high - low)
-        elif squash == "clip":
-            a = np.clip(mean, low, high)
-        else:
-            a = mean
-        return a.astype(np.float32)
+        return postprocess(self.output_spec, out, deterministic, rng, self.path)
+
+    def close(self) -> None:
+        """Drop the compiled module and the parameters (the PolicyLike interface); calls after this raise."""
+        self._vm = self._main = None
+        self._params = self._params_np = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         t = self.manifest.get("target", {})

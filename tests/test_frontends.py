@@ -9,7 +9,6 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from torch import nn
 
 from bitrl_compile.frontends import load_policy, save_mlp_policy
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
-from bitrl_compile.runtime.policy import Policy
+from bitrl_compile.runtime.policy import postprocess
 
 DEMO = Path(__file__).resolve().parents[1] / "bitrl_compile" / "examples" / "cartpole_ppo.safetensors"
 
@@ -36,7 +35,7 @@ def run(loaded: LoadedPolicy, x: np.ndarray) -> np.ndarray:
 
 def act(loaded: LoadedPolicy, x: np.ndarray) -> np.ndarray:
     """Deterministic actions, post-processed by the runtime's own code from the output spec."""
-    return Policy.postprocess(SimpleNamespace(output_spec=loaded.output), run(loaded, x))
+    return postprocess(loaded.output, run(loaded, x))
 
 
 def assert_exports_with_dynamic_batch(loaded: LoadedPolicy, x: np.ndarray) -> None:

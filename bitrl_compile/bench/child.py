@@ -38,7 +38,6 @@ import os
 import re
 import sys
 import time
-from types import SimpleNamespace
 
 MARKER_SYSCALL = 0xB17  # the bench plugin's marker: syscall(MARKER_SYSCALL, cmd, a, b)
 MARK_RANGE, MARK_COUNT = 1, 2
@@ -58,31 +57,21 @@ def status_bytes() -> dict[str, int]:
     return out
 
 
-def _io(spec: dict) -> SimpleNamespace:
-    """What Policy._prepare / Policy.postprocess read from a Policy, built from the manifest specs."""
-    import numpy as np
-
-    norm = spec["input"].get("normalize")
-    return SimpleNamespace(
-        input_spec=spec["input"], output_spec=spec["output"], obs_shape=tuple(spec["input"]["shape"]),
-        _norm=None if not norm else (np.asarray(norm["mean"], np.float32), np.asarray(norm["var"], np.float32),
-                                     np.float32(norm.get("eps", 1e-8)), norm.get("clip")))
-
-
 def make_act(impl: str, cfg: dict):
     """obs (one or a batch) -> action(s), for one implementation; loads its engine and model."""
     if impl == "bitrl":
         from bitrl_compile.runtime import load
 
         return load(cfg["artifact"]).act
-    from bitrl_compile.runtime.policy import Policy
+    from bitrl_compile.runtime.policy import normalization, postprocess, prepare_observations
 
-    io = _io(cfg["spec"])
+    spec = cfg["spec"]
+    norm = normalization(spec["input"])
 
-    def wrap(forward):
+    def wrap(forward):  # the runtime's own observation and action steps around another engine's forward
         def act(obs):
-            x, single = Policy._prepare(io, obs)
-            actions = Policy.postprocess(io, forward(x))
+            x, single = prepare_observations(spec["input"], obs, norm)
+            actions = postprocess(spec["output"], forward(x))
             return actions[0] if single else actions
         return act
 

@@ -528,12 +528,10 @@ def returns_section(compiled, files: dict, spec: dict, env_id: str | None, episo
             space.seed(seed)
             returns["random"] = evaluate(lambda o: space.sample(), env_id, episodes, seed)[0]
     finally:
-        if hasattr(policy, "close"):
-            policy.close()
-    from bitrl_compile.bench.child import _io
-    from bitrl_compile.runtime.policy import Policy
+        policy.close()
+    from bitrl_compile.runtime.policy import normalization, prepare_observations
 
-    prepared, _ = Policy._prepare(_io(spec), obs)
+    prepared, _ = prepare_observations(spec["input"], obs, normalization(spec["input"]))
     ref = reference.run(compiled.quantized, prepared)
 
     def agree(a, b):
