@@ -1,0 +1,144 @@
+"""MLP policies: MLPPolicy (net.0.weight, ...), building one from Linear layers of a state_dict, the generic
+"mlp" config architecture, and save_mlp_policy (.safetensors with the JSON config in its metadata)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitrl_compile.frontends.specs import _check_finite, _default_output, _env_specs
+from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
+from bitrl_compile.runtime.artifact import write_atomic
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU,
+               "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+_TORCH_ACTIVATIONS = {cls.__name__: name for name, cls in ACTIVATIONS.items()}
+
+
+class MLPPolicy(nn.Module):
+    """Observation (flattened) -> Linear -> activation -> ... -> Linear; keys net.0.weight, net.0.bias, ..."""
+
+    def __init__(self, sizes: list[int], activation: str = "tanh", obs_shape: list[int] | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+            if i:
+                layers.append(ACTIVATIONS[activation]())
+            layers.append(nn.Linear(n_in, n_out))
+        self.net = nn.Sequential(*layers)
+        self.activation = activation
+        self.flatten = obs_shape is not None and len(obs_shape) > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1) if self.flatten else x)
+
+
+def _linears(sd: dict, prefix: str, path: Path) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Linear layers `{prefix}{i}.weight/.bias` in index order."""
+    found = []
+    for key in sd:
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)\.weight", key)
+        if m:
+            found.append((int(m.group(1)), key[: -len(".weight")]))
+    layers = []
+    for _, name in sorted(found):
+        w = sd[name + ".weight"]
+        if w.ndim != 2:
+            raise ModelLoadError(f"{path}: {name}.weight has shape {tuple(w.shape)}: convolutional policies "
+                                 "are not supported yet (MLP policies are)")
+        layers.append((name, w, sd.get(name + ".bias")))
+    return layers
+
+
+def _build_mlp(path: Path, layers, activation: str, obs_shape: list[int]) -> MLPPolicy:
+    """An MLPPolicy holding copies of the given (name, weight, bias) layers; checks chaining and finiteness."""
+    if not layers:
+        raise ModelLoadError(f"{path}: no Linear layers found; is this a policy network?")
+    sizes = [layers[0][1].shape[1]]
+    for name, w, b in layers:
+        if w.shape[1] != sizes[-1]:
+            raise ModelLoadError(f"{path}: {name}.weight has {w.shape[1]} inputs but the previous layer has "
+                                 f"{sizes[-1]} outputs; the state_dict does not match an MLP")
+        if b is None or tuple(b.shape) != (w.shape[0],):
+            raise ModelLoadError(f"{path}: {name}.bias is missing or has the wrong shape; expected ({w.shape[0]},)")
+        _check_finite({f"{name}.weight": w, f"{name}.bias": b}, path)
+        sizes.append(w.shape[0])
+    if math.prod(obs_shape) != sizes[0]:
+        raise ModelLoadError(f"{path}: observation shape {obs_shape} has {math.prod(obs_shape)} values but the "
+                             f"first layer takes {sizes[0]}; check the env / \"obs_shape\"")
+    mlp = MLPPolicy(sizes, activation, obs_shape)
+    linears = [m for m in mlp.net if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for lin, (_, w, b) in zip(linears, layers):
+            lin.weight.copy_(w.float())
+            lin.bias.copy_(b.float())
+    return mlp
+
+
+def _state_dict_mismatch(expected: dict, got: dict) -> str:
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shaped = [f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k].shape)})"
+              for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{what}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+             for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if items]
+    return "; ".join(parts)
+
+
+def _load_mlp_config(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
+    """The generic "mlp" architecture: net.0.weight, ... plus a config."""
+    if cfg.get("arch", "mlp") != "mlp":
+        raise ModelLoadError(f"{path}: config arch {cfg.get('arch')!r} is not supported yet (\"mlp\" is)")
+    weights = [k for k in sd if k.startswith("net.") and k.endswith(".weight")]
+    env_in, env_out = _env_specs(path, cfg["env"], "logits", "clip") if cfg.get("env") else (None, None)
+    obs_shape = cfg.get("obs_shape") or (env_in and env_in["shape"])
+    if not obs_shape or "hidden" not in cfg:
+        raise ModelLoadError(f"{path}: the config needs \"obs_shape\" and \"hidden\" (e.g. {{\"arch\": \"mlp\", "
+                             "\"obs_shape\": [4], \"hidden\": [64, 64], \"activation\": \"tanh\", \"output\": ...}})")
+    output = {**(env_out or {}), **cfg.get("output", {})}
+    last = sd.get(f"net.{2 * len(cfg['hidden'])}.weight")
+    if output.get("kind") == "discrete" and "n" in output:
+        out_dim = int(output["n"])
+    elif output.get("kind") == "continuous" and "shape" in output:
+        out_dim = math.prod(output["shape"])
+    elif last is not None and last.ndim == 2:
+        out_dim = int(last.shape[0])
+    else:
+        out_dim = 1 if not weights else int(sd[max(weights)].shape[0])
+    try:
+        mlp = MLPPolicy([math.prod(obs_shape), *cfg["hidden"], out_dim], cfg.get("activation", "tanh"),
+                        list(obs_shape))
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: config: {e}") from None
+    problems = _state_dict_mismatch(mlp.state_dict(), sd)
+    if problems:
+        raise ModelLoadError(f"{path}: state_dict does not match the config's MLP ({problems}); fix \"hidden\", "
+                             "\"obs_shape\" or \"output\"")
+    _check_finite(sd, path)
+    mlp.load_state_dict({k: v.float() for k, v in sd.items()})
+    input_spec = {**(env_in or {}), **cfg.get("input", {}), "shape": list(obs_shape)}
+    input_spec.setdefault("preprocess", "none")
+    desc = f"MLP {[math.prod(obs_shape), *cfg['hidden'], out_dim]} {mlp.activation}"
+    return LoadedPolicy(mlp, None, input_spec, output or _default_output(out_dim), "state-dict", desc)
+
+
+def save_mlp_policy(path, module_or_state_dict, config: dict) -> None:
+    """Write an MLP policy as .safetensors with the JSON config in the metadata (atomic: temp file + rename)."""
+    from safetensors.torch import save
+
+    sd = module_or_state_dict.state_dict() if isinstance(module_or_state_dict, nn.Module) \
+        else dict(module_or_state_dict)
+    sd = {(k if k.startswith("net.") else f"net.{k}"): v.detach().float().contiguous() for k, v in sd.items()}
+    config = {"arch": "mlp", **config}
+    _load_mlp_config(Path(path), sd, config)  # validate before writing
+    data = save(sd, metadata={"config": json.dumps(config)})
+    path = Path(path)
+    write_atomic(path, data)

@@ -1,0 +1,148 @@
+"""Input/output specs of the manifest: the config, spaces (gymnasium or plain data) -> specs, completing and
+checking them (the spec forms are drawn in the package docstring), and the finiteness check of tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bitrl_compile.loaded import ModelLoadError
+
+
+def _read_config(config) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    text = str(config)
+    try:
+        if text.lstrip().startswith("{"):
+            cfg = json.loads(text)
+        else:
+            cfg = json.loads(Path(text).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"config {text[:80]}: not readable JSON ({e}); give a dict or a JSON file") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"config {text[:80]}: must be a JSON object, e.g. {{\"arch\": \"mlp\", ...}}")
+    return cfg
+
+
+def _space_to_specs(space: dict, role: str, outputs: str = "logits", squash: str = "clip") -> dict:
+    """A space as plain data ({"type": "Box"|"Discrete"|..., ...}) -> input or output spec."""
+    kind = space["type"]
+    if role == "input":
+        if kind == "Discrete":
+            return {"shape": [space["n"]], "dtype": "float32", "preprocess": "onehot", "n": space["n"]}
+        if kind in ("Box", "MultiBinary"):
+            image = kind == "Box" and space.get("dtype") == "uint8" and len(space["shape"]) == 3
+            return {"shape": list(space["shape"]), "dtype": "float32", "preprocess": "image" if image else "none"}
+    else:
+        if kind == "Discrete":
+            return {"kind": "discrete", "n": space["n"], "outputs": outputs}
+        if kind == "Box":
+            return {"kind": "continuous", "shape": list(space["shape"]), "low": space["low"],
+                    "high": space["high"], "squash": squash, "log_std": None}
+    raise ValueError(f"{kind} {role} spaces are not supported yet (Box and Discrete are)")
+
+
+def _gym_space(space) -> dict:
+    import gymnasium.spaces as S
+    if isinstance(space, S.Discrete):
+        return {"type": "Discrete", "n": int(space.n)}
+    if isinstance(space, S.Box):
+        return {"type": "Box", "shape": list(space.shape), "dtype": str(space.dtype),
+                "low": np.asarray(space.low, np.float64).ravel().tolist(),
+                "high": np.asarray(space.high, np.float64).ravel().tolist()}
+    return {"type": type(space).__name__}
+
+
+def _env_specs(path: Path, env_id: str, outputs: str, squash: str) -> tuple[dict, dict]:
+    import gymnasium
+    try:
+        env = gymnasium.make(env_id)
+    except Exception as e:  # noqa: BLE001 - gymnasium raises several error types for unknown ids / missing extras
+        raise ModelLoadError(f"{path}: config env {env_id!r} cannot be made ({e}); give a gymnasium id or "
+                             "an explicit \"output\" spec") from None
+    try:
+        return (_space_to_specs(_gym_space(env.observation_space), "input"),
+                _space_to_specs(_gym_space(env.action_space), "output", outputs, squash))
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: env {env_id}: {e}") from None
+    finally:
+        env.close()
+
+
+def _default_output(out_dim: int, outputs: str = "logits") -> dict:
+    return {"kind": "discrete", "n": out_dim, "outputs": outputs}
+
+
+def _complete_output(spec: dict, out_dim: int, path: Path) -> dict:
+    spec = dict(spec)
+    kind = spec.get("kind")
+    if kind == "discrete":
+        spec.setdefault("n", out_dim)
+        spec.setdefault("outputs", "logits")
+        if int(spec["n"]) != out_dim:
+            raise ModelLoadError(f"{path}: output spec says {spec['n']} actions but the network outputs "
+                                 f"{out_dim} values; fix the config's \"output\"")
+        if spec["outputs"] not in ("logits", "q_values"):
+            raise ModelLoadError(f"{path}: output \"outputs\" must be \"logits\" or \"q_values\"")
+        return {"kind": "discrete", "n": int(spec["n"]), "outputs": spec["outputs"]}
+    if kind == "continuous":
+        shape = [int(d) for d in spec.get("shape", [out_dim])]
+        size = math.prod(shape)
+        if size != out_dim:
+            raise ModelLoadError(f"{path}: output spec shape {shape} has {size} values but the network outputs "
+                                 f"{out_dim}; fix the config's \"output\"")
+        squash = spec.get("squash", "clip")
+        if squash not in ("tanh", "clip", "none"):
+            raise ModelLoadError(f"{path}: output \"squash\" must be \"tanh\", \"clip\" or \"none\", got {squash!r}")
+        bounds = {}
+        for key, default in (("low", -math.inf), ("high", math.inf)):
+            value = spec.get(key, None if squash != "none" else default)
+            if value is None:
+                raise ModelLoadError(f"{path}: continuous output spec needs \"{key}\" (the action bounds)")
+            bounds[key] = np.broadcast_to(np.asarray(value, np.float64).ravel(), (size,)).tolist()
+        log_std = spec.get("log_std")
+        if log_std is not None:
+            log_std = np.asarray(log_std, np.float64).ravel().tolist()
+            if len(log_std) != size:
+                log_std = None
+        return {"kind": "continuous", "shape": shape, **bounds, "squash": squash, "log_std": log_std}
+    raise ModelLoadError(f"{path}: output spec \"kind\" must be \"discrete\" or \"continuous\", got {kind!r}")
+
+
+def _complete_input(spec: dict, path: Path) -> dict:
+    shape = [int(d) for d in spec["shape"]]
+    pre = spec.get("preprocess", "none")
+    if pre not in ("none", "onehot", "image"):
+        raise ModelLoadError(f"{path}: input \"preprocess\" must be none, onehot or image, got {pre!r}")
+    out = {"shape": shape, "dtype": "float32", "preprocess": pre, "normalize": None}
+    if pre == "onehot":
+        out["n"] = int(spec.get("n", shape[0]))
+        if shape != [out["n"]]:
+            raise ModelLoadError(f"{path}: a one-hot input of n={out['n']} must have shape [{out['n']}]")
+    norm = spec.get("normalize")
+    if norm:
+        mean = np.asarray(norm["mean"], np.float64).ravel()
+        var = np.asarray(norm["var"], np.float64).ravel()
+        if mean.size != math.prod(shape) or var.size != mean.size:
+            raise ModelLoadError(f"{path}: normalisation statistics have {mean.size}/{var.size} values but the "
+                                 f"observation has shape {shape}; give the statistics of this policy's env")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)):
+            raise ModelLoadError(f"{path}: normalisation statistics contain NaN/Inf or negative variances")
+        clip = norm.get("clip")
+        out["normalize"] = {"mean": mean.tolist(), "var": var.tolist(), "eps": float(norm.get("eps", 1e-8)),
+                            "clip": None if clip is None else float(clip)}
+    return out
+
+
+def _check_finite(tensors: dict, path: Path) -> None:
+    for name, t in tensors.items():
+        t = torch.as_tensor(t)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelLoadError(f"{path}: tensor {name} contains NaN or Inf; fix or retrain the model")

@@ -1,0 +1,56 @@
+"""Plain state_dicts (from .safetensors or a weights-only torch file), dispatched by their keys to a CleanRL
+agent or to the generic "mlp" with a config; .safetensors files (config in the metadata)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from bitrl_compile.frontends.cleanrl import _load_cleanrl
+from bitrl_compile.frontends.mlp import _load_mlp_config
+from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
+
+
+def _load_state_dict(path: Path, sd, cfg: dict) -> LoadedPolicy:
+    """Dispatch a plain state_dict by its keys: CleanRL agents, or the generic "mlp" with a config."""
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelLoadError(f"{path}: holds a {type(sd).__name__}, not a state_dict of tensors; save "
+                             "`model.state_dict()` or an exported program")
+    if sd and all(re.match(r"\d+\.", k) for k in sd):  # the state_dict of a bare nn.Sequential
+        sd = {f"net.{k}": v for k, v in sd.items()}
+    keys = set(sd)
+    if {"actor.0.weight", "critic.0.weight"} <= keys or {"actor_mean.0.weight", "actor_logstd"} <= keys \
+            or ("network.0.weight" in keys and all(k.startswith("network.") for k in keys)):
+        return _load_cleanrl(path, sd, cfg)
+    if any(k.startswith("net.") for k in keys) or cfg:
+        if not cfg:
+            raise ModelLoadError(f"{path}: a state_dict needs an architecture: pass config= (JSON) with "
+                                 "{\"arch\": \"mlp\", \"obs_shape\": [...], \"hidden\": [...], \"output\": {...}}")
+        return _load_mlp_config(path, sd, cfg)
+    raise ModelLoadError(f"{path}: state_dict with keys like {sorted(keys)[:3]} is not a known policy layout; "
+                         "save an nn.Sequential as net.* with a config (save_mlp_policy), or export it (torch.export)")
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    return len(head) >= 9 and int.from_bytes(head[:8], "little") < (1 << 27) and head[8:9] == b"{"
+
+
+def _load_safetensors(path: Path, cfg: dict) -> LoadedPolicy:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({e}); save it again") from None
+    if "config" in meta:
+        try:
+            cfg = {**json.loads(meta["config"]), **cfg}
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{path}: the metadata \"config\" is not JSON ({e}); rewrite it with "
+                                 "save_mlp_policy") from None
+    return _load_state_dict(path, sd, cfg)

@@ -1,0 +1,166 @@
+"""Torch files: the weights-only torch.load, torch.export programs (.pt2), TorchScript archives, and torch.save
+pickles (a state_dict, or a whole nn.Module only when trusted)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitrl_compile.frontends.state_dicts import _load_state_dict
+from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
+
+
+class _PickledCode(ModelLoadError):
+    """The file holds pickled Python objects that torch.load(weights_only=True) refuses."""
+
+
+def _torch_load_weights(data: bytes | Path, where: str):
+    """torch.load(weights_only=True): tensors and plain containers only, never user classes."""
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ..." on plain pickles
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise _PickledCode(f"{where}: contains pickled Python objects (code) besides tensors; load it only if "
+                             "you trust it, with --trust-pickle (trust_pickle=True)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ModelLoadError(f"{where}: corrupt or truncated torch file ({msg}); save it again") from None
+
+
+def _program_module(ep, check_guards: bool = True) -> torch.fx.GraphModule:
+    """`ep.module()` with the ordinary train()/eval() back: torch makes them raise on exported modules, but the
+    graph was captured in one mode already, so for a policy they only need to be harmless flags."""
+    module = ep.module(check_guards=check_guards)
+    for name in ("train", "eval"):
+        module.__dict__.pop(name, None)
+    return module
+
+
+def _dynamic_batch(module: nn.Module, obs_shape: list[int], path: Path, what: str) -> nn.Module:
+    """Re-export with a dynamic batch dimension; the program's module accepts any batch and re-exports."""
+    x = torch.zeros(2, *obs_shape)
+    try:
+        ep = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as e:  # noqa: BLE001 - export raises many types; report the first line
+        raise ModelLoadError(f"{path}: the {what} cannot be exported with a dynamic batch dimension "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); export it with "
+                             "dynamic_shapes={0: Dim('batch')} on the batch axis") from None
+    return _program_module(ep)
+
+
+def _pt2_unsafe_members(zf: zipfile.ZipFile) -> list[str]:
+    """Members of a .pt2 that torch.export.load would unpickle and that are not plain tensor archives."""
+    raw: set[str] = set()
+    for name in zf.namelist():
+        if name.endswith(("_weights_config.json", "_constants_config.json")):
+            folder = name.rsplit("/", 1)[0] + "/"
+            for meta in json.loads(zf.read(name)).get("config", {}).values():
+                p = meta.get("path_name", "")
+                if not meta.get("use_pickle") and not p.startswith(("custom_obj", "opaque")):
+                    raw.add(folder + p)
+    unsafe = []
+    for name in zf.namelist():
+        base = name.rsplit("/", 1)[-1]
+        if name in raw or name.endswith((".json", "/")) or base in (
+                "archive_format", "archive_version", "version", "byteorder", "serialization_id", ".format_version",
+                ".storage_alignment"):
+            continue
+        data = zf.read(name)
+        try:
+            if not data.startswith(b"PK"):
+                raise ValueError
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - anything not loadable as weights only is treated as code
+            unsafe.append(name)
+    return unsafe
+
+
+def _load_torch_export(path: Path, zf: zipfile.ZipFile, cfg: dict, trust_pickle: bool) -> LoadedPolicy:
+    if not trust_pickle:
+        unsafe = _pt2_unsafe_members(zf)
+        if unsafe:
+            raise ModelLoadError(f"{path}: the exported program holds pickled objects ({', '.join(unsafe[:3])}) "
+                                 "that could run code; pass --trust-pickle (trust_pickle=True) if you trust it")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001 - deserialisation errors of many kinds
+        raise ModelLoadError(f"{path}: cannot load the exported program ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160]}); save it again with this torch version") from None
+    user_inputs = ep.graph_signature.user_inputs
+    if len(user_inputs) != 1:
+        raise ModelLoadError(f"{path}: the program takes {len(user_inputs)} inputs; a policy takes one observation")
+    node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
+    shape = list(node.meta["val"].shape)
+    obs_shape = [int(d) for d in (cfg.get("obs_shape") or shape[1:])]
+    if isinstance(shape[0], int):  # a fixed batch size: guards would reject other batches
+        module = _dynamic_batch(_program_module(ep, check_guards=False), obs_shape, path, "program")
+    else:
+        module = _program_module(ep)
+    return LoadedPolicy(module, None, {"shape": obs_shape, "preprocess": "none"}, {}, "torch-export",
+                        f"torch.export program, obs {obs_shape}")
+
+
+def _infer_obs_shape(module: nn.Module, cfg: dict, path: Path) -> list[int]:
+    if cfg.get("obs_shape"):
+        return [int(d) for d in cfg["obs_shape"]]
+    for name, p in module.named_parameters():
+        if name.endswith("weight"):
+            if p.ndim == 2:
+                return [int(p.shape[1])]
+            break
+    raise ModelLoadError(f"{path}: cannot infer the observation shape; pass config={{\"obs_shape\": [...]}}")
+
+
+def _load_torchscript(path: Path, cfg: dict) -> LoadedPolicy:
+    from torch._export.converter import TS2EPConverter
+
+    try:
+        sm = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - RuntimeError for most archive problems
+        raise ModelLoadError(f"{path}: cannot load the TorchScript archive ({str(e).splitlines()[0][:160]}); "
+                             "save it again") from None
+    sm = sm.float().eval()
+    obs_shape = _infer_obs_shape(sm, cfg, path)
+    try:
+        ep = TS2EPConverter(sm, (torch.zeros(2, *obs_shape),)).convert()
+    except Exception as e:  # noqa: BLE001 - the converter covers most but not all TorchScript
+        raise ModelLoadError(f"{path}: TorchScript cannot be converted to torch.export "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); export the original module "
+                             "with torch.export.save or to ONNX instead") from None
+    module = _dynamic_batch(_program_module(ep), obs_shape, path, "converted TorchScript")
+    with torch.no_grad():
+        x = torch.randn(3, *obs_shape, generator=torch.Generator().manual_seed(0))
+        if not torch.allclose(module(x), sm(x), rtol=1e-5, atol=1e-6):
+            raise ModelLoadError(f"{path}: the TorchScript conversion changed the outputs; export the original "
+                                 "module with torch.export.save instead")
+    return LoadedPolicy(module, None, {"shape": obs_shape, "preprocess": "none"}, {}, "torchscript",
+                        f"TorchScript module, obs {obs_shape}")
+
+
+def _load_torch_pickle(path: Path, cfg: dict, trust_pickle: bool) -> LoadedPolicy:
+    try:
+        obj = _torch_load_weights(path, str(path))
+    except _PickledCode:
+        if not trust_pickle:
+            raise ModelLoadError(f"{path}: the file contains pickled code (a torch.save of a whole model or other "
+                                 "Python objects) that runs when loaded; pass --trust-pickle (trust_pickle=True) "
+                                 "only if you trust its source, or save model.state_dict() instead") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - unpickling trusted data can raise anything
+            raise ModelLoadError(f"{path}: cannot unpickle ({type(e).__name__}: {str(e)[:160]}); make the "
+                                 "model's classes importable or save a state_dict") from None
+    if isinstance(obj, nn.Module):
+        obs_shape = _infer_obs_shape(obj, cfg, path)
+        return LoadedPolicy(obj, None, {"shape": obs_shape, "preprocess": "none"}, {}, "pickle",
+                            f"pickled {type(obj).__name__}, obs {obs_shape}")
+    return _load_state_dict(path, obj, cfg)
