@@ -9,26 +9,21 @@ code 1 (a zero weight). Trit k of row n sits in byte k // 4 of that row at bits 
                        c[4j+3]  | c[4j+2] | c[4j+1] | c[4j]
 
 Base-3 ("base3"): 5 trits per byte, byte = c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4 (0..242), K padded to a
-multiple of 5 with code 1. 8/5 = 1.6 bits per weight, against the log2(3) = 1.585 floor.
+multiple of 5 with code 1. 8/5 = 1.6 bits per weight, against the log2(3) = 1.585 floor. It is the
+artifact's storage, so its pair of functions lives where the device reads it (runtime/weights.py) and is
+re-exported here with the trit check; the kernels' compute layouts are there too.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-
-def _check_trits(w_t: np.ndarray) -> np.ndarray:
-    w_t = np.asarray(w_t)
-    if w_t.ndim != 2:
-        raise ValueError(f"expected a 2-D [N, K] trit matrix, got shape {w_t.shape}")
-    if w_t.size and (w_t.min() < -1 or w_t.max() > 1):
-        raise ValueError("trits must be in {-1, 0, 1}")
-    return w_t.astype(np.int8)
+from bitrl_compile.runtime.weights import check_trits, pack_base3, unpack_base3
 
 
 def pack_2bit(w_t: np.ndarray) -> np.ndarray:
     """[N, K] trits -> [N, ceil(K/4)] uint8."""
-    w_t = _check_trits(w_t)
+    w_t = check_trits(w_t)
     n, k = w_t.shape
     codes = np.ones((n, -(-k // 4) * 4), np.uint8)
     codes[:, :k] = w_t + 1
@@ -44,26 +39,6 @@ def unpack_2bit(packed: np.ndarray, k: int) -> np.ndarray:
     return (codes.reshape(packed.shape[0], -1)[:, :k].astype(np.int8) - 1)
 
 
-def pack_base3(w_t: np.ndarray) -> np.ndarray:
-    """[N, K] trits -> [N, ceil(K/5)] uint8."""
-    w_t = _check_trits(w_t)
-    n, k = w_t.shape
-    codes = np.ones((n, -(-k // 5) * 5), np.uint8)
-    codes[:, :k] = w_t + 1
-    c = codes.reshape(n, -1, 5).astype(np.uint16)
-    return (c[..., 0] + 3 * c[..., 1] + 9 * c[..., 2] + 27 * c[..., 3] + 81 * c[..., 4]).astype(np.uint8)
-
-
-def unpack_base3(packed: np.ndarray, k: int) -> np.ndarray:
-    """[N, ceil(K/5)] uint8 -> [N, K] int8 trits."""
-    packed = np.asarray(packed, np.uint8).astype(np.int16)
-    if packed.size and packed.max() > 242:
-        raise ValueError("base-3 byte out of range (> 242): corrupt packed weights")
-    digits = [(packed // p) % 3 for p in (1, 3, 9, 27, 81)]
-    codes = np.stack(digits, axis=-1).reshape(packed.shape[0], -1)
-    return codes[:, :k].astype(np.int8) - 1
-
-
 def pack_hf_bitnet(w_t: np.ndarray) -> np.ndarray:
     """[N, K] trits -> [ceil(N/4), K] uint8: the storage of Hugging Face's packed BitNet checkpoints
     (`microsoft/bitnet-b1.58-2B-4T`), 4 trits per byte along the *output* dimension, in blocks of R = ceil(N/4)
@@ -72,7 +47,7 @@ def pack_hf_bitnet(w_t: np.ndarray) -> np.ndarray:
         byte [r, k]:   bit  7 6      | 5 4      | 3 2     | 1 0
                             c[3R+r,k] | c[2R+r,k] | c[R+r,k] | c[r,k]
     """
-    w_t = _check_trits(w_t)
+    w_t = check_trits(w_t)
     n, k = w_t.shape
     r = -(-n // 4)
     codes = np.zeros((4 * r, k), np.uint8)
@@ -89,6 +64,9 @@ def unpack_hf_bitnet(packed: np.ndarray, n: int) -> np.ndarray:
         raise ValueError("2-bit code 3 in packed BitNet weights: corrupt or not ternary")
     return codes.astype(np.int8) - 1
 
+
+__all__ = ["LAYOUTS", "bits_per_weight", "check_trits", "pack_2bit", "pack_base3", "pack_hf_bitnet",
+           "unpack_2bit", "unpack_base3", "unpack_hf_bitnet"]
 
 LAYOUTS = {"2bit": (pack_2bit, unpack_2bit), "base3": (pack_base3, unpack_base3)}
 

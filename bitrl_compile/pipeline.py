@@ -1,11 +1,13 @@
 """The whole compile on one screen: policy file -> Relax -> our passes -> TVM -> policy.bitrl.
 
-    load_policy (frontends)      safe loading; torch.nn.Module or ONNX + input/output specs
+    load_policy (frontends)      safe loading; torch.nn.Module or ONNX + input/output specs (the caller's step)
     to_relax                     torch.export -> from_exported_program  |  relax.frontend.onnx
-    quantize_module              ternarize -> fuse_bitlinear -> pack_weights      (runnable IR)
-    lower_module                 legalize_bitlinear (TensorIR kernels) -> lift_params
+    passes                       one Sequential: ternarize -> fuse_bitlinear -> pack_weights (still runnable:
+                                 the numpy reference's input) -> legalize_bitlinear (TensorIR kernels) -> lift_params
     store_weights                kernel-layout weights -> base-3 (runtime/weights.py unpacks at load)
     tvm.compile + export_library (the target's cross compiler), write_artifact (atomic)
+
+The target's kernel (targets.kernel_spec) is resolved once per compile and handed to the passes.
 """
 
 from __future__ import annotations
@@ -105,25 +107,56 @@ def _first_line(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------ passes
 
-def quantize_module(mod, per_channel: bool = False):
-    """ternarize -> fuse_bitlinear -> pack_weights: still runnable (BitLinear = numpy reference)."""
+QUANTIZED = "bitrl.PackWeights"  # the module after this pass is the quantized policy the numpy reference runs
+
+
+def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None):
+    """The compile's passes, in order: the one list to read (and to add a pass to)."""
     import tvm
 
     from bitrl_compile.passes.fuse_bitlinear import fuse_bitlinear
+    from bitrl_compile.passes.legalize_bitlinear import legalize_bitlinear
+    from bitrl_compile.passes.lift_params import lift_params
     from bitrl_compile.passes.pack_weights import pack_weights
     from bitrl_compile.passes.ternarize import ternarize
 
-    seq = tvm.transform.Sequential([ternarize(per_channel), fuse_bitlinear, pack_weights])
-    return seq(mod)
+    return tvm.transform.Sequential([
+        ternarize(per_channel),                           # float weights -> gamma * trits (absmean); NaN refused
+        fuse_bitlinear,                                   # permute_dims -> matmul (-> add) (-> act): one BitLinear
+        pack_weights,                                     # trits -> 2-bit constants (runnable: the reference's input)
+        legalize_bitlinear(tvm_target, schedules, spec),  # BitLinear -> call_tir to the target's TensorIR kernel
+        lift_params,                                      # weight constants -> main's parameters (params.safetensors)
+    ], name="bitrl")
 
 
-def lower_module(mod, tvm_target, schedules=None):
-    """legalize_bitlinear (with tuned schedules, if given) -> lift_params.
-    Returns (module ready for tvm.compile, params)."""
-    from bitrl_compile.passes.legalize_bitlinear import legalize_bitlinear
-    from bitrl_compile.passes.lift_params import lift_params
+def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=None):
+    """Run `passes` on a float Relax module. Returns (the quantized module after QUANTIZED, the lowered module
+    ready for tvm.compile, its parameters by name)."""
+    import tvm
 
-    return lift_params(legalize_bitlinear(tvm_target, schedules)(mod))
+    from bitrl_compile.passes.lift_params import params_of
+
+    @tvm.instrument.pass_instrument
+    class _KeepQuantized:
+        module, running = None, None
+
+        def run_before_pass(self, mod, info):
+            self.running = info.name
+
+        def run_after_pass(self, mod, info):
+            if info.name == QUANTIZED:
+                self.module = mod
+
+    keep = _KeepQuantized()
+    try:
+        with tvm.transform.PassContext(instruments=[keep]):
+            lowered = passes(tvm_target, spec, per_channel=per_channel, schedules=schedules)(mod)
+    except ValueError as e:
+        if keep.module is not None:  # past quantization: a bug of ours, not the model's
+            raise
+        raise CompileError(f"quantization failed: {_first_line(e)}") from e  # e.g. NaN/Inf ONNX initialisers
+    lowered, params = params_of(lowered)
+    return keep.module, lowered, params
 
 
 def store_weights(lowered, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
@@ -161,9 +194,11 @@ def bitlinear_layers(mod) -> list[dict]:
 
 def kernel_keys(loaded, per_channel: bool = False) -> list:
     """The BitLinear kernels a policy compiles to (for `bitrl-compile tune`), one per distinct shape."""
+    from bitrl_compile.targets import kernel_spec
     from bitrl_compile.targets.tuning import KernelKey
 
-    layers = bitlinear_layers(quantize_module(to_relax(loaded), per_channel))
+    quantized, _, _ = run_passes(to_relax(loaded), None, kernel_spec(None), per_channel=per_channel)
+    layers = bitlinear_layers(quantized)
     return list(dict.fromkeys(KernelKey(layer["in"], layer["out"], layer["activation"],
                                         layer["scale"] == "per_channel") for layer in layers))
 
@@ -215,10 +250,11 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     log(f"imported {loaded.source} policy into Relax ({len(mod['main'].body.blocks[0].bindings)} ops)")
 
     t0 = time.perf_counter()
-    try:
-        quantized = quantize_module(mod, per_channel)
-    except ValueError as e:  # e.g. NaN/Inf weights that reached the passes (ONNX initialisers)
-        raise CompileError(f"quantization failed: {_first_line(e)}") from e
+    tvm_target = targets.tvm_target(target)
+    spec = targets.kernel_spec(tvm_target)  # the target's kernel, resolved once for this compile
+    schedules = tuning_db_mod.TunedSchedules(tuning_db_mod.database_path(target, tvm_target, tuning_db)) \
+        if tuning else None
+    quantized, lowered, params = run_passes(mod, tvm_target, spec, per_channel=per_channel, schedules=schedules)
     layers = bitlinear_layers(quantized)
     if not layers:
         raise CompileError("the policy has no linear layer with constant weights to ternarize")
@@ -226,10 +262,6 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
         if layer["zero_fraction"] == 1.0:
             warnings.warn(f"{layer['name']} ({layer['in']} -> {layer['out']}) has only zero weights after "
                           "ternarization; it will output its bias alone. Check the model.", stacklevel=2)
-    tvm_target = targets.tvm_target(target)
-    schedules = tuning_db_mod.TunedSchedules(tuning_db_mod.database_path(target, tvm_target, tuning_db)) \
-        if tuning else None
-    lowered, params = lower_module(quantized, tvm_target, schedules)
     kernel_table = kernel_schedules(lowered)
     untuned = [k for k in kernel_table if k["schedule"] != "tuned"]
     log(f"{len(kernel_table)} kernel(s): {len(kernel_table) - len(untuned)} tuned, {len(untuned)} with the default "
@@ -237,10 +269,10 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
                       f"{target.name}` tunes them)" if untuned and tuning else ""))
     params, weight_layouts = store_weights(lowered, params)
     for layer in layers:  # stored base-3 in the artifact, unpacked at load into the kernel's tiles
-        layer.update(layout="base3", compute_layout=targets.kernel_spec(tvm_target).layout,
+        layer.update(layout="base3", compute_layout=spec.layout,
                      weight_bits_per_param=layouts.bits_per_weight("base3"))
     timings["passes"] = time.perf_counter() - t0
-    log(f"ternarized {len(layers)} linear layers; lowering for {target.name} ({target.device})")
+    log(f"ternarized {len(layers)} linear layers into {spec.isa} kernels; building for {target.name} ({target.device})")
 
     t0 = time.perf_counter()
     try:
@@ -258,7 +290,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
         lib_bytes = lib_path.read_bytes()
     timings["build"] = time.perf_counter() - t0
 
-    manifest = build_manifest(loaded, target, tvm_target, layers, params)
+    manifest = build_manifest(loaded, target, tvm_target, targets.cpu_flags_needed(target, spec), layers, params)
     manifest["weights"] = weight_layouts
     manifest["kernels"] = kernel_table
     members = {art.LIB: lib_bytes, art.PARAMS: safetensors_np.dumps(params)}
@@ -269,13 +301,13 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     return CompiledPolicy(output, manifest, quantized, params, timings)
 
 
-def build_manifest(loaded, target, tvm_target, layers, params) -> dict:
+def build_manifest(loaded, target, tvm_target, cpu_features, layers, params) -> dict:
     import tvm
 
     n_weights = sum(layer["in"] * layer["out"] for layer in layers)
     return {
         "target": {"name": target.name, "device": target.device, "arch": target.arch,
-                   "tvm": str(tvm_target), "cpu_features": list(target.cpu_features)},
+                   "tvm": str(tvm_target), "cpu_features": list(cpu_features)},
         "versions": {"bitrl_compile": __version__, "tvm": tvm.__version__,
                      "python": platform.python_version()},
         "source": {"format": loaded.source, "description": loaded.description},

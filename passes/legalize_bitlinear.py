@@ -28,11 +28,11 @@ from . import bitlinear_op
 
 @mutator
 class _Legalizer(PyExprMutator):
-    def __init__(self, mod, target, schedules):
+    def __init__(self, mod, target, schedules, spec):
         super().__init__(mod)
         self.target = target
         self.schedules = schedules
-        self.spec = kernel_spec(target)
+        self.spec = spec or kernel_spec(target)
         if target is not None and self.spec.isa == "generic":
             warnings.warn(f"no tensorized BitLinear kernel for target {target}; using the generic TIR kernel "
                           "(correct, but slower)", stacklevel=2)
@@ -77,13 +77,14 @@ class _Legalizer(PyExprMutator):
         return relax.op.reshape(out, call.ty.shape)
 
 
-def legalize_bitlinear(target=None, schedules=None):
-    """The pass; `target` (a tvm.target.Target or None) selects the kernels' ISA, `schedules` (a
+def legalize_bitlinear(target=None, schedules=None, spec=None):
+    """The pass; `target` (a tvm.target.Target or None) selects the kernels' ISA (`spec`, a
+    targets.KernelSpec, when the caller has already resolved it), `schedules` (a
     `targets.tuning.TunedSchedules` or None) their tuned knobs."""
 
     @tvm.transform.module_pass(opt_level=0, name="bitrl.LegalizeBitLinear")
     def _pass(mod, _ctx):
-        legalizer = _Legalizer(mod.clone(), target, schedules)
+        legalizer = _Legalizer(mod.clone(), target, schedules, spec)
         for gv, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 legalizer.builder_.update_func(gv, legalizer.visit_expr(func))

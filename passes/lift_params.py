@@ -1,8 +1,10 @@
-"""lift_params: turn the tensor constants of `main` into parameters, returned as numpy arrays.
+"""lift_params: turn the tensor constants of `main` into parameters p0, p1, ... whose values ride along.
 
-Pipeline position: after our passes, right before `tvm.compile`. The packed weights then live in
-the artifact's params.safetensors instead of inside the compiled library, and `main` becomes
-main(obs, p0, p1, ...) with the attribute num_input = 1. Scalars stay inline.
+Pipeline position: last, right before `tvm.compile`. The packed weights then live in the artifact's
+params.safetensors instead of inside the compiled library: `main` becomes main(obs, p0, p1, ...) with the
+attribute num_input = 1, and its attribute "params" holds the values in parameter order, the Relax
+convention that `tvm.relax.frontend.detach_params` takes off again (`params_of` does that and names them).
+Scalars stay inline.
 """
 
 from __future__ import annotations
@@ -29,15 +31,24 @@ class _ConstantLifter(PyExprMutator):
         return var
 
 
-def lift_params(mod: tvm.IRModule, func_name: str = "main") -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
-    """Returns the new module and {param name: value} in parameter order."""
-    func = mod[func_name]
+@tvm.transform.module_pass(opt_level=0, name="bitrl.LiftParams")
+def lift_params(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
+    """main's tensor constants -> parameters; their values in main's attribute "params"."""
+    func = mod["main"]
     lifter = _ConstantLifter()
     body = lifter.visit_expr(func.body)
     attrs = dict(func.attrs) if func.attrs is not None else {}
     attrs["num_input"] = len(func.params)
+    attrs["params"] = [tvm.runtime.tensor(v) for v in lifter.values]
     new_func = relax.Function(list(func.params) + lifter.params, body, func.ret_ty, func.is_pure,
                               tvm.ir.make_node("ir.DictAttrs", **attrs))
     mod = mod.clone()
-    mod[func_name] = new_func
-    return mod, {v.name: value for v, value in zip(lifter.params, lifter.values)}
+    mod["main"] = new_func
+    return mod
+
+
+def params_of(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """After lift_params: (the module without the values, {parameter name: value} in parameter order)."""
+    mod, detached = relax.frontend.detach_params(mod)
+    names = [v.name for v in mod["main"].params[int(mod["main"].attrs["num_input"]):]]
+    return mod, {name: t.numpy() for name, t in zip(names, detached.get("main", []))}

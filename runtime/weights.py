@@ -40,7 +40,8 @@ _POWERS = np.array([1, 3, 9, 27, 81], np.int16)
 _BASE3_CODES = (np.arange(243, dtype=np.int16)[:, None] // _POWERS % 3).astype(np.int8)  # byte -> 5 codes
 
 
-def _check_trits(w_t) -> np.ndarray:
+def check_trits(w_t) -> np.ndarray:
+    """A 2-D array of trits in {-1, 0, 1} as int8, or a ValueError (the one check every packer uses)."""
     w_t = np.asarray(w_t)
     if w_t.ndim != 2:
         raise ValueError(f"expected a 2-D [N, K] trit matrix, got shape {w_t.shape}")
@@ -53,7 +54,7 @@ def _check_trits(w_t) -> np.ndarray:
 
 def pack_base3(w_t) -> np.ndarray:
     """[N, K] trits -> [N, ceil(K/5)] uint8."""
-    w_t = _check_trits(w_t)
+    w_t = check_trits(w_t)
     n, k = w_t.shape
     codes = np.ones((n, -(-k // 5) * 5), np.int16)
     codes[:, :k] = w_t + 1
@@ -90,7 +91,7 @@ def tiles_packed_shape(n: int, k: int, layout: str) -> tuple[int, int, int, int]
 
 def pack_tiles(w_t, layout: str) -> np.ndarray:
     """[N, K] trits -> [ceil(N/NL), ceil(K/KT), NL, KG] uint8 (the docstring's tiles or lut layout)."""
-    w_t = _check_trits(w_t)
+    w_t = check_trits(w_t)
     n, k = w_t.shape
     nt, kb, nl, kg = tiles_packed_shape(n, k, layout)
     codes = np.ones((nt * nl, kb * 4 * kg), np.uint8)

@@ -13,15 +13,10 @@ weights' compute layout (runtime/weights.py).
 
 from __future__ import annotations
 
-import platform
 import shutil
 from dataclasses import dataclass, field
 
-from bitrl_compile.runtime.tvm_runtime import enable_amx
-
-# Kernels built in this process may be run in it (tests, benchmarks, tuning workers, the pipeline's own
-# check of what it compiled): on AMX CPUs ask for the tile state now, as the runtime does when it loads.
-enable_amx()
+from bitrl_compile.runtime.policy import host_arch
 
 
 @dataclass(frozen=True)
@@ -37,19 +32,14 @@ class Target:
 
 
 def _host_target() -> Target:
-    machine = platform.machine().lower()
-    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    arch = host_arch()
     from tvm.target import codegen
 
     tvm_target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
     if arch == "aarch64":
         tvm_target["mtriple"] = "aarch64-linux-gnu"
-    import tvm
-
-    # the CPU flags its kernels need, so that the artifact refuses to start on a CPU without them
-    spec = kernel_spec(tvm.target.Target(tvm_target))
-    flags = tuple(CPU_FLAGS[f] for f in spec.features if f in CPU_FLAGS)
-    return Target("host", f"this machine ({arch}, {tvm_target['mcpu']})", tvm_target, arch, None, cpu_features=flags)
+    # no cpu_features: they are those of the kernel chosen for this CPU (cpu_flags_needed)
+    return Target("host", f"this machine ({arch}, {tvm_target['mcpu']})", tvm_target, arch, None)
 
 
 # LLVM target features of the kernels (KernelSpec.features) -> the /proc/cpuinfo flags that say a CPU has them
@@ -143,6 +133,12 @@ def kernel_spec(tvm_target=None, isa: str | None = None, method: str | None = No
         if method in (None, spec.method) and all(target_has_features(f, tvm_target) for f in spec.features):
             return spec
     return fallback
+
+
+def cpu_flags_needed(target: Target, spec: KernelSpec) -> tuple[str, ...]:
+    """The /proc/cpuinfo flags an artifact's CPU must have (the manifest's, which load() checks): the target's,
+    or for `host` those of the kernel chosen for this CPU."""
+    return target.cpu_features or tuple(CPU_FLAGS[f] for f in spec.features if f in CPU_FLAGS)
 
 
 def known_targets() -> list[str]:

@@ -40,6 +40,7 @@ from tvm import te
 from tvm import tirx as T
 
 from bitrl_compile.quant import EPS, FUSABLE_ACTIVATIONS, QMAX
+from bitrl_compile.runtime.tvm_runtime import enable_amx
 from bitrl_compile.runtime.weights import tiles_packed_shape
 
 from . import KernelSpec, intrinsics, kernel_spec
@@ -267,6 +268,9 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
             sch.parallel(jo)
         sch.decompose_reduction(blk, r)
         sch.tensorize(r, intrinsics.amx_intrinsic(spec.amx_rows, spec.tile_n, spec.tile_k, kb_extent, tiles))
+        # A process that builds an AMX kernel may run it (tests, tuning workers, benchmarks): ask Linux for the
+        # tile state now, as the runtime does when it loads an artifact (idempotent; False where refused).
+        enable_amx()
 
     for block, rows, tiles, unroll in (("acc_block", spec.rows, knobs.gemm_tiles, knobs.gemm_unroll),
                                        ("acc_row", 1, knobs.gemv_tiles, knobs.gemv_unroll)):
