@@ -1,7 +1,7 @@
 """Self-supervised pretraining of a small BitNet b1.58 state encoder on environment rollouts, in one file.
 
-    python -m bitrl_compile.trainers.pretrain_bitnet --env-id CartPole-v1 --out runs/bitnet-CartPole-v1
-    python -m bitrl_compile.trainers.pretrain_bitnet --env-id LunarLander-v3 --teacher runs/fp32/policy.safetensors
+    bitrl-compile pretrain-bitnet --env-id CartPole-v1 --out runs/bitnet-CartPole-v1
+    bitrl-compile pretrain-bitnet --env-id LunarLander-v3 --teacher runs/fp32/policy.safetensors
     bitrl-compile train --env CartPole-v1 --backbone runs/bitnet-CartPole-v1       # then: PPO heads on it, frozen
 
 1. Data: `steps` transitions (obs, action, reward, next obs) from vector environments (SAME_STEP autoreset, the
@@ -9,9 +9,10 @@
    with a `teacher` policy file, the teacher's deterministic action with probability 1 - `epsilon` and a random one
    otherwise, so that the data also holds the states a good policy visits (landing, balancing at the top).
    The teacher's actions are never a target: nothing is distilled from it.
-2. Model: `bitnet.BitNetBackbone` (numeric encoder: one token per observation value, a readout token; features =
-   the readout token's final hidden state), trained quantization-aware from the first step (ternary weights and
-   int8 activations with straight-through gradients), so the frozen model is exactly what the compiler ternarizes.
+2. Model: `bitnet.BitNetBackbone` of the architecture `Args.model` (a `bitnet.BitNetConfig`; numeric encoder: one
+   token per observation value, a readout token; features = the readout token's final hidden state), trained
+   quantization-aware from the first step (ternary weights and int8 activations with straight-through gradients),
+   so the frozen model is exactly what the compiler ternarizes.
 3. Objective (targets standardised per dimension): from the features alone, reconstruct the observation; from the
    features and the action, predict the change of the observation and the reward. The two prediction heads are
    small float MLPs and are thrown away; only the backbone is saved, as a BitNet checkpoint folder
@@ -22,7 +23,6 @@ progress.csv in `out`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -49,11 +49,7 @@ class Args:
     num_envs: int = 16
     teacher: str | None = None       # a policy file whose actions (with prob. 1 - epsilon) drive the rollouts
     epsilon: float = 0.3
-    hidden_size: int = 64
-    intermediate_size: int = 172
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    model: bitnet.BitNetConfig = dataclasses.field(default_factory=bitnet.BitNetConfig)  # the architecture
     encoder: str = "numeric"         # numeric (a token per value) | text (the state as text, a token per byte)
     patch: int = 1                   # numeric: values per token
     decimals: int = 2                # text: digits after the point
@@ -71,7 +67,7 @@ class Args:
 def teacher_act(path: str):
     """obs batch -> deterministic actions of a policy file (float32 forward of its module, with its statistics)."""
     from bitrl_compile.frontends import load_policy
-    from bitrl_compile.trainers.ppo import normalize
+    from bitrl_compile.trainers.backbones import normalize
 
     loaded = load_policy(path)
     module, stats = loaded.module.eval(), loaded.input.get("normalize")
@@ -151,12 +147,9 @@ def pretrain(args: Args, log=lambda s: print(s, file=sys.stderr)) -> bitnet.BitN
     # observation statistics: part of the backbone (applied by `prepare` in torch and by the runtime's manifest)
     mean, var = data["obs"].mean(axis=0), data["obs"].var(axis=0)
     stats = {"mean": mean.astype(float).tolist(), "var": var.astype(float).tolist(), "eps": 1e-8, "clip": 10.0}
-    cfg = bitnet.BitNetConfig(vocab_size=256, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                              num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-                              num_key_value_heads=args.num_key_value_heads, max_position_embeddings=128)
     spec = bitnet.EncoderSpec(kind=args.encoder, obs_dim=obs_dim, patch=args.patch, decimals=args.decimals,
                               normalize=stats if args.encoder == "numeric" else None, env=args.env_id)
-    backbone = bitnet.new_backbone(cfg, spec, args.seed).train()   # BitLinear layers are quantized (QAT)
+    backbone = bitnet.new_backbone(args.model, spec, args.seed).train()   # BitLinear layers are quantized (QAT)
     heads = Predictors(backbone.dim, obs_dim, n_actions)
 
     def normalised(o: np.ndarray) -> torch.Tensor:  # targets: normalised observations, for either encoder
@@ -213,17 +206,3 @@ def pretrain(args: Args, log=lambda s: print(s, file=sys.stderr)) -> bitnet.BitN
         log(f"wrote {out} ({bitnet.parameter_count(backbone):,} parameters; "
             f"train heads on it: bitrl-compile train --env {args.env_id} --backbone {out})")
     return backbone
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Args):
-        default = f.default
-        kind = str if default is None else type(default)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
-    pretrain(Args(**vars(parser.parse_args(argv))))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,198 @@
+"""BitNet b1.58 models as frozen state encoders: encoders, `BitNetBackbone`, its checkpoints, compile and train glue.
+
+State encoders (`BitNetBackbone` = encoder + BitNetModel + pooling; features = the last token's final hidden state,
+or the mean over tokens):
+    numeric   each observation value (or a patch of `patch` values) becomes a token through its own learned
+              projection x_j . W_j + b_j (float, like the embedding table), then a learned readout token
+              ends the sequence. Observations are normalised first with statistics stored in the checkpoint.
+    text      the observation is written as text (`bitrl_compile.runtime.text`, fixed width, byte-level tokens:
+              no downloaded tokenizer) and embedded with the model's own `embed_tokens` (vocab >= 256); the
+              final ';' is the readout token.
+A backbone checkpoint is a BitNet checkpoint whose config.json also holds "bitrl_backbone" (encoder settings,
+observation statistics) and whose safetensors also hold `encoder.*`: transformers loads it as a BitNetModel.
+`backbone_policy` turns a backbone into the LoadedPolicy `pipeline.compile_policy` compiles (manifest output
+{"kind": "features", "dim": D}, `Policy.features(obs)`); `FrozenBitNet` is the trainer's backbone in torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitrl_compile.bitnet.checkpoint import model_from_checkpoint, read_checkpoint, save_bitnet
+from bitrl_compile.bitnet.model import BitNetConfig, BitNetForCausalLM, BitNetModel, set_quantized
+from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
+from bitrl_compile.runtime import text as text_io
+
+
+class NumericEncoder(nn.Module):
+    """[B, obs_dim] normalised observations -> [B, n_tokens + 1, D]: patch j of `patch` values becomes the token
+    x_j . W_j + b_j (own projection per patch, so positions need no extra embedding); a learned readout token
+    ends the sequence."""
+
+    def __init__(self, obs_dim: int, hidden: int, patch: int = 1):
+        super().__init__()
+        self.obs_dim, self.patch = obs_dim, patch
+        self.n_tokens = -(-obs_dim // patch)
+        self.weight = nn.Parameter(torch.randn(self.n_tokens, patch, hidden) / math.sqrt(patch))
+        self.bias = nn.Parameter(torch.randn(self.n_tokens, hidden) * 0.02)
+        self.readout = nn.Parameter(torch.randn(1, 1, hidden) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.n_tokens * self.patch - self.obs_dim
+        if pad:
+            x = F.pad(x, (0, pad))
+        x = x.reshape(x.shape[0], self.n_tokens, self.patch, 1)
+        tokens = (x * self.weight).sum(dim=2) + self.bias
+        return torch.cat((tokens, self.readout.expand(x.shape[0], 1, -1)), dim=1)
+
+
+class TextEncoder(nn.Module):
+    """[B, L] byte codes (float, as the runtime passes them) -> token embeddings of the model's embed_tokens."""
+
+    def __init__(self, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(codes.long())
+
+
+@dataclass
+class EncoderSpec:
+    kind: str = "numeric"                # "numeric" | "text"
+    obs_dim: int = 4
+    patch: int = 1                       # numeric: values per token
+    decimals: int = 2                    # text: digits after the point
+    pool: str = "last"                   # "last" (readout token) | "mean"
+    normalize: dict | None = None        # numeric: {"mean", "var", "eps", "clip"} applied before the encoder
+    env: str | None = None               # what it was pretrained on (informational)
+
+    def input_length(self) -> int:
+        return text_io.text_length(self.obs_dim, self.decimals) if self.kind == "text" else self.obs_dim
+
+
+class BitNetBackbone(nn.Module):
+    """Observation -> features [B, D]: a state encoder, a BitNetModel, and pooling (last token or mean)."""
+
+    def __init__(self, model: BitNetModel, spec: EncoderSpec):
+        super().__init__()
+        if spec.kind not in ("numeric", "text") or spec.pool not in ("last", "mean"):
+            raise ValueError(f"encoder kind {spec.kind!r} / pool {spec.pool!r}: use numeric|text and last|mean")
+        if spec.kind == "text" and model.config.vocab_size < 256:
+            raise ValueError(f"a text encoder needs byte tokens: vocab_size {model.config.vocab_size} < 256")
+        tokens = spec.input_length() if spec.kind == "text" else -(-spec.obs_dim // spec.patch) + 1
+        if tokens > model.config.max_position_embeddings:
+            raise ValueError(f"the {spec.kind} encoder makes {tokens} tokens, more than max_position_embeddings "
+                             f"{model.config.max_position_embeddings}; raise it or use fewer decimals / larger patches")
+        self.spec, self.model = spec, model
+        self.encoder = NumericEncoder(spec.obs_dim, model.config.hidden_size, spec.patch) \
+            if spec.kind == "numeric" else TextEncoder(model.embed_tokens)
+        self.dim = model.config.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: normalised observations [B, obs_dim] (numeric) or byte codes [B, L] (text); see `prepare`."""
+        h = self.model(inputs_embeds=self.encoder(x))
+        # the last token by its positive index: TVM's take(mode="fast") reads index -1 out of bounds
+        return h[:, h.shape[1] - 1] if self.spec.pool == "last" else h.mean(dim=1)
+
+    def prepare(self, obs: np.ndarray) -> torch.Tensor:
+        """Raw observations [B, obs_dim] -> the forward's input, with the runtime's exact float32 operations."""
+        x = np.asarray(obs, np.float32).reshape(len(obs), -1)
+        if self.spec.kind == "text":
+            return torch.from_numpy(text_io.serialize(x, self.spec.decimals).astype(np.float32))
+        norm = self.spec.normalize
+        if norm:
+            x = (x - np.asarray(norm["mean"], np.float32)) / np.sqrt(np.asarray(norm["var"], np.float32)
+                                                                    + np.float32(norm.get("eps", 1e-8)))
+            if norm.get("clip") is not None:
+                x = np.clip(x, -norm["clip"], norm["clip"])
+        return torch.from_numpy(np.ascontiguousarray(x, np.float32))
+
+    def features(self, obs: np.ndarray) -> np.ndarray:
+        """Raw observations -> float32 features [B, D] (no gradients)."""
+        with torch.no_grad():
+            return self(self.prepare(obs)).numpy()
+
+
+def new_backbone(cfg: BitNetConfig, spec: EncoderSpec, seed: int = 0) -> BitNetBackbone:
+    torch.manual_seed(seed)
+    lm = BitNetForCausalLM(cfg)
+    return BitNetBackbone(lm.model, spec)
+
+
+def save_backbone(backbone: BitNetBackbone, folder, dtype: torch.dtype = torch.float32) -> Path:
+    """A BitNet checkpoint (Hugging Face layout, lm_head tied to the embeddings: an encoder has no output layer)
+    plus "bitrl_backbone" in config.json and the numeric encoder's encoder.* tensors."""
+    cfg = copy.copy(backbone.model.config)
+    cfg.tie_word_embeddings = True
+    extra = {f"encoder.{k}": v for k, v in backbone.encoder.state_dict().items() if not k.startswith("embed")}
+    return save_bitnet(BitNetForCausalLM(cfg, backbone.model), folder, dtype=dtype,
+                       extra_config={"bitrl_backbone": asdict(backbone.spec)}, extra_tensors=extra)
+
+
+def load_backbone(path) -> BitNetBackbone:
+    """A backbone checkpoint written by `save_backbone` (or any BitNet checkpoint plus a "bitrl_backbone" entry)."""
+    folder, hf, tensors = read_checkpoint(path)
+    if "bitrl_backbone" not in hf:
+        raise ModelLoadError(f"{folder}: config.json has no \"bitrl_backbone\" entry; this is a language model, "
+                             "not a state encoder: wrap it with BitNetBackbone(load_bitnet(path).model, EncoderSpec(...))")
+    try:
+        spec = EncoderSpec(**hf["bitrl_backbone"])
+    except TypeError as e:
+        raise ModelLoadError(f"{folder}/config.json: bad \"bitrl_backbone\" entry ({e})") from None
+    enc = {k[len("encoder."):]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
+    backbone = BitNetBackbone(model_from_checkpoint(folder, hf, tensors).model, spec)
+    del tensors
+    want = {k: tuple(v.shape) for k, v in backbone.encoder.state_dict().items() if not k.startswith("embed")}
+    for name, shape in want.items():
+        if name not in enc:
+            raise ModelLoadError(f"{folder}: tensor encoder.{name} is missing (the numeric encoder's weights)")
+        if tuple(enc[name].shape) != shape:
+            raise ModelLoadError(f"{folder}: tensor encoder.{name} has shape {list(enc[name].shape)}; "
+                                 f"bitrl_backbone implies {list(shape)}")
+    backbone.encoder.load_state_dict(enc, strict=False)
+    return backbone.eval()
+
+
+# ------------------------------------------------------------------------------------------------ compile and train
+
+def backbone_policy(backbone: BitNetBackbone, description: str = "") -> LoadedPolicy:
+    """The LoadedPolicy `pipeline.compile_policy` compiles into a "features" artifact (`Policy.features(obs)`).
+    The module holds the float master weights: the ternarize pass quantizes them exactly as BitLinear does."""
+    module = set_quantized(copy.deepcopy(backbone), False).eval()
+    spec = backbone.spec
+    if spec.kind == "text":
+        inp = {"shape": [spec.obs_dim], "dtype": "float32", "preprocess": "text",
+               "text": {"decimals": spec.decimals, "length": spec.input_length()}, "normalize": None}
+    else:
+        inp = {"shape": [spec.obs_dim], "dtype": "float32", "preprocess": "none", "normalize": spec.normalize}
+    inp["max_batch"] = None  # no static buffers for 2**20 rows of attention scores; see pipeline.to_relax
+    cfg = backbone.model.config
+    desc = description or (f"BitNet b1.58 backbone ({spec.kind} encoder, {cfg.num_hidden_layers} layers, "
+                           f"d={cfg.hidden_size}, {spec.pool} token)")
+    return LoadedPolicy(module, None, inp, {"kind": "features", "dim": backbone.dim}, "bitnet", desc)
+
+
+class FrozenBitNet:
+    """The trainer's backbone interface (`dim`, `source`, `__call__(obs, update=False) -> [B, dim]`) in torch."""
+
+    def __init__(self, backbone: BitNetBackbone, source: str = "bitnet"):
+        self.backbone = set_quantized(backbone, True).eval()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.dim, self.source = backbone.dim, source
+
+    def __call__(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
+        return self.backbone.features(np.asarray(obs))
+
+
+def parameter_count(backbone: nn.Module) -> int:
+    return sum(p.numel() for p in backbone.parameters())
