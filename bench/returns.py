@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+
+from bitrl_compile.bench import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = ["CartPole-v1", "Acrobot-v1", "LunarLander-v3", "Pendulum-v1"]
@@ -48,6 +48,7 @@ def run_job(env_id: str, seed: int, scale: float, episodes: int, root: str) -> d
     from bitrl_compile.frontends import load_policy
     from bitrl_compile.runtime import load
     from bitrl_compile.trainers import ppo
+    from bitrl_compile.trainers.export import reference_act
 
     out = Path(root) / f"{env_id}-seed{seed}"
     steps = max(int(ppo.args_for(env_id).total_timesteps * scale), 1)
@@ -76,11 +77,11 @@ def run_job(env_id: str, seed: int, scale: float, episodes: int, root: str) -> d
         return evaluate(act, env_id, episodes, EVAL_SEED)[0]
 
     fp32 = load_policy(out / "fp32" / "policy.safetensors")
-    returns["fp32"] = run(ppo.reference_act(fp32, ternary=False))
-    returns["ptq"] = run(ppo.reference_act(fp32))
+    returns["fp32"] = run(reference_act(fp32, ternary=False))
+    returns["ptq"] = run(reference_act(fp32))
     for name in ("qat", "heads"):
         loaded = load_policy(out / name / "policy.safetensors")
-        returns[name] = run(ppo.reference_act(loaded))
+        returns[name] = run(reference_act(loaded))
         t0 = time.perf_counter()
         artifact = pipeline.compile_policy(loaded, "host", out / f"{name}.bitrl", force=True).path
         times[f"compile_{name}"] = round(time.perf_counter() - t0, 1)
@@ -176,18 +177,6 @@ def plot(results: list[dict], envs: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--envs", nargs="+", default=ENVS)
@@ -227,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         results.sort(key=lambda r: (args.envs.index(r["env"]), r["seed"]))
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                              check=False)
-        meta = {"command": command, "png": args.out.with_suffix(".png").name, "machine": machine(),
+        meta = {"command": command, "png": args.out.with_suffix(".png").name, "machine": machine.summary(),
                 "minutes": (time.time() - t0) / 60, "jobs": args.jobs,
                 "seeds": args.seeds, "episodes": args.episodes, "envs": args.envs, "commit": rev.stdout.strip()}
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,7 @@ def test_compiled_text_backbone_writes_the_state_as_text_in_the_runtime(tmp_path
 
 def test_heads_train_on_the_compiled_backbone_through_the_runtime(tmp_path):
     from bitrl_compile.trainers import ppo
+    from bitrl_compile.trainers.backbones import CompiledBackbone
 
     cartpole = bitnet.EncoderSpec(obs_dim=4, normalize={"mean": [0.0] * 4, "var": [0.1, 1.0, 0.01, 1.0]})
     backbone = bitnet.new_backbone(bitnet.BitNetConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1),
@@ -90,7 +91,7 @@ def test_heads_train_on_the_compiled_backbone_through_the_runtime(tmp_path):
     args = ppo.args_for("CartPole-v1", total_timesteps=256, num_envs=4, num_steps=64, progress=False,
                         backbone=str(path), eval_every=0, eval_episodes=1, tensorboard=False)
     result = ppo.train(args, log=lambda s: None)
-    assert isinstance(result.backbone, ppo.CompiledBackbone) and result.backbone.dim == 32
+    assert isinstance(result.backbone, CompiledBackbone) and result.backbone.dim == 32
 
 
 def test_rasp4_backbone_under_qemu_matches_torch_and_the_host(numeric, tmp_path):

@@ -1,4 +1,4 @@
-"""The PPO trainer's pieces (trainers/ppo.py) on real environments, with tiny budgets; no mocks."""
+"""The PPO trainer's pieces (trainers/ppo.py, backbones.py, export.py) on real environments, tiny budgets, no mocks."""
 
 import json
 
@@ -18,7 +18,7 @@ from bitrl_compile.quant import (
     ternarize_weight,
     ternarize_weight_ste,
 )
-from bitrl_compile.trainers import ppo
+from bitrl_compile.trainers import backbones, export, ppo
 
 
 def tiny(env_id="CartPole-v1", **overrides):
@@ -93,7 +93,7 @@ def test_int8_weight_ste_equals_the_numpy_int8_quantizer():
 
 def test_ternary_quantlinear_matches_the_bitlinear_reference():
     torch.manual_seed(1)
-    lin = ppo.quantize_(torch.nn.Linear(16, 8), 1.58)
+    lin = backbones.quantize_(torch.nn.Linear(16, 8), 1.58)
     x = torch.randn(5, 16)
     ref = bitlinear_reference(x.numpy(), *ternarize_weight(lin.weight.detach().numpy()), lin.bias.detach().numpy())
     np.testing.assert_allclose(lin(x).detach().numpy(), ref, atol=1e-5)
@@ -146,8 +146,8 @@ def test_checkpoint_round_trip_restores_agent_optimizer_and_observation_statisti
     args = ppo.Args(**{**json.loads((cartpole_run.out / "args.json").read_text()), "hidden": (64, 64)})
     agent = ppo.Agent(4, gym.spaces.Discrete(2), args.hidden, args.activation, args.heads_bits)
     optimizer = torch.optim.Adam(agent.parameters(), lr=1.0)
-    backbone = ppo.ObsNormalizer(4)
-    meta = ppo.load_checkpoint(path, agent, optimizer, backbone)
+    backbone = backbones.ObsNormalizer(4)
+    meta = export.load_checkpoint(path, agent, optimizer, backbone)
     assert meta["global_step"] == cartpole_run.global_step and meta["args"]["env_id"] == "CartPole-v1"
     for (k, a), b in zip(agent.state_dict().items(), cartpole_run.agent.state_dict().values()):
         assert torch.equal(a, b), k
@@ -155,7 +155,7 @@ def test_checkpoint_round_trip_restores_agent_optimizer_and_observation_statisti
     np.testing.assert_array_equal(backbone.rms.var, cartpole_run.backbone.rms.var)
     assert optimizer.param_groups[0]["lr"] != 1.0 and len(optimizer.state) == len(list(agent.parameters()))
     again = cartpole_run.out / "again.safetensors"
-    ppo.save_checkpoint(again, agent, optimizer, backbone, args, meta["global_step"])
+    export.save_checkpoint(again, agent, optimizer, backbone, args, meta["global_step"])
     from safetensors.torch import load_file
 
     first, second = load_file(str(path)), load_file(str(again))
@@ -169,7 +169,7 @@ def test_exported_policy_carries_normalisation_and_matches_the_torch_agent(cartp
     obs = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
     with torch.no_grad():
         mine = cartpole_run.agent.actor(torch.from_numpy(cartpole_run.backbone(obs))).numpy()
-        theirs = loaded.module(torch.from_numpy(ppo.normalize(obs, stats))).numpy()
+        theirs = loaded.module(torch.from_numpy(backbones.normalize(obs, stats))).numpy()
     np.testing.assert_allclose(mine, theirs, atol=1e-6)
 
 
@@ -186,13 +186,13 @@ def test_quantized_heads_on_a_frozen_ternary_torso(cartpole_run, tmp_path, bits)
     source = cartpole_run.out / "policy.safetensors"
     result = ppo.train(tiny(backbone=str(source), heads_bits=bits, out=str(tmp_path)), log=lambda s: None)
     backbone = result.backbone
-    assert isinstance(backbone, ppo.TorchBackbone) and backbone.dim == 64
+    assert isinstance(backbone, backbones.TorchBackbone) and backbone.dim == 64
     assert all(not p.requires_grad for p in backbone.module.parameters())
     before = load_policy(source).module.net[0].weight
     assert torch.equal(backbone.module[0].weight, before)  # frozen: the torso did not move
-    assert all(lin.bits == bits for lin in ppo.linears(result.agent))
+    assert all(lin.bits == bits for lin in backbones.linears(result.agent))
     full = load_policy(tmp_path / "policy.safetensors")  # torso + actor head as one MLP
-    assert [lin.out_features for lin in ppo.linears(full.module)] == [64, 64, 64, 2]
+    assert [lin.out_features for lin in backbones.linears(full.module)] == [64, 64, 64, 2]
 
 
 # ------------------------------------------------------------------------------------------------ compiled
@@ -201,7 +201,7 @@ def test_quantized_heads_on_a_frozen_ternary_torso(cartpole_run, tmp_path, bits)
 def host_backbone(cartpole_run):
     from bitrl_compile import pipeline
 
-    loaded = ppo.features_policy(load_policy(cartpole_run.out / "policy.safetensors"))
+    loaded = export.features_policy(load_policy(cartpole_run.out / "policy.safetensors"))
     return pipeline.compile_policy(loaded, "host", cartpole_run.out / "backbone_host.bitrl").path
 
 
@@ -212,8 +212,8 @@ def test_features_artifact_equals_the_numpy_reference_torso(cartpole_run, host_b
     assert policy.manifest["output"] == {"kind": "features", "dim": 64}
     loaded = load_policy(cartpole_run.out / "policy.safetensors")
     obs = np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32)
-    x = ppo.normalize(obs, loaded.input["normalize"])
-    for lin in ppo.linears(loaded.module)[:-1]:
+    x = backbones.normalize(obs, loaded.input["normalize"])
+    for lin in backbones.linears(loaded.module)[:-1]:
         w = lin.weight.detach().numpy()
         x = np.maximum(bitlinear_reference(x, *ternarize_weight(w), lin.bias.detach().numpy()), 0)
     np.testing.assert_array_equal(policy.features(obs), x)
@@ -224,7 +224,8 @@ def test_features_artifact_equals_the_numpy_reference_torso(cartpole_run, host_b
 
 def test_on_device_mode_trains_heads_on_the_compiled_backbone(host_backbone, tmp_path):
     result = ppo.train(tiny(backbone=str(host_backbone), heads_bits=1.58, out=str(tmp_path)), log=lambda s: None)
-    assert isinstance(result.backbone, ppo.CompiledBackbone) and "torch" not in type(result.backbone.policy).__module__
+    assert isinstance(result.backbone, backbones.CompiledBackbone)
+    assert "torch" not in type(result.backbone.policy).__module__
     heads = load_policy(tmp_path / "policy.safetensors")  # only the heads: they take the backbone's features
     assert heads.input["shape"] == [64] and heads.input["normalize"] is None
     with safe_open(str(tmp_path / "policy.safetensors"), framework="np") as f:
@@ -240,7 +241,7 @@ def test_ternary_heads_policy_compiles_to_the_same_actions_as_the_reference(cart
               log=lambda s: None)
     loaded = load_policy(tmp_path / "policy.safetensors")
     artifact = load(pipeline.compile_policy(loaded, "host", tmp_path / "p.bitrl").path)
-    ref_returns, _ = evaluate(ppo.reference_act(loaded), "CartPole-v1", 3, 10_000)
+    ref_returns, _ = evaluate(export.reference_act(loaded), "CartPole-v1", 3, 10_000)
     art_returns, _ = evaluate(artifact.act, "CartPole-v1", 3, 10_000)
     assert ref_returns == art_returns
 
@@ -249,14 +250,14 @@ def test_ternary_heads_policy_compiles_to_the_same_actions_as_the_reference(cart
 def test_on_device_mode_on_rasp4_under_qemu(cartpole_run, tmp_path):
     from bitrl_compile import pipeline
 
-    loaded = ppo.features_policy(load_policy(cartpole_run.out / "policy.safetensors"))
+    loaded = export.features_policy(load_policy(cartpole_run.out / "policy.safetensors"))
     artifact = pipeline.compile_policy(loaded, "rasp4", tmp_path / "backbone_rasp4.bitrl").path
     args = tiny(backbone=str(artifact), heads_bits=1.58, total_timesteps=256, out=str(tmp_path / "run"))
     result = ppo.train(args, log=lambda s: None)
     try:
         assert type(result.backbone.policy).__name__ == "EmulatedPolicy"
         obs = np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32)
-        torch_backbone = ppo.load_backbone(cartpole_run.out / "policy.safetensors")
+        torch_backbone = backbones.load_backbone(cartpole_run.out / "policy.safetensors")
         np.testing.assert_allclose(result.backbone(obs), torch_backbone(obs), atol=1e-4)
         assert result.global_step == 256 and len(result.eval_returns) == 2
     finally:

@@ -1,0 +1,167 @@
+"""Between the trainer and the compiler: the files a PPO run writes, and policy files checked or turned into
+backbones on their way in.
+
+    output_spec        the manifest output spec of an action space (argmax, or the mean clipped to the Box)
+    export_policy      policy.safetensors: the actor as a compilable MLP (`bitrl-compile policy.safetensors`)
+    save_checkpoint    checkpoint.safetensors: agent, Adam state, observation statistics (`load_checkpoint`
+                       restores them; there is no resume of a run yet)
+    features_policy    a policy's torso as a LoadedPolicy with output kind "features" (`bitrl-compile --features`)
+    reference_act      `obs -> action` of an MLP policy file in numpy: what its compiled artifact computes
+    check_policy_fits  a policy file is an MLP for an environment's spaces (before `finetune` starts from it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from bitrl_compile.frontends import ACTIVATIONS, MLPPolicy, save_mlp_policy
+from bitrl_compile.quant import apply_activation, bitlinear_reference, ternarize_weight
+from bitrl_compile.trainers.backbones import ObsNormalizer, TorchBackbone, linears, normalize, torso_module
+
+
+def output_spec(space: gym.Space, log_std: list[float] | None = None) -> dict:
+    """The manifest output spec for an action space (deterministic actions: argmax, or the mean clipped)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return {"kind": "discrete", "n": int(space.n), "outputs": "logits"}
+    if isinstance(space, gym.spaces.Box):
+        return {"kind": "continuous", "shape": list(space.shape), "low": space.low.astype(float).ravel().tolist(),
+                "high": space.high.astype(float).ravel().tolist(), "squash": "clip", "log_std": log_std}
+    raise ValueError(f"{type(space).__name__} action spaces are not supported (Discrete and Box are)")
+
+
+# ------------------------------------------------------------------------------------------------ what a run writes
+
+def export_policy(path: Path, agent: nn.Module, backbone, env_id: str, action_space: gym.Space, args,
+                  extra: dict | None = None) -> dict:
+    """Write the actor of a `ppo.Agent` as a compilable MLP (.safetensors + config): the heads alone (no backbone),
+    or the frozen torso followed by the actor head as one MLP. With a compiled backbone only the heads are written
+    (they take its features; the config names the backbone). `args` is the run's `ppo.Args`. Returns the config."""
+    log_std = agent.actor_logstd.detach().ravel().tolist() if not agent.discrete else None
+    heads = [(lin.weight, lin.bias) for lin in linears(agent.actor)]
+    trained = {"algo": "PPO (bitrl_compile.trainers.ppo)", "env": env_id, "seed": args.seed,
+               "heads_bits": args.heads_bits, "steps": args.total_timesteps, **(extra or {})}
+    if isinstance(backbone, ObsNormalizer):
+        layers, stats, obs_dim = heads, backbone.stats(), backbone.dim
+    elif isinstance(backbone, TorchBackbone) and all(isinstance(m, (nn.Linear, ACTIVATIONS[args.activation]))
+                                                     for m in backbone.module):
+        layers = [(lin.weight, lin.bias) for lin in linears(backbone.module)] + heads
+        stats, obs_dim = backbone.stats, linears(backbone.module)[0].in_features
+        trained["backbone"] = backbone.source
+    else:
+        layers, stats, obs_dim = heads, None, backbone.dim
+        trained["backbone"] = getattr(backbone, "source", type(backbone).__name__)
+        trained["input_is_backbone_features"] = True
+    state = {f"net.{2 * i}.{k}": t.detach().clone() for i, (w, b) in enumerate(layers) for k, t in
+             (("weight", w), ("bias", b))}
+    config = {"arch": "mlp", "obs_shape": [obs_dim], "hidden": [w.shape[0] for w, _ in layers[:-1]],
+              "activation": args.activation, "output": output_spec(action_space, log_std),
+              "input": {"shape": [obs_dim], "preprocess": "none", "normalize": stats}, "trained": trained}
+    save_mlp_policy(path, state, config)
+    return config
+
+
+def save_checkpoint(path: Path, agent: nn.Module, optimizer: torch.optim.Optimizer, backbone, args,
+                    global_step: int) -> None:
+    """agent.*, optimizer.* and obs_rms.* tensors plus JSON metadata (args, optimizer groups, step) in safetensors."""
+    from safetensors.torch import save
+
+    from bitrl_compile.runtime.artifact import write_atomic
+
+    tensors = {f"agent.{k}": v.detach().contiguous() for k, v in agent.state_dict().items()}
+    opt = optimizer.state_dict()
+    for i, state in opt["state"].items():
+        for k, v in state.items():
+            tensors[f"optimizer.{i}.{k}"] = torch.as_tensor(v).contiguous()
+    if isinstance(backbone, ObsNormalizer):
+        tensors["obs_rms.mean"] = torch.from_numpy(backbone.rms.mean.copy())
+        tensors["obs_rms.var"] = torch.from_numpy(backbone.rms.var.copy())
+        tensors["obs_rms.count"] = torch.tensor(float(backbone.rms.count), dtype=torch.float64)
+    meta = {"args": json.dumps(dataclasses.asdict(args)), "global_step": str(global_step),
+            "param_groups": json.dumps(opt["param_groups"])}
+    write_atomic(path, save(tensors, metadata=meta))
+
+
+def load_checkpoint(path: str | Path, agent: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    backbone=None) -> dict:
+    """Restore what save_checkpoint wrote into an agent built with the same args; returns the metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    agent.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("agent.")})
+    if optimizer is not None:
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optimizer."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    if isinstance(backbone, ObsNormalizer) and "obs_rms.mean" in tensors:
+        backbone.rms.mean, backbone.rms.var = tensors["obs_rms.mean"].numpy(), tensors["obs_rms.var"].numpy()
+        backbone.rms.count = float(tensors["obs_rms.count"])
+    return {"args": json.loads(meta["args"]), "global_step": int(meta["global_step"])}
+
+
+# ------------------------------------------------------------------------------------------------ policy files in
+
+def features_policy(loaded):
+    """A LoadedPolicy of an MLP policy's torso whose manifest output is {"kind": "features", "dim": D}: compile it
+    with `pipeline.compile_policy` (or `bitrl-compile MODEL --features`) to run a backbone in the runtime."""
+    from bitrl_compile.loaded import LoadedPolicy
+
+    if not isinstance(loaded.module, MLPPolicy):
+        raise ValueError(  # noqa: TRY004 - a user error (exit code 1)
+            f"only MLP policies have a torso to compile as a backbone (got {loaded.description})")
+    torso, dim = torso_module(loaded.module, bits=32.0)
+    for m in torso:
+        if isinstance(m, nn.Linear):
+            m.__class__ = nn.Linear  # plain float layers: the compiler ternarizes them exactly as QuantLinear did
+    return LoadedPolicy(torso.eval(), None, dict(loaded.input), {"kind": "features", "dim": dim},
+                        f"{loaded.source}-torso", f"torso of {loaded.description} -> {dim} features")
+
+
+def reference_act(loaded, ternary: bool = True):
+    """`obs -> action` of an MLP policy in numpy: with ternary=True every Linear is the BitLinear reference
+    (`quant.bitlinear_reference`: what the compiled artifact computes, bit for bit for ReLU), else float32."""
+    if not isinstance(loaded.module, MLPPolicy) or loaded.module.activation not in ("relu", "tanh"):
+        raise ValueError(f"the numpy reference runs ReLU/Tanh MLP policies (got {loaded.description})")
+    activation = loaded.module.activation
+    layers = []
+    for lin in linears(loaded.module):
+        w, b = lin.weight.detach().numpy().astype(np.float32), lin.bias.detach().numpy().astype(np.float32)
+        layers.append((*ternarize_weight(w), b) if ternary else (w, b))
+    stats, spec = loaded.input.get("normalize"), loaded.output
+
+    def act(obs):
+        x = normalize(np.asarray(obs, np.float32)[None], stats)
+        for i, layer in enumerate(layers):
+            x = bitlinear_reference(x, *layer) if ternary else (x @ layer[0].T + layer[1]).astype(np.float32)
+            if i < len(layers) - 1:
+                x = apply_activation(x, activation)
+        if spec["kind"] == "discrete":
+            return int(np.argmax(x[0]))
+        return np.clip(x[0], np.asarray(spec["low"], np.float32), np.asarray(spec["high"], np.float32))
+
+    return act
+
+
+def check_policy_fits(loaded, env_id: str, name: str = "policy") -> None:
+    """Raise ValueError unless `loaded` is an MLP policy for env_id's observation and action spaces."""
+    env = gym.make(env_id)
+    obs_dim, action_space = int(np.prod(env.observation_space.shape)), env.action_space
+    env.close()
+    if not isinstance(loaded.module, MLPPolicy) or loaded.input["shape"] != [obs_dim]:
+        raise ValueError(f"{name}: finetune needs an MLP policy for {env_id}'s {obs_dim}-value observations "
+                         f"(got {loaded.description}, input {loaded.input['shape']}); give the env it was trained on")
+    want = output_spec(action_space)
+    if loaded.output["kind"] != want["kind"] or loaded.output.get("n") != want.get("n"):
+        raise ValueError(f"{name}: its actions ({loaded.output['kind']}, {loaded.output.get('n', '')}) do not match "
+                         f"{env_id}'s {action_space}; give the environment it was trained on")
