@@ -34,10 +34,10 @@ $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')
   || $PY -m pip install "${pip_quiet[@]}" torch==2.13.0
 # (Re)install when anything is missing or when the installed package is another checkout's.
 $PY -c "import os, bitrl_compile.cli, hypothesis, onnxruntime, psutil, stable_baselines3, bitrl_compile.runtime as r
-assert os.path.samefile(os.path.dirname(bitrl_compile.cli.__file__), 'bitrl_compile')
+assert os.path.samefile(os.path.dirname(bitrl_compile.__file__), 'bitrl_compile')
 assert os.path.samefile(os.path.dirname(r.__file__), 'runtime')" 2>/dev/null \
-  && $PY -m pip show apache-tvm-ffi 2>/dev/null | grep -qx "Version: 0.1.14.post1" \
+  && $PY -m pip show apache-tvm-ffi 2>/dev/null | grep -x "Version: 0.1.14.post1" >/dev/null \
   || $PY -m pip install "${pip_quiet[@]}" -e ".[test]"
 
-$PY -m bitrl_compile.devices setup --tvm >/dev/null
+$PY -m bitrl_compile.cli emulator setup --tvm >/dev/null
 echo "setup: ready ($($PY -c 'import tvm, torch; print("tvm", tvm.__version__, "torch", torch.__version__)' 2>/dev/null))"

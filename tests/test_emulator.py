@@ -1,7 +1,7 @@
 """aarch64 artifacts run here under qemu with a real aarch64 Python, and qemu enforces the CPU's ISA.
 
 Needs qemu-aarch64 (Debian qemu-user) and aarch64-linux-gnu-g++/gcc; the first run builds the
-aarch64 Python cache (about 20 s, see bitrl_compile/emulator.py).
+aarch64 Python cache (about 20 s, see bitrl_compile/devices/sysroot.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ autotuning) under qemu -cpu cortex-a72: a BitLinear kernel cross-compiled for ra
 the session, runs bit for bit like the numpy reference, and is timed by time_evaluator.
 
 Needs qemu-aarch64 and aarch64-linux-gnu-g++; the first run builds the aarch64 Python and the guest TVM
-caches (about 40 s, see bitrl_compile/emulator.py); then about 15 s.
+caches (about 40 s, see bitrl_compile/devices/sysroot.py); then about 15 s.
 """
 
 from __future__ import annotations

@@ -1,0 +1,176 @@
+"""An aarch64 (Raspberry Pi) policy.bitrl run on this x86 machine: the runtime in the aarch64 Python under qemu.
+
+    with EmulatedPolicy("policy.bitrl") as policy:      # rasp4 artifact, qemu -cpu cortex-a72
+        action = policy.act(obs)
+
+The guest runs `python -m bitrl_compile.runtime.serve ARTIFACT` (devices/sysroot.py builds the
+aarch64 Python it runs in) and answers one message per call on its stdin/stdout. An EmulatedPolicy
+is a `runtime.PolicyLike`, as a native `runtime.Policy` is; it starts in about 3 s and then answers
+a call in about 1 ms; its timings are not the device's. `open_policy(path)` picks the one that fits
+the artifact's architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import tempfile
+import threading
+
+import numpy as np
+
+from bitrl_compile import runtime
+from bitrl_compile.devices.sysroot import (
+    DEFAULT_CPU,
+    QEMU,
+    EmulatorError,
+    describe_exit,
+    last_line,
+    qemu_python_command,
+)
+from bitrl_compile.runtime import serve
+from bitrl_compile.runtime.artifact import ArtifactError
+from bitrl_compile.runtime.policy import host_arch
+
+_ERRORS: dict[str, type[Exception]] = {"ValueError": ValueError, "ArtifactError": ArtifactError,
+                                       "TypeError": TypeError, "KeyError": KeyError,
+                                       "IndexError": IndexError, "RuntimeError": RuntimeError}
+
+
+def _raise_remote(header: dict) -> None:
+    kind, message = header.get("error", "RuntimeError"), header.get("message", "")
+    if kind in _ERRORS:
+        raise _ERRORS[kind](message)
+    raise EmulatorError(f"{kind}: {message}")
+
+
+class EmulatedPolicy:
+    """A policy.bitrl for aarch64 running in one persistent qemu process; a `runtime.PolicyLike`
+    (manifest, forward, act, features, close), as runtime.Policy is.
+
+    `act(obs, deterministic=False, rng=rng)` draws one seed from `rng` for the guest's sampler, so
+    sampled actions are repeatable for a seeded rng but differ from a native Policy's.
+    """
+
+    def __init__(self, path: str | os.PathLike, cpu: str = DEFAULT_CPU, startup_timeout: float = 300.0):
+        self.path = str(path)
+        self.cpu = cpu
+        self._lock = threading.Lock()
+        self._proc = None
+        command = qemu_python_command(cpu) + ["-m", "bitrl_compile.runtime.serve", os.path.abspath(path)]
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=self._stderr)
+        try:
+            ready, _, _ = select.select([self._proc.stdout], [], [], startup_timeout)
+            if not ready:
+                raise EmulatorError(f"{self.path}: the emulated runtime did not start within "
+                                    f"{startup_timeout:.0f} s on {cpu}")
+            header, _ = self._receive()
+            if not header.get("ok"):
+                _raise_remote(header)
+        except BaseException:
+            self.close()
+            raise
+        self.manifest: dict = header["manifest"]
+        self.input_spec = self.manifest["input"]
+        self.output_spec = self.manifest["output"]
+        self.obs_shape = tuple(self.input_spec["shape"])
+
+    def forward(self, obs) -> np.ndarray:
+        """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
+        return self._call({"method": "forward"}, obs)
+
+    def features(self, obs) -> np.ndarray:
+        """A backbone artifact's features (manifest output kind "features") for one obs or a batch."""
+        return self._call({"method": "features"}, obs)
+
+    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
+        """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box."""
+        seed = None
+        if not deterministic:
+            seed = int((rng or np.random.default_rng()).integers(2**63))
+        return self._call({"method": "act", "deterministic": bool(deterministic), "seed": seed}, obs)
+
+    def _call(self, request: dict, obs):
+        obs = np.asarray(obs)
+        if obs.dtype == object:  # has no bytes to send; the runtime's own message
+            raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
+        header, payload = serve.array_message(obs)
+        with self._lock:
+            if self._proc is None:
+                raise EmulatorError(f"{self.path}: the emulated policy is closed")
+            try:
+                serve.write_message(self._proc.stdin, dict(request, **header), payload)
+            except (BrokenPipeError, OSError):
+                raise self._died() from None
+            reply, data = self._receive()
+        if not reply.get("ok"):
+            _raise_remote(reply)
+        result = serve.message_array(reply, data)
+        return result[()] if result.ndim == 0 else result
+
+    def _receive(self) -> tuple[dict, bytes]:
+        try:
+            message = serve.read_message(self._proc.stdout)
+        except serve.ProtocolError:
+            message = None
+        if message is None:
+            raise self._died()
+        return message
+
+    def _died(self) -> EmulatorError:
+        try:
+            code = self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._stderr.seek(0)
+        stderr = self._stderr.read().decode(errors="replace")
+        return EmulatorError(f"{self.path}: the emulated runtime ({QEMU} -cpu {self.cpu}) "
+                             f"{describe_exit(code, self.cpu)}: {last_line(stderr)}")
+
+    def close(self) -> None:
+        """End the guest process (the PolicyLike interface); idempotent, calls after this raise."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()  # end of input: the server returns
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        self._stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_proc", None) is not None:
+            self.close()
+
+    def __repr__(self) -> str:
+        target = getattr(self, "manifest", {}).get("target", {})
+        return f"EmulatedPolicy({self.path!r}, target={target.get('name')}, cpu={self.cpu})"
+
+
+def qemu_cpu(manifest: dict) -> str:
+    """The `qemu-aarch64 -cpu` that models the CPU an artifact was compiled for (its TVM target's mcpu)."""
+    try:
+        return json.loads(manifest["target"]["tvm"]).get("mcpu") or DEFAULT_CPU
+    except (KeyError, TypeError, ValueError):
+        return DEFAULT_CPU
+
+
+def open_policy(path: str | os.PathLike) -> runtime.PolicyLike:
+    """A runtime Policy for this machine, or an EmulatedPolicy (qemu) for an artifact of another architecture."""
+    manifest = runtime.read_artifact(path).manifest
+    if manifest["target"]["arch"] != host_arch():
+        return EmulatedPolicy(path, cpu=qemu_cpu(manifest))
+    return runtime.load(path)
