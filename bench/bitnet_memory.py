@@ -19,26 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from bitrl_compile.bench import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "bitnet.md"
 BEGIN, END = "<!-- bitnet_memory.py: begin -->", "<!-- bitnet_memory.py: end -->"
-
-
-def peak_rss() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def child(kind: str, path: str, obs_dim: int, calls: int) -> dict:
@@ -68,7 +59,7 @@ def child(kind: str, path: str, obs_dim: int, calls: int) -> dict:
     elif kind != "python":
         raise ValueError(kind)
     modules = sorted(m for m in ("torch", "tvm", "tvm_ffi", "numpy") if m in sys.modules)
-    return {**peak_rss(), "modules": modules}
+    return {**machine.status_bytes(), "modules": modules}
 
 
 def run_child(kind: str, path: Path, obs_dim: int, calls: int) -> dict:
@@ -115,8 +106,7 @@ def measure(args) -> dict:
     report["rss"] = {kind: run_child(kind, host if kind.startswith("runtime") else work / "fp32", args.obs_dim,
                                      args.calls)
                      for kind in ("python", "runtime-import", "runtime", "torch-import", "torch")}
-    report["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python " \
-                        f"{platform.python_version()}, torch {torch.__version__}"
+    report["machine"] = f"{machine.summary()}, torch {torch.__version__}"
     return report
 
 

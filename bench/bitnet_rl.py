@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,6 +31,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from bitrl_compile.bench import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = ["CartPole-v1", "Acrobot-v1", "LunarLander-v3"]
@@ -170,18 +170,6 @@ def render(results: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--envs", nargs="+", default=ENVS)
@@ -237,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                                  for k in ("fp32", "heads")}
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                          check=False).stdout.strip()
-    meta = {"command": command, "commit": rev, "machine": machine(), "minutes": (time.time() - t0) / 60,
+    meta = {"command": command, "commit": rev, "machine": machine.summary(), "minutes": (time.time() - t0) / 60,
             "jobs": args.jobs, "seeds": seeds, "episodes": args.episodes, "envs": args.envs, "encoder": args.encoder}
     text = render(results, meta)
     print(text)

@@ -1,11 +1,11 @@
-"""Tuned vs default schedule of the BitLinear kernel, on the layer shapes of the kernel benchmark.
+"""Tuned vs default schedule of the BitLinear kernel, on the layer shapes of `bitrl-compile bench-kernels`.
 
     python bench/tuning.py                                  # N = K in 64..4096, batch 1 and 32, 32 trials each, host
     python bench/tuning.py --target x86-avx2 --db targets/tuned   # also store the records in the repository
     python bench/tuning.py --sizes 1024 --batches 1 --trials 8    # what CI runs (about a minute)
     python bench/tuning.py --markdown docs/tuning.md --json docs/tuning.json
 
-For each square layer and batch it runs `bitrl_compile.targets.tuning.tune` (MetaSchedule over the
+For each square layer and batch it runs `bitrl_compile.targets.autotune.tune` (MetaSchedule over the
 kernel's schedule knobs, every candidate checked against the numpy reference), then prints the default
 and the tuned kernel's time measured side by side in this run (TVM's time_evaluator, one thread,
 taking turns), the speedup, how far each is from the bandwidth bound (weight bytes / numpy copy
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bitrl_compile.bench.kernels import copy_bandwidth, machine
+from bitrl_compile.bench.kernels import copy_bandwidth
+from bitrl_compile.bench.machine import machine
 from bitrl_compile.runtime.weights import tiles_packed_shape
-from bitrl_compile.targets import get_target, kernel_spec, tuning, tvm_target
+from bitrl_compile.targets import autotune, get_target, kernel_spec, tuning, tvm_target
 
 
 def run(sizes, batches, trials: int, target: str, db: str | None, threads: int, log=print) -> dict:
@@ -37,7 +38,7 @@ def run(sizes, batches, trials: int, target: str, db: str | None, threads: int, 
         for n in sizes:
             key = tuning.KernelKey(n, n, "none")
             t0 = time.monotonic()
-            results, _, _ = tuning.tune([key], target, trials=trials, batches=batches, db=db or tmp,
+            results, _, _ = autotune.tune([key], target, trials=trials, batches=batches, db=db or tmp,
                                            threads=threads, log=lambda s: None)
             seconds = time.monotonic() - t0
             weight_bytes = int(np.prod(tiles_packed_shape(n, n, spec.layout)))

@@ -1,2 +1,4 @@
-"""Measurement, the product's report: `bitrl-compile bench` (report.py, run in fresh processes by child.py) and
-`bitrl-compile bench-kernels` (kernels.py). Research scripts under the repository's bench/ call these."""
+"""Measurement, the product's report: `bitrl-compile bench` (report.py, drawn by plots.py, written by markdown.py;
+every measured process runs child.py) and `bitrl-compile bench-kernels` (kernels.py). machine.py holds the facts
+about the machine (CPU name, load average, RSS) and builds the qemu instruction-count plugin. Research scripts
+under the repository's bench/ call these; nothing here imports them."""

@@ -1,9 +1,9 @@
-"""The measured process of `bitrl-compile bench`: `python bench_child.py '{json}'`, one JSON line out.
+"""The measured process of `bitrl-compile bench`: `python child.py '{json}'`, one JSON line out.
 
-`bitrl_compile.bench` starts this file (by path, never imported) in a fresh interpreter, so that
-what it measures is what a deployment would load. It imports only the standard library at the
-top (so that the bare-interpreter baseline is bare); each implementation imports numpy and its own
-engine, and nothing else:
+`bitrl_compile.bench.report` starts this file (by path) in a fresh interpreter, so that what it
+measures is what a deployment would load (in the bench's own process it is imported for make_act
+and status_bytes). It imports only the standard library at the top (so that the bare-interpreter
+baseline is bare); each implementation imports numpy and its own engine, and nothing else:
 
     bitrl         bitrl_compile.runtime (numpy + tvm-ffi + libtvm_runtime.so): Policy.act
     torch         torch: the fp32 nn.Module as the bench saved it (torch.save; a torch.export program
@@ -12,7 +12,7 @@ engine, and nothing else:
     python        nothing (the interpreter alone);  numpy: `import numpy` only
 
 All implementations turn an observation into an action the same way: the baselines use the
-runtime's own `Policy._prepare` and `Policy.postprocess` (observation normalisation, one-hot,
+runtime's own `prepare_observations` and `postprocess` (observation normalisation, one-hot,
 argmax, squash) around their forward pass, exactly as our artifact's `act()` does.
 
 Modes (config["mode"]):
@@ -25,14 +25,18 @@ Modes (config["mode"]):
     count     under qemu with the bench's TCG plugin: the guest makes a marker system call before
               and after `calls` act() calls, and the plugin writes how many guest instructions
               were executed in total and inside each registered address range (the libraries).
+    kernels   under qemu with the same plugin, for `bitrl-compile bench-kernels`: compiled BitLinear
+              kernels called directly (no policy), markers around each case's calls.
 
 It also runs under qemu-aarch64 with the emulator's aarch64 Python (numpy, tvm-ffi, runtime copy
-and, when installed there, onnxruntime): keep its imports to the standard library.
+and, when installed there, onnxruntime), whose site has bitrl_compile/__init__.py and
+bitrl_compile/runtime/ only: keep its imports to the standard library and, inside functions, the
+runtime. It owns the qemu marker (the plugin's system call) and the RSS reader; machine.py
+re-exports status_bytes from here, never the other way round.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -202,6 +206,8 @@ _LIBC: list = []
 
 
 def _marker(cmd: int, a: int = 0, b: int = 0) -> None:
+    import ctypes  # not at the top: it loads libffi, and the bare-interpreter baseline stays bare
+
     if not _LIBC:
         _LIBC.append(ctypes.CDLL(None))
     _LIBC[0].syscall(ctypes.c_long(MARKER_SYSCALL), ctypes.c_long(cmd), ctypes.c_ulong(a), ctypes.c_ulong(b))
@@ -241,9 +247,45 @@ def run_count(cfg: dict) -> dict:
     return {"blocks": blocks, "ranges": ranges}
 
 
+def run_kernel_count(cfg: dict) -> dict:
+    """Call each case's kernel (cfg["cases"]: lib, name, k, n, batch, calls, w_shape) on random inputs.
+
+    Marker labels: 2*i before and 2*i+1 after the `calls` calls of case i. Each case's library is
+    registered as an address range the first time it is loaded; returns the range index of every case.
+    """
+    import numpy as np
+
+    from bitrl_compile.runtime import tvm_runtime as rt
+
+    ranges: dict[str, int] = {}
+    case_range = []
+    for i, case in enumerate(cfg["cases"]):
+        fn = rt.load_module(case["lib"])[case["name"]]
+        if case["lib"] not in ranges:  # the plugin counts inside each registered range, in registration order
+            found = _executable_range(re.escape(case["lib"]) + "$")
+            if found is None:
+                raise RuntimeError(f"{case['lib']} has no executable mapping in /proc/self/maps")
+            _marker(MARK_RANGE, *found)
+            ranges[case["lib"]] = len(ranges)
+        case_range.append(ranges[case["lib"]])
+        rng = np.random.default_rng(0)
+        k, n, b = case["k"], case["n"], case["batch"]
+        w = rt.aligned(rng.integers(0, 256, case["w_shape"]).astype(np.uint8) & 0x55)
+        args = [rt.to_device(a) for a in (rt.aligned(rng.standard_normal((b, k)).astype(np.float32)), w,
+                                          rt.aligned(np.ones(1, np.float32)), rt.aligned(np.zeros(n, np.float32)),
+                                          rt.aligned(np.zeros((b, n), np.float32)))]
+        fn(*args)
+        _marker(MARK_COUNT, 2 * i)
+        for _ in range(case["calls"]):
+            fn(*args)
+        _marker(MARK_COUNT, 2 * i + 1)
+    return {"case_range": case_range}
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    result = {"memory": run_memory, "latency": run_latency, "count": run_count}[cfg["mode"]](cfg)
+    modes = {"memory": run_memory, "latency": run_latency, "count": run_count, "kernels": run_kernel_count}
+    result = modes[cfg["mode"]](cfg)
     sys.stdout.write("\n" + json.dumps(result) + "\n")
 
 

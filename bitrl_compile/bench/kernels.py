@@ -1,4 +1,4 @@
-"""`bitrl-compile bench-kernels` (or `python bench/kernels.py`): one BitLinear layer, ours against the usual picks.
+"""`bitrl-compile bench-kernels`: one BitLinear layer, ours against the usual picks.
 
 For square layers N = K in --sizes and batches in --batches, in one process with the same thread count for
 every implementation (--threads, default 1, the headline):
@@ -23,16 +23,18 @@ The instruction-count proxy for the Raspberry Pi kernels (timings under qemu mea
 compiled for rasp4 (Cortex-A72) and rasp5 (Cortex-A76), each with its dot-product kernel (A72: NEON
 smull/smlal + sadalp, A76: sdot) and its lookup-table kernel (tbl); per call, the guest
 instructions executed inside the kernel library under `qemu-aarch64 -cpu <core>`, counted by the bench's
-TCG plugin (bitrl_compile/qemu_insn_plugin.c), and statically, the instructions of the kernel's inner
-loops per 1,000 multiply-accumulates, from the disassembly (for every ISA, x86 too).
+TCG plugin (qemu_insn_plugin.c; the guest runs child.py in its kernels mode), and statically, the
+instructions of the kernel's inner loops per 1,000 multiply-accumulates, from the disassembly (for every
+ISA, x86 too).
+
+    bitrl-compile bench-kernels                                  # N = K in 64..4096, batch 1 and 32, 1 thread
+    bitrl-compile bench-kernels --sizes 1024 --threads 2 --json out.json     # see --help
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -44,10 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bitrl_compile.bench.machine import build_plugin, load_average, machine
+from bitrl_compile.bench.report import run_child
+
 IMPLS = ("ours", "lut", "torch", "ort_fp32", "ort_int8", "tvm_fp32")
 LABELS = {"ours": "ours (ternary)", "lut": "ours, lookup tables", "torch": "torch fp32", "ort_fp32": "ORT fp32", "ort_int8": "ORT int8",
           "tvm_fp32": "TVM fp32"}
-MARKER_SYSCALL = 0xB17  # the bench plugin's marker, see qemu_insn_plugin.c
 # multiply-accumulates per instruction of the dot-product instructions whose loops we count
 # (a tbl looks up the low or the high bytes of 16 outputs' pair sums: 2 tbl per 32 multiply-accumulates)
 DOT_MACS = {"vpmaddubsw": 32, "vpdpbusd": 64, "sdot": 16, "smull": 8, "smlal": 8, "tbl": 16}
@@ -226,39 +230,6 @@ def inner_loops(insns: list[tuple[int, str, str]]) -> list[dict]:
     return loops
 
 
-GUEST_COUNTER = r"""
-import ctypes, json, sys, numpy as np
-from bitrl_compile.runtime import tvm_runtime as rt
-libc = ctypes.CDLL(None, use_errno=True)
-def marker(cmd, a, b=0):
-    libc.syscall(ctypes.c_long(%(marker)d), ctypes.c_long(cmd), ctypes.c_ulong(a), ctypes.c_ulong(b))
-cases = json.loads(sys.argv[1])
-label, ranges, case_range = 0, {}, []
-for case in cases:
-    fn = rt.load_module(case["lib"])[case["name"]]
-    if case["lib"] not in ranges:  # the plugin counts inside each registered range, in registration order
-        for line in open("/proc/self/maps"):
-            fields = line.split()
-            if len(fields) >= 6 and fields[5] == case["lib"] and "x" in fields[1]:
-                lo, hi = (int(v, 16) for v in fields[0].split("-"))
-                marker(1, lo, hi)
-                ranges[case["lib"]] = len(ranges)
-    case_range.append(ranges[case["lib"]])
-    rng = np.random.default_rng(0)
-    k, n, b = case["k"], case["n"], case["batch"]
-    w = rt.aligned(rng.integers(0, 256, case["w_shape"]).astype(np.uint8) & 0x55)
-    args = [rt.to_device(a) for a in (rt.aligned(rng.standard_normal((b, k)).astype(np.float32)), w,
-            rt.aligned(np.ones(1, np.float32)), rt.aligned(np.zeros(n, np.float32)),
-            rt.aligned(np.zeros((b, n), np.float32)))]
-    fn(*args)
-    marker(2, label); label += 1
-    for _ in range(case["calls"]):
-        fn(*args)
-    marker(2, label); label += 1
-print(json.dumps(case_range))
-"""
-
-
 def arm_instruction_counts(sizes, batches, log) -> dict:
     """Per-call guest instructions in the kernel library under qemu, and static inner-loop counts, A72 vs A76."""
     import tvm
@@ -273,10 +244,8 @@ def arm_instruction_counts(sizes, batches, log) -> dict:
     result: dict = {"method": {}, "static": {}, "dynamic": {}}
     plugin = None
     try:
-        from bitrl_compile.bench.report import build_plugin
-
         plugin = build_plugin()
-    except (ImportError, RuntimeError) as e:
+    except RuntimeError as e:
         result["dynamic_error"] = str(e)
     with tempfile.TemporaryDirectory(prefix="bitrl-kbench-") as tmp:
         for board, method in (("rasp4", "dot"), ("rasp4", "lut"), ("rasp5", "dot"), ("rasp5", "lut")):
@@ -306,15 +275,14 @@ def arm_instruction_counts(sizes, batches, log) -> dict:
             counts_file = Path(tmp) / f"{board}-{spec.isa}-counts.txt"
             command = qemu_python_command(target.qemu_cpu)
             command = [*command[:-1], "-E", "TVM_NUM_THREADS=1", command[-1]]
-            proc = subprocess.run(command + ["-c", GUEST_COUNTER % {"marker": MARKER_SYSCALL}, json.dumps(cases)],
-                                  check=False, capture_output=True, text=True, timeout=1800,
-                                  env=dict(os.environ, QEMU_PLUGIN=f"file={plugin},out={counts_file}"))
-            if proc.returncode != 0:
-                result["dynamic_error"] = proc.stderr.strip()[-500:]
+            try:
+                case_range = run_child({"mode": "kernels", "cases": cases}, 1, command=command, timeout=1800,
+                                       env={"QEMU_PLUGIN": f"file={plugin},out={counts_file}"})["case_range"]
+            except RuntimeError as e:
+                result["dynamic_error"] = str(e)[-500:]
                 continue
             lines = {int(v[0]): [int(c) for c in v[1:]] for v in
                      (line.split() for line in counts_file.read_text().splitlines() if line.strip())}
-            case_range = json.loads(proc.stdout.strip().splitlines()[-1])
             for i, case in enumerate(cases):
                 before, after, r = lines[2 * i], lines[2 * i + 1], case_range[i]
                 in_lib = (after[1 + r] - before[1 + r]) / case["calls"]  # instructions inside this library
@@ -332,26 +300,12 @@ def arm_instruction_counts(sizes, batches, log) -> dict:
 
 # ------------------------------------------------------------------------------------ the benchmark
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "load_average": load,
-            "platform": platform.platform()}
-
-
 def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: int = 7, block_ms: float = 20.0,
         impls=IMPLS, arm: bool = True, log=print) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    load_before = os.getloadavg()
+    load_before = load_average()
     rng = np.random.default_rng(0)
     rows = []
     dram = copy_bandwidth(256 << 20, min_s=0.2)
@@ -461,36 +415,35 @@ def report(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bitrl-compile bench-kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="64,256,1024,4096", help="N = K of the square layers")
-    parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--threads", type=int, default=1, help="threads for every implementation")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--block-ms", type=float, default=20.0)
-    parser.add_argument("--impls", default=",".join(IMPLS[1:]), help="baselines to run (ours always runs)")
-    parser.add_argument("--no-arm", action="store_true", help="skip the rasp4/rasp5 instruction counts")
-    parser.add_argument("--json", default="bench-kernels.json", help="where to write the results")
-    args = parser.parse_args(argv)
-    command = "bitrl-compile bench-kernels " + shlex.join(argv if argv is not None else sys.argv[1:])
-    want = {"TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment that sizes TVM's and OpenMP's thread pools (read once, when a pool starts)."""
+    return {"TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+
+
+def bench_kernels(command_args: list[str], *, sizes: list[int], batches: list[int], threads: int, rounds: int,
+                  block_ms: float, impls: list[str] | None, arm: bool, json_path: str | os.PathLike,
+                  log=print) -> int:
+    """`bitrl-compile bench-kernels COMMAND_ARGS`: the rows as they are measured, the report, the JSON file.
+
+    `impls` are the baselines to run (None: all of them; ours always runs). Unless this process started with
+    thread_env(threads), the measurement runs in a fresh `bitrl-compile bench-kernels COMMAND_ARGS` process that
+    has it from birth. Returns the exit status.
+    """
+    unknown = sorted(set(impls or ()) - set(IMPLS))
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {', '.join(unknown)}; known: {', '.join(IMPLS[1:])}")
+    want = thread_env(threads)
     if any(os.environ.get(k) != v for k, v in want.items()) and not os.environ.get("BITRL_KBENCH_CHILD"):
-        # thread pools read these when they start: run the measurement in a process that has them from birth
         env = dict(os.environ, **want, BITRL_KBENCH_CHILD="1")
-        return subprocess.run([sys.executable, "-m", "bitrl_compile.bench.kernels",
-                               *(argv if argv is not None else sys.argv[1:])], env=env, check=False).returncode
-    print(f"command: {command}", flush=True)
-    print(HEADER, flush=True)
-    result = run([int(s) for s in args.sizes.split(",")], [int(b) for b in args.batches.split(",")], args.threads,
-                 args.rounds, args.block_ms, ("ours", *[i for i in args.impls.split(",") if i]), not args.no_arm,
-                 log=lambda s: print(s, flush=True))
+        return subprocess.run([sys.executable, "-m", "bitrl_compile.cli", "bench-kernels", *command_args], env=env,
+                              check=False).returncode
+    command = shlex.join(["bitrl-compile", "bench-kernels", *command_args])
+    log(f"command: {command}")
+    log(HEADER)
+    result = run(sizes, batches, threads, rounds, block_ms, ("ours", *(IMPLS[1:] if impls is None else impls)), arm,
+                 log=log)
     result["command"] = command
-    text = report(result, command)
-    print("\n" + text)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
+    log("\n" + report(result, command))
+    Path(json_path).write_text(json.dumps(result, indent=2))
+    log(f"\nwrote {json_path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
