@@ -240,15 +240,15 @@ def broken_tuning_database(tmp: Path):
 
 
 def tuning_a_pi_without_a_board(tmp: Path):
-    from bitrl_compile.targets import tuning
+    from bitrl_compile.targets import autotune, tuning
 
-    tuning.tune([tuning.KernelKey(16, 16)], "rasp4", trials=1, db=tmp)
+    autotune.tune([tuning.KernelKey(16, 16)], "rasp4", trials=1, db=tmp)
 
 
 def tuning_board_unreachable(tmp: Path):
-    from bitrl_compile.targets import tuning
+    from bitrl_compile.targets import autotune, tuning
 
-    tuning.tune([tuning.KernelKey(16, 16)], "rasp4", trials=1, db=tmp, rpc="127.0.0.1:1")
+    autotune.tune([tuning.KernelKey(16, 16)], "rasp4", trials=1, db=tmp, rpc="127.0.0.1:1")
 
 
 def _act(obs):

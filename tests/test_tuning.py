@@ -21,7 +21,7 @@ import tvm
 
 from bitrl_compile import pipeline, reference, targets
 from bitrl_compile.frontends import load_policy
-from bitrl_compile.targets import kernels, tuning
+from bitrl_compile.targets import autotune, kernels, tuning
 from bitrl_compile.targets.kernels import DEFAULT_KNOBS, Knobs
 
 DEMO = Path(__file__).resolve().parents[1] / "bitrl_compile" / "examples" / "cartpole_ppo.safetensors"
@@ -71,8 +71,8 @@ def test_every_point_of_the_space_is_bit_exact(pick):
     slots = dict(tuning.knob_slots(tuning.workload(KEY, SPEC, SPEC.rows + 1), SPEC))
     knobs = Knobs(**{name: slots[name][i] if name in slots else 1 for name, i in zip(DEFAULT_KNOBS.as_dict(), pick)})
     assert knobs != DEFAULT_KNOBS
-    with tuning.Device(targets.get_target("host"), None) as device:
-        assert tuning.verify(KEY, SPEC, knobs, device, HOST, [1, 3, 4, 5, 9, 33]) is None
+    with autotune.Device(targets.get_target("host"), None) as device:
+        assert autotune.verify(KEY, SPEC, knobs, device, HOST, [1, 3, 4, 5, 9, 33]) is None
 
 
 def test_knobs_that_do_not_divide_the_kernel_are_refused():
@@ -84,7 +84,7 @@ def test_knobs_that_do_not_divide_the_kernel_are_refused():
 def tuned_db(tmp_path_factory):
     """Tune the demo's 64x64 kernel for the host at batch 1 (GEMV) and 9 (GEMM + tail), 3 trials each."""
     folder = tmp_path_factory.mktemp("tuned")
-    rows, path, _ = tuning.tune([KEY], "host", trials=3, batches=(1, 9), db=folder, log=lambda s: None)
+    rows, path, _ = autotune.tune([KEY], "host", trials=3, batches=(1, 9), db=folder, log=lambda s: None)
     return folder, path, rows
 
 
@@ -151,7 +151,7 @@ def test_a_wrong_fast_kernel_is_rejected(tmp_path, monkeypatch):
         return func.with_attr("global_symbol", kernels.kernel_name(k, n, activation, per_channel))
 
     monkeypatch.setattr(kernels, "bitlinear_kernel", wrong)
-    rows, path, _ = tuning.tune([KEY], "host", trials=2, batches=(1,), db=tmp_path, log=lambda s: None, seed=3)
+    rows, path, _ = autotune.tune([KEY], "host", trials=2, batches=(1,), db=tmp_path, log=lambda s: None, seed=3)
     (row,) = rows
     (record,) = json.loads(path.read_text())["records"]
     assert record["knobs"] == DEFAULT_KNOBS.as_dict() and row.knobs == DEFAULT_KNOBS.as_dict()
@@ -168,11 +168,11 @@ def test_broken_database_gets_one_clear_line(tmp_path):
 
 def test_tuning_an_arm_target_without_a_board_says_how_to_start_one(tmp_path):
     with pytest.raises(tuning.TuneError, match=r"python3 -m tvm\.exec\.rpc_server"):
-        tuning.tune([KEY], "rasp4", trials=1, db=tmp_path)
+        autotune.tune([KEY], "rasp4", trials=1, db=tmp_path)
     with pytest.raises(tuning.TuneError, match="cannot reach the RPC server"):
-        tuning.tune([KEY], "rasp4", trials=1, db=tmp_path, rpc="127.0.0.1:1")
+        autotune.tune([KEY], "rasp4", trials=1, db=tmp_path, rpc="127.0.0.1:1")
     with pytest.raises(tuning.TuneError, match="HOST:PORT"):
-        tuning.tune([KEY], "rasp4", trials=1, db=tmp_path, rpc="localhost")
+        autotune.tune([KEY], "rasp4", trials=1, db=tmp_path, rpc="localhost")
 
 
 def _cli(*args, **kwargs):
@@ -222,7 +222,7 @@ def test_tune_rasp4_through_rpc_under_qemu_then_compile_offline(tmp_path):
     rasp4 = targets.tvm_target(targets.get_target("rasp4"))
     spec = targets.kernel_spec(rasp4)
     with RPCServer("cortex-a72") as server:
-        rows, path, _ = tuning.tune([KEY], "rasp4", trials=2, batches=(1,), db=tmp_path, rpc=server.address,
+        rows, path, _ = autotune.tune([KEY], "rasp4", trials=2, batches=(1,), db=tmp_path, rpc=server.address,
                                     log=lambda s: None)
     (row,) = rows
     assert row.trials == 2 and row.tuned_us > 0
