@@ -51,6 +51,15 @@ def normalization(input_spec: dict) -> tuple | None:
             np.float32(norm.get("eps", 1e-8)), norm.get("clip"))
 
 
+def normalize(x: np.ndarray, norm: tuple | None) -> np.ndarray:
+    """clip((x - mean) / sqrt(var + eps)) in float32 with `norm` = normalization(input_spec); x when None."""
+    if norm is None:
+        return x
+    mean, var, eps, clip = norm
+    x = (x - mean) / np.sqrt(var + eps)
+    return x if clip is None else np.clip(x, -clip, clip)
+
+
 def prepare_observations(input_spec: dict, obs, norm: tuple | None = None) -> tuple[np.ndarray, bool]:
     """One observation or a batch -> (the network's float32 [B, *shape] input, whether it was one observation):
     validation (shape, dtype, range, NaN/Inf), one-hot, /255, text serialisation, then `norm` (what
@@ -89,12 +98,7 @@ def prepare_observations(input_spec: dict, obs, norm: tuple | None = None) -> tu
         from .text import serialize
 
         x = serialize(x, int(input_spec["text"]["decimals"])).astype(np.float32)
-    if norm is not None:
-        mean, var, eps, clip = norm
-        x = (x - mean) / np.sqrt(var + eps)
-        if clip is not None:
-            x = np.clip(x, -clip, clip)
-    return aligned(x, np.float32), single
+    return aligned(normalize(x, norm), np.float32), single
 
 
 def postprocess(output_spec: dict, out: np.ndarray, deterministic: bool = True, rng=None, path: str = "artifact"):

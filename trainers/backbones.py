@@ -33,6 +33,7 @@ from torch import nn
 from bitrl_compile.frontends import MLPPolicy
 from bitrl_compile.quant import quantize_activations_ste, quantize_weight_int8_ste, ternarize_weight_ste
 from bitrl_compile.runtime.policy import normalization, postprocess
+from bitrl_compile.runtime.policy import normalize as normalize_np
 
 HEAD_BITS = (32.0, 8.0, 1.58)
 
@@ -89,12 +90,7 @@ class RunningMeanStd:
 
 def normalize(obs: np.ndarray, stats: dict | None) -> np.ndarray:
     """clip((x - mean) / sqrt(var + eps)) in float32, the same operations as the runtime's Policy."""
-    x = np.asarray(obs, np.float32).reshape(len(obs), -1)
-    if stats is None:
-        return x
-    mean, var, eps, clip = normalization({"normalize": stats})
-    x = (x - mean) / np.sqrt(var + eps)
-    return x if clip is None else np.clip(x, -clip, clip)
+    return normalize_np(np.asarray(obs, np.float32).reshape(len(obs), -1), normalization({"normalize": stats}))
 
 
 class ObsNormalizer:

@@ -30,6 +30,7 @@ from bitrl_compile.bitnet.checkpoint import model_from_checkpoint, read_checkpoi
 from bitrl_compile.bitnet.model import BitNetConfig, BitNetForCausalLM, BitNetModel, set_quantized
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime import text as text_io
+from bitrl_compile.runtime.policy import postprocess
 
 
 class NumericEncoder(nn.Module):
@@ -168,6 +169,14 @@ def backbone_policy(backbone: BitNetBackbone, description: str = "") -> LoadedPo
     """The LoadedPolicy `pipeline.compile_policy` compiles into a "features" artifact (`Policy.features(obs)`).
     The module holds the float master weights: the ternarize pass quantizes them exactly as BitLinear does."""
     module = set_quantized(copy.deepcopy(backbone), False).eval()
+    spec, cfg = backbone.spec, backbone.model.config
+    desc = description or (f"BitNet b1.58 backbone ({spec.kind} encoder, {cfg.num_hidden_layers} layers, "
+                           f"d={cfg.hidden_size}, {spec.pool} token)")
+    return LoadedPolicy(module, None, input_spec(backbone), {"kind": "features", "dim": backbone.dim}, "bitnet", desc)
+
+
+def input_spec(backbone: BitNetBackbone) -> dict:
+    """The manifest's input spec of a backbone: observations, their text serialisation or normalisation."""
     spec = backbone.spec
     if spec.kind == "text":
         inp = {"shape": [spec.obs_dim], "dtype": "float32", "preprocess": "text",
@@ -175,23 +184,36 @@ def backbone_policy(backbone: BitNetBackbone, description: str = "") -> LoadedPo
     else:
         inp = {"shape": [spec.obs_dim], "dtype": "float32", "preprocess": "none", "normalize": spec.normalize}
     inp["max_batch"] = None  # no static buffers for 2**20 rows of attention scores; see pipeline.to_relax
-    cfg = backbone.model.config
-    desc = description or (f"BitNet b1.58 backbone ({spec.kind} encoder, {cfg.num_hidden_layers} layers, "
-                           f"d={cfg.hidden_size}, {spec.pool} token)")
-    return LoadedPolicy(module, None, inp, {"kind": "features", "dim": backbone.dim}, "bitnet", desc)
+    return inp
 
 
 class FrozenBitNet:
-    """The trainer's backbone interface (`dim`, `source`, `__call__(obs, update=False) -> [B, dim]`) in torch."""
+    """A BitNet backbone frozen for a trainer (`dim`, `source`, `__call__(obs, update=False) -> [B, dim]`, in
+    torch), with the policy interface (runtime.PolicyLike) of a compiled "features" artifact."""
 
     def __init__(self, backbone: BitNetBackbone, source: str = "bitnet"):
         self.backbone = set_quantized(backbone, True).eval()
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.dim, self.source = backbone.dim, source
+        self.manifest = {"input": input_spec(backbone), "output": {"kind": "features", "dim": backbone.dim}}
 
     def __call__(self, obs: np.ndarray, update: bool = False) -> np.ndarray:
         return self.backbone.features(np.asarray(obs))
+
+    def features(self, obs) -> np.ndarray:
+        """Features [D] for one observation or [B, D] for a batch."""
+        x = np.asarray(obs)
+        return self(x[None])[0] if x.ndim == 1 else self(x)
+
+    forward = features  # a backbone's raw output is its features
+
+    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
+        """A backbone has no actions: the runtime's ValueError for output kind "features"."""
+        return postprocess(self.manifest["output"], self.forward(obs), deterministic, rng, self.source)
+
+    def close(self) -> None:
+        """Nothing to release (the module belongs to the caller)."""
 
 
 def parameter_count(backbone: nn.Module) -> int:
