@@ -1,0 +1,5 @@
+"""`python -m bitrl_compile.cli ...` = `bitrl-compile ...`."""
+
+from bitrl_compile.cli import main
+
+main()

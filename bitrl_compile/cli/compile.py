@@ -1,0 +1,176 @@
+"""Commands that make and read artifacts: compile (the default), inspect, tune, targets."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from bitrl_compile.cli.common import guard
+from bitrl_compile.cli.train import finetune_cmd
+
+
+@click.command("compile")
+@click.argument("model", type=click.Path())
+@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, x86-amx, host")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="artifact path [default: MODEL stem + .bitrl]")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
+@click.option("--env", "env_id", help="gymnasium env id, to read action/observation spaces for bare state_dicts")
+@click.option("--vecnormalize", type=click.Path(exists=True, dir_okay=False),
+              help="observation statistics to bake in (SB3 vecnormalize.pkl needs --trust-pickle; or JSON/npz)")
+@click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
+@click.option("--per-channel", is_flag=True, help="one weight scale per output channel instead of per tensor")
+@click.option("--features", is_flag=True, help="compile the MLP's torso (all layers but the last) as a backbone "
+              "whose output is features (policy.features(obs)), for `bitrl-compile train --backbone`")
+@click.option("--bundle-runtime", is_flag=True,
+              help="put the target's libtvm_runtime.so (3 MB) in the artifact: the device then needs only "
+                   "`pip install apache-tvm-ffi numpy`")
+@click.option("--db", "tuning_db", type=click.Path(file_okay=False),
+              help="folder of tuning databases (<target>.json) [default: the repository's targets/tuned]")
+@click.option("--no-tuning", is_flag=True, help="use the default kernel schedules, ignoring tuning databases")
+@click.option("--qat", "qat_env", metavar="ENV",
+              help="first fine-tune the fp32 policy with quantization-aware training on gymnasium ENV (as "
+                   "`bitrl-compile finetune` does; writes MODEL stem + -ternary.safetensors), then compile that: "
+                   "for policies whose plain ternary version loses return")
+@click.option("--qat-steps", type=click.IntRange(min=1), help="QAT steps [default: a quarter of ENV's preset]")
+@click.option("--force", is_flag=True, help="overwrite the output file")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, features,
+                bundle_runtime, tuning_db, no_tuning, qat_env, qat_steps, force, debug):
+    """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet backbone folder)."""
+    with guard(debug):
+        from bitrl_compile.frontends import load_policy
+        from bitrl_compile.pipeline import compile_policy
+
+        out = Path(output) if output else Path(model).with_suffix(".bitrl") if not Path(model).is_dir() \
+            else Path(model).with_name(Path(model).name + ".bitrl")  # a BitNet backbone folder
+        if qat_env:  # the fine-tuned file carries its architecture and observation statistics
+            tuned = Path(model).with_name(Path(model).stem + "-ternary.safetensors")
+            logs = Path(model).with_name(Path(model).stem + "-qat")  # beside the model, not in the cwd
+            click.get_current_context().invoke(finetune_cmd, model=model, env_id=qat_env, steps=qat_steps,
+                                               output=str(tuned), out=str(logs), config=config, vecnormalize=vecnormalize,
+                                               trust_pickle=trust_pickle, force=force, no_progress=True,
+                                               debug=debug)
+            model, config, vecnormalize = str(tuned), None, None
+        cfg = json.loads(Path(config).read_text()) if config else None
+        if env_id:
+            cfg = dict(cfg or {}, env=env_id)
+        t0 = time.perf_counter()
+        loaded = load_policy(model, config=cfg, trust_pickle=trust_pickle, vecnormalize=vecnormalize)
+        if features:
+            from bitrl_compile.trainers.export import features_policy
+
+            loaded = features_policy(loaded)
+        result = compile_policy(loaded, target, out, per_channel=per_channel, force=force,
+                                bundle_runtime=bundle_runtime, tuning_db=tuning_db, tuning=not no_tuning,
+                                log=lambda s: click.echo(f"  {s}", err=True))
+        click.echo(_summary(result.manifest, out, time.perf_counter() - t0))
+
+
+
+def _summary(manifest: dict, path: Path, seconds: float | None = None) -> str:
+    layers = manifest["layers"]
+    n_weights = sum(layer["in"] * layer["out"] for layer in layers)
+    size = path.stat().st_size
+    lines = [f"{path}: {size:,} bytes, target {manifest['target']['name']} ({manifest['target']['device']})"]
+    lines.append(f"  {len(layers)} BitLinear layers, {n_weights:,} ternary weights "
+                 f"({4 * n_weights:,} bytes as fp32)")
+    for layer in layers:
+        lines.append(f"    {layer['name']:<12} {layer['in']:>6} -> {layer['out']:<6} {layer['activation']:<8} "
+                     f"{layer['layout']} ({layer['weight_bits_per_param']:g} bits/weight), {layer['scale']}")
+    for kernel in manifest.get("kernels", []):
+        knobs = " ".join(f"{k}={v}" for k, v in kernel["knobs"].items() if v != 1) or "default knobs"
+        where = (", ".join(f"{p} tuned at batch {kernel[p]['batch']}: {kernel[p]['us']:g} µs vs default "
+                           f"{kernel[p]['default_us']:g} µs" for p in ("gemv", "gemm") if p in kernel)
+                 if kernel["schedule"] == "tuned" else f"default schedule: {kernel.get('reason', 'tuning off')}")
+        lines.append(f"    kernel {kernel['kernel']:<36} {kernel['isa']:<12} {knobs}; {where}")
+    if seconds is not None:
+        lines.append(f"  compiled in {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+
+@click.command("inspect")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+@click.option("--debug", is_flag=True)
+def inspect_cmd(artifact, as_json, debug):
+    """Show an artifact's manifest, layers, bits per weight and member sizes."""
+    with guard(debug):
+        from bitrl_compile.runtime.artifact import read_artifact
+
+        art = read_artifact(artifact)
+        if as_json:
+            click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
+            return
+        m = art.manifest
+        click.echo(_summary(m, Path(artifact)))
+        click.echo(f"  format v{m['format_version']}, compiled by bitrl-compile {m['versions']['bitrl_compile']} "
+                   f"with TVM {m['versions']['tvm']}; source: {m['source']['format']}")
+        click.echo(f"  input: shape {m['input']['shape']}, preprocess {m['input'].get('preprocess', 'none')}, "
+                   f"normalisation {'baked in' if m['input'].get('normalize') else 'none'}")
+        click.echo(f"  output: {json.dumps(m['output'])}")
+        for name, blob in art.members.items():
+            click.echo(f"  member {name:<20} {len(blob):>10,} bytes  sha256 {m['members'][name][:16]}…")
+        stats = m.get("stats", {})
+        if stats.get("ternary_weights"):
+            bits = 8 * stats["param_bytes"] / stats["ternary_weights"]
+            click.echo(f"  parameters: {stats['param_bytes']:,} bytes = {bits:.2f} bits per weight incl. scales/bias")
+
+
+
+@click.command("tune")
+@click.argument("model", type=click.Path())
+@click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, x86-amx, host")
+@click.option("--trials", default=32, show_default=True, help="MetaSchedule trials per kernel and batch")
+@click.option("--batch", "batches", default="1", show_default=True,
+              help="batch sizes to tune, comma-separated: 1 tunes the policy step (GEMV), e.g. 32 the GEMM rows")
+@click.option("--db", "tuning_db", type=click.Path(file_okay=False),
+              help="folder of tuning databases to update (<target>.json) [default: the repository's targets/tuned]")
+@click.option("--rpc", help="HOST:PORT of `python3 -m tvm.exec.rpc_server` on the device (needed for rasp4/rasp5)")
+@click.option("--threads", default=1, show_default=True, help="kernel threads while measuring")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
+@click.option("--env", "env_id", help="gymnasium env id, to read action/observation spaces for bare state_dicts")
+@click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
+@click.option("--per-channel", is_flag=True, help="tune the per-output-channel-scale kernels")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def tune_cmd(model, target, trials, batches, tuning_db, rpc, threads, config, env_id, trust_pickle, per_channel,
+             seed, debug):
+    """Tune MODEL's BitLinear kernels for a target with MetaSchedule and store the result in the
+    target's tuning database, which later compiles apply. Ctrl-C keeps what was found."""
+    with guard(debug):
+        from bitrl_compile.frontends import load_policy
+        from bitrl_compile.pipeline import kernel_keys
+        from bitrl_compile.targets import autotune
+
+        try:
+            sizes = [int(b) for b in batches.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"--batch expects comma-separated integers, got {batches!r}") from None
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--batch expects batch sizes of at least 1, got {batches!r}")
+        cfg = json.loads(Path(config).read_text()) if config else None
+        if env_id:
+            cfg = dict(cfg or {}, env=env_id)
+        loaded = load_policy(model, config=cfg, trust_pickle=trust_pickle)
+        keys = kernel_keys(loaded, per_channel)
+        rows, path, seconds = autotune.tune(keys, target, trials=trials, batches=sizes, db=tuning_db, rpc=rpc,
+                                          threads=threads, seed=seed, log=lambda s: click.echo(s, err=True))
+        click.echo(autotune.summary(rows))
+        click.echo(f"tuned {len(keys)} kernel(s) x {len(sizes)} batch size(s) in {seconds:.0f} s; "
+                   f"database {path} (compiles for {target} now use it)")
+
+
+
+@click.command("targets")
+def targets_cmd():
+    """List the known targets."""
+    from bitrl_compile import targets
+
+    for name in targets.known_targets():
+        t = targets.get_target(name)
+        click.echo(f"{name:<11} {t.device}  [{t.arch}, {'cross: ' + t.cc if t.cc else 'host compiler'}]")
+
