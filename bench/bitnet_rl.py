@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bitrl_compile.bench import machine
+from bitrl_compile.bench.markdown import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = ["CartPole-v1", "Acrobot-v1", "LunarLander-v3"]
@@ -235,10 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     begin, end = (BEGIN, END) if args.encoder == "numeric" else (BEGIN.replace(":", " --encoder text:"),
                                                                   END.replace(":", " --encoder text:"))
-    if not args.no_docs and DOCS.exists() and begin in DOCS.read_text():
-        doc = DOCS.read_text()
-        head, rest = doc.split(begin, 1)
-        DOCS.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+    if not args.no_docs and replace_section(DOCS, begin, end, text):
         log(f"updated {DOCS}")
     return 0
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from bitrl_compile.bench.kernels import copy_bandwidth
 from bitrl_compile.bench.machine import machine
+from bitrl_compile.bench.markdown import replace_section
 from bitrl_compile.runtime.weights import tiles_packed_shape
 from bitrl_compile.targets import autotune, get_target, kernel_spec, tuning, tvm_target
 
@@ -120,12 +121,8 @@ def main(argv=None) -> int:
         path = Path(args.markdown)
         target = result["meta"]["target"]
         begin, end = f"<!-- bench/tuning.py {target}: begin -->", f"<!-- bench/tuning.py {target}: end -->"
-        doc = path.read_text()
-        if begin not in doc or end not in doc:
+        if not replace_section(path, begin, end, f"```\n{text}\n```"):
             raise SystemExit(f"{path} has no {begin} ... {end} markers")
-        head, rest = doc.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        path.write_text(f"{head}{begin}\n```\n{text}\n```\n{end}{tail}")
     return 0
 
 

@@ -188,3 +188,14 @@ def test_rasp4_bench_counts_instructions_under_qemu(tmp_path):
     assert report["agreement"]["bitrl_max_abs_diff_vs_reference"] == 0  # bit-exact under qemu -cpu cortex-a72
     assert report["memory"]["measured_with_host_build"] and report["returns"] is None
     assert "not a time" in (tmp_path / "report.md").read_text()
+
+
+def test_generated_tables_replace_only_their_marked_section(tmp_path):
+    from bitrl_compile.bench.markdown import replace_section
+
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- t: begin -->\nold table\n<!-- t: end -->\nhand-written end\n")
+    assert replace_section(page, "<!-- t: begin -->", "<!-- t: end -->", "new table")
+    assert page.read_text() == "intro\n<!-- t: begin -->\nnew table\n<!-- t: end -->\nhand-written end\n"
+    assert not replace_section(page, "<!-- u: begin -->", "<!-- u: end -->", "x")  # no markers: nothing written
+    assert "new table" in page.read_text()

@@ -10,6 +10,17 @@ LABELS = {"bitrl": "ternary (bitrl)", "torch": "torch fp32", "onnxruntime": "ONN
           "numpy": "python + numpy"}
 
 
+def replace_section(path: Path, begin: str, end: str, text: str) -> bool:
+    """Put `text` between the marker lines `begin` and `end` of the document at `path` (a generated table in a
+    hand-written page); False, and nothing written, when the document lacks either marker."""
+    doc = path.read_text() if path.is_file() else ""
+    if begin not in doc or end not in doc.split(begin, 1)[1]:
+        return False
+    head, rest = doc.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    return True
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

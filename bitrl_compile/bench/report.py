@@ -32,7 +32,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -315,35 +314,11 @@ def measure_latency(child_cfg: dict, impls: list[str], calls: int, threads: int,
 
 
 def guest_onnxruntime() -> Path:
-    """A folder with the aarch64 onnxruntime wheel (this host's version) unpacked, for the qemu guest."""
-    import fcntl
-
-    from bitrl_compile.devices import WHEEL_PLATFORMS, cache_root
+    """A site folder with the aarch64 onnxruntime wheel (this host's version) unpacked, for the qemu guest."""
+    from bitrl_compile.devices import guest_site
 
     version = importlib.metadata.version("onnxruntime")
-    site = cache_root() / f"aarch64-onnxruntime-{version}"
-    if (site / "onnxruntime" / "__init__.py").is_file():
-        return site
-    site.parent.mkdir(parents=True, exist_ok=True)
-    with open(site.parent / f".{site.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (site / "onnxruntime" / "__init__.py").is_file():
-            return site
-        with tempfile.TemporaryDirectory(dir=site.parent) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "--python-version", "3.11", "-d", tmp]
-            for tag in WHEEL_PLATFORMS:
-                cmd += ["--platform", tag]
-            proc = subprocess.run(cmd + [f"onnxruntime=={version}"], capture_output=True, text=True, check=False)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if proc.returncode != 0 or not wheels:
-                raise RuntimeError(f"cannot download the aarch64 onnxruntime=={version} wheel: "
-                                   f"{(proc.stderr.strip().splitlines() or ['no wheel'])[-1]}")
-            unpacked = Path(tmp) / "site"
-            with zipfile.ZipFile(wheels[0]) as z:
-                z.extractall(unpacked)
-            os.replace(unpacked, site)
-    return site
+    return guest_site(f"aarch64-onnxruntime-{version}", [f"onnxruntime=={version}"])
 
 
 def count_instructions(artifact: Path, target: str, child_cfg: dict, impls: list[str], out: Path, calls: int,

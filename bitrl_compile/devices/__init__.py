@@ -30,6 +30,7 @@ from bitrl_compile.devices.sysroot import (
     describe_exit,
     ensure_aarch64_python,
     ensure_guest_tvm,
+    guest_site,
     qemu_binary,
     qemu_python_command,
     run_python_under_qemu,
@@ -37,6 +38,7 @@ from bitrl_compile.devices.sysroot import (
 
 __all__ = [
     "DEFAULT_CPU", "QEMU", "WHEEL_PLATFORMS", "Aarch64Python", "EmulatedPolicy", "EmulatorError", "RPCServer",
-    "cache_root", "cpu_features", "describe_exit", "ensure_aarch64_python", "ensure_guest_tvm", "open_policy",
+    "cache_root", "cpu_features", "describe_exit", "ensure_aarch64_python", "ensure_guest_tvm",
+    "guest_site", "open_policy",
     "qemu_binary", "qemu_cpu", "qemu_python_command", "run_python_under_qemu",
 ]

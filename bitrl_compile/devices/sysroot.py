@@ -178,10 +178,7 @@ def _build(new: Path, work: Path, root: Path) -> None:
     _relativize_symlinks(sysroot)
 
     _log(f"  downloading aarch64 wheels: {', '.join(_wheel_specs())}")
-    _pip_download(_wheel_specs(), work / "wheels")
-    for wheel in sorted((work / "wheels").glob("*.whl")):
-        with zipfile.ZipFile(wheel) as z:
-            z.extractall(site)
+    _unpack_wheels(_wheel_specs(), work, site)
     _log(f"  taking libtvm_runtime.so out of the aarch64 {TVM} wheel (~95 MB download)")
     tvm_wheels = work / "tvm-wheel"
     tvm_wheels.mkdir()
@@ -248,6 +245,28 @@ def _pip_download(specs: list[str], folder: Path) -> None:
     _run(cmd + specs, f"download aarch64 wheels {specs}")
 
 
+def _unpack_wheels(specs: list[str], work: Path, site: Path) -> None:
+    """Download the aarch64 wheels `specs` (no dependencies) into the scratch folder and unpack them into `site`."""
+    wheels = work / "wheels"
+    wheels.mkdir(exist_ok=True)
+    _pip_download(specs, wheels)
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+        wheel.unlink()
+
+
+def guest_site(name: str, specs: list[str]) -> Path:
+    """A cached `site` folder (cache_root() / name / "site") holding the aarch64 wheels `specs` unpacked, no
+    dependencies: for a guest process that needs a package the runtime does not (the bench's onnxruntime
+    baseline). Put it on the guest's PYTHONPATH. Built once, like the other caches."""
+    root = cache_root() / name
+    recipe = {"recipe": 1, "python": PYTHON_VERSION, "wheels": list(specs), "platforms": list(WHEEL_PLATFORMS)}
+    _cached(root, recipe, f"the aarch64 wheels {', '.join(specs)}",
+            lambda new, work, final: _unpack_wheels(specs, work, new / "site"), name)
+    return root / "site"
+
+
 def _relativize_symlinks(sysroot: Path) -> None:
     """Point absolute symlinks inside the sysroot (e.g. to /etc/...) at the sysroot, not the host."""
     for folder, dirs, files in os.walk(sysroot):
@@ -309,13 +328,8 @@ def _build_guest_tvm(new: Path, work: Path, root: Path, py: Aarch64Python) -> No
     site = new / "site"
     site.mkdir()
     specs = [TVM, *GUEST_TVM_WHEELS]
-    _log(f"  downloading aarch64 wheels: {', '.join(specs)} (~95 MB)")
-    _pip_download(specs, work / "wheels")
-    _log("  unpacking them")
-    for wheel in sorted((work / "wheels").glob("*.whl")):
-        with zipfile.ZipFile(wheel) as z:
-            z.extractall(site)
-        wheel.unlink()
+    _log(f"  downloading and unpacking aarch64 wheels: {', '.join(specs)} (~95 MB)")
+    _unpack_wheels(specs, work, site)
     _log("  precompiling them to bytecode")
     _precompile(new, root, ("site",), python_root=py.root)
     _log("  checking that `import tvm` works under qemu")
