@@ -39,12 +39,10 @@ class _DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-
 @click.group(cls=_DefaultGroup)
 @click.version_option(__version__, prog_name="bitrl-compile")
 def main():
     """Compile trained RL policies into ternary (1.58-bit) programs for edge devices."""
-
 
 
 for command in (compile_cmd, inspect_cmd, tune_cmd, run_cmd, train_cmd, finetune_cmd, pretrain_bitnet_cmd, targets_cmd,

@@ -13,8 +13,8 @@ import click
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 
 
-
 def fail(e: BaseException, debug: bool) -> None:
+    """Report `e` in one line on stderr and exit: 1 for bad input (the message names the fix), 2 for a bug."""
     from bitrl_compile.loaded import ModelLoadError
     from bitrl_compile.pipeline import CompileError
 
@@ -31,8 +31,10 @@ def fail(e: BaseException, debug: bool) -> None:
     sys.exit(1 if user_error else 2)
 
 
-
 def guard(debug: bool):
+    """`with guard(debug):` around a command's body: an exception becomes one line and exit code 1 or 2,
+    Ctrl-C exit code 130."""
+
     class _Ctx:
         def __enter__(self):
             return self
@@ -49,16 +51,15 @@ def guard(debug: bool):
     return _Ctx()
 
 
-
 def widths(text: str) -> tuple[int, ...]:
+    """--hidden's comma-separated layer widths."""
     try:
-        widths = tuple(int(w) for w in text.split(","))
+        sizes = tuple(int(w) for w in text.split(","))
     except ValueError:
         raise ValueError(f"--hidden {text!r}: give comma-separated integers, e.g. 64,64") from None
-    if not widths or min(widths) < 1:
+    if not sizes or min(sizes) < 1:
         raise ValueError(f"--hidden {text!r}: widths must be positive integers")
-    return widths
-
+    return sizes
 
 
 def check_env(env_id: str) -> None:

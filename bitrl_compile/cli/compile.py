@@ -69,7 +69,6 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
         click.echo(_summary(result.manifest, out, time.perf_counter() - t0))
 
 
-
 def _summary(manifest: dict, path: Path, seconds: float | None = None) -> str:
     layers = manifest["layers"]
     n_weights = sum(layer["in"] * layer["out"] for layer in layers)
@@ -89,7 +88,6 @@ def _summary(manifest: dict, path: Path, seconds: float | None = None) -> str:
     if seconds is not None:
         lines.append(f"  compiled in {seconds:.1f} s")
     return "\n".join(lines)
-
 
 
 @click.command("inspect")
@@ -118,7 +116,6 @@ def inspect_cmd(artifact, as_json, debug):
         if stats.get("ternary_weights"):
             bits = 8 * stats["param_bytes"] / stats["ternary_weights"]
             click.echo(f"  parameters: {stats['param_bytes']:,} bytes = {bits:.2f} bits per weight incl. scales/bias")
-
 
 
 @click.command("tune")
@@ -162,7 +159,6 @@ def tune_cmd(model, target, trials, batches, tuning_db, rpc, threads, config, en
         click.echo(autotune.summary(rows))
         click.echo(f"tuned {len(keys)} kernel(s) x {len(sizes)} batch size(s) in {seconds:.0f} s; "
                    f"database {path} (compiles for {target} now use it)")
-
 
 
 @click.command("targets")

@@ -13,7 +13,6 @@ def emulator_group():
     """The aarch64 Python under qemu that runs rasp4/rasp5 artifacts on this machine (bitrl_compile.devices)."""
 
 
-
 @contextmanager
 def _emulator_errors():
     """An EmulatorError (qemu missing, a failed build, a guest that died) is one line on stderr and exit code 1."""
@@ -24,7 +23,6 @@ def _emulator_errors():
     except EmulatorError as e:
         click.echo(f"bitrl-compile: error: {e}", err=True)
         sys.exit(1)
-
 
 
 @emulator_group.command("setup")
@@ -42,7 +40,6 @@ def emulator_setup_cmd(with_tvm):
         click.echo(f"tvm site: {tvm_site}")
 
 
-
 @emulator_group.command("python", context_settings={"ignore_unknown_options": True,
                                                      "allow_interspersed_args": False})
 @click.option("--cpu", help="qemu CPU model [default: cortex-a72, the Raspberry Pi 4]")
@@ -56,7 +53,6 @@ def emulator_python_cmd(cpu, args):
     with _emulator_errors():
         command = qemu_python_command(cpu or DEFAULT_CPU) + list(args)
     sys.exit(subprocess.call(command))
-
 
 
 @emulator_group.command("rpc-server")

@@ -27,17 +27,18 @@ def run_cmd(artifact, env_id, episodes, seed, stochastic, debug):
         from bitrl_compile.runtime.policy import host_arch
 
         policy = open_policy(artifact)
-        t0 = time.perf_counter()
-        returns, steps = evaluate(lambda obs: policy.act(obs, deterministic=not stochastic), env_id,
-                                  episodes, seed, progress=True)
-        dt = time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            returns, steps = evaluate(lambda obs: policy.act(obs, deterministic=not stochastic), env_id,
+                                      episodes, seed, progress=True)
+            dt = time.perf_counter() - t0
+        finally:
+            policy.close()
         import numpy as np
 
         emulated = " (emulated under qemu)" if policy.manifest["target"]["arch"] != host_arch() else ""
         click.echo(f"{env_id}: mean return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {episodes} "
                    f"episodes, {steps} steps in {dt:.1f} s{emulated}")
-        policy.close()
-
 
 
 @click.command("bench")
@@ -69,13 +70,11 @@ def bench_cmd(model, target, env_id, episodes, batch, threads, calls, seed, out,
         click.echo(f"report: {Path(out) / 'report.md'} (data: report.json; plots: {', '.join(report['plots'])})")
 
 
-
 def _int_list(ctx, param, value: str) -> list[int]:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
-
 
 
 def _given_args(ctx: click.Context) -> list[str]:
@@ -92,7 +91,6 @@ def _given_args(ctx: click.Context) -> list[str]:
                 else str(value)
             args += [param.opts[0], text]
     return args
-
 
 
 @click.command("bench-kernels")
@@ -123,7 +121,6 @@ def bench_kernels_cmd(ctx, sizes, batches, threads, rounds, block_ms, impls, no_
         sys.exit(bench_kernels(_given_args(ctx), sizes=sizes, batches=batches, threads=threads, rounds=rounds,
                                block_ms=block_ms, impls=[i for i in impls.split(",") if i] if impls else None,
                                arm=not no_arm, json_path=json_path, log=click.echo))
-
 
 
 @click.command("demo")

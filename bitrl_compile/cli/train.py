@@ -79,7 +79,6 @@ def train_cmd(env_id, steps, heads_bits, hidden, seed, out, no_progress, debug, 
         click.echo(f"  {result.out}/learning_curve.png, progress.csv, checkpoint.safetensors")
 
 
-
 @click.command("finetune")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--env", "env_id", required=True, help="the gymnasium environment the policy was trained on")
@@ -133,7 +132,6 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
         write_atomic(output, (result.out / "policy.safetensors").read_bytes())  # whole or not at all
         click.echo(f"after {result.global_step} QAT steps: ternary {mean(reference_act(load_policy(output)))}")
         click.echo(f"  {output}  (compile: bitrl-compile {output})")
-
 
 
 @click.command("pretrain-bitnet")

@@ -14,7 +14,7 @@ Three parts, which depend on bitrl_compile.runtime only:
                   open_policy picks it or the native runtime.Policy by the artifact's architecture
     rpc.py        RPCServer: TVM's RPC server (tvm.exec.rpc_server) in that Python, for autotuning
 
-`bitrl-compile emulator setup [--tvm] | python ARGS | rpc-server` is their command line (cli.py).
+`bitrl-compile emulator setup [--tvm] | python ARGS | rpc-server` is their command line (cli/emulator.py).
 """
 
 from bitrl_compile.devices.emulated import EmulatedPolicy, open_policy, qemu_cpu
