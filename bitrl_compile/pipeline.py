@@ -110,8 +110,9 @@ def _first_line(e: BaseException) -> str:
 QUANTIZED = "bitrl.PackWeights"  # the module after this pass is the quantized policy the numpy reference runs
 
 
-def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None):
-    """The compile's passes, in order: the one list to read (and to add a pass to)."""
+def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until: str | None = None):
+    """The compile's passes, in order: the one list to read (and to add a pass to). With `until` (a pass name,
+    e.g. QUANTIZED) the list stops after that pass."""
     import tvm
 
     from bitrl_compile.passes.fuse_bitlinear import fuse_bitlinear
@@ -120,13 +121,16 @@ def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None):
     from bitrl_compile.passes.pack_weights import pack_weights
     from bitrl_compile.passes.ternarize import ternarize
 
-    return tvm.transform.Sequential([
+    sequence = [
         ternarize(per_channel),                           # float weights -> gamma * trits (absmean); NaN refused
         fuse_bitlinear,                                   # permute_dims -> matmul (-> add) (-> act): one BitLinear
         pack_weights,                                     # trits -> 2-bit constants (runnable: the reference's input)
         legalize_bitlinear(tvm_target, schedules, spec),  # BitLinear -> call_tir to the target's TensorIR kernel
         lift_params,                                      # weight constants -> main's parameters (params.safetensors)
-    ], name="bitrl")
+    ]
+    if until is not None:
+        sequence = sequence[:[p.info.name for p in sequence].index(until) + 1]
+    return tvm.transform.Sequential(sequence, name="bitrl")
 
 
 def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=None):
@@ -138,10 +142,7 @@ def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=No
 
     @tvm.instrument.pass_instrument
     class _KeepQuantized:
-        module, running = None, None
-
-        def run_before_pass(self, mod, info):
-            self.running = info.name
+        module = None
 
         def run_after_pass(self, mod, info):
             if info.name == QUANTIZED:
@@ -197,7 +198,7 @@ def kernel_keys(loaded, per_channel: bool = False) -> list:
     from bitrl_compile.targets import kernel_spec
     from bitrl_compile.targets.tuning import KernelKey
 
-    quantized, _, _ = run_passes(to_relax(loaded), None, kernel_spec(None), per_channel=per_channel)
+    quantized = passes(None, kernel_spec(None), per_channel=per_channel, until=QUANTIZED)(to_relax(loaded))
     layers = bitlinear_layers(quantized)
     return list(dict.fromkeys(KernelKey(layer["in"], layer["out"], layer["activation"],
                                         layer["scale"] == "per_channel") for layer in layers))

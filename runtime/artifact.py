@@ -81,6 +81,7 @@ def write_artifact(path: str | os.PathLike, manifest: dict, members: dict[str, b
         raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION,
                     members={name: sha256(data) for name, data in members.items()})
+
     def write(f):
         with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
