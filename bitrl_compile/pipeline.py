@@ -110,11 +110,16 @@ def _first_line(e: BaseException) -> str:
 QUANTIZED = "bitrl.PackWeights"  # the module after this pass is the quantized policy the numpy reference runs
 
 
-def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until: str | None = None):
+def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until: str | None = None,
+           specs: tuple[dict, dict] | None = None):
     """The compile's passes, in order: the one list to read (and to add a pass to). With `until` (a pass name,
-    e.g. QUANTIZED) the list stops after that pass."""
+    e.g. QUANTIZED) the list stops after that pass. With `specs` (the manifest's input and output spec) the
+    module gains the entry points act/forward/... with pre- and post-processing, legalised and fused into
+    TensorIR kernels by TVM's own passes, so that `plan.extract` can read each entry point's kernel calls."""
     import tvm
+    from tvm import relax
 
+    from bitrl_compile.passes.entry_points import entry_points
     from bitrl_compile.passes.fuse_bitlinear import fuse_bitlinear
     from bitrl_compile.passes.legalize_bitlinear import legalize_bitlinear
     from bitrl_compile.passes.lift_params import lift_params
@@ -128,12 +133,33 @@ def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until
         legalize_bitlinear(tvm_target, schedules, spec),  # BitLinear -> call_tir to the target's TensorIR kernel
         lift_params,                                      # weight constants -> main's parameters (params.safetensors)
     ]
+    if specs is not None:
+        sequence += [
+            entry_points(*specs),                         # act/forward/sample/features: pre + main + post
+            _with_target(tvm_target, relax.backend.DispatchSortScan()),  # cumsum (sampling) -> TensorIR
+            relax.transform.LegalizeOps(),                # TVM's: the pre/post ops -> TensorIR, fused per kernel
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
     if until is not None:
         sequence = sequence[:[p.info.name for p in sequence].index(until) + 1]
     return tvm.transform.Sequential(sequence, name="bitrl")
 
 
-def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=None):
+def _with_target(tvm_target, inner):
+    """A TVM pass that reads the current target (Target.current()), run with `tvm_target` current."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name=f"bitrl.{inner.info.name}")
+    def _pass(mod, _ctx=None):
+        with tvm_target:
+            return inner(mod)
+
+    return _pass
+
+
+def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=None, specs=None):
     """Run `passes` on a float Relax module. Returns (the quantized module after QUANTIZED, the lowered module
     ready for tvm.compile, its parameters by name)."""
     import tvm
@@ -151,7 +177,7 @@ def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=No
     keep = _KeepQuantized()
     try:
         with tvm.transform.PassContext(instruments=[keep]):
-            lowered = passes(tvm_target, spec, per_channel=per_channel, schedules=schedules)(mod)
+            lowered = passes(tvm_target, spec, per_channel=per_channel, schedules=schedules, specs=specs)(mod)
     except ValueError as e:
         if keep.module is not None:  # past quantization: a bug of ours, not the model's
             raise
@@ -255,7 +281,9 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     spec = targets.kernel_spec(tvm_target)  # the target's kernel, resolved once for this compile
     schedules = tuning_db_mod.TunedSchedules(tuning_db_mod.database_path(target, tvm_target, tuning_db)) \
         if tuning else None
-    quantized, lowered, params = run_passes(mod, tvm_target, spec, per_channel=per_channel, schedules=schedules)
+    quantized, lowered, params = run_passes(mod, tvm_target, spec, per_channel=per_channel, schedules=schedules,
+                                            specs=(loaded.input, loaded.output))
+    plans = entry_plans(lowered, log)
     layers = bitlinear_layers(quantized)
     if not layers:
         raise CompileError("the policy has no linear layer with constant weights to ternarize")
@@ -280,6 +308,11 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
         executable = tvm.compile(lowered, target=tvm_target)
     except Exception as e:
         raise CompileError(f"TVM could not compile the policy for {target.name}: {_first_line(e)}") from e
+    missing = [c["func"] for plan in plans.values() for c in plan["calls"]
+               if not executable.mod.imports[0].implements_function(c["func"])]
+    if missing:  # a TVM pass renamed or merged a kernel after legalisation
+        raise CompileError(f"kernels {sorted(set(missing))} of the entry points are not in the compiled library; "
+                           "this is a bug, please report it")
     with tempfile.TemporaryDirectory(prefix="bitrl-") as tmp:
         lib_path = Path(tmp) / art.LIB
         if target.cc:
@@ -293,6 +326,9 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
 
     manifest = build_manifest(loaded, target, tvm_target, targets.cpu_flags_needed(target, spec), layers, params)
     manifest["weights"] = weight_layouts
+    manifest["entry_points"] = plans
+    manifest["vm_params"] = vm_params(lowered)
+    manifest["batch"] = batch_bounds(lowered)
     manifest["kernels"] = kernel_table
     members = {art.LIB: lib_bytes, art.PARAMS: safetensors_np.dumps(params)}
     if bundle_runtime:
@@ -300,6 +336,39 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     art.write_artifact(output, manifest, members, force=force)
     log(f"wrote {output} ({output.stat().st_size} bytes)")
     return CompiledPolicy(output, manifest, quantized, params, timings)
+
+
+def entry_plans(lowered, log: Callable[[str], None] = lambda s: None) -> dict[str, dict]:
+    """manifest["entry_points"]: each entry point's kernel calls (runtime/plan.py runs them without the VM)."""
+    from bitrl_compile.passes.entry_points import ENTRY_POINTS, NoPlan, plan_of
+
+    plans = {}
+    for name in ENTRY_POINTS:
+        if any(gv.name_hint == name for gv in lowered.functions):
+            try:
+                plans[name] = plan_of(lowered, name)
+            except NoPlan as e:
+                log(f"entry point {name} runs through the Relax VM ({e})")
+    return plans
+
+
+def vm_params(lowered) -> dict[str, list[str]]:
+    """manifest["vm_params"]: the parameters each Relax function takes after its inputs, in order."""
+    from tvm import relax
+
+    return {gv.name_hint: [v.name for v in f.params[int(f.attrs["num_input"]):]]
+            for gv, f in lowered.functions.items() if isinstance(f, relax.Function)}
+
+
+def batch_bounds(lowered) -> dict[str, int]:
+    """manifest["batch"]: the batch sizes the compiled functions accept."""
+    attrs = lowered["main"].attrs
+    batch = lowered["main"].params[0].ty.shape[0]
+    if not hasattr(batch, "name"):  # a fixed batch
+        return {"min": int(batch), "max": int(batch)}
+    lower = attrs.get("tir_var_lower_bound", {}).get(batch.name, 1)
+    upper = attrs.get("tir_var_upper_bound", {}).get(batch.name)
+    return {"min": int(lower), "max": int(upper) if upper is not None else None}
 
 
 def build_manifest(loaded, target, tvm_target, cpu_features, layers, params) -> dict:

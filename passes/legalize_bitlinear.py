@@ -119,9 +119,9 @@ def weight_params(mod, func_name: str = "main") -> dict[str, dict]:
             return
         kernel = mod[expr.args[0]]
         attrs = kernel.attrs if kernel.attrs is not None else {}
-        w = expr.args[1].fields[1]
-        if "bitrl.weight_layout" not in attrs or not isinstance(w, relax.Var):
+        if "bitrl.weight_layout" not in attrs or not isinstance(expr.args[1].fields[1], relax.Var):
             return
+        w = expr.args[1].fields[1]
         for param in func.params:
             if param.same_as(w):
                 found[param.name] = {"storage": "base3", "compute": str(attrs["bitrl.weight_layout"]),

@@ -48,7 +48,13 @@ def lift_params(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
 
 
 def params_of(mod: tvm.IRModule) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
-    """After lift_params: (the module without the values, {parameter name: value} in parameter order)."""
+    """After lift_params: (the module without the values, {parameter name: value}): main's parameters in
+    order, then those only other functions (the entry points) take."""
     mod, detached = relax.frontend.detach_params(mod)
-    names = [v.name for v in mod["main"].params[int(mod["main"].attrs["num_input"]):]]
-    return mod, {name: t.numpy() for name, t in zip(names, detached.get("main", []))}
+    params: dict[str, np.ndarray] = {}
+    for name in ["main", *sorted(n for n in detached if n != "main")]:
+        func = mod[name]
+        names = [v.name for v in func.params[int(func.attrs["num_input"]):]]
+        for param, value in zip(names, detached.get(name, [])):
+            params.setdefault(param, value.numpy())
+    return mod, params

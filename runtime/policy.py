@@ -8,15 +8,19 @@ the Box bounds, or clipping, for continuous ones). No torch and no TVM compiler 
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import tempfile
+import threading
+import uuid
 
 import numpy as np
 
 from . import safetensors_np, weights
 from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, read_artifact
-from .tvm_runtime import aligned, cpu_flags, enable_amx, load_vm, to_device
+from .plan import Plan
+from .tvm_runtime import NativeLibrary, aligned, cpu_flags, enable_amx, load_module, to_device
 
 
 def host_arch() -> str:
@@ -60,12 +64,11 @@ def normalize(x: np.ndarray, norm: tuple | None) -> np.ndarray:
     return x if clip is None else np.clip(x, -clip, clip)
 
 
-def prepare_observations(input_spec: dict, obs, norm: tuple | None = None) -> tuple[np.ndarray, bool]:
-    """One observation or a batch -> (the network's float32 [B, *shape] input, whether it was one observation):
-    validation (shape, dtype, range, NaN/Inf), one-hot, /255, text serialisation, then `norm` (what
-    `normalization(input_spec)` returns) applied. The manifest's input spec says which."""
+def check_observations(input_spec: dict, obs) -> tuple[np.ndarray, bool]:
+    """One observation or a batch -> (a [B, *shape] array ready to be copied into float32, whether it was one
+    observation), validated: shape, dtype, one-hot index range. For one-hot inputs the array is the [B] indices.
+    Finiteness is checked after the float32 conversion (`check_finite`)."""
     kind = input_spec.get("preprocess", "none")
-    obs_shape = tuple(input_spec["shape"])
     obs = np.asarray(obs)
     if kind == "onehot":
         n = int(input_spec["n"])
@@ -73,11 +76,11 @@ def prepare_observations(input_spec: dict, obs, norm: tuple | None = None) -> tu
             raise ValueError(f"observation must be an integer or a 1-D batch of integers in [0, {n}); "
                              f"got shape {obs.shape} dtype {obs.dtype}")
         single = obs.ndim == 0
-        idx = obs.reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
+        x = obs.reshape(-1)
+        if x.size and (x.min() < 0 or x.max() >= n):
             raise ValueError(f"observation index out of range [0, {n})")
-        x = np.eye(n, dtype=np.float32)[idx]
     else:
+        obs_shape = tuple(input_spec["shape"])
         if obs.dtype != np.float32 and not (np.issubdtype(obs.dtype, np.number) or obs.dtype == np.bool_):
             raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
         if obs.shape == obs_shape:
@@ -87,13 +90,36 @@ def prepare_observations(input_spec: dict, obs, norm: tuple | None = None) -> tu
         else:
             raise ValueError(f"observation has shape {obs.shape}; this policy expects {obs_shape} "
                              f"or a batch (B, {', '.join(map(str, obs_shape))})")
+    if x.shape[0] == 0:
+        raise ValueError("observation batch is empty (batch size 0)")
+    return x, single
+
+
+_FLOAT32 = np.dtype(np.float32)
+_OPEN_LOCK = threading.Lock()
+
+
+def check_finite(x: np.ndarray) -> None:
+    """ValueError unless every value of a float32 array is finite (cheap for one small observation too)."""
+    ok = math.isfinite(sum(x.ravel().tolist())) if x.size <= 64 else bool(np.isfinite(x).all())
+    if not ok:  # a float32 sum of <= 64 values cannot overflow a Python float: only NaN/Inf make it non-finite
+        raise ValueError("observation contains NaN or Inf")
+
+
+def prepare_observations(input_spec: dict, obs, norm: tuple | None = None) -> tuple[np.ndarray, bool]:
+    """One observation or a batch -> (the network's float32 [B, *shape] input, whether it was one observation):
+    validation (shape, dtype, range, NaN/Inf), one-hot, /255, text serialisation, then `norm` (what
+    `normalization(input_spec)` returns) applied. The manifest's input spec says which. (What the compiled
+    entry points do inside the module, done in numpy: the reference and artifacts without entry points use it.)"""
+    kind = input_spec.get("preprocess", "none")
+    x, single = check_observations(input_spec, obs)
+    if kind == "onehot":
+        x = np.eye(int(input_spec["n"]), dtype=np.float32)[x]
+    else:
         x = x.astype(np.float32, copy=False)
         if kind == "image":
             x = x / np.float32(255.0)
-    if x.shape[0] == 0:
-        raise ValueError("observation batch is empty (batch size 0)")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("observation contains NaN or Inf")
+    check_finite(x)
     if kind == "text":  # a text state encoder: the state written as text, one token per byte (runtime/text.py)
         from .text import serialize
 
@@ -135,7 +161,11 @@ def postprocess(output_spec: dict, out: np.ndarray, deterministic: bool = True, 
 
 
 class Policy:
-    """A compiled policy. `act(obs)` takes one observation or a batch and returns action(s)."""
+    """A compiled policy. `act(obs)` takes one observation or a batch and returns action(s).
+
+    One Policy may be called from many threads at once: the kernels of an entry point are called directly
+    (runtime/plan.py) on buffers of the calling thread; where an artifact has no plan, each thread gets its
+    own Relax VM. `close()` (or a `with` block) releases the library and the parameters."""
 
     def __init__(self, manifest: dict, lib_bytes: bytes, params: dict[str, np.ndarray], path="artifact",
                  bundled_runtime: bytes | None = None):
@@ -144,37 +174,91 @@ class Policy:
         self.input_spec = manifest["input"]
         self.output_spec = manifest["output"]
         self.obs_shape = tuple(self.input_spec["shape"])
-        # tvm-ffi opens the library from a file; it stays mapped after the file is removed.
-        fd, tmp = tempfile.mkstemp(suffix=".so", prefix="bitrl-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(lib_bytes)
-            self._vm = load_vm(tmp, bundled_runtime)
-        finally:
-            os.unlink(tmp)
-        self._main = self._vm["main"]
-        self._params_np = [aligned(params[name]) for name in manifest["params"]]
-        self._params = [to_device(p) for p in self._params_np]
-        self._norm = normalization(self.input_spec)
-
-    def _prepare(self, obs) -> tuple[np.ndarray, bool]:
-        return prepare_observations(self.input_spec, obs, self._norm)
+        self._lib_bytes, self._bundled_runtime = lib_bytes, bundled_runtime
+        self._module = None  # the Relax VM's module, opened on first use (entry points without a plan)
+        self._params_np = {name: aligned(value) for name, value in params.items()}
+        self._params = {name: to_device(value) for name, value in self._params_np.items()}
+        self._plans = {}
+        if manifest.get("entry_points"):
+            library = self._with_file(lambda path: NativeLibrary(path, bundled_runtime))
+            self._plans = {name: Plan(name, spec, library, self._params)
+                           for name, spec in manifest["entry_points"].items()}
+        self._entries = set(manifest.get("vm_params", {})) | set(self._plans)
+        self._vm_params = manifest.get("vm_params") or {"main": list(manifest["params"])}
+        self._local = threading.local()
+        self._norm = normalization(self.input_spec)  # for artifacts without entry points
+        self._text = self.input_spec.get("preprocess") == "text"
+        self._discrete = self.output_spec["kind"] == "discrete"
+        self._closed = False
 
     # ---------------------------------------------------------------- inference
 
-    def forward(self, obs) -> np.ndarray:
-        """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
-        x, single = self._prepare(obs)
-        out = self._run(x)
-        return out[0] if single else out
+    def _call(self, entry: str, *inputs: np.ndarray) -> np.ndarray:
+        """Run entry point `entry` on [B, ...] inputs; its output, owned by the caller."""
+        plan = self._plans.get(entry)
+        if plan is not None:
+            frame = plan.frame(inputs[0].shape[0])
+            for (buffer, _), x in zip(frame.inputs, inputs):
+                np.copyto(buffer, x, casting="unsafe")
+            if entry != "sample":  # noise needs no check
+                check_finite(frame.inputs[0][0])
+            plan.run_frame(frame)
+            return frame.outputs[0][0].copy()
+        return self._call_vm(entry, *inputs)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        if self._main is None:
+    def _call_vm(self, entry: str, *inputs: np.ndarray) -> np.ndarray:
+        """`_call` through the Relax VM: artifacts without a plan."""
+        if self._closed:
             raise ValueError(f"{self.path}: this Policy was closed; load the artifact again")
-        result = self._main(to_device(x), *self._params)
+        vm = getattr(self._local, "vm", None)
+        if vm is None:  # one VM per thread: a VM's registers are not safe to share
+            with _OPEN_LOCK:
+                if self._module is None:
+                    self._module = self._with_file(lambda path: load_module(path, self._bundled_runtime))
+            vm = self._local.vm = self._module["vm_load_executable"]()
+            vm["vm_initialization"](1, 0, 2)  # device type kDLCPU, device id 0, pooled allocator
+        arrays = [aligned(x, np.float32) for x in inputs]
+        if entry != "sample":
+            check_finite(arrays[0])
+        result = vm[entry](*[to_device(a) for a in arrays], *[self._params[n] for n in self._vm_params[entry]])
         if not hasattr(result, "__dlpack__") and len(result) == 1:
             result = result[0]
         return np.from_dlpack(result).copy()
+
+    def _with_file(self, open_library):
+        """open_library(path) on lib.so written to a temporary file, removed once opened (it stays mapped)."""
+        # a name never used before: the dynamic loader hands back an already loaded library of the same name
+        fd, tmp = tempfile.mkstemp(suffix=".so", prefix=f"bitrl-{uuid.uuid4().hex}-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._lib_bytes)
+            return open_library(tmp)
+        finally:
+            os.unlink(tmp)
+
+    def _inputs(self, obs) -> tuple[np.ndarray, bool]:
+        """Validated observations for the entry points (which normalise, one-hot and /255 themselves)."""
+        if self._closed:
+            raise ValueError(f"{self.path}: this Policy was closed; load the artifact again")
+        if self._text:  # serialising the state as text is a host step
+            x, single = prepare_observations(self.input_spec, obs)
+            return x, single
+        return check_observations(self.input_spec, obs)
+
+    def forward(self, obs) -> np.ndarray:
+        """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
+        out, single = self._forward(obs)
+        return out[0] if single else out
+
+    def _forward(self, obs) -> tuple[np.ndarray, bool]:
+        if "forward" in self._entries:
+            x, single = self._inputs(obs)
+            return self._call("forward", x), single
+        if self._closed:
+            raise ValueError(f"{self.path}: this Policy was closed; load the artifact again")
+        # an artifact without entry points: numpy prepares, the VM runs main
+        x, single = prepare_observations(self.input_spec, obs, self._norm)
+        return self._call("main", x), single
 
     def features(self, obs) -> np.ndarray:
         """A backbone's output features, [D] for one observation or [B, D] for a batch (output kind "features")."""
@@ -184,19 +268,46 @@ class Policy:
         return self.forward(obs)
 
     def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
-        """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box."""
-        x, single = self._prepare(obs)
-        out = self._run(x)
-        actions = self.postprocess(out, deterministic, rng)
+        """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box.
+        Stochastic actions (deterministic=False) draw their noise from `rng` (default: a fresh generator)."""
+        if "act" not in self._entries:  # a backbone (postprocess says so), or an artifact without entry points
+            out, single = self._forward(obs)
+            actions = self.postprocess(out, deterministic, rng)
+            return actions[0] if single else actions
+        plan = self._plans.get("act")
+        if deterministic and plan is not None and type(obs) is np.ndarray and obs.dtype is _FLOAT32 \
+                and obs.shape == self.obs_shape:  # the common call, one float32 observation: the fewest steps
+            frame = plan.frame(1)
+            frame.single[...] = obs
+            if not math.isfinite(sum(frame.flat.tolist())) if frame.flat.size <= 64 else \
+                    not np.isfinite(frame.flat).all():  # a sum of <= 64 float32 overflows only with NaN/Inf
+                raise ValueError("observation contains NaN or Inf")
+            for function, args in frame.calls:
+                function(*args)
+            action = frame.outputs[0][0][0]
+            return action if self._discrete else action.copy()
+        x, single = self._inputs(obs)
+        if deterministic or "sample" not in self._entries:
+            actions = self._call("act", x)
+        else:
+            rng = rng or np.random.default_rng()
+            spec = self.output_spec
+            noise = rng.random((len(x), 1)) if spec["kind"] == "discrete" else \
+                rng.standard_normal((len(x), *spec["shape"]))
+            actions = self._call("sample", x, noise)
         return actions[0] if single else actions
 
     def postprocess(self, out: np.ndarray, deterministic: bool = True, rng=None):
         return postprocess(self.output_spec, out, deterministic, rng, self.path)
 
     def close(self) -> None:
-        """Drop the compiled module and the parameters (the PolicyLike interface); calls after this raise."""
-        self._vm = self._main = None
-        self._params = self._params_np = []
+        """Release the compiled library and the parameters (the PolicyLike interface); calls after this raise.
+        Calls already running in other threads finish first: they hold what they use."""
+        self._closed = True
+        self._plans = {}  # the last reference to the library's functions: NativeLibrary dlcloses it
+        self._module = self._lib_bytes = None
+        self._local = threading.local()
+        self._params = self._params_np = {}
 
     def __enter__(self):
         return self

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+from _ctypes import dlclose as _dlclose
 from pathlib import Path
 
 _RUNTIME_LOADED = False
@@ -112,6 +113,60 @@ def load_module(lib_path: str | os.PathLike, bundled_runtime: bytes | None = Non
     _load_runtime(bundled_runtime)
     enable_amx()
     return tvm_ffi.load_module(str(lib_path))
+
+
+# Function pointers a TVM-built library leaves to its loader (TVM's codegen; tvm-ffi's "context symbols"): each
+# variable __NAME points at the runtime's exported NAME.
+CONTEXT_SYMBOLS = ("__TVMBackendAllocWorkspace", "__TVMBackendFreeWorkspace", "__TVMBackendParallelLaunch",
+                   "__TVMBackendParallelBarrier", "__TVMFFIFunctionCall", "__TVMFFIErrorSetRaisedFromCStr",
+                   "__TVMFFIHandleInitOnce", "__TVMFFIEnvModLookupFromImports")
+
+
+class NativeLibrary:
+    """A TVM-built library opened with dlopen, its functions as tvm-ffi functions that keep it loaded; it is
+    dlclose'd when the last of them is gone (tvm-ffi's own loader never unloads a library)."""
+
+    def __init__(self, lib_path: str | os.PathLike, bundled_runtime: bytes | None = None):
+        tvm_ffi = _import_tvm_ffi()
+        _load_runtime(bundled_runtime)
+        enable_amx()
+        ctypes.CDLL(str(tvm_ffi.libinfo.find_libtvm_ffi()), os.RTLD_NOW | os.RTLD_GLOBAL)  # the error setter
+        self._dll = ctypes.CDLL(str(lib_path), os.RTLD_NOW | os.RTLD_LOCAL)
+        self._handle = self._dll._handle
+        process = ctypes.CDLL(None)
+        try:
+            ctypes.c_void_p.in_dll(self._dll, "__tvm_ffi__library_ctx")
+        except ValueError:
+            pass
+        else:  # it calls functions of other modules through its loader: only tvm-ffi's loader can serve it
+            self.close()
+            raise RuntimeError("the compiled library calls functions of other modules; open it with load_module")
+        for name in CONTEXT_SYMBOLS:
+            try:
+                slot = ctypes.c_void_p.in_dll(self._dll, name)
+            except ValueError:  # the library does not use it
+                continue
+            try:
+                slot.value = ctypes.cast(getattr(process, name[2:]), ctypes.c_void_p).value
+            except AttributeError:
+                self.close()
+                raise RuntimeError(f"the compiled library needs {name[2:]}, which this TVM runtime lacks") from None
+
+    def function(self, name: str):
+        """The library's function `name` (its symbol __tvm_ffi_<name>); KeyError if it has none."""
+        try:
+            address = ctypes.cast(getattr(self._dll, f"__tvm_ffi_{name}"), ctypes.c_void_p).value
+        except AttributeError:
+            raise KeyError(name) from None
+        return _import_tvm_ffi().Function.__from_extern_c__(address, keep_alive_object=self)
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            _dlclose(handle)
+
+    def __del__(self):
+        self.close()
 
 
 def load_vm(lib_path: str | os.PathLike, bundled_runtime: bytes | None = None):

@@ -11,9 +11,10 @@
     bitrl-compile demo                                     the built-in example, end to end
     bitrl-compile targets                                  the known targets
     bitrl-compile emulator setup | python ARGS | rpc-server   the aarch64 Python under qemu (devices)
+    bitrl-compile capi --cflags --libs [--target rasp4]    build flags of the C API (libbitrl), like pkg-config
 
 One click group; the commands live by what they do: compile.py (compile, inspect, tune, targets), train.py (train,
-finetune, pretrain-bitnet), measure.py (run, bench, bench-kernels, demo), emulator.py (emulator ...); common.py
+finetune, pretrain-bitnet), measure.py (run, bench, bench-kernels, demo), emulator.py (emulator ...), capi.py; common.py
 has the error handling they share. Each command calls a function of a lower layer.
 
 Exit codes: 0 success; 1 bad input (one line on stderr, no traceback unless --debug); 2 internal error.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import click
 
 from bitrl_compile import __version__
+from bitrl_compile.cli.capi import capi_cmd
 from bitrl_compile.cli.compile import compile_cmd, inspect_cmd, targets_cmd, tune_cmd
 from bitrl_compile.cli.emulator import emulator_group
 from bitrl_compile.cli.measure import bench_cmd, bench_kernels_cmd, demo_cmd, run_cmd
@@ -46,5 +48,5 @@ def main():
 
 
 for command in (compile_cmd, inspect_cmd, tune_cmd, run_cmd, train_cmd, finetune_cmd, pretrain_bitnet_cmd, targets_cmd,
-                bench_cmd, bench_kernels_cmd, demo_cmd, emulator_group):
+                bench_cmd, bench_kernels_cmd, demo_cmd, emulator_group, capi_cmd):
     main.add_command(command)

@@ -1,0 +1,258 @@
+"""entry_points: the artifact computes actions itself. Adds Relax functions around the network `main`:
+
+    forward(obs, params...)          preprocessing, then the network: its raw output (logits, Q-values, mean)
+    act(obs, params...)              forward, then the deterministic action (argmax; tanh squash + rescale, clip)
+    sample(obs, noise, params...)    a stochastic action from caller-supplied noise (policies that sample)
+    features(obs, params...)         backbones (output kind "features"): forward under the name apps expect
+
+Pipeline position: after `lift_params`, before TVM's legalisation (LegalizeOps, FuseOps, FuseTIR turn the
+pre- and post-processing into fused TensorIR kernels, which `runtime.plan` then calls directly). `main` stays
+what it was (the network on prepared inputs: the reference compares against it).
+
+Pre-processing (manifest input spec): "image" divides by 255; "onehot" takes a float32 [B] of indices; then
+normalisation (x - mean) / std, clipped, where std = sqrt(var + eps) is computed once here in float32, exactly
+as the numpy runtime computes it. "text" (a state encoder reading text) stays a host step: the entry points
+take the serialised tokens, as `main` does. Post-processing follows the output spec, with the same float32
+operations in the same order as `runtime.policy.postprocess`, so the results agree bit for bit except tanh
+and exp (TVM's and numpy's differ in the last place).
+
+The constants (mean, std, bounds) become parameters with their values in the entry function's "params"
+attribute, named obs_mean, obs_std, act_low, act_range, act_high, act_std: `lift_params.params_of` collects them
+with main's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm import tirx as tir
+from tvm.relax.utils import copy_with_new_vars
+
+ENTRY_POINTS = ("forward", "act", "sample", "features")
+
+
+def _norm_params(input_spec: dict) -> dict[str, np.ndarray]:
+    norm = input_spec.get("normalize")
+    if not norm:
+        return {}
+    mean = np.asarray(norm["mean"], np.float32)
+    var = np.asarray(norm["var"], np.float32)
+    return {"obs_mean": mean, "obs_std": np.sqrt(var + np.float32(norm.get("eps", 1e-8)))}
+
+
+class _Builder:
+    """Bindings of one entry function: emit(call) names and types a value, params(name, value) adds a constant."""
+
+    def __init__(self, values: dict[str, np.ndarray]):
+        self.values = values  # every extra parameter's value, by name
+        self.extra: list[relax.Var] = []
+        self._bb = relax.BlockBuilder()
+        self._bb._begin_dataflow_block()
+
+    def emit(self, call, name: str = "v", output: bool = False) -> relax.Var:
+        """Bind `call` (nested calls get their own bindings)."""
+        return self._bb.emit_output(call, name) if output else self._bb.emit(call, name)
+
+    def block(self, last: bool = False) -> relax.DataflowBlock:
+        """The bindings emitted so far, as one block; unless `last`, the next emit starts a new one."""
+        block = self._bb._end_block()
+        if not last:
+            self._bb._begin_dataflow_block()
+        return block
+
+    def param(self, name: str) -> relax.Var:
+        for var in self.extra:
+            if var.name == name:
+                return var
+        value = self.values[name]
+        var = relax.Var(name, relax.TensorType(value.shape, str(value.dtype)))
+        self.extra.append(var)
+        return var
+
+
+def _preprocess(b: _Builder, obs: relax.Var, input_spec: dict):
+    kind = input_spec.get("preprocess", "none")
+    x = obs
+    if kind == "onehot":
+        x = b.emit(relax.op.one_hot(relax.op.astype(x, "int32"), relax.prim_value(tir.FloatImm("float32", 1.0)),
+                                    relax.prim_value(tir.FloatImm("float32", 0.0)), int(input_spec["n"])))
+    elif kind == "image":
+        x = b.emit(relax.op.divide(x, relax.const(255.0, "float32")))
+    if input_spec.get("normalize") and kind != "text":
+        x = b.emit(relax.op.divide(relax.op.subtract(x, b.param("obs_mean")), b.param("obs_std")))
+        clip = input_spec["normalize"].get("clip")
+        if clip is not None:
+            x = b.emit(relax.op.clip(x, relax.prim_value(tir.FloatImm("float32", -float(clip))),
+                                     relax.prim_value(tir.FloatImm("float32", float(clip)))))
+    return x
+
+
+def _action(b: _Builder, out, spec: dict, batch, noise=None):
+    """Post-processing as runtime.policy.postprocess does it (deterministic unless `noise` is given)."""
+    f32 = "float32"
+    if spec["kind"] == "discrete":
+        if noise is None or spec.get("outputs") == "q_values":
+            return b.emit(relax.op.argmax(out, axis=-1), "actions", output=True)
+        z = b.emit(relax.op.subtract(out, relax.op.max(out, axis=-1, keepdims=True)))
+        p = b.emit(relax.op.exp(z))
+        p = b.emit(relax.op.divide(p, relax.op.sum(p, axis=-1, keepdims=True)))
+        below = b.emit(relax.op.less(relax.op.cumsum(p, axis=-1), noise))
+        count = b.emit(relax.op.sum(relax.op.astype(below, "int64"), axis=-1))
+        last = relax.const(int(out.ty.shape[-1]) - 1, "int64")
+        return b.emit(relax.op.minimum(count, last), "actions", output=True)
+    shape = [int(d) for d in spec["shape"]]
+    mean = b.emit(relax.op.reshape(out, relax.ShapeExpr([batch, *shape])))
+    if noise is not None:
+        mean = b.emit(relax.op.add(mean, relax.op.multiply(b.param("act_std"), noise)))
+    squash = spec.get("squash", "clip")
+    if squash == "tanh":
+        half = relax.op.multiply(relax.op.add(relax.op.tanh(mean), relax.const(1.0, f32)), relax.const(0.5, f32))
+        return b.emit(relax.op.add(b.param("act_low"), relax.op.multiply(half, b.param("act_range"))),
+                      "actions", output=True)
+    if squash == "clip":
+        return b.emit(relax.op.minimum(relax.op.maximum(mean, b.param("act_low")), b.param("act_high")),
+                      "actions", output=True)
+    return b.emit(relax.op.add(mean, relax.const(0.0, f32)), "actions", output=True)
+
+
+def _bounds(spec: dict) -> dict[str, np.ndarray]:
+    if spec["kind"] != "continuous":
+        return {}
+    shape = [int(d) for d in spec["shape"]]
+    low = np.asarray(spec["low"], np.float32).reshape(shape)
+    high = np.asarray(spec["high"], np.float32).reshape(shape)
+    values = {"act_low": low, "act_high": high, "act_range": high - low}
+    if spec.get("log_std") is not None:
+        values["act_std"] = np.exp(np.asarray(spec["log_std"], np.float32)).reshape(shape)
+    return values
+
+
+def entry_names(output_spec: dict) -> tuple[str, ...]:
+    """The entry points an artifact with this output spec gets."""
+    kind = output_spec["kind"]
+    if kind == "features":
+        return ("forward", "features")
+    samples = (kind == "discrete" and output_spec.get("outputs") != "q_values") or \
+        (kind == "continuous" and output_spec.get("log_std") is not None)
+    return ("forward", "act", "sample") if samples else ("forward", "act")
+
+
+def _entry(main: relax.Function, name: str, input_spec: dict, output_spec: dict,
+           values: dict[str, np.ndarray], main_values: list) -> relax.Function:
+    func = copy_with_new_vars(main)
+    x_in = func.params[0]
+    batch = x_in.ty.shape[0]
+    b = _Builder(values)
+    kind = input_spec.get("preprocess", "none")
+    obs_shape = [batch] if kind == "onehot" else list(x_in.ty.shape)
+    obs = relax.Var("obs", relax.TensorType(obs_shape, "float32"))
+    inputs = [obs]
+    noise = None
+    if name == "sample":
+        n = [batch, 1] if output_spec["kind"] == "discrete" else [batch, *(int(d) for d in output_spec["shape"])]
+        noise = relax.Var("noise", relax.TensorType(n, "float32"))
+        inputs.append(noise)
+    x = _preprocess(b, obs, input_spec)
+    pre = b.block()
+    # main's input variable is bound to the prepared observation, so main's body is reused as it is
+    pre = relax.DataflowBlock([*pre.bindings, relax.VarBinding(x_in, x)])
+    blocks = [pre, *func.body.blocks]
+    result = func.body.body
+    if name in ("act", "sample"):
+        result = _action(b, result, output_spec, batch, noise)
+    post = b.block(last=True)
+    if post.bindings:
+        blocks.append(post)
+    attrs = dict(main.attrs)
+    attrs["num_input"] = len(inputs)
+    attrs["params"] = list(main_values) + [tvm.runtime.tensor(values[v.name]) for v in b.extra]
+    attrs["global_symbol"] = name  # public: TVM's passes keep it
+    body = relax.SeqExpr(blocks, result)
+    return relax.Function(inputs + list(func.params[1:]) + b.extra, body, result.ty, True,
+                          tvm.ir.make_node("ir.DictAttrs", **attrs))
+
+
+def entry_points(input_spec: dict, output_spec: dict):
+    """The pass: adds the entry functions of `entry_names(output_spec)` to a module after lift_params."""
+
+    @tvm.transform.module_pass(opt_level=0, name="bitrl.EntryPoints")
+    def _pass(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
+        main = mod["main"]
+        if int(main.attrs["num_input"]) != 1:
+            raise ValueError("entry_points expects main(x, params...) with one input; run lift_params first")
+        values = {**_norm_params(input_spec), **_bounds(output_spec)}
+        main_values = list(main.attrs["params"]) if "params" in main.attrs else []
+        mod = mod.clone()
+        for name in entry_names(output_spec):
+            mod[name] = _entry(main, name, input_spec, output_spec, values, main_values)
+        return mod
+
+    return _pass
+
+
+# ------------------------------------------------------------------------------------------- plans
+
+class NoPlan(ValueError):
+    """An entry point that is not a straight list of kernel calls (the Relax VM still runs it)."""
+
+
+def _dims(shape, batch) -> list:
+    dims = []
+    for d in shape:
+        if isinstance(d, tir.IntImm):
+            dims.append(int(d))
+        elif batch is not None and d.same_as(batch):
+            dims.append("batch")
+        else:
+            raise NoPlan(f"dimension {d} is neither a constant nor the batch")
+    return dims
+
+
+def plan_of(mod: tvm.IRModule, name: str) -> dict:
+    """The call plan of entry function `name` after legalisation and fusion (the format: runtime/plan.py):
+    its inputs, outputs, intermediate buffers and kernel calls in order. NoPlan if it is anything else."""
+    func = mod[name]
+    num_input = int(func.attrs["num_input"])
+    batch = func.params[0].ty.shape[0] if func.params[0].ty.ndim else None
+    if batch is not None and isinstance(batch, tir.IntImm):
+        batch = None
+    refs: dict = {}
+    spec = {"inputs": [], "outputs": [], "buffers": [], "calls": []}
+    for i, param in enumerate(func.params):
+        if i < num_input:
+            refs[param] = f"input:{i}"
+            spec["inputs"].append({"name": param.name, "dtype": str(param.ty.dtype), "shape": _dims(param.ty.shape, batch)})
+        else:
+            refs[param] = f"param:{param.name}"
+    result = func.body.body
+    if not isinstance(result, relax.Var):
+        raise NoPlan(f"{name} returns {type(result).__name__}, not one tensor")
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Var) and value in refs:  # an alias
+                refs[binding.var] = refs[value]
+                continue
+            if not (isinstance(value, relax.Call) and value.op.same_as(call_tir) and len(value.args) == 2):
+                raise NoPlan(f"{name} has a binding that is not a kernel call: {value}")
+            out_ty = binding.var.ty
+            if not isinstance(out_ty, relax.TensorType):
+                raise NoPlan(f"{name}: a kernel with several outputs")
+            args = []
+            for arg in value.args[1].fields:
+                if arg not in refs:
+                    raise NoPlan(f"{name}: argument {arg} is not an input, parameter or earlier result")
+                args.append(refs[arg])
+            if binding.var.same_as(result):
+                refs[binding.var] = "output:0"
+                spec["outputs"].append({"name": binding.var.name, "dtype": str(out_ty.dtype),
+                                        "shape": _dims(out_ty.shape, batch)})
+            else:
+                refs[binding.var] = f"buffer:{len(spec['buffers'])}"
+                spec["buffers"].append({"dtype": str(out_ty.dtype), "shape": _dims(out_ty.shape, batch)})
+            spec["calls"].append({"func": value.args[0].name_hint, "args": [*args, refs[binding.var]]})
+    if not spec["outputs"]:
+        raise NoPlan(f"{name} returns one of its inputs")
+    return spec

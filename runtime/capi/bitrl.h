@@ -1,0 +1,108 @@
+/* bitrl.h: run a compiled policy (policy.bitrl) from C or C++, without Python and without TVM.
+ *
+ *     bitrl_policy *p = bitrl_load("policy.bitrl");
+ *     if (!p) { fprintf(stderr, "%s\n", bitrl_last_error()); return 1; }
+ *     float obs[4] = {0.01f, -0.02f, 0.03f, 0.04f};      // bitrl_obs_size(p) floats per observation
+ *     int64_t action;                                     // Discrete: one int64_t per observation
+ *     if (bitrl_act(p, obs, 1, &action) != 0) fprintf(stderr, "%s\n", bitrl_last_error());
+ *     bitrl_free(p);
+ *
+ * Build an application with `cc app.c $(bitrl-compile capi --cflags --libs)` (host) or
+ * `aarch64-linux-gnu-gcc app.c $(bitrl-compile capi --target rasp4 --cflags --libs)` (Raspberry Pi).
+ * libbitrl.so needs only libc, libdl, libm, libpthread and zlib; no TVM library, no Python.
+ *
+ * What bitrl_load does: reads the zip, checks the sha256 of every member the manifest lists, checks that
+ * this machine can run the artifact (architecture; the CPU features of its kernels, from /proc/cpuinfo;
+ * asks Linux for the AMX state when the kernels use AMX), unpacks the base-3 weights into the kernels'
+ * layout once, and opens the compiled kernels (lib.so) in memory. The artifact's "entry_points" (its
+ * call plan) say which kernels compute forward / act / sample; observation pre-processing (normalisation,
+ * /255, one-hot) and action post-processing (argmax, tanh squash and rescaling, clipping) are kernels
+ * of the artifact, so the C API gives the same actions as the Python runtime's `Policy.act`.
+ *
+ * Errors: functions returning int return 0 on success and -1 on failure; bitrl_load returns NULL on
+ * failure. bitrl_last_error() then gives one line that names the problem and the fix. Bad input
+ * (NULL pointers, batch <= 0 or above the artifact's limit, a NaN or infinite observation, a corrupt,
+ * truncated or tampered file, an artifact for another machine) never aborts the process.
+ *
+ * Thread safety: a bitrl_policy is immutable after bitrl_load; any number of threads may call
+ * bitrl_act / bitrl_forward / bitrl_sample on the same policy at once. Each thread gets its own 64-byte
+ * aligned buffers for that policy, made on its first call and grown when it calls with a bigger batch
+ * (no lock after that). bitrl_free must not run while another thread uses the policy.
+ *
+ * Layouts: all arrays are C-contiguous, row-major, one row per observation.
+ *   obs      float[batch * bitrl_obs_size(p)]   (one-hot policies: one float per observation, the index)
+ *   out      float[batch * bitrl_output_size(p)]   (bitrl_forward: logits, Q-values, action mean, features)
+ *   actions  Discrete (bitrl_is_discrete(p) == 1): int64_t[batch]
+ *            Box      (bitrl_is_discrete(p) == 0): float[batch * bitrl_action_size(p)], inside the bounds
+ */
+#ifndef BITRL_H_
+#define BITRL_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define BITRL_API __attribute__((visibility("default")))
+#else
+#define BITRL_API
+#endif
+
+#define BITRL_VERSION "0.1.0"
+
+typedef struct bitrl_policy bitrl_policy;
+
+/* Load and verify an artifact. Returns NULL on failure (bitrl_last_error() says why). The caller owns the
+ * policy and releases it with bitrl_free. */
+BITRL_API bitrl_policy *bitrl_load(const char *path);
+
+/* The last error of the calling thread, one line (never NULL; "" if there was none). Valid until the
+ * thread's next call into this library. */
+BITRL_API const char *bitrl_last_error(void);
+
+/* The library's version, e.g. "0.1.0". */
+BITRL_API const char *bitrl_version(void);
+
+/* Floats per observation (the product of the observation shape; 1 for one-hot observations). -1 if p is NULL. */
+BITRL_API int64_t bitrl_obs_size(const bitrl_policy *p);
+
+/* Floats per row of bitrl_forward's output. -1 if p is NULL. */
+BITRL_API int64_t bitrl_output_size(const bitrl_policy *p);
+
+/* Action values per observation: 1 for Discrete, the product of the Box shape for Box; 0 for a backbone
+ * (output kind "features", which has no actions). -1 if p is NULL. */
+BITRL_API int64_t bitrl_action_size(const bitrl_policy *p);
+
+/* 1 if actions are Discrete (int64_t), 0 if Box (float) or a backbone; -1 if p is NULL. */
+BITRL_API int bitrl_is_discrete(const bitrl_policy *p);
+
+/* The largest batch a call accepts (the manifest's batch limit). -1 if p is NULL. */
+BITRL_API int64_t bitrl_max_batch(const bitrl_policy *p);
+
+/* Deterministic actions for `batch` observations: int64_t[batch] (Discrete) or float[batch*action_size]
+ * (Box) into `actions`. Returns 0, or -1 with bitrl_last_error(). */
+BITRL_API int bitrl_act(bitrl_policy *p, const float *obs, int64_t batch, void *actions);
+
+/* The network's raw output for `batch` observations: float[batch * bitrl_output_size(p)] into `out`.
+ * Returns 0, or -1 with bitrl_last_error(). */
+BITRL_API int bitrl_forward(bitrl_policy *p, const float *obs, int64_t batch, float *out);
+
+/* Stochastic actions from caller-supplied noise, for policies that sample (bitrl_has_sample(p) == 1):
+ * noise is float[batch] uniform in [0, 1) for Discrete, float[batch * action_size] standard normal for Box.
+ * Returns 0, or -1 with bitrl_last_error(). */
+BITRL_API int bitrl_sample(bitrl_policy *p, const float *obs, const float *noise, int64_t batch, void *actions);
+
+/* 1 if the artifact has a "sample" entry point (bitrl_sample works), 0 if not, -1 if p is NULL. */
+BITRL_API int bitrl_has_sample(const bitrl_policy *p);
+
+/* Release the policy: its buffers, the buffers of every thread that called it, and the kernels'
+ * library mapping. NULL is ignored. No other thread may be using p. */
+BITRL_API void bitrl_free(bitrl_policy *p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BITRL_H_ */

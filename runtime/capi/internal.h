@@ -1,0 +1,85 @@
+/* The parts of libbitrl that bitrl.c uses; none of this is exported (built with -fvisibility=hidden). */
+#ifndef BITRL_INTERNAL_H_
+#define BITRL_INTERNAL_H_
+
+#include <dlpack/dlpack.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define BITRL_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define BITRL_PRINTF(a, b)
+#endif
+
+/* errors: the calling thread's last error (bitrl_last_error), always one line; returns -1 */
+int bitrl_fail(const char *fmt, ...) BITRL_PRINTF(1, 2);
+
+/* sha256.c: the digest of data as 64 lowercase hex digits and a NUL */
+void bitrl_sha256_hex(const uint8_t *data, size_t n, char hex[65]);
+
+/* zip.c: the members of a zip held in memory (STORED or DEFLATE; CRC-32 checked) */
+typedef struct {
+    char *name;
+    uint16_t method, flags;
+    uint32_t crc, csize, usize, offset;
+} bitrl_zip_entry;
+
+typedef struct {
+    const uint8_t *data;
+    size_t size;
+    bitrl_zip_entry *entries;
+    size_t count;
+} bitrl_zip;
+
+/* 0, or -1 with the error "what: ..." set */
+int bitrl_zip_open(bitrl_zip *z, const uint8_t *data, size_t size, const char *what);
+const bitrl_zip_entry *bitrl_zip_find(const bitrl_zip *z, const char *name);
+/* the member's bytes in a new malloc'ed buffer (*out, *n), or -1 with the error set */
+int bitrl_zip_read(const bitrl_zip *z, const bitrl_zip_entry *e, uint8_t **out, size_t *n, const char *what);
+void bitrl_zip_close(bitrl_zip *z);
+
+/* json.c: a strict JSON parser (RFC 8259, plus NaN/Infinity as Python's json writes them) */
+typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } json_type;
+
+typedef struct json {
+    json_type type;
+    int boolean;
+    int is_int;      /* a number written without fraction or exponent that fits int64 */
+    int64_t integer; /* its value when is_int */
+    double number;
+    char *string;    /* NUL-terminated UTF-8 (strings) */
+    size_t count;    /* items of an array or object */
+    struct json *items;
+    char **keys;     /* object keys, parallel to items */
+} json;
+
+/* parses text[0..n) into *out; 0, or -1 with the error "what is not valid JSON (...)" set */
+int json_parse(const char *text, size_t n, json *out, const char *what);
+void json_free(json *v);
+const json *json_get(const json *obj, const char *key); /* NULL if obj is no object or has no such key */
+const char *json_str(const json *v);                   /* NULL unless a string */
+int json_int(const json *v, int64_t *out);             /* 0 if an integer */
+
+/* params.c: parameters from params.safetensors, base-3 weights unpacked into the kernels' layout */
+#define BITRL_MAX_DIMS 8
+
+typedef struct {
+    DLDataType dtype;
+    int ndim;
+    int64_t shape[BITRL_MAX_DIMS];
+    void *data; /* 64-byte aligned, owned (free) */
+    size_t nbytes;
+} bitrl_tensor;
+
+/* the dtype of a numpy name ("float32") or a safetensors name ("F32"); 0, or -1 if unknown */
+int bitrl_dtype(const char *name, int safetensors, DLDataType *out);
+/* params.safetensors' header (parsed into *header) and where its tensor bytes start; 0 or -1 */
+int bitrl_safetensors_open(const uint8_t *data, size_t n, json *header, size_t *body, const char *what);
+/* tensor `name` of the file, as stored, or (spec: its manifest["weights"] entry, else NULL) unpacked from
+ * base-3 into its "compute" layout, exactly as runtime/weights.py's to_compute; 0 or -1 */
+int bitrl_param(const uint8_t *data, size_t n, const json *header, size_t body, const char *name,
+                const json *spec, bitrl_tensor *out, const char *what);
+void *bitrl_aligned_alloc(size_t nbytes); /* 64-byte aligned, zeroed; NULL if out of memory */
+
+#endif /* BITRL_INTERNAL_H_ */

@@ -1,0 +1,96 @@
+"""Run an entry point's kernels directly: no VM, no allocation per call, safe from many threads (numpy + tvm-ffi).
+
+The manifest of an artifact lists, for each entry point (act, forward, sample, features), the kernels the
+compiler lowered it to, in order (written by `passes/entry_points.py: plan_of`):
+
+    manifest["entry_points"]["act"] = {
+      "inputs":  [{"name": "obs", "dtype": "float32", "shape": ["batch", 4]}],
+      "outputs": [{"name": "actions", "dtype": "int64", "shape": ["batch"]}],
+      "buffers": [{"dtype": "float32", "shape": ["batch", 64]}, ...],      # intermediates
+      "calls":   [{"func": "bitrl_bitlinear_k4_n64_relu",
+                   "args": ["input:0", "param:p0", "param:p1", "param:p2", "buffer:0"]}, ...,
+                  {"func": "argmax", "args": ["buffer:2", "output:0"]}]}
+    manifest["batch"] = {"min": 1, "max": 1048576}
+
+A dimension is an int or "batch" (the call's batch size). Each call is one function of lib.so (exported as
+`__tvm_ffi_<func>`, TVM's packed calling convention) taking every argument as a DLTensor: compact, on the CPU,
+64-byte aligned. Arguments are "input:I" and "output:I" (the entry point's), "buffer:I" (an intermediate) or
+"param:NAME" (params.safetensors, weights unpacked to their compute layout); outputs come last (destination
+passing). The Python `Policy` and the C API (runtime/capi) both run this plan.
+
+Each thread gets its own buffers per (entry point, batch size), reused from call to call, so one Policy may be
+called from many threads at once without a lock; a thread keeps the buffers of its last few batch sizes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from .tvm_runtime import aligned, to_device
+
+BATCHES_KEPT = 4  # per thread and entry point
+
+
+def dims(shape: list, batch: int) -> tuple[int, ...]:
+    return tuple(batch if d == "batch" else int(d) for d in shape)
+
+
+class _Frame:
+    """One thread's buffers for one entry point at one batch size, and the calls bound to them."""
+
+    def __init__(self, plan: dict, functions: dict, params: dict, batch: int):
+        def alloc(spec):
+            array = aligned(np.empty(dims(spec["shape"], batch), spec["dtype"]))
+            return array, to_device(array)
+
+        self.inputs = [alloc(s) for s in plan["inputs"]]
+        self.outputs = [alloc(s) for s in plan["outputs"]]
+        buffers = [alloc(s) for s in plan["buffers"]]
+        slots = {"input": self.inputs, "output": self.outputs, "buffer": buffers}
+
+        def tensor(ref: str):
+            kind, _, key = ref.partition(":")
+            return params[key] if kind == "param" else slots[kind][int(key)][1]
+
+        self.single = self.inputs[0][0][0]  # the first row of input 0, and input 0 flat (views)
+        self.flat = self.inputs[0][0].reshape(-1)
+        self.calls = [(functions[c["func"]], tuple(tensor(a) for a in c["args"])) for c in plan["calls"]]
+
+
+class Plan:
+    """An entry point's kernel calls; `run(*arrays)` -> its outputs as numpy arrays (owned by the caller)."""
+
+    def __init__(self, name: str, plan: dict, library, params: dict):
+        """`library`: a tvm_runtime.NativeLibrary; `params`: name -> tvm-ffi tensor (aligned, kept alive)."""
+        self.name = name
+        self.plan = plan
+        self.functions = {c["func"]: library.function(c["func"]) for c in plan["calls"]}
+        self.params = params  # name -> tvm-ffi tensor over an aligned numpy array
+        self.input_shapes = [s["shape"] for s in plan["inputs"]]
+        self._local = threading.local()
+
+    def frame(self, batch: int) -> _Frame:
+        frames = getattr(self._local, "frames", None)
+        if frames is None:
+            frames = self._local.frames = OrderedDict()
+        frame = frames.get(batch)
+        if frame is None:
+            frame = frames[batch] = _Frame(self.plan, self.functions, self.params, batch)
+            if len(frames) > BATCHES_KEPT:
+                frames.popitem(last=False)
+        return frame
+
+    def run_frame(self, frame: _Frame) -> None:
+        """Run the calls on a frame whose inputs the caller filled."""
+        for function, args in frame.calls:
+            function(*args)
+
+    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        frame = self.frame(int(arrays[0].shape[0]))
+        for (buffer, _), array in zip(frame.inputs, arrays):
+            np.copyto(buffer, array, casting="same_kind")
+        self.run_frame(frame)
+        return [buffer.copy() for buffer, _ in frame.outputs]
