@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine (Python 3.11, root or sudo) for bitrl-compile, idempotently:
-#   Debian: the aarch64 cross compiler and binutils (rasp4/rasp5 targets), qemu-user (runs them here)
+#   Debian: the aarch64 cross compiler and binutils (rasp4/rasp5 targets), qemu-user (runs them here), zlib headers
 #   Python: torch 2.13.0 CPU (from local disk where present), apache-tvm 0.27 with tvm-ffi pinned, the package
 #           itself (editable) with its test extras
 #   cache:  an aarch64 Python for qemu in ~/.cache/bitrl-compile (built once, about 20 s)
@@ -14,6 +14,7 @@ apt_packages=()
 command -v aarch64-linux-gnu-g++ >/dev/null || apt_packages+=(g++-aarch64-linux-gnu)
 command -v aarch64-linux-gnu-objdump >/dev/null || apt_packages+=(binutils-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || apt_packages+=(qemu-user)
+[ -f /usr/include/zlib.h ] || apt_packages+=(zlib1g-dev)  # the C API (libbitrl) reads the artifact zip with zlib
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
   echo "setup: enabling Debian arm64 packages (for the emulated aarch64 Python)"
   $SUDO dpkg --add-architecture arm64

@@ -83,14 +83,64 @@ typedef struct {
 } parallel_env; /* TVMParallelGroupEnv (tvm/runtime/c_backend_api.h) */
 typedef int (*parallel_lambda)(int task_id, parallel_env *penv, void *cdata);
 
+/* Kernel workspace (e.g. a layer's activations quantised to int8): the generated code allocates and frees
+ * it in LIFO order within one call, so each thread keeps one stack of 64-byte aligned blocks and a call costs
+ * two additions. A request that does not fit goes to the heap and makes the stack grow once it is empty. */
+typedef struct {
+    char *base;
+    size_t cap, top, want;
+} workspace_stack;
+static pthread_key_t workspace_key;
+static pthread_once_t workspace_once = PTHREAD_ONCE_INIT;
+static _Thread_local workspace_stack *workspace;
+
+static void workspace_release(void *value) {
+    workspace_stack *w = value;
+    free(w->base);
+    free(w);
+}
+
+static void workspace_init(void) { (void)pthread_key_create(&workspace_key, workspace_release); }
+
 static void *alloc_workspace(int device_type, int device_id, uint64_t nbytes, int code_hint, int bits_hint) {
     (void)device_type, (void)device_id, (void)code_hint, (void)bits_hint;
-    return nbytes > SIZE_MAX - 64 ? NULL : aligned_alloc(64, (size_t)(nbytes + 63) / 64 * 64 + 64 * (nbytes == 0));
+    if (nbytes > SIZE_MAX / 2) return NULL;
+    size_t size = nbytes ? ((size_t)nbytes + 63) / 64 * 64 : 64;
+    workspace_stack *w = workspace;
+    if (!w) {
+        pthread_once(&workspace_once, workspace_init);
+        w = calloc(1, sizeof *w);
+        if (!w) return NULL;
+        if (pthread_setspecific(workspace_key, w) != 0) {
+            free(w);
+            return NULL;
+        }
+        workspace = w;
+    }
+    if (w->top == 0 && w->want > w->cap) { /* empty: grow to what the last calls needed */
+        char *grown = aligned_alloc(64, w->want);
+        if (grown) {
+            free(w->base);
+            w->base = grown;
+            w->cap = w->want;
+        }
+    }
+    if (w->top + size <= w->cap) {
+        void *ptr = w->base + w->top;
+        w->top += size;
+        return ptr;
+    }
+    if (w->top + size > w->want) w->want = (w->top + size) * 2;
+    return aligned_alloc(64, size);
 }
 
 static int free_workspace(int device_type, int device_id, void *ptr) {
     (void)device_type, (void)device_id;
-    free(ptr);
+    workspace_stack *w = workspace;
+    if (w && (char *)ptr >= w->base && (char *)ptr < w->base + w->cap)
+        w->top = (size_t)((char *)ptr - w->base); /* LIFO: everything above it is free too */
+    else
+        free(ptr);
     return 0;
 }
 
