@@ -110,6 +110,11 @@ def inspect_cmd(artifact, as_json, debug):
         click.echo(f"  input: shape {m['input']['shape']}, preprocess {m['input'].get('preprocess', 'none')}, "
                    f"normalisation {'baked in' if m['input'].get('normalize') else 'none'}")
         click.echo(f"  output: {json.dumps(m['output'])}")
+        entries = m.get("entry_points") or {}
+        click.echo("  entry points:" + ("" if entries else " none (an older artifact: numpy prepares observations and "
+                                                          "actions, the VM runs main; the C API cannot load it)"))
+        for name, plan in sorted(entries.items()):
+            click.echo(f"    {name:<9} {len(plan['calls']):>2} kernels: {' -> '.join(c['func'] for c in plan['calls'])}")
         for name, blob in art.members.items():
             click.echo(f"  member {name:<20} {len(blob):>10,} bytes  sha256 {m['members'][name][:16]}…")
         stats = m.get("stats", {})
