@@ -42,7 +42,7 @@ def _norm_params(input_spec: dict) -> dict[str, np.ndarray]:
 
 
 class _Builder:
-    """Bindings of one entry function: emit(call) names and types a value, params(name, value) adds a constant."""
+    """Bindings of one entry function: emit(call) binds a value (typed by TVM), param(name) a constant parameter."""
 
     def __init__(self, values: dict[str, np.ndarray]):
         self.values = values  # every extra parameter's value, by name
