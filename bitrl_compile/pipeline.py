@@ -4,6 +4,8 @@
     to_relax                     torch.export -> from_exported_program  |  relax.frontend.onnx
     passes                       one Sequential: ternarize -> fuse_bitlinear -> pack_weights (still runnable:
                                  the numpy reference's input) -> legalize_bitlinear (TensorIR kernels) -> lift_params
+                                 -> entry_points (act/forward/sample: pre + network + post) -> TVM's legalise + fuse
+    entry_plans                  each entry point's kernel calls, for the manifest (runtime/plan.py, runtime/capi run them)
     store_weights                kernel-layout weights -> base-3 (runtime/weights.py unpacks at load)
     tvm.compile + export_library (the target's cross compiler), write_artifact (atomic)
 
@@ -115,7 +117,7 @@ def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until
     """The compile's passes, in order: the one list to read (and to add a pass to). With `until` (a pass name,
     e.g. QUANTIZED) the list stops after that pass. With `specs` (the manifest's input and output spec) the
     module gains the entry points act/forward/... with pre- and post-processing, legalised and fused into
-    TensorIR kernels by TVM's own passes, so that `plan.extract` can read each entry point's kernel calls."""
+    TensorIR kernels by TVM's own passes, so that `entry_points.plan_of` reads each entry's kernel calls."""
     import tvm
     from tvm import relax
 
