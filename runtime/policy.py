@@ -20,7 +20,7 @@ import numpy as np
 from . import safetensors_np, weights
 from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, read_artifact
 from .plan import Plan
-from .tvm_runtime import NativeLibrary, aligned, cpu_flags, enable_amx, load_module, to_device
+from .tvm_runtime import NativeLibrary, aligned, cpu_flags, enable_amx, load_module, new_vm, to_device
 
 
 def host_arch() -> str:
@@ -197,13 +197,7 @@ class Policy:
         """Run entry point `entry` on [B, ...] inputs; its output, owned by the caller."""
         plan = self._plans.get(entry)
         if plan is not None:
-            frame = plan.frame(inputs[0].shape[0])
-            for (buffer, _), x in zip(frame.inputs, inputs):
-                np.copyto(buffer, x, casting="unsafe")
-            if entry != "sample":  # noise needs no check
-                check_finite(frame.inputs[0][0])
-            plan.run_frame(frame)
-            return frame.outputs[0][0].copy()
+            return plan.run(*inputs, check=check_finite)[0]  # checks the observations, not the noise
         return self._call_vm(entry, *inputs)
 
     def _call_vm(self, entry: str, *inputs: np.ndarray) -> np.ndarray:
@@ -215,8 +209,7 @@ class Policy:
             with _OPEN_LOCK:
                 if self._module is None:
                     self._module = self._with_file(lambda path: load_module(path, self._bundled_runtime))
-            vm = self._local.vm = self._module["vm_load_executable"]()
-            vm["vm_initialization"](1, 0, 2)  # device type kDLCPU, device id 0, pooled allocator
+            vm = self._local.vm = new_vm(self._module)
         arrays = [aligned(x, np.float32) for x in inputs]
         if entry != "sample":
             check_finite(arrays[0])
@@ -279,9 +272,7 @@ class Policy:
                 and obs.shape == self.obs_shape:  # the common call, one float32 observation: the fewest steps
             frame = plan.frame(1)
             frame.single[...] = obs
-            if not math.isfinite(sum(frame.flat.tolist())) if frame.flat.size <= 64 else \
-                    not np.isfinite(frame.flat).all():  # a sum of <= 64 float32 overflows only with NaN/Inf
-                raise ValueError("observation contains NaN or Inf")
+            check_finite(frame.flat)
             for function, args in frame.calls:
                 function(*args)
             action = frame.outputs[0][0][0]

@@ -169,13 +169,9 @@ class NativeLibrary:
         self.close()
 
 
-def load_vm(lib_path: str | os.PathLike, bundled_runtime: bytes | None = None):
-    """Open an exported Relax library and return an initialised VM (call vm["main"](...))."""
-    tvm_ffi = _import_tvm_ffi()
-    _load_runtime(bundled_runtime)
-    enable_amx()
-    mod = tvm_ffi.load_module(str(lib_path))
-    vm = mod["vm_load_executable"]()
+def new_vm(module):
+    """An initialised Relax VM over a module `load_module` opened (call vm["main"](...)); one per thread."""
+    vm = module["vm_load_executable"]()
     vm["vm_initialization"](1, 0, 2)  # device type kDLCPU, device id 0, pooled allocator
     return vm
 
