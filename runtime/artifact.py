@@ -8,7 +8,7 @@ Members:
 
 The manifest lists the sha256 of every other member; `read_artifact` verifies them all.
 The compiler writes artifacts with `write_artifact` from this module (one definition of the
-format), atomically: a temporary file in the destination folder, then a rename.
+format), atomically with `files.write_atomic`: a temporary file in the destination folder, then a rename.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+
+from .files import write_atomic
 
 FORMAT = "bitrl"
 FORMAT_VERSION = 1
@@ -45,30 +44,6 @@ class Artifact:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], mode: int | None = None) -> Path:
-    """Write a file whole or not at all: into a temporary file beside `path` (bytes, or `data(f)` writes it),
-    flushed to disk, then renamed over `path`; on any error or interrupt the temporary file is removed.
-    The file gets mkstemp's 0600 unless `mode` says otherwise. The project's one atomic write."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                f.write(data)
-            else:
-                data(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_artifact(path: str | os.PathLike, manifest: dict, members: dict[str, bytes],

@@ -27,7 +27,7 @@ from pathlib import Path
 import tvm
 import tvm_ffi
 
-from bitrl_compile.runtime.artifact import write_atomic
+from bitrl_compile.runtime.files import write_atomic
 from bitrl_compile.targets import Target, kernel_spec, kernels, tvm_target
 from bitrl_compile.targets.kernels import DEFAULT_KNOBS, Knobs
 

@@ -72,7 +72,7 @@ def save_checkpoint(path: Path, agent: nn.Module, optimizer: torch.optim.Optimiz
     """agent.*, optimizer.* and obs_rms.* tensors plus JSON metadata (args, optimizer groups, step) in safetensors."""
     from safetensors.torch import save
 
-    from bitrl_compile.runtime.artifact import write_atomic
+    from bitrl_compile.runtime.files import write_atomic
 
     tensors = {f"agent.{k}": v.detach().contiguous() for k, v in agent.state_dict().items()}
     opt = optimizer.state_dict()

@@ -26,7 +26,7 @@ import torch
 from bitrl_compile import layouts
 from bitrl_compile.bitnet.model import BitNetConfig, BitNetForCausalLM, rope_tables
 from bitrl_compile.loaded import ModelLoadError
-from bitrl_compile.runtime.artifact import write_atomic
+from bitrl_compile.runtime.files import write_atomic
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

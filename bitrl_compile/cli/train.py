@@ -102,7 +102,7 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
 
         from bitrl_compile.evaluate import evaluate
         from bitrl_compile.frontends import load_policy
-        from bitrl_compile.runtime.artifact import write_atomic
+        from bitrl_compile.runtime.files import write_atomic
         from bitrl_compile.trainers import ppo
         from bitrl_compile.trainers.export import check_policy_fits, reference_act
 

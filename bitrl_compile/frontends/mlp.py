@@ -14,7 +14,7 @@ from torch import nn
 
 from bitrl_compile.frontends.specs import _check_finite, _default_output, _env_specs
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
-from bitrl_compile.runtime.artifact import write_atomic
+from bitrl_compile.runtime.files import write_atomic
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU,
                "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
