@@ -35,6 +35,13 @@ def _latency_us(fn, obs, calls: int) -> float:
 
 def run_demo(out: Path, episodes: int = 10, target_names=("host", "rasp4"),
              log: Callable[[str], None] = print, latency_calls: int = 2000) -> str:
+    from bitrl_compile import targets
+
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1, got {episodes}")
+    for name in target_names:  # before the folder exists and before minutes of work: one line naming the fix
+        targets.check_toolchain(targets.get_target(name))
+
     import torch
 
     from bitrl_compile import pipeline, reference

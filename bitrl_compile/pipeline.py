@@ -7,7 +7,9 @@
                                  -> entry_points (act/forward/sample: pre + network + post) -> TVM's legalise + fuse
     entry_plans                  each entry point's kernel calls, for the manifest (runtime/plan.py, runtime/capi run them)
     store_weights                kernel-layout weights -> base-3 (runtime/weights.py unpacks at load)
-    tvm.compile + export_library (the target's cross compiler), write_artifact (atomic)
+    tvm.compile + export_library (the target's cross compiler)
+    reference.check_artifact     the artifact run once against the numpy reference (host architecture); refused if not
+    write_artifact (atomic)
 
 The target's kernel (targets.kernel_spec) is resolved once per compile and handed to the passes.
 """
@@ -29,10 +31,12 @@ import numpy as np
 from bitrl_compile import __version__, layouts
 from bitrl_compile.runtime import artifact as art
 from bitrl_compile.runtime import safetensors_np
+from bitrl_compile.runtime.specs import check_output_size, check_specs
 
 
-class CompileError(RuntimeError):
-    """The model cannot be compiled; the message names the op or stage and what to do."""
+class CompileError(ValueError, RuntimeError):
+    """The model cannot be compiled; the message (one line) names the op or stage and what to do. A ValueError
+    (bad input), and a RuntimeError as it always was."""
 
 
 @dataclass
@@ -54,6 +58,10 @@ def to_relax(loaded):
     if loaded.onnx_model is not None:
         from tvm.relax.frontend.onnx import from_onnx
 
+        for node in loaded.onnx_model.graph.node:
+            if node.op_type in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"):
+                raise CompileError(f"ONNX {node.op_type} (node {node.name or node.output[0]!r}) is not supported yet: "
+                                   f"the compiled artifact would not run; {_NOT_YET}")
         try:
             mod = from_onnx(loaded.onnx_model, keep_params_in_input=False)
         except Exception as e:
@@ -72,7 +80,12 @@ def to_relax(loaded):
             warnings.simplefilter("ignore", FutureWarning)  # torch.export's internal deprecations
             ep = torch.export.export(loaded.module.eval(), (example,), dynamic_shapes=({0: batch},))
     except Exception as e:
+        if "Constraints violated" in str(e):  # e.g. a program exported for batches up to some bound
+            raise CompileError(f"torch.export could not capture the policy for batches 1..{max_batch or 'any'} "
+                               f"({_first_line(e)}); export it with Dim('batch', min=1, max=N) or set "
+                               "input[\"max_batch\"]") from e
         raise CompileError(f"torch.export could not capture the policy: {_first_line(e)}") from e
+    _refuse_not_yet_supported(ep)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -85,6 +98,23 @@ def to_relax(loaded):
             raise CompileError(f"cannot lower op(s) {', '.join(names)} to TVM (used {_where(ep, names)}); "
                                "replace them in the policy or file an issue") from e
         raise CompileError(f"TVM could not import the exported program: {_first_line(e)}") from e
+
+
+_NOT_YET = "see issue 17 (ternary convolutions) and the README's format table"
+_CONVOLUTIONS = {"conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d", "conv_transpose1d": "ConvTranspose1d",
+                 "conv_transpose2d": "ConvTranspose2d", "conv_transpose3d": "ConvTranspose3d",
+                 "convolution": "a convolution", "_convolution": "a convolution"}
+
+
+def _refuse_not_yet_supported(ep) -> None:
+    """Convolutions import into TVM but the artifact cannot run them yet (static buffers for the largest batch
+    exhaust memory, and neither the kernels nor the reference handle them): refused here, by name."""
+    for node in ep.graph_module.graph.nodes:
+        name = str(getattr(node.target, "__name__", node.target))
+        if node.op == "call_function" and name.split(".")[0] in _CONVOLUTIONS:
+            base = name.split(".")[0]
+            raise CompileError(f"{_CONVOLUTIONS[base]} ({name}, used {_where(ep, [base])}) is not supported yet: "
+                               f"the compiled artifact would not run; {_NOT_YET}")
 
 
 def _where(ep, op_names: list[str]) -> str:
@@ -262,7 +292,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     record for them, else the default schedule; tuning=False always uses the default."""
     import tvm
 
-    from bitrl_compile import targets
+    from bitrl_compile import reference, targets
     from bitrl_compile.passes.legalize_bitlinear import kernel_schedules
     from bitrl_compile.targets import tuning as tuning_db_mod
 
@@ -271,6 +301,11 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     output = Path(output)
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+    where = f"{loaded.source} policy"
+    try:
+        check_specs(loaded.input, loaded.output, where)
+    except ValueError as e:
+        raise CompileError(str(e).splitlines()[0]) from None
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -286,6 +321,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     quantized, lowered, params = run_passes(mod, tvm_target, spec, per_channel=per_channel, schedules=schedules,
                                             specs=(loaded.input, loaded.output))
     plans = entry_plans(lowered, log)
+    _check_output_width(loaded.output, plans, where)
     layers = bitlinear_layers(quantized)
     if not layers:
         raise CompileError("the policy has no linear layer with constant weights to ternarize")
@@ -335,9 +371,27 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     members = {art.LIB: lib_bytes, art.PARAMS: safetensors_np.dumps(params)}
     if bundle_runtime:
         members[art.RUNTIME] = runtime_library(target)
+    t0 = time.perf_counter()
+    try:  # run the artifact once against the numpy reference; nothing is written if it fails
+        log(reference.check_artifact(manifest, members, quantized, output))
+    except reference.CheckFailed as e:
+        raise CompileError(str(e)) from None
+    timings["check"] = time.perf_counter() - t0
     art.write_artifact(output, manifest, members, force=force)
     log(f"wrote {output} ({output.stat().st_size} bytes)")
     return CompiledPolicy(output, manifest, quantized, params, timings)
+
+
+def _check_output_width(output_spec: dict, plans: dict, where: str) -> None:
+    """The network's output width (the forward entry point's [batch, ...] output) against the output spec."""
+    forward = plans.get("forward")
+    if forward is None:
+        return
+    shape = forward["outputs"][0]["shape"][1:]
+    try:
+        check_output_size(output_spec, int(np.prod([int(d) for d in shape])), where)
+    except ValueError as e:
+        raise CompileError(str(e).splitlines()[0]) from None
 
 
 def entry_plans(lowered, log: Callable[[str], None] = lambda s: None) -> dict[str, dict]:

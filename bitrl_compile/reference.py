@@ -3,10 +3,14 @@ legalize) op by op in numpy, with BitLinear computed by `quant.bitlinear_referen
 
 It is the independent oracle every compiled artifact is checked against: it shares no code with
 TVM's lowering or with our TensorIR kernels, only the quantization math. Ops it does not know
-raise a clear error naming the op.
+raise a clear error naming the op. `check_artifact` is that check, run by the compile on every
+artifact before it is written.
 """
 
 from __future__ import annotations
+
+import json
+import math
 
 import numpy as np
 import tvm
@@ -60,6 +64,17 @@ def _layer_norm(call, x, gamma, beta):
     return (y * gamma + beta).astype(np.float32)
 
 
+def _gelu(x):
+    """x * Phi(x) with the exact normal CDF (erf), as torch's GELU(approximate="none")."""
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return (0.5 * x * (1.0 + erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(x.dtype)
+
+
+def _gelu_tanh(x):
+    """GELU(approximate="tanh")."""
+    return (0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))).astype(x.dtype)
+
+
 _ELEMENTWISE = {
     "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
     "relax.divide": np.divide, "relax.maximum": np.maximum, "relax.minimum": np.minimum,
@@ -70,6 +85,7 @@ _ELEMENTWISE = {
     "relax.sigmoid": lambda x: (1 / (1 + np.exp(-x))).astype(x.dtype),
     "relax.rsqrt": lambda x: (1 / np.sqrt(x)).astype(x.dtype),
     "relax.sin": np.sin, "relax.cos": np.cos,
+    "relax.nn.gelu": _gelu, "relax.nn.gelu_tanh": _gelu_tanh,
 }
 _COMPARE = {
     "relax.greater": np.greater, "relax.greater_equal": np.greater_equal, "relax.less": np.less,
@@ -128,6 +144,9 @@ def _eval_call(call, args, sizes):
         return x.astype(str(_attr(call, "dtype")))
     if name == "relax.clip":
         return np.clip(x, float(call.args[1].value), float(call.args[2].value)).astype(x.dtype)
+    if name == "relax.nn.leakyrelu":
+        alpha = np.float32(float(_attr(call, "alpha")))
+        return np.where(x >= 0, x, alpha * x).astype(x.dtype)
     if name == "relax.nn.softmax":
         return _softmax(x, int(_attr(call, "axis")))
     if name == "relax.nn.log_softmax":
@@ -193,3 +212,132 @@ def run(mod: tvm.IRModule, *inputs: np.ndarray, func_name: str = "main"):
                 raise NotImplementedError("reference executor: match_cast bindings are not supported")
             env[binding.var] = ev(binding.value)
     return ev(body.body)
+
+
+class CheckFailed(ValueError):
+    """A compiled artifact fails when run, or disagrees with the reference (the message is one line)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------ checking a compiled artifact
+
+CHECK_OBSERVATIONS = 16
+# The stated tolerances (README "Correctness", docs/bitnet.md): ReLU policies are bit-exact; elsewhere an ulp of
+# TVM's tanh/exp against numpy's can move one int8 rounding in the next layer.
+CHECK_MAX_DIFF = 1e-2     # of the largest reference output, for every value
+CHECK_CLOSE_DIFF = 1e-3   # of the largest reference output, for at least CHECK_CLOSE_SHARE of the observations
+CHECK_CLOSE_SHARE = 0.9
+
+
+def check_observations(input_spec: dict, n: int, seed: int = 0) -> np.ndarray:
+    """n observations of the kind the artifact takes (one-hot indices, uint8 images, or floats around the
+    normalisation statistics), for the check."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(d) for d in input_spec["shape"])
+    kind = input_spec.get("preprocess", "none")
+    if kind == "onehot":
+        return rng.integers(0, int(input_spec["n"]), n)
+    if kind == "image":
+        return rng.integers(0, 256, (n, *shape)).astype(np.uint8)
+    x = rng.standard_normal((n, *shape))
+    norm = input_spec.get("normalize")
+    if norm:
+        x = np.asarray(norm["mean"]).reshape(shape) + np.sqrt(np.asarray(norm["var"])).reshape(shape) * x
+    return x.astype(np.float32)
+
+
+def check_artifact(manifest: dict, members: dict[str, bytes], quantized, output) -> str:
+    """Run the finished artifact (manifest + members, not yet written) once, in this process, as `runtime.load`
+    would open it, and compare it with `run` on the quantized module and its own actions with the numpy
+    post-processing. A runtime error or a difference beyond the stated tolerance raises CheckFailed (the
+    compile writes nothing). Returns a line for the log: what was checked, or why it could not run here
+    (another architecture: tests/test_rasp4.py checks those under qemu; CPU features this machine lacks)."""
+    from bitrl_compile.runtime import artifact as art
+    from bitrl_compile.runtime import safetensors_np, weights
+    from bitrl_compile.runtime.policy import (
+        Policy,
+        check_runnable_here,
+        host_arch,
+        normalization,
+        prepare_observations,
+    )
+
+    arch = manifest["target"]["arch"]
+    if arch != host_arch():
+        return (f"not run before writing: compiled for {arch} and this machine is {host_arch()} (run it there, or "
+                f"here under qemu with `bitrl-compile run {output}`)")
+    try:
+        check_runnable_here(manifest, output)
+    except ValueError as e:
+        return f"not run before writing: {_first_line(e)}"
+    manifest = json.loads(art.manifest_bytes(manifest))  # what load() reads
+    params, _ = safetensors_np.loads(members[art.PARAMS])
+    params = weights.unpack_params(params, manifest.get("weights", {}))
+    input_spec, output_spec = manifest["input"], manifest["output"]
+    batch_max = (manifest.get("batch") or {}).get("max") or CHECK_OBSERVATIONS
+    obs = check_observations(input_spec, max(1, min(CHECK_OBSERVATIONS, int(batch_max))))
+    policy = None
+    try:
+        policy = Policy(manifest, members[art.LIB], params, str(output))
+        out = np.asarray(policy.forward(obs), np.float32)
+        single = np.asarray(policy.forward(obs[0]), np.float32)
+        actions = np.asarray(policy.act(obs)) if output_spec["kind"] != "features" else None
+    except Exception as e:  # noqa: BLE001 - whatever the compiled code raises (bad_alloc, a TVM error, ...)
+        raise CheckFailed(f"the compiled artifact fails when run ({type(e).__name__}: {_first_line(e)[:200]}); "
+                           f"nothing was written to {output}: please report it with the model") from None
+    finally:
+        if policy is not None:
+            policy.close()
+    try:
+        x, _ = prepare_observations(input_spec, obs, normalization(input_spec))
+        expected = np.asarray(run(quantized, x), np.float32).reshape(out.shape)
+    except NotImplementedError as e:  # an op the reference does not know: ran, but not compared
+        return f"ran the artifact on {len(obs)} observations; not compared with the numpy reference ({e})"
+    problem = _mismatch(out, expected) or _mismatch(single[None], expected[:1])
+    if problem is None and actions is not None:
+        problem = _action_mismatch(output_spec, actions, out)
+    if problem:
+        raise CheckFailed(f"the compiled artifact disagrees with the numpy reference ({problem}); nothing was "
+                           f"written to {output}: please report it with the model")
+    return f"checked the artifact against the numpy reference on {len(obs)} observations"
+
+
+def _mismatch(out: np.ndarray, expected: np.ndarray) -> str | None:
+    """Why the artifact's outputs are not the reference's within the stated tolerance, or None."""
+    out = out.reshape(len(out), -1).astype(np.float64)
+    expected = expected.reshape(len(expected), -1).astype(np.float64)
+    finite = np.isfinite(expected)
+    if (np.isfinite(out) != finite).any():
+        return "NaN/Inf where the reference has finite values, or the other way round"
+    if not finite.any():
+        return None
+    scale = max(float(np.abs(expected[finite]).max()), 1e-6)
+    diff = np.where(finite, np.abs(out - np.where(finite, expected, 0)), 0.0)
+    if diff.max() > CHECK_MAX_DIFF * scale:
+        return f"largest difference {diff.max():.3g} with outputs up to {scale:.3g}"
+    close = float((diff.max(axis=1) <= CHECK_CLOSE_DIFF * scale).mean())
+    if close < CHECK_CLOSE_SHARE:
+        return f"only {close:.0%} of the observations within {CHECK_CLOSE_DIFF:g} of the largest output"
+    return None
+
+
+def _action_mismatch(output_spec: dict, actions: np.ndarray, out: np.ndarray) -> str | None:
+    """act() against the numpy post-processing of the artifact's own forward() outputs."""
+    from bitrl_compile.runtime.policy import postprocess
+
+    expected = postprocess(output_spec, out)
+    if output_spec["kind"] == "discrete":
+        top2 = np.sort(out.reshape(len(out), -1), axis=1)[:, -2:] if out.shape[-1] > 1 else None
+        clear = np.ones(len(out), bool) if top2 is None else top2[:, 1] - top2[:, 0] > 1e-6 * max(
+            float(np.abs(out).max()), 1e-6)
+        wrong = (np.asarray(actions).reshape(-1) != expected.reshape(-1)) & clear
+        return f"act() chose other actions for {int(wrong.sum())} observations" if wrong.any() else None
+    bounds = np.abs(np.concatenate([output_spec["low"], output_spec["high"]]))
+    atol = 1e-4 * (1 + float(bounds[np.isfinite(bounds)].max(initial=0)))
+    if actions.shape != expected.shape or not np.allclose(actions, expected, rtol=1e-4, atol=atol):
+        return "act() returned actions that are not the post-processed forward() outputs"
+    return None

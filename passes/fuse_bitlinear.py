@@ -6,7 +6,9 @@ for a constant bias b of N elements (either operand order of the add), also when
 the last dimension sits in between (torch.export flattens [batch, tokens, K] linears to 2-D and
 reshapes back; elementwise ops commute with such a reshape). The result is one op per
 layer that `legalize_bitlinear` turns into one kernel with the epilogue (rescale, bias,
-activation) inside it.
+activation) inside it. A value that has other users besides the add or activation (ELU, SiLU, GELU,
+Mish read the linear's output twice) is left alone: folding would leave the unfused op for the other
+users and compute the layer twice.
 """
 
 from __future__ import annotations
@@ -24,8 +26,38 @@ _RELAX_OPS = {"relu": "relax.nn.relu", "tanh": "relax.tanh", "sigmoid": "relax.s
 _ACTIVATIONS = {_RELAX_OPS[a]: a for a in FUSABLE_ACTIVATIONS if a != "none"}  # Relax op name -> fused activation
 
 
-def _through_reshape(call, m, bl, reshaped, fold):
-    """fold() applied under a reshape that keeps the last (output channel) dimension."""
+def _shared_values(func: relax.Function) -> list[relax.Expr]:
+    """The values bound to variables used more than once in `func` (as an argument or its result)."""
+    uses: dict = {}
+
+    def count(expr):
+        if isinstance(expr, relax.Var):
+            uses[expr] = uses.get(expr, 0) + 1
+        elif isinstance(expr, relax.Call):
+            for arg in expr.args:
+                count(arg)
+        elif isinstance(expr, relax.Tuple):
+            for field in expr.fields:
+                count(field)
+        elif isinstance(expr, relax.TupleGetItem):
+            count(expr.tuple_value)
+
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    for binding in bindings:
+        count(binding.value)
+    count(func.body.body)
+    return [b.value for b in bindings if uses.get(b.var, 0) > 1]
+
+
+def _is_shared(expr, shared: list[relax.Expr]) -> bool:
+    return expr is not None and any(expr.same_as(v) for v in shared)
+
+
+def _through_reshape(call, m, bl, reshaped, fold, shared):
+    """fold() applied under a reshape that keeps the last (output channel) dimension, unless the folded value
+    has other users (then the unfused op would stay for them and the layer would run twice)."""
+    if _is_shared(m.get(bl), shared) or _is_shared(m.get(reshaped), shared):
+        return call
     if m.get(reshaped) is None:
         return fold(call, m)
     inner = m[bl]
@@ -70,15 +102,19 @@ def fuse_bitlinear(mod, _ctx):
     add = is_op("relax.add")(value, bias) | is_op("relax.add")(bias, value)
     act = is_op("relax.nn.relu")(value) | is_op("relax.tanh")(value) | is_op("relax.sigmoid")(value)
 
+    shared: list[relax.Expr] = []
+
     def fold_bias(call, m):
-        return _through_reshape(call, m, bl, reshaped, lambda c, mm: _fold_bias(c, mm, bl, bias))
+        return _through_reshape(call, m, bl, reshaped, lambda c, mm: _fold_bias(c, mm, bl, bias), shared)
 
     def fold_activation(call, m):
-        return _through_reshape(call, m, bl, reshaped, lambda c, mm: _fold_activation(c, mm, bl))
+        return _through_reshape(call, m, bl, reshaped, lambda c, mm: _fold_activation(c, mm, bl), shared)
 
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
+            shared[:] = _shared_values(func)
             func = rewrite_call(add, fold_bias, func)
+            shared[:] = _shared_values(func)
             func = rewrite_call(act, fold_activation, func)
             mod[gv] = func
     return mod

@@ -20,7 +20,18 @@ import numpy as np
 from . import safetensors_np, weights
 from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, read_artifact
 from .plan import Plan
-from .tvm_runtime import NativeLibrary, aligned, cpu_flags, enable_amx, load_module, new_vm, to_device
+from .specs import check_output_size, check_specs
+from .tvm_runtime import (
+    LibraryLoadError,
+    NativeLibrary,
+    aligned,
+    check_elf,
+    cpu_flags,
+    enable_amx,
+    load_module,
+    new_vm,
+    to_device,
+)
 
 
 def host_arch() -> str:
@@ -30,7 +41,10 @@ def host_arch() -> str:
 
 def check_runnable_here(manifest: dict, path: str | os.PathLike = "artifact") -> None:
     """Raise ArtifactError (one line, with the fix) if this machine cannot run the artifact."""
-    target = manifest.get("target", {})
+    target = manifest.get("target")
+    if not isinstance(target, dict) or not isinstance(target.get("cpu_features", []), list):
+        raise ArtifactError(f"{path}: manifest target is not an object with arch and cpu_features; "
+                            "recompile the artifact")
     arch = target.get("arch")
     if arch != host_arch():
         raise ArtifactError(
@@ -181,8 +195,15 @@ class Policy:
         self._plans = {}
         if manifest.get("entry_points"):
             library = self._with_file(lambda path: NativeLibrary(path, bundled_runtime))
-            self._plans = {name: Plan(name, spec, library, self._params)
-                           for name, spec in manifest["entry_points"].items()}
+            for name, spec in manifest["entry_points"].items():
+                try:
+                    self._plans[name] = Plan(name, spec, library, self._params)
+                except KeyError as e:
+                    raise ArtifactError(f"{self.path}: entry point {name} calls {str(e.args[0])[:80]}, which its "
+                                        "lib.so does not export; recompile the artifact") from None
+                except (TypeError, ValueError, IndexError, AttributeError) as e:
+                    raise ArtifactError(f"{self.path}: entry point {name} is malformed ({str(e)[:100]}); "
+                                        "recompile the artifact") from None
         self._entries = set(manifest.get("vm_params", {})) | set(self._plans)
         self._vm_params = manifest.get("vm_params") or {"main": list(manifest["params"])}
         self._local = threading.local()
@@ -219,13 +240,22 @@ class Policy:
         return np.from_dlpack(result).copy()
 
     def _with_file(self, open_library):
-        """open_library(path) on lib.so written to a temporary file, removed once opened (it stays mapped)."""
+        """open_library(path) on lib.so written to a temporary file, removed once opened (it stays mapped).
+        A library the dynamic loader refuses (another machine's, or garbage) is an ArtifactError."""
         # a name never used before: the dynamic loader hands back an already loaded library of the same name
+        try:
+            check_elf(LIB, self._lib_bytes)
+        except LibraryLoadError as e:
+            raise ArtifactError(f"{self.path}: {e.member} cannot be loaded ({e.reason}); recompile the artifact "
+                                "for this machine") from None
         fd, tmp = tempfile.mkstemp(suffix=".so", prefix=f"bitrl-{uuid.uuid4().hex}-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(self._lib_bytes)
             return open_library(tmp)
+        except LibraryLoadError as e:
+            raise ArtifactError(f"{self.path}: {e.member} cannot be loaded ({e.reason}); recompile the artifact "
+                                "for this machine") from None
         finally:
             os.unlink(tmp)
 
@@ -311,10 +341,36 @@ class Policy:
         return f"Policy({self.path!r}, target={t.get('name')}, obs_shape={self.obs_shape})"
 
 
-def load(path: str | os.PathLike) -> Policy:
-    """Load and verify a policy.bitrl artifact for this machine."""
-    art = read_artifact(path)
+def _check_specs(manifest: dict, path) -> None:
+    """The manifest's input and output specs (runtime/specs.py), and the output size against the plan's."""
+    try:
+        check_specs(manifest.get("input"), manifest.get("output"), str(path))
+        forward = (manifest.get("entry_points") or {}).get("forward")
+        if isinstance(forward, dict):
+            shape = forward["outputs"][0]["shape"]
+            if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape[1:]):
+                raise ValueError(f"{path}: entry point forward has an output shape {str(shape)[:60]} that is not "
+                                 "[\"batch\", sizes...]")
+            check_output_size(manifest["output"], math.prod(shape[1:]), str(path))
+        if not isinstance(manifest.get("params"), list):
+            raise ValueError(f"{path}: manifest params is not a list of names")  # noqa: TRY004 - bad input
+    except (KeyError, IndexError, TypeError) as e:
+        raise ArtifactError(f"{path}: manifest entry_points.forward is malformed ({str(e)[:80]}); "
+                            "recompile the artifact") from None
+    except ValueError as e:
+        raise ArtifactError(f"{str(e).splitlines()[0]}; recompile the artifact") from None
+
+
+def load(path: str | os.PathLike, trusted_keys=None) -> Policy:
+    """Load and verify a policy.bitrl artifact for this machine.
+
+    Every check runs before any native code is loaded: limits, the sha256 of the manifest and of every member,
+    the signature when trusted keys are configured (`trusted_keys`: public key PEM paths, PEM bytes or raw 32-byte
+    Ed25519 keys, joined by the paths in BITRL_TRUSTED_KEYS), the machine (architecture, CPU features), the
+    specs, the parameters. Loading then runs lib.so's code: see docs/security.md."""
+    art = read_artifact(path, trusted_keys)
     check_runnable_here(art.manifest, path)
+    _check_specs(art.manifest, path)
     try:
         params, _ = safetensors_np.loads(art.members[PARAMS])
     except ValueError as e:

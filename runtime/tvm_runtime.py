@@ -18,6 +18,64 @@ from _ctypes import dlclose as _dlclose
 from pathlib import Path
 
 _RUNTIME_LOADED = False
+
+
+class LibraryLoadError(OSError):
+    """The dynamic loader refused a library (another machine's, or not a library); `reason` is its short word."""
+
+    def __init__(self, member: str, lib_path, error: BaseException):
+        text = " ".join(str(error).split())
+        # the loader's message names the temporary file the library was written to: keep what it said about it
+        reason = (text.rsplit(f"{lib_path}: ", 1)[-1] if lib_path else text)[:200] or type(error).__name__
+        machine, here = _elf_machine(lib_path), os.uname().machine
+        if machine and machine != here:  # glibc then says "No such file or directory", which misleads
+            reason = f"a library for {machine}, and this machine is {here}"
+        self.member, self.reason = member, reason
+        super().__init__(f"{member} cannot be loaded ({reason})")
+
+
+_ELF_MACHINES = {3: "i386", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv"}
+
+
+def _elf_machine(lib_path) -> str | None:
+    """The architecture an ELF file is for ("aarch64", ...), None if it is no ELF or unknown."""
+    try:
+        with open(lib_path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return None
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+    return _ELF_MACHINES.get(machine, f"ELF machine {machine}")
+
+
+def check_elf(member: str, data: bytes) -> None:
+    """LibraryLoadError unless `data` is a 64-bit little-endian ELF for this machine whose program headers and
+    segments lie inside it: the dynamic loader maps a truncated library past its end, and touching that is SIGBUS."""
+    here = os.uname().machine
+    if len(data) < 64 or data[:4] != b"\x7fELF":
+        raise LibraryLoadError(member, "", OSError("not an ELF library"))
+    machine = _ELF_MACHINES.get(int.from_bytes(data[18:20], "little"))
+    if data[4] != 2 or data[5] != 1 or machine != here:
+        raise LibraryLoadError(member, "", OSError(f"a library for {machine or 'another machine'}, and this machine "
+                                                   f"is {here}"))
+    phoff, phentsize, phnum = (int.from_bytes(data[32:40], "little"), int.from_bytes(data[54:56], "little"),
+                               int.from_bytes(data[56:58], "little"))
+    if phentsize < 56 or phoff + phnum * phentsize > len(data):
+        raise LibraryLoadError(member, "", OSError("truncated or corrupt ELF program headers"))
+    for i in range(phnum):
+        ph = phoff + i * phentsize
+        offset, size = int.from_bytes(data[ph + 8:ph + 16], "little"), int.from_bytes(data[ph + 32:ph + 40], "little")
+        if int.from_bytes(data[ph:ph + 4], "little") != 0 and offset + size > len(data):
+            raise LibraryLoadError(member, "", OSError("truncated: a segment ends past the file"))
+
+
+def _dlopen(member: str, lib_path, mode: int) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(lib_path), mode)
+    except OSError as e:
+        raise LibraryLoadError(member, lib_path, e) from None
 _AMX: bool | None = None
 ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64 (>= 5.16)
 
@@ -95,11 +153,12 @@ def _load_runtime(bundled: bytes | None) -> None:
             raise RuntimeError("libtvm_runtime.so not found; `pip install apache-tvm`, set BITRL_TVM_RUNTIME, "
                                "or compile the artifact with --bundle-runtime")
         if path is None:
+            check_elf("libtvm_runtime.so", bundled)
             fd, tmp = tempfile.mkstemp(prefix="libtvm_runtime-", suffix=".so")
             with os.fdopen(fd, "wb") as f:
                 f.write(bundled)
             try:
-                ctypes.CDLL(tmp, ctypes.RTLD_GLOBAL)
+                _dlopen("libtvm_runtime.so", tmp, ctypes.RTLD_GLOBAL)
             finally:
                 os.unlink(tmp)  # stays mapped
         else:
@@ -112,7 +171,12 @@ def load_module(lib_path: str | os.PathLike, bundled_runtime: bytes | None = Non
     tvm_ffi = _import_tvm_ffi()
     _load_runtime(bundled_runtime)
     enable_amx()
-    return tvm_ffi.load_module(str(lib_path))
+    try:
+        return tvm_ffi.load_module(str(lib_path))
+    except RuntimeError as e:
+        if "Failed to load dynamic shared library" not in str(e):
+            raise
+        raise LibraryLoadError("lib.so", lib_path, e) from None
 
 
 # Function pointers a TVM-built library leaves to its loader (TVM's codegen; tvm-ffi's "context symbols"): each
@@ -127,11 +191,12 @@ class NativeLibrary:
     dlclose'd when the last of them is gone (tvm-ffi's own loader never unloads a library)."""
 
     def __init__(self, lib_path: str | os.PathLike, bundled_runtime: bytes | None = None):
+        self._handle = None
         tvm_ffi = _import_tvm_ffi()
         _load_runtime(bundled_runtime)
         enable_amx()
         ctypes.CDLL(str(tvm_ffi.libinfo.find_libtvm_ffi()), os.RTLD_NOW | os.RTLD_GLOBAL)  # the error setter
-        self._dll = ctypes.CDLL(str(lib_path), os.RTLD_NOW | os.RTLD_LOCAL)
+        self._dll = _dlopen("lib.so", lib_path, os.RTLD_NOW | os.RTLD_LOCAL)
         self._handle = self._dll._handle
         process = ctypes.CDLL(None)
         try:

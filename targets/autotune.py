@@ -43,9 +43,10 @@ from bitrl_compile.targets.tuning import (
 )
 
 NOISE = 0.03               # a tuned kernel must beat the default by this fraction to replace it
-RPC_HELP = ("on the board run `python3 -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090` (after "
-            "`pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 cloudpickle psutil` there), "
-            "then pass --rpc BOARD:9090")
+RPC_HELP = ("on the board run `python3 -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090` (after "
+            "`pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 cloudpickle psutil` there; "
+            "localhost only: the server runs any code it is sent, without authentication), here "
+            "`ssh -N -L 9090:127.0.0.1:9090 pi@BOARD`, then pass --rpc 127.0.0.1:9090 (docs/security.md)")
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -110,7 +111,7 @@ def _connect(rpc_config):
 def parse_rpc(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise TuneError(f"--rpc expects HOST:PORT (e.g. 192.168.1.20:9090), got {address!r}")
+        raise TuneError(f"--rpc expects HOST:PORT (e.g. 127.0.0.1:9090 through an SSH tunnel), got {address!r}")
     return host, int(port)
 
 
@@ -350,6 +351,8 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
         raise TuneError(f"target {target.name} runs on {target.arch}: timings need the device; {RPC_HELP}")
     if trials < 1:
         raise TuneError("--trials must be at least 1")
+    if threads < 1:
+        raise TuneError(f"--threads must be at least 1, got {threads}")
     keys, batches = list(dict.fromkeys(keys)), sorted(set(batches))
     if not keys:
         raise TuneError("the model has no BitLinear kernel to tune")

@@ -158,7 +158,7 @@ def save_database(path: Path, records: list[dict]) -> None:
     records = sorted(records, key=lambda r: (r["isa"], r["kernel"], r["batch"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"format": FORMAT, "version": 1, "records": records}, indent=1) + "\n"
-    write_atomic(path, text.encode(), mode=0o644)  # shared and committed, not mkstemp's 0600
+    write_atomic(path, text.encode())  # the user's umask, as for every file we write
 
 
 def ms_database(path: Path, work_dir: str | os.PathLike):

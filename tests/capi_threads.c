@@ -2,7 +2,9 @@
  * calls of bitrl_forward and bitrl_act with mixed batch sizes, every result equal (bytes) to the same call made
  * sequentially before the threads start. Prints "ok N" or the first mismatch; exit status 0 only if all agree.
  *
- *     capi_threads POLICY.bitrl [THREADS] [CALLS] */
+ *     capi_threads POLICY.bitrl [THREADS] [CALLS] [TRUSTED_KEY.pub]
+ *
+ * With TRUSTED_KEY the policy is loaded with bitrl_load_trusted (its signature checked, tests/test_capi.py). */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,12 +50,13 @@ static void *worker(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s POLICY.bitrl [THREADS] [CALLS]\n", argv[0]);
+        fprintf(stderr, "usage: %s POLICY.bitrl [THREADS] [CALLS] [TRUSTED_KEY.pub]\n", argv[0]);
         return 2;
     }
     int threads = argc > 2 ? atoi(argv[2]) : 8;
     calls = argc > 3 ? atoi(argv[3]) : 1000;
-    policy = bitrl_load(argv[1]);
+    const char *key = argc > 4 ? argv[4] : NULL;
+    policy = key ? bitrl_load_trusted(argv[1], &key, 1) : bitrl_load(argv[1]);
     if (!policy) {
         fprintf(stderr, "%s\n", bitrl_last_error());
         return 1;

@@ -1,9 +1,13 @@
 """Every malformed input gets one clear line, nothing is executed or lost: one case per row.
 
-Each case builds a real bad input in a temporary folder and calls the real API. Running this file as a
-script prints the cases and the messages users actually see as a markdown table (docs/bad-inputs.md):
+Each case builds a real bad input in a temporary folder and calls the real API, or runs the real
+`bitrl-compile` (`_cli`: a subprocess; what it exits with and the line it prints). Running this file as a
+script prints the cases, the messages users actually see and the exit codes as a markdown table:
 
     python tests/test_bad_inputs.py > docs/bad-inputs.md
+
+To add a case: a function that builds the bad input in `tmp` and calls the API (or `_cli`), and one `Case`
+line in CASES (its area, the exception, a fragment the message must contain, and for `_cli` the exit code).
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -27,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bitrl_compile import pipeline
+from bitrl_compile.cli.common import INTERNAL, exit_code
 from bitrl_compile.devices import EmulatorError, qemu_binary
 from bitrl_compile.frontends import load_policy, save_mlp_policy
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
@@ -251,6 +259,133 @@ def tuning_board_unreachable(tmp: Path):
     autotune.tune([tuning.KernelKey(16, 16)], "rasp4", trials=1, db=tmp, rpc="127.0.0.1:1")
 
 
+# ---------------------------------------------------------------------------------------- the command line
+
+class CliExit(Exception):
+    """What a user of the real `bitrl-compile` sees: its exit code and the line that says why."""
+
+    def __init__(self, code: int, line: str):
+        super().__init__(line)
+        self.code = code
+
+
+def _line(stderr: str) -> str:
+    """The line that says why: click's `Error: ...`, our `bitrl-compile: ...`, else the first (`Usage: ...`)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith(("Error:", "bitrl-compile:"))]
+    return ours[0] if ours else lines[0] if lines else "(nothing)"
+
+
+def _cli(*args, cwd=None, check=None) -> None:
+    """Run `bitrl-compile ARGS` and raise CliExit with what it exits with and says; `check(stderr)` first."""
+    r = subprocess.run([sys.executable, "-m", "bitrl_compile.cli", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd, timeout=600, check=False)
+    if check is not None:
+        check(r.stderr)
+    raise CliExit(r.returncode, _line(r.stderr))
+
+
+def _model(tmp: Path) -> Path:
+    save_mlp_policy(tmp / "model.safetensors", mlp((4, 16, 2)), MLP_CONFIG)
+    return tmp / "model.safetensors"
+
+
+def _not_compiled(stderr: str) -> None:
+    assert "imported" not in stderr, "the compile ran before the output was checked"
+
+
+def cli_no_arguments(tmp: Path):
+    _cli()
+
+
+def cli_unknown_option(tmp: Path):
+    _cli("inspect", "p.bitrl", "--bogus")
+
+
+def cli_misspelt_command(tmp: Path):
+    _cli("inspct", "p.bitrl", cwd=tmp)
+
+
+def cli_zero_episodes(tmp: Path):
+    _cli("run", "p.bitrl", "--env", "CartPole-v1", "--episodes", 0)
+
+
+def cli_zero_threads(tmp: Path):
+    _cli("tune", "model.safetensors", "--threads", 0, "--db", tmp)
+
+
+def cli_zero_steps(tmp: Path):
+    _cli("train", "--env", "CartPole-v1", "--steps", 0)
+
+
+def cli_malformed_widths(tmp: Path):
+    _cli("train", "--env", "CartPole-v1", "--hidden", "64,x")
+
+
+def cli_output_is_a_folder(tmp: Path):
+    (tmp / "out.bitrl").mkdir()
+    _cli(_model(tmp), "-o", tmp / "out.bitrl")
+
+
+def cli_output_name_too_long(tmp: Path):
+    _cli(_model(tmp), "-o", tmp / ("p" * 250 + ".bitrl"), check=_not_compiled)
+
+
+def cli_output_is_the_input(tmp: Path):
+    (tmp / "out.bitrl").symlink_to(_model(tmp))
+    before = (tmp / "model.safetensors").read_bytes()
+    try:
+        _cli(tmp / "model.safetensors", "-o", tmp / "out.bitrl", "--force")
+    finally:
+        assert (tmp / "model.safetensors").read_bytes() == before
+
+
+def cli_output_folder_missing(tmp: Path):
+    _cli(_model(tmp), "-o", tmp / "no" / "p.bitrl", check=_not_compiled)
+
+
+def cli_demo_unknown_target(tmp: Path):
+    try:
+        _cli("demo", "--targets", "bogus", "--out", tmp / "d")
+    finally:
+        assert not (tmp / "d").exists(), "an empty output folder was left"
+
+
+def _signal_mid_write(signum: int):
+    """A real compile whose artifact write is held open (its fsync sleeps) until the signal lands."""
+
+    def case(tmp: Path):
+        hold = ("import os, sys, time\nfsync = os.fsync\nos.fsync = lambda fd: (time.sleep(600), fsync(fd))\n"
+                "from bitrl_compile.cli import main\nmain(sys.argv[1:], prog_name='bitrl-compile')\n")
+        proc = subprocess.Popen([sys.executable, "-c", hold, _model(tmp), "--no-tuning", "-o", tmp / "p.bitrl"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not list(tmp.glob(".p.bitrl.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert list(tmp.glob(".p.bitrl.*.tmp")), "the compile never started writing"
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert sorted(p.name for p in tmp.iterdir()) == ["model.safetensors"], "a partial file was left"
+        raise CliExit(proc.returncode, _line(err))
+
+    return case
+
+
+def cli_broken_pipe(tmp: Path):
+    proc = subprocess.Popen([sys.executable, "-m", "bitrl_compile.cli", "inspect", _artifact()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # `| head -1` that has already gone
+    err = proc.stderr.read()
+    proc.wait()
+    assert err == "", err
+    raise CliExit(proc.returncode, "(nothing: exits quietly, as `yes | head -1` does)")
+
+
 def _act(obs):
     return lambda tmp: load(_artifact()).act(obs)
 
@@ -262,6 +397,7 @@ class Case:
     run: Callable[[Path], object]
     error: type | tuple
     says: str  # a fragment the message must contain (the problem or the fix)
+    code: int | None = None  # the exit code `_cli` must see (API cases: the CLI's mapping of the exception)
 
 
 CASES = [
@@ -301,6 +437,30 @@ CASES = [
          "NaN"),
     Case("Inf in the observation", "runtime input", _act(np.array([0, 0, np.inf, 0])), ValueError, "Inf"),
     Case("batch of size 0", "runtime input", _act(np.zeros((0, 4), np.float32)), ValueError, "batch size 0"),
+    Case("no arguments", "command line", cli_no_arguments, CliExit, "Usage: bitrl-compile", 2),
+    Case("unknown option", "command line", cli_unknown_option, CliExit, "No such option", 2),
+    Case("misspelt command (`inspct`)", "command line", cli_misspelt_command, CliExit, "did you mean 'inspect'", 2),
+    Case("`run --episodes 0`", "command line", cli_zero_episodes, CliExit, "x>=1", 2),
+    Case("`tune --threads 0`", "command line", cli_zero_threads, CliExit, "x>=1", 2),
+    Case("`train --steps 0`", "command line", cli_zero_steps, CliExit, "x>=1", 2),
+    Case("`train --hidden 64,x`", "command line", cli_malformed_widths, CliExit, "comma-separated integers", 2),
+    Case("`-o` names a folder", "output file", cli_output_is_a_folder, CliExit, "is a directory", 2),
+    Case("output name over the file system's limit (refused before compiling)", "output file",
+         cli_output_name_too_long, CliExit, "choose a shorter name", 1),
+    Case("`-o` is the input (a symlink to it), even with --force", "output file", cli_output_is_the_input, CliExit,
+         "choose another output name", 1),
+    Case("output folder does not exist (refused before compiling)", "output file", cli_output_folder_missing,
+         CliExit, "create it first", 1),
+    Case("`demo --targets bogus --out d` (no empty d/ left)", "output file", cli_demo_unknown_target, CliExit,
+         "known targets", 1),
+    Case("Ctrl-C while writing the artifact", "signals", _signal_mid_write(signal.SIGINT), CliExit,
+         "no partial file", 130),
+    Case("SIGTERM while writing the artifact (`timeout`, systemd, CI)", "signals", _signal_mid_write(signal.SIGTERM),
+         CliExit, "no partial file", 128 + signal.SIGTERM),
+    Case("SIGHUP while writing the artifact (terminal closed)", "signals", _signal_mid_write(signal.SIGHUP),
+         CliExit, "no partial file", 128 + signal.SIGHUP),
+    Case("stdout closed early (`inspect x.bitrl | head -1`)", "signals", cli_broken_pipe, CliExit, "quietly",
+         128 + signal.SIGPIPE),
 ]
 
 
@@ -322,20 +482,35 @@ def trigger(case: Case) -> BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def code_of(e: BaseException) -> int:
+    """The exit code users see: the CLI's own for `_cli` cases, else what the CLI maps the exception to."""
+    if isinstance(e, CliExit):
+        return e.code
+    return 0 if isinstance(e, Warning) else exit_code(e)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_gets_one_clear_line(case):
     e = trigger(case)
     message = str(e)
     assert case.says in message, message
     assert "\n" not in message.strip(), f"more than one line: {message!r}"
+    code = code_of(e)
+    assert code != INTERNAL, f"bad input reported as an internal error: {message}"
+    assert case.code is None or code == case.code, (code, message)
 
 
 if __name__ == "__main__":
     print("# Bad inputs and what users see\n")
     print("Generated by `python tests/test_bad_inputs.py` from real runs; `pytest tests/test_bad_inputs.py` "
-          "checks every row. The CLI prints the same message as `bitrl-compile: error: ...` and exits 1.\n")
-    print("| area | case | exception | message |\n|---|---|---|---|")
+          "checks every row. The CLI prints an API case's message as `bitrl-compile: error: ...`; a case of the "
+          "command line shows the line the real `bitrl-compile` prints (`exception`: CLI). Exit codes: 0 "
+          "success (a warning), 1 bad input, 2 usage error, 3 internal error (never for bad input), 130 Ctrl-C "
+          "or 128 + the signal, 141 stdout closed (README, Exit codes).\n")
+    print("| area | case | exception | exit code | message |\n|---|---|---|---|---|")
     for case in CASES:
         e = trigger(case)
-        text = re.sub(r"/tmp/bitrl-(case|bad)-\w+/", "", str(e)).replace("|", "\\|")
-        print(f"| {case.area} | {case.name} | `{type(e).__name__}` | {text} |")
+        text = re.sub(r"/tmp/bitrl-(case|bad)-\w+/", "", str(e))
+        kind = "CLI" if isinstance(e, CliExit) else f"`{type(e).__name__}`"
+        cells = (case.area, case.name, kind, str(code_of(e)), text)
+        print("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")

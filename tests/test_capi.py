@@ -2,6 +2,7 @@
 and bit-identical forward outputs, on the host and cross-built for rasp4 under qemu; bad input is -1/NULL and one
 line of bitrl_last_error(), never an abort; one policy is safe from 8 threads at once."""
 
+import base64
 import ctypes
 import hashlib
 import json
@@ -19,10 +20,11 @@ from click.testing import CliRunner
 from bitrl_compile import pipeline
 from bitrl_compile.cli.capi import capi_cmd
 from bitrl_compile.devices import EmulatedPolicy
-from bitrl_compile.devices.capi import CFLAGS, run_under_qemu, source_dir, tvm_ffi_include
+from bitrl_compile.devices.capi import CFLAGS, SOURCES, run_under_qemu, source_dir, tvm_ffi_include
 from bitrl_compile.frontends import load_policy
 from bitrl_compile.loaded import LoadedPolicy
-from bitrl_compile.runtime import load, safetensors_np
+from bitrl_compile.runtime import ArtifactError, load, safetensors_np, signing
+from bitrl_compile.runtime.artifact import sign_artifact
 from relax_models import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +84,8 @@ def capi(host_build, python_policy):
     lib = ctypes.CDLL(str(host_build.lib))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.bitrl_load.restype, lib.bitrl_load.argtypes = p, [ctypes.c_char_p]
+    lib.bitrl_load_trusted.restype = p
+    lib.bitrl_load_trusted.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
     lib.bitrl_last_error.restype = ctypes.c_char_p
     for name in ("bitrl_obs_size", "bitrl_output_size", "bitrl_action_size", "bitrl_max_batch"):
         getattr(lib, name).restype, getattr(lib, name).argtypes = i64, [p]
@@ -119,7 +123,7 @@ def test_library_links_no_tvm_and_builds_warning_free(host_build, tmp_path):
     exported = {line.split()[-1] for line in symbols.splitlines()}
     assert {"bitrl_load", "bitrl_act", "bitrl_forward", "bitrl_free", "TVMFFIErrorSetRaisedFromCStrParts"} <= exported
     assert not [s for s in exported if s.startswith(("json_", "bitrl_zip", "bitrl_sha"))], "internals are exported"
-    sources = [str(source_dir() / s) for s in ("bitrl.c", "json.c", "params.c", "sha256.c", "zip.c")]
+    sources = [str(source_dir() / s) for s in SOURCES]
     subprocess.run(["cc", *CFLAGS, "-Werror", "-shared", f"-I{tvm_ffi_include()}", *sources, "-o",
                     str(tmp_path / "libbitrl.so"), "-lz", "-ldl", "-lm"], check=True, capture_output=True, text=True)
 
@@ -255,19 +259,25 @@ def test_bad_calls_return_minus_one_and_say_why(capi, policy, cartpole_obs):
 
 def _rewrite(src: Path, dst: Path, manifest=None, members=None, raw_manifest: bytes | None = None,
              keep_hashes: bool = False) -> Path:
-    """A copy of an artifact with its manifest and members changed; hashes recomputed unless keep_hashes."""
+    """A copy of an artifact with its manifest and members changed; hashes (of the members and of the manifest:
+    an attacker who rewrites the zip consistently) recomputed unless keep_hashes."""
     with zipfile.ZipFile(src) as z:
         m = json.loads(z.read("manifest.json"))
-        blobs = {name: z.read(name) for name in z.namelist() if name != "manifest.json"}
+        blobs = {name: z.read(name) for name in z.namelist() if name not in ("manifest.json", "manifest.sha256")}
+        old_text, old_hash = z.read("manifest.json"), z.read("manifest.sha256")
     if members:
         blobs = members(blobs)
     if manifest:
         m = manifest(m)
     if not keep_hashes:
-        m["members"] = {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()
-                        if name in m["members"]}
+        m["members"] = {name: hashlib.sha256(blobs[name]).hexdigest() if name in blobs else digest
+                        for name, digest in m["members"].items()}
+    text = raw_manifest if raw_manifest is not None else json.dumps(m).encode()
+    if keep_hashes and manifest is None and raw_manifest is None:
+        text = old_text
     with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        z.writestr("manifest.json", raw_manifest if raw_manifest is not None else json.dumps(m))
+        z.writestr("manifest.json", text)
+        z.writestr("manifest.sha256", old_hash if keep_hashes else hashlib.sha256(text).hexdigest() + "\n")
         for name, data in blobs.items():
             z.writestr(name, data)
     return dst
@@ -334,3 +344,153 @@ def test_bad_artifacts_give_null_and_one_line(capi, artifacts, tmp_path):
         assert ("recompile" in error or "upgrade" in error or "no such" in error or "target device" in error
                 or "Python runtime" in error), f"{name}: the error names no fix: {error}"
     assert not capi.bitrl_load(None) and "path is NULL" in _error(capi)
+
+
+# ----------------------------------------------------------------------------------- trust and limits (C)
+
+EVIL = """#include <stdio.h>
+__attribute__((constructor)) static void evil(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("native code of the artifact ran", f); fclose(f); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def release_key(tmp_path_factory):
+    return signing.write_keypair(tmp_path_factory.mktemp("capi-keys") / "release")  # (private, public, key id)
+
+
+def _load_trusted(capi, path: Path, keys: list[Path]):
+    array = (ctypes.c_char_p * max(len(keys), 1))(*[str(k).encode() for k in keys])
+    return capi.bitrl_load_trusted(str(path).encode(), array, len(keys))
+
+
+def test_nothing_native_runs_before_the_signature_is_checked(capi, host_build, artifacts, release_key, tmp_path,
+                                                            monkeypatch):
+    """An attacker replaces lib.so by a library whose constructor runs on dlopen and rewrites the zip consistently
+    (every sha256 recomputed, the manifest's too). With trusted keys, neither runtime loads it: the marker file
+    that constructor would create never appears. Without keys it does: loading an artifact runs its code."""
+    private, public, key_id = release_key
+    monkeypatch.delenv(signing.ENV, raising=False)
+    signed = tmp_path / "signed.bitrl"
+    signed.write_bytes(artifacts.host.read_bytes())
+    sign_artifact(signed, private)
+    marker = tmp_path / "marker"
+    (tmp_path / "evil.c").write_text(EVIL)
+    subprocess.run(["cc", "-shared", "-fPIC", f'-DMARKER="{marker}"', str(tmp_path / "evil.c"), "-o",
+                    str(tmp_path / "evil.so")], check=True, capture_output=True)
+    evil_lib = (tmp_path / "evil.so").read_bytes()
+    evil = _rewrite(signed, tmp_path / "evil.bitrl", members=lambda b: dict(b, **{"lib.so": evil_lib}))
+    unsigned = _rewrite(artifacts.host, tmp_path / "evil-unsigned.bitrl",
+                        members=lambda b: dict(b, **{"lib.so": evil_lib}))
+    with pytest.raises(ArtifactError, match=f"the signature by trusted key {key_id[:16]} does not verify"):
+        load(evil, trusted_keys=[public])
+    with pytest.raises(ArtifactError, match="is not signed by any trusted key"):
+        load(unsigned, trusted_keys=[public])
+    assert not _load_trusted(capi, evil, [public])
+    assert f"the signature by trusted key {key_id[:16]} does not verify" in _error(capi)
+    assert not _load_trusted(capi, unsigned, [public]) and "is not signed by any trusted key" in _error(capi)
+    monkeypatch.setenv(signing.ENV, str(public))
+    assert not capi.bitrl_load(str(evil).encode()) and "does not verify" in _error(capi)
+    with pytest.raises(ArtifactError, match="does not verify"):
+        load(evil)
+    assert not marker.exists(), "the artifact's native code ran before its signature was checked"
+    handle = capi.bitrl_load(str(signed).encode())  # the genuine signed artifact, keys from the environment
+    assert handle, _error(capi)
+    capi.bitrl_free(handle)
+    monkeypatch.delenv(signing.ENV)
+    run = subprocess.run([str(host_build.threads), str(evil), "1", "1"], capture_output=True, text=True, check=False)
+    assert run.returncode != 0 and marker.exists(), "without keys the constructor runs (the test's premise)"
+    assert not _load_trusted(capi, signed, [private]) and "this is the private key: give NAME.pub" in _error(capi)
+    assert not _load_trusted(capi, signed, [tmp_path / "none.pub"]) and "does not exist" in _error(capi)
+
+
+def _bomb(src: Path, dst: Path, size: int = 128 << 20) -> Path:
+    with zipfile.ZipFile(src) as z:
+        blobs = {name: z.read(name) for name in z.namelist() if name != "lib.so"}
+    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name, data in blobs.items():
+            z.writestr(name, data)
+        with z.open("lib.so", "w") as f:
+            for _ in range(size >> 24):
+                f.write(bytes(16 << 20))
+    return dst
+
+
+def _members(src: Path, change) -> dict:
+    with zipfile.ZipFile(src) as z:
+        blobs = {name: z.read(name) for name in z.namelist()}
+    change(blobs)
+    return blobs
+
+
+def _zip(dst: Path, blobs: dict, compression=zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(dst, "w", compression=compression) as z:
+        for name, data in blobs.items():
+            z.writestr(name, data)
+    return dst
+
+
+def _big_safetensors_header(blobs):
+    """params.safetensors with a 17 MiB header (incompressible metadata, so that no zip limit refuses it first)."""
+    params, meta = safetensors_np.loads(blobs["params.safetensors"])
+    pad = base64.b64encode(np.random.default_rng(0).integers(0, 256, 13 << 20, dtype=np.uint8).tobytes()).decode()
+    blobs["params.safetensors"] = safetensors_np.dumps(params, dict(meta, pad=pad))
+
+
+def test_c_reader_limits_and_manifest_checks(capi, artifacts, tmp_path):
+    host = artifacts.host
+    edited = _members(host, lambda b: b.update({"manifest.json": b["manifest.json"].replace(b'"squash"', b'"squash" ')
+                                                if b'"squash"' in b["manifest.json"] else b["manifest.json"] + b" "}))
+    cases = {
+        "manifest edited": (_zip(tmp_path / "edited.bitrl", edited),
+                            "manifest.json fails its sha256 check (tampered or corrupt); recompile the artifact"),
+        "no manifest hash": (_zip(tmp_path / "nohash.bitrl", _members(host, lambda b: b.pop("manifest.sha256"))),
+                             "member manifest.sha256 is missing"),
+        "zip bomb": (_bomb(host, tmp_path / "bomb.bitrl"), "(more than 100:1, a zip bomb)"),
+        "many members": (_zip(tmp_path / "many.bitrl", _members(host, lambda b: b.update(
+            {f"x{i}": b"" for i in range(16)}))), "more than an artifact's 16"),
+        "unknown member": (_zip(tmp_path / "sh.bitrl", _members(host, lambda b: b.update({"run.sh": b"x"}))),
+                           "unknown member 'run.sh'"),
+        "unlisted runtime": (_zip(tmp_path / "rt.bitrl", _members(host, lambda b: b.update(
+            {"libtvm_runtime.so": b"x"}))), "in the zip but not in the manifest's members list"),
+        "bzip2": (_zip(tmp_path / "bz2.bitrl", _members(host, lambda b: None), zipfile.ZIP_BZIP2),
+                  "compression method 12"),
+        "list manifest": (_rewrite(host, tmp_path / "list.bitrl", raw_manifest=b"[1, 2]"),
+                          "manifest.json holds no JSON object"),
+        "unknown listed": (_rewrite(host, tmp_path / "ul.bitrl", manifest=lambda m: dict(
+            m, members=dict(m["members"], **{"evil.so": "0" * 64}))), "manifest lists unknown member 'evil.so'"),
+        "deep JSON": (_rewrite(host, tmp_path / "deep.bitrl", raw_manifest=b"[" * 65 + b"]" * 65),
+                      "at most 64 levels of nesting"),
+        "garbage lib.so": (_rewrite(host, tmp_path / "garbage.bitrl", members=lambda b: dict(b, **{"lib.so": b"x" * 999})),
+                           "lib.so cannot be loaded (not an ELF library); recompile the artifact for this machine"),
+        "truncated lib.so": (_rewrite(host, tmp_path / "half-lib.bitrl", members=lambda b: dict(
+            b, **{"lib.so": b["lib.so"][: len(b["lib.so"]) // 2]})), "truncated: a segment ends past the file"),
+        "safetensors header": (_rewrite(host, tmp_path / "st.bitrl", members=lambda b: (_big_safetensors_header(b), b)[1]),
+                               "params.safetensors declares a header of"),
+    }
+    for version in (True, 1.5, "2", 0, -1):
+        cases[f"format_version {version!r}"] = (
+            _rewrite(host, tmp_path / f"v{version}.bitrl", manifest=lambda m, v=version: dict(m, format_version=v)),
+            "manifest format_version is not a positive integer")
+    cases["duplicate"] = (_zip(tmp_path / "dup.bitrl", _members(host, lambda b: None)), "holds member lib.so twice")
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(tmp_path / "dup.bitrl", "a") as z:
+        z.writestr("lib.so", b"other")
+    for name, (path, message) in cases.items():
+        assert not capi.bitrl_load(str(path).encode()), name
+        error = _error(capi)
+        assert message in error and "\n" not in error, f"{name}: {error}"
+
+
+def test_rasp4_signature_check_under_qemu(artifacts, release_key, tmp_path):
+    """bitrl_load_trusted cross-built for aarch64: the emulator's Debian sysroot provides libcrypto.so.3."""
+    private, public, _ = release_key
+    signed = tmp_path / "rasp4-signed.bitrl"
+    signed.write_bytes(artifacts.rasp4.read_bytes())
+    sign_artifact(signed, private)
+    exe = _cc("aarch64-linux-gnu-gcc", THREADS, tmp_path / "capi_threads", _flags("rasp4"))
+    ok = run_under_qemu([str(exe), str(signed), "2", "20", str(public)], cpu="cortex-a72", timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok 2 threads"), ok.stderr
+    refused = run_under_qemu([str(exe), str(artifacts.rasp4), "1", "1", str(public)], cpu="cortex-a72", timeout=120)
+    assert refused.returncode == 1 and "is not signed by any trusted key" in refused.stderr, refused.stderr

@@ -2,6 +2,7 @@
 (runtime/plan.py) without the VM, equal to the VM and to numpy's pre/post-processing; safe from many threads."""
 
 import gc
+import hashlib
 import threading
 import zipfile
 
@@ -24,7 +25,7 @@ CASES = {
     "discrete": ({"shape": [4], "dtype": "float32", "preprocess": "none", "normalize": None}, DISCRETE, 3),
     "normalized-tanh": ({"shape": [4], "dtype": "float32", "preprocess": "none", "normalize": NORMALIZE}, TANH, 2),
     "image-clip": ({"shape": [2, 2], "dtype": "uint8", "preprocess": "image", "normalize": None}, CLIP, 2),
-    "onehot-q": ({"shape": [], "dtype": "int64", "preprocess": "onehot", "n": 4, "normalize": None},
+    "onehot-q": ({"shape": [4], "dtype": "int64", "preprocess": "onehot", "n": 4, "normalize": None},
                  {"kind": "discrete", "n": 3, "outputs": "q_values"}, 3),
 }
 
@@ -189,7 +190,11 @@ def test_an_artifact_without_entry_points_still_runs_through_the_vm(compiled, tm
                     manifest.pop(key)
                 manifest["params"] = [p for p in manifest["params"] if p.startswith("p")]
                 data = json.dumps(manifest).encode()
+                manifest_text = data
+            if item.filename == "manifest.sha256":
+                continue
             out.writestr(item, data)
+        out.writestr("manifest.sha256", hashlib.sha256(manifest_text).hexdigest() + "\n")
     obs = _observations(case)
     new, legacy = load(path), load(old)
     np.testing.assert_array_equal(legacy.forward(obs), new.forward(obs))

@@ -7,6 +7,8 @@ import io
 import itertools
 import json
 import pickle
+import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -208,6 +210,42 @@ def test_vecnormalize_pickle_needs_trust_and_json_is_equivalent(vecnormalized_pp
     np.testing.assert_allclose(x, env.normalize_obs(cartpole_obs), rtol=1e-5, atol=1e-6)
     expected, _ = model.predict(env.normalize_obs(cartpole_obs), deterministic=True)
     np.testing.assert_array_equal(act(trusted, x.astype(np.float32)), expected)
+
+
+def test_sb3_zip_says_it_was_trained_under_vecnormalize(vecnormalized_ppo, tmp_path):
+    """The zip alone says so (PPO/A2C keep `_last_original_obs` only under VecNormalize); statistics files with
+    other names than vecnormalize.pkl, beside the model or one folder down, are named in the warning."""
+    _, _, run_dir = vecnormalized_ppo
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run_dir / "model.zip", alone / "model.zip")
+    with pytest.warns(UserWarning, match=r"trained inside a VecNormalize .*env\.save"):
+        load_policy(alone / "model.zip")
+    renamed = tmp_path / "renamed"
+    (renamed / "stats").mkdir(parents=True)
+    shutil.copy(run_dir / "model.zip", renamed / "model.zip")
+    shutil.copy(run_dir / "vecnormalize.pkl", renamed / "stats" / "CartPole-v1_vec_normalize.pkl")
+    with pytest.warns(UserWarning, match=r"found .*stats/CartPole-v1_vec_normalize\.pkl: pass --vecnormalize"):
+        load_policy(renamed / "model.zip")
+
+
+def test_vecnormalize_warnings_follow_what_the_zip_records(sb3_ppo_cartpole, sb3_trained, tmp_path):
+    """A PPO zip trained without VecNormalize: a stale statistics file beside it is no reason to warn. DQN fills
+    `_last_original_obs` either way, so the zip cannot tell: a statistics file beside it (any name) is named."""
+    shutil.copy(sb3_ppo_cartpole, tmp_path / "model.zip")
+    (tmp_path / "vecnormalize.pkl").write_bytes(b"stale")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_policy(tmp_path / "model.zip")
+    dqn = tmp_path / "dqn"
+    dqn.mkdir()
+    shutil.copy(sb3_trained("dqn", "CartPole-v1").path, dqn / "model.zip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_policy(dqn / "model.zip")
+    (dqn / "vec_normalize.pkl").write_bytes(b"stats")
+    with pytest.warns(UserWarning, match=r"found .*dqn/vec_normalize\.pkl: the policy was probably trained"):
+        load_policy(dqn / "model.zip")
 
 
 def test_malicious_vecnormalize_pickle_is_not_executed(sb3_ppo_cartpole, tmp_path):

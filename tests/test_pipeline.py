@@ -28,7 +28,7 @@ def relu_policy(tmp_path_factory):
 
 def test_artifact_holds_manifest_library_and_packed_params(relu_policy):
     with zipfile.ZipFile(relu_policy.path) as z:
-        assert sorted(z.namelist()) == ["lib.so", "manifest.json", "params.safetensors"]
+        assert sorted(z.namelist()) == ["lib.so", "manifest.json", "manifest.sha256", "params.safetensors"]
         manifest = json.loads(z.read("manifest.json"))
         params, _ = safetensors_np.loads(z.read("params.safetensors"))
     assert manifest["format"] == "bitrl" and manifest["target"]["name"] == "host"
@@ -70,7 +70,7 @@ def test_continuous_actions_are_squashed_into_the_box(tmp_path):
 
 
 def test_normalisation_statistics_are_applied_before_the_network(tmp_path):
-    norm = {"mean": [1, 2, 3, 4, 5], "var": [4, 4, 4, 4, 4], "eps": 0.0, "clip": 1.5}
+    norm = {"mean": [1, 2, 3, 4, 5], "var": [4, 4, 4, 4, 4], "eps": 1e-8, "clip": 1.5}  # 4 + 1e-8 == 4 in float32
     spec = dict(INPUT, normalize=norm)
     result = pipeline.compile_policy(loaded(mlp((5, 8, 3)), input_spec=spec), "host", tmp_path / "n.bitrl")
     x = observations(20, 5)
@@ -96,3 +96,44 @@ def test_x86_avx2_target_runs_here_bit_exact(tmp_path):
     assert result.manifest["target"]["cpu_features"] == ["avx2", "fma"]
     x = observations(40, 5)
     np.testing.assert_array_equal(load(result.path).forward(x), reference.run(result.quantized, x))
+
+
+# ---------------------------------------------------------------- the check before writing (issue 15)
+
+def _written(path):
+    from bitrl_compile.runtime import read_artifact
+
+    art = read_artifact(path)
+    return art.manifest, dict(art.members)
+
+
+def test_the_compile_checks_the_artifact_against_the_reference(relu_policy, tmp_path):
+    lines = []
+    pipeline.compile_policy(loaded(mlp((5, 16, 3), "relu")), "host", tmp_path / "c.bitrl", log=lines.append)
+    assert "checked the artifact against the numpy reference on 16 observations" in lines
+    manifest, members = _written(relu_policy.path)
+    assert reference.check_artifact(manifest, members, relu_policy.quantized, "relu.bitrl").startswith("checked")
+
+
+def test_check_refuses_an_artifact_whose_outputs_differ(relu_policy):
+    manifest, members = _written(relu_policy.path)
+    params, _ = safetensors_np.loads(members["params.safetensors"])
+    bias = next(n for n, v in params.items() if v.dtype == np.float32 and v.shape == (3,))
+    params[bias] = params[bias] + np.float32(1)  # the last layer's bias: every output moves by 1
+    members["params.safetensors"] = safetensors_np.dumps(params)
+    with pytest.raises(reference.CheckFailed, match=r"disagrees with the numpy reference \(largest difference"):
+        reference.check_artifact(manifest, members, relu_policy.quantized, "relu.bitrl")
+
+
+def test_check_refuses_an_artifact_that_fails_when_run(relu_policy):
+    manifest, members = _written(relu_policy.path)
+    members["lib.so"] = b"\x7fELF not a library"
+    with pytest.raises(reference.CheckFailed, match=r"fails when run \(ArtifactError: .*nothing was written"):
+        reference.check_artifact(manifest, members, relu_policy.quantized, "relu.bitrl")
+
+
+def test_check_of_another_architecture_is_left_to_its_machine(relu_policy):
+    manifest, members = _written(relu_policy.path)
+    manifest["target"] = dict(manifest["target"], arch="aarch64", name="rasp4")
+    note = reference.check_artifact(manifest, members, relu_policy.quantized, "rasp4.bitrl")
+    assert note.startswith("not run before writing: compiled for aarch64")

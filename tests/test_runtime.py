@@ -1,7 +1,10 @@
 """The device runtime: no torch, observations of any numeric dtype. (Bad inputs: test_bad_inputs.py.)"""
 
+import hashlib
+import json
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -68,14 +71,42 @@ def test_soak_100k_calls_keep_memory_flat_and_results_identical(artifact):
     assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 100k calls"
 
 
-def test_bundled_runtime_library_is_used_when_the_device_has_no_apache_tvm(tmp_path):
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
     lp = LoadedPolicy(module=mlp((4, 16, 2)), onnx_model=None,
                       input={"shape": [4], "dtype": "float32", "preprocess": "none", "normalize": None},
                       output={"kind": "discrete", "n": 2, "outputs": "logits"}, source="test")
-    path = pipeline.compile_policy(lp, "host", tmp_path / "b.bitrl", bundle_runtime=True).path
-    assert "libtvm_runtime.so" in read_artifact(path).members
+    return pipeline.compile_policy(lp, "host", tmp_path_factory.mktemp("bundled") / "b.bitrl", bundle_runtime=True).path
+
+
+def _load_without_apache_tvm(path) -> subprocess.CompletedProcess:
     code = ("import sys, numpy as np\nfrom bitrl_compile.runtime import tvm_runtime, load\n"
             "tvm_runtime.find_libtvm_runtime = lambda: None  # as on a device without the apache-tvm wheel\n"
             f"print(load({str(path)!r}).act(np.ones(4)))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+
+def test_bundled_runtime_library_is_used_when_the_device_has_no_apache_tvm(bundled):
+    assert "libtvm_runtime.so" in read_artifact(bundled).members
+    r = _load_without_apache_tvm(bundled)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_bundled_runtime_the_loader_refuses_is_one_line(bundled, tmp_path):
+    """A garbage libtvm_runtime.so (hashes recomputed) is an ArtifactError naming it, not the temporary file."""
+    with zipfile.ZipFile(bundled) as z:
+        blobs = {name: z.read(name) for name in z.namelist()}
+    blobs["libtvm_runtime.so"] = b"not a library" * 100
+    manifest = json.loads(blobs.pop("manifest.json"))
+    manifest["members"]["libtvm_runtime.so"] = hashlib.sha256(blobs["libtvm_runtime.so"]).hexdigest()
+    text = json.dumps(manifest).encode()
+    blobs.update({"manifest.json": text, "manifest.sha256": hashlib.sha256(text).hexdigest().encode()})
+    bad = tmp_path / "bad-runtime.bitrl"
+    with zipfile.ZipFile(bad, "w") as z:
+        for name, data in blobs.items():
+            z.writestr(name, data)
+    r = _load_without_apache_tvm(bad)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("bitrl_compile.runtime.artifact.ArtifactError"), r.stderr
+    assert "libtvm_runtime.so cannot be loaded (not an ELF library); recompile the artifact" in last, last
+    assert "/tmp/" not in last.split("bad-runtime.bitrl:")[1]

@@ -1,5 +1,5 @@
-"""`python -m bitrl_compile.cli ...` = `bitrl-compile ...`."""
+"""`python -m bitrl_compile.cli ...` = `bitrl-compile ...` (and says so in its messages)."""
 
 from bitrl_compile.cli import main
 
-main()
+main(prog_name="bitrl-compile")

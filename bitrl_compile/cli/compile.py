@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from bitrl_compile.cli.common import guard
+from bitrl_compile.cli.common import batch_sizes, guard, option_value
 from bitrl_compile.cli.train import finetune_cmd
 
 
@@ -17,7 +17,7 @@ from bitrl_compile.cli.train import finetune_cmd
 @click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, x86-amx, host")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="artifact path [default: MODEL stem + .bitrl]")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
-@click.option("--env", "env_id", help="gymnasium env id, to read action/observation spaces for bare state_dicts")
+@click.option("--env", "env_id", help="gymnasium env id: its action and observation spaces define and check the specs (every format)")
 @click.option("--vecnormalize", type=click.Path(exists=True, dir_okay=False),
               help="observation statistics to bake in (SB3 vecnormalize.pkl needs --trust-pickle; or JSON/npz)")
 @click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
@@ -41,11 +41,18 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
                 bundle_runtime, tuning_db, no_tuning, qat_env, qat_steps, force, debug):
     """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet backbone folder)."""
     with guard(debug):
-        from bitrl_compile.frontends import load_policy
-        from bitrl_compile.pipeline import compile_policy
+        from bitrl_compile import targets
+        from bitrl_compile.runtime.files import check_output
 
         out = Path(output) if output else Path(model).with_suffix(".bitrl") if not Path(model).is_dir() \
             else Path(model).with_name(Path(model).name + ".bitrl")  # a BitNet backbone folder
+        # what would fail at the end, checked before the minutes of loading, fine-tuning and compiling
+        check_output(out, force=force, inputs=[p for p in (model, config, vecnormalize) if p])
+        targets.check_toolchain(targets.get_target(target))
+
+        from bitrl_compile.frontends import load_policy
+        from bitrl_compile.pipeline import compile_policy
+
         if qat_env:  # the fine-tuned file carries its architecture and observation statistics
             tuned = Path(model).with_name(Path(model).stem + "-ternary.safetensors")
             logs = Path(model).with_name(Path(model).stem + "-qat")  # beside the model, not in the cwd
@@ -97,9 +104,10 @@ def _summary(manifest: dict, path: Path, seconds: float | None = None) -> str:
 def inspect_cmd(artifact, as_json, debug):
     """Show an artifact's manifest, layers, bits per weight and member sizes."""
     with guard(debug):
+        from bitrl_compile.cli.trust import signature_line
         from bitrl_compile.runtime.artifact import read_artifact
 
-        art = read_artifact(artifact)
+        art = read_artifact(artifact, payload=False, use_env=False)  # never inflates lib.so, never loads it
         if as_json:
             click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
             return
@@ -115,8 +123,10 @@ def inspect_cmd(artifact, as_json, debug):
                                                           "actions, the VM runs main; the C API cannot load it)"))
         for name, plan in sorted(entries.items()):
             click.echo(f"    {name:<9} {len(plan['calls']):>2} kernels: {' -> '.join(c['func'] for c in plan['calls'])}")
-        for name, blob in art.members.items():
-            click.echo(f"  member {name:<20} {len(blob):>10,} bytes  sha256 {m['members'][name][:16]}…")
+        for name, (_, size) in art.sizes.items():
+            digest = f"  sha256 {m['members'][name][:16]}…" if name in m["members"] else ""
+            click.echo(f"  member {name:<20} {size:>10,} bytes{digest}")
+        click.echo(signature_line(art))
         stats = m.get("stats", {})
         if stats.get("ternary_weights"):
             bits = 8 * stats["param_bytes"] / stats["ternary_weights"]
@@ -126,18 +136,21 @@ def inspect_cmd(artifact, as_json, debug):
 @click.command("tune")
 @click.argument("model", type=click.Path())
 @click.option("--target", "-t", default="host", show_default=True, help="rasp4, rasp5, x86-avx2, x86-avx512, x86-amx, host")
-@click.option("--trials", default=32, show_default=True, help="MetaSchedule trials per kernel and batch")
-@click.option("--batch", "batches", default="1", show_default=True,
+@click.option("--trials", default=32, show_default=True, type=click.IntRange(min=1),
+              help="MetaSchedule trials per kernel and batch")
+@click.option("--batch", "batches", default="1", show_default=True, callback=option_value(batch_sizes),
               help="batch sizes to tune, comma-separated: 1 tunes the policy step (GEMV), e.g. 32 the GEMM rows")
 @click.option("--db", "tuning_db", type=click.Path(file_okay=False),
               help="folder of tuning databases to update (<target>.json) [default: the repository's targets/tuned]")
-@click.option("--rpc", help="HOST:PORT of `python3 -m tvm.exec.rpc_server` on the device (needed for rasp4/rasp5)")
-@click.option("--threads", default=1, show_default=True, help="kernel threads while measuring")
+@click.option("--rpc", help="HOST:PORT of TVM's RPC server on the device (needed for rasp4/rasp5), e.g. 127.0.0.1:9090 "
+              "through `ssh -N -L 9090:127.0.0.1:9090 pi@BOARD` (README, Tuning)")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="kernel threads while measuring")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
-@click.option("--env", "env_id", help="gymnasium env id, to read action/observation spaces for bare state_dicts")
+@click.option("--env", "env_id", help="gymnasium env id: its action and observation spaces define and check the specs (every format)")
 @click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
 @click.option("--per-channel", is_flag=True, help="tune the per-output-channel-scale kernels")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def tune_cmd(model, target, trials, batches, tuning_db, rpc, threads, config, env_id, trust_pickle, per_channel,
              seed, debug):
@@ -148,12 +161,7 @@ def tune_cmd(model, target, trials, batches, tuning_db, rpc, threads, config, en
         from bitrl_compile.pipeline import kernel_keys
         from bitrl_compile.targets import autotune
 
-        try:
-            sizes = [int(b) for b in batches.split(",") if b.strip()]
-        except ValueError:
-            raise ValueError(f"--batch expects comma-separated integers, got {batches!r}") from None
-        if not sizes or min(sizes) < 1:
-            raise ValueError(f"--batch expects batch sizes of at least 1, got {batches!r}")
+        sizes = batches  # already parsed and checked by option_value(batch_sizes): a usage error otherwise
         cfg = json.loads(Path(config).read_text()) if config else None
         if env_id:
             cfg = dict(cfg or {}, env=env_id)

@@ -58,7 +58,8 @@ def emulator_python_cmd(cpu, args):
 @emulator_group.command("rpc-server")
 @click.option("--cpu", help="qemu CPU model [default: cortex-a72, the Raspberry Pi 4]")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="address to bind (0.0.0.0: reachable from other machines)")
+              help="address to bind; keep 127.0.0.1: TVM's RPC server runs any code a client sends, without "
+                   "authentication (reach it from elsewhere through `ssh -L`, docs/security.md)")
 @click.option("--port", type=int, help="port [default: a free one]")
 def emulator_rpc_server_cmd(cpu, host, port):
     """TVM's RPC server in the aarch64 Python under qemu, in the foreground; Ctrl-C stops it."""

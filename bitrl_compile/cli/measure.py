@@ -9,24 +9,27 @@ from pathlib import Path
 
 import click
 
-from bitrl_compile.cli.common import guard
+from bitrl_compile.cli.common import guard, removed_if_failed
 
 
 @click.command("run")
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--env", "env_id", required=True, help="gymnasium environment id, e.g. CartPole-v1")
-@click.option("--episodes", default=10, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--episodes", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="episode i is reset with this seed + i")
 @click.option("--stochastic", is_flag=True, help="sample actions instead of the deterministic action")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
+              help="a public key (PEM) whose signature ARTIFACT must carry (repeatable; also BITRL_TRUSTED_KEYS)")
 @click.option("--debug", is_flag=True)
-def run_cmd(artifact, env_id, episodes, seed, stochastic, debug):
+def run_cmd(artifact, env_id, episodes, seed, stochastic, trusted_keys, debug):
     """Run ARTIFACT in a gymnasium environment and report the returns."""
     with guard(debug):
-        from bitrl_compile.devices import open_policy
+        from bitrl_compile.cli.trust import open_trusted
         from bitrl_compile.evaluate import evaluate
         from bitrl_compile.runtime.policy import host_arch
 
-        policy = open_policy(artifact)
+        policy = open_trusted(artifact, trusted_keys)
         try:
             t0 = time.perf_counter()
             returns, steps = evaluate(lambda obs: policy.act(obs, deterministic=not stochastic), env_id,
@@ -51,7 +54,7 @@ def run_cmd(artifact, env_id, episodes, seed, stochastic, debug):
               help="threads for every implementation")
 @click.option("--calls", default=2000, show_default=True, type=click.IntRange(min=10),
               help="timed act() calls per implementation and batch size")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", default="out/bench", show_default=True, type=click.Path(file_okay=False))
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
 @click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
@@ -63,9 +66,10 @@ def bench_cmd(model, target, env_id, episodes, batch, threads, calls, seed, out,
         from bitrl_compile.bench.report import run_bench
 
         cfg = json.loads(Path(config).read_text()) if config else None
-        report = run_bench(model, target=target, env_id=env_id, episodes=episodes, batch=batch, threads=threads,
-                           out=Path(out), calls=calls, seed=seed, config=cfg, trust_pickle=trust_pickle,
-                           log=lambda s: click.echo(s, err=True))
+        with removed_if_failed(out):
+            report = run_bench(model, target=target, env_id=env_id, episodes=episodes, batch=batch,
+                               threads=threads, out=Path(out), calls=calls, seed=seed, config=cfg,
+                               trust_pickle=trust_pickle, log=lambda s: click.echo(s, err=True))
         click.echo("\n".join(summary_lines(report)[2:]))
         click.echo(f"report: {Path(out) / 'report.md'} (data: report.json; plots: {', '.join(report['plots'])})")
 
@@ -125,12 +129,12 @@ def bench_kernels_cmd(ctx, sizes, batches, threads, rounds, block_ms, impls, no_
 
 @click.command("demo")
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--episodes", default=10, show_default=True)
+@click.option("--episodes", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--targets", "target_names", default="host,rasp4", show_default=True)
 @click.option("--debug", is_flag=True)
 def demo_cmd(out, episodes, target_names, debug):
     """Compile the built-in CartPole policy for host and rasp4, run both, print one table."""
-    with guard(debug):
+    with guard(debug), removed_if_failed(out):  # a failed demo leaves no empty --out folder
         from bitrl_compile.demo import run_demo
 
         click.echo(run_demo(Path(out), episodes, target_names.split(","), log=lambda s: click.echo(s, err=True)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bitrl_compile.cli.common import check_env, guard, widths
+from bitrl_compile.cli.common import check_env, guard, option_value, removed_if_failed, widths
 
 
 @click.command("train")
@@ -18,36 +18,38 @@ from bitrl_compile.cli.common import check_env, guard, widths
               "or a features .bitrl (runtime)")
 @click.option("--heads-bits", type=click.Choice(["32", "8", "1.58"]), default="32", show_default=True,
               help="head weights: fp32, int8, or ternary (straight-through QAT)")
-@click.option("--hidden", help="head widths, comma-separated [default: 64,64; 64 with a backbone]")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--hidden", callback=option_value(widths),
+              help="head widths, comma-separated [default: 64,64; 64 with a backbone]")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--out", type=click.Path(file_okay=False), help="output folder [default: runs/ENV-seedS]")
 @click.option("--num-envs", type=click.IntRange(min=1), help="parallel environments [default: the env's preset]")
-@click.option("--eval-episodes", default=10, show_default=True)
+@click.option("--eval-episodes", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.option("--num-steps", type=click.IntRange(min=1), help="rollout length per environment")
-@click.option("--learning-rate", type=float)
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True))
 @click.option("--anneal-lr/--no-anneal-lr", default=None, help="decay the learning rate linearly to 0")
-@click.option("--gamma", type=float, help="discount")
-@click.option("--gae-lambda", type=float)
+@click.option("--gamma", type=click.FloatRange(0, 1), help="discount")
+@click.option("--gae-lambda", type=click.FloatRange(0, 1))
 @click.option("--num-minibatches", type=click.IntRange(min=1))
 @click.option("--update-epochs", type=click.IntRange(min=1))
 @click.option("--norm-adv/--no-norm-adv", default=None, help="normalise advantages per minibatch")
-@click.option("--clip-coef", type=float, help="surrogate clipping")
+@click.option("--clip-coef", type=click.FloatRange(min=0, min_open=True), help="surrogate clipping")
 @click.option("--clip-vloss/--no-clip-vloss", default=None, help="clip the value loss")
-@click.option("--ent-coef", type=float, help="entropy bonus")
-@click.option("--vf-coef", type=float, help="value loss coefficient")
-@click.option("--max-grad-norm", type=float)
-@click.option("--target-kl", type=float, help="stop an update's epochs when the approximate KL exceeds this")
+@click.option("--ent-coef", type=click.FloatRange(min=0), help="entropy bonus")
+@click.option("--vf-coef", type=click.FloatRange(min=0), help="value loss coefficient")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True))
+@click.option("--target-kl", type=click.FloatRange(min=0, min_open=True),
+              help="stop an update's epochs when the approximate KL exceeds this")
 @click.option("--norm-obs/--no-norm-obs", default=None, help="running observation statistics (no backbone)")
 @click.option("--norm-reward/--no-norm-reward", default=None, help="scale rewards by the return's running std")
-@click.option("--clip-obs", type=float, help="clip normalised observations to +-this")
+@click.option("--clip-obs", type=click.FloatRange(min=0, min_open=True), help="clip normalised observations to +-this")
 @click.option("--activation", help="head activation: relu, tanh, ...")
 @click.option("--init-policy", type=click.Path(exists=True, dir_okay=False),
               help="start the actor from this MLP policy (what `finetune` does)")
 @click.option("--critic-warmup", type=click.IntRange(min=0), help="first iterations train only the critic")
-@click.option("--distill-coef", type=float, help="+ coef * KL(initial policy || trained policy)")
+@click.option("--distill-coef", type=click.FloatRange(min=0), help="+ coef * KL(initial policy || trained policy)")
 @click.option("--eval-every", type=click.IntRange(min=0), help="steps between evaluations (0: at the end only)")
-@click.option("--eval-seed", type=int, help="evaluation episode i is reset with this seed + i")
+@click.option("--eval-seed", type=click.IntRange(min=0), help="evaluation episode i is reset with this seed + i")
 @click.option("--tensorboard/--no-tensorboard", default=None, help="TensorBoard events (when it is installed)")
 @click.option("--torch-threads", type=click.IntRange(min=1))
 @click.option("--debug", is_flag=True)
@@ -69,9 +71,10 @@ def train_cmd(env_id, steps, heads_bits, hidden, seed, out, no_progress, debug, 
         if steps:
             overrides["total_timesteps"] = steps
         if hidden:
-            overrides["hidden"] = widths(hidden)
+            overrides["hidden"] = hidden
         check_env(env_id)
-        result = ppo.train(ppo.args_for(env_id, **overrides), log=lambda s: click.echo(s, err=True))
+        with removed_if_failed(overrides["out"]):
+            result = ppo.train(ppo.args_for(env_id, **overrides), log=lambda s: click.echo(s, err=True))
         click.echo(f"{env_id}: deterministic return {np.mean(result.eval_returns):.1f} ± "
                    f"{np.std(result.eval_returns):.1f} over {len(result.eval_returns)} episodes after "
                    f"{result.global_step} steps")
@@ -86,8 +89,9 @@ def train_cmd(env_id, steps, heads_bits, hidden, seed, out, no_progress, debug, 
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="fine-tuned policy [default: MODEL stem + -ternary.safetensors]")
 @click.option("--out", type=click.Path(file_okay=False), help="run folder for logs [default: runs/finetune-ENV]")
-@click.option("--episodes", default=20, show_default=True, help="evaluation episodes before and after")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--episodes", default=20, show_default=True, type=click.IntRange(min=1),
+              help="evaluation episodes before and after")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
 @click.option("--vecnormalize", type=click.Path(exists=True, dir_okay=False), help="observation statistics")
 @click.option("--trust-pickle", is_flag=True, help="allow unpickling (executes code from the file!)")
@@ -102,13 +106,12 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
 
         from bitrl_compile.evaluate import evaluate
         from bitrl_compile.frontends import load_policy
-        from bitrl_compile.runtime.files import write_atomic
+        from bitrl_compile.runtime.files import check_output, write_atomic
         from bitrl_compile.trainers import ppo
         from bitrl_compile.trainers.export import check_policy_fits, reference_act
 
         output = Path(output) if output else Path(model).with_name(Path(model).stem + "-ternary.safetensors")
-        if output.exists() and not force:
-            raise FileExistsError(f"{output} exists; pass --force to overwrite it")
+        check_output(output, force=force, inputs=[p for p in (model, config, vecnormalize) if p])  # before training
         check_env(env_id)
         cfg = json.loads(Path(config).read_text()) if config else None
 
@@ -127,8 +130,9 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
                      "out": out or f"runs/finetune-{env_id}-seed{seed}"}
         if steps:
             overrides["total_timesteps"] = steps
-        result = ppo.train(ppo.finetune_args(env_id, str(model), **overrides),
-                           log=lambda s: click.echo(s, err=True), init_loaded=before)
+        with removed_if_failed(overrides["out"]):
+            result = ppo.train(ppo.finetune_args(env_id, str(model), **overrides),
+                               log=lambda s: click.echo(s, err=True), init_loaded=before)
         write_atomic(output, (result.out / "policy.safetensors").read_bytes())  # whole or not at all
         click.echo(f"after {result.global_step} QAT steps: ternary {mean(reference_act(load_policy(output)))}")
         click.echo(f"  {output}  (compile: bitrl-compile {output})")
@@ -136,13 +140,13 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
 
 @click.command("pretrain-bitnet")
 @click.option("--env-id", "--env", "env_id", help="gymnasium environment id with Discrete actions")
-@click.option("--seed", type=int)
+@click.option("--seed", type=click.IntRange(min=0))
 @click.option("--steps", type=click.IntRange(min=1), help="transitions collected")
 @click.option("--num-envs", type=click.IntRange(min=1), help="parallel environments")
 @click.option("--teacher", type=click.Path(dir_okay=False),
               help="a policy file whose deterministic actions (with probability 1 - epsilon) drive the rollouts "
                    "[default: random actions]")
-@click.option("--epsilon", type=float, help="probability of a random action when there is a teacher")
+@click.option("--epsilon", type=click.FloatRange(0, 1), help="probability of a random action when there is a teacher")
 @click.option("--hidden-size", type=click.IntRange(min=1), help="BitNet width d")
 @click.option("--intermediate-size", type=click.IntRange(min=1), help="BitNet FFN width")
 @click.option("--num-hidden-layers", type=click.IntRange(min=1))
@@ -154,9 +158,10 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
 @click.option("--decimals", type=click.IntRange(min=0), help="text encoder: digits after the point")
 @click.option("--updates", type=click.IntRange(min=1), help="optimizer steps")
 @click.option("--batch-size", type=click.IntRange(min=1))
-@click.option("--learning-rate", type=float)
-@click.option("--weight-decay", type=float)
-@click.option("--holdout", type=float, help="fraction of transitions kept for the held-out losses")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True))
+@click.option("--weight-decay", type=click.FloatRange(min=0))
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="fraction of transitions kept for the held-out losses")
 @click.option("--out", type=click.Path(file_okay=False), help="backbone folder to write [default: write nothing]")
 @click.option("--torch-threads", type=click.IntRange(min=1))
 @click.option("--debug", is_flag=True)
@@ -174,5 +179,6 @@ def pretrain_bitnet_cmd(debug, **options):
         architecture = {f.name: given.pop(f.name) for f in dataclasses.fields(BitNetConfig) if f.name in given}
         if "env_id" in given:
             check_env(given["env_id"])
-        pretrain(Args(**given, model=BitNetConfig(**architecture)), log=lambda s: click.echo(s, err=True))
+        with removed_if_failed(*[given["out"]] if "out" in given else []):
+            pretrain(Args(**given, model=BitNetConfig(**architecture)), log=lambda s: click.echo(s, err=True))
 

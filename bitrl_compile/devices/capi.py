@@ -4,7 +4,8 @@
     subprocess.run(["aarch64-linux-gnu-gcc", "app.c", "-o", "app", *cflags, *libs])
     run_under_qemu(["./app", "policy.bitrl"], cpu="cortex-a72", input="0.1 0.2 0.3 0.4\\n")
 
-The library is C11 and links only libc, libdl, libm, libpthread and zlib: no TVM, no Python. It is built
+The library is C11 and links only libc, libdl, libm, libpthread and zlib: no TVM, no Python. Signatures are
+checked with OpenSSL's libcrypto, opened with dlopen only when trusted keys are configured (runtime/capi/trust.c). It is built
 once per target architecture and version of its sources and compiler, under
 
     $BITRL_CACHE/capi/{arch}-{hash}/
@@ -38,7 +39,7 @@ from bitrl_compile.devices.sysroot import (
 )
 from bitrl_compile.runtime.policy import host_arch
 
-SOURCES = ("bitrl.c", "json.c", "params.c", "sha256.c", "zip.c")
+SOURCES = ("bitrl.c", "json.c", "params.c", "sha256.c", "trust.c", "zip.c")
 HEADERS = ("bitrl.h", "internal.h")
 # The targets the C API is built for, by architecture (a Raspberry Pi's kernels are aarch64 code).
 TARGET_ARCH = {"host": None, "rasp4": "aarch64", "rasp5": "aarch64",

@@ -1,7 +1,9 @@
 """TVM's RPC server, what a Raspberry Pi runs for MetaSchedule autotuning, in the aarch64 Python under qemu.
 
-On the device it is `python3 -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090`; here it runs the
-same way, in the aarch64 Python of devices/sysroot.py with the guest TVM (`ensure_guest_tvm()`):
+On the device it is `python3 -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090`, reached from the workstation
+through `ssh -N -L 9090:127.0.0.1:9090 pi@BOARD` (`--rpc 127.0.0.1:9090`): the server runs whatever code a client
+uploads, without authentication, so it must not listen on a network (docs/security.md). Here it runs the same way,
+bound to 127.0.0.1 by default, in the aarch64 Python of devices/sysroot.py with the guest TVM (`ensure_guest_tvm()`):
 
     with RPCServer("cortex-a72") as server:             # about 6 s to start
         remote = tvm.rpc.connect(server.host, server.port)

@@ -36,6 +36,14 @@ Formats
         the graph's input/output is turned into a symbolic "batch" dimension (with a warning).
     pickle   `torch.save(model)` of a whole nn.Module: only with `trust_pickle=True` (`--trust-pickle`).
 
+The environment (`config={"env": "Pendulum-v1"}`, the CLI's --env) applies to every format: where the file records
+no action space (torch-export, torchscript, onnx, pickle) the env's defines the output spec (Box: continuous with
+its bounds, squash "clip" unless the config's "output" says; Discrete: discrete); where it does (SB3) they must
+agree; the network's observation shape and output width must match the env's spaces. Without an env or an
+"output", a network of one output is refused (a one-action discrete policy would always return 0); wider ones
+are taken as discrete logits. A .pt2 exported with a bounded batch (Dim("batch", min=1, max=N)) keeps the bound
+as input["max_batch"] (the manifest's "batch").
+
 Config (dict, JSON string or path to a JSON file)
     {"arch": "mlp", "obs_shape": [4], "hidden": [64, 64], "activation": "tanh" | "relu" | "elu" | "leaky_relu"
      | "silu" | "gelu" | "sigmoid", "output": {...output spec...}, "input": {...optional input spec...},
@@ -58,6 +66,7 @@ the "mlp" config, save_mlp_policy), `torch_files` (.pt2, TorchScript, pickles), 
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
@@ -74,7 +83,10 @@ from bitrl_compile.frontends.specs import (
     _complete_input,
     _complete_output,
     _default_output,
+    _env_spaces,
     _read_config,
+    _space_name,
+    _space_to_specs,
 )
 from bitrl_compile.frontends.state_dicts import _load_safetensors, _looks_like_safetensors
 from bitrl_compile.frontends.torch_files import _load_torch_export, _load_torch_pickle, _load_torchscript
@@ -153,7 +165,9 @@ def _load_zip(path: Path, cfg: dict, trust_pickle: bool) -> LoadedPolicy:
 
 
 def _finish(loaded: LoadedPolicy, path: Path, cfg: dict, trust_pickle: bool, vecnormalize) -> LoadedPolicy:
-    """Apply config overrides and normalisation, check the network's output width against the output spec."""
+    """Apply the env's spaces, config overrides and normalisation, check the network's output width against the
+    output spec."""
+    env = _apply_env(loaded, cfg["env"], path) if cfg.get("env") else None
     loaded.input = {**loaded.input, **cfg.get("input", {})}
     if cfg.get("output"):
         loaded.output = {**loaded.output, **cfg["output"]}
@@ -161,34 +175,100 @@ def _finish(loaded: LoadedPolicy, path: Path, cfg: dict, trust_pickle: bool, vec
         loaded.input["normalize"] = read_normalization(vecnormalize, trust_pickle=trust_pickle)
     loaded.input = _complete_input(loaded.input, path)
     if loaded.module is not None:
-        module = loaded.module
-        if isinstance(module, torch.fx.GraphModule):  # an exported graph: its dtypes are baked into the ops
-            bad = [n for n, t in module.state_dict().items() if t.is_floating_point() and t.dtype != torch.float32]
-            if bad:
-                raise ModelLoadError(f"{path}: tensor {bad[0]} is not float32; export the model in float32")
-        else:
-            module = module.float()
-        module = module.eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
-        _check_finite(module.state_dict(), path)
-        x = torch.zeros(2, *loaded.input["shape"])
-        try:
-            with torch.no_grad():
-                y = module(x)
-        except Exception as e:  # noqa: BLE001 - any failure of user code: report it in one line
-            raise ModelLoadError(f"{path}: the network fails on an observation of shape {loaded.input['shape']} "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the right "
-                                 "\"obs_shape\" in the config") from None
-        if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != 2:
-            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ModelLoadError(f"{path}: the network must return one tensor [batch, out_dim], got {shape}; "
-                                 "wrap it so that forward returns the action head only")
-        out_dim = int(y.shape[1])
-        loaded.module = module
+        loaded.module, out_dim = _check_module(loaded.module, loaded.input["shape"], path)
     else:
         out_dim = _onnx_out_dim(loaded.onnx_model, path)
+    if env is not None and not cfg.get("output"):
+        env_id, action_space = env
+        if _spec_size(loaded.output) != out_dim:
+            raise ModelLoadError(f"{path}: the network outputs {out_dim} values and {env_id}'s action space is "
+                                 f"{_space_name(action_space)}; give the right --env, or a config with \"output\"")
+    if not loaded.output and out_dim == 1:
+        raise ModelLoadError(f"{path}: the network outputs 1 value and the file does not say what it means (a "
+                             "one-action discrete policy would always return 0); give --env ENV_ID, or a config "
+                             "with \"output\" (e.g. {\"kind\": \"continuous\", \"low\": [-1], \"high\": [1]})")
     loaded.output = _complete_output(loaded.output or _default_output(out_dim), out_dim, path)
     if loaded.input["normalize"] is None:
         _warn_if_normalisation_missing(loaded, path)
     return loaded
+
+
+_FORMATS_WITHOUT_SPACES = ("torch-export", "torchscript", "onnx", "pickle")  # files that record no action space
+
+
+def _apply_env(loaded: LoadedPolicy, env_id, path: Path) -> tuple[str, dict]:
+    """--env (config "env") for every format. Where the file records no action space, the env's defines the
+    output spec (Box: continuous with its bounds, squash "clip" unless the config says; Discrete: discrete);
+    where it does (SB3, and the loaders that read the env themselves), the two must agree. The network's
+    observation shape must be the env's (a Discrete observation: a one-hot of its n). Returns (env id, action
+    space) for the output-width check."""
+    obs_space, action_space = _env_spaces(path, env_id)
+    try:
+        env_out = _space_to_specs(action_space, "output", loaded.output.get("outputs", "logits"), "clip")
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: --env {env_id}: {e}; give a config with \"output\"") from None
+    if not loaded.output and loaded.source in _FORMATS_WITHOUT_SPACES:
+        loaded.output = env_out
+    elif loaded.output.get("kind") in ("discrete", "continuous") and (
+            loaded.output["kind"] != env_out["kind"] or _spec_size(loaded.output) != _spec_size(env_out)):
+        raise ModelLoadError(f"{path}: the policy's action space ({_describe(loaded.output)}) is not {env_id}'s "
+                             f"({_space_name(action_space)}); give the --env it was trained on")
+    shape = [int(d) for d in loaded.input.get("shape", [])]
+    if obs_space["type"] == "Discrete":
+        n = int(obs_space["n"])
+        if loaded.input.get("preprocess") == "onehot" and int(loaded.input.get("n", -1)) == n:
+            return env_id, action_space
+        if shape == [n] and loaded.input.get("preprocess", "none") == "none":
+            loaded.input = {**loaded.input, "preprocess": "onehot", "n": n}
+            return env_id, action_space
+    elif "shape" in obs_space and shape == [int(d) for d in obs_space["shape"]]:
+        return env_id, action_space
+    raise ModelLoadError(f"{path}: the network takes observations of shape {shape} and {env_id}'s observation "
+                         f"space is {_space_name(obs_space)}; give the right --env, or a config with \"obs_shape\"")
+
+
+def _spec_size(spec: dict) -> int | None:
+    """How many values a (possibly partial) output spec needs from the network; None if it does not say."""
+    if spec.get("kind") == "discrete" and "n" in spec:
+        return int(spec["n"])
+    if spec.get("kind") == "continuous" and "shape" in spec:
+        return math.prod(int(d) for d in spec["shape"])
+    return None
+
+
+def _describe(spec: dict) -> str:
+    return f"Discrete({spec['n']})" if spec["kind"] == "discrete" else f"Box{tuple(spec['shape'])}"
+
+
+def _check_module(module, obs_shape: list[int], path: Path):
+    """The module in eval mode, float32, without gradients, run once on a batch of 2: (module, output width)."""
+    if isinstance(module, torch.fx.GraphModule):  # an exported graph: its dtypes are baked into the ops
+        bad = [n for n, t in module.state_dict().items() if t.is_floating_point() and t.dtype != torch.float32]
+        if bad:
+            raise ModelLoadError(f"{path}: tensor {bad[0]} is not float32; export the model in float32")
+    else:
+        module = module.float()
+    module = module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    _check_finite(module.state_dict(), path)
+    x = torch.zeros(2, *obs_shape)
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except Exception as e:  # noqa: BLE001 - any failure of user code: report it in one line
+        raise ModelLoadError(f"{path}: the network fails on an observation of shape {obs_shape} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the right "
+                             "\"obs_shape\" in the config") from None
+    if isinstance(y, (tuple, list, dict)):
+        items = list(y.items()) if isinstance(y, dict) else list(enumerate(y))
+        shapes = ", ".join(f"[{k}] {list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                           for k, v in items[:4])
+        raise ModelLoadError(f"{path}: the network returns a {type(y).__name__} of {len(items)} outputs ({shapes}); "
+                             "a policy returns one tensor [batch, out_dim]: wrap it so that forward returns the "
+                             "action head only (e.g. forward(x)[0]) and export it again")
+    if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != 2:
+        shape = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ModelLoadError(f"{path}: the network must return one tensor [batch, out_dim], got {shape}; "
+                             "wrap it so that forward returns the action head only")
+    return module, int(y.shape[1])

@@ -22,7 +22,9 @@ def _load_cleanrl(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
     env_in, env_out = _env_specs(path, cfg["env"], outputs, "clip") if cfg.get("env") else ({}, {})
     in_dim = layers[0][1].shape[1] if layers else 0
     obs_shape = cfg.get("obs_shape") or env_in.get("shape") or [in_dim]
-    mlp = _build_mlp(path, layers, cfg.get("activation", activation), list(obs_shape))
+    mlp = _build_mlp(path, layers, cfg.get("activation", activation), obs_shape)  # checks obs_shape
+    if not isinstance(cfg.get("output", {}), dict):
+        raise ModelLoadError(f"{path}: config \"output\" must be an object (a spec), got {str(cfg['output'])[:60]}")
     output = {**env_out, **cfg.get("output", {})}
     if continuous:
         if output.get("kind") != "continuous":

@@ -15,6 +15,7 @@ from torch import nn
 from bitrl_compile.frontends.specs import _check_finite, _default_output, _env_specs
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime.files import write_atomic
+from bitrl_compile.runtime.specs import check_count, check_shape
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU,
                "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
@@ -26,7 +27,7 @@ class MLPPolicy(nn.Module):
 
     def __init__(self, sizes: list[int], activation: str = "tanh", obs_shape: list[int] | None = None):
         super().__init__()
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
@@ -62,11 +63,18 @@ def _build_mlp(path: Path, layers, activation: str, obs_shape: list[int]) -> MLP
     """An MLPPolicy holding copies of the given (name, weight, bias) layers; checks chaining and finiteness."""
     if not layers:
         raise ModelLoadError(f"{path}: no Linear layers found; is this a policy network?")
+    try:
+        obs_shape = list(check_shape(obs_shape, "observation shape (\"obs_shape\")", str(path)))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     sizes = [layers[0][1].shape[1]]
     for name, w, b in layers:
         if w.shape[1] != sizes[-1]:
             raise ModelLoadError(f"{path}: {name}.weight has {w.shape[1]} inputs but the previous layer has "
                                  f"{sizes[-1]} outputs; the state_dict does not match an MLP")
+        if 0 in w.shape:
+            raise ModelLoadError(f"{path}: {name}.weight has shape {tuple(w.shape)}: a layer without weights; "
+                                 "the state_dict does not match an MLP")
         if b is None or tuple(b.shape) != (w.shape[0],):
             raise ModelLoadError(f"{path}: {name}.bias is missing or has the wrong shape; expected ({w.shape[0]},)")
         _check_finite({f"{name}.weight": w, f"{name}.bias": b}, path)
@@ -74,7 +82,10 @@ def _build_mlp(path: Path, layers, activation: str, obs_shape: list[int]) -> MLP
     if math.prod(obs_shape) != sizes[0]:
         raise ModelLoadError(f"{path}: observation shape {obs_shape} has {math.prod(obs_shape)} values but the "
                              f"first layer takes {sizes[0]}; check the env / \"obs_shape\"")
-    mlp = MLPPolicy(sizes, activation, obs_shape)
+    try:
+        mlp = MLPPolicy(sizes, activation, obs_shape)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     linears = [m for m in mlp.net if isinstance(m, nn.Linear)]
     with torch.no_grad():
         for lin, (_, w, b) in zip(linears, layers):
@@ -83,51 +94,78 @@ def _build_mlp(path: Path, layers, activation: str, obs_shape: list[int]) -> MLP
     return mlp
 
 
-def _state_dict_mismatch(expected: dict, got: dict) -> str:
+def _state_dict_mismatch(expected: dict[str, tuple[int, ...]], got: dict) -> str:
+    """What differs between the expected {key: shape} and a state_dict: missing, unexpected, mis-shaped keys."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    shaped = [f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k].shape)})"
-              for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    shaped = [f"{k} {tuple(got[k].shape)} (expected {expected[k]})"
+              for k in expected if k in got and tuple(got[k].shape) != expected[k]]
     parts = [f"{what}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
              for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if items]
     return "; ".join(parts)
 
 
-def _load_mlp_config(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
-    """The generic "mlp" architecture: net.0.weight, ... plus a config."""
-    if cfg.get("arch", "mlp") != "mlp":
-        raise ModelLoadError(f"{path}: config arch {cfg.get('arch')!r} is not supported yet (\"mlp\" is)")
+def _config_sizes(path: Path, cfg: dict, obs_shape, sd: dict, env_out: dict | None) -> tuple[list[int], dict]:
+    """The MLP's layer sizes [obs, *hidden, out] from the config, every one a checked positive int, and the
+    output spec; nothing is allocated here, so a config declaring absurd layers costs nothing."""
+    where = f"{path}: config"
+    try:
+        obs_shape = check_shape(obs_shape, "\"obs_shape\"", where)
+        hidden = cfg["hidden"]
+        if not isinstance(hidden, list) or len(hidden) > 64:
+            raise ValueError(f"{where}: \"hidden\" must be a list of layer widths, got {str(hidden)[:60]}")
+        hidden = [check_count(h, "each \"hidden\" width", where) for h in hidden]
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    for key in ("output", "input"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise ModelLoadError(f"{where}: \"{key}\" must be an object (a spec), got {str(cfg[key])[:60]}")
+    output = {**(env_out or {}), **cfg.get("output", {})}
     weights = [k for k in sd if k.startswith("net.") and k.endswith(".weight")]
+    last = sd.get(f"net.{2 * len(hidden)}.weight")
+    try:
+        if output.get("kind") == "discrete" and "n" in output:
+            out_dim = check_count(output["n"], "output \"n\"", where)
+        elif output.get("kind") == "continuous" and "shape" in output:
+            out_dim = math.prod(check_shape(output["shape"], "output \"shape\"", where))
+        elif last is not None and last.ndim == 2:
+            out_dim = int(last.shape[0])
+        else:
+            out_dim = 1 if not weights else int(sd[max(weights)].shape[0])
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    return [math.prod(obs_shape), *hidden, out_dim], output
+
+
+def _load_mlp_config(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
+    """The generic "mlp" architecture: net.0.weight, ... plus a config. The config's sizes are checked against
+    the weights' shapes before the module is built."""
+    if cfg.get("arch", "mlp") != "mlp":
+        raise ModelLoadError(f"{path}: config arch {str(cfg.get('arch'))[:40]!r} is not supported yet (\"mlp\" is)")
     env_in, env_out = _env_specs(path, cfg["env"], "logits", "clip") if cfg.get("env") else (None, None)
     obs_shape = cfg.get("obs_shape") or (env_in and env_in["shape"])
     if not obs_shape or "hidden" not in cfg:
         raise ModelLoadError(f"{path}: the config needs \"obs_shape\" and \"hidden\" (e.g. {{\"arch\": \"mlp\", "
                              "\"obs_shape\": [4], \"hidden\": [64, 64], \"activation\": \"tanh\", \"output\": ...}})")
-    output = {**(env_out or {}), **cfg.get("output", {})}
-    last = sd.get(f"net.{2 * len(cfg['hidden'])}.weight")
-    if output.get("kind") == "discrete" and "n" in output:
-        out_dim = int(output["n"])
-    elif output.get("kind") == "continuous" and "shape" in output:
-        out_dim = math.prod(output["shape"])
-    elif last is not None and last.ndim == 2:
-        out_dim = int(last.shape[0])
-    else:
-        out_dim = 1 if not weights else int(sd[max(weights)].shape[0])
+    sizes, output = _config_sizes(path, cfg, obs_shape, sd, env_out)
+    expected = {}
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        expected[f"net.{2 * i}.weight"] = (n_out, n_in)
+        expected[f"net.{2 * i}.bias"] = (n_out,)
+    problems = _state_dict_mismatch(expected, sd)
+    if problems:
+        raise ModelLoadError(f"{path}: state_dict does not match the config's MLP {sizes} ({problems}); fix "
+                             "\"hidden\", \"obs_shape\" or \"output\"")
     try:
-        mlp = MLPPolicy([math.prod(obs_shape), *cfg["hidden"], out_dim], cfg.get("activation", "tanh"),
-                        list(obs_shape))
+        mlp = MLPPolicy(sizes, cfg.get("activation", "tanh"), list(obs_shape))
     except ValueError as e:
         raise ModelLoadError(f"{path}: config: {e}") from None
-    problems = _state_dict_mismatch(mlp.state_dict(), sd)
-    if problems:
-        raise ModelLoadError(f"{path}: state_dict does not match the config's MLP ({problems}); fix \"hidden\", "
-                             "\"obs_shape\" or \"output\"")
     _check_finite(sd, path)
     mlp.load_state_dict({k: v.float() for k, v in sd.items()})
     input_spec = {**(env_in or {}), **cfg.get("input", {}), "shape": list(obs_shape)}
     input_spec.setdefault("preprocess", "none")
-    desc = f"MLP {[math.prod(obs_shape), *cfg['hidden'], out_dim]} {mlp.activation}"
-    return LoadedPolicy(mlp, None, input_spec, output or _default_output(out_dim), "state-dict", desc)
+    desc = f"MLP {sizes} {mlp.activation}"
+    return LoadedPolicy(mlp, None, input_spec, output or _default_output(sizes[-1]), "state-dict", desc)
 
 
 def save_mlp_policy(path, module_or_state_dict, config: dict) -> None:

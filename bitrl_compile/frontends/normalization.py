@@ -5,14 +5,49 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from bitrl_compile.frontends.sb3 import check_zip_directory, trained_with_vecnormalize
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
+from bitrl_compile.runtime.specs import check_normalize
+
+MAX_STATS_BYTES = 64 << 20  # statistics of an observation of MAX_VALUES values, as JSON, with room to spare
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _read_npz(data: bytes, path: Path) -> dict:
+    """Arrays of an .npz, each .npy header checked against its member's size before numpy allocates it."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            check_zip_directory(zf, str(path), MAX_STATS_BYTES)
+            out = {}
+            for info in zf.infolist()[:16]:
+                with zf.open(info) as f:
+                    read_header = _NPY_HEADERS.get(np.lib.format.read_magic(f))
+                    if read_header is None:
+                        raise ModelLoadError(f"{path}: member {info.filename[:60]!r} has an unknown .npy version; "
+                                             "save mean and var with np.savez")
+                    shape, _, dtype = read_header(f)
+                    if dtype.hasobject or math.prod(shape) * dtype.itemsize > info.file_size:
+                        raise ModelLoadError(f"{path}: member {info.filename[:60]!r} declares a {shape} {dtype} "
+                                             "array that its bytes do not hold; save mean and var with np.savez")
+                with zf.open(info) as f:
+                    out[info.filename.removesuffix(".npy")] = np.lib.format.read_array(f, allow_pickle=False)
+            return out
+    except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{path}: not a readable .npz of arrays ({str(e)[:160]}); save mean and var with "
+                             "np.savez") from None
 
 
 def read_normalization(path, *, trust_pickle: bool = False) -> dict | None:
@@ -20,19 +55,21 @@ def read_normalization(path, *, trust_pickle: bool = False) -> dict | None:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such normalisation file; check the --vecnormalize path")
+    if path.stat().st_size > MAX_STATS_BYTES:
+        raise ModelLoadError(f"{path}: {path.stat().st_size} bytes is more than the limit {MAX_STATS_BYTES} for "
+                             "normalisation statistics; give the statistics file saved with the policy")
     data = path.read_bytes()
     if path.suffix == ".json" or data.lstrip()[:1] == b"{":
         try:
             d = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path}: not valid JSON ({e}); write {{\"mean\": [...], \"var\": [...]}}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ModelLoadError(f"{path}: not valid JSON ({str(e)[:160]}); write {{\"mean\": [...], \"var\": "
+                                 "[...]}") from None
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{path}: the statistics are a JSON {type(d).__name__}, not an object; write "
+                                 "{\"mean\": [...], \"var\": [...]}")
     elif data.startswith(b"PK"):
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except (ValueError, zipfile.BadZipFile) as e:
-            raise ModelLoadError(f"{path}: not a readable .npz of arrays ({e}); save mean and var with np.savez") \
-                from None
+        d = _read_npz(data, path)
     else:
         if not trust_pickle:
             raise ModelLoadError(f"{path}: SB3's vecnormalize.pkl is a pickle that can run code when loaded; pass "
@@ -54,23 +91,64 @@ def read_normalization(path, *, trust_pickle: bool = False) -> dict | None:
     if isinstance(d.get("obs_rms"), dict):
         d = {**d, **d["obs_rms"]}
     if "mean" not in d or "var" not in d:
-        raise ModelLoadError(f"{path}: normalisation statistics need \"mean\" and \"var\" (found {sorted(d)})")
+        raise ModelLoadError(f"{path}: normalisation statistics need \"mean\" and \"var\" (found {sorted(d)[:8]})")
     clip = d.get("clip_obs", d.get("clip"))
     eps = d.get("epsilon", d.get("eps", 1e-8))
-    return {"mean": np.asarray(d["mean"], np.float64).ravel().tolist(),
-            "var": np.asarray(d["var"], np.float64).ravel().tolist(),
-            "eps": float(np.asarray(eps)), "clip": None if clip is None else float(np.asarray(clip))}
+    norm = {"mean": _as_list(d["mean"]), "var": _as_list(d["var"]), "eps": _as_scalar(eps),
+            "clip": None if clip is None else _as_scalar(clip)}
+    try:
+        check_normalize(norm, len(norm["mean"]) if isinstance(norm["mean"], list) else None, str(path))
+    except ValueError as e:
+        raise ModelLoadError(f"{e}; give the statistics saved with the policy") from None
+    return norm
+
+
+def _as_list(value):
+    """A numpy array's values as a list; anything else as it is (check_normalize says what is wrong)."""
+    return value.ravel().tolist() if isinstance(value, np.ndarray) else value
+
+
+def _as_scalar(value):
+    """A 0-d / 1-element numpy value as a Python number; anything else as it is."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+_STATS_PATTERNS = ("*vecnorm*.pkl", "*vec_norm*.pkl", "*vecnorm*.json", "*vec_norm*.json", "*vecnorm*.npz",
+                   "*vec_norm*.npz")
+
+
+def _statistics_files(path: Path) -> list[Path]:
+    """Files beside the model (or one folder down, as rl-zoo saves them) that look like VecNormalize statistics."""
+    found: set[Path] = set()
+    for folder, depth in ((path.parent, ""), (path.parent, "*/")):
+        for pattern in _STATS_PATTERNS:
+            found.update(p for p in folder.glob(depth + pattern) if p.is_file() and p != path)
+            if len(found) > 20:
+                break
+    return sorted(found, key=lambda p: (len(p.relative_to(path.parent).parts), str(p)))[:5]
 
 
 def _warn_if_normalisation_missing(loaded: LoadedPolicy, path: Path) -> None:
-    """SB3 runs keep VecNormalize statistics beside the model; CleanRL continuous PPO always normalises."""
+    """SB3 zips record whether the env was a VecNormalize (`sb3.trained_with_vecnormalize`), and runs keep its
+    statistics beside the model; CleanRL continuous PPO always normalises."""
     if loaded.source.startswith("sb3-"):
-        for c in [path.parent / "vecnormalize.pkl", *sorted(path.parent.glob("*/vecnormalize.pkl"))]:
-            if c.is_file():
-                warnings.warn(f"{path}: found {c}: the policy was probably trained on VecNormalize-d observations; "
-                              f"pass --vecnormalize {c} (with --trust-pickle) or its statistics as JSON",
-                              stacklevel=4)
-                return
+        used = trained_with_vecnormalize(path)
+        if used is False:
+            return
+        files = _statistics_files(path)
+        how = "(with --trust-pickle for a .pkl) or its statistics as JSON {\"mean\": [...], \"var\": [...]}"
+        if used:
+            where = f"found {', '.join(map(str, files))}: pass --vecnormalize {files[0]}" if files else \
+                "pass the vecnormalize.pkl saved with `env.save(...)` (VecNormalize) as --vecnormalize FILE"
+            warnings.warn(f"{path}: this SB3 model was trained inside a VecNormalize (its data records "
+                          "_last_original_obs) but no statistics were given: with norm_obs=True its actions will be "
+                          f"wrong; {where} {how}", stacklevel=4)
+        elif files:
+            warnings.warn(f"{path}: found {', '.join(map(str, files))}: the policy was probably trained on "
+                          f"VecNormalize-d observations; pass --vecnormalize {files[0]} {how}", stacklevel=4)
+        return
     if loaded.source == "cleanrl-ppo" and loaded.output.get("kind") == "continuous":
         warnings.warn(f"{path}: CleanRL continuous PPO trains on NormalizeObservation-ed observations; pass their "
                       "statistics (--vecnormalize stats.json) or the policy will see raw ones", stacklevel=4)

@@ -4,17 +4,92 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import pickletools
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 from bitrl_compile.frontends.mlp import _TORCH_ACTIVATIONS, _build_mlp, _linears
 from bitrl_compile.frontends.specs import _check_finite, _space_to_specs
 from bitrl_compile.frontends.torch_files import _torch_load_weights
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
+from bitrl_compile.runtime.specs import MAX_VALUES, check_real_dtype, check_shape, check_specs
+
+# Limits, checked from the zip directory before anything is read (real SB3 zips: 6 members stored uncompressed,
+# `data` of tens of KB, class pickles under 2 KB). A 1 MB zip can declare a 1 GB member; reading it is the bomb.
+MAX_MEMBERS = 4096          # members of the SB3 zip, and of the torch archive policy.pth
+MAX_DATA_BYTES = 32 << 20   # the JSON `data` member
+MAX_WEIGHTS_BYTES = 1 << 30  # policy.pth, and the total of its records
+MAX_TOTAL_BYTES = 4 << 30   # all members together, as declared
+MAX_RATIO = 100             # uncompressed / compressed: deflated weights ~1.1, a zip bomb ~1000
+RATIO_FLOOR = 8 << 20       # members smaller than this may have any ratio
+MAX_SERIALIZED = 1 << 20    # a base64 pickle of a class or of policy_kwargs, scanned statically
+
+
+def check_zip_directory(zf: zipfile.ZipFile, where: str, max_total: int = MAX_TOTAL_BYTES) -> None:
+    """Refuse a zip whose directory declares too many members, too many bytes, or a bomb-like ratio."""
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise ModelLoadError(f"{where}: the zip holds {len(infos)} members, more than the limit {MAX_MEMBERS}; "
+                             "not a model file this compiler reads")
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            raise ModelLoadError(f"{where}: member {info.filename[:80]!r} expands from {info.compress_size} to "
+                                 f"{info.file_size} bytes (a zip bomb?); save the model again")
+    if total > max_total:
+        raise ModelLoadError(f"{where}: the zip's members declare {total} bytes in all, more than the limit "
+                             f"{max_total}; not a model file this compiler reads")
+
+
+def read_member(zf: zipfile.ZipFile, name: str, limit: int, where: str) -> bytes:
+    """A member's bytes, refused when its declared size is over `limit`; the read itself is bounded by the
+    declared size, so a directory that lies about it cannot make zipfile inflate more."""
+    info = zf.getinfo(name)
+    if info.file_size > limit:
+        raise ModelLoadError(f"{where}: member {name!r} declares {info.file_size} bytes, more than the limit "
+                             f"{limit}; not a model file this compiler reads")
+    try:
+        with zf.open(info) as f:
+            data = f.read(info.file_size)
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as e:
+        raise ModelLoadError(f"{where}: member {name!r} cannot be read ({e}); copy or save the file again") \
+            from None
+    if len(data) != info.file_size:
+        raise ModelLoadError(f"{where}: member {name!r} is truncated; copy or save the file again")
+    return data
+
+
+def _read_data(path: Path, zf: zipfile.ZipFile) -> dict:
+    """The JSON `data` member as a dict, within the limits."""
+    check_zip_directory(zf, str(path))
+    raw = read_member(zf, "data", MAX_DATA_BYTES, str(path))
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: the SB3 'data' member is not JSON ({e}); save the model again") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: the SB3 'data' member is nested too deeply; save the model again") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: the SB3 'data' member is a JSON {type(data).__name__}, not an object; "
+                             "save the model again with stable-baselines3")
+    return data
+
+
+def _serialized(field, what: str, path: Path) -> str | None:
+    """The base64 pickle of a `data` field ({":type:", ":serialized:"}), or None; refused when oversized."""
+    ser = field.get(":serialized:") if isinstance(field, dict) else None
+    if ser is None:
+        return None
+    if not isinstance(ser, str) or len(ser) > MAX_SERIALIZED:
+        size = len(ser) if isinstance(ser, str) else type(ser).__name__
+        raise ModelLoadError(f"{path}: the SB3 {what} is not a short base64 string ({size}); save the model again")
+    return ser
 
 
 def _pickle_strings_and_globals(b64: str) -> tuple[list[str], list[tuple[str, str]]]:
@@ -46,19 +121,67 @@ def _pickle_strings_and_globals(b64: str) -> tuple[list[str], list[tuple[str, st
     return strings, found
 
 
+def _read_weights(path: Path, zf: zipfile.ZipFile) -> bytes:
+    """policy.pth within the limits; it is itself a zip (torch's format), whose directory is checked too, since
+    torch allocates each record at its declared size."""
+    raw = read_member(zf, "policy.pth", MAX_WEIGHTS_BYTES, str(path))
+    if raw.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(raw)) as inner:
+                check_zip_directory(inner, f"{path}:policy.pth", MAX_WEIGHTS_BYTES)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ModelLoadError(f"{path}:policy.pth: corrupt torch archive ({e}); save the model again") from None
+    return raw
+
+
+def trained_with_vecnormalize(path: Path) -> bool | None:
+    """Whether an SB3 PPO/A2C zip was trained inside a VecNormalize, from its `data` alone: on-policy algorithms
+    keep the un-normalised first observation (`_last_original_obs`) only when the env is a VecNormalize. None when
+    the zip cannot tell: off-policy algorithms (DQN, SAC, TD3) fill that field either way, a model saved before
+    training has no last observation, and an unreadable file is reported by the load itself."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            data = _read_data(path, zf)
+        source = _sb3_algorithm(data, path)
+    except (ModelLoadError, zipfile.BadZipFile, OSError, KeyError):
+        return None
+    if source not in ("sb3-ppo", "sb3-a2c") or not isinstance(data.get("_last_obs"), dict):
+        return None
+    return isinstance(data.get("_last_original_obs"), dict)
+
+
+def _sb3_int(value, what: str, path: Path, minimum: int = 1) -> int:
+    """An integer field of an SB3 space: a JSON int, or the decimal string SB3 writes for numpy ints."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,18}", value.strip()):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or value > MAX_VALUES:
+        raise ModelLoadError(f"{path}: SB3 {what} must be an integer in [{minimum}, {MAX_VALUES}], got "
+                             f"{str(value)[:40]!r}; save the model again with stable-baselines3")
+    return value
+
+
 def _sb3_space(d, what: str, path: Path) -> dict:
-    if not isinstance(d, dict) or ":type:" not in d:
+    if not isinstance(d, dict) or not isinstance(d.get(":type:"), str):
         raise ModelLoadError(f"{path}: SB3 data has no readable {what}; re-save with stable-baselines3 >= 2.0")
     kind = re.search(r"spaces\.\w+\.(\w+)'", d[":type:"])
-    kind = kind.group(1) if kind else d[":type:"]
+    kind = kind.group(1) if kind else d[":type:"][:60]
     space = {"type": kind}
     if kind == "Discrete":
-        space["n"] = int(d["n"])
-        if int(d.get("start", 0) or 0) != 0:
+        if "n" not in d:
+            raise ModelLoadError(f"{path}: the SB3 Discrete {what} has no \"n\"; save the model again")
+        space["n"] = _sb3_int(d["n"], f"{what} n", path)
+        if _sb3_int(d.get("start", 0) or 0, f"{what} start", path, minimum=-MAX_VALUES) != 0:
             raise ModelLoadError(f"{path}: Discrete {what} with start={d['start']} is not supported yet")
     elif kind in ("Box", "MultiBinary"):
-        space["shape"] = [int(s) for s in d["_shape"]]
-        space["dtype"] = d.get("dtype", "float32")
+        if "_shape" not in d:
+            raise ModelLoadError(f"{path}: the SB3 {kind} {what} has no \"_shape\"; save the model again")
+        try:
+            space["shape"] = list(check_shape(d["_shape"], f"SB3 {what} _shape", str(path)))
+            space["dtype"] = d.get("dtype", "float32")
+            if what == "observation_space":
+                check_real_dtype(space["dtype"], f"{path}: SB3 {what}")
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
         if kind == "Box" and what == "action_space":
             size = math.prod(space["shape"])
             for key in ("low", "high"):
@@ -77,8 +200,7 @@ def _sb3_space(d, what: str, path: Path) -> dict:
 
 
 def _sb3_algorithm(data: dict, path: Path) -> str:
-    pc = data.get("policy_class")
-    ser = pc.get(":serialized:") if isinstance(pc, dict) else None
+    ser = _serialized(data.get("policy_class"), "policy_class", path)
     if not ser:
         raise ModelLoadError(f"{path}: SB3 data has no policy_class; is this a Stable-Baselines3 model?")
     try:
@@ -102,7 +224,10 @@ def _sb3_algorithm(data: dict, path: Path) -> str:
 def _sb3_policy_kwargs(data: dict, path: Path) -> tuple[dict, str | None]:
     """Readable policy_kwargs and the activation class name found statically in its pickle."""
     pk = data.get("policy_kwargs") or {}
-    ser = pk.get(":serialized:") if isinstance(pk, dict) else None
+    if not isinstance(pk, dict):
+        raise ModelLoadError(f"{path}: the SB3 policy_kwargs is a {type(pk).__name__}, not an object; save the "
+                             "model again")
+    ser = _serialized(pk, "policy_kwargs", path)
     activation = None
     if ser:
         try:
@@ -118,10 +243,7 @@ def _sb3_policy_kwargs(data: dict, path: Path) -> tuple[dict, str | None]:
 
 
 def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
-    try:
-        data = json.loads(zf.read("data"))
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path}: the SB3 'data' member is not JSON ({e}); save the model again") from None
+    data = _read_data(path, zf)
     source = _sb3_algorithm(data, path)
     kwargs, act_name = _sb3_policy_kwargs(data, path)
     default_act = "tanh" if source in ("sb3-ppo", "sb3-a2c") else "relu"
@@ -130,7 +252,7 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
     activation = _TORCH_ACTIVATIONS.get(act_name, default_act) if act_name else default_act
     obs_space = _sb3_space(data.get("observation_space"), "observation_space", path)
     act_space = _sb3_space(data.get("action_space"), "action_space", path)
-    sd = _torch_load_weights(zf.read("policy.pth"), f"{path}:policy.pth")
+    sd = _torch_load_weights(_read_weights(path, zf), f"{path}:policy.pth")
     if any(k.startswith(("features_extractor.cnn", "pi_features_extractor.cnn")) for k in sd):
         raise ModelLoadError(f"{path}: CNN feature extractors are not supported yet; use an MLP policy")
     try:
@@ -142,6 +264,10 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
         output = _space_to_specs(act_space, "output", outputs, squash)
     except ValueError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    try:
+        check_specs(input_spec, output, f"{path}: SB3 spaces")
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     if source in ("sb3-ppo", "sb3-a2c"):
         layers = _linears(sd, "mlp_extractor.policy_net.", path) + [("action_net", sd.get("action_net.weight"),
                                                                     sd.get("action_net.bias"))]

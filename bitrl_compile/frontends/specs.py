@@ -24,8 +24,9 @@ def _read_config(config) -> dict:
             cfg = json.loads(text)
         else:
             cfg = json.loads(Path(text).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"config {text[:80]}: not readable JSON ({e}); give a dict or a JSON file") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"config {text[:80]}: not readable JSON ({str(e)[:160]}); give a dict or a JSON file") \
+            from None
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"config {text[:80]}: must be a JSON object, e.g. {{\"arch\": \"mlp\", ...}}")
     return cfg
@@ -60,20 +61,39 @@ def _gym_space(space) -> dict:
     return {"type": type(space).__name__}
 
 
-def _env_specs(path: Path, env_id: str, outputs: str, squash: str) -> tuple[dict, dict]:
+def _env_spaces(path: Path, env_id, what: str = "--env") -> tuple[dict, dict]:
+    """The observation and action spaces of a gymnasium environment, as plain data (see `_gym_space`)."""
     import gymnasium
+    if not isinstance(env_id, str) or (env_id not in gymnasium.registry and ":" not in env_id):  # pkg:Id imports
+        raise ModelLoadError(f"{path}: unknown environment {str(env_id)[:80]!r} ({what}); give a gymnasium id such "
+                             "as CartPole-v1 or Pendulum-v1, or a config with \"output\"")
     try:
         env = gymnasium.make(env_id)
-    except Exception as e:  # noqa: BLE001 - gymnasium raises several error types for unknown ids / missing extras
-        raise ModelLoadError(f"{path}: config env {env_id!r} cannot be made ({e}); give a gymnasium id or "
-                             "an explicit \"output\" spec") from None
+    except Exception as e:  # noqa: BLE001 - gymnasium raises several error types for missing extras
+        raise ModelLoadError(f"{path}: environment {env_id!r} cannot be made ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); install what it "
+                             "needs, or give a config with \"output\"") from None
     try:
-        return (_space_to_specs(_gym_space(env.observation_space), "input"),
-                _space_to_specs(_gym_space(env.action_space), "output", outputs, squash))
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: env {env_id}: {e}") from None
+        return _gym_space(env.observation_space), _gym_space(env.action_space)
     finally:
         env.close()
+
+
+def _space_name(space: dict) -> str:
+    """A space as gymnasium prints it, for messages: Box(1,), Discrete(2)."""
+    if space["type"] == "Discrete":
+        return f"Discrete({space['n']})"
+    if "shape" in space:
+        return f"{space['type']}{tuple(space['shape'])}"
+    return space["type"]
+
+
+def _env_specs(path: Path, env_id: str, outputs: str, squash: str) -> tuple[dict, dict]:
+    obs_space, action_space = _env_spaces(path, env_id)
+    try:
+        return (_space_to_specs(obs_space, "input"), _space_to_specs(action_space, "output", outputs, squash))
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: env {env_id}: {e}") from None
 
 
 def _default_output(out_dim: int, outputs: str = "logits") -> dict:
@@ -122,6 +142,8 @@ def _complete_input(spec: dict, path: Path) -> dict:
     if pre not in ("none", "onehot", "image"):
         raise ModelLoadError(f"{path}: input \"preprocess\" must be none, onehot or image, got {pre!r}")
     out = {"shape": shape, "dtype": "float32", "preprocess": pre, "normalize": None}
+    if "max_batch" in spec:  # a bounded batch the program was exported with (see pipeline.to_relax)
+        out["max_batch"] = spec["max_batch"]
     if pre == "onehot":
         out["n"] = int(spec.get("n", shape[0]))
         if shape != [out["n"]]:

@@ -49,8 +49,12 @@ def _load_safetensors(path: Path, cfg: dict) -> LoadedPolicy:
         raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({e}); save it again") from None
     if "config" in meta:
         try:
-            cfg = {**json.loads(meta["config"]), **cfg}
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{path}: the metadata \"config\" is not JSON ({e}); rewrite it with "
-                                 "save_mlp_policy") from None
+            saved = json.loads(meta["config"])
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ModelLoadError(f"{path}: the metadata \"config\" is not JSON ({str(e)[:120] or 'too deep'}); "
+                                 "rewrite it with save_mlp_policy") from None
+        if not isinstance(saved, dict):
+            raise ModelLoadError(f"{path}: the metadata \"config\" is a JSON {type(saved).__name__}, not an "
+                                 "object; rewrite it with save_mlp_policy")
+        cfg = {**saved, **cfg}
     return _load_state_dict(path, sd, cfg)

@@ -100,13 +100,34 @@ def _load_torch_export(path: Path, zf: zipfile.ZipFile, cfg: dict, trust_pickle:
         raise ModelLoadError(f"{path}: the program takes {len(user_inputs)} inputs; a policy takes one observation")
     node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
     shape = list(node.meta["val"].shape)
+    if not shape or (not cfg.get("obs_shape") and not all(isinstance(d, int) for d in shape[1:])):
+        raise ModelLoadError(f"{path}: the program's input has shape {shape}; a policy takes [batch, fixed dims]: "
+                             "export it with a dynamic batch dimension only, or pass config={\"obs_shape\": [...]}")
     obs_shape = [int(d) for d in (cfg.get("obs_shape") or shape[1:])]
+    input_spec = {"shape": obs_shape, "preprocess": "none"}
     if isinstance(shape[0], int):  # a fixed batch size: guards would reject other batches
         module = _dynamic_batch(_program_module(ep, check_guards=False), obs_shape, path, "program")
     else:
+        lower, upper = _batch_range(ep, shape[0])
+        if lower > 1:
+            raise ModelLoadError(f"{path}: the program accepts batches of {lower} or more, and a policy acts on one "
+                                 "observation too; export it with Dim('batch', min=1, ...)")
+        if upper is not None:  # honoured by the compile (pipeline.to_relax) and recorded in manifest["batch"]
+            input_spec["max_batch"] = upper
         module = _program_module(ep)
-    return LoadedPolicy(module, None, {"shape": obs_shape, "preprocess": "none"}, {}, "torch-export",
-                        f"torch.export program, obs {obs_shape}")
+    return LoadedPolicy(module, None, input_spec, {}, "torch-export", f"torch.export program, obs {obs_shape}"
+                        + (f", batch <= {input_spec['max_batch']}" if "max_batch" in input_spec else ""))
+
+
+def _batch_range(ep, batch) -> tuple[int, int | None]:
+    """The batch sizes an exported program accepts (its range constraint): (lower, upper or None)."""
+    expr = getattr(getattr(batch, "node", None), "expr", None)
+    bound = ep.range_constraints.get(expr) if expr is not None else None
+    if bound is None:
+        return 0, None
+    lower, upper = bound.lower, bound.upper
+    finite = getattr(upper, "is_finite", True) and str(upper) not in ("oo", "int_oo")
+    return int(lower), int(upper) if finite and int(upper) < (1 << 20) else None
 
 
 def _infer_obs_shape(module: nn.Module, cfg: dict, path: Path) -> list[int]:

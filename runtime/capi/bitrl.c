@@ -5,8 +5,10 @@
  * DLTensor* arguments. The few runtime hooks the kernels use are ours: workspace allocation, a
  * single-threaded parallel launch, and the error-reporting function of their argument checks.
  *
- *   load:  file -> zip -> sha256 of every member -> manifest checks -> machine checks (arch, CPU, AMX)
- *          -> parameters (base-3 unpacked) -> lib.so in memory -> plan resolved -> one test call
+ *   load:  trusted keys -> file -> zip (limits) -> manifest checks -> manifest.sha256 -> signature (when keys
+ *          are configured) -> sha256 of every member -> machine checks (arch, CPU, AMX) -> params.safetensors'
+ *          header -> lib.so in memory (the first native code of the artifact) -> parameters (base-3 unpacked)
+ *          -> plan resolved -> one test call
  *   call:  this thread's buffers for the policy (made once, grown for a bigger batch) -> obs copied in,
  *          checked finite -> the plan's kernel calls -> the output copied out
  */
@@ -38,7 +40,7 @@
 #error "libbitrl is built for x86_64 and aarch64"
 #endif
 
-#define FORMAT_VERSION 1
+#define FORMAT_VERSION 2 /* 2: manifest.sha256 and optional signatures.json; 1: the manifest was not hashed */
 #define DEFAULT_BATCH_MAX 1048576
 #define RECOMPILE "recompile it with `bitrl-compile MODEL -o FILE`"
 
@@ -490,6 +492,11 @@ static int read_file(const char *path, uint8_t **out, size_t *n) {
         close(fd);
         return bitrl_fail("%s: not a regular file; give the path of a policy.bitrl artifact", path);
     }
+    if ((uint64_t)st.st_size > BITRL_MAX_FILE) {
+        close(fd);
+        return bitrl_fail("%s: %lld bytes, more than an artifact's limit of %llu; not a policy.bitrl artifact", path,
+                          (long long)st.st_size, (unsigned long long)BITRL_MAX_FILE);
+    }
     size_t size = (size_t)st.st_size, got = 0;
     uint8_t *buf = malloc(size ? size : 1);
     if (!buf) {
@@ -593,9 +600,46 @@ static int check_runnable_here(const char *path, const json *m) {
     return 0;
 }
 
+/* A truncated or corrupt ELF makes the dynamic loader map segments past the end of the file, and the first touch
+ * of such a page is SIGBUS: check that the header, the program headers and every segment's bytes lie inside the
+ * file, and the class and machine are this one's, before dlopen. 0, or -1 with the error set. */
+static uint64_t le(const uint8_t *p, int bytes) {
+    uint64_t v = 0;
+    for (int i = bytes - 1; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+static int check_elf(const char *path, const uint8_t *b, size_t n) {
+#if defined(__x86_64__)
+    const unsigned machine = 62;
+#else
+    const unsigned machine = 183;
+#endif
+    if (n < 64 || memcmp(b, "\x7f" "ELF", 4) != 0)
+        return bitrl_fail("%s: lib.so cannot be loaded (not an ELF library); recompile the artifact for this machine", path);
+    if (b[4] != 2 || b[5] != 1 || le(b + 18, 2) != machine)
+        return bitrl_fail("%s: lib.so cannot be loaded (a library for another machine, ELF machine %u, and this one is "
+                          "%s); recompile the artifact for this machine", path, (unsigned)le(b + 18, 2), HOST_ARCH);
+    uint64_t phoff = le(b + 32, 8), phentsize = le(b + 54, 2), phnum = le(b + 56, 2);
+    if (phentsize < 56 || phoff > n || phnum * phentsize > n - phoff)
+        return bitrl_fail("%s: lib.so cannot be loaded (truncated or corrupt ELF program headers); recompile the artifact", path);
+    for (uint64_t i = 0; i < phnum; i++) {
+        const uint8_t *ph = b + phoff + i * phentsize;
+        uint64_t offset = le(ph + 8, 8), filesz = le(ph + 32, 8);
+        if (le(ph, 4) != 0 && (offset > n || filesz > n - offset))
+            return bitrl_fail("%s: lib.so cannot be loaded (truncated: a segment ends past the file); recompile the artifact",
+                              path);
+    }
+    return 0;
+}
+
+static _Thread_local char dlopen_error[256]; /* what the dynamic loader said first (later calls clear dlerror) */
+
 static void *try_dlopen(const char *where) {
     void *lib = dlopen(where, RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
+        const char *why = dlerror();
+        snprintf(dlopen_error, sizeof dlopen_error, "%s", why ? why : "unknown");
         /* The kernels' undefined TVMFFIErrorSetRaisedFromCStrParts resolves in the global scope: when this
          * library was itself dlopen'ed locally (ctypes, a plugin), make it global and try again. */
         Dl_info self;
@@ -611,6 +655,7 @@ static void *try_dlopen(const char *where) {
 static void *open_library(const char *path, const uint8_t *bytes, size_t n, int *fd_out) {
     char tmp[4096] = "", where[64];
     int fd = -1;
+    if (check_elf(path, bytes, n) != 0) return NULL;
 #ifdef MFD_CLOEXEC
     fd = memfd_create("bitrl-lib.so", MFD_CLOEXEC);
 #endif
@@ -646,9 +691,9 @@ static void *open_library(const char *path, const uint8_t *bytes, size_t n, int 
         lib = other ? NULL : try_dlopen(where);
         if (!lib && tmp[0]) lib = try_dlopen(tmp); /* no /proc */
         if (!lib) {
-            const char *why = dlerror();
-            bitrl_fail("%s: cannot load its lib.so (%s); recompile the artifact for this machine", path,
-                       why ? why : "unknown");
+            const char *why = strrchr(dlopen_error, ':'); /* "/proc/self/fd/7: invalid ELF header": the reason */
+            bitrl_fail("%s: lib.so cannot be loaded (%s); recompile the artifact for this machine", path,
+                       why && why[1] ? why + 2 : dlopen_error[0] ? dlopen_error : "unknown");
         }
     }
     if (tmp[0]) unlink(tmp);
@@ -785,7 +830,7 @@ static int parse_entry(bitrl_policy *p, int which, const json *ej, const uint8_t
 }
 
 /* The manifest's sizes and entry points, the parameters they use, and lib.so's functions. */
-static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t st_n) {
+static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t st_n, const json *header, size_t body) {
     const json *eps = json_get(m, "entry_points"), *input = json_get(m, "input"), *output = json_get(m, "output");
     const char *preprocess = json_str(json_get(input, "preprocess")), *kind = json_str(json_get(output, "kind"));
     if (preprocess && strcmp(preprocess, "text") == 0)
@@ -799,15 +844,10 @@ static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t s
     const json *batch = json_get(m, "batch");
     if (batch && (json_int(json_get(batch, "max"), &p->batch_max) != 0 || p->batch_max < 1 || p->batch_max > (1LL << 30)))
         return bitrl_fail("%s: manifest batch.max is not a positive integer; " RECOMPILE, p->path);
-    json header;
-    size_t body;
-    if (bitrl_safetensors_open(st, st_n, &header, &body, p->path) != 0) return -1;
     const json *weights = json_get(m, "weights");
-    int rc = 0;
-    for (int i = 0; i < N_ENTRIES && rc == 0; i++)
-        if (json_get(eps, ENTRY_NAMES[i])) rc = parse_entry(p, i, json_get(eps, ENTRY_NAMES[i]), st, st_n, &header, body, weights);
-    json_free(&header);
-    if (rc != 0) return -1;
+    for (int i = 0; i < N_ENTRIES; i++)
+        if (json_get(eps, ENTRY_NAMES[i]) && parse_entry(p, i, json_get(eps, ENTRY_NAMES[i]), st, st_n, header, body, weights) != 0)
+            return -1;
     p->param_tensors = calloc((size_t)p->nparams + 1, sizeof *p->param_tensors);
     if (!p->param_tensors) return bitrl_fail("%s: out of memory", p->path);
     for (int i = 0; i < p->nparams; i++) {
@@ -843,20 +883,59 @@ static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t s
     return 0;
 }
 
+static int is_payload(const char *name) {
+    return strcmp(name, "lib.so") == 0 || strcmp(name, "params.safetensors") == 0 || strcmp(name, "libtvm_runtime.so") == 0;
+}
+
+/* The zip holds only an artifact's members, the small ones within their limits. */
+static int check_names(const char *path, const bitrl_zip *z) {
+    static const struct { const char *name; uint32_t limit; } SMALL[] = {
+        {"manifest.json", BITRL_MAX_MANIFEST}, {"manifest.sha256", BITRL_MAX_MANIFEST_HASH},
+        {"signatures.json", BITRL_MAX_SIGNATURES}};
+    for (size_t i = 0; i < z->count; i++) {
+        const bitrl_zip_entry *e = &z->entries[i];
+        int known = is_payload(e->name);
+        for (size_t j = 0; j < 3; j++) {
+            if (strcmp(e->name, SMALL[j].name) != 0) continue;
+            known = 1;
+            if (e->usize > SMALL[j].limit)
+                return bitrl_fail("%s: member %s declares %u bytes, more than the limit of %u; not a policy.bitrl "
+                                  "artifact (or corrupt), recompile the artifact", path, e->name, e->usize, SMALL[j].limit);
+        }
+        if (!known)
+            return bitrl_fail("%s: unknown member '%.80s' (an artifact holds only manifest.json, manifest.sha256, lib.so, "
+                              "params.safetensors, libtvm_runtime.so, signatures.json); recompile the artifact", path, e->name);
+    }
+    return 0;
+}
+
 static int verify_members(const char *path, const json *m, const bitrl_zip *z, uint8_t **lib, size_t *lib_n,
                           uint8_t **st, size_t *st_n) {
     const json *members = json_get(m, "members");
     if (!members || members->type != JSON_OBJECT) return bitrl_fail("%s: manifest has no members list; " RECOMPILE, path);
     for (size_t i = 0; i < members->count; i++) {
         const char *name = members->keys[i], *digest = json_str(&members->items[i]);
+        if (!is_payload(name))
+            return bitrl_fail("%s: manifest lists unknown member '%.80s' (members are lib.so, params.safetensors, "
+                              "libtvm_runtime.so); recompile the artifact", path, name);
+        if (!digest || strlen(digest) != 64)
+            return bitrl_fail("%s: manifest lists member %s with an invalid sha256; recompile the artifact", path, name);
+    }
+    for (size_t i = 0; i < z->count; i++)
+        if (is_payload(z->entries[i].name) && !json_get(members, z->entries[i].name))
+            return bitrl_fail("%s: member %s is in the zip but not in the manifest's members list (added after "
+                              "compiling?); recompile the artifact", path, z->entries[i].name);
+    for (size_t i = 0; i < members->count; i++) {
+        const char *name = members->keys[i], *digest = json_str(&members->items[i]);
         const bitrl_zip_entry *e = bitrl_zip_find(z, name);
         if (!e) return bitrl_fail("%s: member %s is missing; the file is incomplete, recompile it", path, name);
+        if (strcmp(name, "libtvm_runtime.so") == 0) continue; /* the C API does not use TVM's runtime */
         uint8_t *data;
         size_t n;
         if (bitrl_zip_read(z, e, &data, &n, path) != 0) return -1;
         char hex[65];
         bitrl_sha256_hex(data, n, hex);
-        if (!digest || strcmp(hex, digest) != 0) {
+        if (strcmp(hex, digest) != 0) {
             free(data);
             return bitrl_fail("%s: member %s fails its sha256 check (tampered or corrupt); recompile the artifact", path, name);
         }
@@ -869,41 +948,81 @@ static int verify_members(const char *path, const json *m, const bitrl_zip *z, u
     return 0;
 }
 
-static int load_into(bitrl_policy *p, const uint8_t *file, size_t size) {
+/* A small member's bytes (NULL and 0 when the zip has none); 0 or -1. */
+static int read_small(const char *path, const bitrl_zip *z, const char *name, uint8_t **out, size_t *n) {
+    const bitrl_zip_entry *e = bitrl_zip_find(z, name);
+    *out = NULL, *n = 0;
+    return e ? bitrl_zip_read(z, e, out, n, path) : 0;
+}
+
+/* manifest.json's form and version, its sha256 (manifest.sha256), and its signature when keys are configured. */
+static int check_manifest(const char *path, const bitrl_zip *z, const uint8_t *text, size_t text_n, const json *m,
+                          const bitrl_keys *keys) {
+    const char *format = json_str(json_get(m, "format"));
+    int64_t version;
+    if (m->type != JSON_OBJECT)
+        return bitrl_fail("%s: manifest.json holds no JSON object; not a policy.bitrl artifact, recompile the artifact", path);
+    if (!format || strcmp(format, "bitrl") != 0)
+        return bitrl_fail("%s: manifest format is %.40s, expected 'bitrl'; not a policy.bitrl artifact", path,
+                          format ? format : "missing");
+    if (json_int(json_get(m, "format_version"), &version) != 0 || version < 1)
+        return bitrl_fail("%s: manifest format_version is not a positive integer; recompile the artifact", path);
+    if (version > FORMAT_VERSION)
+        return bitrl_fail("%s: artifact format version %lld is newer than this runtime reads (%d); upgrade bitrl-compile "
+                          "on this device", path, (long long)version, FORMAT_VERSION);
+    uint8_t *hash, *sigs;
+    size_t hash_n, sigs_n;
+    if (read_small(path, z, "manifest.sha256", &hash, &hash_n) != 0) return -1;
+    if (!hash && version >= 2)
+        return bitrl_fail("%s: member manifest.sha256 is missing; the file is incomplete, recompile it", path);
+    if (hash) {
+        char hex[65];
+        bitrl_sha256_hex(text, text_n, hex);
+        while (hash_n && (hash[hash_n - 1] == '\n' || hash[hash_n - 1] == '\r' || hash[hash_n - 1] == ' ')) hash_n--;
+        int same = hash_n == 64 && memcmp(hash, hex, 64) == 0;
+        free(hash);
+        if (!same)
+            return bitrl_fail("%s: manifest.json fails its sha256 check (tampered or corrupt); recompile the artifact", path);
+    }
+    if (keys->count == 0) return 0;
+    if (version < 2)
+        return bitrl_fail("%s: format %lld artifacts cannot be signed, and trusted keys are configured; recompile it, "
+                          "sign it with `bitrl-compile sign`, or load it without trusted keys", path, (long long)version);
+    if (read_small(path, z, "signatures.json", &sigs, &sigs_n) != 0) return -1;
+    int rc = bitrl_verify_signatures(path, text, text_n, sigs, sigs_n, keys);
+    free(sigs);
+    return rc;
+}
+
+static int load_into(bitrl_policy *p, const uint8_t *file, size_t size, const bitrl_keys *keys) {
     const char *path = p->path;
     bitrl_zip z;
     if (bitrl_zip_open(&z, file, size, path) != 0) return -1;
     const bitrl_zip_entry *me = bitrl_zip_find(&z, "manifest.json");
-    if (!me) {
+    int rc = check_names(path, &z);
+    if (rc == 0 && !me) rc = bitrl_fail("%s: no manifest.json inside; not a policy.bitrl artifact", path);
+    if (rc != 0) {
         bitrl_zip_close(&z);
-        return bitrl_fail("%s: no manifest.json inside; not a policy.bitrl artifact", path);
+        return -1;
     }
     uint8_t *text = NULL, *lib = NULL, *st = NULL;
-    size_t text_n, lib_n = 0, st_n = 0;
-    json m = {0};
+    size_t text_n, lib_n = 0, st_n = 0, body = 0;
+    json m = {0}, header = {0};
     char label[600];
     snprintf(label, sizeof label, "%s: manifest.json", path);
-    int rc = bitrl_zip_read(&z, me, &text, &text_n, path);
+    rc = bitrl_zip_read(&z, me, &text, &text_n, path);
     if (rc == 0 && json_parse((const char *)text, text_n, &m, label) != 0) {
         char why[sizeof last_error];
         snprintf(why, sizeof why, "%s", last_error);
         rc = bitrl_fail("%s; recompile the artifact", why);
     }
+    if (rc == 0) rc = check_manifest(path, &z, text, text_n, &m, keys);
     free(text);
-    if (rc == 0) {
-        const char *format = json_str(json_get(&m, "format"));
-        int64_t version;
-        if (m.type != JSON_OBJECT || !format || strcmp(format, "bitrl") != 0)
-            rc = bitrl_fail("%s: manifest format is %s, expected 'bitrl'; not a policy.bitrl artifact", path,
-                            format ? format : "missing");
-        else if (json_int(json_get(&m, "format_version"), &version) != 0 || version > FORMAT_VERSION)
-            rc = bitrl_fail("%s: artifact format version is newer than this runtime reads (%d); upgrade bitrl-compile "
-                            "on this device", path, FORMAT_VERSION);
-    }
     if (rc == 0) rc = verify_members(path, &m, &z, &lib, &lib_n, &st, &st_n);
     bitrl_zip_close(&z);
     if (rc == 0) rc = check_runnable_here(path, &m);
-    if (rc == 0) {
+    if (rc == 0) rc = bitrl_safetensors_open(st, st_n, &header, &body, path);
+    if (rc == 0) { /* every check passed: the artifact's native code is loaded now, not before */
         p->lib = open_library(path, lib, lib_n, &p->lib_fd);
         rc = p->lib ? 0 : -1;
     }
@@ -912,9 +1031,10 @@ static int load_into(bitrl_policy *p, const uint8_t *file, size_t size) {
             void **slot = dlsym(p->lib, HOOKS[i].name);
             if (slot) *slot = HOOKS[i].fn;
         }
-    if (rc == 0) rc = load_plan(p, &m, st, st_n);
+    if (rc == 0) rc = load_plan(p, &m, st, st_n, &header, body);
     free(lib);
     free(st);
+    json_free(&header);
     json_free(&m);
     return rc;
 }
@@ -955,24 +1075,36 @@ void bitrl_free(bitrl_policy *p) {
     free(p);
 }
 
-bitrl_policy *bitrl_load(const char *path) {
+bitrl_policy *bitrl_load(const char *path) { return bitrl_load_trusted(path, NULL, 0); }
+
+bitrl_policy *bitrl_load_trusted(const char *path, const char *const *key_paths, size_t n_keys) {
     if (!path) {
         bitrl_fail("bitrl_load: path is NULL; pass the path of a policy.bitrl artifact");
+        return NULL;
+    }
+    bitrl_keys keys;
+    if (bitrl_keys_load(&keys, key_paths, n_keys) != 0) {
+        char why[sizeof last_error];
+        snprintf(why, sizeof why, "%s", last_error);
+        bitrl_fail("%s: %s", path, why);
         return NULL;
     }
     bitrl_policy *p = calloc(1, sizeof *p);
     if (!p || !(p->path = strdup(path))) {
         free(p);
+        bitrl_keys_free(&keys);
         bitrl_fail("%s: out of memory", path);
         return NULL;
     }
     uint8_t *file = NULL;
     size_t size = 0;
     if (read_file(path, &file, &size) != 0) {
+        bitrl_keys_free(&keys);
         bitrl_free(p);
         return NULL;
     }
-    int rc = load_into(p, file, size);
+    int rc = load_into(p, file, size, &keys);
+    bitrl_keys_free(&keys);
     free(file);
     if (rc == 0) {
         if (pthread_key_create(&p->key, ctx_thread_exit) != 0) {

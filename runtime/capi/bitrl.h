@@ -11,8 +11,10 @@
  * `aarch64-linux-gnu-gcc app.c $(bitrl-compile capi --target rasp4 --cflags --libs)` (Raspberry Pi).
  * libbitrl.so needs only libc, libdl, libm, libpthread and zlib; no TVM library, no Python.
  *
- * What bitrl_load does: reads the zip, checks the sha256 of every member the manifest lists, checks that
- * this machine can run the artifact (architecture; the CPU features of its kernels, from /proc/cpuinfo;
+ * What bitrl_load does: reads the zip (refusing more than 16 members, members over 2 GiB or 4 GiB in all,
+ * and members that inflate more than 100:1, from the zip directory before inflating anything), checks the
+ * sha256 of manifest.json (manifest.sha256) and of every member the manifest lists, the signature when trusted
+ * keys are configured (bitrl_load_trusted, BITRL_TRUSTED_KEYS), checks that this machine can run the artifact (architecture; the CPU features of its kernels, from /proc/cpuinfo;
  * asks Linux for the AMX state when the kernels use AMX), unpacks the base-3 weights into the kernels'
  * layout once, and opens the compiled kernels (lib.so) in memory. The artifact's "entry_points" (its
  * call plan) say which kernels compute forward / act / sample; observation pre-processing (normalisation,
@@ -23,6 +25,10 @@
  * failure. bitrl_last_error() then gives one line that names the problem and the fix. Bad input
  * (NULL pointers, batch <= 0 or above the artifact's limit, a NaN or infinite observation, a corrupt,
  * truncated or tampered file, an artifact for another machine) never aborts the process.
+ *
+ * Trust: loading an artifact runs native code (its lib.so) compiled by whoever made the file, as loading a
+ * shared library does; nothing of it is loaded before every check above has passed. The hashes catch corruption,
+ * not an attacker; a signature by a trusted key says who made it. See docs/security.md.
  *
  * Thread safety: a bitrl_policy is immutable after bitrl_load; any number of threads may call
  * bitrl_act / bitrl_forward / bitrl_sample on the same policy at once. Each thread gets its own 64-byte
@@ -38,6 +44,7 @@
 #ifndef BITRL_H_
 #define BITRL_H_
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -55,8 +62,16 @@ extern "C" {
 typedef struct bitrl_policy bitrl_policy;
 
 /* Load and verify an artifact. Returns NULL on failure (bitrl_last_error() says why). The caller owns the
- * policy and releases it with bitrl_free. */
+ * policy and releases it with bitrl_free. When the environment variable BITRL_TRUSTED_KEYS names public keys
+ * (colon-separated paths of PEM files), the artifact must be signed by one of them, as with bitrl_load_trusted. */
 BITRL_API bitrl_policy *bitrl_load(const char *path);
+
+/* bitrl_load, refusing an artifact that does not carry a valid Ed25519 signature (`bitrl-compile sign`) by one of
+ * the trusted public keys: the PEM files key_paths[0 .. n_keys) (NAME.pub of `bitrl-compile keygen`) and those of
+ * BITRL_TRUSTED_KEYS. With no key at all (n_keys 0, the variable unset) it is bitrl_load. The signature is checked
+ * with OpenSSL's libcrypto (libcrypto.so.3, Debian's libssl3), opened only when keys are configured; without it
+ * the load fails with one line saying so. Returns NULL on failure (bitrl_last_error() says why). */
+BITRL_API bitrl_policy *bitrl_load_trusted(const char *path, const char *const *key_paths, size_t n_keys);
 
 /* The last error of the calling thread, one line (never NULL; "" if there was none). Valid until the
  * thread's next call into this library. */

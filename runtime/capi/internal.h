@@ -12,6 +12,18 @@
 #define BITRL_PRINTF(a, b)
 #endif
 
+/* Limits of the artifact reader, the same as runtime/artifact.py's: far above any policy, far below what would
+ * exhaust a device's memory; checked on declared sizes before anything is allocated or inflated. */
+#define BITRL_MAX_MEMBERS 16
+#define BITRL_MAX_MEMBER (2ULL << 30)        /* one member, uncompressed (more needs zip64, never used) */
+#define BITRL_MAX_TOTAL (4ULL << 30)         /* all members, uncompressed */
+#define BITRL_MAX_FILE (BITRL_MAX_TOTAL + (64ULL << 20))
+#define BITRL_MAX_RATIO 100                  /* inflation limit of a member over BITRL_RATIO_FROM bytes */
+#define BITRL_RATIO_FROM (1u << 20)
+#define BITRL_MAX_MANIFEST (16u << 20)       /* manifest.json; also the safetensors header */
+#define BITRL_MAX_SIGNATURES (64u << 10)     /* signatures.json */
+#define BITRL_MAX_MANIFEST_HASH 128u         /* manifest.sha256 */
+
 /* errors: the calling thread's last error (bitrl_last_error), always one line; returns -1 */
 int bitrl_fail(const char *fmt, ...) BITRL_PRINTF(1, 2);
 
@@ -74,12 +86,28 @@ typedef struct {
 
 /* the dtype of a numpy name ("float32") or a safetensors name ("F32"); 0, or -1 if unknown */
 int bitrl_dtype(const char *name, int safetensors, DLDataType *out);
-/* params.safetensors' header (parsed into *header) and where its tensor bytes start; 0 or -1 */
+/* params.safetensors' header (parsed into *header, at most BITRL_MAX_MANIFEST bytes, every tensor's dtype, shape
+ * and offsets checked against the file) and where its tensor bytes start; 0 or -1 */
 int bitrl_safetensors_open(const uint8_t *data, size_t n, json *header, size_t *body, const char *what);
 /* tensor `name` of the file, as stored, or (spec: its manifest["weights"] entry, else NULL) unpacked from
  * base-3 into its "compute" layout, exactly as runtime/weights.py's to_compute; 0 or -1 */
 int bitrl_param(const uint8_t *data, size_t n, const json *header, size_t body, const char *name,
                 const json *spec, bitrl_tensor *out, const char *what);
 void *bitrl_aligned_alloc(size_t nbytes); /* 64-byte aligned, zeroed; NULL if out of memory */
+
+/* trust.c: trusted Ed25519 public keys and signatures.json (docs/security.md) */
+typedef struct {
+    size_t count;
+    uint8_t (*raw)[32]; /* the raw public keys */
+    char (*ids)[65];    /* their key ids: sha256 hex of the raw key */
+} bitrl_keys;
+
+/* the keys of the PEM files paths[0..n) and of BITRL_TRUSTED_KEYS (colon-separated paths); 0 or -1 */
+int bitrl_keys_load(bitrl_keys *k, const char *const *paths, size_t n);
+void bitrl_keys_free(bitrl_keys *k);
+/* 0 if signatures.json (sigs, NULL when absent) holds a valid Ed25519 signature of manifest[0..n) by a key of k
+ * (libcrypto is opened on first use); -1 with the error set otherwise */
+int bitrl_verify_signatures(const char *what, const uint8_t *manifest, size_t n, const uint8_t *sigs, size_t sigs_n,
+                            const bitrl_keys *k);
 
 #endif /* BITRL_INTERNAL_H_ */

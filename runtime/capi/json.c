@@ -51,7 +51,10 @@ static int hex4(parser *p, unsigned *out) {
 
 static int parse_string(parser *p, char **out) {
     p->i++; /* the opening quote */
-    char *buf = malloc(p->n - p->i + 1); /* the decoded string is never longer than the rest of the text */
+    size_t end = p->i; /* the closing quote: the decoded string is never longer than the text up to it */
+    while (end < p->n && p->s[end] != '"') end += p->s[end] == '\\' ? 2 : 1;
+    if (end > p->n) end = p->n;
+    char *buf = malloc(end - p->i + 1);
     if (!buf) return bitrl_fail("%s: out of memory", p->what);
     size_t len = 0;
     for (;;) {
@@ -163,6 +166,7 @@ static int parse_number(parser *p, json *v) {
 static int parse_value(parser *p, json *v, int depth);
 
 static int parse_container(parser *p, json *v, int depth, int object) {
+    if (depth + 1 > MAX_DEPTH) return bad(p, "at most 64 levels of nesting");
     p->i++;
     v->type = object ? JSON_OBJECT : JSON_ARRAY;
     size_t cap = 0;
@@ -209,7 +213,6 @@ static int parse_container(parser *p, json *v, int depth, int object) {
 }
 
 static int parse_value(parser *p, json *v, int depth) {
-    if (depth > MAX_DEPTH) return bad(p, "less nesting");
     skip_ws(p);
     if (p->i >= p->n) return bad(p, "a value");
     char c = p->s[p->i];

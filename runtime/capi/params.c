@@ -42,12 +42,18 @@ static uint64_t le64(const uint8_t *p) {
     return v;
 }
 
+static int describe(size_t n, const json *info, size_t body, const char *name, bitrl_tensor *t, int64_t *begin,
+                    const char *what);
+
 int bitrl_safetensors_open(const uint8_t *data, size_t n, json *header, size_t *body, const char *what) {
     if (n < 8) return bitrl_fail("%s: params.safetensors is unreadable (shorter than its 8-byte header length); "
                                  "recompile the artifact", what);
     uint64_t len = le64(data);
     if (len > n - 8) return bitrl_fail("%s: params.safetensors is unreadable (header length exceeds the file size); "
                                        "recompile the artifact", what);
+    if (len > BITRL_MAX_MANIFEST)
+        return bitrl_fail("%s: params.safetensors declares a header of %llu bytes, more than the limit of %u; "
+                          "recompile the artifact", what, (unsigned long long)len, BITRL_MAX_MANIFEST);
     char label[600];
     snprintf(label, sizeof label, "%s: the header of params.safetensors", what);
     if (json_parse((const char *)data + 8, (size_t)len, header, label) != 0) return -1;
@@ -56,6 +62,15 @@ int bitrl_safetensors_open(const uint8_t *data, size_t n, json *header, size_t *
         return bitrl_fail("%s: params.safetensors is unreadable (its header is no JSON object); recompile the artifact", what);
     }
     *body = 8 + (size_t)len;
+    for (size_t i = 0; i < header->count; i++) { /* every tensor's entry, before anything is allocated for it */
+        bitrl_tensor t;
+        int64_t begin;
+        if (strcmp(header->keys[i], "__metadata__") == 0) continue;
+        if (describe(n, &header->items[i], *body, header->keys[i], &t, &begin, what) != 0) {
+            json_free(header);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -129,35 +144,47 @@ static int unpack(const char *name, const bitrl_tensor *stored, const json *spec
     return 0;
 }
 
+/* Tensor `name`'s header entry as a bitrl_tensor without data (dtype, shape, nbytes) and where its bytes begin:
+ * dtype known, shape of non-negative ints, offsets inside the file, and the byte length the shape's. 0 or -1. */
+static int describe(size_t n, const json *info, size_t body, const char *name, bitrl_tensor *t, int64_t *begin,
+                    const char *what) {
+    memset(t, 0, sizeof *t);
+    const json *shape = json_get(info, "shape"), *offsets = json_get(info, "data_offsets");
+    int64_t count = 1, end;
+    if (!info || info->type != JSON_OBJECT || bitrl_dtype(json_str(json_get(info, "dtype")), 1, &t->dtype) != 0)
+        return bitrl_fail("%s: parameter %.80s has an unsupported dtype in params.safetensors; recompile the artifact",
+                          what, name);
+    if (!shape || shape->type != JSON_ARRAY || shape->count > BITRL_MAX_DIMS)
+        return bitrl_fail("%s: parameter %.80s has no valid shape in params.safetensors; recompile the artifact", what, name);
+    t->ndim = (int)shape->count;
+    for (int d = 0; d < t->ndim; d++) {
+        if (json_int(&shape->items[d], &t->shape[d]) != 0 || t->shape[d] < 0 || t->shape[d] > (1LL << 40))
+            return bitrl_fail("%s: parameter %.80s has no valid shape in params.safetensors; recompile the artifact",
+                              what, name);
+        count *= t->shape[d];
+        if (count > (1LL << 40))
+            return bitrl_fail("%s: parameter %.80s is impossibly large; recompile the artifact", what, name);
+    }
+    t->nbytes = (size_t)count * (t->dtype.bits / 8);
+    if (!offsets || offsets->type != JSON_ARRAY || offsets->count != 2 || json_int(&offsets->items[0], begin) != 0 ||
+        json_int(&offsets->items[1], &end) != 0 || *begin < 0 || end < *begin || (uint64_t)end > n - body)
+        return bitrl_fail("%s: params.safetensors is truncated or corrupt: tensor %.80s ends past the file; "
+                          "recompile the artifact", what, name);
+    if ((size_t)(end - *begin) != t->nbytes)
+        return bitrl_fail("%s: params.safetensors is corrupt: tensor %.80s has %lld bytes for its shape's %zu; "
+                          "recompile the artifact", what, name, (long long)(end - *begin), t->nbytes);
+    return 0;
+}
+
 int bitrl_param(const uint8_t *data, size_t n, const json *header, size_t body, const char *name,
                 const json *spec, bitrl_tensor *out, const char *what) {
     memset(out, 0, sizeof *out);
     const json *info = json_get(header, name);
     if (!info || strcmp(name, "__metadata__") == 0)
         return bitrl_fail("%s: parameter %s is missing from params.safetensors; recompile the artifact", what, name);
-    const json *shape = json_get(info, "shape"), *offsets = json_get(info, "data_offsets");
-    bitrl_tensor t = {0};
-    if (bitrl_dtype(json_str(json_get(info, "dtype")), 1, &t.dtype) != 0)
-        return bitrl_fail("%s: parameter %s has an unsupported dtype in params.safetensors; recompile the artifact", what, name);
-    int64_t count = 1, begin, end;
-    if (!shape || shape->type != JSON_ARRAY || shape->count > BITRL_MAX_DIMS)
-        return bitrl_fail("%s: parameter %s has no valid shape in params.safetensors; recompile the artifact", what, name);
-    t.ndim = (int)shape->count;
-    for (int d = 0; d < t.ndim; d++) {
-        if (json_int(&shape->items[d], &t.shape[d]) != 0 || t.shape[d] < 0 || t.shape[d] > (1LL << 40))
-            return bitrl_fail("%s: parameter %s has no valid shape in params.safetensors; recompile the artifact", what, name);
-        count *= t.shape[d];
-        if (count > (1LL << 40))
-            return bitrl_fail("%s: parameter %s is impossibly large; recompile the artifact", what, name);
-    }
-    t.nbytes = (size_t)count * (t.dtype.bits / 8);
-    if (!offsets || offsets->type != JSON_ARRAY || offsets->count != 2 || json_int(&offsets->items[0], &begin) != 0 ||
-        json_int(&offsets->items[1], &end) != 0 || begin < 0 || end < begin || (uint64_t)end > n - body)
-        return bitrl_fail("%s: params.safetensors is truncated or corrupt: tensor %s ends past the file; "
-                          "recompile the artifact", what, name);
-    if ((size_t)(end - begin) != t.nbytes)
-        return bitrl_fail("%s: params.safetensors is corrupt: tensor %s has %lld bytes for its shape's %zu; "
-                          "recompile the artifact", what, name, (long long)(end - begin), t.nbytes);
+    bitrl_tensor t;
+    int64_t begin;
+    if (describe(n, info, body, name, &t, &begin, what) != 0) return -1; /* before allocating */
     t.data = bitrl_aligned_alloc(t.nbytes);
     if (!t.data) return bitrl_fail("%s: out of memory reading parameter %s", what, name);
     memcpy(t.data, data + body + begin, t.nbytes); /* little-endian on every target we build for */

@@ -1,13 +1,13 @@
 /* A zip reader for artifacts held in memory: the central directory, then each member STORED or DEFLATE
  * (zlib's inflate), its CRC-32 and size checked. No zip64, no encryption: an artifact never needs them.
- * Every offset is bounds-checked, so a truncated or corrupt file is an error, never a crash. */
+ * Every offset is bounds-checked, so a truncated or corrupt file is an error, never a crash. The directory's
+ * declared sizes are checked against the limits of internal.h (members, sizes, compression ratio: zip bombs)
+ * when the zip is opened, before anything is inflated; inflating never writes past the declared size. */
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
 
 #include "internal.h"
-
-#define MAX_MEMBER (1u << 30) /* 1 GiB: a larger member is a corrupt size field, not a policy */
 
 static uint16_t u16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 static uint32_t u32(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
@@ -17,7 +17,36 @@ static int corrupt(const char *what, const char *detail) {
                       "`bitrl-compile MODEL -o FILE`", what, detail);
 }
 
+/* The limits on one directory entry (the last one added to z), before anything is read; *total sums sizes. */
+static int check_entry(const bitrl_zip *z, const bitrl_zip_entry *en, uint64_t *total, const char *what) {
+    for (size_t i = 0; i + 1 < z->count; i++)
+        if (strcmp(z->entries[i].name, en->name) == 0)
+            return bitrl_fail("%s: the zip holds member %.80s twice (a reader would pick one at random); recompile "
+                              "the artifact", what, en->name);
+    if (strlen(en->name) == 0 || strlen(en->name) > 255)
+        return corrupt(what, "a member name that is empty or too long");
+    if (en->method != 0 && en->method != 8)
+        return bitrl_fail("%s: member %.80s uses zip compression method %u (expected STORED or DEFLATE); recompile "
+                          "the artifact", what, en->name, en->method);
+    if (en->usize > BITRL_MAX_MEMBER)
+        return bitrl_fail("%s: member %.80s declares %u bytes, more than the limit of %llu; not a policy.bitrl "
+                          "artifact (or corrupt), recompile the artifact", what, en->name, en->usize,
+                          (unsigned long long)BITRL_MAX_MEMBER);
+    if (en->method == 0 && en->csize != en->usize)
+        return bitrl_fail("%s: member %.80s is corrupt (stored sizes differ); recompile the artifact", what, en->name);
+    if (en->usize > BITRL_RATIO_FROM && (uint64_t)en->usize > (uint64_t)BITRL_MAX_RATIO * (en->csize ? en->csize : 1))
+        return bitrl_fail("%s: member %.80s would inflate %u bytes to %u (more than %d:1, a zip bomb); not a "
+                          "policy.bitrl artifact, recompile the artifact", what, en->name, en->csize, en->usize,
+                          BITRL_MAX_RATIO);
+    *total += en->usize;
+    if (*total > BITRL_MAX_TOTAL)
+        return bitrl_fail("%s: its members declare more than the limit of %llu bytes in all; recompile the artifact",
+                          what, (unsigned long long)BITRL_MAX_TOTAL);
+    return 0;
+}
+
 int bitrl_zip_open(bitrl_zip *z, const uint8_t *data, size_t size, const char *what) {
+    uint64_t total = 0;
     memset(z, 0, sizeof *z);
     z->data = data;
     z->size = size;
@@ -38,6 +67,9 @@ int bitrl_zip_open(bitrl_zip *z, const uint8_t *data, size_t size, const char *w
     if (entries == 0xffff || cd_size == 0xffffffffu || cd_offset == 0xffffffffu)
         return corrupt(what, "zip64, which artifacts never use");
     if ((uint64_t)cd_offset + cd_size > eocd) return corrupt(what, "central directory outside the file");
+    if (entries > BITRL_MAX_MEMBERS)
+        return bitrl_fail("%s: the zip has %u members, more than an artifact's %d; not a policy.bitrl artifact, "
+                          "recompile the artifact", what, entries, BITRL_MAX_MEMBERS);
     z->entries = calloc(entries ? entries : 1, sizeof *z->entries);
     if (!z->entries) return bitrl_fail("%s: out of memory reading the zip directory", what);
     size_t pos = cd_offset, end = (size_t)cd_offset + cd_size;
@@ -67,6 +99,10 @@ int bitrl_zip_open(bitrl_zip *z, const uint8_t *data, size_t size, const char *w
         memcpy(en->name, c + 46, name_len);
         en->name[name_len] = 0;
         pos += 46 + name_len + extra + comment;
+        if (check_entry(z, en, &total, what) != 0) {
+            bitrl_zip_close(z);
+            return -1;
+        }
     }
     return 0;
 }
@@ -81,7 +117,8 @@ int bitrl_zip_read(const bitrl_zip *z, const bitrl_zip_entry *e, uint8_t **out, 
     *out = NULL;
     *n = 0;
     if (e->flags & 1) return bitrl_fail("%s: member %s is encrypted; recompile the artifact", what, e->name);
-    if (e->usize > MAX_MEMBER) return bitrl_fail("%s: member %s is corrupt (size %u); recompile the artifact", what, e->name, e->usize);
+    if (e->usize > BITRL_MAX_MEMBER) /* bitrl_zip_open refused it already */
+        return bitrl_fail("%s: member %s is corrupt (size %u); recompile the artifact", what, e->name, e->usize);
     size_t at = e->offset;
     if ((uint64_t)at + 30 > z->size || u32(z->data + at) != 0x04034b50)
         return bitrl_fail("%s: member %s is corrupt (bad local header); recompile the artifact", what, e->name);

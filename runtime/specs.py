@@ -1,0 +1,203 @@
+"""Validation of a manifest's input and output specs, at compile and at load: one home for what a spec may say.
+
+A spec that is not checked turns into silently wrong actions (a negative eps, NaN or inverted action bounds, a
+complex observation whose imaginary part is dropped) or into an allocation of absurd size (a declared shape of
+10^12 values). Every problem raises ValueError with one line naming the field and the fix.
+
+The forms (written by the frontends, read by `runtime.policy` and `passes.entry_points`):
+
+    input  = {"shape": [...], "dtype": "float32", "preprocess": "none" | "onehot" | "image" | "text",
+              "n": N (onehot), "text": {"decimals": d, "length": L} (text),
+              "normalize": None | {"mean": [...], "var": [...], "eps": 1e-8, "clip": 10.0 | None}}
+    output = {"kind": "discrete", "n": N, "outputs": "logits" | "q_values"}
+           | {"kind": "continuous", "shape": [...], "low": [...], "high": [...], "squash": "tanh" | "clip" | "none",
+              "log_std": [...] | None}
+           | {"kind": "features", "dim": D}
+
+Numpy only: the runtime stands alone.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+# Far beyond any MLP policy's observation or action (an Atari frame stack is 28,224 values), far below what
+# would exhaust memory when the bounds are expanded or a buffer of that size is allocated for a batch.
+MAX_VALUES = 1 << 20
+SQUASHES = ("tanh", "clip", "none")
+PREPROCESSES = ("none", "onehot", "image", "text")
+OUTPUT_KINDS = ("discrete", "continuous", "features")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_count(value) -> bool:
+    """A positive int (numpy ints too), not a bool, float or string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0
+
+
+def check_count(value, what: str, where: str, limit: int = MAX_VALUES) -> int:
+    if not is_count(value):
+        raise ValueError(f"{where}: {what} must be a positive integer, got {_short(value)}")
+    if int(value) > limit:
+        raise ValueError(f"{where}: {what} = {int(value)} is larger than the limit {limit}; check the model's spec")
+    return int(value)
+
+
+def check_shape(shape, what: str, where: str) -> tuple[int, ...]:
+    """A non-empty list of positive ints whose product is at most MAX_VALUES."""
+    if not isinstance(shape, (list, tuple)) or not shape or not all(is_count(d) for d in shape):
+        raise ValueError(f"{where}: {what} must be a non-empty list of positive integers, got {_short(shape)}")
+    size = math.prod(int(d) for d in shape)
+    if size > MAX_VALUES:
+        raise ValueError(f"{where}: {what} {list(shape)} has {size} values, more than the limit {MAX_VALUES}; "
+                         "check the model's spec")
+    return tuple(int(d) for d in shape)
+
+
+def _floats(value, what: str, where: str, size: int | None) -> np.ndarray:
+    """A number or a (nested) list of numbers -> float64 vector; refuses strings, complex numbers, wrong sizes."""
+    if isinstance(value, (str, bytes, dict)) or value is None:
+        raise ValueError(f"{where}: {what} must be a list of numbers, got {_short(value)}")
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {what} is not a list of numbers ({e})") from None
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"{where}: {what} must hold real numbers, got {_short(value)}")
+    arr = arr.astype(np.float64).ravel()
+    if size is not None and arr.size != size:
+        raise ValueError(f"{where}: {what} has {arr.size} values, expected {size}")
+    return arr
+
+
+def check_real_dtype(dtype, where: str) -> None:
+    """An observation dtype must be a real number type (a complex observation would lose its imaginary part)."""
+    try:
+        dt = np.dtype(dtype) if isinstance(dtype, str) and len(dtype) <= 32 else None
+    except TypeError:
+        dt = None
+    if dt is None:
+        raise ValueError(f"{where}: observation dtype {_short(dtype)} is not a numpy dtype; use float32")
+    if dt == np.bool_ or not (np.issubdtype(dt, np.integer) or np.issubdtype(dt, np.floating)):
+        raise ValueError(f"{where}: observation dtype {dt} is not a real number type; the policy takes real "
+                         "observations (float32, int, uint8, bool): convert the env's observation space")
+
+
+def check_normalize(norm, size: int | None, where: str) -> None:
+    """mean/var finite lists of `size` values (any equal sizes when None), var >= 0, eps > 0, clip > 0 or None."""
+    if not isinstance(norm, dict):
+        raise ValueError(  # noqa: TRY004 - bad input, not a programming error
+            f"{where}: normalisation must be an object {{\"mean\", \"var\", \"eps\", \"clip\"}}, "
+            f"got {_short(norm)}")
+    for key in ("mean", "var"):
+        if key not in norm:
+            raise ValueError(f"{where}: normalisation has no \"{key}\"; give the statistics' mean and var")
+    mean = _floats(norm["mean"], "normalisation mean", where, size)
+    var = _floats(norm["var"], "normalisation var", where, mean.size)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()) or (var < 0).any():
+        raise ValueError(f"{where}: normalisation statistics must be finite with var >= 0; give the statistics "
+                         "saved with the policy")
+    eps = norm.get("eps", 1e-8)
+    if not _real(eps) or not (math.isfinite(float(eps)) and float(eps) > 0):
+        raise ValueError(f"{where}: normalisation eps must be a finite number > 0, got {_short(eps)}")
+    clip = norm.get("clip")
+    if clip is not None and (not _real(clip) or not (math.isfinite(float(clip)) and float(clip) > 0)):
+        raise ValueError(f"{where}: normalisation clip must be a finite number > 0 or null, got {_short(clip)}")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_input_spec(spec, where: str) -> None:
+    if not isinstance(spec, dict):
+        raise ValueError(  # noqa: TRY004 - bad input, not a programming error
+            f"{where}: the input spec must be an object, got {type(spec).__name__}")
+    shape = check_shape(spec.get("shape"), "observation shape", where)
+    if "dtype" in spec:
+        check_real_dtype(spec["dtype"], where)
+    pre = spec.get("preprocess", "none")
+    if pre not in PREPROCESSES:
+        raise ValueError(f"{where}: input preprocess must be one of {list(PREPROCESSES)}, got {_short(pre)}")
+    size = math.prod(shape)
+    if pre == "onehot":
+        n = check_count(spec.get("n"), "one-hot input n", where)
+        if shape != (n,):
+            raise ValueError(f"{where}: a one-hot input of n={n} must have shape [{n}], got {list(shape)}")
+    if pre == "text":
+        text = spec.get("text")
+        if not isinstance(text, dict):
+            raise ValueError(f"{where}: a text input needs \"text\": {{\"decimals\", \"length\"}}")
+        size = check_count(text.get("length"), "text input length", where)
+        decimals = text.get("decimals")
+        if not isinstance(decimals, numbers.Integral) or isinstance(decimals, bool) or not 0 <= decimals <= 12:
+            raise ValueError(f"{where}: text input decimals must be an integer in [0, 12], got {_short(decimals)}")
+    if spec.get("normalize") is not None:
+        check_normalize(spec["normalize"], size, where)
+
+
+def check_output_spec(spec, where: str) -> None:
+    if not isinstance(spec, dict):
+        raise ValueError(  # noqa: TRY004 - bad input, not a programming error
+            f"{where}: the output spec must be an object, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind == "discrete":
+        check_count(spec.get("n"), "the number of discrete actions n", where)
+        outputs = spec.get("outputs", "logits")
+        if outputs not in ("logits", "q_values"):
+            raise ValueError(f"{where}: output \"outputs\" must be \"logits\" or \"q_values\", got {_short(outputs)}")
+    elif kind == "continuous":
+        size = math.prod(check_shape(spec.get("shape"), "action shape", where))
+        squash = spec.get("squash", "clip")
+        if squash not in SQUASHES:
+            raise ValueError(f"{where}: output squash must be one of {list(SQUASHES)}, got {_short(squash)}")
+        low = _floats(spec.get("low"), "action bound low", where, size)
+        high = _floats(spec.get("high"), "action bound high", where, size)
+        # tanh rescales into [low, high], which must be finite; clip and none accept an unbounded side (+-inf)
+        finite = np.isfinite(low).all() and np.isfinite(high).all() if squash == "tanh" else \
+            not (np.isnan(low).any() or np.isnan(high).any() or (low == np.inf).any() or (high == -np.inf).any())
+        if not finite or (low > high).any():
+            raise ValueError(f"{where}: action bounds must be finite with low <= high; got low={_short(low.tolist())} "
+                             f"high={_short(high.tolist())}; fix the env's action space or the config's \"output\"")
+        if spec.get("log_std") is not None:
+            log_std = _floats(spec["log_std"], "log_std", where, size)
+            if not np.isfinite(log_std).all():
+                raise ValueError(f"{where}: log_std contains NaN or Inf; fix or retrain the model")
+    elif kind == "features":
+        check_count(spec.get("dim"), "features dim", where)
+    else:
+        raise ValueError(f"{where}: output kind must be one of {list(OUTPUT_KINDS)}, got {_short(kind)}")
+
+
+def check_specs(input_spec, output_spec, where: str) -> None:
+    """ValueError (one line, prefixed with `where`) unless both specs are well-formed."""
+    check_input_spec(input_spec, where)
+    check_output_spec(output_spec, where)
+
+
+def output_size(output_spec: dict) -> int:
+    """How many values the network outputs per observation for this (checked) output spec."""
+    kind = output_spec["kind"]
+    if kind == "discrete":
+        return int(output_spec["n"])
+    if kind == "continuous":
+        return math.prod(int(d) for d in output_spec["shape"])
+    return int(output_spec["dim"])
+
+
+def check_output_size(output_spec, n_outputs: int, where: str) -> None:
+    """ValueError unless the network's output width matches the (checked) output spec."""
+    check_output_spec(output_spec, where)
+    expected = output_size(output_spec)
+    if int(n_outputs) != expected:
+        what = {"discrete": f"{expected} actions", "continuous": f"an action of {expected} values",
+                "features": f"{expected} features"}[output_spec["kind"]]
+        raise ValueError(f"{where}: the output spec says {what} but the network outputs {int(n_outputs)} values; "
+                         "give the right --env or config \"output\", or compile the matching network")
