@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -37,6 +38,11 @@ from bitrl_compile.runtime.specs import check_output_size, check_specs
 class CompileError(ValueError, RuntimeError):
     """The model cannot be compiled; the message (one line) names the op or stage and what to do. A ValueError
     (bad input), and a RuntimeError as it always was."""
+
+
+class CompilerBug(RuntimeError):
+    """The compiled artifact fails its check against the numpy reference: a bug of this compiler or of TVM,
+    not bad input (the CLI's exit code 3); nothing was written."""
 
 
 @dataclass
@@ -123,13 +129,32 @@ def _where(ep, op_names: list[str]) -> str:
     for node in ep.graph_module.graph.nodes:
         target = str(getattr(node.target, "__name__", node.target))
         if node.op == "call_function" and any(name in target for name in op_names):
-            stack = node.meta.get("nn_module_stack") or {}
-            path = [p for p, _ in stack.values() if p] if stack else []
-            line = (node.meta.get("stack_trace") or "").strip().splitlines()
-            code = line[-1].strip() if line else ""
-            module = path[-1] if path else "forward"
+            stack = [(p, t) for p, t in (node.meta.get("nn_module_stack") or {}).values() if p]
+            module = "forward"
+            if stack:
+                path, kind = stack[-1]
+                kind = getattr(kind, "__name__", str(kind)).rsplit(".", 1)[-1].strip("'>")
+                module = f"module {path} ({kind})"
+            code = _user_code(node.meta.get("stack_trace") or "")
             places.append(f"in {module}: {code}" if code else f"in {module}")
     return "; ".join(dict.fromkeys(places)) or "somewhere in forward"
+
+
+def _user_code(stack_trace: str) -> str:
+    """The source line of the innermost frame of the user's code in a torch.export stack trace (torch's own
+    frames, such as Conv2d.forward calling F.conv2d, say nothing about where the op is in the policy)."""
+    frames = []  # (file, "line N, in f", its source line or "")
+    for line in stack_trace.splitlines():
+        if m := re.match(r'\s*File "([^"]+)", (line \d+, in \S+)', line):
+            frames.append([m.group(1), m.group(2), ""])
+        elif frames and not frames[-1][2]:
+            frames[-1][2] = line.strip()
+    torch_dir = os.path.dirname(torch.__file__) if (torch := sys.modules.get("torch")) else None
+    user = [f for f in frames if not (torch_dir and f[0].startswith(torch_dir))]
+    if not user:
+        return ""
+    file, where, code = user[-1]
+    return code or f"{os.path.basename(file)} {where}"
 
 
 def _first_line(e: BaseException) -> str:
@@ -374,8 +399,8 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     t0 = time.perf_counter()
     try:  # run the artifact once against the numpy reference; nothing is written if it fails
         log(reference.check_artifact(manifest, members, quantized, output))
-    except reference.CheckFailed as e:
-        raise CompileError(str(e)) from None
+    except reference.CheckFailed as e:  # our bug (or TVM's), not the user's input: an internal error, exit 3
+        raise CompilerBug(str(e)) from None
     timings["check"] = time.perf_counter() - t0
     art.write_artifact(output, manifest, members, force=force)
     log(f"wrote {output} ({output.stat().st_size} bytes)")

@@ -199,5 +199,6 @@ def check_output_size(output_spec, n_outputs: int, where: str) -> None:
     if int(n_outputs) != expected:
         what = {"discrete": f"{expected} actions", "continuous": f"an action of {expected} values",
                 "features": f"{expected} features"}[output_spec["kind"]]
-        raise ValueError(f"{where}: the output spec says {what} but the network outputs {int(n_outputs)} values; "
+        values = f"{int(n_outputs)} value" + ("" if int(n_outputs) == 1 else "s")
+        raise ValueError(f"{where}: the output spec says {what} but the network outputs {values}; "
                          "give the right --env or config \"output\", or compile the matching network")

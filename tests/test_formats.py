@@ -120,6 +120,64 @@ def test_forward_returning_a_tuple_names_the_fix(tmp_path):
         load_policy(tmp_path / "two.pt2")
 
 
+def test_torchscript_returning_a_tuple_names_the_fix(tmp_path):
+    """The TorchScript conversion check compared the two outputs with torch.allclose, a TypeError on tuples."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pi, self.v = nn.Linear(4, 2), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.pi(x), self.v(x)
+
+    save(TwoHeads().eval(), tmp_path / "two.pt", "torchscript", n_in=4)
+    with pytest.raises(ModelLoadError, match=r"of 2 outputs .*forward\(x\)\[0\]") as e:
+        load_policy(tmp_path / "two.pt")
+    assert "\n" not in str(e.value)
+
+
+BAD_SPEC_CONFIGS = [  # the config's "input"/"output"/"obs_shape" hold anything JSON does
+    ("output shape int", {"output": {"kind": "continuous", "shape": 5}}, "the output spec is malformed (TypeError"),
+    ("output n word", {"output": {"kind": "discrete", "n": "two"}}, "the output spec is malformed (ValueError"),
+    ("output low dict", {"output": {"kind": "continuous", "shape": [2], "low": {"a": 1}, "high": [1]}},
+     "the output spec is malformed (TypeError"),
+    ("output list", {"output": [1]}, "config \"output\" must be an object"),
+    ("input str", {"input": "x"}, "config \"input\" must be an object"),
+    ("input shape str", {"input": {"shape": "ab"}}, "the input spec is malformed (ValueError"),
+    ("normalize no var", {"input": {"normalize": {"mean": [0.0] * 3}}}, "the input spec is malformed (KeyError"),
+    ("normalize int", {"input": {"normalize": 5}}, "the input spec is malformed (TypeError"),
+    ("obs_shape str", {"obs_shape": "ab"}, "config: \"obs_shape\" must be a non-empty list"),
+    ("obs_shape negative", {"obs_shape": [-3]}, "config: \"obs_shape\" must be a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript", "onnx"])
+@pytest.mark.parametrize(("case", "config", "fragment"), BAD_SPEC_CONFIGS, ids=[c[0] for c in BAD_SPEC_CONFIGS])
+def test_malformed_config_specs_are_refused_in_one_line(tmp_path_factory, fmt, case, config, fragment):
+    folder = tmp_path_factory.getbasetemp() / "bad_spec_models"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"actor{SUFFIX[fmt]}"
+    if not path.exists():
+        save(actor(n_out=2), path, fmt)
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(path, config=config)
+    assert "\n" not in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+def test_pt2_whose_weights_config_is_not_an_object_is_refused(tmp_path):
+    """torch.export writes *_weights_config.json as an object; a list there was an AttributeError."""
+    import zipfile
+
+    good = save(actor(), tmp_path / "good.pt2", "pt2")
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for name in zin.namelist():
+            zout.writestr(name, b"[1]" if name.endswith("_weights_config.json") else zin.read(name))
+    with pytest.raises(ModelLoadError, match=r"is not the JSON torch.export writes \(AttributeError") as e:
+        load_policy(bad)
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------- bounded dynamic batch
 
 def test_pt2_with_a_bounded_dynamic_batch_compiles_and_records_the_bound(tmp_path):
@@ -170,7 +228,7 @@ def test_an_artifact_that_disagrees_with_the_reference_is_not_written(tmp_path):
 
     spec = {"shape": [3, 4], "dtype": "float32", "preprocess": "none", "normalize": None}
     loaded = LoadedPolicy(LastToken().eval(), None, spec, {"kind": "discrete", "n": 2, "outputs": "logits"}, "test")
-    with pytest.raises(pipeline.CompileError, match="disagrees with the numpy reference .*nothing was written"):
+    with pytest.raises(pipeline.CompilerBug, match="disagrees with the numpy reference .*nothing was written"):
         pipeline.compile_policy(loaded, "host", tmp_path / "last.bitrl")
     assert list(tmp_path.iterdir()) == []
 

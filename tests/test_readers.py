@@ -126,7 +126,7 @@ BAD_SAFETENSORS = [
     ("header deep", st_bytes(b"[" * 100000), "nested too deeply"),
     ("entry not object", st_bytes({"w": [1, 2]}, bytes(8)), "is a list, not an object"),
     ("metadata not strings", st_bytes({"__metadata__": {"a": 1}}), "__metadata__ must map names to strings"),
-    ("dtype unknown", st_bytes({"w": {**F32x2, "dtype": "F8"}}, bytes(8)), "unsupported dtype F8"),
+    ("dtype unknown", st_bytes({"w": {**F32x2, "dtype": "F8"}}, bytes(8)), "unsupported dtype 'F8'"),
     ("dtype list", st_bytes({"w": {**F32x2, "dtype": ["F32"]}}, bytes(8)), "unsupported dtype"),
     ("shape negative", st_bytes({"w": {**F32x2, "shape": [-1]}}, bytes(8)), "non-negative integers"),
     ("shape bool", st_bytes({"w": {**F32x2, "shape": [True, 2]}}, bytes(8)), "non-negative integers"),
@@ -288,7 +288,7 @@ def test_sb3_zip_bombs_are_refused_before_reading(ppo_pendulum, tmp_path):
     pth_bomb.write_bytes(_deflated_zip({**members, "policy.pth": pth}, "", b"", 0))
     assert max(p.stat().st_size for p in (data_bomb, liar, pth_bomb)) < 3 << 20
     script = textwrap.dedent("""
-        import json, resource, sys
+        import json, sys
         from bitrl_compile.frontends import load_policy
         out = []
         for path in sys.argv[1:]:
@@ -297,7 +297,9 @@ def test_sb3_zip_bombs_are_refused_before_reading(ppo_pendulum, tmp_path):
                 out.append("loaded")
             except Exception as e:
                 out.append(f"{type(e).__name__}: {e}")
-        print(json.dumps({"errors": out, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (pytest's) peak, VmHWM at exec
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(json.dumps({"errors": out, "rss_mb": int(hwm.split()[1]) / 1024}))
     """)
     proc = subprocess.run([sys.executable, "-c", script, str(data_bomb), str(liar), str(pth_bomb)],
                           check=False, capture_output=True, text=True, timeout=300)
@@ -309,6 +311,183 @@ def test_sb3_zip_bombs_are_refused_before_reading(ppo_pendulum, tmp_path):
     assert errors[2].startswith("ModelLoadError") and "policy.pth" in errors[2] and "zip bomb" in errors[2]
     assert all("\n" not in e for e in errors)
     assert result["rss_mb"] < RSS_BOUND_MB, result
+
+
+def _zip_of(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return out.getvalue()
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _with_pickle(pth: bytes, edit) -> bytes:
+    """policy.pth (a torch zip) with its data.pkl replaced by edit(data.pkl)."""
+    with zipfile.ZipFile(io.BytesIO(pth)) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    return _zip_of({n: edit(d) if n.endswith("/data.pkl") else d for n, d in members.items()})
+
+
+def _with_sd(pth: bytes, edit) -> bytes:
+    sd = torch.load(io.BytesIO(pth), weights_only=True)
+    out = edit(sd)
+    return _torch_bytes(sd if out is None else out)
+
+
+def _drop_records(pth: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(pth)) as z:
+        return _zip_of({n: z.read(n) for n in z.namelist() if "/data/" not in n})
+
+
+BAD_PTH = [  # found by bench/fuzz.py (tests/test_fuzz.py keeps them as reproducers) and their neighbours
+    ("pickle lone STOP", lambda p: _with_pickle(p, lambda d: b"."), "corrupt or truncated torch file (IndexError"),
+    ("pickle truncated", lambda p: _with_pickle(p, lambda d: d[: len(d) // 2]), "corrupt or truncated torch file"),
+    ("records missing", lambda p: _drop_records(p), "corrupt or truncated torch file"),
+    ("value None", lambda p: _with_sd(p, lambda sd: sd.update({"mlp_extractor.policy_net.0.weight": None})),
+     "'mlp_extractor.policy_net.0.weight' is a NoneType, not a tensor"),
+    ("value int", lambda p: _with_sd(p, lambda sd: sd.update({"action_net.bias": 3})), "is a int, not a tensor"),
+    ("value dict", lambda p: _with_sd(p, lambda sd: sd.update({"action_net.weight": {}})), "is a dict, not a tensor"),
+    ("key int", lambda p: _with_sd(p, lambda sd: sd.update({7: torch.zeros(1)})), "a state_dict key is a int"),
+    ("not a dict", lambda p: _with_sd(p, lambda sd: list(sd.values())), "holds a list, not a state_dict"),
+    ("action_net 1-D", lambda p: _with_sd(p, lambda sd: sd.update(
+        {"action_net.weight": sd["action_net.weight"].reshape(-1)})), ("action_net.weight is a torch.float32 "
+                                                                        "tensor of shape (128,); a Linear layer's "
+                                                                        "weight is a 2-D floating-point tensor")),
+    ("hidden 1-D", lambda p: _with_sd(p, lambda sd: sd.update(
+        {"mlp_extractor.policy_net.0.weight": sd["mlp_extractor.policy_net.0.weight"].reshape(-1)})),
+     "policy_net.0.weight is a torch.float32 tensor of shape (256,)"),
+    ("bias 2-D", lambda p: _with_sd(p, lambda sd: sd.update({"action_net.bias": sd["action_net.bias"][None]})),
+     "action_net.bias is a torch.float32 tensor of shape (1, 2)"),
+    ("weight int64", lambda p: _with_sd(p, lambda sd: sd.update({"action_net.weight": torch.ones(2, 64).long()})),
+     "action_net.weight is a torch.int64 tensor"),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "fragment"), BAD_PTH, ids=[c[0] for c in BAD_PTH])
+def test_bad_sb3_policy_pth_is_refused_in_one_line(sb3_ppo_cartpole, tmp_path, case, edit, fragment):
+    pth = zipfile.ZipFile(sb3_ppo_cartpole).read("policy.pth")
+    bad = rewrite_zip(sb3_ppo_cartpole, tmp_path / "bad.zip", policy_pth=edit(pth))
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(bad)
+    one_line_error(e, fragment)
+
+
+def test_policy_pth_with_pickled_code_still_names_trust_pickle(sb3_ppo_cartpole, tmp_path):
+    """A class the weights-only unpickler refuses is code, not corruption: the message keeps its fix."""
+    import datetime
+
+    pth = _torch_bytes({"action_net.weight": torch.zeros(2, 64), "when": datetime.date(2024, 1, 1)})
+    bad = rewrite_zip(sb3_ppo_cartpole, tmp_path / "code.zip", policy_pth=pth)
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(bad)
+    one_line_error(e, "pickled Python objects (code)", "--trust-pickle")
+
+
+def test_safetensors_library_error_is_quoted_in_one_line(tmp_path):
+    """safetensors' own message for an unknown dtype spans lines (it echoes the header); one line is kept."""
+    path = mlp_file(tmp_path, GOOD)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["net.0.weight"]["dtype"] = "F32\n"
+    path.write_bytes(st_bytes(header, raw[8 + n:]))
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(path)
+    one_line_error(e, "corrupt or truncated safetensors file")
+
+
+def test_torch_zip_named_safetensors_is_read_as_a_torch_file(tmp_path):
+    """torch.load hands a *path* ending in .safetensors to the safetensors library; a torch zip so named is still
+    read as what it is."""
+    torch.manual_seed(0)
+    sd = {"network.0.weight": torch.randn(8, 4), "network.0.bias": torch.zeros(8),
+          "network.2.weight": torch.randn(2, 8), "network.2.bias": torch.zeros(2)}
+    path = tmp_path / "dqn.safetensors"
+    path.write_bytes(_torch_bytes(sd))
+    assert load_policy(path).source == "cleanrl-dqn"
+
+
+def test_scalar_weight_with_a_config_is_refused(tmp_path):
+    sd = {"net.0.weight": torch.tensor(1.0), "net.0.bias": torch.zeros(2)}
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(mlp_file(tmp_path, {"arch": "mlp", "obs_shape": [4], "hidden": []}, sd=sd))
+    one_line_error(e, "does not match the config's MLP")
+
+
+def test_integer_weights_with_a_config_are_refused(tmp_path):
+    sd = {"net.0.weight": torch.ones(2, 4, dtype=torch.int32), "net.0.bias": torch.zeros(2)}
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(mlp_file(tmp_path, {"arch": "mlp", "obs_shape": [4], "hidden": []}, sd=sd))
+    one_line_error(e, "net.0.weight is a torch.int32 tensor; an MLP's weights are floating point")
+
+
+def _peak_rss_of_loading(paths: list[Path]) -> dict:
+    """Load each file in a fresh interpreter: {"errors": [one per path], "rss_mb": VmHWM}, the peak resident set
+    read from /proc/self/status (the kernel's high-water mark, which no allocation pattern hides)."""
+    script = textwrap.dedent("""
+        import json, sys
+        from bitrl_compile.frontends import load_policy
+        out = []
+        for path in sys.argv[1:]:
+            try:
+                load_policy(path, config={"obs_shape": [4]})
+                out.append("loaded")
+            except Exception as e:
+                out.append(f"{type(e).__name__}: {e}")
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(json.dumps({"errors": out, "rss_mb": int(hwm.split()[1]) / 1024}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, paths)], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_torch_archive_zip_bombs_are_refused_before_reading(tmp_path):
+    """A .pt2, a TorchScript archive and a zip-format .pt whose weight record inflates 400 MB from under 3 MB, and a
+    .pt2 whose inner torch archive (sample_inputs/model.pt) holds such a record, are refused from the zip
+    directories with peak RSS far below what reading them takes."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    ep = torch.export.export(net, (torch.zeros(2, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ep, tmp_path / "ok.pt2")
+    torch.jit.script(net).save(str(tmp_path / "ok_ts.pt"))
+    (tmp_path / "ok_sd.pt").write_bytes(_torch_bytes({"network.0.weight": torch.zeros(8, 4)}))
+
+    def bomb(src: Path, dst: str, pick) -> Path:
+        with zipfile.ZipFile(src) as z:
+            members = {n: z.read(n) for n in z.namelist()}
+        name = next(n for n in members if pick(n))
+        out = tmp_path / dst
+        out.write_bytes(_deflated_zip(members, name, members[name], 400))
+        return out
+
+    pt2 = bomb(tmp_path / "ok.pt2", "bomb.pt2", lambda n: n.endswith("/weights/weight_0"))
+    ts = bomb(tmp_path / "ok_ts.pt", "bomb_ts.pt", lambda n: n.endswith("/data/0"))
+    sd = bomb(tmp_path / "ok_sd.pt", "bomb_sd.pt", lambda n: n.endswith("/data/0"))
+    with zipfile.ZipFile(tmp_path / "ok.pt2") as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    sample = next(n for n in members if n.endswith("sample_inputs/model.pt"))
+    (tmp_path / "sample.pt").write_bytes(members[sample])
+    members[sample] = bomb(tmp_path / "sample.pt", "sample_bomb.pt", lambda n: "/data/" in n).read_bytes()
+    inner = tmp_path / "inner_bomb.pt2"
+    inner.write_bytes(_zip_of(members))
+    paths = [pt2, ts, sd, inner]
+    assert max(p.stat().st_size for p in paths) < 3 << 20
+    result = _peak_rss_of_loading(paths)
+    for path, error in zip(paths, result["errors"]):
+        assert error.startswith("ModelLoadError") and "zip bomb" in error and "\n" not in error, (path, error)
+    assert "sample_inputs/model.pt" in result["errors"][3]
+    assert result["rss_mb"] < RSS_BOUND_MB, result
+    with pytest.raises(ModelLoadError) as e:  # trusting the pickles is not trusting the sizes
+        load_policy(inner, trust_pickle=True)
+    one_line_error(e, "sample_inputs/model.pt", "zip bomb")
 
 
 # ---------------------------------------------------------------- "mlp" config and CleanRL state_dicts

@@ -42,7 +42,7 @@ import click
 
 from bitrl_compile import __version__
 from bitrl_compile.cli.capi import capi_cmd
-from bitrl_compile.cli.common import broken_pipe, fail, interrupted, stop_signals_interrupt
+from bitrl_compile.cli.common import broken_pipe, fail, interrupted, stop_signals_interrupt, warnings_as_lines
 from bitrl_compile.cli.compile import compile_cmd, inspect_cmd, targets_cmd, tune_cmd
 from bitrl_compile.cli.emulator import emulator_group
 from bitrl_compile.cli.measure import bench_cmd, bench_kernels_cmd, demo_cmd, run_cmd
@@ -66,7 +66,7 @@ class _DefaultGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        with stop_signals_interrupt():
+        with stop_signals_interrupt(), warnings_as_lines():
             try:
                 result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except click.ClickException as e:  # usage errors: 2

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,6 +121,19 @@ def stop_signals_interrupt():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def warnings_as_lines():
+    """While the CLI runs, a warning is one line, `bitrl-compile: warning: MESSAGE`, as errors are, instead of
+    Python's default (the file and line of our code that warned, then its source line)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split("\n")).strip()
+        click.echo(f"bitrl-compile: warning: {text}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def guard(debug: bool):

@@ -60,7 +60,8 @@ clip((x - mean) / sqrt(var + eps), -clip, clip), exactly as VecNormalize does.
 
 Modules, one per family: `sb3`, `cleanrl`, `state_dicts` (.safetensors and plain state_dicts), `mlp` (MLPPolicy,
 the "mlp" config, save_mlp_policy), `torch_files` (.pt2, TorchScript, pickles), `onnx`; beside them `specs`
-(config, input/output specs) and `normalization` (read_normalization). This module detects the format
+(config, input/output specs), `normalization` (read_normalization) and `zips` (the limits on every model zip and
+torch archive, checked from the directory before anything is read). This module detects the format
 (`load_policy`) and finishes every load (`_finish`: config overrides, normalisation, the output-width check).
 """
 
@@ -90,6 +91,7 @@ from bitrl_compile.frontends.specs import (
 )
 from bitrl_compile.frontends.state_dicts import _load_safetensors, _looks_like_safetensors
 from bitrl_compile.frontends.torch_files import _load_torch_export, _load_torch_pickle, _load_torchscript
+from bitrl_compile.frontends.zips import check_zip_directory
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 
 __all__ = ["ACTIVATIONS", "MLPPolicy", "load_policy", "read_normalization", "save_mlp_policy"]
@@ -150,6 +152,7 @@ def _is_complete_zip(path: Path) -> bool:
 def _load_zip(path: Path, cfg: dict, trust_pickle: bool) -> LoadedPolicy:
     try:
         with zipfile.ZipFile(path) as zf:
+            check_zip_directory(zf, str(path))  # torch and zipfile allocate members at their declared sizes
             names = zf.namelist()
             if "data" in names and "policy.pth" in names:
                 return _load_sb3(path, zf, cfg)
@@ -167,6 +170,9 @@ def _load_zip(path: Path, cfg: dict, trust_pickle: bool) -> LoadedPolicy:
 def _finish(loaded: LoadedPolicy, path: Path, cfg: dict, trust_pickle: bool, vecnormalize) -> LoadedPolicy:
     """Apply the env's spaces, config overrides and normalisation, check the network's output width against the
     output spec."""
+    for key in ("input", "output"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise ModelLoadError(f"{path}: config \"{key}\" must be an object (a spec), got {str(cfg[key])[:60]}")
     env = _apply_env(loaded, cfg["env"], path) if cfg.get("env") else None
     loaded.input = {**loaded.input, **cfg.get("input", {})}
     if cfg.get("output"):

@@ -42,6 +42,20 @@ class MLPPolicy(nn.Module):
         return self.net(x.flatten(1) if self.flatten else x)
 
 
+def check_state_dict(obj, where: str, fix: str) -> dict:
+    """`obj` if it is a state_dict ({str: tensor}), as torch.load of a weights file should give; otherwise a
+    one-line refusal naming what it holds (the readers below index it as one)."""
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{where}: holds a {type(obj).__name__}, not a state_dict of tensors; {fix}")
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ModelLoadError(f"{where}: a state_dict key is a {type(key).__name__} ({str(key)[:40]}), not a "
+                                 f"name; {fix}")
+        if not isinstance(value, torch.Tensor):
+            raise ModelLoadError(f"{where}: {key[:80]!r} is a {type(value).__name__}, not a tensor; {fix}")
+    return obj
+
+
 def _linears(sd: dict, prefix: str, path: Path) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """Linear layers `{prefix}{i}.weight/.bias` in index order."""
     found = []
@@ -52,11 +66,23 @@ def _linears(sd: dict, prefix: str, path: Path) -> list[tuple[str, torch.Tensor,
     layers = []
     for _, name in sorted(found):
         w = sd[name + ".weight"]
-        if w.ndim != 2:
+        if isinstance(w, torch.Tensor) and w.ndim > 2:
             raise ModelLoadError(f"{path}: {name}.weight has shape {tuple(w.shape)}: convolutional policies "
                                  "are not supported yet (MLP policies are)")
         layers.append((name, w, sd.get(name + ".bias")))
     return layers
+
+
+def _check_layer(path: Path, name: str, w, b) -> None:
+    """A Linear layer's weight [out, in] and bias [out], floating point, each a tensor."""
+    for part, t, ndim in (("weight", w, 2), ("bias", b, 1)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ModelLoadError(f"{path}: {name}.{part} is a {type(t).__name__}, not a tensor; the state_dict "
+                                 "does not match an MLP")
+        if t is not None and (t.ndim != ndim or not t.is_floating_point()):
+            raise ModelLoadError(f"{path}: {name}.{part} is a {t.dtype} tensor of shape {tuple(t.shape)}; a Linear "
+                                 f"layer's {part} is a {ndim}-D floating-point tensor: the state_dict does not "
+                                 "match an MLP")
 
 
 def _build_mlp(path: Path, layers, activation: str, obs_shape: list[int]) -> MLPPolicy:
@@ -67,6 +93,8 @@ def _build_mlp(path: Path, layers, activation: str, obs_shape: list[int]) -> MLP
         obs_shape = list(check_shape(obs_shape, "observation shape (\"obs_shape\")", str(path)))
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
+    for name, w, b in layers:
+        _check_layer(path, name, w, b)
     sizes = [layers[0][1].shape[1]]
     for name, w, b in layers:
         if w.shape[1] != sizes[-1]:
@@ -131,7 +159,7 @@ def _config_sizes(path: Path, cfg: dict, obs_shape, sd: dict, env_out: dict | No
         elif last is not None and last.ndim == 2:
             out_dim = int(last.shape[0])
         else:
-            out_dim = 1 if not weights else int(sd[max(weights)].shape[0])
+            out_dim = 1 if not weights or sd[max(weights)].ndim == 0 else int(sd[max(weights)].shape[0])
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     return [math.prod(obs_shape), *hidden, out_dim], output
@@ -156,6 +184,10 @@ def _load_mlp_config(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
     if problems:
         raise ModelLoadError(f"{path}: state_dict does not match the config's MLP {sizes} ({problems}); fix "
                              "\"hidden\", \"obs_shape\" or \"output\"")
+    bad = next((k for k, v in sd.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise ModelLoadError(f"{path}: {bad[:80]} is a {sd[bad].dtype} tensor; an MLP's weights are floating point: "
+                             "save them as float32")
     try:
         mlp = MLPPolicy(sizes, cfg.get("activation", "tanh"), list(obs_shape))
     except ValueError as e:

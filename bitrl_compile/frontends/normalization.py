@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bitrl_compile.frontends.sb3 import check_zip_directory, trained_with_vecnormalize
+from bitrl_compile.frontends.sb3 import trained_with_vecnormalize
+from bitrl_compile.frontends.zips import check_zip_directory
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime.specs import check_normalize
 

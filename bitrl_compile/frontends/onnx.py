@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from bitrl_compile.frontends.specs import _check_finite
+from bitrl_compile.frontends.specs import _check_finite, _config_obs_shape
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 
 
@@ -35,7 +35,7 @@ def _load_onnx(path: Path, cfg: dict) -> LoadedPolicy:
         raise ModelLoadError(f"{path}: the ONNX input must be float32; export with a float32 example input")
     dims = inputs[0].type.tensor_type.shape.dim
     if cfg.get("obs_shape"):
-        obs_shape = [int(d) for d in cfg["obs_shape"]]
+        obs_shape = _config_obs_shape(cfg, path)
     elif len(dims) >= 2 and all(d.HasField("dim_value") for d in dims[1:]):
         obs_shape = [d.dim_value for d in dims[1:]]
     else:

@@ -4,65 +4,25 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import pickletools
 import re
 import zipfile
-import zlib
 from pathlib import Path
 
-from bitrl_compile.frontends.mlp import _TORCH_ACTIVATIONS, _build_mlp, _linears
+from bitrl_compile.frontends.mlp import _TORCH_ACTIVATIONS, _build_mlp, _linears, check_state_dict
 from bitrl_compile.frontends.specs import _check_finite, _space_to_specs
 from bitrl_compile.frontends.torch_files import _torch_load_weights
+from bitrl_compile.frontends.zips import check_torch_zip, check_zip_directory, read_member
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime.specs import MAX_VALUES, check_real_dtype, check_shape, check_specs
 
-# Limits, checked from the zip directory before anything is read (real SB3 zips: 6 members stored uncompressed,
-# `data` of tens of KB, class pickles under 2 KB). A 1 MB zip can declare a 1 GB member; reading it is the bomb.
-MAX_MEMBERS = 4096          # members of the SB3 zip, and of the torch archive policy.pth
+# Limits of the SB3 zip beside those of every model zip (frontends/zips.py): real SB3 zips hold 6 members stored
+# uncompressed, `data` of tens of KB, class pickles under 2 KB.
 MAX_DATA_BYTES = 32 << 20   # the JSON `data` member
 MAX_WEIGHTS_BYTES = 1 << 30  # policy.pth, and the total of its records
-MAX_TOTAL_BYTES = 4 << 30   # all members together, as declared
-MAX_RATIO = 100             # uncompressed / compressed: deflated weights ~1.1, a zip bomb ~1000
-RATIO_FLOOR = 8 << 20       # members smaller than this may have any ratio
 MAX_SERIALIZED = 1 << 20    # a base64 pickle of a class or of policy_kwargs, scanned statically
-
-
-def check_zip_directory(zf: zipfile.ZipFile, where: str, max_total: int = MAX_TOTAL_BYTES) -> None:
-    """Refuse a zip whose directory declares too many members, too many bytes, or a bomb-like ratio."""
-    infos = zf.infolist()
-    if len(infos) > MAX_MEMBERS:
-        raise ModelLoadError(f"{where}: the zip holds {len(infos)} members, more than the limit {MAX_MEMBERS}; "
-                             "not a model file this compiler reads")
-    total = 0
-    for info in infos:
-        total += info.file_size
-        if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-            raise ModelLoadError(f"{where}: member {info.filename[:80]!r} expands from {info.compress_size} to "
-                                 f"{info.file_size} bytes (a zip bomb?); save the model again")
-    if total > max_total:
-        raise ModelLoadError(f"{where}: the zip's members declare {total} bytes in all, more than the limit "
-                             f"{max_total}; not a model file this compiler reads")
-
-
-def read_member(zf: zipfile.ZipFile, name: str, limit: int, where: str) -> bytes:
-    """A member's bytes, refused when its declared size is over `limit`; the read itself is bounded by the
-    declared size, so a directory that lies about it cannot make zipfile inflate more."""
-    info = zf.getinfo(name)
-    if info.file_size > limit:
-        raise ModelLoadError(f"{where}: member {name!r} declares {info.file_size} bytes, more than the limit "
-                             f"{limit}; not a model file this compiler reads")
-    try:
-        with zf.open(info) as f:
-            data = f.read(info.file_size)
-    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as e:
-        raise ModelLoadError(f"{where}: member {name!r} cannot be read ({e}); copy or save the file again") \
-            from None
-    if len(data) != info.file_size:
-        raise ModelLoadError(f"{where}: member {name!r} is truncated; copy or save the file again")
-    return data
 
 
 def _read_data(path: Path, zf: zipfile.ZipFile) -> dict:
@@ -125,12 +85,7 @@ def _read_weights(path: Path, zf: zipfile.ZipFile) -> bytes:
     """policy.pth within the limits; it is itself a zip (torch's format), whose directory is checked too, since
     torch allocates each record at its declared size."""
     raw = read_member(zf, "policy.pth", MAX_WEIGHTS_BYTES, str(path))
-    if raw.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(io.BytesIO(raw)) as inner:
-                check_zip_directory(inner, f"{path}:policy.pth", MAX_WEIGHTS_BYTES)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise ModelLoadError(f"{path}:policy.pth: corrupt torch archive ({e}); save the model again") from None
+    check_torch_zip(raw, f"{path}:policy.pth", MAX_WEIGHTS_BYTES)
     return raw
 
 
@@ -252,7 +207,9 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
     activation = _TORCH_ACTIVATIONS.get(act_name, default_act) if act_name else default_act
     obs_space = _sb3_space(data.get("observation_space"), "observation_space", path)
     act_space = _sb3_space(data.get("action_space"), "action_space", path)
-    sd = _torch_load_weights(_read_weights(path, zf), f"{path}:policy.pth")
+    where = f"{path}:policy.pth"
+    sd = check_state_dict(_torch_load_weights(_read_weights(path, zf), where), where,
+                          "save the model again with stable-baselines3")
     if any(k.startswith(("features_extractor.cnn", "pi_features_extractor.cnn")) for k in sd):
         raise ModelLoadError(f"{path}: CNN feature extractors are not supported yet; use an MLP policy")
     try:

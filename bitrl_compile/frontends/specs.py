@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from bitrl_compile.loaded import ModelLoadError
+from bitrl_compile.runtime.specs import check_shape
 
 
 def _read_config(config) -> dict:
@@ -30,6 +31,16 @@ def _read_config(config) -> dict:
     if not isinstance(cfg, dict):
         raise ModelLoadError(f"config {text[:80]}: must be a JSON object, e.g. {{\"arch\": \"mlp\", ...}}")
     return cfg
+
+
+def _config_obs_shape(cfg: dict, path: Path) -> list[int] | None:
+    """The config's "obs_shape" checked (a non-empty list of positive ints within the limit), or None."""
+    if not cfg.get("obs_shape"):
+        return None
+    try:
+        return list(check_shape(cfg["obs_shape"], "\"obs_shape\"", f"{path}: config"))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _space_to_specs(space: dict, role: str, outputs: str = "logits", squash: str = "clip") -> dict:
@@ -100,7 +111,7 @@ def _default_output(out_dim: int, outputs: str = "logits") -> dict:
     return {"kind": "discrete", "n": out_dim, "outputs": outputs}
 
 
-def _complete_output(spec: dict, out_dim: int, path: Path) -> dict:
+def _complete_output_spec(spec: dict, out_dim: int, path: Path) -> dict:
     spec = dict(spec)
     kind = spec.get("kind")
     if kind == "discrete":
@@ -136,7 +147,7 @@ def _complete_output(spec: dict, out_dim: int, path: Path) -> dict:
     raise ModelLoadError(f"{path}: output spec \"kind\" must be \"discrete\" or \"continuous\", got {kind!r}")
 
 
-def _complete_input(spec: dict, path: Path) -> dict:
+def _complete_input_spec(spec: dict, path: Path) -> dict:
     shape = [int(d) for d in spec["shape"]]
     pre = spec.get("preprocess", "none")
     if pre not in ("none", "onehot", "image"):
@@ -168,3 +179,28 @@ def _check_finite(tensors: dict, path: Path) -> None:
         t = torch.as_tensor(t)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ModelLoadError(f"{path}: tensor {name} contains NaN or Inf; fix or retrain the model")
+
+
+def _complete_output(spec, out_dim: int, path: Path) -> dict:
+    """The output spec completed and checked; the config's "output" can hold anything JSON does, so a malformed
+    value's TypeError/ValueError/KeyError becomes the one-line refusal naming the fix."""
+    return _malformed_spec(_complete_output_spec, "output", path, spec, out_dim, path)
+
+
+def _complete_input(spec, path: Path) -> dict:
+    """The input spec completed and checked (see `_complete_output`)."""
+    return _malformed_spec(_complete_input_spec, "input", path, spec, path)
+
+
+def _malformed_spec(complete, role: str, path: Path, spec, *args) -> dict:
+    if not isinstance(spec, dict):
+        raise ModelLoadError(f"{path}: the {role} spec is a {type(spec).__name__}, not an object; fix the config's "
+                             f"\"{role}\"")
+    try:
+        return complete(spec, *args)
+    except ModelLoadError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        detail = f"no {e}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:120] if str(e) else ""
+        raise ModelLoadError(f"{path}: the {role} spec is malformed ({type(e).__name__}: {detail}); fix the "
+                             f"config's \"{role}\"") from None

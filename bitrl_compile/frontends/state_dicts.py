@@ -7,18 +7,15 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from bitrl_compile.frontends.cleanrl import _load_cleanrl
-from bitrl_compile.frontends.mlp import _load_mlp_config
+from bitrl_compile.frontends.mlp import _load_mlp_config, check_state_dict
+from bitrl_compile.frontends.zips import first_line
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 
 
 def _load_state_dict(path: Path, sd, cfg: dict) -> LoadedPolicy:
     """Dispatch a plain state_dict by its keys: CleanRL agents, or the generic "mlp" with a config."""
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ModelLoadError(f"{path}: holds a {type(sd).__name__}, not a state_dict of tensors; save "
-                             "`model.state_dict()` or an exported program")
+    sd = check_state_dict(sd, str(path), "save `model.state_dict()` or an exported program")
     if sd and all(re.match(r"\d+\.", k) for k in sd):  # the state_dict of a bare nn.Sequential
         sd = {f"net.{k}": v for k, v in sd.items()}
     keys = set(sd)
@@ -45,8 +42,9 @@ def _load_safetensors(path: Path, cfg: dict) -> LoadedPolicy:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    except (SafetensorError, OSError) as e:
-        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({e}); save it again") from None
+    except (SafetensorError, OSError) as e:  # the library's message can span lines and quote the header
+        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({first_line(e)}); save it again") \
+            from None
     if "config" in meta:
         try:
             saved = json.loads(meta["config"])

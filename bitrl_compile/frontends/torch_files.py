@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitrl_compile.frontends.specs import _config_obs_shape
 from bitrl_compile.frontends.state_dicts import _load_state_dict
+from bitrl_compile.frontends.zips import MAX_TOTAL_BYTES, check_torch_zip, first_line, read_member
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 
 
@@ -21,19 +24,27 @@ class _PickledCode(ModelLoadError):
     """The file holds pickled Python objects that torch.load(weights_only=True) refuses."""
 
 
+# What torch.load raises on a corrupt or hostile file besides UnpicklingError (pickled code): the weights-only
+# unpickler pops an empty stack (IndexError), indexes a missing memo or record (KeyError), unpacks short bytes
+# (struct.error), asserts on persistent ids; the zip reader raises RuntimeError.
+_TORCH_LOAD_ERRORS = (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError, TypeError,
+                      AttributeError, AssertionError, struct.error, OverflowError, OSError)
+
+
 def _torch_load_weights(data: bytes | Path, where: str):
-    """torch.load(weights_only=True): tensors and plain containers only, never user classes."""
-    try:
-        src = io.BytesIO(data) if isinstance(data, bytes) else data
-        with warnings.catch_warnings():  # "Detected pickle protocol 4 ..." on plain pickles
-            warnings.simplefilter("ignore", UserWarning)
+    """torch.load(weights_only=True): tensors and plain containers only, never user classes. A torch archive's
+    zip directory is checked first (frontends/zips.py): torch allocates each record at its declared size."""
+    check_torch_zip(data, where)
+    try:  # a file object, not a path: torch.load hands a path ending in .safetensors to another library
+        with io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb") as src, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..." on plain pickles
             return torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise _PickledCode(f"{where}: contains pickled Python objects (code) besides tensors; load it only if "
                              "you trust it, with --trust-pickle (trust_pickle=True)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise ModelLoadError(f"{where}: corrupt or truncated torch file ({msg}); save it again") from None
+    except _TORCH_LOAD_ERRORS as e:
+        raise ModelLoadError(f"{where}: corrupt or truncated torch file ({type(e).__name__}: {first_line(e)}); "
+                             "save it again") from None
 
 
 def _program_module(ep, check_guards: bool = True) -> torch.fx.GraphModule:
@@ -57,16 +68,25 @@ def _dynamic_batch(module: nn.Module, obs_shape: list[int], path: Path, what: st
     return _program_module(ep)
 
 
-def _pt2_unsafe_members(zf: zipfile.ZipFile) -> list[str]:
-    """Members of a .pt2 that torch.export.load would unpickle and that are not plain tensor archives."""
+def _pt2_unsafe_members(zf: zipfile.ZipFile, path: Path) -> list[str]:
+    """Members of a .pt2 that torch.export.load would unpickle and that are not plain tensor archives (the zip's
+    directory is checked already, and so is each inner archive's before torch.load reads it)."""
     raw: set[str] = set()
     for name in zf.namelist():
         if name.endswith(("_weights_config.json", "_constants_config.json")):
             folder = name.rsplit("/", 1)[0] + "/"
-            for meta in json.loads(zf.read(name)).get("config", {}).values():
-                p = meta.get("path_name", "")
-                if not meta.get("use_pickle") and not p.startswith(("custom_obj", "opaque")):
-                    raw.add(folder + p)
+            try:
+                config = json.loads(read_member(zf, name, MAX_TOTAL_BYTES, str(path))).get("config", {})
+                metas = list(config.values())
+                for meta in metas:
+                    p = meta.get("path_name", "")
+                    if not meta.get("use_pickle") and not p.startswith(("custom_obj", "opaque")):
+                        raw.add(folder + p)
+            except (ValueError, AttributeError, TypeError, RecursionError) as e:
+                if isinstance(e, ModelLoadError):
+                    raise
+                raise ModelLoadError(f"{path}: member {name[:80]!r} is not the JSON torch.export writes "
+                                     f"({type(e).__name__}: {first_line(e)}); save the program again") from None
     unsafe = []
     for name in zf.namelist():
         base = name.rsplit("/", 1)[-1]
@@ -74,22 +94,29 @@ def _pt2_unsafe_members(zf: zipfile.ZipFile) -> list[str]:
                 "archive_format", "archive_version", "version", "byteorder", "serialization_id", ".format_version",
                 ".storage_alignment"):
             continue
-        data = zf.read(name)
+        data = read_member(zf, name, MAX_TOTAL_BYTES, str(path))
+        if not data.startswith(b"PK"):
+            unsafe.append(name)
+            continue
         try:
-            if not data.startswith(b"PK"):
-                raise ValueError
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - anything not loadable as weights only is treated as code
+            _torch_load_weights(data, f"{path}:{name}")
+        except _PickledCode:
             unsafe.append(name)
     return unsafe
 
 
 def _load_torch_export(path: Path, zf: zipfile.ZipFile, cfg: dict, trust_pickle: bool) -> LoadedPolicy:
     if not trust_pickle:
-        unsafe = _pt2_unsafe_members(zf)
+        unsafe = _pt2_unsafe_members(zf, path)
         if unsafe:
             raise ModelLoadError(f"{path}: the exported program holds pickled objects ({', '.join(unsafe[:3])}) "
                                  "that could run code; pass --trust-pickle (trust_pickle=True) if you trust it")
+    else:  # trusted code may still be a corrupt file: the inner archives' directories are checked all the same
+        for name in zf.namelist():
+            with zf.open(name) as f:
+                inner = f.read(2) == b"PK"
+            if inner:
+                check_torch_zip(read_member(zf, name, MAX_TOTAL_BYTES, str(path)), f"{path}:{name}")
     try:
         ep = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 - deserialisation errors of many kinds
@@ -103,7 +130,7 @@ def _load_torch_export(path: Path, zf: zipfile.ZipFile, cfg: dict, trust_pickle:
     if not shape or (not cfg.get("obs_shape") and not all(isinstance(d, int) for d in shape[1:])):
         raise ModelLoadError(f"{path}: the program's input has shape {shape}; a policy takes [batch, fixed dims]: "
                              "export it with a dynamic batch dimension only, or pass config={\"obs_shape\": [...]}")
-    obs_shape = [int(d) for d in (cfg.get("obs_shape") or shape[1:])]
+    obs_shape = _config_obs_shape(cfg, path) or [int(d) for d in shape[1:]]
     input_spec = {"shape": obs_shape, "preprocess": "none"}
     if isinstance(shape[0], int):  # a fixed batch size: guards would reject other batches
         module = _dynamic_batch(_program_module(ep, check_guards=False), obs_shape, path, "program")
@@ -132,7 +159,7 @@ def _batch_range(ep, batch) -> tuple[int, int | None]:
 
 def _infer_obs_shape(module: nn.Module, cfg: dict, path: Path) -> list[int]:
     if cfg.get("obs_shape"):
-        return [int(d) for d in cfg["obs_shape"]]
+        return _config_obs_shape(cfg, path)
     for name, p in module.named_parameters():
         if name.endswith("weight"):
             if p.ndim == 2:
@@ -158,11 +185,18 @@ def _load_torchscript(path: Path, cfg: dict) -> LoadedPolicy:
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); export the original module "
                              "with torch.export.save or to ONNX instead") from None
     module = _dynamic_batch(_program_module(ep), obs_shape, path, "converted TorchScript")
-    with torch.no_grad():
-        x = torch.randn(3, *obs_shape, generator=torch.Generator().manual_seed(0))
-        if not torch.allclose(module(x), sm(x), rtol=1e-5, atol=1e-6):
-            raise ModelLoadError(f"{path}: the TorchScript conversion changed the outputs; export the original "
-                                 "module with torch.export.save instead")
+    x = torch.randn(3, *obs_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            got, want = module(x), sm(x)
+    except Exception as e:  # noqa: BLE001 - the user's TorchScript code can raise anything
+        raise ModelLoadError(f"{path}: the TorchScript module fails on an observation of shape {obs_shape} "
+                             f"({type(e).__name__}: {first_line(e)}); give the right \"obs_shape\" in the config") \
+            from None
+    if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and (  # other outputs: _check_module says
+            got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6)):
+        raise ModelLoadError(f"{path}: the TorchScript conversion changed the outputs; export the original "
+                             "module with torch.export.save instead")
     return LoadedPolicy(module, None, {"shape": obs_shape, "preprocess": "none"}, {}, "torchscript",
                         f"TorchScript module, obs {obs_shape}")
 
