@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import signing
 from .files import write_atomic
+from .manifest import ManifestError, check_manifest
 
 FORMAT = "bitrl"
 FORMAT_VERSION = 2  # 2: manifest.sha256 (and optional signatures.json); 1: the manifest was not hashed
@@ -196,7 +197,7 @@ def parse_json(raw: bytes, what: str, path) -> object:
     except RecursionError:
         value = None
         deep = True
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise _fail(path, f"{what} is not valid JSON ({str(e)[:120]}); {RECOMPILE}") from None
     else:
         deep = _depth(value) > MAX_JSON_DEPTH
@@ -240,27 +241,29 @@ def _check_manifest(path, manifest, names: Iterable[str]) -> int:
     return version
 
 
+NO_KEYS = "trust it without keys (no trusted_keys / --trusted-key / BITRL_TRUSTED_KEYS)"
+
+
 def _check_signatures(path, version: int, text: bytes, entries: list[dict], keys: list[bytes]) -> list[str]:
     """The key ids of trusted keys whose signature of the manifest verifies; ArtifactError if there is none."""
     ids = ", ".join(signing.key_id(k)[:16] for k in keys)
     if version < 2:
         raise _fail(path, f"format {version} artifacts cannot be signed, and trusted keys are configured "
-                          f"(keys: {ids}); recompile it, sign it with `bitrl-compile sign`, or load it without "
-                          "trusted_keys")
+                          f"(keys: {ids}); recompile it and sign it with `bitrl-compile sign`, or {NO_KEYS}")
     try:
         verified = signing.verify(text, entries, keys)
     except signing.SigningError as e:
         raise _fail(path, str(e)) from None
     if not verified:
         raise ArtifactError(f"{path} is not signed by any trusted key (keys: {ids}); sign it with "
-                            "`bitrl-compile sign`, or load it without trusted_keys")
+                            f"`bitrl-compile sign`, or {NO_KEYS}")
     return verified
 
 
 def read_artifact(path: str | os.PathLike, trusted_keys: Iterable | None = None, *, payload: bool = True,
                   use_env: bool = True, signatures: bool = True) -> Artifact:
     """Read and verify an artifact: limits, zip structure, format version, the manifest's sha256, signatures
-    when trusted keys are configured, and every payload member's sha256.
+    when trusted keys are configured, the manifest's structure (manifest.py), and every payload member's sha256.
 
     trusted_keys: public keys (PEM file paths, PEM bytes, or raw 32-byte Ed25519 keys), joined by the paths
     in BITRL_TRUSTED_KEYS unless use_env is False. When there are any, the artifact must carry a valid
@@ -297,6 +300,10 @@ def read_artifact(path: str | os.PathLike, trusted_keys: Iterable | None = None,
         except signing.SigningError as e:
             raise _fail(path, str(e)) from None
     verified = _check_signatures(path, version, text, entries, keys) if keys else []
+    try:  # the structure of every field the readers use (runtime/manifest.py), once hashes and signatures pass
+        check_manifest(manifest)
+    except ManifestError as e:
+        raise _fail(path, f"{e}; {RECOMPILE}") from None
     listed = manifest["members"]
     missing = [name for name in listed if name not in infos]
     if missing:

@@ -16,7 +16,9 @@ A dimension is an int or "batch" (the call's batch size). Each call is one funct
 `__tvm_ffi_<func>`, TVM's packed calling convention) taking every argument as a DLTensor: compact, on the CPU,
 64-byte aligned. Arguments are "input:I" and "output:I" (the entry point's), "buffer:I" (an intermediate) or
 "param:NAME" (params.safetensors, weights unpacked to their compute layout); outputs come last (destination
-passing). The Python `Policy` and the C API (runtime/capi) both run this plan.
+passing). The Python `Policy` and the C API (runtime/capi) both run this plan. Its structure (every argument
+refers to a tensor or parameter that exists, dims in range) is checked when the artifact is read
+(runtime/manifest.py); what is left here is lib.so's symbols (KeyError from `library.function`).
 
 Each thread gets its own buffers per (entry point, batch size), reused from call to call, so one Policy may be
 called from many threads at once without a lock; a thread keeps the buffers of its last few batch sizes.

@@ -64,7 +64,7 @@ def _check_header(header, body_size: int) -> list[tuple[int, int, str, np.dtype,
                 f"safetensors header: tensor {name[:60]!r} is a {type(info).__name__}, not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise ValueError(f"tensor {name[:60]!r}: unsupported dtype {str(dtype)[:20]} (known: {sorted(_DTYPES)})")
+            raise ValueError(f"tensor {name[:60]!r}: unsupported dtype {repr(dtype)[:40]} (known: {sorted(_DTYPES)})")
         if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_uint(d) for d in shape):
             raise ValueError(f"tensor {name[:60]!r}: shape must be a list of at most {MAX_NDIM} non-negative "
                              f"integers, got {str(shape)[:60]}")

@@ -769,6 +769,11 @@ CASES = [
     Case("manifest JSON nested 65 deep", "artifact",
          _inspect(raw=b'{"format": "bitrl", "format_version": 2, "x": ' + b"[" * 65 + b"]" * 65 + b"}"),
          CliExit, "nests deeper than 64 levels", 1),
+    Case("manifest field of the wrong type (a plan's call is a number)", "artifact",
+         _inspect(manifest=lambda m: {**m, "entry_points": {**m["entry_points"], "act": {
+             **m["entry_points"]["act"], "calls": [1]}}}), CliExit, "entry_points.act.calls[0] is not an object", 1),
+    Case("manifest names a parameter that params.safetensors lacks", "artifact",
+         _inspect(manifest=lambda m: {**m, "vm_params": {"main": ["zz"]}}), CliExit, "not in manifest params", 1),
     Case("manifest claims 7 outputs for a 2-output network", "artifact",
          lambda tmp: _run(_forge(tmp, manifest=lambda m: dict(m, output=dict(m["output"], n=7)))), CliExit,
          "the output spec says 7 actions but the network outputs 2 values", 1),

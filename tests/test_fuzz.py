@@ -35,10 +35,8 @@ fuzz = _fuzz_module()
 # 20 s building the seeds (the demo compile, a 64-step PPO) and starting the workers.
 EXAMPLES = {"artifact.read": 40, "artifact.load": 30, "cli.inspect": 30, "safetensors.loads": 60, "sb3": 25,
             "safetensors+config": 30, "config": 50, "capi.load": 40}
-# Readers not yet fixed (issue 15): the lead removes a mark once its fix lands.
-_INSPECT = "inspect: a manifest whose entry_points.*.calls holds a non-object is an internal error (TypeError)"
-_PICKLE = "sb3: a policy.pth whose data.pkl is malformed raises torch's IndexError, not ModelLoadError"
-XFAIL: dict[tuple[str, str], str] = {("cli.inspect", "manifest"): _INSPECT, ("sb3", "pth"): _PICKLE}
+# Readers with a known open finding (none today): a (reader, family) entry marks that case xfail with its reason.
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _case(target: str, family: str):
@@ -97,7 +95,6 @@ def _refused(result) -> None:
     assert result.outcome in (fuzz.OK, fuzz.REFUSED), f"{result.outcome}: {result.detail}"
 
 
-@pytest.mark.xfail(strict=False, reason=_INSPECT)
 def test_inspect_refuses_a_call_that_is_not_an_object(boxes):
     manifest = copy.deepcopy(boxes.corpus.manifest)
     manifest["entry_points"]["act"]["calls"][1] = 1
@@ -105,7 +102,6 @@ def test_inspect_refuses_a_call_that_is_not_an_object(boxes):
     _refused(boxes.run("cli.inspect", data))
 
 
-@pytest.mark.xfail(strict=False, reason=_PICKLE)
 def test_sb3_refuses_a_policy_pth_whose_pickle_is_malformed(boxes):
     members = dict(boxes.corpus.sb3_members)
     inner = fuzz.zip_members(members["policy.pth"])
@@ -152,7 +148,7 @@ def _pth_edit(edit):
     return build
 
 
-# (reader, how to build the input, the wrong behaviour today) found by bench/fuzz.py; one-line reproducers
+# (reader, how to build the input, what it did before the fix) found by bench/fuzz.py: one-line reproducers
 FOUND = [
     ("artifact.load", _manifest_case(lambda m: m.update(weights="F32")), ("AttributeError: 'str' object has no "
      "attribute 'items' (manifest weights not an object)")),
@@ -176,7 +172,8 @@ FOUND = [
 ]
 
 
-@pytest.mark.parametrize("target,build,wrong", [pytest.param(t, b, w, id=f"{t}-{i}", marks=pytest.mark.xfail(
-    strict=False, reason=w)) for i, (t, b, w) in enumerate(FOUND)])
+@pytest.mark.parametrize("target,build,wrong", [pytest.param(t, b, w, id=f"{t}-{i}")
+                                                for i, (t, b, w) in enumerate(FOUND)])
 def test_found_by_fuzzing_is_refused_in_one_line(boxes, target, build, wrong):
+    """Inputs the fuzzer found (`wrong`: what they did before issue 15's fixes), now refused in one line."""
     _refused(boxes.run(target, build(boxes.corpus)))

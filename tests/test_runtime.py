@@ -110,3 +110,134 @@ def test_a_bundled_runtime_the_loader_refuses_is_one_line(bundled, tmp_path):
     assert r.returncode == 1 and last.startswith("bitrl_compile.runtime.artifact.ArtifactError"), r.stderr
     assert "libtvm_runtime.so cannot be loaded (not an ELF library); recompile the artifact" in last, last
     assert "/tmp/" not in last.split("bad-runtime.bitrl:")[1]
+
+
+# ------------------------------------------------------------------------ the manifest's structure (issue 15)
+
+def _sealed(artifact, path, edit):
+    """A copy of `artifact` with its manifest edited and every hash recomputed (what an attacker can do)."""
+    with zipfile.ZipFile(artifact) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    edit(manifest)
+    manifest["members"] = {n: hashlib.sha256(members[n]).hexdigest() for n in manifest["members"]}
+    text = json.dumps(manifest, indent=2).encode()
+    members.update({"manifest.json": text, "manifest.sha256": hashlib.sha256(text).hexdigest().encode() + b"\n"})
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def _act(m):
+    return m["entry_points"]["act"]
+
+
+# (what is edited, the edit, what the one-line refusal says after "manifest ")
+MALFORMED = [
+    ("weights a string", lambda m: m.update(weights="F32"), "weights is not an object (a string)"),
+    ("weights a list", lambda m: m.update(weights=["F32"]), "weights is not an object (a list)"),
+    ("a weight shape of one value", lambda m: m["weights"]["p0"]["shape"].pop(), "weights.p0.shape has 1 value"),
+    ("a weight layout of zero tiles", lambda m: m["weights"]["p0"].update(compute="tiles0x0"),
+     "weights.p0.compute is 'tiles0x0'"),
+    ("a weight not in params", lambda m: m["weights"].update(zz=m["weights"]["p0"]), "weights lists zz"),
+    ("a params name that is a list", lambda m: m["params"].__setitem__(1, ["p1"]), "params[1] is ['p1']"),
+    ("a params name twice", lambda m: m["params"].__setitem__(1, "p0"), "params[1] repeats the name p0"),
+    ("entry_points a list", lambda m: m.update(entry_points=[m["entry_points"]]),
+     "entry_points is not an object (a list)"),
+    ("a call that is not an object", lambda m: _act(m)["calls"].__setitem__(0, 1),
+     "entry_points.act.calls[0] is not an object (an integer)"),
+    ("an argument out of range", lambda m: _act(m)["calls"][0]["args"].__setitem__(0, "input:9"),
+     "entry_points.act.calls[0].args[0] is 'input:9', but entry_points.act has 1 inputs"),
+    ("an argument of no form", lambda m: _act(m)["calls"][0]["args"].__setitem__(0, "input:+0"),
+     "entry_points.act.calls[0].args[0] is 'input:+0', not input:I"),
+    ("a parameter not in params", lambda m: _act(m)["calls"][0]["args"].__setitem__(1, "param:zz"),
+     "entry_points.act.calls[0].args[1] is 'param:zz', a parameter not in manifest params"),
+    ("a function name with a newline", lambda m: _act(m)["calls"][0].update(func="a\nb"),
+     "entry_points.act.calls[0].func is 'a\\nb', not a function name"),
+    ("an input without the batch", lambda m: _act(m)["inputs"][0].update(shape=[1, 4]),
+     "entry_points.act.inputs[0].shape is [1, 4], not [\"batch\", sizes...]"),
+    ("a buffer too large", lambda m: _act(m)["buffers"][0].update(shape=["batch", 2**32]),
+     "entry_points.act.buffers[0].shape ['batch', 4294967296] holds more than"),
+    ("batch.min 0", lambda m: m["batch"].update(min=0), "batch.min is 0, not in [1, 1073741824]"),
+    ("batch.min above max", lambda m: m["batch"].update(min=5, max=2), "batch.max is 2, not in [5, 1073741824]"),
+    ("vm_params a number", lambda m: m.update(vm_params=3), "vm_params is not an object (an integer)"),
+    ("a kernels entry a number", lambda m: m["kernels"].__setitem__(0, -1.0), "kernels[0] is not an object"),
+    ("a kernel isa a list", lambda m: m["kernels"][0].update(isa=["avx512-vnni"]), "kernels[0].isa is not a string"),
+    ("a layer's in a string", lambda m: m["layers"][0].update({"in": "4"}), "layers[0].in is not an integer"),
+    ("cpu_features a string", lambda m: m["target"].update(cpu_features="avx2"),
+     "target.cpu_features is not a list (a string)"),
+    ("target.arch missing", lambda m: m["target"].pop("arch"), "target.arch is not a string (missing)"),
+]
+
+
+@pytest.mark.parametrize("case,edit,says", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_a_malformed_manifest_is_one_line_in_load_and_inspect(artifact, tmp_path, case, edit, says):
+    """Found by fuzzing (tests/test_fuzz.py): these were AttributeError, IndexError, TypeError or exit 3."""
+    from click.testing import CliRunner
+
+    from bitrl_compile.cli import main
+
+    path = _sealed(artifact, tmp_path / "m.bitrl", edit)
+    with pytest.raises(ArtifactError) as e:
+        load(path)
+    message = str(e.value)
+    assert f"manifest {says}" in message and "\n" not in message and message.endswith("recompile the artifact")
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 1 and f"manifest {says}" in result.stderr, result.output
+
+
+def test_every_manifest_field_the_readers_use_is_checked_and_valid_ones_pass(artifact, tmp_path):
+    """A manifest of only the required fields loads (older and hand-made artifacts); an unbounded batch too."""
+    from bitrl_compile.runtime.manifest import check_manifest
+
+    manifest = read_artifact(artifact, payload=False).manifest
+    check_manifest(manifest)
+    minimal = {k: manifest[k] for k in ("format", "format_version", "members", "target", "input", "output",
+                                        "params")}
+    check_manifest(minimal)
+    path = _sealed(artifact, tmp_path / "unbounded.bitrl", lambda m: m["batch"].update(max=None))
+    with load(path) as policy:
+        assert policy.act(np.zeros(4, np.float32)) in (0, 1)
+
+
+def test_a_safetensors_dtype_with_a_newline_is_echoed_on_one_line(artifact, tmp_path):
+    from bitrl_compile.runtime import safetensors_np
+
+    data = safetensors_np.dumps({"w": np.zeros(2, np.float32)})
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].replace(b'"F32"', b'"F32\\n"')
+    bad = len(header).to_bytes(8, "little") + header + data[8 + n:]
+    with pytest.raises(ValueError, match="unsupported dtype 'F32\\\\n'") as e:
+        safetensors_np.loads(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_a_function_lib_so_does_not_export_is_one_line(artifact, tmp_path):
+    path = _sealed(artifact, tmp_path / "nosym.bitrl", lambda m: _act(m)["calls"][0].update(func="no_such_kernel"))
+    with pytest.raises(ArtifactError, match="entry point act calls no_such_kernel, which its lib.so does not export"):
+        load(path)
+
+
+def test_the_c_api_refuses_the_same_malformed_manifests(artifact, tmp_path):
+    """The C reader (runtime/capi/manifest.c) refuses every manifest the Python reader does, in one line."""
+    import ctypes
+
+    from bitrl_compile.devices.capi import build
+
+    lib = ctypes.CDLL(str(build("host") / "libbitrl.so"))
+    lib.bitrl_load.restype, lib.bitrl_load.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
+    lib.bitrl_last_error.restype = ctypes.c_char_p
+    lib.bitrl_free.argtypes = [ctypes.c_void_p]
+    cases = [(case, edit) for case, edit, _ in MALFORMED] + [
+        ("output n 7", lambda m: m["output"].update(n=7)), ("output kind", lambda m: m["output"].update(kind="x"))]
+    for i, (case, edit) in enumerate(cases):
+        path = _sealed(artifact, tmp_path / f"c{i}.bitrl", edit)
+        handle = lib.bitrl_load(str(path).encode())
+        if handle:
+            lib.bitrl_free(handle)
+        error = lib.bitrl_last_error().decode()
+        assert not handle and "recompile" in error and "\n" not in error, (case, error)
+    handle = lib.bitrl_load(str(_sealed(artifact, tmp_path / "ok.bitrl", lambda m: m["batch"].update(max=None))).encode())
+    assert handle, lib.bitrl_last_error()
+    lib.bitrl_free(handle)

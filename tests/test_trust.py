@@ -297,3 +297,36 @@ def test_a_lib_so_the_loader_refuses_is_one_line(artifact, tmp_path, kind):
     assert "/tmp/bitrl-" not in message  # not the deleted temporary file's name
     result = CliRunner().invoke(main, ["run", str(path), "--env", "CartPole-v1", "--episodes", "1"])
     assert result.exit_code == 1 and "lib.so cannot be loaded" in result.output, result.output
+
+
+# ------------------------------------------------------------------------------- open_policy and the emulator
+
+def test_open_policy_enforces_trusted_keys(artifact, tmp_path, keys, monkeypatch):
+    """One home for "open an artifact here, trusting these keys": devices.open_policy (what `run` calls)."""
+    from bitrl_compile.devices import open_policy
+
+    private, public, _ = keys[0]
+    monkeypatch.delenv(signing.ENV, raising=False)
+    with pytest.raises(ArtifactError, match="is not signed by any trusted key"):
+        open_policy(artifact, [public])
+    signed = tmp_path / "s.bitrl"
+    signed.write_bytes(artifact.read_bytes())
+    sign_artifact(signed, private)
+    with open_policy(signed, [public]) as policy:
+        assert policy.act(np.zeros(4, np.float32)) in (0, 1)
+    monkeypatch.setenv(signing.ENV, str(public))
+    with pytest.raises(ArtifactError, match="is not signed by any trusted key"):
+        open_policy(artifact)
+
+
+def test_the_emulator_verifies_on_the_host_before_starting_the_guest(artifact, keys, monkeypatch):
+    """The guest's Python has no `cryptography`: EmulatedPolicy checks the signature here, so an unsigned artifact
+    is refused in one line naming the artifact (not the verified copy), before qemu starts."""
+    from bitrl_compile.devices import EmulatedPolicy
+
+    monkeypatch.setenv(signing.ENV, str(keys[0][1]))
+    with pytest.raises(ArtifactError) as e:
+        EmulatedPolicy(artifact)
+    assert str(e.value).startswith(f"{artifact} is not signed by any trusted key"), str(e.value)
+    with pytest.raises(ArtifactError, match="cannot be read"):
+        EmulatedPolicy(artifact.with_name("missing.bitrl"))

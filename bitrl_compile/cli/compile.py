@@ -77,21 +77,25 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
 
 
 def _summary(manifest: dict, path: Path, seconds: float | None = None) -> str:
-    layers = manifest["layers"]
+    """The layers and kernels of a manifest whose structure read_artifact checked (optional fields may be absent)."""
+    layers = manifest.get("layers", [])
+    target = manifest["target"]
     n_weights = sum(layer["in"] * layer["out"] for layer in layers)
     size = path.stat().st_size
-    lines = [f"{path}: {size:,} bytes, target {manifest['target']['name']} ({manifest['target']['device']})"]
+    lines = [f"{path}: {size:,} bytes, target {target.get('name', '?')} ({target.get('device', target['arch'])})"]
     lines.append(f"  {len(layers)} BitLinear layers, {n_weights:,} ternary weights "
                  f"({4 * n_weights:,} bytes as fp32)")
     for layer in layers:
-        lines.append(f"    {layer['name']:<12} {layer['in']:>6} -> {layer['out']:<6} {layer['activation']:<8} "
-                     f"{layer['layout']} ({layer['weight_bits_per_param']:g} bits/weight), {layer['scale']}")
+        bits = layer.get("weight_bits_per_param")
+        lines.append(f"    {layer['name']:<12} {layer['in']:>6} -> {layer['out']:<6} {layer.get('activation', '?'):<8} "
+                     f"{layer.get('layout', '?')} ({'?' if bits is None else f'{bits:g}'} bits/weight), "
+                     f"{layer.get('scale', '?')}")
     for kernel in manifest.get("kernels", []):
-        knobs = " ".join(f"{k}={v}" for k, v in kernel["knobs"].items() if v != 1) or "default knobs"
+        knobs = " ".join(f"{k}={v}" for k, v in kernel.get("knobs", {}).items() if v != 1) or "default knobs"
         where = (", ".join(f"{p} tuned at batch {kernel[p]['batch']}: {kernel[p]['us']:g} µs vs default "
                            f"{kernel[p]['default_us']:g} µs" for p in ("gemv", "gemm") if p in kernel)
-                 if kernel["schedule"] == "tuned" else f"default schedule: {kernel.get('reason', 'tuning off')}")
-        lines.append(f"    kernel {kernel['kernel']:<36} {kernel['isa']:<12} {knobs}; {where}")
+                 if kernel.get("schedule") == "tuned" else f"default schedule: {kernel.get('reason', 'tuning off')}")
+        lines.append(f"    kernel {kernel.get('kernel', '?'):<36} {kernel.get('isa', '?'):<12} {knobs}; {where}")
     if seconds is not None:
         lines.append(f"  compiled in {seconds:.1f} s")
     return "\n".join(lines)
@@ -107,14 +111,16 @@ def inspect_cmd(artifact, as_json, debug):
         from bitrl_compile.cli.trust import signature_line
         from bitrl_compile.runtime.artifact import read_artifact
 
-        art = read_artifact(artifact, payload=False, use_env=False)  # never inflates lib.so, never loads it
+        # never inflates lib.so, never loads it; the manifest's structure is checked (runtime/manifest.py)
+        art = read_artifact(artifact, payload=False, use_env=False)
         if as_json:
             click.echo(json.dumps(art.manifest, indent=2, sort_keys=True))
             return
         m = art.manifest
+        versions, source = m.get("versions", {}), m.get("source", {})
         click.echo(_summary(m, Path(artifact)))
-        click.echo(f"  format v{m['format_version']}, compiled by bitrl-compile {m['versions']['bitrl_compile']} "
-                   f"with TVM {m['versions']['tvm']}; source: {m['source']['format']}")
+        click.echo(f"  format v{m['format_version']}, compiled by bitrl-compile {versions.get('bitrl_compile', '?')} "
+                   f"with TVM {versions.get('tvm', '?')}; source: {source.get('format', '?')}")
         click.echo(f"  input: shape {m['input']['shape']}, preprocess {m['input'].get('preprocess', 'none')}, "
                    f"normalisation {'baked in' if m['input'].get('normalize') else 'none'}")
         click.echo(f"  output: {json.dumps(m['output'])}")
@@ -128,7 +134,7 @@ def inspect_cmd(artifact, as_json, debug):
             click.echo(f"  member {name:<20} {size:>10,} bytes{digest}")
         click.echo(signature_line(art))
         stats = m.get("stats", {})
-        if stats.get("ternary_weights"):
+        if stats.get("ternary_weights") and "param_bytes" in stats:
             bits = 8 * stats["param_bytes"] / stats["ternary_weights"]
             click.echo(f"  parameters: {stats['param_bytes']:,} bytes = {bits:.2f} bits per weight incl. scales/bias")
 

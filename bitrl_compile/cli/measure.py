@@ -25,11 +25,11 @@ from bitrl_compile.cli.common import guard, removed_if_failed
 def run_cmd(artifact, env_id, episodes, seed, stochastic, trusted_keys, debug):
     """Run ARTIFACT in a gymnasium environment and report the returns."""
     with guard(debug):
-        from bitrl_compile.cli.trust import open_trusted
+        from bitrl_compile.devices import open_policy
         from bitrl_compile.evaluate import evaluate
         from bitrl_compile.runtime.policy import host_arch
 
-        policy = open_trusted(artifact, trusted_keys)
+        policy = open_policy(artifact, trusted_keys)
         try:
             t0 = time.perf_counter()
             returns, steps = evaluate(lambda obs: policy.act(obs, deterministic=not stochastic), env_id,

@@ -1,16 +1,14 @@
-"""Commands of the trust model (docs/security.md): keygen, sign; and what run and inspect use of it.
+"""Commands of the trust model (docs/security.md): keygen, sign; and inspect's line on signatures.
 
     bitrl-compile keygen --out release                  release (private, 0600) and release.pub (public)
     bitrl-compile sign policy.bitrl --key release        add release's signature to policy.bitrl
     BITRL_TRUSTED_KEYS=release.pub bitrl-compile run policy.bitrl --env CartPole-v1   refuses unsigned artifacts
+
+`run` (and every other caller) verifies signatures through `devices.open_policy`, which checks an artifact of
+another architecture on the host before the emulator runs it.
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
-import shutil
-import tempfile
 
 import click
 
@@ -64,34 +62,3 @@ def signature_line(art) -> str:
     except ValueError as e:
         line += f"; {e}"
     return line
-
-
-def open_trusted(artifact, keys=()):
-    """open_policy(artifact), with the signature checked against `keys` plus BITRL_TRUSTED_KEYS when any are
-    configured. An artifact of another architecture is verified here and its verified bytes handed to the
-    emulator (whose Python has no `cryptography`)."""
-    from bitrl_compile import runtime
-    from bitrl_compile.devices import EmulatedPolicy, open_policy, qemu_cpu
-    from bitrl_compile.runtime import signing
-    from bitrl_compile.runtime.policy import host_arch
-
-    trusted = signing.trusted_keys(list(keys))
-    if not trusted:
-        return open_policy(artifact)
-    art = runtime.read_artifact(artifact, trusted, payload=False)
-    if art.manifest.get("target", {}).get("arch") == host_arch():
-        return runtime.load(artifact, trusted)
-    folder = tempfile.mkdtemp(prefix="bitrl-verified-")
-    try:
-        copy = os.path.join(folder, "policy.bitrl")
-        shutil.copyfile(artifact, copy)
-        art = runtime.read_artifact(copy, trusted)  # the bytes the emulator reads are the ones verified
-        saved = os.environ.pop(signing.ENV, None)
-        try:
-            return EmulatedPolicy(copy, cpu=qemu_cpu(art.manifest))  # reads the copy while it starts
-        finally:
-            if saved is not None:
-                os.environ[signing.ENV] = saved
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(folder)

@@ -39,7 +39,7 @@ from bitrl_compile.devices.sysroot import (
 )
 from bitrl_compile.runtime.policy import host_arch
 
-SOURCES = ("bitrl.c", "json.c", "params.c", "sha256.c", "trust.c", "zip.c")
+SOURCES = ("bitrl.c", "json.c", "manifest.c", "params.c", "sha256.c", "trust.c", "zip.c")
 HEADERS = ("bitrl.h", "internal.h")
 # The targets the C API is built for, by architecture (a Raspberry Pi's kernels are aarch64 code).
 TARGET_ARCH = {"host": None, "rasp4": "aarch64", "rasp5": "aarch64",

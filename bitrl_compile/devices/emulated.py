@@ -8,13 +8,19 @@ aarch64 Python it runs in) and answers one message per call on its stdin/stdout.
 is a `runtime.PolicyLike`, as a native `runtime.Policy` is; it starts in about 3 s and then answers
 a call in about 1 ms; its timings are not the device's. `open_policy(path)` picks the one that fits
 the artifact's architecture.
+
+Trusted keys (an argument, or BITRL_TRUSTED_KEYS) are checked here, on the host: the guest's Python has no
+`cryptography`. The artifact is copied, the copy verified (signature and every member's sha256), and the guest
+started on that copy without BITRL_TRUSTED_KEYS, so the bytes it runs are the bytes verified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -30,7 +36,7 @@ from bitrl_compile.devices.sysroot import (
     last_line,
     qemu_python_command,
 )
-from bitrl_compile.runtime import serve
+from bitrl_compile.runtime import serve, signing
 from bitrl_compile.runtime.artifact import ArtifactError
 from bitrl_compile.runtime.policy import host_arch
 
@@ -54,30 +60,59 @@ class EmulatedPolicy:
     sampled actions are repeatable for a seeded rng but differ from a native Policy's.
     """
 
-    def __init__(self, path: str | os.PathLike, cpu: str = DEFAULT_CPU, startup_timeout: float = 300.0):
+    def __init__(self, path: str | os.PathLike, cpu: str = DEFAULT_CPU, startup_timeout: float = 300.0,
+                 trusted_keys=None):
+        """trusted_keys: public keys (PEM paths, PEM bytes or raw Ed25519 keys), joined by BITRL_TRUSTED_KEYS;
+        when there are any, the artifact must carry a signature by one of them (verified on this host)."""
         self.path = str(path)
         self.cpu = cpu
         self._lock = threading.Lock()
         self._proc = None
-        command = qemu_python_command(cpu) + ["-m", "bitrl_compile.runtime.serve", os.path.abspath(path)]
+        try:
+            keys = signing.trusted_keys(trusted_keys)
+        except signing.SigningError as e:
+            raise ArtifactError(f"{self.path}: {e}") from None
+        folder = tempfile.mkdtemp(prefix="bitrl-verified-") if keys else None
+        try:
+            served, env = os.path.abspath(path), None
+            if folder is not None:
+                served = os.path.join(folder, "policy.bitrl")
+                try:
+                    shutil.copyfile(path, served)
+                except OSError as e:
+                    raise ArtifactError(f"{self.path}: cannot be read ({e.strerror}); check the path") from None
+                runtime.read_artifact(served, keys, use_env=False)  # ArtifactError names the copy: say the path
+                env = {k: v for k, v in os.environ.items() if k != signing.ENV}
+            header = self._start(served, env, startup_timeout)
+        except ArtifactError as e:
+            raise ArtifactError(str(e).replace(served, self.path)) from None
+        finally:
+            if folder is not None:  # the guest has read the copy once it answered (or failed)
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(folder)
+        self.manifest: dict = header["manifest"]
+        self.input_spec = self.manifest["input"]
+        self.output_spec = self.manifest["output"]
+        self.obs_shape = tuple(self.input_spec["shape"])
+
+    def _start(self, served: str, env: dict | None, startup_timeout: float) -> dict:
+        """Start the guest serving `served` (environment `env`, or this one's); its first message, the manifest."""
+        command = qemu_python_command(self.cpu) + ["-m", "bitrl_compile.runtime.serve", served]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr)
+                                      stderr=self._stderr, env=env)
         try:
             ready, _, _ = select.select([self._proc.stdout], [], [], startup_timeout)
             if not ready:
                 raise EmulatorError(f"{self.path}: the emulated runtime did not start within "
-                                    f"{startup_timeout:.0f} s on {cpu}")
+                                    f"{startup_timeout:.0f} s on {self.cpu}")
             header, _ = self._receive()
             if not header.get("ok"):
                 _raise_remote(header)
         except BaseException:
             self.close()
             raise
-        self.manifest: dict = header["manifest"]
-        self.input_spec = self.manifest["input"]
-        self.output_spec = self.manifest["output"]
-        self.obs_shape = tuple(self.input_spec["shape"])
+        return header
 
     def forward(self, obs) -> np.ndarray:
         """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
@@ -168,9 +203,11 @@ def qemu_cpu(manifest: dict) -> str:
         return DEFAULT_CPU
 
 
-def open_policy(path: str | os.PathLike) -> runtime.PolicyLike:
-    """A runtime Policy for this machine, or an EmulatedPolicy (qemu) for an artifact of another architecture."""
-    manifest = runtime.read_artifact(path).manifest
+def open_policy(path: str | os.PathLike, trusted_keys=None) -> runtime.PolicyLike:
+    """A runtime Policy for this machine, or an EmulatedPolicy (qemu) for an artifact of another architecture.
+    trusted_keys (joined by BITRL_TRUSTED_KEYS): the artifact must be signed by one of them, checked on this host
+    for both kinds."""
+    manifest = runtime.read_artifact(path, payload=False, use_env=False, signatures=False).manifest
     if manifest["target"]["arch"] != host_arch():
-        return EmulatedPolicy(path, cpu=qemu_cpu(manifest))
-    return runtime.load(path)
+        return EmulatedPolicy(path, cpu=qemu_cpu(manifest), trusted_keys=trusted_keys)
+    return runtime.load(path, trusted_keys)

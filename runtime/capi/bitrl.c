@@ -575,8 +575,9 @@ static int check_runnable_here(const char *path, const json *m) {
         return bitrl_fail("%s: compiled for %s (target %s) and this machine is %s; run it on the target device, or "
                           "recompile it with `--target host`", path, arch ? arch : "(none)", name ? name : "(none)", HOST_ARCH);
     const json *features = json_get(target, "cpu_features");
+    if (features && features->type != JSON_ARRAY)
+        return bitrl_fail("%s: manifest target.cpu_features is not a list; " RECOMPILE, path);
     if (!features || features->count == 0) return 0;
-    if (features->type != JSON_ARRAY) return bitrl_fail("%s: manifest target.cpu_features is not a list; " RECOMPILE, path);
     char *flags = cpu_flags();
     char missing[256] = "";
     int amx = 0;
@@ -842,7 +843,8 @@ static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t s
     if (!kind) return bitrl_fail("%s: manifest output.kind is missing; " RECOMPILE, p->path);
     p->batch_max = DEFAULT_BATCH_MAX;
     const json *batch = json_get(m, "batch");
-    if (batch && (json_int(json_get(batch, "max"), &p->batch_max) != 0 || p->batch_max < 1 || p->batch_max > (1LL << 30)))
+    const json *batch_max = json_get(batch, "max"); /* checked by bitrl_check_manifest; null: unbounded */
+    if (batch_max && batch_max->type != JSON_NULL && json_int(batch_max, &p->batch_max) != 0)
         return bitrl_fail("%s: manifest batch.max is not a positive integer; " RECOMPILE, p->path);
     const json *weights = json_get(m, "weights");
     for (int i = 0; i < N_ENTRIES; i++)
@@ -865,6 +867,24 @@ static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t s
     p->obs_size = row_size(&fwd->specs[0]);
     p->output_size = row_size(out);
     p->discrete = strcmp(kind, "discrete") == 0;
+    int64_t expected = -1; /* the output spec's width, as runtime/specs.py's output_size */
+    const json *shape = json_get(output, "shape");
+    if (!p->discrete && strcmp(kind, "features") != 0 && strcmp(kind, "continuous") != 0)
+        return bitrl_fail("%s: manifest output.kind is '%.40s', not discrete, continuous or features; " RECOMPILE,
+                          p->path, kind);
+    if (p->discrete) (void)json_int(json_get(output, "n"), &expected);
+    else if (strcmp(kind, "features") == 0) (void)json_int(json_get(output, "dim"), &expected);
+    else if (shape && shape->type == JSON_ARRAY) {
+        expected = 1;
+        for (size_t d = 0; d < shape->count && expected >= 0; d++) {
+            int64_t v;
+            expected = json_int(&shape->items[d], &v) == 0 && v > 0 && v <= (1LL << 20) ? expected * v : -1;
+            if (expected > (1LL << 20)) expected = -1;
+        }
+    }
+    if (expected != p->output_size)
+        return bitrl_fail("%s: manifest output says %lld values per observation but entry point forward outputs %lld; "
+                          RECOMPILE, p->path, (long long)expected, (long long)p->output_size);
     if (strcmp(kind, "features") == 0) return 0;
     if (!act->present) return bitrl_fail("%s: the artifact has no \"act\" entry point; " RECOMPILE, p->path);
     const tensor_spec *a = &act->specs[act->ninputs];
@@ -1017,6 +1037,7 @@ static int load_into(bitrl_policy *p, const uint8_t *file, size_t size, const bi
         rc = bitrl_fail("%s; recompile the artifact", why);
     }
     if (rc == 0) rc = check_manifest(path, &z, text, text_n, &m, keys);
+    if (rc == 0) rc = bitrl_check_manifest(path, &m);
     free(text);
     if (rc == 0) rc = verify_members(path, &m, &z, &lib, &lib_n, &st, &st_n);
     bitrl_zip_close(&z);

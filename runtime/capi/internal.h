@@ -73,6 +73,10 @@ const json *json_get(const json *obj, const char *key); /* NULL if obj is no obj
 const char *json_str(const json *v);                   /* NULL unless a string */
 int json_int(const json *v, int64_t *out);             /* 0 if an integer */
 
+/* manifest.c: the structure of every manifest field a reader uses (runtime/manifest.py's twin); 0, or -1 with the
+ * error "path: manifest <field> <problem>; recompile the artifact" set */
+int bitrl_check_manifest(const char *path, const json *m);
+
 /* params.c: parameters from params.safetensors, base-3 weights unpacked into the kernels' layout */
 #define BITRL_MAX_DIMS 8
 
@@ -93,6 +97,8 @@ int bitrl_safetensors_open(const uint8_t *data, size_t n, json *header, size_t *
  * base-3 into its "compute" layout, exactly as runtime/weights.py's to_compute; 0 or -1 */
 int bitrl_param(const uint8_t *data, size_t n, const json *header, size_t body, const char *name,
                 const json *spec, bitrl_tensor *out, const char *what);
+/* NL, KG and whether a compute layout name is lut<NL> (KG 1) rather than tiles<NL>x<KG>; 0, or -1 if unknown */
+int bitrl_parse_layout(const char *s, int64_t *nl, int64_t *kg, int *lut);
 void *bitrl_aligned_alloc(size_t nbytes); /* 64-byte aligned, zeroed; NULL if out of memory */
 
 /* trust.c: trusted Ed25519 public keys and signatures.json (docs/security.md) */

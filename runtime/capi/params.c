@@ -74,7 +74,7 @@ int bitrl_safetensors_open(const uint8_t *data, size_t n, json *header, size_t *
     return 0;
 }
 
-static int parse_layout(const char *s, int64_t *nl, int64_t *kg, int *lut) {
+int bitrl_parse_layout(const char *s, int64_t *nl, int64_t *kg, int *lut) {
     char *end;
     if (!s) return -1;
     if (strncmp(s, "tiles", 5) == 0) {
@@ -104,7 +104,7 @@ static int unpack(const char *name, const bitrl_tensor *stored, const json *spec
     if (!shape || shape->type != JSON_ARRAY || shape->count != 2 || json_int(&shape->items[0], &n) != 0 ||
         json_int(&shape->items[1], &k) != 0 || n < 1 || k < 1 || n > (1 << 24) || k > (1 << 24))
         return bitrl_fail("%s: weight %s has no valid [N, K] shape in the manifest; recompile the artifact", what, name);
-    if (parse_layout(compute, &nl, &kg, &lut) != 0)
+    if (bitrl_parse_layout(compute, &nl, &kg, &lut) != 0)
         return bitrl_fail("%s: weight %s has unknown compute layout %s (expected tiles<NL>x<KG> or lut<NL>); "
                           "upgrade bitrl-compile's C runtime or recompile", what, name, compute ? compute : "(none)");
     int64_t row = (k + 4) / 5;

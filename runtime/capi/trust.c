@@ -259,6 +259,6 @@ int bitrl_verify_signatures(const char *what, const uint8_t *manifest, size_t n,
     if (wrong >= 0)
         return bitrl_fail("%s: the signature by trusted key %.16s does not verify (the manifest was changed after "
                           "signing, or the signature is corrupt); do not use this file, or %s", what, k->ids[wrong], FIX);
-    return bitrl_fail("%s is not signed by any trusted key (keys: %s); sign it with `bitrl-compile sign`, or load it "
-                      "without trusted keys", what, keys);
+    return bitrl_fail("%s is not signed by any trusted key (keys: %s); sign it with `bitrl-compile sign`, or trust "
+                      "it without keys (bitrl_load without BITRL_TRUSTED_KEYS)", what, keys);
 }
