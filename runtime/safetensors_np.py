@@ -67,7 +67,7 @@ def _check_header(header, body_size: int) -> list[tuple[int, int, str, np.dtype,
             raise ValueError(f"tensor {name[:60]!r}: unsupported dtype {repr(dtype)[:40]} (known: {sorted(_DTYPES)})")
         if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_uint(d) for d in shape):
             raise ValueError(f"tensor {name[:60]!r}: shape must be a list of at most {MAX_NDIM} non-negative "
-                             f"integers, got {str(shape)[:60]}")
+                             f"integers, got {str(shape)[:60]!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)
                 and offsets[0] <= offsets[1] <= body_size):
             raise ValueError(f"tensor {name[:60]!r}: data_offsets {str(offsets)[:60]} are not [begin, end] inside "

@@ -511,6 +511,8 @@ BAD_CONFIGS = [
     ("hidden float", {**GOOD, "hidden": [8.0]}, "must be a positive integer, got 8.0"),
     ("hidden bool", {**GOOD, "hidden": [True]}, "must be a positive integer, got True"),
     ("hidden not list", {**GOOD, "hidden": 8}, "\"hidden\" must be a list of layer widths"),
+    ("hidden a string of two lines (found by bench/fuzz.py)", {**GOOD, "hidden": "bad\nsecond line"},
+     "\"hidden\" must be a list of layer widths, got 'bad\\nsecond line'"),
     ("obs_shape str", {**GOOD, "obs_shape": ["4"]}, "\"obs_shape\" must be a non-empty list"),
     ("obs_shape int", {**GOOD, "obs_shape": 4}, "\"obs_shape\" must be a non-empty list"),
     ("output n huge", {**GOOD, "output": {"kind": "discrete", "n": 10 ** 12}}, "larger than the limit"),

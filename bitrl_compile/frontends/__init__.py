@@ -172,7 +172,7 @@ def _finish(loaded: LoadedPolicy, path: Path, cfg: dict, trust_pickle: bool, vec
     output spec."""
     for key in ("input", "output"):
         if not isinstance(cfg.get(key) or {}, dict):
-            raise ModelLoadError(f"{path}: config \"{key}\" must be an object (a spec), got {str(cfg[key])[:60]}")
+            raise ModelLoadError(f"{path}: config \"{key}\" must be an object (a spec), got {str(cfg[key])[:60]!r}")
     env = _apply_env(loaded, cfg["env"], path) if cfg.get("env") else None
     loaded.input = {**loaded.input, **cfg.get("input", {})}
     if cfg.get("output"):

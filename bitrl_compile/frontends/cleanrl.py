@@ -24,7 +24,7 @@ def _load_cleanrl(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
     obs_shape = cfg.get("obs_shape") or env_in.get("shape") or [in_dim]
     mlp = _build_mlp(path, layers, cfg.get("activation", activation), obs_shape)  # checks obs_shape
     if not isinstance(cfg.get("output", {}), dict):
-        raise ModelLoadError(f"{path}: config \"output\" must be an object (a spec), got {str(cfg['output'])[:60]}")
+        raise ModelLoadError(f"{path}: config \"output\" must be an object (a spec), got {str(cfg['output'])[:60]!r}")
     output = {**env_out, **cfg.get("output", {})}
     if continuous:
         if output.get("kind") != "continuous":

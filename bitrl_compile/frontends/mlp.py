@@ -49,7 +49,7 @@ def check_state_dict(obj, where: str, fix: str) -> dict:
         raise ModelLoadError(f"{where}: holds a {type(obj).__name__}, not a state_dict of tensors; {fix}")
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise ModelLoadError(f"{where}: a state_dict key is a {type(key).__name__} ({str(key)[:40]}), not a "
+            raise ModelLoadError(f"{where}: a state_dict key is a {type(key).__name__} ({str(key)[:40]!r}), not a "
                                  f"name; {fix}")
         if not isinstance(value, torch.Tensor):
             raise ModelLoadError(f"{where}: {key[:80]!r} is a {type(value).__name__}, not a tensor; {fix}")
@@ -141,13 +141,13 @@ def _config_sizes(path: Path, cfg: dict, obs_shape, sd: dict, env_out: dict | No
         obs_shape = check_shape(obs_shape, "\"obs_shape\"", where)
         hidden = cfg["hidden"]
         if not isinstance(hidden, list) or len(hidden) > 64:
-            raise ValueError(f"{where}: \"hidden\" must be a list of layer widths, got {str(hidden)[:60]}")
+            raise ValueError(f"{where}: \"hidden\" must be a list of layer widths, got {str(hidden)[:60]!r}")
         hidden = [check_count(h, "each \"hidden\" width", where) for h in hidden]
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     for key in ("output", "input"):
         if not isinstance(cfg.get(key, {}), dict):
-            raise ModelLoadError(f"{where}: \"{key}\" must be an object (a spec), got {str(cfg[key])[:60]}")
+            raise ModelLoadError(f"{where}: \"{key}\" must be an object (a spec), got {str(cfg[key])[:60]!r}")
     output = {**(env_out or {}), **cfg.get("output", {})}
     weights = [k for k in sd if k.startswith("net.") and k.endswith(".weight")]
     last = sd.get(f"net.{2 * len(hidden)}.weight")
@@ -197,7 +197,9 @@ def _load_mlp_config(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
     input_spec = {**(env_in or {}), **cfg.get("input", {}), "shape": list(obs_shape)}
     input_spec.setdefault("preprocess", "none")
     desc = f"MLP {sizes} {mlp.activation}"
-    return LoadedPolicy(mlp, None, input_spec, output or _default_output(sizes[-1]), "state-dict", desc)
+    recovery = cfg.get("trained", {}).get("recovery") if isinstance(cfg.get("trained"), dict) else None
+    return LoadedPolicy(mlp, None, input_spec, output or _default_output(sizes[-1]), "state-dict", desc,
+                        recovery if isinstance(recovery, str) else None)
 
 
 def save_mlp_policy(path, module_or_state_dict, config: dict) -> None:
