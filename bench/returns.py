@@ -15,7 +15,9 @@ For every environment and seed (runs in bench/runs/, one process per job, `--job
 Every variant is evaluated deterministically on the same episodes (reset seeds 10000 + i). Ternary returns come from
 the numpy reference (`bitrl_compile.quant.bitlinear_reference`), which the compiled kernels match bit for bit for
 ReLU networks. "Score" = (R - R_random) / (R_fp32 - R_random) per seed, so that the 98 % target means the same for
-positive and negative returns; R_random is a uniformly random policy on the same episodes.
+positive and negative returns; R_random is a uniformly random policy on the same episodes. "Agreement" (ternary
+PTQ and QAT rows) is bitrl_compile.fidelity's: the share of the states 3 deterministic fp32 episodes visit where
+the ternary policy acts as the fp32 one (the same action; Box: within 5 % of the action range per dimension).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ VARIANTS = [("fp32", "fp32 PPO"), ("ptq", "ternary PTQ"), ("qat", "ternary QAT")
 
 def run_job(env_id: str, seed: int, scale: float, episodes: int, root: str) -> dict:
     """One seed of one environment: train the three policies, evaluate five variants, compile two."""
-    from bitrl_compile import pipeline
+    from bitrl_compile import fidelity, pipeline
     from bitrl_compile.evaluate import evaluate
     from bitrl_compile.frontends import load_policy
     from bitrl_compile.runtime import load
@@ -79,9 +81,16 @@ def run_job(env_id: str, seed: int, scale: float, episodes: int, root: str) -> d
     fp32 = load_policy(out / "fp32" / "policy.safetensors")
     returns["fp32"] = run(reference_act(fp32, ternary=False))
     returns["ptq"] = run(reference_act(fp32))
+    states = fidelity.visited_states(fidelity.original_forward(fp32), fp32.output, env_id, seed=EVAL_SEED)
+    fp32_actions = [reference_act(fp32, ternary=False)(s) for s in states]
+    agreement = {"ptq": fidelity.action_agreement(fp32.output, [reference_act(fp32)(s) for s in states],
+                                                  fp32_actions)["agreement"]}
     for name in ("qat", "heads"):
         loaded = load_policy(out / name / "policy.safetensors")
         returns[name] = run(reference_act(loaded))
+        if name == "qat":
+            agreement[name] = fidelity.action_agreement(fp32.output, [reference_act(loaded)(s) for s in states],
+                                                        fp32_actions)["agreement"]
         t0 = time.perf_counter()
         artifact = pipeline.compile_policy(loaded, "host", out / f"{name}.bitrl", force=True).path
         times[f"compile_{name}"] = round(time.perf_counter() - t0, 1)
@@ -91,7 +100,8 @@ def run_job(env_id: str, seed: int, scale: float, episodes: int, root: str) -> d
     env = gym.make(env_id)
     env.action_space.seed(seed)
     returns["random"] = run(lambda obs: env.action_space.sample())
-    return {"env": env_id, "seed": seed, "steps": steps, "returns": returns, "seconds": times}
+    return {"env": env_id, "seed": seed, "steps": steps, "returns": returns, "seconds": times,
+            "agreement": agreement}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -105,7 +115,10 @@ def summarize(results: list[dict], env_id: str) -> dict:
         score[k] = np.where(np.abs(span) > 1e-9, (m - means["random"]) / np.where(span == 0, 1, span), np.nan)
     exact = {k: sum(r["returns"][k] == r["returns"][k.replace("_compiled", "")] for r in rows)
              for k in means if k.endswith("_compiled")}
+    agreement = {k: np.array([r["agreement"][k] for r in rows if k in r.get("agreement", {})])
+                 for k in ("ptq", "qat")}  # results written before the column have none
     return {"means": means, "score": score, "exact": exact, "n": len(rows), "steps": rows[0]["steps"],
+            "agreement": agreement,
             "seconds": {k: float(np.mean([r["seconds"][k] for r in rows])) for k in rows[0]["seconds"]}}
 
 
@@ -127,14 +140,16 @@ def markdown(results: list[dict], envs: list[str], meta: dict) -> str:
                   f"({sec['qat']:.0f} s), {s['steps'] // 2:,} heads steps ({sec['heads']:.0f} s); random policy "
                   f"{np.mean(s['means']['random']):.1f}.")
         lines += [f"## {env_id}", "", budget, "",
-                  "| variant | return (mean ± std over seeds) | score vs fp32 | per seed | compiled = ref |",
-                  "|---|---|---|---|---|"]
+                  "| variant | return (mean ± std over seeds) | score vs fp32 | agreement | per seed | compiled = ref |",
+                  "|---|---|---|---|---|---|"]
         for key, label in VARIANTS:
             m = s["means"][key]
             per_seed = " ".join(f"{v:.0f}" for v in m)
             exact = f"{s['exact'][key]}/{s['n']}" if key in s["exact"] else ""
+            agree = s["agreement"].get(key, np.array([]))
+            agree = f"{100 * agree.mean():.1f} %" if agree.size else ""
             lines.append(f"| {label} | {m.mean():.1f} ± {m.std():.1f} | {100 * np.nanmean(s['score'][key]):.1f} % "
-                         f"| {per_seed} | {exact} |")
+                         f"| {agree} | {per_seed} | {exact} |")
         lines.append("")
     short = []
     for env_id in envs:

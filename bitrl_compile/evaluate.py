@@ -1,10 +1,42 @@
-"""Run a policy (any `obs -> action` callable) in a gymnasium environment with fixed seeds."""
+"""Run a policy (any `obs -> action` callable) in a gymnasium environment with fixed seeds; `make_env`, the one
+place an environment is made, turns a missing extra (Box2D, MuJoCo, ...) into one line naming the pip install."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
+
+
+class EnvUnavailable(ValueError):
+    """A gymnasium environment cannot be made here; the message (one line) names the package to install."""
+
+
+def make_env(env_id: str, **kwargs):
+    """gymnasium.make(env_id), or EnvUnavailable (one line with the pip command) if a dependency is missing."""
+    import gymnasium
+
+    try:
+        return gymnasium.make(env_id, **kwargs)
+    except gymnasium.error.DependencyNotInstalled as e:
+        raise EnvUnavailable(f"environment {env_id} needs a package that is not installed ({_missing(e)}); "
+                             f"install it with: {_install_hint(e)}") from None
+
+
+def _missing(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(" is not installed")[0].split(",")[0][:80] + " is not installed" \
+        if " is not installed" in text else text[:120]
+
+
+def _install_hint(e: BaseException) -> str:
+    """The `pip install "gymnasium[extra]"` gymnasium's message names (Box2D also needs swig to build)."""
+    extra = re.search(r"gymnasium\[([a-z0-9_\-]+)\]", str(e))
+    if extra is None:
+        return "pip install the package gymnasium names (see its error with --debug)"
+    prefix = "pip install swig && " if "swig" in str(e) else ""
+    return f'{prefix}pip install "gymnasium[{extra.group(1)}]"'
 
 
 def evaluate(act: Callable, env_id: str, episodes: int, seed: int = 0, progress: bool = False,
@@ -13,9 +45,7 @@ def evaluate(act: Callable, env_id: str, episodes: int, seed: int = 0, progress:
 
     `record`, when given, receives every observation the policy saw (for action-agreement checks).
     """
-    import gymnasium as gym
-
-    env = gym.make(env_id)
+    env = make_env(env_id)
     returns, steps = [], 0
     episodes_iter = range(episodes)
     bar = None

@@ -22,3 +22,4 @@ class LoadedPolicy:
     output: dict               # the manifest's output spec: discrete/continuous, squash, bounds
     source: str                # the file family ("sb3", "cleanrl", "onnx", ...)
     description: str = ""
+    recovery: str | None = None  # what made a ternary-trained file (e.g. "distill"); the manifest says it

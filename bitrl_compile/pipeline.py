@@ -308,13 +308,16 @@ def runtime_library(target) -> bytes:
 
 def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_channel: bool = False,
                    force: bool = False, bundle_runtime: bool = False, tuning_db: str | os.PathLike | None = None,
-                   tuning: bool = True, log: Callable[[str], None] = lambda s: None) -> CompiledPolicy:
+                   tuning: bool = True, log: Callable[[str], None] = lambda s: None,
+                   measure: Callable[[dict, dict, object, Path], dict | None] | None = None) -> CompiledPolicy:
     """Compile a LoadedPolicy for a target into a policy.bitrl artifact at `output`.
 
     bundle_runtime adds the target's libtvm_runtime.so (3 MB), so the device needs only
     `pip install apache-tvm-ffi numpy`. Kernels take their schedule from the target's tuning
     database (`targets/tuned/<target>.json`, or the one in the folder `tuning_db`) where it has a
-    record for them, else the default schedule; tuning=False always uses the default."""
+    record for them, else the default schedule; tuning=False always uses the default. `measure(manifest, members,
+    quantized, output)`, run after the check and before writing, returns the manifest's "fidelity" record
+    (bitrl_compile.fidelity.compile_hook) or None."""
     import tvm
 
     from bitrl_compile import reference, targets
@@ -402,6 +405,12 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     except reference.CheckFailed as e:  # our bug (or TVM's), not the user's input: an internal error, exit 3
         raise CompilerBug(str(e)) from None
     timings["check"] = time.perf_counter() - t0
+    if measure is not None:
+        t0 = time.perf_counter()
+        record = measure(manifest, members, quantized, output)
+        if record:
+            manifest["fidelity"] = record
+        timings["fidelity"] = time.perf_counter() - t0
     art.write_artifact(output, manifest, members, force=force)
     log(f"wrote {output} ({output.stat().st_size} bytes)")
     return CompiledPolicy(output, manifest, quantized, params, timings)
@@ -462,6 +471,7 @@ def build_manifest(loaded, target, tvm_target, cpu_features, layers, params) -> 
         "versions": {"bitrl_compile": __version__, "tvm": tvm.__version__,
                      "python": platform.python_version()},
         "source": {"format": loaded.source, "description": loaded.description},
+        **({"recovery": loaded.recovery} if getattr(loaded, "recovery", None) else {}),
         "input": loaded.input,
         "output": loaded.output,
         "layers": layers,

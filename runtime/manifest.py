@@ -19,6 +19,11 @@ The fields (required: target, input, output, params; the rest may be absent in o
                     "knobs": {str: number}, "gemv"/"gemm": {"batch": int, "us": number, "default_us": number}}]
     layers        [{"name": str, "in": int, "out": int, "activation": str, "layout": str, "scale": str, ...}]
     versions, source  objects of strings; stats  {"ternary_weights": int, "param_bytes": int}
+    recovery      str: how the compiled file was made ternary-ready ("distill": trainers/distill.py)
+    fidelity      {"env": str, "states": int, "agreement": number in [0, 1], "engine", "kind", "rule": str,
+                   "q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score": number,
+                   "episodes": int} (bitrl_compile/fidelity.py: the ternary policy against the original on the
+                   states the original visits; readers only print it)
 
 Pure Python but for the specs (runtime/specs.py, numpy): nothing here allocates by a declared size.
 """
@@ -297,6 +302,24 @@ def _stats(value, where: str) -> None:
             _int(stats[key], f"{where}.{key}")
 
 
+def _fidelity(value, where: str) -> None:
+    record = _obj(value, where)
+    _str(_field(record, "env"), f"{where}.env")
+    _int(_field(record, "states"), f"{where}.states", 1)
+    agreement = _field(record, "agreement")
+    _number(agreement, f"{where}.agreement")
+    if not 0 <= agreement <= 1:
+        raise _fail(f"{where}.agreement", f"is {_short(agreement)}, not in [0, 1]")
+    _strings(record, ("engine", "kind", "rule"), where)
+    for key in ("q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score"):
+        if key in record:
+            _number(record[key], f"{where}.{key}")
+            if not math.isfinite(record[key]):
+                raise _fail(f"{where}.{key}", f"is {_short(record[key])}, not a finite number")
+    if "episodes" in record:
+        _int(record["episodes"], f"{where}.episodes", 1)
+
+
 def _specs(manifest: dict) -> None:
     """runtime/specs.py's checks of input and output, and forward's output width against the output spec."""
     try:
@@ -330,4 +353,6 @@ def check_manifest(manifest: dict) -> None:
     _optional(manifest, "versions", _texts)
     _optional(manifest, "source", _texts)
     _optional(manifest, "stats", _stats)
+    _optional(manifest, "fidelity", _fidelity)
+    _optional(manifest, "recovery", _str)
     _specs(manifest)

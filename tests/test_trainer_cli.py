@@ -31,8 +31,8 @@ def test_train_writes_policy_checkpoint_logs_and_plot(trained):
 
 def test_finetune_then_compile_then_train_heads_on_the_compiled_backbone(trained, tmp_path):
     ternary = tmp_path / "ternary.safetensors"
-    r = cli("finetune", trained / "policy.safetensors", "--env", "CartPole-v1", "--steps", 512, "--episodes", 2,
-            "-o", ternary, "--out", tmp_path / "qat", "--no-progress")
+    r = cli("finetune", trained / "policy.safetensors", "--env", "CartPole-v1", "--method", "ppo", "--steps", 512,
+            "--episodes", 2, "-o", ternary, "--out", tmp_path / "qat", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "ternary (PTQ)" in r.stdout and "after 512 QAT steps" in r.stdout and ternary.is_file()
     assert not list(tmp_path.glob("*.tmp"))  # written to a temporary file, then renamed into place
@@ -49,16 +49,17 @@ def test_finetune_then_compile_then_train_heads_on_the_compiled_backbone(trained
     assert "CompiledBackbone" in r.stderr or "backbone.bitrl" in r.stderr
 
 
-def test_compile_with_qat_fine_tunes_first_then_compiles_the_ternary_policy(trained, tmp_path):
+def test_compile_with_qat_distils_first_then_compiles_the_ternary_policy(trained, tmp_path):
     model = tmp_path / "policy.safetensors"
     model.write_bytes((trained / "policy.safetensors").read_bytes())
     r = cli(model, "--qat", "CartPole-v1", "--qat-steps", 256, "-o", tmp_path / "p.bitrl")
     assert r.returncode == 0, r.stderr
-    assert "ternary (PTQ)" in r.stdout and "after 256 QAT steps" in r.stdout and "3 BitLinear layers" in r.stdout
+    assert "ternary (PTQ)" in r.stdout and "after distillation" in r.stdout and "3 BitLinear layers" in r.stdout
     assert (tmp_path / "policy-ternary.safetensors").is_file() and (tmp_path / "p.bitrl").is_file()
     assert (tmp_path / "policy-qat" / "progress.csv").is_file()  # the fine-tune's logs, beside the model
     manifest = json.loads(cli("inspect", "--json", tmp_path / "p.bitrl").stdout)
     assert manifest["input"]["normalize"] is not None  # the statistics came along with the fine-tuned file
+    assert manifest["recovery"] == "distill" and manifest["output"]["outputs"] == "logits"
 
 
 def test_running_a_backbone_artifact_as_a_policy_is_a_one_line_error(tmp_path, trained):

@@ -3,10 +3,12 @@ backbones on their way in.
 
     output_spec        the manifest output spec of an action space (argmax, or the mean clipped to the Box)
     export_policy      policy.safetensors: the actor as a compilable MLP (`bitrl-compile policy.safetensors`)
+    save_like          a policy file with another policy's specs (what `distill` writes)
     save_checkpoint    checkpoint.safetensors: agent, Adam state, observation statistics (`load_checkpoint`
                        restores them; there is no resume of a run yet)
     features_policy    a policy's torso as a LoadedPolicy with output kind "features" (`bitrl-compile --features`)
-    reference_act      `obs -> action` of an MLP policy file in numpy: what its compiled artifact computes
+    reference_forward  `obs batch -> network output` of an MLP policy file in numpy: what its artifact computes
+    reference_act      `obs -> action` of the same (argmax, or squash/clip to the bounds, as the runtime does)
     check_policy_fits  a policy file is an MLP for an environment's spaces (before `finetune` starts from it)
 """
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from bitrl_compile.frontends import ACTIVATIONS, MLPPolicy, save_mlp_policy
 from bitrl_compile.quant import apply_activation, bitlinear_reference, ternarize_weight
+from bitrl_compile.runtime.policy import postprocess
 from bitrl_compile.trainers.backbones import ObsNormalizer, TorchBackbone, linears, normalize, torso_module
 
 
@@ -64,6 +67,18 @@ def export_policy(path: Path, agent: nn.Module, backbone, env_id: str, action_sp
               "activation": args.activation, "output": output_spec(action_space, log_std),
               "input": {"shape": [obs_dim], "preprocess": "none", "normalize": stats}, "trained": trained}
     save_mlp_policy(path, state, config)
+    return config
+
+
+def save_like(path: Path, loaded, module: MLPPolicy, trained: dict) -> dict:
+    """Write `module` (an MLPPolicy of `loaded`'s architecture) as a policy file with `loaded`'s input spec
+    (observation statistics included) and output spec (a DQN stays a Q-network, a squashed actor keeps its squash
+    and bounds), plus `trained` (what made it). Returns the config."""
+    lins = linears(module)
+    config = {"arch": "mlp", "obs_shape": list(loaded.input["shape"]), "hidden": [lin.out_features for lin in lins[:-1]],
+              "activation": module.activation, "output": dict(loaded.output), "input": dict(loaded.input),
+              "trained": trained}
+    save_mlp_policy(path, module.state_dict(), config)
     return config
 
 
@@ -128,27 +143,38 @@ def features_policy(loaded):
                         f"{loaded.source}-torso", f"torso of {loaded.description} -> {dim} features")
 
 
-def reference_act(loaded, ternary: bool = True):
-    """`obs -> action` of an MLP policy in numpy: with ternary=True every Linear is the BitLinear reference
-    (`quant.bitlinear_reference`: what the compiled artifact computes, bit for bit for ReLU), else float32."""
+def reference_forward(loaded, ternary: bool = True, per_channel: bool = False):
+    """`obs batch -> network output [B, out]` of an MLP policy in numpy: with ternary=True every Linear is the
+    BitLinear reference (`quant.bitlinear_reference`: what the compiled artifact computes, bit for bit for ReLU;
+    per_channel as `bitrl-compile --per-channel`), else float32."""
     if not isinstance(loaded.module, MLPPolicy) or loaded.module.activation not in ("relu", "tanh"):
         raise ValueError(f"the numpy reference runs ReLU/Tanh MLP policies (got {loaded.description})")
     activation = loaded.module.activation
     layers = []
     for lin in linears(loaded.module):
         w, b = lin.weight.detach().numpy().astype(np.float32), lin.bias.detach().numpy().astype(np.float32)
-        layers.append((*ternarize_weight(w), b) if ternary else (w, b))
-    stats, spec = loaded.input.get("normalize"), loaded.output
+        layers.append((*ternarize_weight(w, per_channel), b) if ternary else (w, b))
+    stats = loaded.input.get("normalize")
 
-    def act(obs):
-        x = normalize(np.asarray(obs, np.float32)[None], stats)
+    def forward(obs):
+        x = normalize(np.asarray(obs, np.float32), stats)
         for i, layer in enumerate(layers):
             x = bitlinear_reference(x, *layer) if ternary else (x @ layer[0].T + layer[1]).astype(np.float32)
             if i < len(layers) - 1:
                 x = apply_activation(x, activation)
-        if spec["kind"] == "discrete":
-            return int(np.argmax(x[0]))
-        return np.clip(x[0], np.asarray(spec["low"], np.float32), np.asarray(spec["high"], np.float32))
+        return x
+
+    return forward
+
+
+def reference_act(loaded, ternary: bool = True, per_channel: bool = False):
+    """`obs -> action` of an MLP policy in numpy (`reference_forward` of one observation, then the output spec's
+    deterministic post-processing: argmax, or the squash/clip to the action bounds, as the runtime does)."""
+    forward, spec = reference_forward(loaded, ternary, per_channel), loaded.output
+
+    def act(obs):
+        out = postprocess(spec, forward(np.asarray(obs, np.float32)[None]), deterministic=True)[0]
+        return int(out) if spec["kind"] == "discrete" else out
 
     return act
 

@@ -31,15 +31,25 @@ from bitrl_compile.cli.train import finetune_cmd
               help="folder of tuning databases (<target>.json) [default: the repository's targets/tuned]")
 @click.option("--no-tuning", is_flag=True, help="use the default kernel schedules, ignoring tuning databases")
 @click.option("--qat", "qat_env", metavar="ENV",
-              help="first fine-tune the fp32 policy with quantization-aware training on gymnasium ENV (as "
-                   "`bitrl-compile finetune` does; writes MODEL stem + -ternary.safetensors), then compile that: "
-                   "for policies whose plain ternary version loses return")
-@click.option("--qat-steps", type=click.IntRange(min=1), help="QAT steps [default: a quarter of ENV's preset]")
+              help="first recover the return of the ternary policy on gymnasium ENV (as `bitrl-compile finetune` "
+                   "does, with the recovery that fits the algorithm: distillation by default, which keeps a DQN a "
+                   "Q-network and a TD3/SAC actor that actor; writes MODEL stem + -ternary.safetensors), then "
+                   "compile that: for policies whose plain ternary version loses return")
+@click.option("--qat-steps", type=click.IntRange(min=1),
+              help="recovery steps (distillation: rollout states) [default: finetune's]")
+@click.option("--episodes", type=click.IntRange(min=1),
+              help="with --env: also compare the returns of N deterministic episodes (ternary, fp32, random)")
 @click.option("--force", is_flag=True, help="overwrite the output file")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, features,
-                bundle_runtime, tuning_db, no_tuning, qat_env, qat_steps, force, debug):
-    """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet backbone folder)."""
+                bundle_runtime, tuning_db, no_tuning, qat_env, qat_steps, episodes, force, debug):
+    """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet backbone folder).
+
+    With --env, the ternary policy is measured against the original on the states the original visits (action
+    agreement; with --episodes N the returns too), printed, recorded in the manifest, and below 98 % a warning
+    names the recovery."""
+    if episodes and not env_id:
+        raise click.UsageError("--episodes needs --env (the environment to run the episodes in)")
     with guard(debug):
         from bitrl_compile import targets
         from bitrl_compile.runtime.files import check_output
@@ -53,13 +63,14 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
         from bitrl_compile.frontends import load_policy
         from bitrl_compile.pipeline import compile_policy
 
+        original = (model, config, vecnormalize)  # what the fidelity measure compares with
         if qat_env:  # the fine-tuned file carries its architecture and observation statistics
             tuned = Path(model).with_name(Path(model).stem + "-ternary.safetensors")
             logs = Path(model).with_name(Path(model).stem + "-qat")  # beside the model, not in the cwd
             click.get_current_context().invoke(finetune_cmd, model=model, env_id=qat_env, steps=qat_steps,
                                                output=str(tuned), out=str(logs), config=config, vecnormalize=vecnormalize,
                                                trust_pickle=trust_pickle, force=force, no_progress=True,
-                                               debug=debug)
+                                               method="auto", per_channel=per_channel, debug=debug)
             model, config, vecnormalize = str(tuned), None, None
         cfg = json.loads(Path(config).read_text()) if config else None
         if env_id:
@@ -70,10 +81,24 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
             from bitrl_compile.trainers.export import features_policy
 
             loaded = features_policy(loaded)
+        hook = None
+        if env_id and loaded.output.get("kind") in ("discrete", "continuous"):  # no env, no measure
+            from bitrl_compile import fidelity
+
+            fp32 = loaded if original[0] == model else load_policy(
+                original[0], config=dict(json.loads(Path(original[1]).read_text()) if original[1] else {},
+                                         env=env_id), trust_pickle=trust_pickle, vecnormalize=original[2])
+            hook = fidelity.compile_hook(fp32, env_id, episodes=episodes or 0)
         result = compile_policy(loaded, target, out, per_channel=per_channel, force=force,
                                 bundle_runtime=bundle_runtime, tuning_db=tuning_db, tuning=not no_tuning,
-                                log=lambda s: click.echo(f"  {s}", err=True))
+                                log=lambda s: click.echo(f"  {s}", err=True), measure=hook)
         click.echo(_summary(result.manifest, out, time.perf_counter() - t0))
+        if "fidelity" in result.manifest:
+            record = result.manifest["fidelity"]
+            click.echo(f"  {fidelity.describe(record)}")
+            alarm = fidelity.warning(record, per_channel=per_channel, recovered=bool(qat_env))
+            if alarm:
+                click.echo(f"bitrl-compile: warning: {alarm}", err=True)
 
 
 def _summary(manifest: dict, path: Path, seconds: float | None = None) -> str:
@@ -133,6 +158,10 @@ def inspect_cmd(artifact, as_json, debug):
             digest = f"  sha256 {m['members'][name][:16]}…" if name in m["members"] else ""
             click.echo(f"  member {name:<20} {size:>10,} bytes{digest}")
         click.echo(signature_line(art))
+        if "fidelity" in m:
+            from bitrl_compile.fidelity import describe
+
+            click.echo(f"  fidelity: {describe(m['fidelity'])}")
         stats = m.get("stats", {})
         if stats.get("ternary_weights") and "param_bytes" in stats:
             bits = 8 * stats["param_bytes"] / stats["ternary_weights"]

@@ -1,4 +1,4 @@
-"""Commands that train: train (PPO), finetune (QAT), pretrain-bitnet."""
+"""Commands that train: train (PPO), finetune (distillation or PPO QAT), pretrain-bitnet."""
 
 from __future__ import annotations
 
@@ -85,7 +85,19 @@ def train_cmd(env_id, steps, heads_bits, hidden, seed, out, no_progress, debug, 
 @click.command("finetune")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--env", "env_id", required=True, help="the gymnasium environment the policy was trained on")
-@click.option("--steps", type=click.IntRange(min=1), help="QAT steps [default: half the env's preset]")
+@click.option("--method", type=click.Choice(["auto", "distill", "ppo"]), default="auto", show_default=True,
+              help="distill: the fp32 policy teaches its ternary version (keeps the algorithm: a DQN stays a "
+                   "Q-network, a TD3/SAC actor stays that actor); ppo: PPO fine-tune with a KL term (actor-critic "
+                   "policies); auto: distill")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="environment steps: ppo's QAT steps [default: a quarter of the env's preset]; distill's rollout "
+                   "states at most [default: until --agreement or --budget]")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
+              help="distill: seconds of one core at most")
+@click.option("--agreement", type=click.FloatRange(0, 1), default=0.99, show_default=True,
+              help="distill: stop when the ternary policy acts like the fp32 one on this fraction of held-out states")
+@click.option("--per-channel", is_flag=True,
+              help="distill for one weight scale per output channel (then compile with --per-channel)")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="fine-tuned policy [default: MODEL stem + -ternary.safetensors]")
 @click.option("--out", type=click.Path(file_okay=False), help="run folder for logs [default: runs/finetune-ENV]")
@@ -98,9 +110,10 @@ def train_cmd(env_id, steps, heads_bits, hidden, seed, out, no_progress, debug, 
 @click.option("--force", is_flag=True, help="overwrite the output file")
 @click.option("--no-progress", is_flag=True)
 @click.option("--debug", is_flag=True)
-def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecnormalize, trust_pickle, force,
-                 no_progress, debug):
-    """Quantization-aware fine-tune of an fp32 MLP policy so that its ternary version keeps the return."""
+def finetune_cmd(model, env_id, method, steps, budget, agreement, per_channel, output, out, episodes, seed, config,
+                 vecnormalize, trust_pickle, force, no_progress, debug):
+    """Quantization-aware fine-tune of an fp32 MLP policy so that its ternary version keeps the return: by
+    distillation from the fp32 policy (any MLP policy: PPO, A2C, DQN, SAC, TD3) or by PPO (actor-critic)."""
     with guard(debug):
         import numpy as np
 
@@ -125,7 +138,29 @@ def finetune_cmd(model, env_id, steps, output, out, episodes, seed, config, vecn
         before = load()
         check_policy_fits(before, env_id, model)
         click.echo(f"before: fp32 {mean(reference_act(before, ternary=False))}, ternary (PTQ) "
-                   f"{mean(reference_act(before))}  ({episodes} episodes)")
+                   f"{mean(reference_act(before, per_channel=per_channel))}  ({episodes} episodes)")
+        if method in ("auto", "distill"):
+            from bitrl_compile.trainers import distill
+
+            run_out = out or f"runs/finetune-{env_id}-seed{seed}"
+            args = distill.DistillArgs(seed=seed, budget_s=budget, agreement=agreement, per_channel=per_channel,
+                                       out=run_out)
+            if steps:
+                args.max_rounds = -(-steps // (args.num_envs * args.steps_per_round))
+            with removed_if_failed(run_out):
+                result = distill.distill(before, env_id, output, args, log=lambda s: click.echo(s, err=True))
+            flag = " --per-channel" if per_channel else ""
+            click.echo(f"after distillation ({result.rounds} rounds, {result.seconds:.0f} s, held-out agreement "
+                       f"{100 * result.agreement_before:.1f} % -> {100 * result.agreement_after:.1f} %): ternary "
+                       f"{mean(reference_act(load_policy(output), per_channel=per_channel))}")
+            if result.agreement_after < agreement:
+                hint = (" or `--method ppo` (RL fine-tuning)" if result.kind == "logits" or
+                        before.output.get("log_std") is not None else "")
+                click.echo(f"bitrl-compile: warning: distillation reached {100 * result.agreement_after:.1f} % "
+                           f"agreement, below the {100 * agreement:.1f} % target; give it a larger --budget{hint}",
+                           err=True)
+            click.echo(f"  {output}  (compile: bitrl-compile {output}{flag})")
+            return
         overrides = {"seed": seed, "progress": not no_progress, "eval_episodes": episodes,
                      "out": out or f"runs/finetune-{env_id}-seed{seed}"}
         if steps:

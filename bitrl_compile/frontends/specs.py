@@ -26,10 +26,10 @@ def _read_config(config) -> dict:
         else:
             cfg = json.loads(Path(text).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ModelLoadError(f"config {text[:80]}: not readable JSON ({str(e)[:160]}); give a dict or a JSON file") \
+        raise ModelLoadError(f"config {text[:80]!r}: not readable JSON ({str(e)[:160]}); give a dict or a JSON file") \
             from None
     if not isinstance(cfg, dict):
-        raise ModelLoadError(f"config {text[:80]}: must be a JSON object, e.g. {{\"arch\": \"mlp\", ...}}")
+        raise ModelLoadError(f"config {text[:80]!r}: must be a JSON object, e.g. {{\"arch\": \"mlp\", ...}}")
     return cfg
 
 
@@ -78,9 +78,13 @@ def _env_spaces(path: Path, env_id, what: str = "--env") -> tuple[dict, dict]:
     if not isinstance(env_id, str) or (env_id not in gymnasium.registry and ":" not in env_id):  # pkg:Id imports
         raise ModelLoadError(f"{path}: unknown environment {str(env_id)[:80]!r} ({what}); give a gymnasium id such "
                              "as CartPole-v1 or Pendulum-v1, or a config with \"output\"")
+    from bitrl_compile.evaluate import EnvUnavailable, make_env
+
     try:
-        env = gymnasium.make(env_id)
-    except Exception as e:  # noqa: BLE001 - gymnasium raises several error types for missing extras
+        env = make_env(env_id)
+    except EnvUnavailable as e:  # a missing extra (Box2D, MuJoCo): the pip command, in one line
+        raise ModelLoadError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - gymnasium raises several error types for other failures
         raise ModelLoadError(f"{path}: environment {env_id!r} cannot be made ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); install what it "
                              "needs, or give a config with \"output\"") from None

@@ -1,0 +1,171 @@
+"""Distillation (trainers/distill.py) of SB3 policies into their ternary versions: return of fp32, PTQ, distilled.
+
+    nice -n 10 python bench/distill.py                           # DQN CartPole, TD3 and SAC Pendulum, 5 seeds
+    python bench/distill.py --policies dqn-CartPole-v1 --seeds 2 --budget 60     # a quick look
+    python bench/distill.py --train-only                         # only train (and cache) the SB3 teachers
+    python bench/distill.py --merge bench/runs/distill-*/results.json   # one table of runs made in parallel
+
+Teachers are trained here by Stable-Baselines3 itself with RL Zoo's hyperparameters (budgets as in rl-zoo3's
+hyperparams/*.yml) and cached in ~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip, so a second run only
+distils. For each seed: the teacher's return (fp32, its own MLP in numpy), PTQ (every Linear ternarized as the
+compiler does, no training), distilled (`distill.distill`, the default budget: 180 s of one core or 99 % action
+agreement), all on the same 10 deterministic episodes (reset seeds 10000 + i); and the time the distillation took.
+Score = (R - R_random) / (R_fp32 - R_random). Returns of the distilled policy come from the numpy reference
+(`export.reference_act`), which the compiled artifact matches (tests/test_distill.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "bitrl-compile" / "bench"
+EVAL_SEED = 10_000
+
+# RL Zoo (rl-zoo3 hyperparams/{dqn,td3,sac}.yml) settings for these environments.
+ZOO = {
+    ("dqn", "CartPole-v1"): {"steps": 50_000, "kwargs": {
+        "learning_rate": 2.3e-3, "batch_size": 64, "buffer_size": 100_000, "learning_starts": 1000, "gamma": 0.99,
+        "target_update_interval": 10, "train_freq": 256, "gradient_steps": 128, "exploration_fraction": 0.16,
+        "exploration_final_eps": 0.04, "policy_kwargs": {"net_arch": [256, 256]}}},
+    ("td3", "Pendulum-v1"): {"steps": 20_000, "noise": 0.1, "kwargs": {
+        "gamma": 0.98, "buffer_size": 200_000, "learning_starts": 10_000, "gradient_steps": 1, "train_freq": 1,
+        "learning_rate": 1e-3, "policy_kwargs": {"net_arch": [400, 300]}}},
+    ("sac", "Pendulum-v1"): {"steps": 20_000, "kwargs": {"learning_rate": 1e-3}},
+}
+
+
+def teacher(algo: str, env_id: str, seed: int, log=print) -> Path:
+    """The cached SB3 model of (algo, env, seed), trained with RL Zoo's settings when missing."""
+    path = CACHE / f"sb3-{algo}-{env_id}-seed{seed}.zip"
+    if path.is_file():
+        return path
+    import gymnasium as gym
+    import stable_baselines3
+    import torch
+
+    torch.set_num_threads(1)
+    zoo = ZOO[(algo, env_id)]
+    kwargs = dict(zoo["kwargs"])
+    if "noise" in zoo:
+        from stable_baselines3.common.noise import NormalActionNoise
+
+        n = int(np.prod(gym.make(env_id).action_space.shape))
+        kwargs["action_noise"] = NormalActionNoise(np.zeros(n), zoo["noise"] * np.ones(n))
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    t0 = time.perf_counter()
+    model = getattr(stable_baselines3, algo.upper())("MlpPolicy", env_id, seed=seed, verbose=0, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.zip")
+    best = -np.inf
+    chunk = zoo["steps"] // 10  # RL Zoo keeps the best of periodic evaluations (DQN on CartPole can collapse late)
+    env = gym.make(env_id)
+    for i in range(10):
+        model.learn(chunk, reset_num_timesteps=i == 0)
+        if (i + 1) * chunk < zoo["kwargs"].get("learning_starts", 0):
+            continue
+        score, _ = evaluate_policy(model, env, n_eval_episodes=5, deterministic=True, warn=False)
+        if score > best:
+            best = score
+            model.save(tmp)
+    tmp.rename(path)
+    log(f"trained {path.name} in {time.perf_counter() - t0:.0f} s (best evaluation {best:.1f})")
+    return path
+
+
+def run(algo: str, env_id: str, seed: int, episodes: int, budget: float, per_channel: bool, out: Path) -> dict:
+    import torch
+
+    from bitrl_compile.evaluate import evaluate
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.trainers import distill
+    from bitrl_compile.trainers.export import reference_act
+
+    torch.set_num_threads(1)
+    loaded = load_policy(teacher(algo, env_id, seed))
+
+    def ret(act):
+        return evaluate(act, env_id, episodes, EVAL_SEED)[0]
+
+    import gymnasium as gym
+
+    space = gym.make(env_id).action_space
+    rows = {"random": ret(lambda obs: space.sample()), "fp32": ret(reference_act(loaded, ternary=False)),
+            "ptq": ret(reference_act(loaded, per_channel=per_channel))}
+    path = out / f"{algo}-{env_id}-seed{seed}.safetensors"
+    t0 = time.perf_counter()
+    result = distill.distill(loaded, env_id, path, distill.DistillArgs(seed=seed, budget_s=budget,
+                                                                      per_channel=per_channel), log=lambda s: None)
+    seconds = time.perf_counter() - t0
+    rows["distilled"] = ret(reference_act(load_policy(path), per_channel=per_channel))
+    return {"algo": algo, "env": env_id, "seed": seed, "returns": rows, "seconds": round(seconds, 1),
+            "agreement_before": result.agreement_before, "agreement_after": result.agreement_after,
+            "rounds": result.rounds}
+
+
+def table(results: list[dict]) -> str:
+    lines = [("| policy | seeds | fp32 | PTQ | distilled | score PTQ | score distilled | agreement before → after "
+             "| distill time |"), "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["algo"], r["env"]) for r in results})
+    for algo, env_id in keys:
+        rs = [r for r in results if (r["algo"], r["env"]) == (algo, env_id)]
+        means = {k: np.array([np.mean(r["returns"][k]) for r in rs]) for k in ("random", "fp32", "ptq", "distilled")}
+        span = np.where(np.abs(means["fp32"] - means["random"]) > 1e-9, means["fp32"] - means["random"], np.nan)
+
+        def score(k):
+            return f"{100 * np.nanmean((means[k] - means['random']) / span):.1f} %"  # noqa: B023
+
+        def cell(k):
+            allr = np.concatenate([r["returns"][k] for r in rs])  # noqa: B023 - called in this iteration
+            return f"{np.mean(allr):.1f} ± {np.std(allr):.1f}"
+
+        agree = (f"{np.mean([r['agreement_before'] for r in rs]):.3f} → "
+                 f"{np.mean([r['agreement_after'] for r in rs]):.3f}")
+        lines.append(f"| SB3 {algo.upper()} {env_id} | {len(rs)} | {cell('fp32')} | {cell('ptq')} | "
+                     f"{cell('distilled')} | {score('ptq')} | {score('distilled')} | {agree} | "
+                     f"{np.mean([r['seconds'] for r in rs]):.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--policies", default="dqn-CartPole-v1,td3-Pendulum-v1,sac-Pendulum-v1",
+                   help="comma-separated algo-env")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--budget", type=float, default=180.0, help="distillation budget per policy, seconds")
+    p.add_argument("--per-channel", action="store_true")
+    p.add_argument("--train-only", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                   help="print the table of earlier runs' results.json files (runs in parallel), run nothing")
+    p.add_argument("--out", default="bench/runs/distill", help="folder for the distilled files and results.json")
+    a = p.parse_args()
+    if a.merge:
+        print(table([r for f in a.merge for r in json.loads(Path(f).read_text())]))
+        return
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for spec in a.policies.split(","):
+        algo, env_id = spec.split("-", 1)
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
+            if a.train_only:
+                teacher(algo, env_id, seed, log=lambda s: print(s, file=sys.stderr, flush=True))
+                continue
+            r = run(algo, env_id, seed, a.episodes, a.budget, a.per_channel, out)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            results.append(r)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    if results:
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""How much of the original policy its ternary version keeps, measured where it matters: on the states the
+original fp32 policy visits in its environment.
+
+    measure(loaded, ternary, env_id)      the fp32 policy (loaded.module, or the ONNX graph through onnxruntime,
+                                          with the artifact's observation preparation and normalisation) rolls
+                                          out ROLLOUTS deterministic episodes (reset seeds seed..seed+2, at most
+                                          MAX_STATES states); on those states, the ternary policy's actions are
+                                          compared with the original's:
+        discrete     the same action (argmax); for Q-networks also the mean gap between the fp32 network's best
+                     two Q-values and the mean |Q_ternary - Q_fp32|
+        continuous   every dimension within CONTINUOUS_TOLERANCE (5 %) of its action range:
+                     |a - a_fp32| <= 0.05 (high - low); a dimension without finite bounds uses the range the fp32
+                     actions span on those states; plus the mean error as a share of that range
+      With episodes=N, N deterministic episodes of each (reset seeds seed..seed+N-1) and of a uniform random
+      policy give the returns and the score (R - R_random) / (R_fp32 - R_random).
+    artifact_forward(manifest, members, quantized, output)
+                                          the ternary side: the compiled artifact itself (in this process, as
+                                          runtime.load opens it) when it runs on this machine, else the numpy
+                                          reference of the quantized module (reference.run)
+    compile_hook(loaded, env_id, ...)     what `pipeline.compile_policy(measure=...)` calls before writing, so the
+                                          manifest carries "fidelity" (runtime/manifest.py checks its fields)
+    describe(record), warning(record)     the lines compile and inspect print
+
+Work layer, beside the pipeline: imports the reference, the floor (evaluate) and the runtime.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from bitrl_compile.evaluate import evaluate, make_env
+from bitrl_compile.runtime.policy import normalization, postprocess, prepare_observations
+
+AGREEMENT_TARGET = 0.98
+CONTINUOUS_TOLERANCE = 0.05  # of the action range, per dimension
+ROLLOUTS = 3
+MAX_STATES = 2000
+CHUNK = 512  # observations per call of the ternary policy
+
+Forward = Callable[[np.ndarray], np.ndarray]  # a batch of raw observations -> the network's raw outputs
+
+
+@dataclass
+class Fidelity:
+    env: str
+    states: int
+    agreement: float                 # share of the states where the ternary action agrees (the rule above)
+    engine: str                      # "artifact" or "reference": what computed the ternary actions
+    kind: str                        # the output kind: "discrete" or "continuous"
+    q_gap: float | None = None       # Q-networks: mean gap between the fp32 best two Q-values
+    q_error: float | None = None     # Q-networks: mean |Q_ternary - Q_fp32|
+    error: float | None = None       # continuous: mean |a - a_fp32| as a share of the action range
+    episodes: int = 0
+    ret: float | None = None         # mean return of the ternary policy over `episodes`
+    ret_fp32: float | None = None
+    ret_random: float | None = None
+
+    @property
+    def score(self) -> float | None:
+        if self.ret is None or self.ret_fp32 is None or self.ret_random is None:
+            return None
+        span = self.ret_fp32 - self.ret_random
+        return (self.ret - self.ret_random) / span if abs(span) > 1e-9 else None
+
+    def record(self) -> dict:
+        """The manifest's "fidelity" object (JSON: finite numbers, absent fields left out)."""
+        out = {"env": self.env, "states": self.states, "agreement": round(self.agreement, 6), "engine": self.engine,
+               "kind": self.kind, "rule": rule(self.kind)}
+        for key, value in (("q_gap", self.q_gap), ("q_error", self.q_error), ("error", self.error),
+                           ("return", self.ret), ("return_fp32", self.ret_fp32), ("return_random", self.ret_random),
+                           ("score", self.score)):
+            if value is not None and math.isfinite(value):
+                out[key] = round(float(value), 6)
+        if self.episodes:
+            out["episodes"] = self.episodes
+        return out
+
+
+def rule(kind: str) -> str:
+    if kind == "discrete":
+        return "same action (argmax)"
+    return f"|a - a_fp32| <= {100 * CONTINUOUS_TOLERANCE:.0f} % of the action range in every dimension"
+
+
+def describe(record: dict) -> str:
+    """One line: "action agreement 97.1 % on 1,500 states the fp32 policy visits in CartPole-v1 (...)"."""
+    head = (f"action agreement {100 * record['agreement']:.1f} % on {record['states']:,} states the fp32 policy "
+            f"visits in {record['env']}")
+    parts = [head]
+    nan = float("nan")  # a field a hand-made manifest left out
+    if "q_gap" in record:
+        parts.append(f"fp32 Q best-two gap {record['q_gap']:.3g}, ternary Q error {record.get('q_error', nan):.3g}")
+    if "error" in record:
+        parts.append(f"{record.get('rule', rule('continuous'))}; mean error {100 * record['error']:.1f} % of the "
+                     "range")
+    if "return" in record:
+        score = f", score {100 * record['score']:.1f} %" if "score" in record else ""
+        parts.append(f"return {record['return']:.1f} vs {record.get('return_fp32', nan):.1f} over "
+                     f"{record.get('episodes', '?')} episodes{score}, random {record.get('return_random', nan):.1f}")
+    return parts[0] + (" (" + "; ".join(parts[1:]) + ")" if len(parts) > 1 else "")
+
+
+def warning(record: dict, per_channel: bool = False, recovered: bool = False) -> str | None:
+    """The warning line below AGREEMENT_TARGET, naming the recovery; None at or above it, and None when the
+    episodes were run and the ternary policy kept AGREEMENT_TARGET of the return (a policy can disagree where
+    actions hardly matter, e.g. CartPole near balance: the repository's example policy keeps 500/500 at 75 %)."""
+    if record["agreement"] >= AGREEMENT_TARGET or record.get("score", -math.inf) >= AGREEMENT_TARGET:
+        return None
+    head = (f"the ternary policy acts as the fp32 one on only {100 * record['agreement']:.1f} % of its "
+            f"states (target {100 * AGREEMENT_TARGET:.0f} %)")
+    if recovered:  # after --qat: say how far it got and what is left to try
+        more = "" if per_channel else "--per-channel, or "
+        return (f"{head} after recovery; try {more}a longer one (--qat-steps), and check the return with "
+                "--episodes N")
+    fixes = f"--qat {record['env']}" + ("" if per_channel else ", or --per-channel")
+    return f"{head}: plain ternarization loses this policy; recovery: {fixes}"
+
+
+# ------------------------------------------------------------------------------------------------ the two policies
+
+def original_forward(loaded) -> Forward:
+    """The fp32 policy of a LoadedPolicy on raw observations, prepared exactly as its artifact prepares them."""
+    spec, norm = loaded.input, normalization(loaded.input)
+    if loaded.module is not None:
+        import torch
+
+        module = loaded.module.eval()
+
+        def forward(obs):
+            x, _ = prepare_observations(spec, obs, norm)
+            with torch.no_grad():
+                return module(torch.from_numpy(np.ascontiguousarray(x))).numpy().astype(np.float32)
+
+        return forward
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(loaded.onnx_model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def forward_onnx(obs):
+        x, _ = prepare_observations(spec, obs, norm)
+        return np.asarray(session.run(None, {name: np.ascontiguousarray(x)})[0], np.float32)
+
+    return forward_onnx
+
+
+def artifact_forward(manifest: dict, members: dict[str, bytes], quantized, output) -> tuple[Forward, str, Callable]:
+    """The ternary policy: (forward, engine, close). The artifact as runtime.load would open it when it runs
+    here, else the numpy reference of the quantized module (another architecture, missing CPU features)."""
+    import json
+
+    from bitrl_compile import reference
+    from bitrl_compile.runtime import artifact as art
+    from bitrl_compile.runtime import safetensors_np, weights
+    from bitrl_compile.runtime.policy import Policy, check_runnable_here
+
+    spec, norm = manifest["input"], normalization(manifest["input"])
+    try:
+        check_runnable_here(manifest, output)
+    except ValueError:
+        def forward_reference(obs):
+            x, _ = prepare_observations(spec, obs, norm)
+            out = np.asarray(reference.run(quantized, x), np.float32)
+            return out.reshape(len(x), -1)
+
+        return forward_reference, "reference", lambda: None
+    manifest = json.loads(art.manifest_bytes(manifest))
+    params, _ = safetensors_np.loads(members[art.PARAMS])
+    params = weights.unpack_params(params, manifest.get("weights", {}))
+    policy = Policy(manifest, members[art.LIB], params, str(output))
+    batch_max = int((manifest.get("batch") or {}).get("max") or CHUNK)
+    step = max(1, min(CHUNK, batch_max))
+
+    def forward_artifact(obs):
+        obs = np.asarray(obs)
+        return np.concatenate([np.asarray(policy.forward(obs[i:i + step]), np.float32).reshape(
+            len(obs[i:i + step]), -1) for i in range(0, len(obs), step)])
+
+    return forward_artifact, "artifact", policy.close
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def _env_action(output_spec: dict, out: np.ndarray):
+    action = postprocess(output_spec, out[None] if out.ndim == 1 else out)[0]
+    return int(action) if output_spec["kind"] == "discrete" else action
+
+
+def visited_states(forward: Forward, output_spec: dict, env_id: str, rollouts: int = ROLLOUTS,
+                   max_states: int = MAX_STATES, seed: int = 0) -> np.ndarray:
+    """The observations of `rollouts` deterministic episodes of the policy (reset seeds seed + i), at most
+    max_states of them."""
+    env = make_env(env_id)
+    states = []
+    try:
+        for i in range(rollouts):
+            obs, _ = env.reset(seed=seed + i)
+            done = False
+            while not done and len(states) < max_states:
+                states.append(np.array(obs, copy=True))
+                obs, _, terminated, truncated, _ = env.step(_env_action(output_spec, forward(np.asarray(obs)[None])))
+                done = terminated or truncated
+    finally:
+        env.close()
+    return np.stack(states)
+
+
+def compare(output_spec: dict, ours: np.ndarray, fp32: np.ndarray) -> dict:
+    """Agreement of the ternary outputs with the fp32 ones on the same states (the rule in the docstring)."""
+    if output_spec["kind"] == "discrete":
+        n = len(fp32)
+        ours, fp32 = ours.reshape(n, -1).astype(np.float64), fp32.reshape(n, -1).astype(np.float64)
+        result = {"agreement": float((ours.argmax(1) == fp32.argmax(1)).mean())}
+        if output_spec.get("outputs") == "q_values" and fp32.shape[1] > 1:
+            top2 = np.sort(fp32, axis=1)[:, -2:]
+            result.update(q_gap=float((top2[:, 1] - top2[:, 0]).mean()), q_error=float(np.abs(ours - fp32).mean()))
+        return result
+    return action_agreement(output_spec, postprocess(output_spec, ours.astype(np.float32)),
+                            postprocess(output_spec, fp32.astype(np.float32)))
+
+
+def action_agreement(output_spec: dict, ours, fp32) -> dict:
+    """The rule on actions (what an env takes): {"agreement"} for discrete, plus {"error"} for continuous."""
+    n = len(fp32)
+    a, b = np.asarray(ours).reshape(n, -1).astype(np.float64), np.asarray(fp32).reshape(n, -1).astype(np.float64)
+    if output_spec["kind"] == "discrete":
+        return {"agreement": float((a == b).all(axis=1).mean())}
+    span = (np.asarray(output_spec["high"], np.float64) - np.asarray(output_spec["low"], np.float64)).reshape(-1)
+    seen = b.max(0) - b.min(0)
+    span = np.where(np.isfinite(span), span, np.where(seen > 0, seen, 1.0))
+    diff = np.abs(a - b) / span
+    return {"agreement": float((diff <= CONTINUOUS_TOLERANCE).all(axis=1).mean()), "error": float(diff.mean())}
+
+
+def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", episodes: int = 0, seed: int = 0,
+            rollouts: int = ROLLOUTS, max_states: int = MAX_STATES, fp32: Forward | None = None) -> Fidelity:
+    """The fidelity of `ternary` (raw observations -> raw outputs) to the original policy `loaded`."""
+    spec = loaded.output
+    if spec["kind"] not in ("discrete", "continuous"):
+        raise ValueError(f"fidelity needs a policy with actions, not output kind {spec['kind']!r}")
+    fp32 = fp32 or original_forward(loaded)
+    states = visited_states(fp32, spec, env_id, rollouts, max_states, seed)
+    result = Fidelity(env=env_id, states=len(states), engine=engine, kind=spec["kind"],
+                      **compare(spec, ternary(states), fp32(states)))
+    if episodes:
+        def act(forward):
+            return lambda obs: _env_action(spec, forward(np.asarray(obs)[None]))
+
+        space = make_env(env_id).action_space
+        space.seed(seed)
+        result.episodes = episodes
+        result.ret = float(np.mean(evaluate(act(ternary), env_id, episodes, seed)[0]))
+        result.ret_fp32 = float(np.mean(evaluate(act(fp32), env_id, episodes, seed)[0]))
+        result.ret_random = float(np.mean(evaluate(lambda obs: space.sample(), env_id, episodes, seed)[0]))
+    return result
+
+
+def compile_hook(loaded, env_id: str, *, episodes: int = 0, seed: int = 0,
+                 done: Callable[[Fidelity], None] = lambda f: None):
+    """For `pipeline.compile_policy(measure=...)`: measures the artifact (or the reference) before it is written
+    and returns the manifest's "fidelity" record; `done` receives the Fidelity (the CLI prints it)."""
+    def hook(manifest: dict, members: dict[str, bytes], quantized, output) -> dict:
+        forward, engine, close = artifact_forward(manifest, members, quantized, output)
+        try:
+            result = measure(loaded, forward, env_id, engine=engine, episodes=episodes, seed=seed)
+        finally:
+            close()
+        done(result)
+        return result.record()
+
+    return hook

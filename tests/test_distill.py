@@ -1,0 +1,104 @@
+"""Distillation (trainers/distill.py): the fp32 policy teaches its ternary version and the algorithm stays.
+
+Real SB3 policies trained in the session (tiny budgets), real gymnasium envs, real compiles; small distillation
+budgets (rounds, not seconds, so that the results do not depend on the machine's speed)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bitrl_compile.frontends import load_policy
+from bitrl_compile.trainers import distill
+from bitrl_compile.trainers.export import reference_forward
+
+
+def small(**kw):
+    return distill.DistillArgs(**{"budget_s": 600.0, "heldout": 512, "steps_per_round": 64, "updates_per_round": 100,
+                                  **kw})
+
+
+@pytest.fixture(scope="module")
+def dqn(sb3_trained):
+    """A small DQN whose plain ternary version disagrees with it on a visible fraction of states."""
+    return sb3_trained("dqn", "CartPole-v1", steps=3000, learning_starts=200, train_freq=4, gradient_steps=1,
+                       target_update_interval=100, learning_rate=1e-3, policy_kwargs={"net_arch": [64, 64]}).path
+
+
+@pytest.fixture(scope="module")
+def distilled_dqn(dqn, tmp_path_factory):
+    path = tmp_path_factory.mktemp("distill") / "dqn-ternary.safetensors"
+    result = distill.distill(load_policy(dqn), "CartPole-v1", path, small(max_rounds=6), log=lambda s: None)
+    return result, path
+
+
+def test_dqn_distilled_agrees_more_and_stays_a_q_network(dqn, distilled_dqn):
+    result, path = distilled_dqn
+    assert result.kind == "q_values"
+    assert result.agreement_before < 0.9  # plain ternarization changes visible actions of this DQN
+    assert result.agreement_after > result.agreement_before
+    student = load_policy(path)
+    assert student.output == load_policy(dqn).output and student.output["outputs"] == "q_values"
+    assert student.recovery == "distill"
+
+
+def test_distilled_dqn_compiles_to_the_students_q_values_and_actions(distilled_dqn, tmp_path, cartpole_obs):
+    from bitrl_compile import pipeline
+    from bitrl_compile.runtime import load
+
+    result, path = distilled_dqn
+    loaded = load_policy(path)
+    compiled = pipeline.compile_policy(loaded, "host", tmp_path / "dqn.bitrl")
+    assert compiled.manifest["recovery"] == "distill" and compiled.manifest["output"]["outputs"] == "q_values"
+    with load(compiled.path) as artifact:
+        q = artifact.forward(cartpole_obs)
+        actions = artifact.act(cartpole_obs)
+    reference = reference_forward(loaded)(cartpole_obs)  # the numpy BitLinear: what was measured
+    with torch.no_grad():
+        trained = distill.ste_forward(result.student, torch.from_numpy(cartpole_obs)).numpy()  # what was trained
+    np.testing.assert_array_equal(q, reference)  # ReLU: bit for bit
+    np.testing.assert_allclose(trained, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    np.testing.assert_array_equal(actions, reference.argmax(1))
+
+
+def test_continuous_actor_keeps_its_squash_and_bounds(sb3_trained, tmp_path):
+    from bitrl_compile import pipeline
+    from bitrl_compile.runtime import load
+    from bitrl_compile.runtime.policy import postprocess
+
+    sac = load_policy(sb3_trained("sac", "Pendulum-v1", steps=200, policy_kwargs={"net_arch": [32, 32]}).path)
+    path = tmp_path / "sac-ternary.safetensors"
+    result = distill.distill(sac, "Pendulum-v1", path, small(max_rounds=2, heldout=256), log=lambda s: None)
+    student = load_policy(path)
+    assert result.kind == "continuous"
+    assert student.output == sac.output and student.output["squash"] == "tanh"
+    assert student.output["low"] == [-2.0] and student.output["high"] == [2.0]
+    obs = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
+    compiled = pipeline.compile_policy(student, "host", tmp_path / "sac.bitrl")
+    with load(compiled.path) as artifact:
+        actions = artifact.act(obs)
+    np.testing.assert_allclose(actions, postprocess(student.output, reference_forward(student)(obs)), atol=1e-5)
+    assert np.all(np.abs(actions) <= 2.0)
+
+
+def test_finetune_distills_by_default_and_writes_a_q_network(dqn, tmp_path):
+    out = tmp_path / "dqn-ternary.safetensors"
+    r = subprocess.run([sys.executable, "-m", "bitrl_compile.cli", "finetune", str(dqn), "--env", "CartPole-v1",
+                        "--budget", "3", "--episodes", "1", "-o", str(out), "--out", str(tmp_path / "logs")],
+                       capture_output=True, text=True, check=False, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "after distillation" in r.stdout and "round" in r.stderr and "held-out action agreement" in r.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="np") as f:
+        config = json.loads(f.metadata()["config"])
+    assert config["output"]["outputs"] == "q_values" and config["trained"]["recovery"] == "distill"
+    assert (tmp_path / "logs" / "progress.csv").is_file()
+
+
+def test_a_backbone_cannot_be_distilled():
+    with pytest.raises(ValueError, match="not a backbone"):
+        distill.output_kind({"kind": "features", "dim": 8})

@@ -1,0 +1,204 @@
+"""Compile knows when it loses (issue 14, item 3): with --env, the ternary policy is measured against the original
+on the states the original visits, printed, recorded in the manifest, shown by inspect, and below 98 % a warning
+names the recovery. Real SB3 policies (tests/conftest.py's sb3_trained), real gymnasium environments."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bitrl_compile.cli import main
+
+
+def compile_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def manifest_of(path) -> dict:
+    with zipfile.ZipFile(path) as z:
+        return json.loads(z.read("manifest.json"))
+
+
+@pytest.fixture(scope="module")
+def q_network(tmp_path_factory):
+    """A real Q-network file whose Q-values are ≈ 99 with tiny gaps between the actions (the issue's SB3 DQN
+    CartPole: 9 vs 500): its two output rows differ by 2 % of a random vector, which ternarization erases."""
+    import torch
+
+    from bitrl_compile.frontends import MLPPolicy, save_mlp_policy
+
+    g = torch.Generator().manual_seed(0)
+    net = MLPPolicy([4, 64, 2], "tanh")
+    with torch.no_grad():
+        net.net[0].weight.copy_(torch.randn(64, 4, generator=g))
+        net.net[0].bias.zero_()
+        v, u = torch.randn(64, generator=g), torch.randn(64, generator=g)
+        net.net[2].weight.copy_(torch.stack([v, v + 0.02 * u]))
+        net.net[2].bias.fill_(99.0)
+    path = tmp_path_factory.mktemp("q") / "q.safetensors"
+    save_mlp_policy(path, net, {"obs_shape": [4], "hidden": [64], "activation": "tanh",
+                                "output": {"kind": "discrete", "n": 2, "outputs": "q_values"}})
+    return path
+
+
+def test_a_policy_that_keeps_its_actions_compiles_without_a_warning_and_inspect_shows_the_measure(
+        sb3_trained, tmp_path):
+    from torch import nn
+
+    path = sb3_trained("ppo", "CartPole-v1", policy_kwargs={"activation_fn": nn.ReLU, "net_arch": [32, 16]}).path
+    out = tmp_path / "ppo.bitrl"
+    r = compile_cli(path, "--env", "CartPole-v1", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "action agreement 100.0 % on" in r.stdout and "states the fp32 policy visits in CartPole-v1" in r.stdout
+    assert "warning" not in r.stderr
+    record = manifest_of(out)["fidelity"]
+    assert record["env"] == "CartPole-v1" and record["agreement"] == 1.0 and record["engine"] == "artifact"
+    assert record["rule"] == "same action (argmax)" and 1 <= record["states"] <= 2000
+    assert "return" not in record  # no --episodes: no episodes run
+    r = compile_cli("inspect", out)
+    assert r.exit_code == 0 and "fidelity: action agreement 100.0 %" in r.stdout, r.output
+    assert json.loads(compile_cli("inspect", "--json", out).stdout)["fidelity"] == record
+
+
+def test_a_q_network_with_tiny_gaps_loses_and_the_warning_names_the_recovery(q_network, tmp_path):
+    out = tmp_path / "q.bitrl"
+    r = compile_cli(q_network, "--env", "CartPole-v1", "--episodes", "2", "-o", out)
+    assert r.exit_code == 0, r.output
+    record = manifest_of(out)["fidelity"]
+    assert record["agreement"] < 0.98
+    assert 0 < record["q_gap"] < 0.2 and record["q_error"] > record["q_gap"]  # errors beyond the gaps
+    assert record["episodes"] == 2 and record["return"] < record["return_fp32"] and record["score"] < 0.5
+    assert {"return_random", "states"} <= set(record)
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "recovery: --qat CartPole-v1, or --per-channel" in warnings[0], r.stderr
+    assert f"action agreement {100 * record['agreement']:.1f} %" in r.stdout and "over 2 episodes" in r.stdout
+
+
+def test_the_measure_compares_actions_on_the_states_the_fp32_policy_visits(q_network):
+    """fidelity.measure on its own: the fp32 policy plays both actions on its states, the ternary one (here the
+    numpy reference of the quantized module, as on a machine that cannot run the artifact) mostly one."""
+    from bitrl_compile import fidelity, pipeline, reference, targets
+    from bitrl_compile.frontends import load_policy
+
+    loaded = load_policy(q_network, config={"env": "CartPole-v1"})
+    tvm_target = targets.tvm_target(targets.get_target("host"))
+    quantized, _, _ = pipeline.run_passes(pipeline.to_relax(loaded), tvm_target, targets.kernel_spec(tvm_target),
+                                          specs=(loaded.input, loaded.output))
+    fp32 = fidelity.original_forward(loaded)
+    states = fidelity.visited_states(fp32, loaded.output, "CartPole-v1")
+    assert len(np.unique(fp32(states).argmax(1))) == 2
+
+    def ternary(obs):
+        return np.asarray(reference.run(quantized, np.asarray(obs, np.float32)), np.float32)
+
+    result = fidelity.measure(loaded, ternary, "CartPole-v1", engine="reference")
+    expected = float((ternary(states).argmax(1) == fp32(states).argmax(1)).mean())
+    assert result.states == len(states) and result.agreement == pytest.approx(expected) and result.agreement < 0.98
+    assert fidelity.warning(result.record()) is not None
+
+
+def test_a_continuous_policy_is_measured_with_the_stated_rule(sb3_trained, tmp_path):
+    """TD3 Pendulum: agreement = share of states where |a - a_fp32| <= 5 % of the action range (4), recomputed
+    here from SB3's own deterministic actions and the artifact's."""
+    from bitrl_compile import fidelity
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.runtime import load
+
+    run = sb3_trained("td3", "Pendulum-v1", policy_kwargs={"net_arch": [32, 32]})
+    out = tmp_path / "td3.bitrl"
+    r = compile_cli(run.path, "--env", "Pendulum-v1", "-o", out)
+    assert r.exit_code == 0, r.output
+    record = manifest_of(out)["fidelity"]
+    assert record["kind"] == "continuous" and "5 % of the action range" in record["rule"] and "error" in record
+    loaded = load_policy(run.path, config={"env": "Pendulum-v1"})
+    states = fidelity.visited_states(fidelity.original_forward(loaded), loaded.output, "Pendulum-v1")
+    assert len(states) == record["states"] == 600  # 3 episodes of 200 steps
+    sb3_actions = run.model.predict(states, deterministic=True)[0].reshape(len(states), -1)
+    with load(out) as policy:
+        ours = np.asarray(policy.act(states)).reshape(len(states), -1)
+    diff = np.abs(ours - sb3_actions) / 4.0
+    assert record["agreement"] == pytest.approx(float((diff <= 0.05).all(axis=1).mean()), abs=2 / len(states))
+    assert record["error"] == pytest.approx(float(diff.mean()), rel=0.05, abs=1e-3)
+    assert (record["agreement"] < 0.98) == ("recovery: --qat Pendulum-v1" in r.stderr)
+
+
+def test_without_env_nothing_is_measured_and_episodes_need_an_env(sb3_ppo_cartpole, tmp_path):
+    r = compile_cli(sb3_ppo_cartpole, "--episodes", "3", "-o", tmp_path / "x.bitrl")
+    assert r.exit_code == 2 and "--episodes needs --env" in r.output
+    out = tmp_path / "plain.bitrl"
+    r = compile_cli(sb3_ppo_cartpole, "-o", out)
+    assert r.exit_code == 0 and "agreement" not in r.output and "fidelity" not in manifest_of(out)
+
+
+def test_the_warning_stays_quiet_when_the_episodes_show_the_return_kept():
+    from bitrl_compile.fidelity import warning
+
+    record = {"env": "CartPole-v1", "states": 1500, "agreement": 0.752}
+    assert "recovery: --qat CartPole-v1, or --per-channel" in warning(record)
+    assert warning(record, per_channel=True).endswith("recovery: --qat CartPole-v1")
+    after = warning(record, recovered=True)  # after --qat: no "plain ternarization" and no --qat to suggest again
+    assert "after recovery" in after and "--qat " not in after and "--per-channel" in after
+    assert warning({**record, "score": 1.0}) is None and warning({**record, "score": 0.5}) is not None
+    assert warning({**record, "agreement": 0.98}) is None
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+class NeedsAnExtra:
+    """A registered environment whose constructor raises what gymnasium's Box2D and MuJoCo envs raise."""
+
+    def __init__(self, **kwargs):
+        import gymnasium
+
+        raise gymnasium.error.DependencyNotInstalled(
+            'Frobnicator is not installed, you can install it by run `pip install "gymnasium[frob]"`')
+
+
+def _box2d_missing() -> bool:
+    try:
+        import Box2D  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("env_id,extra", [
+    ("BitrlNeedsAnExtra-v0", 'pip install "gymnasium[frob]"'),
+    pytest.param("LunarLander-v3", 'pip install swig && pip install "gymnasium[box2d]"',
+                 marks=pytest.mark.skipif(not _box2d_missing(), reason="Box2D is installed here")),
+])
+def test_a_missing_environment_dependency_is_one_line_naming_the_pip_extra(q_network, tmp_path, env_id, extra):
+    import gymnasium
+
+    from bitrl_compile.evaluate import EnvUnavailable, make_env
+
+    if env_id not in gymnasium.registry:
+        gymnasium.register(id=env_id, entry_point=NeedsAnExtra)
+    with pytest.raises(EnvUnavailable) as e:
+        make_env(env_id)
+    assert extra in str(e.value) and "\n" not in str(e.value)
+    r = compile_cli(q_network, "--env", env_id, "-o", tmp_path / "x.bitrl")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and extra in lines[0] and env_id in lines[0], r.stderr
+
+
+def test_the_manifest_check_accepts_a_fidelity_record_and_refuses_a_malformed_one():
+    from bitrl_compile.runtime.manifest import ManifestError, check_manifest
+
+    base = {"target": {"arch": "x86_64"}, "params": ["p0"], "input": {"shape": [4], "dtype": "float32"},
+            "output": {"kind": "discrete", "n": 2}}
+    good = {"env": "CartPole-v1", "states": 1500, "agreement": 0.971, "engine": "artifact", "q_gap": 0.24,
+            "return": 9.0, "return_fp32": 500.0, "episodes": 3}
+    check_manifest({**base, "fidelity": good})
+    for edit, says in [({"agreement": 1.5}, "fidelity.agreement is 1.5, not in [0, 1]"),
+                       ({"states": "many"}, "fidelity.states is not an integer"),
+                       ({"env": None}, "fidelity.env is not a string (null)"),
+                       ({"return": "9"}, "fidelity.return is not a number")]:
+        with pytest.raises(ManifestError, match=f"manifest {says}".replace("[", r"\[").replace("]", r"\]")
+                           .replace("(", r"\(").replace(")", r"\)")):
+            check_manifest({**base, "fidelity": {**good, **edit}})

@@ -1,0 +1,353 @@
+"""Distillation of an fp32 MLP policy into its ternary version: recovery that keeps the algorithm.
+
+    bitrl-compile finetune policy.zip --env CartPole-v1 [--method distill]     # writes policy-ternary.safetensors
+    from bitrl_compile.trainers import distill; distill.distill(loaded, "CartPole-v1", "student.safetensors")
+
+The student is the teacher's own MLP (same layers, activation, observation statistics and output spec), initialised
+from its weights, whose every Linear runs as the compiler's BitLinear in the forward pass (`quant.py`: absmean
+ternary weights, per tensor or per output channel, absmax int8 activations per row) with straight-through
+gradients. The file written holds the student's latent float weights: the compiler ternarizes them with the same
+math, so the artifact computes what was trained (held-out agreement is measured with the numpy reference,
+`export.reference_forward`, which the artifact matches).
+
+States (DAgger): rollouts of vector environments where each step is taken by the teacher with probability beta and by
+the current student otherwise (beta halves every round, 1 in the first), with a little exploration noise (a random
+action with probability `epsilon`, or Gaussian noise of epsilon times the half range of a Box). Every visited state is
+kept with the teacher's output as its target. Held-out: deterministic teacher rollouts of other seeds.
+
+Loss by output kind (the output spec):
+    logits (stochastic discrete)     KL(teacher || student) of the softmax distributions
+    q_values (DQN)                   MSE of the Q-values over the teacher's Q scale (their std), MSE of the
+                                     Q-values centred per state over the teacher's typical gap (its median), and a
+                                     ranking hinge: the teacher's argmax must beat every other action by `margin`
+                                     times the teacher's own gap on that state
+    continuous (TD3, SAC, PPO Box)   MSE of the pre-squash output (SAC: the mean; TD3: before its tanh), clamped to
+                                     where the squash still moves the action (+-3 for tanh, the bounds + 10 % for clip)
+The run stops at the agreement target on held-out teacher states, or at the time budget, and returns the best
+student it saw (by held-out agreement, then loss). Agreement: the same argmax (discrete), or every action value
+within `tolerance` of the Box's range of the teacher's (continuous).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from bitrl_compile.frontends import MLPPolicy
+from bitrl_compile.quant import quantize_activations_ste, ternarize_weight_ste
+from bitrl_compile.runtime.policy import postprocess
+from bitrl_compile.trainers.backbones import normalize
+from bitrl_compile.trainers.export import check_policy_fits, reference_forward, save_like
+from bitrl_compile.trainers.logs import Logger
+
+
+@dataclass
+class DistillArgs:
+    seed: int = 0
+    budget_s: float = 180.0          # wall-clock seconds of one core (torch_threads), collection included
+    agreement: float = 0.99          # stop when held-out agreement reaches this
+    per_channel: bool = False        # one weight scale per output channel (compile with --per-channel then)
+    num_envs: int = 8
+    steps_per_round: int = 128       # vector steps per round: num_envs * steps_per_round states
+    updates_per_round: int = 200
+    batch_size: int = 256
+    learning_rate: float = 1e-3      # Adam; decays linearly to a tenth over the budget (time or rounds)
+    max_rounds: int = 1000
+    epsilon: float = 0.1             # exploration noise of the rollouts
+    heldout: int = 2048              # held-out teacher states
+    margin: float = 0.5              # q_values: fraction of the teacher's gap its argmax must keep
+    tolerance: float = 0.05          # continuous: agreement within this fraction of the action range (as fidelity.py)
+    max_states: int = 200_000        # aggregated states kept (the oldest go first)
+    calibrate: bool = True           # scale and bias correction of every layer before training (`calibrate_`)
+    torch_threads: int = 1
+    out: str | None = None           # folder for progress.csv (round, name, value); None: nothing written
+
+
+@dataclass
+class DistillResult:
+    student: MLPPolicy               # latent float weights; ternary in the forward pass
+    kind: str                        # "logits", "q_values" or "continuous"
+    agreement_before: float          # held-out agreement of the plain ternary (PTQ) policy
+    agreement_after: float
+    rounds: int
+    states: int
+    seconds: float
+    config: dict | None = None       # the written file's config (None when no path was given)
+
+    def summary(self) -> str:
+        return (f"distill ({self.kind}): held-out action agreement {100 * self.agreement_before:.1f} % (PTQ) -> "
+                f"{100 * self.agreement_after:.1f} %, {self.rounds} rounds, {self.states:,} states, "
+                f"{self.seconds:.0f} s")
+
+
+def output_kind(spec: dict) -> str:
+    """The loss family of an output spec: "q_values", "logits" or "continuous"."""
+    if spec.get("kind") == "discrete":
+        return "q_values" if spec.get("outputs") == "q_values" else "logits"
+    if spec.get("kind") == "continuous":
+        return "continuous"
+    raise ValueError(f"output kind {spec.get('kind')!r} has no action to distil; give a policy (discrete or "
+                     "continuous actions), not a backbone")
+
+
+def ste_forward(mlp: MLPPolicy, x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """The MLP with every Linear as the compiler's BitLinear (ternary weights, int8 activations), straight-through."""
+    for m in mlp.net:
+        x = bitlinear_ste(m, x, per_channel) if isinstance(m, nn.Linear) else m(x)
+    return x
+
+
+def bitlinear_ste(m: nn.Linear, x: torch.Tensor, per_channel: bool = False, bias: bool = True) -> torch.Tensor:
+    return nn.functional.linear(quantize_activations_ste(x), ternarize_weight_ste(m.weight, per_channel),
+                                m.bias if bias else None)
+
+
+def calibrate_(student: MLPPolicy, teacher: MLPPolicy, x: torch.Tensor, per_channel: bool = False) -> None:
+    """Scale and bias correction, layer by layer, before training: each ternary layer's output (on the student's
+    own inputs) is fitted to the fp32 layer's by one factor c on the weights (the ternary codes do not change, the
+    scale gamma becomes c * gamma) and a new bias per output (least squares). Plain ternarization can shrink a
+    network's outputs several-fold (a DQN's Q-values of 98 came out as 33); Adam's small steps would take thousands
+    of updates to undo that."""
+    with torch.no_grad():
+        xs, xt = x, x
+        for ms, mt in zip(student.net, teacher.net):
+            if not isinstance(ms, nn.Linear):
+                xs, xt = ms(xs), mt(xt)
+                continue
+            z = bitlinear_ste(ms, xs, per_channel, bias=False)
+            h = mt(xt)
+            zc, hc = z - z.mean(0), h - h.mean(0)
+            c = float((zc * hc).sum() / (zc * zc).sum().clamp(min=1e-12)) if len(z) > 1 else 1.0
+            c = min(max(c, 0.1), 10.0) if math.isfinite(c) else 1.0
+            ms.weight.mul_(c)
+            ms.bias.copy_(h.mean(0) - c * z.mean(0))
+            xs, xt = bitlinear_ste(ms, xs, per_channel), h
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+class Loss:
+    """The distillation loss of an output kind; the scales come from the teacher's outputs on held-out states."""
+
+    def __init__(self, kind: str, spec: dict, teacher_heldout: np.ndarray, margin: float):
+        self.kind, self.margin = kind, margin
+        t = teacher_heldout.astype(np.float64)
+        if kind == "q_values":
+            top2 = np.sort(t, axis=1)[:, -2:]
+            self.q_scale = max(float(t.std()), 1e-6)
+            self.gap_scale = max(float(np.median(top2[:, 1] - top2[:, 0])), 1e-6)
+        if kind == "continuous":
+            shape = int(np.prod(spec["shape"]))
+            low = torch.as_tensor(np.asarray(spec["low"], np.float32).reshape(shape))
+            high = torch.as_tensor(np.asarray(spec["high"], np.float32).reshape(shape))
+            if spec.get("squash") == "tanh":
+                self.lo, self.hi, self.scale = torch.full_like(low, -3.0), torch.full_like(high, 3.0), 1.0
+            else:
+                span = torch.where(torch.isfinite(high - low), high - low, torch.ones_like(low))
+                self.lo, self.hi = low - 0.1 * span, high + 0.1 * span
+                self.scale = torch.clamp(span / 2, min=1e-6)
+
+    def __call__(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "logits":
+            log_pt = torch.log_softmax(t, 1)
+            return (log_pt.exp() * (log_pt - torch.log_softmax(s, 1))).sum(1).mean()
+        if self.kind == "continuous":
+            diff = (torch.clamp(s, self.lo, self.hi) - torch.clamp(t, self.lo, self.hi)) / self.scale
+            return diff.pow(2).mean()
+        mse = ((s - t) / self.q_scale).pow(2).mean()
+        centred = ((s - s.mean(1, keepdim=True)) - (t - t.mean(1, keepdim=True))) / self.gap_scale
+        best = t.argmax(1, keepdim=True)
+        top2 = t.topk(2, dim=1).values
+        need = self.margin * (top2[:, :1] - top2[:, 1:])                         # a fraction of the teacher's gap
+        lead = s.gather(1, best) - s                                             # [B, n]: 0 at the argmax itself
+        others = torch.ones_like(s, dtype=torch.bool).scatter_(1, best, False)
+        hinge = (torch.relu(need - lead) / self.gap_scale).pow(2) * others
+        return mse + centred.pow(2).mean() + hinge.sum(1).mean()
+
+
+def agreement(kind: str, spec: dict, student_out: np.ndarray, teacher_out: np.ndarray, tolerance: float) -> float:
+    """Fraction of states where the student acts like the teacher (deterministic actions)."""
+    if kind != "continuous":
+        return float(np.mean(student_out.argmax(1) == teacher_out.argmax(1)))
+    a_s, a_t = postprocess(spec, student_out), postprocess(spec, teacher_out)
+    span = (np.asarray(spec["high"], np.float32) - np.asarray(spec["low"], np.float32)).reshape(spec["shape"])
+    span = np.where(np.isfinite(span), span, 1.0)
+    close = np.abs(a_s - a_t) <= tolerance * span
+    return float(np.mean(close.reshape(len(close), -1).all(1)))
+
+
+# ------------------------------------------------------------------------------------------------ states
+
+class Rollouts:
+    """Vector environments stepped by a mix of teacher and student, with exploration noise; normalised states."""
+
+    def __init__(self, env_id: str, num_envs: int, seed: int, spec: dict, stats: dict | None, epsilon: float):
+        self.envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
+                                 vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+        self.spec, self.stats, self.epsilon = spec, stats, epsilon
+        self.rng = np.random.default_rng(seed)
+        self.envs.action_space.seed(seed)
+        obs, _ = self.envs.reset(seed=seed)
+        self.obs = obs
+
+    def collect(self, steps: int, actors: list, beta: float, noise: bool = True) -> np.ndarray:
+        """`steps` vector steps; each env's action comes from actors[0] (the teacher) with probability beta, else
+        actors[1]. Returns the normalised states seen [steps * num_envs, obs]."""
+        states = []
+        n = self.envs.num_envs
+        for _ in range(steps):
+            x = normalize(self.obs, self.stats)
+            states.append(x)
+            use_teacher = self.rng.random(n) < beta
+            out = actors[0](x) if use_teacher.all() else np.where(use_teacher[:, None], actors[0](x), actors[1](x))
+            action = postprocess(self.spec, out)
+            if noise and self.epsilon > 0:
+                action = self._explore(action)
+            self.obs, *_ = self.envs.step(action)
+        return np.concatenate(states)
+
+    def _explore(self, action: np.ndarray) -> np.ndarray:
+        if self.spec["kind"] == "discrete":
+            random = self.rng.random(len(action)) < self.epsilon
+            return np.where(random, self.rng.integers(0, self.spec["n"], len(action)), action)
+        low = np.asarray(self.spec["low"], np.float32).reshape(self.spec["shape"])
+        high = np.asarray(self.spec["high"], np.float32).reshape(self.spec["shape"])
+        half = np.where(np.isfinite(high - low), (high - low) / 2, 1.0)
+        noisy = action + self.epsilon * half * self.rng.standard_normal(action.shape).astype(np.float32)
+        return np.clip(noisy, low, high).astype(np.float32)
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
+    """Raise ValueError unless `loaded` is an MLP policy for env_id with plain vector observations; its kind."""
+    check_policy_fits(loaded, env_id, name)
+    if loaded.input.get("preprocess", "none") != "none":
+        raise ValueError(f"{name}: distillation needs plain vector observations (preprocess \"none\"), got "
+                         f"{loaded.input.get('preprocess')!r}")
+    return output_kind(loaded.output)
+
+
+def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillArgs | None = None,
+            log=lambda s: print(s, file=sys.stderr)) -> DistillResult:
+    """Distil the fp32 MLP policy `loaded` (a LoadedPolicy) into its ternary version on env_id's states; write it
+    to `path` (a policy .safetensors with the teacher's specs and "trained": {"recovery": "distill", ...})."""
+    args = args or DistillArgs()
+    started = time.perf_counter()
+    kind = check_distillable(loaded, env_id)
+    torch.manual_seed(args.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.torch_threads)
+    spec, stats = loaded.output, loaded.input.get("normalize")
+    teacher = copy.deepcopy(loaded.module).float().eval()
+    student = copy.deepcopy(loaded.module).float().train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+
+    def teacher_out(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return teacher(torch.from_numpy(x)).numpy()
+
+    def student_out(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return ste_forward(student, torch.from_numpy(x), args.per_channel).numpy()
+
+    def student_ref(x: np.ndarray) -> np.ndarray:  # the numpy reference: exactly what the artifact computes
+        return reference_forward(dataclasses.replace(loaded, module=student, input={**loaded.input, "normalize": None}),
+                                 per_channel=args.per_channel)(x)
+
+    def heldout_agreement() -> float:
+        return agreement(kind, spec, student_ref(held_x), held_t, args.tolerance)
+
+    try:
+        held_env = Rollouts(env_id, args.num_envs, args.seed + 1_000_003, spec, stats, 0.0)
+        try:
+            held_x = held_env.collect(math.ceil(args.heldout / args.num_envs), [teacher_out], beta=1.0, noise=False)
+        finally:
+            held_env.close()
+        held_t = teacher_out(held_x)
+        before = agreement(kind, spec, student_ref(held_x), held_t, args.tolerance)
+        best_key, best_state = (before, -math.inf), copy.deepcopy(student.state_dict())  # PTQ, if nothing beats it
+        if args.calibrate:
+            calibrate_(student, teacher, torch.from_numpy(held_x[::2]), args.per_channel)
+        loss_fn = Loss(kind, spec, held_t, args.margin)
+
+        def held_out() -> tuple[float, float]:
+            with torch.no_grad():
+                loss = loss_fn(ste_forward(student, torch.from_numpy(held_x), args.per_channel),
+                               torch.from_numpy(held_t)).item()
+            return heldout_agreement(), loss
+
+        calibrated, held_loss = held_out()
+        if (calibrated, -held_loss) > best_key:
+            best_key, best_state = (calibrated, -held_loss), copy.deepcopy(student.state_dict())
+        best = best_key[0]
+        log(f"distill {kind} policy on {env_id}: PTQ agrees with the fp32 policy on {100 * before:.1f} % of "
+            f"{len(held_x)} held-out states, {100 * calibrated:.1f} % after scale/bias calibration; target "
+            f"{100 * args.agreement:.1f} %, budget {args.budget_s:.0f} s")
+        optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+        rollouts = Rollouts(env_id, args.num_envs, args.seed, spec, stats, args.epsilon)
+        gen = torch.Generator().manual_seed(args.seed)
+        xs, ts = np.zeros((0, held_x.shape[1]), np.float32), np.zeros((0, held_t.shape[1]), np.float32)
+        rounds = 0
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        logger = Logger(Path(args.out) if args.out else None, False, args)
+        logger.scalar("agreement/heldout", before, 0)
+        try:
+            while best < args.agreement and rounds < args.max_rounds and \
+                    time.perf_counter() - started < args.budget_s:
+                beta = 0.5 ** rounds
+                x = rollouts.collect(args.steps_per_round, [teacher_out, student_out], beta)
+                xs = np.concatenate([xs, x])[-args.max_states:]
+                ts = np.concatenate([ts, teacher_out(x)])[-args.max_states:]
+                x_all, t_all = torch.from_numpy(xs), torch.from_numpy(ts)
+                total = 0.0
+                progress = (time.perf_counter() - started) / args.budget_s  # the rate decays linearly to 10 %
+                for group in optimizer.param_groups:
+                    group["lr"] = args.learning_rate * max(0.1, 1.0 - max(progress, rounds / args.max_rounds))
+                for _ in range(args.updates_per_round):
+                    idx = torch.randint(len(x_all), (min(args.batch_size, len(x_all)),), generator=gen)
+                    loss = loss_fn(ste_forward(student, x_all[idx], args.per_channel), t_all[idx])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item()
+                rounds += 1
+                agree, held_loss = held_out()
+                if (agree, -held_loss) > best_key:
+                    best_key, best_state, best = (agree, -held_loss), copy.deepcopy(student.state_dict()), agree
+                for name, value in (("loss/train", total / args.updates_per_round), ("loss/heldout", held_loss),
+                                    ("agreement/heldout", agree), ("states", len(xs))):
+                    logger.scalar(name, value, rounds)
+                log(f"  round {rounds:3d}: {len(xs):7,} states (beta {beta:.2f}), loss {total / args.updates_per_round:.4g}, "
+                    f"held-out loss {held_loss:.4g}, agreement {100 * agree:5.1f} % (best {100 * best:5.1f} %), "
+                    f"{time.perf_counter() - started:4.0f} s")
+        finally:
+            rollouts.close()
+            logger.close()
+    finally:
+        torch.set_num_threads(threads)
+    student.load_state_dict(best_state)
+    student.eval()
+    result = DistillResult(student, kind, before, best, rounds, len(xs), time.perf_counter() - started)
+    if path is not None:
+        trained = {"recovery": "distill", "env": env_id, "teacher": loaded.description, "kind": kind,
+                   "per_channel": args.per_channel, "agreement_before": round(before, 4),
+                   "agreement_after": round(best, 4), "rounds": rounds, "seed": args.seed}
+        result.config = save_like(Path(path), loaded, student, trained)
+    log(result.summary())
+    return result
