@@ -144,6 +144,14 @@ def quantize_activations_ste(x):
     return x + (q - x).detach()
 
 
+def bitlinear_ste(x, weight, bias=None, per_channel: bool = False):
+    """The compiler's BitLinear for training: int8 absmax activations times ternary weights, both fake-quantized
+    with straight-through gradients (what QAT, frozen BitNet backbones and distillation all train through)."""
+    import torch.nn.functional as F
+
+    return F.linear(quantize_activations_ste(x), ternarize_weight_ste(weight, per_channel), bias)
+
+
 def quantize_weight_int8_ste(w):
     """Fake-quantized per-output-channel int8 weight with a straight-through gradient."""
     scale = w.abs().amax(dim=1, keepdim=True).clamp(min=float(EPS)) / 127.0

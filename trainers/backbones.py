@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from bitrl_compile.frontends import MLPPolicy
-from bitrl_compile.quant import quantize_activations_ste, quantize_weight_int8_ste, ternarize_weight_ste
+from bitrl_compile.quant import bitlinear_ste, quantize_activations_ste, quantize_weight_int8_ste
 from bitrl_compile.runtime.policy import normalization, postprocess
 from bitrl_compile.runtime.policy import normalize as normalize_np
 
@@ -51,7 +51,7 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 1.58:
-            return nn.functional.linear(quantize_activations_ste(x), ternarize_weight_ste(self.weight), self.bias)
+            return bitlinear_ste(x, self.weight, self.bias)
         if self.bits == 8:
             return nn.functional.linear(quantize_activations_ste(x), quantize_weight_int8_ste(self.weight), self.bias)
         return super().forward(x)

@@ -38,17 +38,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
 from bitrl_compile.frontends import MLPPolicy
-from bitrl_compile.quant import quantize_activations_ste, ternarize_weight_ste
+from bitrl_compile.quant import bitlinear_ste
 from bitrl_compile.runtime.policy import postprocess
 from bitrl_compile.trainers.backbones import normalize
 from bitrl_compile.trainers.export import check_policy_fits, reference_forward, save_like
 from bitrl_compile.trainers.logs import Logger
+from bitrl_compile.trainers.ppo import make_envs
 
 
 @dataclass
@@ -103,13 +103,12 @@ def output_kind(spec: dict) -> str:
 def ste_forward(mlp: MLPPolicy, x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     """The MLP with every Linear as the compiler's BitLinear (ternary weights, int8 activations), straight-through."""
     for m in mlp.net:
-        x = bitlinear_ste(m, x, per_channel) if isinstance(m, nn.Linear) else m(x)
+        x = _bitlinear(m, x, per_channel) if isinstance(m, nn.Linear) else m(x)
     return x
 
 
-def bitlinear_ste(m: nn.Linear, x: torch.Tensor, per_channel: bool = False, bias: bool = True) -> torch.Tensor:
-    return nn.functional.linear(quantize_activations_ste(x), ternarize_weight_ste(m.weight, per_channel),
-                                m.bias if bias else None)
+def _bitlinear(m: nn.Linear, x: torch.Tensor, per_channel: bool = False, bias: bool = True) -> torch.Tensor:
+    return bitlinear_ste(x, m.weight, m.bias if bias else None, per_channel)
 
 
 def calibrate_(student: MLPPolicy, teacher: MLPPolicy, x: torch.Tensor, per_channel: bool = False) -> None:
@@ -124,14 +123,14 @@ def calibrate_(student: MLPPolicy, teacher: MLPPolicy, x: torch.Tensor, per_chan
             if not isinstance(ms, nn.Linear):
                 xs, xt = ms(xs), mt(xt)
                 continue
-            z = bitlinear_ste(ms, xs, per_channel, bias=False)
+            z = _bitlinear(ms, xs, per_channel, bias=False)
             h = mt(xt)
             zc, hc = z - z.mean(0), h - h.mean(0)
             c = float((zc * hc).sum() / (zc * zc).sum().clamp(min=1e-12)) if len(z) > 1 else 1.0
             c = min(max(c, 0.1), 10.0) if math.isfinite(c) else 1.0
             ms.weight.mul_(c)
             ms.bias.copy_(h.mean(0) - c * z.mean(0))
-            xs, xt = bitlinear_ste(ms, xs, per_channel), h
+            xs, xt = _bitlinear(ms, xs, per_channel), h
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -192,8 +191,7 @@ class Rollouts:
     """Vector environments stepped by a mix of teacher and student, with exploration noise; normalised states."""
 
     def __init__(self, env_id: str, num_envs: int, seed: int, spec: dict, stats: dict | None, epsilon: float):
-        self.envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                                 vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+        self.envs = make_envs(env_id, num_envs)
         self.spec, self.stats, self.epsilon = spec, stats, epsilon
         self.rng = np.random.default_rng(seed)
         self.envs.action_space.seed(seed)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitrl_compile.evaluate import make_env
 from bitrl_compile.frontends import ACTIVATIONS, MLPPolicy, save_mlp_policy
 from bitrl_compile.quant import apply_activation, bitlinear_reference, ternarize_weight
 from bitrl_compile.runtime.policy import postprocess
@@ -181,7 +182,7 @@ def reference_act(loaded, ternary: bool = True, per_channel: bool = False):
 
 def check_policy_fits(loaded, env_id: str, name: str = "policy") -> None:
     """Raise ValueError unless `loaded` is an MLP policy for env_id's observation and action spaces."""
-    env = gym.make(env_id)
+    env = make_env(env_id)  # a missing dependency (Box2D) is one line naming the pip command
     obs_dim, action_space = int(np.prod(env.observation_space.shape)), env.action_space
     env.close()
     if not isinstance(loaded.module, MLPPolicy) or loaded.input["shape"] != [obs_dim]:

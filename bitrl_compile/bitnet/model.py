@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitrl_compile.loaded import ModelLoadError
-from bitrl_compile.quant import quantize_activations_ste, ternarize_weight_ste
+from bitrl_compile.quant import bitlinear_ste
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -122,7 +122,7 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             return F.linear(x, self.weight)
-        return F.linear(quantize_activations_ste(x), ternarize_weight_ste(self.weight))
+        return bitlinear_ste(x, self.weight)
 
 
 class RMSNorm(nn.Module):
