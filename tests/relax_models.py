@@ -47,3 +47,19 @@ def observations(n=64, k=4, seed=1) -> np.ndarray:
     x = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.01, 10, (n, 1)).astype(np.float32)
     x[0] = 0  # an all-zero observation exercises the absmax epsilon
     return x
+
+
+LAST_TOKEN_INPUT = {"shape": [3, 4], "dtype": "float32", "preprocess": "none", "normalize": None}
+
+
+class LastToken(torch.nn.Module):
+    """A policy TVM 0.27 miscompiles: it lowers x[:, -1] to take(x, -1, mode="fast"), which reads out of bounds
+    (input LAST_TOKEN_INPUT: [batch, 3, 4]); the compile's check against the numpy reference must refuse it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = torch.nn.Linear(4, 16), torch.nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x[:, -1])))

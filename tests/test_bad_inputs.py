@@ -49,7 +49,7 @@ from bitrl_compile.frontends import load_policy, save_mlp_policy
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime import ArtifactError, load, signing, write_artifact
 from bitrl_compile.runtime.artifact import sign_artifact
-from relax_models import mlp
+from relax_models import LAST_TOKEN_INPUT, LastToken, mlp
 
 SPEC_IN = {"shape": [4], "dtype": "float32", "preprocess": "none", "normalize": None}
 SPEC_OUT = {"kind": "discrete", "n": 2, "outputs": "logits"}
@@ -692,20 +692,9 @@ def output_width_differs(tmp: Path):
 
 def disagrees_with_reference(tmp: Path):
     """TVM 0.27 lowers x[:, -1] to take(x, -1, mode="fast"), which reads out of bounds."""
-
-    class LastToken(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body, self.head = nn.Linear(4, 16), nn.Linear(16, 2)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.body(x[:, -1])))
-
-    spec = {"shape": [3, 4], "dtype": "float32", "preprocess": "none", "normalize": None}
     try:
-        pipeline.compile_policy(LoadedPolicy(LastToken().eval(), None, spec, dict(SPEC_OUT), "test"), "host",
-                                tmp / "p.bitrl")
+        loaded = LoadedPolicy(LastToken().eval(), None, LAST_TOKEN_INPUT, dict(SPEC_OUT), "test")
+        pipeline.compile_policy(loaded, "host", tmp / "p.bitrl")
     finally:
         assert list(tmp.iterdir()) == [], "the artifact was written"
 

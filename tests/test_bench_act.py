@@ -7,26 +7,14 @@ Policy.act's and ONNX Runtime's actions, on the host and cross-built for rasp4 u
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
 
-
-def _act_module():
-    spec = importlib.util.spec_from_file_location("bench_act", ROOT / "bench" / "act.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-act = _act_module()
+act = load_script("bench/act.py", "bench_act")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from bitrl_compile import pipeline, reference
 from bitrl_compile.frontends import load_policy
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime import load
+from relax_models import LAST_TOKEN_INPUT, LastToken
 
 DYNAMIC = ({0: torch.export.Dim("batch")},)
 
@@ -105,15 +106,18 @@ def test_unknown_environment_id_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+class TwoHeads(nn.Module):
+    """An actor-critic whose forward returns (logits, value): not one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.pi, self.v = nn.Linear(4, 2), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.pi(x), self.v(x)
+
+
 def test_forward_returning_a_tuple_names_the_fix(tmp_path):
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pi, self.v = nn.Linear(4, 2), nn.Linear(4, 1)
-
-        def forward(self, x):
-            return self.pi(x), self.v(x)
-
     save(TwoHeads().eval(), tmp_path / "two.pt2", "pt2", n_in=4)
     with pytest.raises(ModelLoadError, match=r"returns a tuple of 2 outputs \(\[0\] \[2, 2\], \[1\] \[2, 1\]\).*"
                                              r"forward\(x\)\[0\]"):
@@ -122,14 +126,6 @@ def test_forward_returning_a_tuple_names_the_fix(tmp_path):
 
 def test_torchscript_returning_a_tuple_names_the_fix(tmp_path):
     """The TorchScript conversion check compared the two outputs with torch.allclose, a TypeError on tuples."""
-    class TwoHeads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pi, self.v = nn.Linear(4, 2), nn.Linear(4, 1)
-
-        def forward(self, x):
-            return self.pi(x), self.v(x)
-
     save(TwoHeads().eval(), tmp_path / "two.pt", "torchscript", n_in=4)
     with pytest.raises(ModelLoadError, match=r"of 2 outputs .*forward\(x\)\[0\]") as e:
         load_policy(tmp_path / "two.pt")
@@ -217,17 +213,8 @@ def test_conv_layers_are_refused_at_compile_naming_the_op(tmp_path):
 def test_an_artifact_that_disagrees_with_the_reference_is_not_written(tmp_path):
     """TVM 0.27 lowers x[:, -1] to take(x, -1, mode="fast"), which reads out of bounds: the artifact computes
     something else than the reference, and the compile refuses it (before, it wrote it with exit 0)."""
-    class LastToken(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body, self.head = nn.Linear(4, 16), nn.Linear(16, 2)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.body(x[:, -1])))
-
-    spec = {"shape": [3, 4], "dtype": "float32", "preprocess": "none", "normalize": None}
-    loaded = LoadedPolicy(LastToken().eval(), None, spec, {"kind": "discrete", "n": 2, "outputs": "logits"}, "test")
+    loaded = LoadedPolicy(LastToken().eval(), None, LAST_TOKEN_INPUT, {"kind": "discrete", "n": 2, "outputs": "logits"},
+                          "test")
     with pytest.raises(pipeline.CompilerBug, match="disagrees with the numpy reference .*nothing was written"):
         pipeline.compile_policy(loaded, "host", tmp_path / "last.bitrl")
     assert list(tmp_path.iterdir()) == []

@@ -10,26 +10,14 @@ seen here. `python3 bench/fuzz.py --minutes 10` runs the same properties longer 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
 
-
-def _fuzz_module():
-    spec = importlib.util.spec_from_file_location("bench_fuzz", ROOT / "bench" / "fuzz.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _fuzz_module()
+fuzz = load_script("bench/fuzz.py", "bench_fuzz")
 
 # Examples per (reader, family): the cheap readers get more; about 30 s of fuzzing in all on 2 cores, after about
 # 20 s building the seeds (the demo compile, a 64-step PPO) and starting the workers.

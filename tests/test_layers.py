@@ -7,22 +7,20 @@ subpackages of bitrl_compile.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from repo_scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LINES = 600
 
 
 def _lint_imports():
-    spec = importlib.util.spec_from_file_location("lint_imports", ROOT / "scripts" / "lint_imports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/lint_imports.py", "lint_imports")
 
 
 @pytest.fixture(scope="module")
