@@ -20,7 +20,7 @@ The fields (required: target, input, output, params; the rest may be absent in o
     layers        [{"name": str, "in": int, "out": int, "activation": str, "layout": str, "scale": str, ...}]
     versions, source  objects of strings; stats  {"ternary_weights": int, "param_bytes": int}
     recovery      str: how the compiled file was made ternary-ready ("distill": trainers/distill.py)
-    fidelity      {"env": str, "states": int, "agreement": number in [0, 1], "engine", "kind", "rule": str,
+    fidelity      {"env": str, "states": int, "agreement", "weighted": number in [0, 1], "engine", "kind", "rule": str,
                    "q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score": number,
                    "episodes": int} (bitrl_compile/fidelity.py: the ternary policy against the original on the
                    states the original visits; readers only print it)
@@ -306,10 +306,12 @@ def _fidelity(value, where: str) -> None:
     record = _obj(value, where)
     _str(_field(record, "env"), f"{where}.env")
     _int(_field(record, "states"), f"{where}.states", 1)
-    agreement = _field(record, "agreement")
-    _number(agreement, f"{where}.agreement")
-    if not 0 <= agreement <= 1:
-        raise _fail(f"{where}.agreement", f"is {_short(agreement)}, not in [0, 1]")
+    for key in ("agreement", "weighted"):
+        if key == "agreement" or key in record:
+            share = _field(record, key)
+            _number(share, f"{where}.{key}")
+            if not 0 <= share <= 1:
+                raise _fail(f"{where}.{key}", f"is {_short(share)}, not in [0, 1]")
     _strings(record, ("engine", "kind", "rule"), where)
     for key in ("q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score"):
         if key in record:

@@ -53,10 +53,11 @@ def test_a_policy_that_keeps_its_actions_compiles_without_a_warning_and_inspect_
     out = tmp_path / "ppo.bitrl"
     r = compile_cli(path, "--env", "CartPole-v1", "-o", out)
     assert r.exit_code == 0, r.output
-    assert "action agreement 100.0 % on" in r.stdout and "states the fp32 policy visits in CartPole-v1" in r.stdout
-    assert "warning" not in r.stderr
+    assert "action agreement 100.0 % (100.0 % weighted by the fp32 policy's stakes) on" in r.stdout
+    assert "states the fp32 policy visits in CartPole-v1" in r.stdout and "warning" not in r.stderr
     record = manifest_of(out)["fidelity"]
-    assert record["env"] == "CartPole-v1" and record["agreement"] == 1.0 and record["engine"] == "artifact"
+    assert record["env"] == "CartPole-v1" and record["agreement"] == record["weighted"] == 1.0
+    assert record["engine"] == "artifact"
     assert record["rule"] == "same action (argmax)" and 1 <= record["states"] <= 2000
     assert "return" not in record  # no --episodes: no episodes run
     r = compile_cli("inspect", out)
@@ -69,7 +70,7 @@ def test_a_q_network_with_tiny_gaps_loses_and_the_warning_names_the_recovery(q_n
     r = compile_cli(q_network, "--env", "CartPole-v1", "--episodes", "2", "-o", out)
     assert r.exit_code == 0, r.output
     record = manifest_of(out)["fidelity"]
-    assert record["agreement"] < 0.98
+    assert record["agreement"] < 0.98 and record["weighted"] < 0.98
     assert 0 < record["q_gap"] < 0.2 and record["q_error"] > record["q_gap"]  # errors beyond the gaps
     assert record["episodes"] == 2 and record["return"] < record["return_fp32"] and record["score"] < 0.5
     assert {"return_random", "states"} <= set(record)
@@ -144,6 +145,33 @@ def test_the_warning_stays_quiet_when_the_episodes_show_the_return_kept():
     assert "after recovery" in after and "--qat " not in after and "--per-channel" in after
     assert warning({**record, "score": 1.0}) is None and warning({**record, "score": 0.5}) is not None
     assert warning({**record, "agreement": 0.98}) is None
+    # a discrete record carries the stake-weighted agreement, which the target checks
+    assert warning({**record, "weighted": 0.985}) is None
+    assert "only 90.0 % of the fp32 policy's stakes on its states" in warning({**record, "agreement": 0.99,
+                                                                                "weighted": 0.9})
+
+
+def test_the_weighted_agreement_counts_states_by_the_fp32_policys_stakes():
+    """Stakes: the best-two Q gap of a Q-network, the best-two probability gap of logits; a disagreement where the
+    fp32 policy is indifferent costs little, one where it is sure costs much."""
+    from bitrl_compile import fidelity
+
+    q_spec = {"kind": "discrete", "n": 3, "outputs": "q_values"}
+    fp32 = np.array([[10.0, 9.9, 0.0], [5.0, 1.0, 0.0], [0.0, 3.0, 2.0]])
+    assert fidelity.stakes(q_spec, fp32) == pytest.approx([0.1, 4.0, 1.0])
+    ours = np.array([[9.0, 9.5, 0.0], [5.0, 1.0, 0.0], [0.0, 3.0, 2.0]])  # disagrees on the indifferent state only
+    result = fidelity.compare(q_spec, ours, fp32)
+    assert result["agreement"] == pytest.approx(2 / 3) and result["weighted"] == pytest.approx(5.0 / 5.1)
+    ours[1] = [0.0, 1.0, 0.0]  # and on the sure one
+    assert fidelity.compare(q_spec, ours, fp32)["weighted"] == pytest.approx(1.0 / 5.1)
+    logits = {"kind": "discrete", "n": 2, "outputs": "logits"}
+    p = fidelity.stakes(logits, np.array([[0.0, 0.0], [np.log(3.0), 0.0]]))
+    assert p == pytest.approx([0.0, 0.5])  # probabilities (1/2, 1/2) and (3/4, 1/4)
+    assert fidelity.weighted_agreement(np.array([False, True]), p) == 1.0
+    assert fidelity.weighted_agreement(np.array([False, True]), np.zeros(2)) == 0.5  # no stakes: plain agreement
+    box = {"kind": "continuous", "shape": [1], "low": [-1.0], "high": [1.0], "squash": "clip"}
+    assert fidelity.stakes(box, np.zeros((2, 1))) is None and "weighted" not in fidelity.compare(
+        box, np.zeros((2, 1), np.float32), np.zeros((2, 1), np.float32))
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -195,7 +223,9 @@ def test_the_manifest_check_accepts_a_fidelity_record_and_refuses_a_malformed_on
     good = {"env": "CartPole-v1", "states": 1500, "agreement": 0.971, "engine": "artifact", "q_gap": 0.24,
             "return": 9.0, "return_fp32": 500.0, "episodes": 3}
     check_manifest({**base, "fidelity": good})
+    check_manifest({**base, "fidelity": {**good, "weighted": 0.99}})
     for edit, says in [({"agreement": 1.5}, "fidelity.agreement is 1.5, not in [0, 1]"),
+                       ({"weighted": -0.5}, "fidelity.weighted is -0.5, not in [0, 1]"),
                        ({"states": "many"}, "fidelity.states is not an integer"),
                        ({"env": None}, "fidelity.env is not a string (null)"),
                        ({"return": "9"}, "fidelity.return is not a number")]:

@@ -24,8 +24,9 @@ Loss by output kind (the output spec):
     continuous (TD3, SAC, PPO Box)   MSE of the pre-squash output (SAC: the mean; TD3: before its tanh), clamped to
                                      where the squash still moves the action (+-3 for tanh, the bounds + 10 % for clip)
 The run stops at the agreement target on held-out teacher states, or at the time budget, and returns the best
-student it saw (by held-out agreement, then loss). Agreement: the same argmax (discrete), or every action value
-within `tolerance` of the Box's range of the teacher's (continuous).
+student it saw (by held-out agreement, then loss). Agreement is fidelity.py's rule: for discrete outputs the
+share of the teacher's stakes (its best-two Q gap, or probability gap) on states where the argmax agrees; for
+continuous ones every action value within 5 % of the Box's range of the teacher's.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitrl_compile import fidelity
 from bitrl_compile.frontends import MLPPolicy
 from bitrl_compile.quant import bitlinear_ste
 from bitrl_compile.runtime.policy import postprocess
@@ -66,7 +68,6 @@ class DistillArgs:
     epsilon: float = 0.1             # exploration noise of the rollouts
     heldout: int = 2048              # held-out teacher states
     margin: float = 0.5              # q_values: fraction of the teacher's gap its argmax must keep
-    tolerance: float = 0.05          # continuous: agreement within this fraction of the action range (as fidelity.py)
     max_states: int = 200_000        # aggregated states kept (the oldest go first)
     calibrate: bool = True           # scale and bias correction of every layer before training (`calibrate_`)
     torch_threads: int = 1
@@ -174,15 +175,12 @@ class Loss:
         return mse + centred.pow(2).mean() + hinge.sum(1).mean()
 
 
-def agreement(kind: str, spec: dict, student_out: np.ndarray, teacher_out: np.ndarray, tolerance: float) -> float:
-    """Fraction of states where the student acts like the teacher (deterministic actions)."""
-    if kind != "continuous":
-        return float(np.mean(student_out.argmax(1) == teacher_out.argmax(1)))
-    a_s, a_t = postprocess(spec, student_out), postprocess(spec, teacher_out)
-    span = (np.asarray(spec["high"], np.float32) - np.asarray(spec["low"], np.float32)).reshape(spec["shape"])
-    span = np.where(np.isfinite(span), span, 1.0)
-    close = np.abs(a_s - a_t) <= tolerance * span
-    return float(np.mean(close.reshape(len(close), -1).all(1)))
+def agreement(spec: dict, student_out: np.ndarray, teacher_out: np.ndarray) -> float:
+    """How far the student acts like the teacher, by fidelity.py's rule (the one compile reports): for discrete
+    outputs the agreement weighted by the teacher's stakes (its best-two gap: a state where the teacher hardly
+    prefers one action counts little), for continuous ones the share of states within 5 % of the action range."""
+    result = fidelity.compare(spec, student_out, teacher_out)
+    return result.get("weighted", result["agreement"])
 
 
 # ------------------------------------------------------------------------------------------------ states
@@ -268,7 +266,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
                                  per_channel=args.per_channel)(x)
 
     def heldout_agreement() -> float:
-        return agreement(kind, spec, student_ref(held_x), held_t, args.tolerance)
+        return agreement(spec, student_ref(held_x), held_t)
 
     try:
         held_env = Rollouts(env_id, args.num_envs, args.seed + 1_000_003, spec, stats, 0.0)
@@ -277,7 +275,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         finally:
             held_env.close()
         held_t = teacher_out(held_x)
-        before = agreement(kind, spec, student_ref(held_x), held_t, args.tolerance)
+        before = agreement(spec, student_ref(held_x), held_t)
         best_key, best_state = (before, -math.inf), copy.deepcopy(student.state_dict())  # PTQ, if nothing beats it
         if args.calibrate:
             calibrate_(student, teacher, torch.from_numpy(held_x[::2]), args.per_channel)
