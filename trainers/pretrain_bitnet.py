@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from bitrl_compile import bitnet
+from bitrl_compile.evaluate import make_env
 
 
 @dataclass
@@ -142,7 +143,7 @@ def pretrain(args: Args, log=lambda s: print(s, file=sys.stderr)) -> bitnet.BitN
     torch.set_num_threads(args.torch_threads)
     started = time.perf_counter()
     data = collect(args, log)
-    obs_dim, n_actions = data["obs"].shape[1], int(gym.make(args.env_id).action_space.n)
+    obs_dim, n_actions = data["obs"].shape[1], int(make_env(args.env_id).action_space.n)
 
     # observation statistics: part of the backbone (applied by `prepare` in torch and by the runtime's manifest)
     mean, var = data["obs"].mean(axis=0), data["obs"].var(axis=0)

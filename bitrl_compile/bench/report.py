@@ -466,13 +466,11 @@ def returns_section(compiled, files: dict, spec: dict, env_id: str | None, episo
                    "onnxruntime-int8": np.asarray(int8_act(obs))}
         outputs = np.asarray(policy.forward(obs))
         if env_id and episodes:
-            from bitrl_compile.evaluate import evaluate
+            from bitrl_compile.evaluate import evaluate, make_env
 
             returns["bitrl"] = evaluate(policy.act, env_id, episodes, seed)[0]
             returns["onnxruntime-int8"] = evaluate(int8_act, env_id, episodes, seed)[0]
-            import gymnasium as gym
-
-            space = gym.make(env_id).action_space
+            space = make_env(env_id).action_space
             space.seed(seed)
             returns["random"] = evaluate(lambda o: space.sample(), env_id, episodes, seed)[0]
     finally:
