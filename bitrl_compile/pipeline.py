@@ -168,11 +168,12 @@ QUANTIZED = "bitrl.PackWeights"  # the module after this pass is the quantized p
 
 
 def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until: str | None = None,
-           specs: tuple[dict, dict] | None = None):
+           specs: tuple[dict, dict] | None = None, int8_layers=()):
     """The compile's passes, in order: the one list to read (and to add a pass to). With `until` (a pass name,
     e.g. QUANTIZED) the list stops after that pass. With `specs` (the manifest's input and output spec) the
     module gains the entry points act/forward/... with pre- and post-processing, legalised and fused into
-    TensorIR kernels by TVM's own passes, so that `entry_points.plan_of` reads each entry's kernel calls."""
+    TensorIR kernels by TVM's own passes, so that `entry_points.plan_of` reads each entry's kernel calls.
+    `int8_layers` (layer indices, negative from the end) are kept in int8 (mixed precision, passes/ternarize.py)."""
     import tvm
     from tvm import relax
 
@@ -184,7 +185,7 @@ def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until
     from bitrl_compile.passes.ternarize import ternarize
 
     sequence = [
-        ternarize(per_channel),                           # float weights -> gamma * trits (absmean); NaN refused
+        ternarize(per_channel, int8_layers),              # float weights -> gamma * trits (absmean), or int8
         fuse_bitlinear,                                   # permute_dims -> matmul (-> add) (-> act): one BitLinear
         pack_weights,                                     # trits -> 2-bit constants (runnable: the reference's input)
         legalize_bitlinear(tvm_target, schedules, spec),  # BitLinear -> call_tir to the target's TensorIR kernel
@@ -216,7 +217,7 @@ def _with_target(tvm_target, inner):
     return _pass
 
 
-def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=None, specs=None):
+def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=None, specs=None, int8_layers=()):
     """Run `passes` on a float Relax module. Returns (the quantized module after QUANTIZED, the lowered module
     ready for tvm.compile, its parameters by name)."""
     import tvm
@@ -234,7 +235,8 @@ def run_passes(mod, tvm_target, spec, *, per_channel: bool = False, schedules=No
     keep = _KeepQuantized()
     try:
         with tvm.transform.PassContext(instruments=[keep]):
-            lowered = passes(tvm_target, spec, per_channel=per_channel, schedules=schedules, specs=specs)(mod)
+            lowered = passes(tvm_target, spec, per_channel=per_channel, schedules=schedules, specs=specs,
+                             int8_layers=int8_layers)(mod)
     except ValueError as e:
         if keep.module is not None:  # past quantization: a bug of ours, not the model's
             raise
@@ -253,7 +255,8 @@ def store_weights(lowered, params: dict[str, np.ndarray]) -> tuple[dict[str, np.
 
 
 def bitlinear_layers(mod) -> list[dict]:
-    """The manifest's per-layer table: shapes, activation, layout, scale kind, bits per weight."""
+    """The manifest's per-layer table: index, shapes, precision ("ternary" or "int8"), activation, layout, scale
+    kind, bits per weight, zero fraction (`compile_policy` adds the stored weight bytes)."""
     from tvm import relax
 
     from bitrl_compile.passes import bitlinear_op
@@ -268,10 +271,12 @@ def bitlinear_layers(mod) -> list[dict]:
             per_channel = int(op.gamma.ty.shape[0]) > 1
             w = bitlinear_op.constant_value(op.w)
             trits = layouts.unpack_2bit(w, op.k) if op.layout == "2bit" else w
-            layers.append({"name": f"bitlinear{len(layers)}", "in": op.k, "out": n,
+            int8 = op.layout == bitlinear_op.Q8
+            layers.append({"name": f"bitlinear{len(layers)}", "index": len(layers), "in": op.k, "out": n,
+                           "shape": [n, op.k], "precision": "int8" if int8 else "ternary",
                            "activation": op.activation, "layout": op.layout,
                            "scale": "per_channel" if per_channel else "per_tensor",
-                           "weight_bits_per_param": layouts.bits_per_weight(op.layout),
+                           "weight_bits_per_param": 8 if int8 else layouts.bits_per_weight(op.layout),
                            "zero_fraction": round(float(np.mean(trits == 0)), 4)})
     return layers
 
@@ -282,7 +287,7 @@ def kernel_keys(loaded, per_channel: bool = False) -> list:
     from bitrl_compile.targets.tuning import KernelKey
 
     quantized = passes(None, kernel_spec(None), per_channel=per_channel, until=QUANTIZED)(to_relax(loaded))
-    layers = bitlinear_layers(quantized)
+    layers = bitlinear_layers(quantized)  # all ternary here: the int8 kernels of mixed precision are not tuned
     return list(dict.fromkeys(KernelKey(layer["in"], layer["out"], layer["activation"],
                                         layer["scale"] == "per_channel") for layer in layers))
 
@@ -306,10 +311,52 @@ def runtime_library(target) -> bytes:
     raise CompileError(f"cannot bundle a TVM runtime for {target.arch} from this {host_arch()} machine")
 
 
+def int8_quantizer(mod, per_channel: bool = False) -> Callable:
+    """precision.Quantize for a float Relax module: int8 layer indices -> the quantized module (after QUANTIZED)."""
+    from bitrl_compile.targets import kernel_spec
+
+    def quantize(int8_layers):
+        return passes(None, kernel_spec(None), per_channel=per_channel, until=QUANTIZED,
+                      int8_layers=tuple(int8_layers))(mod)
+
+    return quantize
+
+
+def auto_int8_layers(loaded, observations: np.ndarray | None = None, *, per_channel: bool = False,
+                     tolerance: float | None = None, mod=None, log: Callable[[str], None] = lambda s: None):
+    """`--int8-layers auto`: precision.choose_int8_layers on `observations` (raw, as the policy takes them: e.g.
+    the states the original visits; default CALIBRATION observations of reference.check_observations). Returns
+    a precision.Choice."""
+    from bitrl_compile import precision, reference
+    from bitrl_compile.runtime.policy import normalization, prepare_observations
+
+    mod = mod if mod is not None else to_relax(loaded)
+    obs = observations if observations is not None else reference.check_observations(loaded.input, CALIBRATION)
+    x, _ = prepare_observations(loaded.input, obs, normalization(loaded.input))
+    try:
+        fp32 = precision.network_outputs(mod, x)
+    except NotImplementedError as e:
+        raise CompileError(f"--int8-layers auto cannot measure this policy ({_first_line(e)}); name the layers, "
+                           "e.g. --int8-layers first,last") from None
+    quantize = int8_quantizer(mod, per_channel)
+    n_layers = len(bitlinear_layers(quantize(())))
+    choice = precision.choose_int8_layers(quantize, n_layers, x, fp32, loaded.output,
+                                          precision.TOLERANCE if tolerance is None else tolerance)
+    ranking = ", ".join(f"{r['index']}: {r['gain']:+.3g}" for r in choice.ranking)
+    log(f"int8 layers (auto, on {len(x)} observations): {choice.layers or 'none'}, output error "
+        f"{choice.error:.3g} ({'within' if choice.reached else 'NOT within'} the tolerance"
+        f"{'' if choice.reached else ', the best of the ranking'}); relative error removed per layer: {ranking}")
+    return choice
+
+
+CALIBRATION = 256  # observations for --int8-layers auto without the states of an environment
+
+
 def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_channel: bool = False,
                    force: bool = False, bundle_runtime: bool = False, tuning_db: str | os.PathLike | None = None,
                    tuning: bool = True, log: Callable[[str], None] = lambda s: None,
-                   measure: Callable[[dict, dict, object, Path], dict | None] | None = None) -> CompiledPolicy:
+                   measure: Callable[[dict, dict, object, Path], dict | None] | None = None,
+                   int8_layers=None, calibration: np.ndarray | None = None) -> CompiledPolicy:
     """Compile a LoadedPolicy for a target into a policy.bitrl artifact at `output`.
 
     bundle_runtime adds the target's libtvm_runtime.so (3 MB), so the device needs only
@@ -317,7 +364,8 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     database (`targets/tuned/<target>.json`, or the one in the folder `tuning_db`) where it has a
     record for them, else the default schedule; tuning=False always uses the default. `measure(manifest, members,
     quantized, output)`, run after the check and before writing, returns the manifest's "fidelity" record
-    (bitrl_compile.fidelity.compile_hook) or None."""
+    (bitrl_compile.fidelity.compile_hook) or None. `int8_layers`: layer indices (negative from the end) kept in
+    int8 (mixed precision), or "auto" (`auto_int8_layers` on the raw observations `calibration`)."""
     import tvm
 
     from bitrl_compile import reference, targets
@@ -346,8 +394,12 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     spec = targets.kernel_spec(tvm_target)  # the target's kernel, resolved once for this compile
     schedules = tuning_db_mod.TunedSchedules(tuning_db_mod.database_path(target, tvm_target, tuning_db)) \
         if tuning else None
+    if isinstance(int8_layers, str):
+        if int8_layers != "auto":
+            raise CompileError(f"int8_layers {int8_layers!r}: expected 'auto' or a list of layer indices")
+        int8_layers = auto_int8_layers(loaded, calibration, per_channel=per_channel, mod=mod, log=log).layers
     quantized, lowered, params = run_passes(mod, tvm_target, spec, per_channel=per_channel, schedules=schedules,
-                                            specs=(loaded.input, loaded.output))
+                                            specs=(loaded.input, loaded.output), int8_layers=tuple(int8_layers or ()))
     plans = entry_plans(lowered, log)
     _check_output_width(loaded.output, plans, where)
     layers = bitlinear_layers(quantized)
@@ -363,11 +415,21 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
         "schedule" + (f" ({untuned[0].get('reason', 'tuning off')}; `bitrl-compile tune MODEL --target "
                       f"{target.name}` tunes them)" if untuned and tuning else ""))
     params, weight_layouts = store_weights(lowered, params)
-    for layer in layers:  # stored base-3 in the artifact, unpacked at load into the kernel's tiles
-        layer.update(layout="base3", compute_layout=spec.layout,
-                     weight_bits_per_param=layouts.bits_per_weight("base3"))
+    for layer in layers:  # ternary: stored base-3, unpacked at load into the kernel's tiles; int8: stored as is
+        n, k = layer["shape"]
+        if layer["precision"] == "int8":
+            layer.update(layout="int8", compute_layout="q8", bytes=n * k)
+        else:
+            layer.update(layout="base3", compute_layout=spec.layout, bytes=n * -(-k // 5),
+                         weight_bits_per_param=layouts.bits_per_weight("base3"))
     timings["passes"] = time.perf_counter() - t0
-    log(f"ternarized {len(layers)} linear layers into {spec.isa} kernels; building for {target.name} ({target.device})")
+    int8 = [layer["index"] for layer in layers if layer["precision"] == "int8"]
+    if sorted({i % len(layers) for i in int8_layers or ()}) != int8:  # ternarize counted the layers the same way
+        raise CompilerBug(f"int8 layers {int8} are not the requested {list(int8_layers)}; this is a bug, please "
+                          "report it")
+    log(f"ternarized {len(layers) - len(int8)} linear layers into {spec.isa} kernels"
+        + (f", kept {len(int8)} in int8 (layers {int8})" if int8 else "") + f"; building for {target.name} "
+        f"({target.device})")
 
     t0 = time.perf_counter()
     try:
@@ -464,7 +526,8 @@ def batch_bounds(lowered) -> dict[str, int]:
 def build_manifest(loaded, target, tvm_target, cpu_features, layers, params) -> dict:
     import tvm
 
-    n_weights = sum(layer["in"] * layer["out"] for layer in layers)
+    n_weights = sum(layer["in"] * layer["out"] for layer in layers if layer.get("precision") != "int8")
+    n_int8 = sum(layer["in"] * layer["out"] for layer in layers if layer.get("precision") == "int8")
     return {
         "target": {"name": target.name, "device": target.device, "arch": target.arch,
                    "tvm": str(tvm_target), "cpu_features": list(cpu_features)},
@@ -476,6 +539,6 @@ def build_manifest(loaded, target, tvm_target, cpu_features, layers, params) -> 
         "output": loaded.output,
         "layers": layers,
         "params": list(params),
-        "stats": {"ternary_weights": n_weights,
+        "stats": {"ternary_weights": n_weights, **({"int8_weights": n_int8} if n_int8 else {}),
                   "param_bytes": int(sum(v.nbytes for v in params.values()))},
     }

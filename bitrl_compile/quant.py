@@ -108,8 +108,11 @@ def bitlinear_reference(
     bias: np.ndarray | None = None,
     return_int: bool = False,
 ):
-    """The BitLinear op on a [B, K] input: act-quant, ternary matmul (int32), rescale, bias.
+    """The BitLinear op on a [B, K] input: act-quant, integer matmul (int32), rescale, bias.
 
+    The one reference of both weight precisions: ternary trits with gamma (`ternarize_weight`), and int8
+    weights in [-127, 127] with their per-channel scales as gamma (`quantize_weight_int8`: the mixed-precision
+    layers, targets/int8_kernels.py); the activations and the epilogue are the same.
     Activation functions are applied by the caller. With return_int=True also returns
     (x_q, s, acc) for bit-exact checks of the integer path.
     """

@@ -5,6 +5,12 @@
 
     layout "int8":  w is int8 [N, K] trits      (after `ternarize`)
     layout "2bit":  w is uint8 [N, ceil(K/4)]   (after `pack_weights`, see bitrl_compile.layouts)
+    layout "q8":    w is int8 [N, K] in [-127, 127] and gamma float32 [N] its per-output-channel scales
+                    (`quant.quantize_weight_int8`): a mixed-precision layer (`ternarize(int8_layers=...)`),
+                    left as it is by `pack_weights`, lowered to targets/int8_kernels.py and stored as int8
+
+The meaning is one for every layout, `quant.bitlinear_reference`: int8 absmax activations per row, the
+weights as integers, int32 accumulation, then act(fma(acc, gamma / s, bias)).
 
 `legalize_bitlinear` replaces every such call by `call_tir` to a TensorIR kernel. Until then a
 module stays runnable on the host: importing this module registers `bitrl.bitlinear` as a global
@@ -25,6 +31,8 @@ from tvm.relax.dpl import ExternFuncPattern, is_op
 from bitrl_compile import layouts, quant
 
 OP_NAME = "bitrl.bitlinear"
+TERNARY_LAYOUTS = ("int8", "2bit")
+Q8 = "q8"  # int8 weights (mixed precision)
 
 
 @dataclass
@@ -67,7 +75,7 @@ def reference(x, w, gamma, bias, activation: str, layout: str, k: int) -> np.nda
     """The numpy meaning of one bitrl.bitlinear call (the bit-exact reference of the kernels)."""
     if layout == "2bit":
         w = layouts.unpack_2bit(w, k)
-    elif layout != "int8":
+    elif layout not in ("int8", Q8):
         raise ValueError(f"unknown BitLinear weight layout {layout!r}")
     lead = x.shape[:-1]
     y = quant.bitlinear_reference(x.reshape(-1, k), w, gamma, bias)

@@ -8,6 +8,10 @@ same shape; the kernel gets the schedule knobs that `schedules` (a `targets.tuni
 a tuning database) has for it, else the hand-written default schedule of its ISA. Each kernel
 records its schedule in the attribute "bitrl.schedule" (JSON; `kernel_schedules` reads them).
 `weight_params` then tells the artifact writer which parameters are weights in which layout.
+
+Int8 layers (layout "q8", mixed precision) become call_tir to the int8 kernel of targets/int8_kernels.py (one
+per (K, N, activation), default schedule, ISA "int8-<the target's>"); their weights stay int8 [N, K] and are
+stored as they are (not in `weight_params`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from bitrl_compile import layouts
 from bitrl_compile.runtime import weights
-from bitrl_compile.targets import kernel_spec, kernels
+from bitrl_compile.targets import int8_kernels, kernel_spec, kernels
 
 from . import bitlinear_op
 
@@ -43,6 +47,8 @@ class _Legalizer(PyExprMutator):
         op = bitlinear_op.parse(call)
         if op is None:
             return call
+        if op.layout == bitlinear_op.Q8:
+            return self._int8(op, call)
         if op.layout != "2bit":
             raise ValueError(f"legalize_bitlinear expects 2-bit packed weights, got layout {op.layout!r}; "
                              "run pack_weights first")
@@ -64,15 +70,29 @@ class _Legalizer(PyExprMutator):
             func = func.with_attrs({"global_symbol": name, "bitrl.schedule": json.dumps(schedule, sort_keys=True)})
             self.kernels[name] = self.builder_.add_func(func, name)
         w = relax.const(weights.pack_tiles(layouts.unpack_2bit(packed, op.k), self.spec.layout))
+        return self._call(self.kernels[name], op, w, n, call)
+
+    def _int8(self, op, call):
+        n = int(op.w.ty.shape[0])
+        if bitlinear_op.constant_value(op.w) is None:
+            raise ValueError("legalize_bitlinear needs constant int8 weights")
+        name = int8_kernels.int8_kernel_name(op.k, n, op.activation)
+        if name not in self.kernels:
+            func = int8_kernels.int8_kernel(op.k, n, op.activation, self.spec).with_attr("global_symbol", name)
+            self.kernels[name] = self.builder_.add_func(func, name)
+        return self._call(self.kernels[name], op, op.w, n, call)
+
+    def _call(self, kernel, op, w, n, call):
+        """call_tir of a kernel on [rows, K]: [..., K] inputs (token sequences) are flattened and reshaped back."""
         if op.x.ty.ndim == 2:
-            return relax.call_tir(self.kernels[name], [op.x, w, op.gamma, op.bias], call.ty)
+            return relax.call_tir(kernel, [op.x, w, op.gamma, op.bias], call.ty)
         # [..., K] inputs (token sequences): the kernel sees [rows, K]; every row is quantized on its own.
         lead = list(op.x.ty.shape)[:-1]
         rows = lead[0]
         for d in lead[1:]:
             rows = rows * d
         flat = self.builder_.emit(relax.op.reshape(op.x, (rows, op.k)))
-        out = self.builder_.emit(relax.call_tir(self.kernels[name], [flat, w, op.gamma, op.bias],
+        out = self.builder_.emit(relax.call_tir(kernel, [flat, w, op.gamma, op.bias],
                                                 relax.TensorType((rows, n), "float32")))
         return relax.op.reshape(out, call.ty.shape)
 
@@ -120,6 +140,8 @@ def weight_params(mod, func_name: str = "main") -> dict[str, dict]:
         kernel = mod[expr.args[0]]
         attrs = kernel.attrs if kernel.attrs is not None else {}
         if "bitrl.weight_layout" not in attrs or not isinstance(expr.args[1].fields[1], relax.Var):
+            return
+        if str(attrs["bitrl.weight_layout"]) == int8_kernels.LAYOUT:  # int8 weights are stored as they are
             return
         w = expr.args[1].fields[1]
         for param in func.params:

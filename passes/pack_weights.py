@@ -2,7 +2,8 @@
 
 Pipeline position: after `fuse_bitlinear`, before `legalize_bitlinear`. Rewrites
 bitlinear(x, W_t:int8 [N, K], ..., "int8") into bitlinear(x, P:uint8 [N, ceil(K/4)], ..., "2bit")
-with P = layouts.pack_2bit(W_t): 4x less weight memory than int8, 16x less than float32.
+with P = layouts.pack_2bit(W_t): 4x less weight memory than int8, 16x less than float32. Int8 layers (layout
+"q8", mixed precision) stay as they are: their kernel reads int8 [N, K].
 """
 
 from __future__ import annotations

@@ -17,8 +17,11 @@ The fields (required: target, input, output, params; the rest may be absent in o
     batch         {"min": int, "max": int | null}, 1 <= min <= max <= 2^30
     kernels       [{"kernel": str, "isa": str, "layout": str, "schedule": str, "reason": str, "in": int, "out": int,
                     "knobs": {str: number}, "gemv"/"gemm": {"batch": int, "us": number, "default_us": number}}]
-    layers        [{"name": str, "in": int, "out": int, "activation": str, "layout": str, "scale": str, ...}]
-    versions, source  objects of strings; stats  {"ternary_weights": int, "param_bytes": int}
+    layers        [{"name": str, "in": int, "out": int, "activation": str, "layout": str, "scale": str, ...,
+                    optional: "index": int, "shape": [N, K], "precision": "ternary" | "int8", "bytes": int (the
+                    weight's stored bytes)}]; int8 layers (mixed precision) keep their weights as int8 [N, K]
+                    parameters, not listed in "weights"
+    versions, source  objects of strings; stats  {"ternary_weights": int, "int8_weights": int, "param_bytes": int}
     recovery      str: how the compiled file was made ternary-ready ("distill": trainers/distill.py)
     fidelity      {"env": str, "states": int, "agreement", "weighted": number in [0, 1], "engine", "kind", "rule": str,
                    "q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score": number,
@@ -50,6 +53,7 @@ DTYPES = ("float32", "float64", "float16", "int8", "int16", "int32", "int64", "u
 _FUNC = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")  # a C symbol: lib.so exports __tvm_ffi_<func>
 _SLOT = re.compile(r"(input|output|buffer):([0-9]{1,9})")
 _LAYOUT = re.compile(r"tiles([0-9]{1,4})x([0-9]{1,4})|lut([0-9]{1,4})")
+PRECISIONS = ("ternary", "int8")  # a layer's weights (mixed precision: passes/ternarize.py)
 _SIMPLE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
@@ -285,6 +289,18 @@ def _layers(value, where: str) -> None:
         _int(_field(layer, "in"), f"{at}.in", 0, MAX_WEIGHT_DIM)
         _int(_field(layer, "out"), f"{at}.out", 0, MAX_WEIGHT_DIM)
         _strings(layer, ("activation", "layout", "compute_layout", "scale"), at)
+        if "index" in layer:
+            _int(layer["index"], f"{at}.index", 0, MAX_WEIGHT_DIM)
+        if "bytes" in layer:
+            _int(layer["bytes"], f"{at}.bytes", 0, 1 << 62)
+        if "precision" in layer and layer["precision"] not in PRECISIONS:
+            raise _fail(f"{at}.precision", f"is {_short(layer['precision'])}, not one of {', '.join(PRECISIONS)}")
+        if "shape" in layer:
+            shape = _list(layer["shape"], f"{at}.shape")
+            if len(shape) != 2:
+                raise _fail(f"{at}.shape", f"has {len(shape)} value(s), expected [N, K]")
+            for d, size in enumerate(shape):
+                _int(size, f"{at}.shape[{d}]", 0, MAX_WEIGHT_DIM)
         for key in ("weight_bits_per_param", "zero_fraction"):
             if key in layer:
                 _number(layer[key], f"{at}.{key}")
@@ -297,7 +313,7 @@ def _texts(value, where: str) -> None:
 
 def _stats(value, where: str) -> None:
     stats = _obj(value, where)
-    for key in ("ternary_weights", "param_bytes"):
+    for key in ("ternary_weights", "int8_weights", "param_bytes"):
         if key in stats:
             _int(stats[key], f"{where}.{key}")
 

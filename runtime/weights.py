@@ -27,7 +27,9 @@ indices for 4 inputs, and a mask or a shift makes them `tbl` / `vpshufb` indices
 
 The artifact stores base3; `to_compute` unpacks it once, at load, into the target's tiles. The
 manifest says which: manifest["weights"][param] = {"storage": "base3", "compute": "tiles8x4",
-"shape": [N, K]}.
+"shape": [N, K]}. The weights of int8 layers (mixed precision, manifest layers[i].precision "int8") are not
+ternary: stored as the int8 [N, K] tensors their kernel reads (targets/int8_kernels.py), not listed in
+manifest["weights"], and passed through `unpack_params` as they are, like every other parameter.
 """
 
 from __future__ import annotations

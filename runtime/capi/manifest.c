@@ -264,6 +264,24 @@ static int check_tables(const checker *c, const json *m) {
         if (integer(c, json_get(l, "in"), at, 0, MAX_WEIGHT_DIM, NULL) != 0) return -1;
         snprintf(at, sizeof at, "layers[%zu].out", i);
         if (integer(c, json_get(l, "out"), at, 0, MAX_WEIGHT_DIM, NULL) != 0) return -1;
+        /* optional (mixed precision): index, bytes, precision "ternary" | "int8", shape [N, K] */
+        const json *index = json_get(l, "index"), *bytes = json_get(l, "bytes"), *precision = json_get(l, "precision");
+        const json *shape = json_get(l, "shape");
+        snprintf(at, sizeof at, "layers[%zu].index", i);
+        if (index && integer(c, index, at, 0, MAX_WEIGHT_DIM, NULL) != 0) return -1;
+        snprintf(at, sizeof at, "layers[%zu].bytes", i);
+        if (bytes && integer(c, bytes, at, 0, 1LL << 62, NULL) != 0) return -1;
+        snprintf(at, sizeof at, "layers[%zu].precision", i);
+        if (precision && (is(c, precision, JSON_STRING, at) != 0 ||
+                          (strcmp(precision->string, "ternary") != 0 && strcmp(precision->string, "int8") != 0)))
+            return precision->type == JSON_STRING ? fail(c, at, "is not one of ternary, int8: ", precision->string) : -1;
+        snprintf(at, sizeof at, "layers[%zu].shape", i);
+        if (shape && (is(c, shape, JSON_ARRAY, at) != 0)) return -1;
+        if (shape && shape->count != 2) return fail(c, at, "does not have 2 values, expected [N, K]", "");
+        for (size_t d = 0; shape && d < 2; d++) {
+            snprintf(at, sizeof at, "layers[%zu].shape[%zu]", i, d);
+            if (integer(c, &shape->items[d], at, 0, MAX_WEIGHT_DIM, NULL) != 0) return -1;
+        }
     }
     static const char *const texts[] = {"versions", "source"};
     for (int t = 0; t < 2; t++) {
@@ -275,8 +293,8 @@ static int check_tables(const checker *c, const json *m) {
     }
     const json *stats = json_get(m, "stats");
     if (stats && (is(c, stats, JSON_OBJECT, "stats") != 0)) return -1;
-    static const char *const counts[] = {"ternary_weights", "param_bytes"};
-    for (int t = 0; stats && t < 2; t++) {
+    static const char *const counts[] = {"ternary_weights", "int8_weights", "param_bytes"};
+    for (int t = 0; stats && t < 3; t++) {
         const json *v = json_get(stats, counts[t]);
         snprintf(at, sizeof at, "stats.%s", counts[t]);
         if (v && integer(c, v, at, 0, 1LL << 62, NULL) != 0) return -1;
