@@ -34,7 +34,7 @@ pip_quiet=(-q --disable-pip-version-check)
 $PY -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || $PY -m pip install "${pip_quiet[@]}" torch==2.13.0
 # (Re)install when anything is missing or when the installed package is another checkout's.
-$PY -c "import os, bitrl_compile.cli, grimp, hypothesis, importlinter, onnxruntime, psutil, stable_baselines3, bitrl_compile.runtime as r
+$PY -c "import os, bitrl_compile.cli, grimp, hypothesis, importlinter, onnxruntime, psutil, stable_baselines3, tornado, bitrl_compile.runtime as r
 assert os.path.samefile(os.path.dirname(bitrl_compile.__file__), 'bitrl_compile')
 assert os.path.samefile(os.path.dirname(r.__file__), 'runtime')" 2>/dev/null \
   && $PY -m pip show apache-tvm-ffi 2>/dev/null | grep -x "Version: 0.1.14.post1" >/dev/null \

@@ -1,7 +1,8 @@
 """`bitrl-compile tune`: MetaSchedule searches the tuning space (targets/tuning.py) of a model's kernels.
 
-Each candidate is built (cross-compiled for aarch64), measured locally or on a board through TVM RPC,
-and the best is verified against the numpy reference and timed side by side with the default schedule
+Each candidate is built (cross-compiled for aarch64), measured locally, on a board through TVM RPC, or
+on a farm of boards behind TVM's RPC tracker (targets/remote.py: one runner worker per server), and
+the best is verified against the numpy reference and timed side by side with the default schedule
 before it is stored in the target's database.
 
 The search is `replay-func`: each candidate re-runs the space function, because which schedule
@@ -29,6 +30,7 @@ import tvm
 
 from bitrl_compile.targets import Target, get_target, intrinsics, kernel_spec, kernels, tvm_target
 from bitrl_compile.targets.kernels import DEFAULT_KNOBS, Knobs
+from bitrl_compile.targets.remote import RPC_HELP, Remote
 from bitrl_compile.targets.tuning import (
     SPACE_VERSION,
     KernelKey,
@@ -43,10 +45,6 @@ from bitrl_compile.targets.tuning import (
 )
 
 NOISE = 0.03               # a tuned kernel must beat the default by this fraction to replace it
-RPC_HELP = ("on the board run `python3 -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090` (after "
-            "`pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 cloudpickle psutil` there; "
-            "localhost only: the server runs any code it is sent, without authentication), here "
-            "`ssh -N -L 9090:127.0.0.1:9090 pi@BOARD`, then pass --rpc 127.0.0.1:9090 (docs/security.md)")
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -100,41 +98,21 @@ def _alloc_arguments_local(device, args_info, alloc_repeat):
     return default_alloc_argument(device, args_info, alloc_repeat)
 
 
-def _connect(rpc_config):
-    """MetaSchedule runner session: straight to the board's RPC server (no tracker)."""
-    from tvm import rpc
-
-    return rpc.connect(rpc_config.tracker_host, int(rpc_config.tracker_port),
-                       session_timeout=rpc_config.session_timeout_sec)
-
-
-def parse_rpc(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise TuneError(f"--rpc expects HOST:PORT (e.g. 127.0.0.1:9090 through an SSH tunnel), got {address!r}")
-    return host, int(port)
-
-
 class Device:
-    """Where kernels run for checking and timing: this machine, or a board through TVM RPC.
+    """Where kernels run for checking and timing: this machine, a board through TVM RPC (`remote`: a
+    `Remote`, or the HOST:PORT of a board's RPC server), or a free board of a tracker's farm.
 
     A context manager: TVM's RPC server serves one session at a time, so the session is held only
     inside `with` (MetaSchedule's runner opens its own while tuning)."""
 
-    def __init__(self, target: Target, rpc: str | None, timeout: float = 600):
-        self.target, self.rpc, self.timeout = target, rpc, timeout
+    def __init__(self, target: Target, remote: Remote | str | None, timeout: float = 600):
+        self.remote = Remote(rpc=remote) if isinstance(remote, str) else remote
+        self.target, self.timeout = target, timeout
         self.session, self.device, self.uploads = None, tvm.cpu(), 0
 
     def __enter__(self):
-        if self.rpc is not None:
-            from tvm import rpc as tvm_rpc
-
-            host, port = parse_rpc(self.rpc)
-            try:
-                self.session = tvm_rpc.connect(host, port, session_timeout=self.timeout)
-            except Exception as e:
-                raise TuneError(f"cannot reach the RPC server at {self.rpc}: "
-                                f"{(str(e).strip().splitlines() or [type(e).__name__])[-1]}; {RPC_HELP}") from e
+        if self.remote is not None:
+            self.session = self.remote.connect(session_timeout=self.timeout)
             self.device = self.session.cpu()
         return self
 
@@ -257,7 +235,7 @@ def _ctrl_c_stops(stop):
         signal.signal(signal.SIGINT, previous)
 
 
-def _progress_callback(total: int, stop):
+def _progress_callback(total: int, stop, servers: int = 0):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
@@ -280,7 +258,9 @@ def _progress_callback(total: int, stop):
             filled = int(width * min(self.done, total) / max(total, 1))
             best = self.best.get(name)
             best = f"{best * 1e6:.2f} µs" if best is not None else "no successful trial yet"
-            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} trials, "
+            where = (f"{servers} servers measuring in parallel, " if servers > 1
+                     else "1 server measuring, " if servers else "")
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} trials, {where}"
                   f"{time.monotonic() - self.started:.0f} s; {name}: best {best}\033[K",
                   end="", file=sys.stderr, flush=True)
             if stop.is_set():
@@ -326,13 +306,17 @@ def _run_secs(record) -> float:
 
 
 def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: Iterable[int] = (1,),
-         db: str | os.PathLike | None = None, rpc: str | None = None, work_dir: str | os.PathLike | None = None,
-         threads: int = 1, seed: int = 0, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
-         ) -> tuple[list[TuneRow], Path, float]:
+         db: str | os.PathLike | None = None, rpc: str | None = None, tracker: str | None = None,
+         tracker_key: str | None = None, work_dir: str | os.PathLike | None = None, threads: int = 1, seed: int = 0,
+         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> tuple[list[TuneRow], Path, float]:
     """Tune every kernel at every batch with `trials` MetaSchedule trials each, verify the best
     candidates against the reference on the device, time them against the default schedule side by
     side and store the faster of the two in the database (`db`: a folder, default targets/tuned).
     Returns (rows, database file, seconds spent).
+
+    Measured here, on the board whose RPC server is at `rpc` (HOST:PORT), or on the farm of boards
+    registered with the RPC tracker at `tracker` under `tracker_key` (default: the target's name), one
+    candidate per server at a time, all servers in parallel.
 
     Ctrl-C stops the search; what was measured until then is verified and stored as usual."""
     import logging
@@ -347,7 +331,8 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
     spec = kernel_spec(tvm_tgt)
     path = database_path(target, tvm_tgt, db)
     records = load_database(path)  # fail early on a broken file, before any trial
-    if target.arch != host_arch() and rpc is None:
+    remote = Remote.of(rpc, tracker, tracker_key, target.name)
+    if target.arch != host_arch() and remote is None:
         raise TuneError(f"target {target.name} runs on {target.arch}: timings need the device; {RPC_HELP}")
     if trials < 1:
         raise TuneError("--trials must be at least 1")
@@ -358,18 +343,16 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
         raise TuneError("the model has no BitLinear kernel to tune")
     tasks = {f"{key.name}_b{batch}": (key, batch) for key in keys for batch in batches}
     os.environ["TVM_NUM_THREADS"] = str(threads)  # the runner's workers inherit it
-    with Device(target, rpc):  # reachable? (fails early, with the command to run on the board)
+    servers = remote.servers() if remote is not None else 0  # a tracker: how many boards under the key
+    with Device(target, remote):  # reachable? (fails early, with the command to run on the board)
         pass
 
-    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=20 if rpc is None else 5)
-    if rpc is None:
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=20 if remote is None else 5)
+    if remote is None:
         runner = ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60,
                                        f_alloc_argument=_alloc_arguments_local)
     else:
-        host, port = parse_rpc(rpc)
-        runner = ms.runner.RPCRunner(ms.runner.RPCConfig(host, port, "bitrl", session_timeout_sec=600),
-                                     evaluator_config=evaluator, f_create_session=_connect,
-                                     f_alloc_argument=_alloc_arguments)
+        runner = remote.runner(evaluator, servers, _alloc_arguments)
     builder = ms.builder.LocalBuilder(f_build=_build, f_export=functools.partial(_export, target.cc), timeout_sec=120)
     space = ms.space_generator.ScheduleFn(design_space, sch_rules=[], postprocs=[], mutator_probs={})
     mod = tvm.IRModule({name: workload(key, spec, batch).with_attr("global_symbol", name)
@@ -378,18 +361,18 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
     with contextlib.ExitStack() as stack:
         work = Path(work_dir) if work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bitrl-tune-")))
         log(f"tuning {len(tasks)} kernel workload(s) for {target.name} ({spec.isa} kernels), {trials} trials each, "
-            f"measured {'on ' + rpc if rpc else 'here'} with {threads} thread(s); MetaSchedule logs in {work}/logs")
+            f"measured {_where(remote, servers)} with {threads} thread(s); MetaSchedule logs in {work}/logs")
         total = trials * len(tasks)
         interrupted = False
         ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
         level = ms_logger.level
         ms_logger.setLevel(logging.WARNING)  # its per-round tables go to the log files, not the console
         stop = threading.Event()
-        progress = _progress_callback(total, stop)
+        progress = _progress_callback(total, stop, servers)
         try:
             with _without_tvm_tensor_intrinsics(), _ctrl_c_stops(stop):
                 ms.tune_tir(mod, tvm_tgt, str(work), max_trials_global=total, max_trials_per_task=trials,
-                            num_trials_per_iter=min(trials, 8), builder=builder, runner=runner, cost_model="random",
+                            num_trials_per_iter=min(trials, max(8, servers)), builder=builder, runner=runner, cost_model="random",
                             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress],
                             task_scheduler="round-robin", space=space, strategy="replay-func", seed=seed,
                             num_tuning_cores=1)
@@ -410,7 +393,7 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
         found = _ms_records(work)
 
         rows = []
-        device = stack.enter_context(Device(target, rpc))
+        device = stack.enter_context(Device(target, remote))
         for name, (key, batch) in tasks.items():
             func = workload(key, spec, batch)
             mine = sorted((r for r in found if str(r.workload.mod["main"].attrs["global_symbol"]) == name),
@@ -439,12 +422,21 @@ def tune(keys: Iterable[KernelKey], target_name: str, *, trials: int, batches: I
                                 "knobs": chosen.as_dict(), "us": round(tuned_s * 1e6, 3),
                                 "default_us": round(default_s * 1e6, 3), "trials": len(mine),
                                 "threads": threads, "target": str(tvm_tgt),
-                                "measured_on": rpc or "localhost"})
+                                "measured_on": str(remote) if remote else "localhost"})
             rows.append(TuneRow(key.name, batch, default_s * 1e6, tuned_s * 1e6, chosen.as_dict(), len(mine), stored))
         save_database(path, records)
     log(f"search {search_s:.0f} s, verification and timing {time.monotonic() - started - search_s:.0f} s; "
         f"database: {path}")
     return rows, path, time.monotonic() - started
+
+
+def _where(remote: Remote | None, servers: int) -> str:
+    """Where candidates are measured, for the log: here, on a board, or on a farm's servers in parallel."""
+    if remote is None:
+        return "here"
+    if remote.rpc is not None:
+        return f"on {remote.rpc}"
+    return f"on {servers} servers in parallel ({remote})" if servers > 1 else f"on 1 server ({remote})"
 
 
 def summary(rows: list[TuneRow]) -> str:

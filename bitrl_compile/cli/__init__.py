@@ -8,6 +8,7 @@
     bitrl-compile pretrain-bitnet --env CartPole-v1 --out DIR   a BitNet b1.58 state encoder for train --backbone
     bitrl-compile bench model.zip --env CartPole-v1        memory, latency, energy estimate, return kept: report + plots
     bitrl-compile tune model.zip --target rasp4 --rpc PI:9090   MetaSchedule tuning into targets/tuned/rasp4.json
+    bitrl-compile tracker [--port 9190]                    TVM's RPC tracker: tune on a farm (tune --tracker H:P --key rasp4)
     bitrl-compile demo                                     the built-in example, end to end
     bitrl-compile targets                                  the known targets
     bitrl-compile emulator setup | python ARGS | rpc-server   the aarch64 Python under qemu (devices)
@@ -15,7 +16,7 @@
     bitrl-compile keygen --out NAME | sign policy.bitrl --key NAME   Ed25519 signatures (docs/security.md)
 
 One click group; the commands live by what they do: compile.py (compile, inspect, tune, targets), train.py (train,
-finetune, pretrain-bitnet), measure.py (run, bench, bench-kernels, demo), emulator.py (emulator ...), capi.py; common.py
+finetune, pretrain-bitnet), measure.py (run, bench, bench-kernels, demo), emulator.py (emulator ...), tracker.py, capi.py; common.py
 has the error handling they share. Each command calls a function of a lower layer.
 
 Exit codes (also in the README; tests/test_cli.py and tests/test_bad_inputs.py run every row):
@@ -46,6 +47,7 @@ from bitrl_compile.cli.common import broken_pipe, fail, interrupted, stop_signal
 from bitrl_compile.cli.compile import compile_cmd, inspect_cmd, targets_cmd, tune_cmd
 from bitrl_compile.cli.emulator import emulator_group
 from bitrl_compile.cli.measure import bench_cmd, bench_kernels_cmd, demo_cmd, run_cmd
+from bitrl_compile.cli.tracker import tracker_cmd
 from bitrl_compile.cli.train import finetune_cmd, pretrain_bitnet_cmd, train_cmd
 from bitrl_compile.cli.trust import keygen_cmd, sign_cmd
 
@@ -99,5 +101,5 @@ def main():
 
 
 for command in (compile_cmd, inspect_cmd, tune_cmd, run_cmd, train_cmd, finetune_cmd, pretrain_bitnet_cmd, targets_cmd,
-                bench_cmd, bench_kernels_cmd, demo_cmd, emulator_group, capi_cmd, keygen_cmd, sign_cmd):
+                bench_cmd, bench_kernels_cmd, demo_cmd, emulator_group, capi_cmd, keygen_cmd, sign_cmd, tracker_cmd):
     main.add_command(command)

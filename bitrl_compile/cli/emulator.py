@@ -61,17 +61,31 @@ def emulator_python_cmd(cpu, args):
               help="address to bind; keep 127.0.0.1: TVM's RPC server runs any code a client sends, without "
                    "authentication (reach it from elsewhere through `ssh -L`, docs/security.md)")
 @click.option("--port", type=int, help="port [default: a free one]")
-def emulator_rpc_server_cmd(cpu, host, port):
+@click.option("--tracker", metavar="HOST:PORT",
+              help="register with TVM's RPC tracker there (a farm for `tune --tracker`; start one with "
+                   "`bitrl-compile tracker`)")
+@click.option("--key", help="the tracker key to register under [default: the target of the CPU: rasp4 for "
+                            "cortex-a72, rasp5 for cortex-a76]")
+def emulator_rpc_server_cmd(cpu, host, port, tracker, key):
     """TVM's RPC server in the aarch64 Python under qemu, in the foreground; Ctrl-C stops it."""
     import signal
 
     from bitrl_compile.devices import DEFAULT_CPU, QEMU, RPCServer, describe_exit
 
     cpu = cpu or DEFAULT_CPU
+    if key is not None and tracker is None:
+        raise click.UsageError("--key names the tracker key: pass --tracker HOST:PORT too")
+    if tracker is not None and key is None:
+        from bitrl_compile import targets
+
+        key = next((n for n in targets.known_targets() if targets.get_target(n).qemu_cpu == cpu), None)
+        if key is None:
+            raise click.UsageError(f"no target runs on -cpu {cpu}: pass --key KEY (what `tune --key` asks for)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server on SIGTERM too (__exit__)
     try:
-        with _emulator_errors(), RPCServer(cpu, host=host, port=port) as server:
-            click.echo(f"{server.address}  (TVM RPC server, {QEMU} -cpu {cpu}; Ctrl-C stops it)")
+        with _emulator_errors(), RPCServer(cpu, host=host, port=port, tracker=tracker, key=key) as server:
+            where = f", registered under key {key} at the tracker {tracker}" if tracker else ""
+            click.echo(f"{server.address}  (TVM RPC server, {QEMU} -cpu {cpu}{where}; Ctrl-C stops it)")
             shown = len(server.log_text())
             while (code := server.wait(timeout=0.5)) is None:
                 text = server.log_text()  # the server's log lines (sessions, loaded modules) on stderr

@@ -8,7 +8,13 @@ bound to 127.0.0.1 by default, in the aarch64 Python of devices/sysroot.py with 
     with RPCServer("cortex-a72") as server:             # about 6 s to start
         remote = tvm.rpc.connect(server.host, server.port)
 
-`bitrl-compile emulator rpc-server [--cpu CPU] [--port PORT]` runs one in the foreground.
+A farm of boards registers its servers with TVM's RPC tracker under a key; so can emulated ones (the tracker then
+hands their address to whoever asks for a server of that key, e.g. `bitrl-compile tune --tracker H:P --key rasp4`):
+
+    with RPCServer("cortex-a72", tracker="127.0.0.1:9190", key="rasp4") as server:   # ready once registered
+        ...
+
+`bitrl-compile emulator rpc-server [--cpu CPU] [--port PORT] [--tracker H:P --key KEY]` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -43,6 +50,22 @@ def _free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _tracker_servers(host: str, port: int, timeout: float = 10.0) -> list[dict]:
+    """The servers registered with TVM's RPC tracker at host:port ({"key": "server:KEY", "addr": [h, p]});
+    OSError or RuntimeError if it does not answer as a tracker within `timeout` s."""
+    from tvm.rpc import base
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        if struct.unpack("<i", base.recvall(sock, 4))[0] != base.RPC_TRACKER_MAGIC:
+            raise RuntimeError(f"{host}:{port} answered, but not as an RPC tracker")
+        base.sendjson(sock, [base.TrackerCode.SUMMARY])
+        code, summary = base.recvjson(sock)
+        if code != base.TrackerCode.SUCCESS:
+            raise RuntimeError(f"the tracker at {host}:{port} answered {code} to SUMMARY")
+        return list(summary.get("server_info", []))
 
 
 def _write_launcher(folder: Path, command: list[str], py: Aarch64Python) -> Path:
@@ -74,7 +97,9 @@ class RPCServer:
             remote.upload("lib.so")
             f = remote.load_module("lib.so")["main"]
 
-    `port=None` picks a free one. The server forks a child per session, as on the device (fork works
+    `port=None` picks a free one. With `tracker` ("HOST:PORT" of TVM's RPC tracker) and `key`, the server
+    registers with the tracker under the key and is ready once the tracker lists it; clients then reach it
+    through the tracker (`tvm.rpc.connect_tracker(...).request(key)`), not directly. The server forks a child per session, as on the device (fork works
     under qemu-user). `runtime_only` (TVM_USE_RUNTIME_LIB=1) loads libtvm_runtime.so, not the 229 MB
     libtvm_compiler.so, which a server does not call: a start takes about 6 s instead of 19 s (two
     Python processes import tvm). Its timings are qemu's, not the device's. Its files (log, uploads,
@@ -82,11 +107,15 @@ class RPCServer:
     """
 
     def __init__(self, cpu: str = DEFAULT_CPU, host: str = "127.0.0.1", port: int | None = None,
-                 startup_timeout: float = 300.0, *, runtime_only: bool = True):
+                 startup_timeout: float = 300.0, *, runtime_only: bool = True, tracker: str | None = None,
+                 key: str | None = None):
         self.cpu = cpu
         self._host = host
         self._proc: subprocess.Popen | None = None
         self._folder: Path | None = None
+        self.tracker, self.key = tracker, key
+        if tracker is not None:
+            self._tracker_addr = self._check_tracker(tracker, key)
         py = ensure_aarch64_python()
         site = ensure_guest_tvm()
         guest_root = cpu_root(py, cpu)  # an unknown CPU model fails here, with qemu's list to look at
@@ -102,6 +131,8 @@ class RPCServer:
             self.log_path = self._folder / "server.log"
             argv = [str(launcher), "-m", "tvm.exec.rpc_server", "--host", host, "--port", str(self._port),
                     "--port-end", str(self._port + 1)]  # [port, port-end): this port or none
+            if tracker is not None:  # the address the tracker hands out is the one the server listens on
+                argv += ["--tracker", tracker, "--key", key, "--custom-addr", self._probe_host()]
             with open(self.log_path, "wb") as log:
                 self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                               stderr=subprocess.STDOUT, cwd=self._folder,
@@ -126,6 +157,34 @@ class RPCServer:
     def _what(self) -> str:
         return f"TVM's RPC server ({QEMU} -cpu {self.cpu}, {self.address})"
 
+    def _probe_host(self) -> str:
+        return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self._host, self._host)
+
+    @staticmethod
+    def _check_tracker(tracker: str, key: str | None) -> tuple[str, int]:
+        """(host, port) of a tracker that answers; EmulatorError with the fix otherwise (TVM's server would
+        retry a refused tracker for 60 s and then exit)."""
+        host, sep, port = tracker.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise EmulatorError(f"--tracker expects HOST:PORT (e.g. 127.0.0.1:9190), got {tracker!r}")
+        if not key or not all(c.isalnum() or c in "_.+-" for c in key):
+            raise EmulatorError(f"a server registered with a tracker needs a key of letters, digits and _.+- "
+                                f"(e.g. --key rasp4), got {key!r}")
+        try:
+            _tracker_servers(host.strip("[]"), int(port))
+        except Exception as e:  # refused, timed out, unknown host, not a tracker
+            raise EmulatorError(f"cannot reach the RPC tracker at {tracker}: {last_line(str(e)) or type(e).__name__}; "
+                                f"start one with `bitrl-compile tracker --port {port}`") from e
+        return host.strip("[]"), int(port)
+
+    def registered(self) -> bool:
+        """Whether the tracker lists this server under its key (always False without a tracker)."""
+        if self.tracker is None:
+            return False
+        servers = _tracker_servers(*self._tracker_addr)
+        return any(item.get("key") == f"server:{self.key}" and int(item.get("addr", [0, 0])[1]) == self._port
+                   for item in servers)
+
     def log_text(self) -> str:
         """What the server has written so far (its log lines: sessions, loaded modules)."""
         try:
@@ -134,10 +193,11 @@ class RPCServer:
             return ""
 
     def _wait_until_ready(self, timeout: float) -> None:
-        """Until the log says "bind to HOST:PORT" and an RPC session opens; EmulatorError if it dies."""
+        """Until the log says "bind to HOST:PORT" and an RPC session opens (with a tracker: the tracker lists
+        the server; a direct session would not match its key); EmulatorError if it dies."""
         import tvm.rpc
 
-        probe_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self._host, self._host)
+        probe_host = self._probe_host()
         deadline = time.monotonic() + timeout
         bound, last_error = False, ""
         while True:
@@ -146,7 +206,14 @@ class RPCServer:
                 raise EmulatorError(f"{self._what()} {describe_exit(code, self.cpu)}: "
                                     f"{last_line(self.log_text())}")
             bound = bound or f"bind to {self._host}:{self._port}" in self.log_text()
-            if bound:
+            if bound and self.tracker is not None:
+                try:
+                    if self.registered():
+                        return
+                    last_error = f"not yet registered with the tracker at {self.tracker}"
+                except Exception as e:  # noqa: BLE001 - the tracker went away: retry until the deadline
+                    last_error = last_line(str(e)) or type(e).__name__
+            elif bound:
                 try:
                     session = tvm.rpc.connect(probe_host, self._port, session_timeout=60)
                 except Exception as e:  # noqa: BLE001 - TVMError or socket error: retry until the deadline
@@ -194,5 +261,6 @@ class RPCServer:
 
     def __repr__(self) -> str:
         state = "running" if getattr(self, "_proc", None) is not None else "closed"
-        return f"RPCServer({self._host}:{getattr(self, '_port', None)}, cpu={self.cpu}, {state})"
+        where = f", key {self.key} at tracker {self.tracker}" if getattr(self, "tracker", None) else ""
+        return f"RPCServer({self._host}:{getattr(self, '_port', None)}, cpu={self.cpu}{where}, {state})"
 
