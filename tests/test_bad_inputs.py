@@ -699,6 +699,41 @@ def disagrees_with_reference(tmp: Path):
         assert list(tmp.iterdir()) == [], "the artifact was written"
 
 
+def _stock_bitnet(tmp: Path, **config) -> Path:
+    """A tiny Hugging Face-layout BitNet checkpoint (bf16), its config.json changed by `config` (None: removed)."""
+    from bitrl_compile import bitnet
+
+    torch.manual_seed(0)
+    folder = bitnet.save_bitnet(bitnet.BitNetForCausalLM(bitnet.BitNetConfig(num_hidden_layers=1)), tmp / "bitnet")
+    cfg = {**json.loads((folder / "config.json").read_text()), **config}
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return folder
+
+
+def _compile_stock_bitnet(*args, mem_available: int | None = None, **config):
+    """`bitrl-compile FOLDER --encoder text --env CartPole-v1 ARGS` on a changed stock checkpoint; nothing written."""
+    def case(tmp: Path):
+        from bitrl_compile.bitnet.checkpoint import MEM_ENV
+
+        folder = _stock_bitnet(tmp, **config)
+        old = os.environ.get(MEM_ENV)
+        if mem_available is not None:
+            os.environ[MEM_ENV] = str(mem_available)
+        try:
+            _cli_here(folder, "--env", "CartPole-v1", *args, "-o", tmp / "out.bitrl")
+        finally:
+            if old is None:
+                os.environ.pop(MEM_ENV, None)
+            else:
+                os.environ[MEM_ENV] = old
+            assert not (tmp / "out.bitrl").exists()
+    return case
+
+
+def _encoder_on_a_policy_file(tmp: Path):
+    _cli_here(_model(tmp), "--encoder", "text", "--env", "CartPole-v1")
+
+
 def _act(obs):
     return lambda tmp: load(_artifact()).act(obs)
 
@@ -814,6 +849,20 @@ CASES = [
          "is not supported yet", 1),
     Case("artifact that disagrees with the numpy reference (a compiler bug: not written)", "formats",
          disagrees_with_reference, pipeline.CompilerBug, "nothing was written", code=3),
+    Case("stock BitNet folder of another architecture (`model_type` llama)", "BitNet checkpoint",
+         _compile_stock_bitnet("--encoder", "text", model_type="llama"), CliExit, "model_type is 'llama'", 1),
+    Case("stock BitNet folder with `hidden_act` silu", "BitNet checkpoint",
+         _compile_stock_bitnet("--encoder", "text", hidden_act="silu"), CliExit, "hidden_act 'silu'", 1),
+    Case("config.json without `num_hidden_layers`", "BitNet checkpoint",
+         _compile_stock_bitnet("--encoder", "text", num_hidden_layers=None), CliExit,
+         "missing key 'num_hidden_layers'", 1),
+    Case("checkpoint too large for the memory left (refused before loading; `BITRL_MEM_AVAILABLE=100000`)",
+         "BitNet checkpoint", _compile_stock_bitnet("--encoder", "text", mem_available=100_000), CliExit,
+         "is available", 1),
+    Case("stock BitNet folder without `--encoder`", "BitNet checkpoint", _compile_stock_bitnet(), CliExit,
+         "give --encoder text|numeric and --env ID", 1),
+    Case("`--encoder` on a policy file", "BitNet checkpoint", _encoder_on_a_policy_file, CliExit,
+         "--encoder applies to a Hugging Face BitNet checkpoint folder", 2),
     Case("observation of the wrong shape", "runtime input", _act(np.zeros(5, np.float32)), ValueError, "expects"),
     Case("observation of a non-numeric dtype", "runtime input", _act(np.array(list("abcd"))), ValueError,
          "numeric"),

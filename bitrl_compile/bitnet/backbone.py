@@ -17,6 +17,7 @@ observation statistics) and whose safetensors also hold `encoder.*`: transformer
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitrl_compile.bitnet.checkpoint import model_from_checkpoint, read_checkpoint, save_bitnet
+from bitrl_compile.bitnet.checkpoint import (
+    checkpoint_files,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_bitnet,
+)
 from bitrl_compile.bitnet.model import BitNetConfig, BitNetForCausalLM, BitNetModel, set_quantized
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
 from bitrl_compile.runtime import text as text_io
+from bitrl_compile.runtime.files import write_atomic
 from bitrl_compile.runtime.policy import postprocess
 
 
@@ -80,19 +87,24 @@ class EncoderSpec:
         return text_io.text_length(self.obs_dim, self.decimals) if self.kind == "text" else self.obs_dim
 
 
+def check_encoder(cfg: BitNetConfig, spec: EncoderSpec) -> None:
+    """ValueError (one line) if `spec` cannot sit in front of a model of config `cfg`."""
+    if spec.kind not in ("numeric", "text") or spec.pool not in ("last", "mean"):
+        raise ValueError(f"encoder kind {spec.kind!r} / pool {spec.pool!r}: use numeric|text and last|mean")
+    if spec.kind == "text" and cfg.vocab_size < 256:
+        raise ValueError(f"a text encoder needs byte tokens: vocab_size {cfg.vocab_size} < 256")
+    tokens = spec.input_length() if spec.kind == "text" else -(-spec.obs_dim // spec.patch) + 1
+    if tokens > cfg.max_position_embeddings:
+        raise ValueError(f"the {spec.kind} encoder makes {tokens} tokens, more than max_position_embeddings "
+                         f"{cfg.max_position_embeddings}; raise it or use fewer decimals / larger patches")
+
+
 class BitNetBackbone(nn.Module):
     """Observation -> features [B, D]: a state encoder, a BitNetModel, and pooling (last token or mean)."""
 
     def __init__(self, model: BitNetModel, spec: EncoderSpec):
         super().__init__()
-        if spec.kind not in ("numeric", "text") or spec.pool not in ("last", "mean"):
-            raise ValueError(f"encoder kind {spec.kind!r} / pool {spec.pool!r}: use numeric|text and last|mean")
-        if spec.kind == "text" and model.config.vocab_size < 256:
-            raise ValueError(f"a text encoder needs byte tokens: vocab_size {model.config.vocab_size} < 256")
-        tokens = spec.input_length() if spec.kind == "text" else -(-spec.obs_dim // spec.patch) + 1
-        if tokens > model.config.max_position_embeddings:
-            raise ValueError(f"the {spec.kind} encoder makes {tokens} tokens, more than max_position_embeddings "
-                             f"{model.config.max_position_embeddings}; raise it or use fewer decimals / larger patches")
+        check_encoder(model.config, spec)
         self.spec, self.model = spec, model
         self.encoder = NumericEncoder(spec.obs_dim, model.config.hidden_size, spec.patch) \
             if spec.kind == "numeric" else TextEncoder(model.embed_tokens)
@@ -139,12 +151,15 @@ def save_backbone(backbone: BitNetBackbone, folder, dtype: torch.dtype = torch.f
                        extra_config={"bitrl_backbone": asdict(backbone.spec)}, extra_tensors=extra)
 
 
-def load_backbone(path) -> BitNetBackbone:
-    """A backbone checkpoint written by `save_backbone` (or any BitNet checkpoint plus a "bitrl_backbone" entry)."""
-    folder, hf, tensors = read_checkpoint(path)
+def load_backbone(path, mem_available: int | None = None) -> BitNetBackbone:
+    """A backbone checkpoint written by `save_backbone` (or any BitNet checkpoint plus a "bitrl_backbone" entry), or
+    a reference written by `save_backbone_reference`."""
+    folder, hf, _ = checkpoint_files(path)
     if "bitrl_backbone" not in hf:
-        raise ModelLoadError(f"{folder}: config.json has no \"bitrl_backbone\" entry; this is a language model, "
-                             "not a state encoder: wrap it with BitNetBackbone(load_bitnet(path).model, EncoderSpec(...))")
+        raise ModelLoadError(f"{folder}: config.json has no \"bitrl_backbone\" entry: a language model, not a state "
+                             "encoder; give --encoder text|numeric and --env ID (or in Python: stock_backbone(path, "
+                             "EncoderSpec(...)))")
+    folder, hf, tensors = read_checkpoint(path, mem_available)
     try:
         spec = EncoderSpec(**hf["bitrl_backbone"])
     except TypeError as e:
@@ -163,12 +178,91 @@ def load_backbone(path) -> BitNetBackbone:
     return backbone.eval()
 
 
+# ------------------------------------------------------------------------------------------------ stock checkpoints
+
+def stock_backbone(path, spec: EncoderSpec, *, seed: int = 0, mem_available: int | None = None) -> BitNetBackbone:
+    """A Hugging Face BitNet checkpoint (a language model: no "bitrl_backbone" entry) as a state encoder: the same as
+    `torch.manual_seed(seed); BitNetBackbone(load_bitnet(path).model, spec)` (the numeric encoder's projections are
+    drawn from `seed`; the global RNG is left alone). The config, the encoder and the memory are checked before any
+    tensor is read."""
+    folder, hf, _ = checkpoint_files(path)
+    if "bitrl_backbone" in hf:
+        raise ModelLoadError(f"{folder}: a state encoder already (\"bitrl_backbone\" in config.json); use it as it "
+                             "is, without --encoder/--pool/--decimals (load_backbone)")
+    try:
+        check_encoder(BitNetConfig.from_hf(hf, f"{folder / 'config.json'}"), spec)
+    except ModelLoadError:
+        raise
+    except ValueError as e:
+        raise ModelLoadError(f"{folder}: {e}") from None
+    folder, hf, tensors = read_checkpoint(path, mem_available)
+    model = model_from_checkpoint(folder, hf, tensors).model
+    del tensors
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BitNetBackbone(model, spec).eval()
+
+
+def save_backbone_reference(folder, checkpoint, spec: EncoderSpec, *, seed: int = 0) -> Path:
+    """A backbone folder that refers to a stock checkpoint instead of copying it: config.json holds
+    "bitrl_backbone" (the encoder) and "bitrl_checkpoint" (the checkpoint folder, absolute), model.safetensors the
+    numeric encoder's projections (drawn from `seed` as `stock_backbone` draws them). `load_backbone(folder)`
+    gives the backbone `stock_backbone(checkpoint, spec, seed=seed)` gives; `bitrl-compile FOLDER` compiles it."""
+    from safetensors.torch import save
+
+    ckpt, hf, _ = checkpoint_files(checkpoint)
+    if "bitrl_backbone" in hf:
+        raise ModelLoadError(f"{ckpt}: a state encoder already (\"bitrl_backbone\" in config.json); use it as it is")
+    cfg = BitNetConfig.from_hf(hf, f"{ckpt / 'config.json'}")
+    try:
+        check_encoder(cfg, spec)
+    except ValueError as e:
+        raise ModelLoadError(f"{ckpt}: {e}") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "numeric":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # BitNetBackbone's first draws are its NumericEncoder's
+            encoder = NumericEncoder(spec.obs_dim, cfg.hidden_size, spec.patch)
+        write_atomic(folder / "model.safetensors", save(
+            {f"encoder.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}))
+    else:
+        (folder / "model.safetensors").unlink(missing_ok=True)
+    entry = {"bitrl_backbone": asdict(spec), "bitrl_checkpoint": str(ckpt.resolve()), "bitrl_encoder_seed": seed}
+    write_atomic(folder / "config.json", (json.dumps(entry, indent=2) + "\n").encode())
+    return folder
+
+
 # ------------------------------------------------------------------------------------------------ compile and train
 
-def backbone_policy(backbone: BitNetBackbone, description: str = "") -> LoadedPolicy:
+TEXT_BYTES = b" +-.0123456789;"  # every byte runtime.text.serialize writes (signed fixed-width numbers, ';')
+
+
+def embedding_rows(spec: EncoderSpec) -> int:
+    """Rows of embed_tokens the encoder reads: byte codes 0..max(TEXT_BYTES) for text, none for numeric."""
+    return max(TEXT_BYTES) + 1 if spec.kind == "text" else 0
+
+
+def backbone_policy(backbone: BitNetBackbone, description: str = "", *, copy_module: bool = True) -> LoadedPolicy:
     """The LoadedPolicy `pipeline.compile_policy` compiles into a "features" artifact (`Policy.features(obs)`).
-    The module holds the float master weights: the ternarize pass quantizes them exactly as BitLinear does."""
-    module = set_quantized(copy.deepcopy(backbone), False).eval()
+    The module holds the float master weights: the ternarize pass quantizes them exactly as BitLinear does. It has
+    no lm_head, and of embed_tokens only the rows the encoder reads (`embedding_rows`; one zero row for numeric).
+    copy_module=False uses `backbone` itself (no second copy of the weights; the backbone is then float and
+    trimmed: for one loaded only to be compiled)."""
+    emb = backbone.model.embed_tokens
+    rows = embedding_rows(backbone.spec)
+    trimmed = nn.Embedding(max(rows, 1), emb.embedding_dim)
+    with torch.no_grad():
+        trimmed.weight.zero_()
+        trimmed.weight[:rows] = emb.weight[:rows]
+    if copy_module:
+        module = copy.deepcopy(backbone, {id(emb): trimmed})
+    else:
+        module = backbone
+        module.model.embed_tokens = trimmed
+        if isinstance(module.encoder, TextEncoder):
+            module.encoder.embed_tokens = trimmed
+    module = set_quantized(module, False).eval()
     spec, cfg = backbone.spec, backbone.model.config
     desc = description or (f"BitNet b1.58 backbone ({spec.kind} encoder, {cfg.num_hidden_layers} layers, "
                            f"d={cfg.hidden_size}, {spec.pool} token)")

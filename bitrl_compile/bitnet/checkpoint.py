@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,23 +32,31 @@ from bitrl_compile.runtime.files import write_atomic
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def read_checkpoint(path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    """(folder, config.json dict, tensors) of a Hugging Face-layout checkpoint folder (or its model.safetensors)."""
-    from safetensors import SafetensorError, safe_open
+MEM_ENV = "BITRL_MEM_AVAILABLE"  # bytes of memory to assume free instead of /proc/meminfo's MemAvailable
 
+
+def checkpoint_files(path) -> tuple[Path, dict, list[Path]]:
+    """(folder, config.json dict, safetensors files) of a Hugging Face-layout checkpoint folder (or its
+    model.safetensors), the config checked as BitNet b1.58 (`BitNetConfig.from_hf`) before any tensor is read. A
+    backbone reference (config.json with "bitrl_backbone" and "bitrl_checkpoint": a stock checkpoint folder, see
+    `backbone.save_backbone_reference`) gives the referenced checkpoint's config and files plus its own encoder."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder; give a BitNet checkpoint folder "
                              "(config.json + model.safetensors)")
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ModelLoadError(f"{folder}: no config.json; a Hugging Face-layout checkpoint is a folder with "
-                             "config.json and model.safetensors")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{cfg_path}: not readable JSON ({e}); fix or re-download it") from None
+    cfg = read_config(folder)
+    if isinstance(cfg, dict) and "bitrl_checkpoint" in cfg:
+        target = Path(str(cfg["bitrl_checkpoint"]))
+        target = target if target.is_absolute() else folder / target
+        if not (target / "config.json").is_file():
+            raise ModelLoadError(f"{folder / 'config.json'}: bitrl_checkpoint {str(target)!r} is not a checkpoint "
+                                 "folder (no config.json); the backbone refers to a checkpoint that moved")
+        _, stock, files = checkpoint_files(target)
+        own = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+        return folder, {**stock, "bitrl_backbone": cfg.get("bitrl_backbone"), "bitrl_checkpoint": str(target)}, \
+            files + own
+    BitNetConfig.from_hf(cfg, f"{folder / 'config.json'}")
     if path.is_file() and path.name != "config.json":
         files = [path]
     elif (folder / "model.safetensors").is_file():
@@ -62,10 +71,33 @@ def read_checkpoint(path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
     else:
         raise ModelLoadError(f"{folder}: no model.safetensors (or model.safetensors.index.json); "
                              "BitNet checkpoints are read from safetensors only")
-    tensors: dict[str, torch.Tensor] = {}
     for file in files:
         if not file.is_file():
             raise ModelLoadError(f"{file}: shard named in the index is missing; download it again")
+    return folder, cfg, files
+
+
+def read_config(folder: Path) -> dict:
+    """A checkpoint folder's config.json as a dict (not checked as BitNet)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json; a Hugging Face-layout checkpoint is a folder with "
+                             "config.json and model.safetensors")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{cfg_path}: not readable JSON ({e}); fix or re-download it") from None
+
+
+def read_checkpoint(path, mem_available: int | None = None) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """(folder, config.json dict, tensors) of a Hugging Face-layout checkpoint folder (or its model.safetensors).
+    Refused before any tensor is read when loading it needs more memory than is available (`check_memory`)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder, cfg, files = checkpoint_files(path)
+    check_memory(folder, cfg, files, mem_available)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
@@ -74,6 +106,91 @@ def read_checkpoint(path) -> tuple[Path, dict, dict[str, torch.Tensor]]:
             raise ModelLoadError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); "
                                  "the file is truncated or corrupt, download or save it again") from None
     return folder, cfg, tensors
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def _stored_tensors(file: Path) -> dict[str, tuple[str, int]]:
+    """{name: (safetensors dtype, bytes)} from a file's header alone; {} if the header is unreadable (the load
+    then reports the file)."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > 100 << 20:
+                return {}
+            header = json.loads(f.read(n))
+        return {name: (str(h["dtype"]), int(h["data_offsets"][1]) - int(h["data_offsets"][0]))
+                for name, h in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        return {}
+
+
+def memory_needed(cfg: BitNetConfig, files: list[Path]) -> tuple[int, int, int]:
+    """(bytes needed to load, bytes of the tensors as stored, bytes of their float32 copies) from config.json and
+    the safetensors headers: the loader holds every stored tensor, and a float32 copy of each one that is not
+    float32 already (bf16/f16 master weights, packed projections unpacked to their full shape)."""
+    stored: dict[str, tuple[str, int]] = {}
+    sizes = {}
+    for file in files:
+        found = _stored_tensors(file)
+        stored.update(found)
+        sizes[file] = sum(b for _, b in found.values()) if found else file.stat().st_size
+    copies = sum(4 * math.prod(shape) for name, shape in expected_shapes(cfg).items()
+                 if stored.get(name, ("", 0))[0] != "F32")
+    held = sum(sizes.values())
+    return held + copies, held, copies
+
+
+def memory_available(mem_available: int | None = None) -> int | None:
+    """Bytes free for a load: `mem_available`, else $BITRL_MEM_AVAILABLE, else /proc/meminfo's MemAvailable (None:
+    unknown, no check)."""
+    if mem_available is not None:
+        return int(mem_available)
+    env = os.environ.get(MEM_ENV)
+    if env is not None:
+        try:
+            return int(env)
+        except ValueError:
+            raise ModelLoadError(f"${MEM_ENV} is {env[:40]!r}; give the available memory in bytes, e.g. "
+                                 "8000000000") from None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 10**8 else f"{n:,}"
+
+
+def _gib(n: int) -> str:
+    """Bytes for a message: 9.63 GiB, 412.5 MiB, 88.1 KiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.{2 if shift == 30 else 1}f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
+def check_memory(folder: Path, hf: dict, files: list[Path], mem_available: int | None = None) -> None:
+    """Refuse a checkpoint whose load needs more memory than is available, before reading any tensor."""
+    available = memory_available(mem_available)
+    if available is None:
+        return
+    cfg = BitNetConfig.from_hf(hf, f"{folder / 'config.json'}")
+    needed, held, copies = memory_needed(cfg, files)
+    if needed > available:
+        params = sum(math.prod(s) for s in expected_shapes(cfg).values())
+        raise CheckpointTooLarge(
+            f"{folder}: loading this checkpoint needs {_gib(needed)} ({_count(params)} parameters: "
+            f"{_gib(held)} of tensors as stored + {_gib(copies)} of float32 copies) and {_gib(available)} is "
+            "available; free memory or use a machine with more")
+
+
+class CheckpointTooLarge(ModelLoadError):
+    """Loading the checkpoint needs more memory than is available."""
 
 
 def _master_from_packed(name: str, packed: torch.Tensor, scale: torch.Tensor | None, shape, where: str):
@@ -155,9 +272,10 @@ def expected_shapes(cfg: BitNetConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_bitnet(path) -> BitNetForCausalLM:
-    """A Hugging Face-layout BitNet b1.58 checkpoint (folder, or its model.safetensors) as a float32 model."""
-    return model_from_checkpoint(*read_checkpoint(path))
+def load_bitnet(path, mem_available: int | None = None) -> BitNetForCausalLM:
+    """A Hugging Face-layout BitNet b1.58 checkpoint (folder, or its model.safetensors) as a float32 model.
+    `mem_available` (bytes; default $BITRL_MEM_AVAILABLE or MemAvailable): refuse before loading above it."""
+    return model_from_checkpoint(*read_checkpoint(path, mem_available))
 
 
 def model_from_checkpoint(folder: Path, hf: dict, tensors: dict[str, torch.Tensor]) -> BitNetForCausalLM:

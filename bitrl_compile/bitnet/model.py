@@ -64,6 +64,10 @@ class BitNetConfig:
             raise bad("not a JSON object")
         if d.get("model_type") not in ("bitnet", None):
             raise bad(f"model_type is {d.get('model_type')!r}, not 'bitnet'; give a BitNet b1.58 checkpoint")
+        archs = d.get("architectures")
+        if d.get("model_type") is None and isinstance(archs, list) and archs and not any(
+                "BitNet" in str(a) for a in archs):
+            raise bad(f"architectures is {archs!r}, not ['BitNetForCausalLM']; give a BitNet b1.58 checkpoint")
         if d.get("hidden_act", "relu2") != "relu2":
             raise bad(f"hidden_act {d.get('hidden_act')!r} is not supported; BitNet b1.58 2B4T uses 'relu2'")
         if d.get("attention_bias", False) or d.get("mlp_bias", False):

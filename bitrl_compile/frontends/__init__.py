@@ -35,6 +35,8 @@ Formats
     onnx   `onnx.load` + `onnx.checker.check_model`; `onnx_model` is set instead of `module`. A fixed batch size in
         the graph's input/output is turned into a symbolic "batch" dimension (with a warning).
     pickle   `torch.save(model)` of a whole nn.Module: only with `trust_pickle=True` (`--trust-pickle`).
+    bitnet   a checkpoint folder (config.json + safetensors): a BitNet backbone ("bitrl_backbone" in config.json), or a
+        stock Hugging Face BitNet checkpoint with `encoder=` and config "env" (`bitnet_folders`): a features policy.
 
 The environment (`config={"env": "Pendulum-v1"}`, the CLI's --env) applies to every format: where the file records
 no action space (torch-export, torchscript, onnx, pickle) the env's defines the output spec (Box: continuous with
@@ -59,7 +61,8 @@ same keys (`obs_rms.mean` style nesting {"obs_rms": {"mean", "var"}} is accepted
 clip((x - mean) / sqrt(var + eps), -clip, clip), exactly as VecNormalize does.
 
 Modules, one per family: `sb3`, `cleanrl`, `state_dicts` (.safetensors and plain state_dicts), `mlp` (MLPPolicy,
-the "mlp" config, save_mlp_policy), `torch_files` (.pt2, TorchScript, pickles), `onnx`; beside them `specs`
+the "mlp" config, save_mlp_policy), `torch_files` (.pt2, TorchScript, pickles), `onnx`, `bitnet_folders`
+(BitNet checkpoint folders); beside them `specs`
 (config, input/output specs), `normalization` (read_normalization) and `zips` (the limits on every model zip and
 torch archive, checked from the directory before anything is read). This module detects the format
 (`load_policy`) and finishes every load (`_finish`: config overrides, normalisation, the output-width check).
@@ -104,16 +107,20 @@ _FORMATS_HELP = ("SB3 .zip, CleanRL state_dict, .safetensors + config, torch.exp
 
 
 def load_policy(path, *, config: dict | str | None = None, trust_pickle: bool = False,
-                vecnormalize: str | None = None) -> LoadedPolicy:
-    """Load a policy file of any supported format (detected by content); see the module docstring."""
+                vecnormalize: str | None = None, encoder: dict | None = None) -> LoadedPolicy:
+    """Load a policy file of any supported format (detected by content); see the module docstring. `encoder`
+    ({"kind": "text"|"numeric", "pool", "decimals"}) wraps a stock BitNet checkpoint folder as a state encoder
+    for config "env"'s observations (frontends/bitnet_folders.py)."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():  # a BitNet backbone checkpoint folder (docs/bitnet.md)
-        from bitrl_compile import bitnet
+    if path.is_dir() and (path / "config.json").is_file():  # a BitNet checkpoint folder (docs/bitnet.md)
+        from bitrl_compile.frontends.bitnet_folders import load_bitnet_folder
 
-        return bitnet.backbone_policy(bitnet.load_backbone(path))
+        return load_bitnet_folder(path, _read_config(config).get("env"), encoder)
     if path.is_dir():
-        raise ModelLoadError(f"{path}: a folder without config.json; give a policy file or a BitNet backbone folder "
+        raise ModelLoadError(f"{path}: a folder without config.json; give a policy file or a BitNet checkpoint folder "
                              "(config.json + model.safetensors)")
+    if encoder:
+        raise ModelLoadError(f"{path}: encoder= (--encoder) applies to a BitNet checkpoint folder, not a policy file")
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file; check the path")
     cfg = _read_config(config)
