@@ -64,6 +64,30 @@ def test_distilled_dqn_compiles_to_the_students_q_values_and_actions(distilled_d
     np.testing.assert_array_equal(actions, reference.argmax(1))
 
 
+def test_a_student_trained_with_an_int8_layer_compiles_to_what_was_trained(dqn, distilled_dqn, tmp_path,
+                                                                          cartpole_obs):
+    """Mixed precision in training (`int8_layers`, what `--keep` uses): warm-started from the ternary student, the
+    layer trained as int8 is int8 in the artifact, which equals the numpy reference bit for bit and the trained
+    network within float rounding."""
+    from bitrl_compile import pipeline
+    from bitrl_compile.runtime import load
+
+    teacher = load_policy(dqn)
+    result = distill.distill(teacher, "CartPole-v1", tmp_path / "s.safetensors", small(max_rounds=2, int8_layers=(1,)),
+                             log=lambda s: None, start=distilled_dqn[0].student)
+    loaded = load_policy(tmp_path / "s.safetensors")
+    compiled = pipeline.compile_policy(loaded, "host", tmp_path / "s.bitrl", int8_layers=[1])
+    assert [layer["precision"] for layer in compiled.manifest["layers"]] == ["ternary", "int8", "ternary"]
+    with load(compiled.path) as artifact:
+        q = artifact.forward(cartpole_obs)
+    reference = reference_forward(loaded, int8_layers=(1,))(cartpole_obs)
+    with torch.no_grad():
+        trained = distill.ste_forward(result.student, torch.from_numpy(cartpole_obs), int8_layers=(1,)).numpy()
+    np.testing.assert_array_equal(q, reference)
+    np.testing.assert_allclose(trained, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    assert not np.array_equal(reference, reference_forward(loaded)(cartpole_obs))  # the int8 layer is not ternary
+
+
 def test_continuous_actor_keeps_its_squash_and_bounds(sb3_trained, tmp_path):
     from bitrl_compile import pipeline
     from bitrl_compile.runtime import load

@@ -23,28 +23,6 @@ def manifest_of(path) -> dict:
         return json.loads(z.read("manifest.json"))
 
 
-@pytest.fixture(scope="module")
-def q_network(tmp_path_factory):
-    """A real Q-network file whose Q-values are ≈ 99 with tiny gaps between the actions (the issue's SB3 DQN
-    CartPole: 9 vs 500): its two output rows differ by 2 % of a random vector, which ternarization erases."""
-    import torch
-
-    from bitrl_compile.frontends import MLPPolicy, save_mlp_policy
-
-    g = torch.Generator().manual_seed(0)
-    net = MLPPolicy([4, 64, 2], "tanh")
-    with torch.no_grad():
-        net.net[0].weight.copy_(torch.randn(64, 4, generator=g))
-        net.net[0].bias.zero_()
-        v, u = torch.randn(64, generator=g), torch.randn(64, generator=g)
-        net.net[2].weight.copy_(torch.stack([v, v + 0.02 * u]))
-        net.net[2].bias.fill_(99.0)
-    path = tmp_path_factory.mktemp("q") / "q.safetensors"
-    save_mlp_policy(path, net, {"obs_shape": [4], "hidden": [64], "activation": "tanh",
-                                "output": {"kind": "discrete", "n": 2, "outputs": "q_values"}})
-    return path
-
-
 def test_a_policy_that_keeps_its_actions_compiles_without_a_warning_and_inspect_shows_the_measure(
         sb3_trained, tmp_path):
     from torch import nn

@@ -45,7 +45,7 @@ from torch import nn
 
 from bitrl_compile import fidelity
 from bitrl_compile.frontends import MLPPolicy
-from bitrl_compile.quant import bitlinear_ste
+from bitrl_compile.quant import bitlinear_ste, quantize_activations_ste, quantize_weight_int8_ste
 from bitrl_compile.runtime.policy import postprocess
 from bitrl_compile.trainers.backbones import normalize
 from bitrl_compile.trainers.export import check_policy_fits, reference_forward, save_like
@@ -59,6 +59,7 @@ class DistillArgs:
     budget_s: float = 180.0          # wall-clock seconds of one core (torch_threads), collection included
     agreement: float = 0.99          # stop when held-out agreement reaches this
     per_channel: bool = False        # one weight scale per output channel (compile with --per-channel then)
+    int8_layers: tuple[int, ...] = ()  # Linears (0-based) trained as int8 (compile with --int8-layers then)
     num_envs: int = 8
     steps_per_round: int = 128       # vector steps per round: num_envs * steps_per_round states
     updates_per_round: int = 200
@@ -101,18 +102,28 @@ def output_kind(spec: dict) -> str:
                      "continuous actions), not a backbone")
 
 
-def ste_forward(mlp: MLPPolicy, x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
-    """The MLP with every Linear as the compiler's BitLinear (ternary weights, int8 activations), straight-through."""
+def ste_forward(mlp: MLPPolicy, x: torch.Tensor, per_channel: bool = False, int8_layers=()) -> torch.Tensor:
+    """The MLP with every Linear as the compiler's BitLinear (ternary weights, int8 activations), straight-through;
+    the Linears numbered in `int8_layers` (0-based) with int8 weights instead (mixed precision)."""
+    i = 0
     for m in mlp.net:
-        x = _bitlinear(m, x, per_channel) if isinstance(m, nn.Linear) else m(x)
+        if isinstance(m, nn.Linear):
+            x, i = _bitlinear(m, x, per_channel, int8=i in int8_layers), i + 1
+        else:
+            x = m(x)
     return x
 
 
-def _bitlinear(m: nn.Linear, x: torch.Tensor, per_channel: bool = False, bias: bool = True) -> torch.Tensor:
+def _bitlinear(m: nn.Linear, x: torch.Tensor, per_channel: bool = False, bias: bool = True,
+               int8: bool = False) -> torch.Tensor:
+    if int8:
+        return nn.functional.linear(quantize_activations_ste(x), quantize_weight_int8_ste(m.weight),
+                                    m.bias if bias else None)
     return bitlinear_ste(x, m.weight, m.bias if bias else None, per_channel)
 
 
-def calibrate_(student: MLPPolicy, teacher: MLPPolicy, x: torch.Tensor, per_channel: bool = False) -> None:
+def calibrate_(student: MLPPolicy, teacher: MLPPolicy, x: torch.Tensor, per_channel: bool = False,
+               int8_layers=()) -> None:
     """Scale and bias correction, layer by layer, before training: each ternary layer's output (on the student's
     own inputs) is fitted to the fp32 layer's by one factor c on the weights (the ternary codes do not change, the
     scale gamma becomes c * gamma) and a new bias per output (least squares). Plain ternarization can shrink a
@@ -120,18 +131,21 @@ def calibrate_(student: MLPPolicy, teacher: MLPPolicy, x: torch.Tensor, per_chan
     of updates to undo that."""
     with torch.no_grad():
         xs, xt = x, x
+        index = -1
         for ms, mt in zip(student.net, teacher.net):
             if not isinstance(ms, nn.Linear):
                 xs, xt = ms(xs), mt(xt)
                 continue
-            z = _bitlinear(ms, xs, per_channel, bias=False)
+            index += 1
+            int8 = index in int8_layers
+            z = _bitlinear(ms, xs, per_channel, bias=False, int8=int8)
             h = mt(xt)
             zc, hc = z - z.mean(0), h - h.mean(0)
             c = float((zc * hc).sum() / (zc * zc).sum().clamp(min=1e-12)) if len(z) > 1 else 1.0
             c = min(max(c, 0.1), 10.0) if math.isfinite(c) else 1.0
             ms.weight.mul_(c)
             ms.bias.copy_(h.mean(0) - c * z.mean(0))
-            xs, xt = _bitlinear(ms, xs, per_channel), h
+            xs, xt = _bitlinear(ms, xs, per_channel, int8=int8), h
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -238,9 +252,10 @@ def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
 
 
 def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillArgs | None = None,
-            log=lambda s: print(s, file=sys.stderr)) -> DistillResult:
+            log=lambda s: print(s, file=sys.stderr), start: MLPPolicy | None = None) -> DistillResult:
     """Distil the fp32 MLP policy `loaded` (a LoadedPolicy) into its ternary version on env_id's states; write it
-    to `path` (a policy .safetensors with the teacher's specs and "trained": {"recovery": "distill", ...})."""
+    to `path` (a policy .safetensors with the teacher's specs and "trained": {"recovery": "distill", ...}). The
+    student starts from the teacher's weights, or from `start` (an earlier student of the same architecture)."""
     args = args or DistillArgs()
     started = time.perf_counter()
     kind = check_distillable(loaded, env_id)
@@ -249,7 +264,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
     torch.set_num_threads(args.torch_threads)
     spec, stats = loaded.output, loaded.input.get("normalize")
     teacher = copy.deepcopy(loaded.module).float().eval()
-    student = copy.deepcopy(loaded.module).float().train()
+    student = copy.deepcopy(start if start is not None else loaded.module).float().train()
     for p in student.parameters():
         p.requires_grad_(True)
 
@@ -259,11 +274,11 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
 
     def student_out(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return ste_forward(student, torch.from_numpy(x), args.per_channel).numpy()
+            return ste_forward(student, torch.from_numpy(x), args.per_channel, args.int8_layers).numpy()
 
     def student_ref(x: np.ndarray) -> np.ndarray:  # the numpy reference: exactly what the artifact computes
         return reference_forward(dataclasses.replace(loaded, module=student, input={**loaded.input, "normalize": None}),
-                                 per_channel=args.per_channel)(x)
+                                 per_channel=args.per_channel, int8_layers=args.int8_layers)(x)
 
     def heldout_agreement() -> float:
         return agreement(spec, student_ref(held_x), held_t)
@@ -278,12 +293,12 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         before = agreement(spec, student_ref(held_x), held_t)
         best_key, best_state = (before, -math.inf), copy.deepcopy(student.state_dict())  # PTQ, if nothing beats it
         if args.calibrate:
-            calibrate_(student, teacher, torch.from_numpy(held_x[::2]), args.per_channel)
+            calibrate_(student, teacher, torch.from_numpy(held_x[::2]), args.per_channel, args.int8_layers)
         loss_fn = Loss(kind, spec, held_t, args.margin)
 
         def held_out() -> tuple[float, float]:
             with torch.no_grad():
-                loss = loss_fn(ste_forward(student, torch.from_numpy(held_x), args.per_channel),
+                loss = loss_fn(ste_forward(student, torch.from_numpy(held_x), args.per_channel, args.int8_layers),
                                torch.from_numpy(held_t)).item()
             return heldout_agreement(), loss
 
@@ -317,7 +332,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
                     group["lr"] = args.learning_rate * max(0.1, 1.0 - max(progress, rounds / args.max_rounds))
                 for _ in range(args.updates_per_round):
                     idx = torch.randint(len(x_all), (min(args.batch_size, len(x_all)),), generator=gen)
-                    loss = loss_fn(ste_forward(student, x_all[idx], args.per_channel), t_all[idx])
+                    loss = loss_fn(ste_forward(student, x_all[idx], args.per_channel, args.int8_layers), t_all[idx])
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -342,7 +357,8 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
     result = DistillResult(student, kind, before, best, rounds, len(xs), time.perf_counter() - started)
     if path is not None:
         trained = {"recovery": "distill", "env": env_id, "teacher": loaded.description, "kind": kind,
-                   "per_channel": args.per_channel, "agreement_before": round(before, 4),
+                   "per_channel": args.per_channel, "int8_layers": list(args.int8_layers),
+                   "agreement_before": round(before, 4),
                    "agreement_after": round(best, 4), "rounds": rounds, "seed": args.seed}
         result.config = save_like(Path(path), loaded, student, trained)
     log(result.summary())

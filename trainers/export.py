@@ -25,7 +25,7 @@ from torch import nn
 
 from bitrl_compile.evaluate import make_env
 from bitrl_compile.frontends import ACTIVATIONS, MLPPolicy, save_mlp_policy
-from bitrl_compile.quant import apply_activation, bitlinear_reference, ternarize_weight
+from bitrl_compile.quant import apply_activation, bitlinear_reference, quantize_weight_int8, ternarize_weight
 from bitrl_compile.runtime.policy import postprocess
 from bitrl_compile.trainers.backbones import ObsNormalizer, TorchBackbone, linears, normalize, torso_module
 
@@ -144,17 +144,21 @@ def features_policy(loaded):
                         f"{loaded.source}-torso", f"torso of {loaded.description} -> {dim} features")
 
 
-def reference_forward(loaded, ternary: bool = True, per_channel: bool = False):
+def reference_forward(loaded, ternary: bool = True, per_channel: bool = False, int8_layers=()):
     """`obs batch -> network output [B, out]` of an MLP policy in numpy: with ternary=True every Linear is the
     BitLinear reference (`quant.bitlinear_reference`: what the compiled artifact computes, bit for bit for ReLU;
-    per_channel as `bitrl-compile --per-channel`), else float32."""
+    per_channel as `bitrl-compile --per-channel`; the Linears numbered in int8_layers with int8 weights, as
+    `--int8-layers`), else float32."""
     if not isinstance(loaded.module, MLPPolicy) or loaded.module.activation not in ("relu", "tanh"):
         raise ValueError(f"the numpy reference runs ReLU/Tanh MLP policies (got {loaded.description})")
     activation = loaded.module.activation
     layers = []
-    for lin in linears(loaded.module):
+    for i, lin in enumerate(linears(loaded.module)):
         w, b = lin.weight.detach().numpy().astype(np.float32), lin.bias.detach().numpy().astype(np.float32)
-        layers.append((*ternarize_weight(w, per_channel), b) if ternary else (w, b))
+        if not ternary:
+            layers.append((w, b))
+        else:
+            layers.append((*(quantize_weight_int8(w) if i in int8_layers else ternarize_weight(w, per_channel)), b))
     stats = loaded.input.get("normalize")
 
     def forward(obs):

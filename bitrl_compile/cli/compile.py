@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from bitrl_compile.cli.bitnet_options import encoder_choice, encoder_options
 from bitrl_compile.cli.common import batch_sizes, guard, option_value
 from bitrl_compile.cli.train import finetune_cmd
 
@@ -39,17 +40,38 @@ from bitrl_compile.cli.train import finetune_cmd
               help="recovery steps (distillation: rollout states) [default: finetune's]")
 @click.option("--episodes", type=click.IntRange(min=1),
               help="with --env: also compare the returns of N deterministic episodes (ternary, fp32, random)")
+@click.option("--int8-layers", "int8_layers", metavar="LAYERS",
+              help="keep these linear layers in int8 (mixed precision): comma-separated 0-based indices, first, "
+                   "last (e.g. first,last), or auto: the fewest layers, by measured sensitivity, that bring the "
+                   "outputs within 2 %% of fp32 (98 %% of the actions), on the states the policy visits in --env "
+                   "(else on random observations)")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), metavar="SHARE",
+              help="with --env: recover until the ternary policy keeps SHARE of the original (e.g. 0.98; its action "
+                   "agreement weighted by the original's stakes, or with --episodes its score): plain, then "
+                   "distillation, then distillation with its most sensitive layer int8, then int8 layers alone; "
+                   "the first that keeps it is written, and if none does, nothing is")
+@click.option("--keep-budget", type=click.FloatRange(min=1), default=180, show_default=True, metavar="SECONDS",
+              help="--keep's distillation time (one core)")
+@encoder_options
 @click.option("--force", is_flag=True, help="overwrite the output file")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, features,
-                bundle_runtime, tuning_db, no_tuning, qat_env, qat_steps, episodes, force, debug):
-    """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet backbone folder).
+                bundle_runtime, tuning_db, no_tuning, qat_env, qat_steps, episodes, int8_layers, keep, keep_budget,
+                encoder, pool, decimals, force, debug):
+    """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet checkpoint folder:
+    a backbone, or a stock Hugging Face one with --encoder and --env).
 
     With --env, the ternary policy is measured against the original on the states the original visits (action
     agreement; with --episodes N the returns too), printed, recorded in the manifest, and below 98 % a warning
-    names the recovery."""
+    names the recovery; --keep SHARE recovers until SHARE is kept (trainers/recovery.py)."""
     if episodes and not env_id:
         raise click.UsageError("--episodes needs --env (the environment to run the episodes in)")
+    if keep is not None and not env_id:
+        raise click.UsageError("--keep needs --env (the environment whose states measure what is kept)")
+    if keep is not None and (qat_env or int8_layers is not None or features):
+        raise click.UsageError("--keep chooses the recovery and the int8 layers itself: drop --qat, --int8-layers "
+                               "and --features")
+    bitnet_encoder = encoder_choice(model, env_id, encoder, pool, decimals)  # a usage error where they do not apply
     with guard(debug):
         from bitrl_compile import targets
         from bitrl_compile.runtime.files import check_output
@@ -59,6 +81,9 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
         # what would fail at the end, checked before the minutes of loading, fine-tuning and compiling
         check_output(out, force=force, inputs=[p for p in (model, config, vecnormalize) if p])
         targets.check_toolchain(targets.get_target(target))
+        from bitrl_compile.precision import parse_int8_layers
+
+        int8 = parse_int8_layers(int8_layers) if int8_layers is not None else None
 
         from bitrl_compile.frontends import load_policy
         from bitrl_compile.pipeline import compile_policy
@@ -76,7 +101,8 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
         if env_id:
             cfg = dict(cfg or {}, env=env_id)
         t0 = time.perf_counter()
-        loaded = load_policy(model, config=cfg, trust_pickle=trust_pickle, vecnormalize=vecnormalize)
+        loaded = load_policy(model, config=cfg, trust_pickle=trust_pickle, vecnormalize=vecnormalize,
+                             encoder=bitnet_encoder)
         if features:
             from bitrl_compile.trainers.export import features_policy
 
@@ -89,9 +115,28 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
                 original[0], config=dict(json.loads(Path(original[1]).read_text()) if original[1] else {},
                                          env=env_id), trust_pickle=trust_pickle, vecnormalize=original[2])
             hook = fidelity.compile_hook(fp32, env_id, episodes=episodes or 0)
-        result = compile_policy(loaded, target, out, per_channel=per_channel, force=force,
-                                bundle_runtime=bundle_runtime, tuning_db=tuning_db, tuning=not no_tuning,
-                                log=lambda s: click.echo(f"  {s}", err=True), measure=hook)
+        calibration = None  # --int8-layers auto: measured on the states the policy visits in --env
+        if int8 == "auto" and env_id and loaded.output.get("kind") in ("discrete", "continuous"):
+            from bitrl_compile import fidelity
+
+            calibration = fidelity.visited_states(fidelity.original_forward(loaded), loaded.output, env_id)
+        def compile_with(loaded, int8_layers, measure):
+            return compile_policy(loaded, target, out, per_channel=per_channel, force=force,
+                                  bundle_runtime=bundle_runtime, tuning_db=tuning_db, tuning=not no_tuning,
+                                  log=lambda s: click.echo(f"  {s}", err=True), measure=measure,
+                                  int8_layers=int8_layers, calibration=calibration)
+
+        if keep is not None:
+            if hook is None:
+                raise click.UsageError(f"--keep needs a policy with actions; this one outputs "
+                                       f"{loaded.output.get('kind')!r}")
+            from bitrl_compile.trainers import recovery
+
+            result, _ = recovery.keep(loaded, env_id, keep, compile_with, episodes=episodes or 0,
+                                      budget=keep_budget, per_channel=per_channel,
+                                      log=lambda s: click.echo(f"  {s}", err=True))
+        else:
+            result = compile_with(loaded, int8, hook)
         click.echo(_summary(result.manifest, out, time.perf_counter() - t0))
         if "fidelity" in result.manifest:
             record = result.manifest["fidelity"]
@@ -106,15 +151,18 @@ def _summary(manifest: dict, path: Path, seconds: float | None = None) -> str:
     layers = manifest.get("layers", [])
     target = manifest["target"]
     n_weights = sum(layer["in"] * layer["out"] for layer in layers)
+    n_int8 = sum(layer["in"] * layer["out"] for layer in layers if layer.get("precision") == "int8")
     size = path.stat().st_size
     lines = [f"{path}: {size:,} bytes, target {target.get('name', '?')} ({target.get('device', target['arch'])})"]
-    lines.append(f"  {len(layers)} BitLinear layers, {n_weights:,} ternary weights "
-                 f"({4 * n_weights:,} bytes as fp32)")
+    lines.append(f"  {len(layers)} BitLinear layers, {n_weights - n_int8:,} ternary weights"
+                 + (f" and {n_int8:,} int8 weights (mixed precision)" if n_int8 else "")
+                 + f" ({4 * n_weights:,} bytes as fp32)")
     for layer in layers:
         bits = layer.get("weight_bits_per_param")
+        stored = f", {layer['bytes']:,} bytes" if "bytes" in layer else ""
         lines.append(f"    {layer['name']:<12} {layer['in']:>6} -> {layer['out']:<6} {layer.get('activation', '?'):<8} "
-                     f"{layer.get('layout', '?')} ({'?' if bits is None else f'{bits:g}'} bits/weight), "
-                     f"{layer.get('scale', '?')}")
+                     f"{layer.get('precision', 'ternary'):<7} {layer.get('layout', '?')} "
+                     f"({'?' if bits is None else f'{bits:g}'} bits/weight{stored}), {layer.get('scale', '?')}")
     for kernel in manifest.get("kernels", []):
         knobs = " ".join(f"{k}={v}" for k, v in kernel.get("knobs", {}).items() if v != 1) or "default knobs"
         where = (", ".join(f"{p} tuned at batch {kernel[p]['batch']}: {kernel[p]['us']:g} µs vs default "
@@ -163,8 +211,8 @@ def inspect_cmd(artifact, as_json, debug):
 
             click.echo(f"  fidelity: {describe(m['fidelity'])}")
         stats = m.get("stats", {})
-        if stats.get("ternary_weights") and "param_bytes" in stats:
-            bits = 8 * stats["param_bytes"] / stats["ternary_weights"]
+        if stats.get("ternary_weights", 0) + stats.get("int8_weights", 0) and "param_bytes" in stats:
+            bits = 8 * stats["param_bytes"] / (stats.get("ternary_weights", 0) + stats.get("int8_weights", 0))
             click.echo(f"  parameters: {stats['param_bytes']:,} bytes = {bits:.2f} bits per weight incl. scales/bias")
 
 
@@ -179,6 +227,10 @@ def inspect_cmd(artifact, as_json, debug):
               help="folder of tuning databases to update (<target>.json) [default: the repository's targets/tuned]")
 @click.option("--rpc", help="HOST:PORT of TVM's RPC server on the device (needed for rasp4/rasp5), e.g. 127.0.0.1:9090 "
               "through `ssh -N -L 9090:127.0.0.1:9090 pi@BOARD` (README, Tuning)")
+@click.option("--tracker", metavar="HOST:PORT", help="TVM's RPC tracker of a farm of boards (instead of --rpc): "
+              "candidates are measured on every server registered under --key, in parallel (`bitrl-compile tracker`; "
+              "docs/tuning.md)")
+@click.option("--key", "tracker_key", help="the tracker key of the boards to measure on [default: the target's name]")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="kernel threads while measuring")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="architecture/spec JSON for state_dicts")
@@ -187,11 +239,18 @@ def inspect_cmd(artifact, as_json, debug):
 @click.option("--per-channel", is_flag=True, help="tune the per-output-channel-scale kernels")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def tune_cmd(model, target, trials, batches, tuning_db, rpc, threads, config, env_id, trust_pickle, per_channel,
-             seed, debug):
+def tune_cmd(model, target, trials, batches, tuning_db, rpc, tracker, tracker_key, threads, config, env_id,
+             trust_pickle, per_channel, seed, debug):
     """Tune MODEL's BitLinear kernels for a target with MetaSchedule and store the result in the
     target's tuning database, which later compiles apply. Ctrl-C keeps what was found."""
     with guard(debug):
+        from bitrl_compile.targets import get_target
+        from bitrl_compile.targets.remote import Remote
+
+        remote = Remote.of(rpc, tracker, tracker_key, get_target(target).name)  # bad options: before loading
+        if remote is not None and remote.tracker is not None:
+            remote.servers()  # the tracker answers and has boards under the key, else the command that adds one
+
         from bitrl_compile.frontends import load_policy
         from bitrl_compile.pipeline import kernel_keys
         from bitrl_compile.targets import autotune
@@ -203,7 +262,8 @@ def tune_cmd(model, target, trials, batches, tuning_db, rpc, threads, config, en
         loaded = load_policy(model, config=cfg, trust_pickle=trust_pickle)
         keys = kernel_keys(loaded, per_channel)
         rows, path, seconds = autotune.tune(keys, target, trials=trials, batches=sizes, db=tuning_db, rpc=rpc,
-                                          threads=threads, seed=seed, log=lambda s: click.echo(s, err=True))
+                                          tracker=tracker, tracker_key=tracker_key, threads=threads, seed=seed,
+                                          log=lambda s: click.echo(s, err=True))
         click.echo(autotune.summary(rows))
         click.echo(f"tuned {len(keys)} kernel(s) x {len(sizes)} batch size(s) in {seconds:.0f} s; "
                    f"database {path} (compiles for {target} now use it)")

@@ -1,0 +1,98 @@
+"""--keep (issue 14, item 3): recovery steps in order (plain ternary, distillation, int8 layers by sensitivity),
+each compiled and measured on the states the original visits before anything is written; the first that keeps
+the target is written, and when none does, one line says how far each got and nothing is written. Real policy
+files, real compiles, real CartPole episodes."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+
+from bitrl_compile import pipeline
+from bitrl_compile.frontends import load_policy
+from bitrl_compile.trainers import distill, recovery
+
+
+def manifest_of(path) -> dict:
+    with zipfile.ZipFile(path) as z:
+        return json.loads(z.read("manifest.json"))
+
+
+def compiler(out):
+    def compile_fn(loaded, int8_layers, measure):
+        return pipeline.compile_policy(loaded, "host", out, int8_layers=int8_layers, measure=measure)
+
+    return compile_fn
+
+
+NO_TRAINING = distill.DistillArgs(max_rounds=0, calibrate=False, budget_s=5)  # the student stays the teacher
+
+
+def test_a_policy_that_keeps_its_actions_is_written_by_the_first_step(sb3_trained, tmp_path):
+    from torch import nn
+
+    path = sb3_trained("ppo", "CartPole-v1", policy_kwargs={"activation_fn": nn.ReLU, "net_arch": [32, 16]}).path
+    out = tmp_path / "ppo.bitrl"
+    result, attempts = recovery.keep(load_policy(path, config={"env": "CartPole-v1"}), "CartPole-v1", 0.98,
+                                     compiler(out))
+    assert [a.step for a in attempts] == ["ptq"] and attempts[0].kept
+    manifest = manifest_of(out)
+    assert result.path == out and manifest["fidelity"]["weighted"] >= 0.98 and "recovery" not in manifest
+
+
+def test_mixed_precision_is_written_when_it_is_the_first_to_keep(q_network, tmp_path):
+    """The Q-network whose tiny action gaps ternarization erases: with the target set to what the all-int8 network
+    keeps (measured first), the plain and the (untrained) distilled compiles fall short and the first int8 step
+    that reaches it is written, its layers int8 in the manifest."""
+    loaded = load_policy(q_network, config={"env": "CartPole-v1"})
+    from bitrl_compile import fidelity
+
+    probe = pipeline.compile_policy(loaded, "host", tmp_path / "probe.bitrl", int8_layers=[0, 1],
+                                    measure=fidelity.compile_hook(loaded, "CartPole-v1"))
+    target = fidelity.shared(probe.manifest["fidelity"])
+    out = tmp_path / "q.bitrl"
+    result, attempts = recovery.keep(loaded, "CartPole-v1", target, compiler(out), distill_args=NO_TRAINING)
+    assert result.path == out
+    assert attempts[0].step == "ptq" and attempts[0].share < target, "premise: int8 must keep more than ternary"
+    assert attempts[1].step == "distill" and not attempts[1].kept
+    assert attempts[-1].kept and "int8 layers" in attempts[-1].step and all(not a.kept for a in attempts[:-1])
+    manifest = manifest_of(out)
+    int8 = [layer["index"] for layer in manifest["layers"] if layer["precision"] == "int8"]
+    assert int8 == list(attempts[-1].int8_layers) and manifest["fidelity"] == attempts[-1].record
+
+
+def test_a_target_no_step_keeps_says_how_far_each_got_and_writes_nothing(q_network, tmp_path):
+    out = tmp_path / "q.bitrl"
+    with pytest.raises(recovery.NotKept) as e:
+        recovery.keep(load_policy(q_network, config={"env": "CartPole-v1"}), "CartPole-v1", 1.5, compiler(out),
+                      distill_args=NO_TRAINING)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("--keep 1.5 not met: the best recovery (")
+    for step in ("ptq: agreement", "distill: agreement", "distill + int8 layers [", "; int8 layers [0, 1]",
+                 "nothing was written"):
+        assert step in message, message
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_keeps_the_target_or_says_what_is_missing(sb3_trained, sb3_ppo_cartpole, tmp_path):
+    from click.testing import CliRunner
+    from torch import nn
+
+    from bitrl_compile.cli import main
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    r = cli(sb3_ppo_cartpole, "--keep", "0.98", "-o", tmp_path / "x.bitrl")
+    assert r.exit_code == 2 and "--keep needs --env" in r.output
+    r = cli(sb3_ppo_cartpole, "--env", "CartPole-v1", "--keep", "0.98", "--int8-layers", "first", "-o", tmp_path / "x.bitrl")
+    assert r.exit_code == 2 and "drop --qat, --int8-layers and --features" in r.output
+    r = cli(sb3_ppo_cartpole, "--env", "CartPole-v1", "--keep", "1.5", "-o", tmp_path / "x.bitrl")
+    assert r.exit_code == 2 and not (tmp_path / "x.bitrl").exists()
+    path = sb3_trained("ppo", "CartPole-v1", policy_kwargs={"activation_fn": nn.ReLU, "net_arch": [32, 16]}).path
+    out = tmp_path / "kept.bitrl"
+    r = cli(path, "--env", "CartPole-v1", "--keep", "0.98", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "keep 98 %: ptq: agreement 100.0 % - kept" in r.stderr and manifest_of(out)["fidelity"]["weighted"] == 1.0

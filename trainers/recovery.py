@@ -1,0 +1,143 @@
+"""Recovery until the ternary policy keeps a target share of the original: `bitrl-compile MODEL --env ID --keep 0.98`.
+
+    keep(original, env_id, target, compile_fn, ...)      the steps below, in order, each compiled and measured in
+                                                         memory (fidelity.py, on the states the original visits);
+                                                         the first that keeps `target` is written, nothing before
+
+    ptq        the plain compile: every linear layer ternary, the weights as given
+    distill    distillation into the ternary network (trainers/distill.py, two thirds of `budget` seconds; MLP
+               policies with vector observations): still every layer ternary, the algorithm kept (a DQN stays a
+               Q-network)
+    distill + int8 [i]
+               the same student, trained on (the last third of the budget) with the layer whose int8 version
+               removes most of the output error (precision.rank_layers, on the visited states) int8 in training
+               and in the artifact. Not int8 made after training: measured on an RL-Zoo DQN CartPole, a student
+               distilled for ternary layers loses agreement when layers are made int8 afterwards (95.7 % ->
+               82-92 % weighted)
+    int8 +k    mixed precision alone on the original weights: the k layers of that ranking in int8, k = 1, 2, ...
+               up to every layer (the DQN above: 49 % with every layer ternary, 99.2 % weighted all int8)
+
+Kept means the fidelity record's agreement (stake-weighted for discrete actions: fidelity.shared) reaches the
+target, or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does: the same rule as compile's
+warning. When no step keeps it, NotKept says how far each got, and nothing is written.
+
+Work layer (trainers): uses the pipeline, fidelity and distillation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bitrl_compile import fidelity
+
+
+class NotKept(ValueError):
+    """No recovery kept the target; the message (one line) names the best reached."""
+
+
+class _Short(Exception):
+    """Raised by the measure hook to stop a compile whose artifact does not keep the target (nothing written)."""
+
+    def __init__(self, record: dict):
+        super().__init__("not kept")
+        self.record = record
+
+
+@dataclass
+class Attempt:
+    step: str                    # "ptq", "distill", "int8 [0, 2]"
+    int8_layers: tuple[int, ...]
+    record: dict                 # the fidelity record
+    kept: bool
+
+    @property
+    def share(self) -> float:
+        """What is compared with the target: the score with episodes, else the (weighted) agreement."""
+        return max(fidelity.shared(self.record), self.record.get("score", -math.inf))
+
+    def line(self) -> str:
+        what = f"score {100 * self.record['score']:.1f} %, " if "score" in self.record else ""
+        return f"{self.step}: {what}agreement {100 * fidelity.shared(self.record):.1f} %"
+
+
+def kept(record: dict, target: float) -> bool:
+    return fidelity.shared(record) >= target or record.get("score", -math.inf) >= target
+
+
+def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes: int = 0, seed: int = 0,
+         budget: float = 180.0, per_channel: bool = False, distill_args=None,
+         log: Callable[[str], None] = lambda s: None):
+    """Compile `original` (a LoadedPolicy) with the first recovery that keeps `target` of it on env_id.
+
+    compile_fn(loaded, int8_layers, measure) -> CompiledPolicy is the compile with everything else bound (target,
+    output, ...): pipeline.compile_policy's arguments. Returns (the CompiledPolicy written, [Attempt]); raises
+    NotKept when no step keeps the target (nothing written)."""
+    attempts: list[Attempt] = []
+
+    def attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):
+        measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed)
+
+        def measure(manifest, members, quantized, output):
+            record = measured(manifest, members, quantized, output)
+            ok = kept(record, target)
+            attempts.append(Attempt(step, int8_layers, record, ok))
+            log(f"keep {100 * target:.0f} %: {attempts[-1].line()}" + (" - kept" if ok else ""))
+            if not ok:
+                raise _Short(record)
+            return record
+
+        try:
+            return compile_fn(loaded, list(int8_layers), measure)
+        except _Short:
+            return None
+
+    result = attempt("ptq", original)
+    if result is not None:
+        return result, attempts
+    ranking = _ranking(original, env_id, seed, per_channel, log)  # the layers by how much int8 helps, most first
+    from bitrl_compile.trainers import distill
+
+    try:
+        distill.check_distillable(original, env_id)
+    except ValueError as e:
+        log(f"keep: no distillation ({str(e).splitlines()[0]}); trying mixed precision")
+    else:
+        base = distill_args or distill.DistillArgs(seed=seed, budget_s=budget, per_channel=per_channel)
+        base = dataclasses.replace(base, agreement=min(1.0, max(base.agreement, target + 0.005)))
+        steps = [()] + ([(ranking[0],)] if len(ranking) > 1 else [])  # all ternary, then the top layer int8
+        share = [2 / 3, 1 / 3] if len(steps) > 1 else [1.0]
+        student = None
+        for layers, part in zip(steps, share):
+            args = dataclasses.replace(base, budget_s=base.budget_s * part, int8_layers=layers)
+            student = distill.distill(original, env_id, None, args, log=lambda s: log(f"  {s}"),
+                                      start=None if student is None else student.student)
+            name = "distill" + (f" + int8 layers {list(layers)}" if layers else "")
+            result = attempt(name, dataclasses.replace(original, module=student.student, recovery="distill"), layers)
+            if result is not None:
+                return result, attempts
+    for k in range(1, len(ranking) + 1):  # mixed precision alone, on the original's weights
+        layers = tuple(sorted(ranking[:k]))
+        result = attempt(f"int8 layers {list(layers)}", original, layers)
+        if result is not None:
+            return result, attempts
+    best = max(attempts, key=lambda a: a.share)
+    tried = "; ".join(a.line() for a in attempts)
+    raise NotKept(f"--keep {target:g} not met: the best recovery ({best.step}) keeps {100 * best.share:.1f} % "
+                  f"({tried}); nothing was written: accept it with --keep {math.floor(100 * best.share) / 100:g}, "
+                  "or give distillation more time (--keep-budget)")
+
+
+def _ranking(original, env_id: str, seed: int, per_channel: bool, log) -> list[int]:
+    """The layer indices, the one whose int8 version removes most of the output error on the states the original
+    visits first (precision.rank_layers); [] when the network cannot be measured layer by layer."""
+    from bitrl_compile import pipeline
+
+    states = fidelity.visited_states(fidelity.original_forward(original), original.output, env_id, seed=seed)
+    try:
+        return [r["index"] for r in pipeline.auto_int8_layers(original, states, per_channel=per_channel).ranking]
+    except ValueError as e:
+        log(f"keep: no mixed precision ({str(e).splitlines()[0]})")
+        return []
