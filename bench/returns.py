@@ -4,7 +4,7 @@
     python bench/returns.py --envs CartPole-v1 --seeds 2 --scale 0.3 --out /tmp/r.md     # a quick look
 
 For every environment and seed (runs in bench/runs/, one process per job, `--jobs` at a time):
-  fp32            PPO from scratch (trainers/ppo.py, the env's preset budget), float32 actor
+  fp32            PPO from scratch (trainers/ppo.py with its RL Zoo preset, BUDGETS steps), float32 actor
   ternary PTQ     the same weights, every Linear a BitLinear (ternary weights, int8 activations), no training
   ternary QAT     `finetune`: PPO from the fp32 policy with straight-through ternary layers, a fresh critic and a
                   KL term to the fp32 policy (a quarter of the budget)
@@ -38,6 +38,9 @@ from bitrl_compile.bench import machine
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = ["CartPole-v1", "Acrobot-v1", "LunarLander-v3", "Pendulum-v1"]
 EVAL_SEED = 10_000
+# fp32 PPO steps per env: the issue's anchors (RL Zoo reaches CartPole 500 at 100k, Acrobot -100 at 200k,
+# LunarLander 200 at 1M: bench/results/ppo_zoo.md); the presets' n_timesteps otherwise
+BUDGETS = {"CartPole-v1": 100_000, "Acrobot-v1": 200_000, "LunarLander-v3": 1_000_000, "Pendulum-v1": 100_000}
 VARIANTS = [("fp32", "fp32 PPO"), ("ptq", "ternary PTQ"), ("qat", "ternary QAT"),
             ("heads", "frozen ternary backbone + ternary heads"), ("qat_compiled", "QAT, compiled (host)"),
             ("heads_compiled", "backbone + heads, compiled (host)")]
@@ -53,7 +56,7 @@ def run_job(env_id: str, seed: int, scale: float, episodes: int, root: str) -> d
     from bitrl_compile.trainers.export import reference_act
 
     out = Path(root) / f"{env_id}-seed{seed}"
-    steps = max(int(ppo.args_for(env_id).total_timesteps * scale), 1)
+    steps = max(int(BUDGETS.get(env_id, ppo.args_for(env_id).total_timesteps) * scale), 1)
     common = {"seed": seed, "progress": False, "tensorboard": False, "eval_every": 0, "eval_episodes": 5}
     times, returns = {}, {}
 

@@ -24,15 +24,17 @@ from bitrl_compile.trainers import backbones, export, ppo
 def tiny(env_id="CartPole-v1", **overrides):
     """A few PPO iterations: enough to exercise every part, not to learn."""
     base = {"total_timesteps": 512, "num_envs": 4, "num_steps": 64, "update_epochs": 2, "num_minibatches": 2,
-            "eval_every": 0, "eval_episodes": 2, "progress": False, "tensorboard": False}
+            "eval_every": 0, "eval_episodes": 2, "progress": False, "tensorboard": False, "activation": "relu"}
     return ppo.args_for(env_id, **{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
 def cartpole_run(tmp_path_factory):
-    """fp32 PPO on CartPole-v1 with a small budget (its policy is the backbone source for other tests)."""
+    """fp32 PPO on CartPole-v1 with a small budget (its policy is the backbone source for other tests): RL Zoo's
+    settings, with ReLU (compiled bit-exact with the numpy reference) and normalised observations (exported)."""
     out = tmp_path_factory.mktemp("ppo") / "fp32"
-    args = ppo.args_for("CartPole-v1", total_timesteps=16_384, eval_episodes=5, progress=False, out=str(out))
+    args = ppo.args_for("CartPole-v1", total_timesteps=16_384, eval_episodes=5, progress=False, out=str(out),
+                        activation="relu", norm_obs=True)
     return ppo.train(args, log=lambda s: None)
 
 

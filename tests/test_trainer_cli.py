@@ -16,7 +16,7 @@ def cli(*args, cwd=None):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-train") / "run"
     r = cli("train", "--env", "CartPole-v1", "--steps", 512, "--seed", 1, "--out", out, "--eval-episodes", 2,
-            "--no-progress")
+            "--no-progress", "--norm-obs")  # RL Zoo does not normalise CartPole's observations; the tests do
     assert r.returncode == 0, r.stderr
     assert "deterministic return" in r.stdout and "policy.safetensors" in r.stdout
     return out
@@ -89,3 +89,15 @@ def test_finetune_refuses_a_policy_for_another_environment(trained, tmp_path):
 def test_heads_bits_must_be_one_of_the_supported_widths():
     r = cli("train", "--env", "CartPole-v1", "--heads-bits", "4")
     assert r.returncode == 2 and "'32', '8', '1.58'" in r.stderr
+
+
+def test_train_prints_its_settings_presets_apply_and_options_override(tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", "--env", "CartPole-v1", "--steps", 128, "--num-envs", 2, "--learning-rate", 5e-4, "--vec",
+            "async", "--out", out, "--eval-episodes", 1, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "settings (RL Zoo's PPO settings" in r.stderr and "learning_rate=0.0005" in r.stderr
+    assert "async vector envs" in r.stderr
+    args = json.loads((out / "args.json").read_text())
+    assert (args["num_envs"], args["learning_rate"], args["vec"]) == (2, 5e-4, "async")  # given
+    assert (args["num_steps"], args["update_epochs"], args["gamma"], args["anneal_clip"]) == (32, 20, 0.98, True)

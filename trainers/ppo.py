@@ -1,6 +1,6 @@
 """PPO with a frozen ternary backbone and trainable (optionally quantized) heads, in one file (CleanRL style).
 
-    bitrl-compile train --env CartPole-v1 --steps 100000 [--backbone FILE] [--heads-bits 1.58] [--gamma 0.98 ...]
+    bitrl-compile train --env CartPole-v1 [--steps 100000] [--vec async] [--backbone FILE] [--heads-bits 1.58] ...
     bitrl-compile finetune policy.zip --env CartPole-v1          # QAT: an fp32 policy becomes ternary
     from bitrl_compile.trainers import ppo; ppo.train(ppo.args_for("CartPole-v1", out="runs/cartpole"))
 
@@ -16,8 +16,14 @@ Where a pretrained backbone comes from here: the torso of a trained policy, e.g.
 (its torso is ternary by training). `finetune` is QAT of an existing policy: its actor becomes the ternary heads
 (no backbone), a fresh critic is warmed up before the actor moves, and the observation statistics stay frozen.
 
-Vector environments use gymnasium's SAME_STEP autoreset (set explicitly): the observation returned with a done is
-already the next episode's first; the last one is `info["final_obs"]`, whose value bootstraps truncated episodes.
+Hyperparameters: `trainers/presets.py` (RL Zoo's published PPO settings per env id; SB3's PPO defaults for an env
+without one). The update is SB3's PPO: orthogonal init (gains sqrt 2, 0.01 for the policy output, 1 for the value),
+separate actor and critic MLPs, Adam eps 1e-5, per-minibatch advantage normalisation, gradient clipping, linear
+learning-rate and clip-range schedules (progress measured after each rollout), an unclipped MSE value loss (CleanRL's
+0.5 * MSE and value clipping with `clip_vloss`), VecNormalize-style observation and reward normalisation.
+Vector environments (`trainers/vec.py`: sync, async, EnvPool) use gymnasium's SAME_STEP autoreset: the observation
+returned with a done is already the next episode's first; the last one is `info["final_obs"]`, whose value
+bootstraps truncated episodes. With NEXT_STEP autoreset (EnvPool) the step after a done is masked out of the update.
 Outputs in `--out` (`trainers/logs.py`, `trainers/export.py`): progress.csv (step,name,value; no wall-clock values,
 so equal seeds give equal files), TensorBoard events when `tensorboard` is installed, checkpoint.safetensors (agent,
 Adam state, observation statistics; `export.load_checkpoint` restores them, there is no resume of a run yet),
@@ -43,9 +49,13 @@ from torch import nn
 from torch.distributions import Categorical, Normal
 
 from bitrl_compile.frontends import MLPPolicy
+from bitrl_compile.trainers import presets
 from bitrl_compile.trainers.backbones import ObsNormalizer, RunningMeanStd, linears, load_backbone, quantize_
 from bitrl_compile.trainers.export import check_policy_fits, export_policy, output_spec, save_checkpoint
 from bitrl_compile.trainers.logs import Logger, plot_learning_curve, progress_bar
+from bitrl_compile.trainers.vec import make_envs, resolve_vec
+
+__all__ = ["Agent", "Args", "TrainResult", "args_for", "compute_gae", "finetune_args", "make_envs", "train"]
 
 
 @dataclass
@@ -56,23 +66,25 @@ class Args:
     num_envs: int = 8
     num_steps: int = 128             # rollout length per env; batch = num_envs * num_steps
     learning_rate: float = 3e-4
-    anneal_lr: bool = True
+    anneal_lr: bool = True           # RL Zoo's lin_X: decays linearly to 0 over the run
     gamma: float = 0.99
     gae_lambda: float = 0.95
     num_minibatches: int = 4
     update_epochs: int = 4
     norm_adv: bool = True
     clip_coef: float = 0.2
-    clip_vloss: bool = True
+    anneal_clip: bool = False        # RL Zoo's clip_range lin_X
+    clip_vloss: bool = False         # clip the value loss (CleanRL); SB3's default is not to
     ent_coef: float = 0.0
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
-    target_kl: float | None = None
+    target_kl: float | None = None   # stop the update when a minibatch's approx. KL exceeds 1.5 * this (SB3)
     norm_obs: bool = True            # running mean/std of observations (no-backbone mode)
     norm_reward: bool = False        # scale rewards by the running std of the discounted return (training only)
     clip_obs: float = 10.0
+    clip_reward: float = 10.0        # VecNormalize's clip of normalised rewards
     hidden: tuple[int, ...] | None = None  # head MLP widths; None: (64, 64) without a backbone, (64,) with one
-    activation: str = "relu"         # ReLU: compiled artifacts are bit-exact with the numpy reference
+    activation: str = "tanh"         # SB3's; ReLU compiles bit-exact with the numpy reference
     heads_bits: float = 32.0         # 32, 8 or 1.58
     backbone: str | None = None      # a policy file (its torso, in torch) or a "features" .bitrl (runtime)
     init_policy: str | None = None   # finetune: start the actor from this policy (frozen obs statistics)
@@ -85,30 +97,13 @@ class Args:
     progress: bool = True
     tensorboard: bool = True
     torch_threads: int = 1
-
-
-# Hyperparameters that train each environment within this project's budgets (RL-Zoo's, scaled down).
-PRESETS: dict[str, dict] = {
-    "CartPole-v1": {"num_envs": 8, "num_steps": 32, "num_minibatches": 1, "update_epochs": 20,
-                    "learning_rate": 1e-3, "gamma": 0.98, "gae_lambda": 0.8, "total_timesteps": 100_000},
-    # Acrobot: with ReLU, lr 1e-3 and 64-step rollouts PPO stayed at -500 for 300k steps on every seed; tanh with
-    # SB3's settings (256-step rollouts, minibatches of 64, lr 3e-4) reaches about -85 in 150k (bench/bitnet_rl.py).
-    "Acrobot-v1": {"num_envs": 16, "num_steps": 256, "num_minibatches": 64, "update_epochs": 4, "activation": "tanh",
-                   "learning_rate": 3e-4, "gamma": 0.99, "gae_lambda": 0.94, "total_timesteps": 200_000},
-    "LunarLander-v3": {"num_envs": 16, "num_steps": 128, "num_minibatches": 8, "update_epochs": 4,
-                       "learning_rate": 5e-4, "gamma": 0.999, "gae_lambda": 0.98, "ent_coef": 0.01,
-                       "total_timesteps": 300_000},
-    "Pendulum-v1": {"num_envs": 8, "num_steps": 256, "num_minibatches": 16, "update_epochs": 10,
-                    "learning_rate": 1e-3, "gamma": 0.9, "gae_lambda": 0.95, "norm_reward": True,
-                    "total_timesteps": 100_000},
-    "MountainCar-v0": {"num_envs": 16, "num_steps": 16, "num_minibatches": 1, "update_epochs": 4,
-                       "learning_rate": 1e-3, "gamma": 0.99, "gae_lambda": 0.98, "total_timesteps": 400_000},
-}
+    vec: str = "sync"                # vector envs: sync | async | auto | envpool (trainers/vec.py)
+    autoreset: str = "same_step"     # gymnasium's autoreset mode; next_step is EnvPool's (the rollout masks it)
 
 
 def args_for(env_id: str, **overrides) -> Args:
-    """Args with the environment's preset, then `overrides`."""
-    return Args(env_id=env_id, **{**PRESETS.get(env_id, {}), **overrides})
+    """Args with the environment's preset (RL Zoo's settings, else SB3's defaults), then `overrides`."""
+    return Args(env_id=env_id, **{**presets.preset(env_id), **overrides})
 
 
 def finetune_args(env_id: str, init_policy: str, **overrides) -> Args:
@@ -119,14 +114,6 @@ def finetune_args(env_id: str, init_policy: str, **overrides) -> Args:
     defaults = {"init_policy": init_policy, "heads_bits": 1.58, "critic_warmup": 10, "distill_coef": 1.0,
                 "learning_rate": base.learning_rate / 3, "total_timesteps": max(base.total_timesteps // 4, 1)}
     return dataclasses.replace(base, **{**defaults, **overrides})
-
-
-# ------------------------------------------------------------------------------------------------ environments
-
-def make_envs(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
-    """Synchronous vector envs with SAME_STEP autoreset (the mode this trainer's rollout is written for)."""
-    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
 
 
 # ------------------------------------------------------------------------------------------------ agent
@@ -199,10 +186,14 @@ def distillation_kl(teacher: nn.Module, agent: Agent, f: torch.Tensor) -> torch.
 # ------------------------------------------------------------------------------------------------ GAE
 
 def compute_gae(rewards: np.ndarray, values: np.ndarray, episode_ends: np.ndarray, last_value: np.ndarray,
-                gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+                gamma: float, lam: float, bootstrap: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Generalised advantage estimation over [T, N] arrays. `episode_ends[t]` is 1 where transition t ended an
-    episode (terminated or truncated: a truncated episode's bootstrap value is already in its reward), and
-    `last_value` is V of the observation after the last step. Returns (advantages, returns)."""
+    episode (terminated or truncated), `last_value` is V of the observation after the last step, and
+    `bootstrap[t]` is V of the final observation where transition t was truncated by a time limit (0 elsewhere):
+    a truncated episode is not a terminal state, its TD target is r + gamma * V(final obs) (SB3 adds it to the
+    reward the same way). Returns (advantages, returns)."""
+    if bootstrap is not None:
+        rewards = rewards + gamma * bootstrap
     advantages = np.zeros_like(rewards)
     lastgaelam = np.zeros_like(last_value)
     for t in reversed(range(len(rewards))):
@@ -238,6 +229,16 @@ def evaluate_agent(agent: Agent, backbone, env_id: str, episodes: int, seed: int
     return returns
 
 
+SETTINGS = ("num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate", "anneal_lr", "clip_coef",
+            "anneal_clip", "gamma", "gae_lambda", "ent_coef", "vf_coef", "max_grad_norm", "norm_obs", "norm_reward",
+            "activation", "hidden", "total_timesteps")
+
+
+def settings_line(args: Args) -> str:
+    """The hyperparameters of a run, one line (what `bitrl-compile train` prints)."""
+    return " ".join(f"{name}={getattr(args, name)}" for name in SETTINGS)
+
+
 def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None) -> TrainResult:
     """Run PPO as `args` say. `init_loaded` (a LoadedPolicy) replaces loading `args.init_policy` from its path."""
     # ---- seeding: python, numpy, torch, the environments and their action spaces
@@ -245,15 +246,12 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.torch_threads)
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
     batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
+    minibatch_size = max(1, batch_size // args.num_minibatches)
     num_iterations = max(1, args.total_timesteps // batch_size)
 
-    envs = make_envs(args.env_id, args.num_envs)
+    vec = resolve_vec(args.vec, args.num_envs, args.env_id)
+    envs = make_envs(args.env_id, args.num_envs, vec, seed=args.seed, autoreset=args.autoreset)
     if not isinstance(envs.single_observation_space, gym.spaces.Box):
         raise ValueError(  # noqa: TRY004 - a user error (exit code 1)
             f"{args.env_id}: {type(envs.single_observation_space).__name__} observations are not supported by "
@@ -262,6 +260,10 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
     action_space = envs.single_action_space
     continuous = isinstance(action_space, gym.spaces.Box)
     output_spec(action_space)  # refuses unsupported action spaces
+    out = Path(args.out) if args.out else None  # written once the environments are made
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
 
     # ---- backbone (frozen) and heads (trained)
     init_actor, init_log_std, teacher = None, None, None
@@ -291,14 +293,17 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
     n_params = sum(p.numel() for p in agent.parameters())
     log(f"PPO on {args.env_id}: backbone {getattr(backbone, 'source', type(backbone).__name__)} -> {backbone.dim} "
         f"features; heads {list(hidden)} ({n_params:,} trainable parameters, {args.heads_bits:g} bits); "
-        f"{num_iterations} iterations of {batch_size} steps")
+        f"{num_iterations} iterations of {batch_size} steps; {vec} vector envs")
+    log(f"settings ({presets.describe(args.env_id)}, then the options given): {settings_line(args)}")
     logger = Logger(out, args.tensorboard, args)
 
     # ---- rollout storage: features (the backbone is frozen), actions, log-probs, rewards, episode ends, values
     feats = np.zeros((args.num_steps, args.num_envs, backbone.dim), np.float32)
     actions = np.zeros((args.num_steps, args.num_envs, *action_space.shape),
                        np.float32 if continuous else np.int64)
-    logprobs, rewards, ends, values = (np.zeros((args.num_steps, args.num_envs), np.float32) for _ in range(4))
+    logprobs, rewards, ends, values, boot, valid = (np.zeros((args.num_steps, args.num_envs), np.float32)
+                                                    for _ in range(6))
+    pending = np.zeros(args.num_envs, bool)  # NEXT_STEP autoreset: this env's next step only resets it
     reward_rms, discounted = RunningMeanStd(), np.zeros(args.num_envs)
     ep_return, ep_length = np.zeros(args.num_envs), np.zeros(args.num_envs, np.int64)
 
@@ -312,9 +317,6 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
     bar = progress_bar(args.total_timesteps, f"PPO {args.env_id}") if args.progress else None
 
     for iteration in range(1, num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
-
         for step in range(args.num_steps):
             global_step += args.num_envs
             feats[step] = next_feat
@@ -324,64 +326,77 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
             env_action = np.clip(action.numpy(), action_space.low, action_space.high) if continuous \
                 else action.numpy()
             next_obs, reward, terminated, truncated, info = envs.step(env_action)
+            real = ~pending  # a step that only reset its env (NEXT_STEP autoreset) is no transition
+            reward = np.where(real, reward, 0.0)
+            terminated, truncated = terminated & real, truncated & real
             done = terminated | truncated
 
             ep_return += reward
-            ep_length += 1
+            ep_length += real
             for i in np.flatnonzero(done):
                 logger.scalar("charts/episodic_return", ep_return[i], global_step)
                 logger.scalar("charts/episodic_length", ep_length[i], global_step)
                 recent = (recent + [float(ep_return[i])])[-20:]
             ep_return[done], ep_length[done] = 0.0, 0
 
-            if args.norm_reward:  # divide by the running std of the discounted return
+            if args.norm_reward:  # VecNormalize: divide by the running std of the discounted return, clip
                 discounted = discounted * args.gamma + reward
-                reward_rms.update(discounted[:, None].ravel())
+                reward_rms.update(discounted[real])
                 discounted[done] = 0.0
-                reward = reward / np.sqrt(reward_rms.var + 1e-8)
-            reward = reward.astype(np.float32)
+                reward = np.clip(reward / np.sqrt(reward_rms.var + 1e-8), -args.clip_reward, args.clip_reward)
+            boot[step] = 0.0
             cut = truncated & ~terminated  # time limit: bootstrap from the final observation's value
             if cut.any():
-                final = np.stack([info["final_obs"][i] for i in np.flatnonzero(cut)])
+                idx = np.flatnonzero(cut)
+                final = next_obs[idx] if envs.next_step else np.stack([info["final_obs"][i] for i in idx])
                 with torch.no_grad():
-                    v = agent.get_value(torch.from_numpy(backbone(final))).ravel().numpy()
-                reward[cut] += args.gamma * v
-            rewards[step], ends[step] = reward, done
+                    boot[step, idx] = agent.get_value(torch.from_numpy(backbone(final))).ravel().numpy()
+            rewards[step], ends[step], valid[step] = reward, done | ~real, real
+            if envs.next_step:
+                pending = done
             next_feat = backbone(next_obs, update=True)
 
         # ---- advantages
         with torch.no_grad():
             last_value = agent.get_value(torch.from_numpy(next_feat)).ravel().numpy()
-        advantages, returns = compute_gae(rewards, values, ends, last_value, args.gamma, args.gae_lambda)
+        advantages, returns = compute_gae(rewards, values, ends, last_value, args.gamma, args.gae_lambda, boot)
 
-        # ---- update: clipped surrogate, (clipped) value loss, entropy bonus
+        # ---- SB3's schedules: progress remaining measured after the rollout
+        progress = max(0.0, 1.0 - iteration / num_iterations)
+        optimizer.param_groups[0]["lr"] = args.learning_rate * (progress if args.anneal_lr else 1.0)
+        clip = args.clip_coef * (progress if args.anneal_clip else 1.0)
+
+        # ---- update: clipped surrogate, value loss (clipped with clip_vloss), entropy bonus
         b_feats = torch.from_numpy(feats.reshape(batch_size, -1))
         b_actions = torch.from_numpy(actions.reshape(batch_size, *action_space.shape))
         b_logprobs, b_advantages, b_returns, b_values = (torch.from_numpy(x.reshape(-1)) for x in
                                                          (logprobs, advantages, returns, values))
+        b_valid = np.flatnonzero(valid.reshape(-1))
         train_actor = iteration > args.critic_warmup
-        clipfracs = []
+        clipfracs, stop = [], False
         for _epoch in range(args.update_epochs):
-            b_inds = np.random.permutation(batch_size)
-            for start in range(0, batch_size, minibatch_size):
+            b_inds = b_valid[np.random.permutation(len(b_valid))]
+            for start in range(0, len(b_inds), minibatch_size):
                 mb = b_inds[start:start + minibatch_size]
                 _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_feats[mb], b_actions[mb])
                 logratio = newlogprob - b_logprobs[mb]
                 ratio = logratio.exp()
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
+                    clipfracs.append(((ratio - 1.0).abs() > clip).float().mean().item())
+                if args.target_kl is not None and approx_kl > 1.5 * args.target_kl:
+                    stop = True
+                    break
                 mb_adv = b_advantages[mb]
                 if args.norm_adv and len(mb) > 1:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio,
-                                    -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - clip, 1 + clip)).mean()
                 newvalue = newvalue.view(-1)
-                if args.clip_vloss:
-                    v_clipped = b_values[mb] + (newvalue - b_values[mb]).clamp(-args.clip_coef, args.clip_coef)
+                if args.clip_vloss:  # CleanRL's
+                    v_clipped = b_values[mb] + (newvalue - b_values[mb]).clamp(-clip, clip)
                     v_loss = 0.5 * torch.max((newvalue - b_returns[mb]) ** 2, (v_clipped - b_returns[mb]) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+                else:  # SB3's: F.mse_loss(returns, values)
+                    v_loss = ((newvalue - b_returns[mb]) ** 2).mean()
                 entropy_loss = entropy.mean()
                 loss = v_loss * args.vf_coef
                 if train_actor:
@@ -392,12 +407,13 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
-            if args.target_kl is not None and approx_kl > args.target_kl:
+            if stop:
                 break
 
-        y_pred, y_true = b_values.numpy(), b_returns.numpy()
+        y_pred, y_true = b_values.numpy()[b_valid], b_returns.numpy()[b_valid]
         var_y = np.var(y_true)
         logger.scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        logger.scalar("charts/clip_range", clip, global_step)
         logger.scalar("losses/value_loss", v_loss.item(), global_step)
         logger.scalar("losses/policy_loss", pg_loss.item(), global_step)
         logger.scalar("losses/entropy", entropy_loss.item(), global_step)
@@ -431,5 +447,6 @@ def train(args: Args, log=lambda s: print(s, file=sys.stderr), init_loaded=None)
                             f"PPO {args.env_id}, heads {args.heads_bits:g} bits, seed {args.seed}")
     log(f"{args.env_id}: {global_step} steps in {time.perf_counter() - started:.0f} s; deterministic evaluation "
         f"{np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over {len(eval_returns)} episodes")
-    curve = {name: tuple(map(list, logger.curve(name))) for name in ("charts/episodic_return", "eval/return_mean")}
+    curve = {name: tuple(map(list, logger.curve(name))) for name in ("charts/episodic_return",
+                                                                     "charts/episodic_length", "eval/return_mean")}
     return TrainResult(agent, backbone, eval_returns, global_step, out, curve)

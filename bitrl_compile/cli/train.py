@@ -7,15 +7,20 @@ from pathlib import Path
 
 import click
 
+from bitrl_compile.cli.bitnet_options import encoder_choice, encoder_options, stock_backbone_folder
 from bitrl_compile.cli.common import check_env, guard, option_value, removed_if_failed, widths
 
 
 @click.command("train")
 @click.option("--env", "env_id", required=True, help="gymnasium environment id, e.g. CartPole-v1")
 @click.option("--steps", type=click.IntRange(min=1), help="environment steps [default: the env's preset]")
+@click.option("--vec", type=click.Choice(["auto", "sync", "async", "envpool"]), default="auto", show_default=True,
+              help="vector envs: sync (one process), async (gymnasium AsyncVectorEnv, a process per env), envpool "
+                   "(when installed); auto: async with more than one core, more than one env and an env step "
+                   "costlier than 1 ms (a pipe round trip and a context switch), else sync")
 @click.option("--backbone", type=click.Path(),
-              help="frozen backbone: a policy file (its ternary torso, in torch), a BitNet backbone folder (torch) "
-              "or a features .bitrl (runtime)")
+              help="frozen backbone: a policy file (its ternary torso, in torch), a BitNet backbone folder (torch), "
+              "a stock Hugging Face BitNet checkpoint folder with --encoder, or a features .bitrl (runtime)")
 @click.option("--heads-bits", type=click.Choice(["32", "8", "1.58"]), default="32", show_default=True,
               help="head weights: fp32, int8, or ternary (straight-through QAT)")
 @click.option("--hidden", callback=option_value(widths),
@@ -28,13 +33,14 @@ from bitrl_compile.cli.common import check_env, guard, option_value, removed_if_
 @click.option("--num-steps", type=click.IntRange(min=1), help="rollout length per environment")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True))
 @click.option("--anneal-lr/--no-anneal-lr", default=None, help="decay the learning rate linearly to 0")
+@click.option("--anneal-clip/--no-anneal-clip", default=None, help="decay the clip range linearly to 0")
 @click.option("--gamma", type=click.FloatRange(0, 1), help="discount")
 @click.option("--gae-lambda", type=click.FloatRange(0, 1))
 @click.option("--num-minibatches", type=click.IntRange(min=1))
 @click.option("--update-epochs", type=click.IntRange(min=1))
 @click.option("--norm-adv/--no-norm-adv", default=None, help="normalise advantages per minibatch")
 @click.option("--clip-coef", type=click.FloatRange(min=0, min_open=True), help="surrogate clipping")
-@click.option("--clip-vloss/--no-clip-vloss", default=None, help="clip the value loss")
+@click.option("--clip-vloss/--no-clip-vloss", default=None, help="clip the value loss (CleanRL; SB3 does not)")
 @click.option("--ent-coef", type=click.FloatRange(min=0), help="entropy bonus")
 @click.option("--vf-coef", type=click.FloatRange(min=0), help="value loss coefficient")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True))
@@ -43,6 +49,7 @@ from bitrl_compile.cli.common import check_env, guard, option_value, removed_if_
 @click.option("--norm-obs/--no-norm-obs", default=None, help="running observation statistics (no backbone)")
 @click.option("--norm-reward/--no-norm-reward", default=None, help="scale rewards by the return's running std")
 @click.option("--clip-obs", type=click.FloatRange(min=0, min_open=True), help="clip normalised observations to +-this")
+@click.option("--clip-reward", type=click.FloatRange(min=0, min_open=True), help="clip normalised rewards to +-this")
 @click.option("--activation", help="head activation: relu, tanh, ...")
 @click.option("--init-policy", type=click.Path(exists=True, dir_okay=False),
               help="start the actor from this MLP policy (what `finetune` does)")
@@ -52,10 +59,14 @@ from bitrl_compile.cli.common import check_env, guard, option_value, removed_if_
 @click.option("--eval-seed", type=click.IntRange(min=0), help="evaluation episode i is reset with this seed + i")
 @click.option("--tensorboard/--no-tensorboard", default=None, help="TensorBoard events (when it is installed)")
 @click.option("--torch-threads", type=click.IntRange(min=1))
+@encoder_options
 @click.option("--debug", is_flag=True)
 def train_cmd(env_id, steps, heads_bits, hidden, seed, out, no_progress, debug, **options):
     """Train a policy with PPO (heads on a frozen ternary backbone, or a whole MLP), with logs and a plot. A
-    hyperparameter not given keeps the env's preset, else its default in `trainers.ppo.Args`."""
+    hyperparameter not given keeps the env's preset: RL Zoo's published PPO settings (trainers/presets.py), or SB3's
+    PPO defaults for an env without one. The settings used are printed."""
+    bitnet_encoder = encoder_choice(options["backbone"], env_id, options.pop("encoder"), options.pop("pool"),
+                                    options.pop("decimals"), "--backbone")  # a stock BitNet checkpoint folder
     with guard(debug):
         import numpy as np
 
@@ -74,6 +85,8 @@ def train_cmd(env_id, steps, heads_bits, hidden, seed, out, no_progress, debug, 
             overrides["hidden"] = hidden
         check_env(env_id)
         with removed_if_failed(overrides["out"]):
+            if bitnet_encoder:  # OUT/backbone: the encoder, referring to the checkpoint (compile it the same way)
+                overrides["backbone"] = stock_backbone_folder(backbone, env_id, bitnet_encoder, overrides["out"])
             result = ppo.train(ppo.args_for(env_id, **overrides), log=lambda s: click.echo(s, err=True))
         click.echo(f"{env_id}: deterministic return {np.mean(result.eval_returns):.1f} ± "
                    f"{np.std(result.eval_returns):.1f} over {len(result.eval_returns)} episodes after "
