@@ -21,6 +21,13 @@ activations broadcast to every lane:
                              tile (no int16 value lives longer than one tile, whatever K is)
 
 The int32 accumulators hold at most 2*128*K_padded in magnitude: exact for K < 8 million.
+
+The avx512-vnni GEMM rows use a panel instead (`panel_intrinsic`): one call is 4 rows x up to 4 output
+tiles over the whole of K (the description is the AMX one: C[rows, tiles, NL] += over all K steps), its
+16 int32 accumulators live in zmm registers for all of K and each vpdpbusd chains straight into one;
+per K step each tile's 4 planes are decoded once for the 4 rows and each row's activations are broadcast
+once for the tiles: 64 vpdpbusd, 16 vpbroadcastd, 4 loads and 28 shifts / masks, no store. The per-step
+intrinsics above instead load, add and store their accumulators at every step.
 """
 
 from __future__ import annotations
@@ -68,12 +75,19 @@ def _desc(nl: int, kg: int, rows: int):
     return desc_rows
 
 
-def _plane(W, q: int, nbytes: int, dtype: str = "uint8"):
-    """The codes of plane q of a tile, (byte >> 2q) & 3, as `nbytes` lanes of `dtype` (same bits)."""
-    v = W.vload([0, 0, 0, 0], f"uint8x{nbytes}")
-    if q:
+def _plane(W, q: int, nbytes: int, dtype: str = "uint8", index=(0, 0, 0, 0), shift16: bool = False):
+    """The codes of plane q of the tile at W[index], (byte >> 2q) & 3, as `nbytes` lanes of `dtype` (same bits).
+
+    shift16: shift 16-bit lanes (the mask clears what crosses from the next byte). x86 has no byte shift, and
+    for a CPU with GFNI LLVM spells the byte shift as vgf2p8affineqb, which on Zen 4 competes with vpdpbusd
+    for its ports: vpsrlw + vpand made the VNNI kernels 10-15% faster there (docs/kernels.md)."""
+    v = W.vload(list(index), f"uint8x{nbytes}")
+    if q and shift16:
+        v = T.reinterpret(f"uint8x{nbytes}", T.reinterpret(f"uint16x{nbytes // 2}", v) >> T.broadcast(T.uint16(2 * q),
+                                                                                                        nbytes // 2))
+    elif q:
         v = v >> T.broadcast(T.uint8(2 * q), nbytes)
-    if q < 3:
+    if q < 3 or shift16:
         v = v & T.broadcast(T.uint8(3), nbytes)
     return v if dtype == "uint8" else T.reinterpret(f"{dtype}x{nbytes // (1 if dtype.endswith('8') else 4)}", v)
 
@@ -116,7 +130,8 @@ def _impl_vnni(nl: int, kg: int, rows: int):
 
     def dpbusd(acc, A, W, b, q):  # acc + u8 codes . s8 activations, 4 products per int32 lane
         a = _activations(A, b, q, 4, 64)
-        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, _plane(W, q, 64, bytes_as),
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                       _plane(W, q, 64, bytes_as, shift16=True),
                                        a if bytes_as == "int8" else T.reinterpret("int32x16", a))
 
     @T.prim_func(s_tir=True)
@@ -187,6 +202,65 @@ def _impl_neon(nl: int, kg: int, rows: int):
                 C[b, 0, T.ramp(4, 1, 4)] = C[b, 0, T.ramp(4, 1, 4)] + half_products(A, W, b, 1)
 
     return impl
+
+
+def _impl_vnni_panel(rows: int, nl: int, kg: int, kb: int, tiles: int, unroll: int):
+    """The GEMM rows of the avx512-vnni kernel: `rows` x `tiles` output tiles over the whole of K, the
+    int32 accumulators in registers for all of K (no per-step load / add / store of C), each tile's 4
+    planes decoded once per step for all rows, each row's activations broadcast once per step for all
+    tiles; the vpdpbusd chain runs straight into the accumulator. `unroll` K steps per loop iteration."""
+    assert (nl, kg) == (16, 4) and kb % unroll == 0
+    bytes_as = "int8" if llvm_version_major() >= 21 else "int32"
+
+    def dpbusd(acc, A, W, o, step, b, q):
+        a = _activations_at(A, b, step, q)
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                       _plane(W, q, 64, bytes_as, (o, step, 0, 0), shift16=True),
+                                       a if bytes_as == "int8" else T.reinterpret("int32x16", a))
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, w: T.handle, c: T.handle):
+        sa = T.int64()
+        sc = T.int64()
+        A = T.match_buffer(a, (rows, kb, 4, kg), "int8", strides=[sa, 16, 4, 1], offset_factor=1)
+        W = T.match_buffer(w, (tiles, kb, nl, kg), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (rows, tiles, nl), "int32", strides=[sc, nl, 1], offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:rows, 0:tiles, 0:nl], W[0:tiles, 0:kb, 0:nl, 0:kg], A[0:rows, 0:kb, 0:4, 0:kg])
+            T.writes(C[0:rows, 0:tiles, 0:nl])
+            acc = T.alloc_buffer((rows, tiles, 16), "int32", scope="local")
+            for b in T.unroll(rows):
+                for o in T.unroll(tiles):
+                    acc[b, o, T.ramp(0, 1, 16)] = C[b, o, T.ramp(0, 1, 16)]
+            for s in T.serial(kb // unroll):
+                for u in T.unroll(unroll):
+                    for o in T.unroll(tiles):
+                        for b in T.unroll(rows):
+                            acc[b, o, T.ramp(0, 1, 16)] = dpbusd(dpbusd(dpbusd(dpbusd(
+                                acc[b, o, T.ramp(0, 1, 16)], A, W, o, s * unroll + u, b, 0), A, W, o, s * unroll + u,
+                                b, 1), A, W, o, s * unroll + u, b, 2), A, W, o, s * unroll + u, b, 3)
+            for b in T.unroll(rows):
+                for o in T.unroll(tiles):
+                    C[b, o, T.ramp(0, 1, 16)] = acc[b, o, T.ramp(0, 1, 16)]
+
+    return impl
+
+
+def _activations_at(A, b, step, q: int):
+    """The 4 activations of row b, step `step`, plane q, repeated to 64 int8 lanes."""
+    return T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", A.vload([b, step, q, 0], "int8x4")), 16))
+
+
+PANEL_IMPLEMENTATIONS = {"avx512-vnni": _impl_vnni_panel}
+
+
+def panel_intrinsic(isa: str, rows: int, nl: int, kg: int, kb: int, tiles: int, unroll: int) -> str:
+    """The name of the registered GEMM panel intrinsic: `rows` x `tiles` output tiles over all `kb` K steps."""
+    name = f"bitrl_{isa}_panel_tiles{nl}x{kg}_rows{rows}_out{tiles}_steps{kb}_unroll{unroll}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, _desc_amx(rows, nl, kg, kb, tiles),
+                              PANEL_IMPLEMENTATIONS[isa](rows, nl, kg, kb, tiles, unroll))
+    return name
 
 
 IMPLEMENTATIONS = {"avx2": _impl_avx2, "avx512-vnni": _impl_vnni, "neon-dotprod": _impl_sdot, "neon": _impl_neon,

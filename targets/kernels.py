@@ -25,6 +25,9 @@ over the pairs of table_g[index of w's two trits]: dot(w, a) itself, no sum(a) t
 
 Rows are computed in register blocks of `spec.rows` (each decoded weight tile is reused for all of
 them: the GEMM part) and the remaining rows one at a time (the GEMV part: batch 1 is a policy step).
+For the ISAs in PANEL_ISAS (avx512-vnni) a register block is a panel: one intrinsic call computes
+spec.rows rows x panel_tiles() output tiles over the whole of K with the accumulators in registers (the
+other ISAs call their intrinsic once per K step and keep the accumulators in memory).
 With spec.amx_rows (the `amx` kernel, K >= 128), blocks of that many rows come first, as AMX tile
 products (intrinsics.py); the register blocks and single rows take the rest. Output tiles are split
 across threads when a layer is large enough to pay for it.
@@ -152,8 +155,12 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
 
     y = te.compute((batch, n), epilogue, name="y")
     func = te.create_prim_func([x, w, gamma, bias, y])
-    return func.with_attrs({"global_symbol": kernel_name(k, n, activation, per_channel), "bitrl.activation": activation,
-                            "bitrl.isa": spec.isa, "bitrl.weight_layout": spec.layout, "bitrl.n": n, "bitrl.k": k})
+    attrs = {"global_symbol": kernel_name(k, n, activation, per_channel), "bitrl.activation": activation,
+             "bitrl.isa": spec.isa, "bitrl.weight_layout": spec.layout, "bitrl.n": n, "bitrl.k": k}
+    # part of the workload hash: tuning records of the per-step GEMM rows are stale (those of batch < rows are not)
+    if panel_used(spec, kb) and not (isinstance(batch, tvm.tirx.IntImm) and batch.value < spec.rows):
+        attrs["bitrl.gemm"] = "panel"
+    return func.with_attrs(attrs)
 
 
 AMX_MIN_STEPS = 8  # K >= 128: below, the tile setup costs more than AMX saves (docs/kernels.md)
@@ -163,6 +170,22 @@ AMX_TILES = 4      # output tiles per AMX intrinsic (independent accumulator til
 def amx_used(spec: KernelSpec, kb: int) -> bool:
     """Whether a kernel with `kb` steps of K computes its blocks of spec.amx_rows rows with AMX."""
     return spec.amx_rows > 0 and kb >= AMX_MIN_STEPS
+
+
+PANEL_ISAS = ("avx512-vnni",)  # ISAs whose register blocks are panels over the whole of K (intrinsics.py)
+PANEL_TILES = 4  # output tiles per panel: 4 rows x 4 tiles = 16 zmm accumulators, 4 decoded planes, of 32 registers
+
+
+def panel_used(spec: KernelSpec, kb: int) -> bool:
+    """Whether the GEMM rows (register blocks of spec.rows) of a kernel with `kb` K steps run as panels: one
+    intrinsic call per block of rows and panel_tiles() output tiles over all of K, the accumulators in
+    registers throughout. K <= 16 (one step) keeps the per-step intrinsic (tensorize drops a loop of one)."""
+    return spec.isa in PANEL_ISAS and spec.method == "dot" and spec.rows > 1 and kb > 1
+
+
+def panel_tiles(nt: int) -> int:
+    """Output tiles per panel for a kernel of `nt` tiles: PANEL_TILES, or the largest of 2, 1 dividing nt."""
+    return next(v for v in (PANEL_TILES, 2, 1) if nt % v == 0)
 
 
 def row_paths(spec: KernelSpec, k: int, batch: int) -> dict[str, int]:
@@ -208,7 +231,9 @@ class Knobs:
     For each row path (GEMV: the batch % rows tail rows, one at a time; GEMM: register blocks of
     spec.rows rows): `*_tiles` output tiles computed side by side for each step of K (independent
     accumulators that share one activation load), `*_unroll` steps of K unrolled. Every choice keeps
-    the integer math and the epilogue as they are, so any point of the space is bit-exact.
+    the integer math and the epilogue as they are, so any point of the space is bit-exact. The GEMM
+    panels of PANEL_ISAS have a fixed width (panel_tiles: 16 accumulators fill the register file), so
+    gemm_tiles does not apply to them; gemm_unroll unrolls the panel's K loop.
     """
 
     gemv_tiles: int = 1
@@ -272,9 +297,23 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
         # tile state now, as the runtime does when it loads an artifact (idempotent; False where refused).
         enable_amx()
 
+    if panel_used(spec, kb_extent):  # one panel intrinsic per (block of spec.rows rows, panel_tiles output tiles)
+        blk = sch.get_sblock("acc_block")
+        t, r, jo, ji, kb, q, kk = sch.get_loops(blk)
+        tiles = panel_tiles(nt)
+        if tiles > 1:
+            jo, jo_i = sch.split(jo, [None, tiles])
+            sch.reorder(jo, t, r, jo_i, ji, kb, q, kk)  # a group of tiles (in L1) meets every block of rows
+        else:
+            sch.reorder(jo, t, r, ji, kb, q, kk)
+        if parallel:
+            sch.parallel(jo)
+        sch.decompose_reduction(blk, r)
+        sch.tensorize(r, intrinsics.panel_intrinsic(spec.isa, spec.rows, spec.tile_n, spec.tile_k, kb_extent, tiles,
+                                                    knobs.gemm_unroll))
     for block, rows, tiles, unroll in (("acc_block", spec.rows, knobs.gemm_tiles, knobs.gemm_unroll),
                                        ("acc_row", 1, knobs.gemv_tiles, knobs.gemv_unroll)):
-        if rows == 1 and block == "acc_block":
+        if block == "acc_block" and (rows == 1 or panel_used(spec, kb_extent)):
             continue
         blk = sch.get_sblock(block)
         if spec.method == "lut":

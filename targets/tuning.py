@@ -10,7 +10,8 @@ integers, and the winner is still checked against the numpy reference before it 
 A workload is one kernel at one concrete batch (`workload()`: batch 1 is a policy step and tunes the
 GEMV path; a batch >= spec.rows tunes the GEMM path; `kernels.row_paths` says which rows run where: with
 the amx kernel, rows in AMX tiles have no knobs, so batch 32 has none and batch 12 or 28 tunes the 4-row
-blocks). A compile looks its kernels up in the target's
+blocks; with the avx512-vnni kernel the register blocks are panels of a fixed width, kernels.panel_tiles,
+so only gemm_unroll is sampled for them). A compile looks its kernels up in the target's
 database (`targets/tuned/<target>.json`, `--db DIR` for another folder): GEMV knobs from the record at
 the smallest batch with tail rows, GEMM knobs from the one at the largest batch with register blocks,
 each only if the stored workload hash equals the structural hash of the kernel built now (a changed
@@ -69,6 +70,8 @@ def knob_slots(func, spec) -> list[tuple[str, list[int]]]:
     for path in ("gemv", "gemm"):
         for knob, extent in (("tiles", nt), ("unroll", kb)):
             options = [c for c in CHOICES[knob] if extent % c == 0]
+            if path == "gemm" and knob == "tiles" and kernels.panel_used(spec, kb):
+                continue  # panels have a fixed width (kernels.panel_tiles)
             if rows[path] and len(options) > 1:
                 slots.append((f"{path}_{knob}", options))
     return slots

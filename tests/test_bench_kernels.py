@@ -18,4 +18,4 @@ def test_inner_loops_are_found_in_a_disassembly():
     insns = [(0x10, "ldr", "q0, [x1]"), (0x14, "sdot", "v1.4s, v0.16b, v2.16b"), (0x18, "sdot", "v1.4s, v0.16b, v3.16b"),
              (0x1c, "subs", "x2, x2, #1"), (0x20, "b.ne", "10 <k+0x10>"), (0x24, "ret", "")]
     assert bench_kernels.inner_loops(insns) == [{"instructions": 5, "macs": 32, "per_1000_macs": 156.2,
-                                                 "dot_instructions": ["sdot"]}]
+                                                 "dot_instructions": ["sdot"], "stores": 0}]

@@ -58,8 +58,8 @@ def _expected(x, w_t, gamma, bias, activation):
     return apply_activation(quant.bitlinear_reference(x, w_t, gamma, bias), activation)
 
 
-def _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x, batches=BATCHES):
-    func = kernels.bitlinear_kernel(k, n, activation, per_channel, spec=spec)
+def _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x, batches=BATCHES, knobs=kernels.DEFAULT_KNOBS):
+    func = kernels.bitlinear_kernel(k, n, activation, per_channel, spec=spec, knobs=knobs)
     fn = tvm.compile(tvm.IRModule({"main": func}), target=HOST)[kernels.kernel_name(k, n, activation, per_channel)]
     w = tvm.runtime.tensor(pack_tiles(w_t, spec.layout))
     outs = []
@@ -101,6 +101,53 @@ def test_host_kernel_accumulators_do_not_overflow(k, spec):
     for b, out in zip(BATCHES, _run_host(spec, k, 16, "none", False, w_t, gamma, bias, x)):
         np.testing.assert_array_equal(out, quant.fma_f32(acc[:b].astype(np.float32), 1 / s[:b, None],
                                                          np.zeros((b, 16), np.float32)))
+
+
+# GEMM panels (avx512-vnni; this CPU's kernel if it has AVX-512 VNNI and no AMX): blocks of 4 rows x 4, 2 or
+# 1 output tiles (N / 16 a multiple of 4, of 2, odd) over the whole of K with the accumulators in registers,
+# then single rows; K not a multiple of 16, and 16 (one K step: the per-step intrinsic instead); 1000 x 128
+# is large enough to split its two groups of 4 output tiles across threads (kernels.PARALLEL_MIN_WORK)
+PANEL_BATCHES = (4, 7, 8, 16, 19)
+PANEL_SHAPES = [(1000, 128, "relu", False), (256, 32, "none", True), (80, 48, "none", False), (16, 64, "none", False)]
+needs_panel = pytest.mark.skipif(not kernels.panel_used(targets.kernel_spec(HOST), 2),
+                                 reason="this CPU's kernel has no GEMM panels")
+
+
+@needs_panel
+@pytest.mark.parametrize("shape", PANEL_SHAPES, ids=lambda s: f"k{s[0]}n{s[1]}{s[2]}{'pc' if s[3] else ''}")
+def test_gemm_panels_are_bit_exact_with_the_reference(shape):
+    k, n, activation, per_channel = shape
+    spec = targets.kernel_spec(HOST)
+    assert kernels.panel_tiles(n // 16) == {128: 4, 64: 4, 32: 2, 48: 1}[n] and kernels.panel_used(spec, -(-k // 16)) == (k > 16)
+    w_t, gamma, bias, x = _case(k, n, per_channel, seed=k + n, rows=max(PANEL_BATCHES))
+    knobs = kernels.Knobs(gemm_unroll=2) if k == 256 else kernels.DEFAULT_KNOBS  # the knob of the panel's K loop
+    outs = _run_host(spec, k, n, activation, per_channel, w_t, gamma, bias, x, PANEL_BATCHES, knobs)
+    for b, out in zip(PANEL_BATCHES, outs):
+        np.testing.assert_array_equal(out, _expected(x[:b], w_t, gamma, bias, activation), err_msg=f"batch {b}")
+
+
+def test_gemm_panels_keep_their_accumulators_in_registers(tmp_path):
+    """The avx512-vnni panel loop (4 rows x 4 tiles x 4 planes = 64 vpdpbusd per K step) stores nothing;
+    compiled for any AVX-512 VNNI CPU, so this runs on every x86 machine."""
+    from bitrl_compile.bench.kernels import disassemble, inner_loops
+
+    tvm_target = targets.tvm_target(targets.get_target("x86-avx512"))
+    spec = targets.kernel_spec(tvm_target)
+    assert kernels.panel_used(spec, 64)
+    lib = tvm.compile(tvm.IRModule({"main": kernels.bitlinear_kernel(1024, 64, "none", spec=spec)}), target=tvm_target)
+    lib.export_library(str(tmp_path / "panel.so"))
+    loops = [lp for lp in inner_loops(disassemble(tmp_path / "panel.so", "objdump")) if lp["macs"] % (64 * 64) == 0]
+    assert loops and all(lp["stores"] == 0 for lp in loops), loops
+
+
+def test_gemm_panels_tune_only_their_unroll_and_keep_gemv_records_valid():
+    from bitrl_compile.targets import tuning
+
+    vnni, key = targets.kernel_spec(isa="avx512-vnni"), tuning.KernelKey(256, 256)
+    assert [name for name, _ in tuning.knob_slots(tuning.workload(key, vnni, 8), vnni)] == ["gemm_unroll"]
+    assert "bitrl.gemm" in tuning.workload(key, vnni, 8).attrs  # per-step GEMM records are stale
+    assert "bitrl.gemm" not in tuning.workload(key, vnni, 1).attrs  # GEMV records are not
+    assert "bitrl.gemm" not in tuning.workload(tuning.KernelKey(16, 64), vnni, 8).attrs  # one K step: no panel
 
 
 # AMX (this CPU's kernel if it has AMX): tiles of 16 rows, then 4-row blocks, then single rows; K >= 128

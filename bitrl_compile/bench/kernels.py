@@ -59,6 +59,15 @@ DOT_MACS = {"vpmaddubsw": 32, "vpdpbusd": 64, "sdot": 16, "smull": 8, "smlal": 8
 
 # ------------------------------------------------------------------------------------------ timing
 
+def _panel_tiles(spec, size: int) -> int:
+    """Output tiles per GEMM panel of the square kernel of this size (0: no panels)."""
+    from bitrl_compile.runtime.weights import tiles_packed_shape
+    from bitrl_compile.targets import kernels
+
+    nt, kb, _, _ = tiles_packed_shape(size, size, spec.layout)
+    return kernels.panel_tiles(nt) if kernels.panel_used(spec, kb) else 0
+
+
 def time_calls(fns: dict, rounds: int, block_s: float, cpu_clock: bool) -> tuple[dict, dict]:
     """µs per call of each function: median over `rounds` of the mean of a block lasting >= block_s.
 
@@ -104,9 +113,9 @@ def copy_bandwidth(nbytes: int, min_s: float = 0.05) -> float:
 
 # ------------------------------------------------------------------------------------ implementations
 
-def ours(k: int, n: int, batch: int, rng, method: str = "dot"):
+def ours(k: int, n: int, batch: int, rng, method: str = "dot", export: Path | None = None):
     """The compiled kernel for this host (its dot-product kernel, or with method="lut" its lookup-table
-    kernel) and a zero-argument call; asserts bit-exactness first."""
+    kernel) and a zero-argument call; asserts bit-exactness first. With `export`, also writes the library there."""
     import tvm
 
     from bitrl_compile import quant, targets
@@ -116,6 +125,8 @@ def ours(k: int, n: int, batch: int, rng, method: str = "dot"):
     target = targets.tvm_target(targets.get_target("host"))
     spec = targets.kernel_spec(target, method=method)
     lib = tvm.compile(tvm.IRModule({"main": kernels.bitlinear_kernel(k, n, "none", spec=spec)}), target=target)
+    if export is not None:
+        lib.export_library(str(export))
     fn = lib[kernels.kernel_name(k, n, "none", False)]
     w_t = rng.integers(-1, 2, (n, k)).astype(np.int8)
     gamma, bias = np.full(1, 0.02, np.float32), rng.standard_normal(n).astype(np.float32)
@@ -204,11 +215,18 @@ def disassemble(lib: Path, objdump: str) -> list[tuple[int, str, str]]:
     return out
 
 
+def _is_store(op: str, args: str) -> bool:
+    """Whether an instruction writes memory: aarch64 st*, or x86 (AT&T syntax) with a memory last operand."""
+    if op.startswith("st"):
+        return True
+    return args.rstrip().endswith(")") and not op.startswith(("cmp", "test", "j", "prefetch", "nop"))
+
+
 def inner_loops(insns: list[tuple[int, str, str]]) -> list[dict]:
     """Innermost loops (a backward branch whose body has no other backward branch) that hold dot products.
 
-    Returns per loop: instructions per iteration, multiply-accumulates per iteration (DOT_MACS) and the
-    instructions per 1,000 multiply-accumulates.
+    Returns per loop: instructions per iteration, multiply-accumulates per iteration (DOT_MACS), the
+    instructions per 1,000 multiply-accumulates, and the stores per iteration (accumulators kept in memory).
     """
     index = {addr: i for i, (addr, _, _) in enumerate(insns)}
     loops = []
@@ -226,7 +244,8 @@ def inner_loops(insns: list[tuple[int, str, str]]) -> list[dict]:
         if macs:
             loops.append({"instructions": len(body), "macs": macs,
                           "per_1000_macs": round(1000 * len(body) / macs, 1),
-                          "dot_instructions": sorted({o for _, o, _ in body if o in DOT_MACS})})
+                          "dot_instructions": sorted({o for _, o, _ in body if o in DOT_MACS}),
+                          "stores": sum(_is_store(o, a) for _, o, a in body)})
     return loops
 
 
@@ -312,6 +331,7 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
     from bitrl_compile import targets
 
     lut_spec = targets.kernel_spec(targets.tvm_target(targets.get_target("host")), method="lut")
+    host_loops = None
     with tempfile.TemporaryDirectory(prefix="bitrl-kbench-") as tmp:
         for size in sizes:
             w = (rng.standard_normal((size, size)) * 0.02).astype(np.float32)
@@ -319,7 +339,10 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
             models = onnx_models(w, b, Path(tmp)) if {"ort_fp32", "ort_int8"} & set(impls) else None
             for batch in batches:
                 x = rng.standard_normal((batch, size)).astype(np.float32)
-                call, spec, weight_bytes = ours(size, size, batch, rng)
+                lib = Path(tmp) / "ours.so" if size == max(sizes) and batch == batches[0] else None
+                call, spec, weight_bytes = ours(size, size, batch, rng, export=lib)
+                if lib is not None and shutil.which("objdump"):
+                    host_loops = {"isa": spec.isa, "size": size, "loops": inner_loops(disassemble(lib, "objdump"))}
                 fns = {"ours": call}
                 if "lut" in impls and lut_spec is not None:
                     fns["lut"] = ours(size, size, batch, rng, method="lut")[0]
@@ -345,14 +368,14 @@ def run(sizes=(64, 256, 1024, 4096), batches=(1, 32), threads: int = 1, rounds: 
                                               "dram_copy": weight_bytes / dram * 1e6},
                        "copy_gb_s": {"same_size": same_level / 1e9, "dram": dram / 1e9},
                        "kernel": {"isa": spec.isa, "layout": spec.layout, "rows": spec.rows,
-                                  "amx_rows": spec.amx_rows},
+                                  "amx_rows": spec.amx_rows, "panel_tiles": _panel_tiles(spec, size)},
                        "lut_kernel": lut_spec and {"isa": lut_spec.isa, "layout": lut_spec.layout}}
                 row["over_bound"] = {lvl: us["ours"] / t for lvl, t in row["bandwidth_bound_us"].items()}
                 rows.append(row)
                 log(format_row(row))
     clock = "CPU time of the calling thread" if threads == 1 else "wall clock"
     result = {"machine": dict(machine(), load_average_at_start=load_before), "threads": threads, "rounds": rounds, "block_ms": block_ms, "clock": clock,
-              "rows": rows}
+              "rows": rows, "host_inner_loops": host_loops}
     if arm:
         result["arm_instructions"] = arm_instruction_counts(sizes, batches, log)
     return result
@@ -391,15 +414,22 @@ def report(result: dict, command: str) -> str:
     lines += [format_row(row) for row in result["rows"]]
     row0 = result["rows"][0]
     dram = ", ".join(f"{r['n']}x{r['batch']}: {r['over_bound']['dram_copy']:.2f}x" for r in result["rows"])
-    amx = row0["kernel"].get("amx_rows")
+    amx, panel = row0["kernel"].get("amx_rows"), result["rows"][-1]["kernel"].get("panel_tiles")
+    block = (f"panels of {row0['kernel']['rows']} rows x {panel} output tiles over all of K" if panel else
+             f"{row0['kernel']['rows']} rows per register block")
     lines += ["", f"ours = {row0['kernel']['isa']} kernel on {row0['kernel']['layout']} tiles "
               + (f"({amx}-row AMX tiles, then " if amx else "(")
-              + f"{row0['kernel']['rows']} rows per register block); ours lut = the "
+              + f"{block}); ours lut = the "
               + f"{(row0.get('lut_kernel') or {}).get('isa', '-')} lookup-table kernel (runtime/weights.py lut layout); "
               + "x = their time / ours; bits/w = as computed "
               + "(2-bit tiles) / as stored (base-3); fp32/ours = fp32 weight bytes / base-3 bytes;",
               "bound = kernel weight bytes / numpy copy bandwidth (read + write bytes per second) on a buffer of "
               + f"the same size; ours / bound against a 256 MB (DRAM) copy: {dram}"]
+    host = result.get("host_inner_loops")
+    if host:
+        lines.append(f"ours ({host['isa']}, {host['size']}x{host['size']}) inner loops: " + "; ".join(
+            f"{lp['instructions']} instr / {lp['macs']} MAC = {lp['per_1000_macs']}/1k MAC, {lp['stores']} stores"
+            for lp in host["loops"]))
     arm = result.get("arm_instructions")
     if arm:
         lines += ["", "Raspberry Pi kernels, instructions (timings under qemu mean nothing):"]
