@@ -86,7 +86,8 @@ def ternarize(per_channel: bool = False, int8_layers=()):
         if not np.issubdtype(weight.dtype, np.floating) or m[x].ty.ndim < 2:
             return call
         new = _ternary_call(m[x], weight, per_channel, call.ty)
-        emitted.append((new.args[2], weight))
+        emitted.append((new.args[2], weight if int8_layers else None))  # kept only for int8 layers: at 2B
+        # parameters a float copy of every weight until the pass ends would be 8 GB (bench/bitnet_scale.py)
         return new
 
     emitted: list = []

@@ -165,7 +165,8 @@ def load_backbone(path, mem_available: int | None = None) -> BitNetBackbone:
     except TypeError as e:
         raise ModelLoadError(f"{folder}/config.json: bad \"bitrl_backbone\" entry ({e})") from None
     enc = {k[len("encoder."):]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}
-    backbone = BitNetBackbone(model_from_checkpoint(folder, hf, tensors).model, spec)
+    rows = embedding_rows(spec) if "bitrl_checkpoint" in hf else None  # a stock checkpoint's table: the rows read
+    backbone = BitNetBackbone(model_from_checkpoint(folder, hf, tensors, rows).model, spec)
     del tensors
     want = {k: tuple(v.shape) for k, v in backbone.encoder.state_dict().items() if not k.startswith("embed")}
     for name, shape in want.items():
@@ -180,11 +181,14 @@ def load_backbone(path, mem_available: int | None = None) -> BitNetBackbone:
 
 # ------------------------------------------------------------------------------------------------ stock checkpoints
 
-def stock_backbone(path, spec: EncoderSpec, *, seed: int = 0, mem_available: int | None = None) -> BitNetBackbone:
+def stock_backbone(path, spec: EncoderSpec, *, seed: int = 0, mem_available: int | None = None,
+                   trim_embeddings: bool = False, progress=None) -> BitNetBackbone:
     """A Hugging Face BitNet checkpoint (a language model: no "bitrl_backbone" entry) as a state encoder: the same as
     `torch.manual_seed(seed); BitNetBackbone(load_bitnet(path).model, spec)` (the numeric encoder's projections are
     drawn from `seed`; the global RNG is left alone). The config, the encoder and the memory are checked before any
-    tensor is read."""
+    tensor is read. trim_embeddings: embed_tokens keeps only the rows the encoder reads (`embedding_rows`; the
+    2B4T table is 1.3 GB in float32), lm_head is dropped: for a backbone loaded to be compiled.
+    `progress(done, total)` is called after each layer is loaded."""
     folder, hf, _ = checkpoint_files(path)
     if "bitrl_backbone" in hf:
         raise ModelLoadError(f"{folder}: a state encoder already (\"bitrl_backbone\" in config.json); use it as it "
@@ -196,7 +200,8 @@ def stock_backbone(path, spec: EncoderSpec, *, seed: int = 0, mem_available: int
     except ValueError as e:
         raise ModelLoadError(f"{folder}: {e}") from None
     folder, hf, tensors = read_checkpoint(path, mem_available)
-    model = model_from_checkpoint(folder, hf, tensors).model
+    model = model_from_checkpoint(folder, hf, tensors, embedding_rows(spec) if trim_embeddings else None,
+                                  progress).model
     del tensors
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -208,18 +208,26 @@ def _master_from_packed(name: str, packed: torch.Tensor, scale: torch.Tensor | N
     if not math.isfinite(ws) or ws <= 0:
         raise ModelLoadError(f"{where}: {name}_scale is {ws}; it must be a positive finite 1/gamma")
     try:
-        trits = layouts.unpack_hf_bitnet(packed.numpy(), n).astype(np.float32)
+        trits = layouts.unpack_hf_bitnet(packed.numpy(), n)
     except ValueError as e:
         raise ModelLoadError(f"{where}: {name}: {e}") from None
-    nonzero = float(np.mean(trits != 0))
+    nonzero = float(np.count_nonzero(trits)) / trits.size
     c = np.float32(1.0 / (ws * nonzero)) if nonzero else np.float32(0)
-    return torch.from_numpy(trits * c)
+    # torch's allocator (64-byte aligned, unlike numpy's 16): TVM's import takes the tensor without a copy
+    weight = torch.empty((n, k), dtype=torch.float32)
+    np.multiply(trits, c, out=weight.numpy(), dtype=np.float32)
+    return weight
 
 
 def bitnet_state_dict(cfg: BitNetConfig, tensors: dict[str, torch.Tensor], where: str,
-                      ignore_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                      ignore_prefixes: tuple[str, ...] = (), embedding_rows: int | None = None,
+                      consume: bool = False, progress=None) -> dict[str, torch.Tensor]:
     """Check names, shapes and dtypes of checkpoint tensors against `cfg`; float32 state_dict of BitNetForCausalLM.
-    Raises ModelLoadError naming the first missing, unexpected, mis-shaped or non-finite tensor."""
+    Raises ModelLoadError naming the first missing, unexpected, mis-shaped or non-finite tensor.
+    `embedding_rows`: keep only that many rows of embed_tokens (at least one; a state encoder reads no more), so
+    the 128,256-row table of 2B4T is never converted to float32. `consume`: pop each stored tensor from `tensors`
+    as its float32 copy is made (at most one layer's stored and float copies coexist). `progress(done, total)` is
+    called after each layer."""
     expected = expected_shapes(cfg)
     packed_scales = {f"{name}_scale" for name in tensors if tensors[name].dtype == torch.uint8}
     unexpected = [n for n in tensors if n not in expected and n not in packed_scales
@@ -235,7 +243,12 @@ def bitnet_state_dict(cfg: BitNetConfig, tensors: dict[str, torch.Tensor], where
             fix = ("set tie_word_embeddings to true if the output layer shares the embeddings"
                    if name == "lm_head.weight" else "the checkpoint is incomplete or num_hidden_layers is too large")
             raise ModelLoadError(f"{where}: tensor {name} is missing ({fix})")
-        t = tensors[name]
+        t = tensors.pop(name) if consume else tensors[name]
+        if name == "lm_head.weight" and embedding_rows is not None:
+            continue  # a state encoder has no output layer: not converted (tied to the trimmed table below)
+        if name == "model.embed_tokens.weight" and embedding_rows is not None and tuple(t.shape) == shape:
+            shape = (max(1, min(embedding_rows, shape[0])), shape[1])
+            t = t[:shape[0]].clone()  # not a view: the whole table is released (also when stored as float32)
         if t.dtype == torch.uint8 and name.endswith("_proj.weight") and ".layers." in name:
             t = _master_from_packed(name, t, tensors.get(f"{name}_scale"), shape, where)
         elif t.dtype not in _FLOAT_DTYPES:
@@ -248,7 +261,9 @@ def bitnet_state_dict(cfg: BitNetConfig, tensors: dict[str, torch.Tensor], where
         if not torch.isfinite(t).all():
             raise ModelLoadError(f"{where}: tensor {name} contains NaN or Inf; the checkpoint is corrupt")
         state[name] = t
-    if cfg.tie_word_embeddings:
+        if progress is not None and name.endswith("post_attention_layernorm.weight"):
+            progress(int(name.split(".")[2]) + 1, cfg.num_hidden_layers)
+    if cfg.tie_word_embeddings or embedding_rows is not None:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
 
@@ -278,14 +293,23 @@ def load_bitnet(path, mem_available: int | None = None) -> BitNetForCausalLM:
     return model_from_checkpoint(*read_checkpoint(path, mem_available))
 
 
-def model_from_checkpoint(folder: Path, hf: dict, tensors: dict[str, torch.Tensor]) -> BitNetForCausalLM:
+def model_from_checkpoint(folder: Path, hf: dict, tensors: dict[str, torch.Tensor],
+                          embedding_rows: int | None = None, progress=None) -> BitNetForCausalLM:
+    """The float32 model of checked checkpoint tensors; each stored tensor is dropped from `tensors` as it is
+    converted. `embedding_rows` (for a state encoder, which reads only those rows): embed_tokens keeps its first
+    rows (at least one) and lm_head is that trimmed table: the model is then an encoder, not a language model.
+    `progress(done, total)`: called after each layer is converted."""
     cfg = BitNetConfig.from_hf(hf, f"{folder / 'config.json'}")
     ignore = ("encoder.",) if "bitrl_backbone" in hf else ()
-    state = bitnet_state_dict(cfg, tensors, str(folder), ignore)
+    state = bitnet_state_dict(cfg, tensors, str(folder), ignore, embedding_rows, consume=True, progress=progress)
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned (no copy of the weights)
         model = BitNetForCausalLM(cfg)
+        if embedding_rows is not None:
+            rows = state["model.embed_tokens.weight"].shape[0]
+            model.model.embed_tokens = torch.nn.Embedding(rows, cfg.hidden_size)
+            model.lm_head = torch.nn.Linear(cfg.hidden_size, rows, bias=False)
     model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings or embedding_rows is not None:
         model.lm_head.weight = model.model.embed_tokens.weight
     cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
     model.model.rope_cos, model.model.rope_sin = cos, sin

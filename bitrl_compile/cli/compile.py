@@ -86,7 +86,7 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
         int8 = parse_int8_layers(int8_layers) if int8_layers is not None else None
 
         from bitrl_compile.frontends import load_policy
-        from bitrl_compile.pipeline import compile_policy
+        from bitrl_compile.pipeline import compile_policy, with_progress
 
         original = (model, config, vecnormalize)  # what the fidelity measure compares with
         if qat_env:  # the fine-tuned file carries its architecture and observation statistics
@@ -123,7 +123,7 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
         def compile_with(loaded, int8_layers, measure):
             return compile_policy(loaded, target, out, per_channel=per_channel, force=force,
                                   bundle_runtime=bundle_runtime, tuning_db=tuning_db, tuning=not no_tuning,
-                                  log=lambda s: click.echo(f"  {s}", err=True), measure=measure,
+                                  log=with_progress(lambda s: click.echo(f"  {s}", err=True)), measure=measure,
                                   int8_layers=int8_layers, calibration=calibration)
 
         if keep is not None:

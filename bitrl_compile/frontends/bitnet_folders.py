@@ -5,6 +5,8 @@ gives (`encoder={"kind": "text"|"numeric", "pool": ..., "decimals": ...}`, the C
 from __future__ import annotations
 
 import math
+import sys
+import time
 from pathlib import Path
 
 from bitrl_compile import bitnet
@@ -32,11 +34,33 @@ def load_bitnet_folder(path: Path, env_id: str | None, encoder: dict | None) -> 
                              "\"bitrl_backbone\" entry); give --encoder text|numeric and --env ID to compile it as "
                              "a state encoder")
     spec = encoder_spec(folder, env_id, encoder)
-    backbone = bitnet.stock_backbone(folder, spec, seed=ENCODER_SEED)
+    backbone = bitnet.stock_backbone(folder, spec, seed=ENCODER_SEED, trim_embeddings=True,  # compiled only
+                                      progress=_load_progress(folder))
     cfg = backbone.model.config
     description = (f"BitNet b1.58 checkpoint {folder.name} as a state encoder ({spec.kind} encoder for {env_id}, "
                    f"{cfg.num_hidden_layers} layers, d={cfg.hidden_size}, {spec.pool} token)")
     return bitnet.backbone_policy(backbone, description, copy_module=False)  # loaded only to be compiled
+
+
+def _load_progress(folder: Path):
+    """A line on stderr per layer loaded, with the elapsed time and resident memory, for checkpoints whose load
+    takes a while (more than 4 layers; 2B4T's 30 take minutes): the compile's first stage."""
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if total > 4:
+            print(f"  [{time.perf_counter() - t0:6.1f} s, RSS {_rss_gib():.2f} GiB] loaded layer {done}/{total} of "
+                  f"{folder.name}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def _rss_gib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 2**20
+    except (OSError, StopIteration, ValueError):
+        return 0.0
 
 
 def encoder_spec(folder: Path, env_id: str | None, encoder: dict) -> bitnet.EncoderSpec:
