@@ -117,3 +117,20 @@ def test_ste_ternarization_equals_the_compilers_even_between_the_float32_thresho
         np.testing.assert_array_equal(np.round(fake / gamma[0]), w_t)
         checked += 1
     assert checked >= 5
+
+
+def test_int_matmul_is_exact_in_float32_where_it_can_be_and_in_int32_beyond():
+    """Worst cases at the bound: every product at its largest, all of one sign, so the sum is the largest partial
+    sum there is; just below 2^24 float32 is exact, just above it the int32 path takes over."""
+    from bitrl_compile.quant import int_matmul
+
+    rng = np.random.default_rng(0)
+    for k, w_max in ((131_071, 1), (131_072, 1), (1_031, 127), (1_033, 127), (777, 1)):
+        x_q = np.full((2, k), -128, np.int8)
+        x_q[1] = rng.integers(-128, 128, k)
+        w_t = np.full((3, k), -w_max, np.int8)
+        w_t[1] = rng.integers(-w_max, w_max + 1, k)
+        w_t[2, ::2] = w_max
+        expected = x_q.astype(np.int64) @ w_t.astype(np.int64).T
+        out = int_matmul(x_q, w_t)
+        assert out.dtype == np.int32 and np.array_equal(out, expected), (k, w_max)
