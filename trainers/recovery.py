@@ -125,9 +125,10 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
             return result, attempts
     best = max(attempts, key=lambda a: a.share)
     tried = "; ".join(a.line() for a in attempts)
+    accept = math.floor(100 * best.share) / 100
+    accept = f"accept it with --keep {accept:g}, or " if accept > 0 else ""
     raise NotKept(f"--keep {target:g} not met: the best recovery ({best.step}) keeps {100 * best.share:.1f} % "
-                  f"({tried}); nothing was written: accept it with --keep {math.floor(100 * best.share) / 100:g}, "
-                  "or give distillation more time (--keep-budget)")
+                  f"({tried}); nothing was written: {accept}give distillation more time (--keep-budget)")
 
 
 def _ranking(original, env_id: str, seed: int, per_channel: bool, log) -> list[int]:
