@@ -31,7 +31,7 @@ from tvm import tirx as T
 from bitrl_compile.quant import EPS, FUSABLE_ACTIVATIONS, QMAX
 
 from . import KernelSpec, kernel_spec
-from .kernels import PARALLEL_MIN_WORK
+from .kernels import PARALLEL_MIN_WORK, activate
 
 LAYOUT = "q8"  # the weights' layout: int8 [N, K], as stored (passes/bitlinear_op.py)
 MAX_LANES = 64
@@ -80,14 +80,7 @@ def int8_primfunc(k: int, n: int, activation: str = "none", spec: KernelSpec | N
     acc = te.compute((batch, n), lambda b, j: te.sum(partial[b, j, rl], axis=rl), name="acc")
 
     def epilogue(b, j):
-        y = T.op.fma(T.Cast("float32", acc[b, j]), gamma[j] / scale[b], bias[j])
-        if activation == "relu":
-            return T.max(y, T.const(0.0, "float32"))
-        if activation == "tanh":
-            return T.tanh(y)
-        if activation == "sigmoid":
-            return T.sigmoid(y)
-        return y
+        return activate(T.op.fma(T.Cast("float32", acc[b, j]), gamma[j] / scale[b], bias[j]), activation)
 
     y = te.compute((batch, n), epilogue, name="y")
     func = te.create_prim_func([x, w, gamma, bias, y])

@@ -52,6 +52,17 @@ from .intrinsics import AMX_STEPS
 PARALLEL_MIN_WORK = 1 << 16  # multiply-adds per batch row below which waking threads costs more than it saves
 
 
+def activate(y, activation: str):
+    """A fusable activation (quant.FUSABLE_ACTIVATIONS) on a float32 TIR value: every kernel's epilogue ends so."""
+    if activation == "relu":
+        return T.max(y, T.const(0.0, "float32"))
+    if activation == "tanh":
+        return T.tanh(y)
+    if activation == "sigmoid":
+        return T.sigmoid(y)
+    return y
+
+
 def kernel_name(k: int, n: int, activation: str, per_channel: bool) -> str:
     return f"bitrl_bitlinear_k{k}_n{n}_{activation}{'_pc' if per_channel else ''}"
 
@@ -144,14 +155,7 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
         if acc_amx is not None:
             a = T.if_then_else(b < amx_end, acc_amx[b // amx_rows, b % amx_rows, jo, i], a)
         c = gamma[j] / scale[b] if per_channel else rescale[b]
-        y = T.op.fma(T.Cast("float32", a if xsum is None else a - xsum[b]), c, bias[j])
-        if activation == "relu":
-            return T.max(y, T.const(0.0, "float32"))
-        if activation == "tanh":
-            return T.tanh(y)
-        if activation == "sigmoid":
-            return T.sigmoid(y)
-        return y
+        return activate(T.op.fma(T.Cast("float32", a if xsum is None else a - xsum[b]), c, bias[j]), activation)
 
     y = te.compute((batch, n), epilogue, name="y")
     func = te.create_prim_func([x, w, gamma, bias, y])

@@ -8,8 +8,6 @@ on a constructed case; bad --int8-layers values are one line and exit 1."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import re
 import shlex
 import subprocess
@@ -30,6 +28,7 @@ from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import ArtifactError, load, safetensors_np
 from bitrl_compile.targets import int8_kernels
 from relax_models import mlp, observations
+from sealing import sealed
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = targets.tvm_target(targets.get_target("host"))
@@ -202,21 +201,6 @@ def test_cli_bad_int8_layers_are_one_line_and_exit_1(dqn_zip, tmp_path, value, m
     assert not out.exists()
 
 
-def _sealed(artifact, path, edit):
-    """A copy of `artifact` with its manifest edited and every hash recomputed (as tests/test_runtime.py)."""
-    with zipfile.ZipFile(artifact) as z:
-        members = {n: z.read(n) for n in z.namelist()}
-    manifest = json.loads(members["manifest.json"])
-    edit(manifest)
-    manifest["members"] = {n: hashlib.sha256(members[n]).hexdigest() for n in manifest["members"]}
-    text = json.dumps(manifest, indent=2).encode()
-    members.update({"manifest.json": text, "manifest.sha256": hashlib.sha256(text).hexdigest().encode() + b"\n"})
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return path
-
-
 def _layer0(m):
     return m["layers"][0]
 
@@ -235,7 +219,7 @@ def test_both_readers_check_the_layer_fields_and_keep_them_optional(mixed_host, 
     lib.bitrl_last_error.restype = ctypes.c_char_p
     lib.bitrl_free.argtypes = [ctypes.c_void_p]
     for i, (edit, field) in enumerate(MALFORMED):
-        path = _sealed(mixed_host.path, tmp_path / f"bad{i}.bitrl", edit)
+        path = sealed(mixed_host.path, tmp_path / f"bad{i}.bitrl", edit)
         with pytest.raises(ArtifactError, match=re.escape(f"manifest {field}")):
             load(path)
         assert not lib.bitrl_load(str(path).encode())
@@ -247,7 +231,7 @@ def test_both_readers_check_the_layer_fields_and_keep_them_optional(mixed_host, 
                        for la in m["layers"]]
         m["stats"].pop("int8_weights")
 
-    path = _sealed(mixed_host.path, tmp_path / "old.bitrl", old)
+    path = sealed(mixed_host.path, tmp_path / "old.bitrl", old)
     x = observations(8, 6)
     with load(path) as policy:
         np.testing.assert_array_equal(policy.forward(x), reference.run(mixed_host.quantized, x))

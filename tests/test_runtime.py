@@ -13,6 +13,7 @@ from bitrl_compile import pipeline
 from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import ArtifactError, load, read_artifact
 from relax_models import mlp
+from sealing import sealed
 
 
 @pytest.fixture(scope="module")
@@ -114,21 +115,6 @@ def test_a_bundled_runtime_the_loader_refuses_is_one_line(bundled, tmp_path):
 
 # ------------------------------------------------------------------------ the manifest's structure (issue 15)
 
-def _sealed(artifact, path, edit):
-    """A copy of `artifact` with its manifest edited and every hash recomputed (what an attacker can do)."""
-    with zipfile.ZipFile(artifact) as z:
-        members = {n: z.read(n) for n in z.namelist()}
-    manifest = json.loads(members["manifest.json"])
-    edit(manifest)
-    manifest["members"] = {n: hashlib.sha256(members[n]).hexdigest() for n in manifest["members"]}
-    text = json.dumps(manifest, indent=2).encode()
-    members.update({"manifest.json": text, "manifest.sha256": hashlib.sha256(text).hexdigest().encode() + b"\n"})
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return path
-
-
 def _act(m):
     return m["entry_points"]["act"]
 
@@ -178,7 +164,7 @@ def test_a_malformed_manifest_is_one_line_in_load_and_inspect(artifact, tmp_path
 
     from bitrl_compile.cli import main
 
-    path = _sealed(artifact, tmp_path / "m.bitrl", edit)
+    path = sealed(artifact, tmp_path / "m.bitrl", edit)
     with pytest.raises(ArtifactError) as e:
         load(path)
     message = str(e.value)
@@ -196,7 +182,7 @@ def test_every_manifest_field_the_readers_use_is_checked_and_valid_ones_pass(art
     minimal = {k: manifest[k] for k in ("format", "format_version", "members", "target", "input", "output",
                                         "params")}
     check_manifest(minimal)
-    path = _sealed(artifact, tmp_path / "unbounded.bitrl", lambda m: m["batch"].update(max=None))
+    path = sealed(artifact, tmp_path / "unbounded.bitrl", lambda m: m["batch"].update(max=None))
     with load(path) as policy:
         assert policy.act(np.zeros(4, np.float32)) in (0, 1)
 
@@ -214,7 +200,7 @@ def test_a_safetensors_dtype_with_a_newline_is_echoed_on_one_line(artifact, tmp_
 
 
 def test_a_function_lib_so_does_not_export_is_one_line(artifact, tmp_path):
-    path = _sealed(artifact, tmp_path / "nosym.bitrl", lambda m: _act(m)["calls"][0].update(func="no_such_kernel"))
+    path = sealed(artifact, tmp_path / "nosym.bitrl", lambda m: _act(m)["calls"][0].update(func="no_such_kernel"))
     with pytest.raises(ArtifactError, match="entry point act calls no_such_kernel, which its lib.so does not export"):
         load(path)
 
@@ -232,12 +218,12 @@ def test_the_c_api_refuses_the_same_malformed_manifests(artifact, tmp_path):
     cases = [(case, edit) for case, edit, _ in MALFORMED] + [
         ("output n 7", lambda m: m["output"].update(n=7)), ("output kind", lambda m: m["output"].update(kind="x"))]
     for i, (case, edit) in enumerate(cases):
-        path = _sealed(artifact, tmp_path / f"c{i}.bitrl", edit)
+        path = sealed(artifact, tmp_path / f"c{i}.bitrl", edit)
         handle = lib.bitrl_load(str(path).encode())
         if handle:
             lib.bitrl_free(handle)
         error = lib.bitrl_last_error().decode()
         assert not handle and "recompile" in error and "\n" not in error, (case, error)
-    handle = lib.bitrl_load(str(_sealed(artifact, tmp_path / "ok.bitrl", lambda m: m["batch"].update(max=None))).encode())
+    handle = lib.bitrl_load(str(sealed(artifact, tmp_path / "ok.bitrl", lambda m: m["batch"].update(max=None))).encode())
     assert handle, lib.bitrl_last_error()
     lib.bitrl_free(handle)
