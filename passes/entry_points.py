@@ -236,7 +236,9 @@ def plan_of(mod: tvm.IRModule, name: str) -> dict:
                 refs[binding.var] = refs[value]
                 continue
             if not (isinstance(value, relax.Call) and value.op.same_as(call_tir) and len(value.args) == 2):
-                raise NoPlan(f"{name} has a binding that is not a kernel call: {value}")
+                what = value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else \
+                    type(value).__name__  # not the expression itself: a constant prints as many lines
+                raise NoPlan(f"{name} has a binding that is not a kernel call ({what})")
             out_ty = binding.var.ty
             if not isinstance(out_ty, relax.TensorType):
                 raise NoPlan(f"{name}: a kernel with several outputs")
