@@ -37,14 +37,14 @@ def run(algo: str, env_id: str, seed: int, episodes: int, per_channel: bool = Fa
 
     torch.set_num_threads(1)
     loaded = load_policy(teacher(algo, env_id, seed), config={"env": env_id})
-    states = fidelity.visited_states(fidelity.original_forward(loaded), loaded.output, env_id)
+    base = fidelity.baseline(loaded, env_id, episodes=episodes)  # the fp32 side, once for every variant
     row = {"algo": algo, "env": env_id, "seed": seed}
     with tempfile.TemporaryDirectory() as tmp:
         for name, layers in VARIANTS.items():
             result = compile_policy(loaded, "host", Path(tmp) / f"{name}.bitrl", int8_layers=layers,
                                     per_channel=per_channel,
-                                    calibration=states if layers == "auto" else None,
-                                    measure=fidelity.compile_hook(loaded, env_id, episodes=episodes))
+                                    calibration=base.states if layers == "auto" else None,
+                                    measure=fidelity.compile_hook(loaded, env_id, episodes=episodes, base=base))
             f = result.manifest["fidelity"]
             row[name] = {"agreement": f["agreement"], "return": f.get("return"), "return_fp32": f.get("return_fp32"),
                          "score": f.get("score"), "bytes": result.path.stat().st_size,

@@ -21,6 +21,9 @@ original fp32 policy visits in its environment.
                                           the ternary side: the compiled artifact itself (in this process, as
                                           runtime.load opens it) when it runs on this machine, else the numpy
                                           reference of the quantized module (reference.run)
+    baseline(loaded, env_id, ...)         the original's side of those measurements (states, fp32 outputs, fp32 and
+                                          random returns), computed once per compile and passed as `base=` to
+                                          measure / compile_hook by every consumer (calibration, --keep's attempts)
     compile_hook(loaded, env_id, ...)     what `pipeline.compile_policy(measure=...)` calls before writing, so the
                                           manifest carries "fidelity" (runtime/manifest.py checks its fields)
     describe(record), warning(record)     the lines compile and inspect print
@@ -280,37 +283,78 @@ def action_agreement(output_spec: dict, ours, fp32) -> dict:
     return {"agreement": float((diff <= CONTINUOUS_TOLERANCE).all(axis=1).mean()), "error": float(diff.mean())}
 
 
-def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", episodes: int = 0, seed: int = 0,
-            rollouts: int = ROLLOUTS, max_states: int = MAX_STATES, fp32: Forward | None = None) -> Fidelity:
-    """The fidelity of `ternary` (raw observations -> raw outputs) to the original policy `loaded`."""
-    spec = loaded.output
+@dataclass
+class Baseline:
+    """The original's side of every measurement in one compile, computed once (`baseline`) and shared by the
+    calibration of --int8-layers auto, --keep's layer ranking and every attempt's measure: the visited states,
+    the fp32 outputs on them and, with episodes, the fp32 and random returns (fixed seeds: the same numbers each
+    time, so computing them again per consumer would only cost time)."""
+    env: str
+    seed: int
+    states: np.ndarray               # raw observations the fp32 policy visits (`visited_states`)
+    outputs: np.ndarray              # the fp32 network's raw outputs on them
+    episodes: int = 0
+    ret_fp32: float | None = None
+    ret_random: float | None = None
+
+
+def _act(spec: dict, forward: Forward):
+    return lambda obs: _env_action(spec, forward(np.asarray(obs)[None]))
+
+
+def _check_kind(spec: dict) -> None:
     if spec["kind"] not in ("discrete", "continuous"):
         raise ValueError(f"fidelity needs a policy with actions, not output kind {spec['kind']!r}")
+
+
+def baseline(loaded, env_id: str, *, episodes: int = 0, seed: int = 0, rollouts: int = ROLLOUTS,
+             max_states: int = MAX_STATES, fp32: Forward | None = None) -> Baseline:
+    """The original policy `loaded` measured once: its visited states and outputs, and its and a uniform random
+    policy's mean return over `episodes` deterministic episodes (reset seeds seed..seed+episodes-1)."""
+    spec = loaded.output
+    _check_kind(spec)
     fp32 = fp32 or original_forward(loaded)
     states = visited_states(fp32, spec, env_id, rollouts, max_states, seed)
-    result = Fidelity(env=env_id, states=len(states), engine=engine, kind=spec["kind"],
-                      **compare(spec, ternary(states), fp32(states)))
+    base = Baseline(env=env_id, seed=seed, states=states, outputs=fp32(states), episodes=episodes)
     if episodes:
-        def act(forward):
-            return lambda obs: _env_action(spec, forward(np.asarray(obs)[None]))
-
         space = make_env(env_id).action_space
         space.seed(seed)
+        base.ret_fp32 = float(np.mean(evaluate(_act(spec, fp32), env_id, episodes, seed)[0]))
+        base.ret_random = float(np.mean(evaluate(lambda obs: space.sample(), env_id, episodes, seed)[0]))
+    return base
+
+
+def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", episodes: int = 0, seed: int = 0,
+            rollouts: int = ROLLOUTS, max_states: int = MAX_STATES, fp32: Forward | None = None,
+            base: Baseline | None = None) -> Fidelity:
+    """The fidelity of `ternary` (raw observations -> raw outputs) to the original policy `loaded`; `base` (from
+    `baseline`, for the same env, seed and episodes) saves measuring the original again."""
+    spec = loaded.output
+    _check_kind(spec)
+    if base is None:
+        base = baseline(loaded, env_id, episodes=episodes, seed=seed, rollouts=rollouts, max_states=max_states,
+                        fp32=fp32)
+    elif (base.env, base.seed, base.episodes) != (env_id, seed, episodes):
+        raise ValueError(f"the baseline was measured on {base.env} (seed {base.seed}, {base.episodes} episodes), "
+                         f"not {env_id} (seed {seed}, {episodes} episodes)")
+    result = Fidelity(env=env_id, states=len(base.states), engine=engine, kind=spec["kind"],
+                      **compare(spec, ternary(base.states), base.outputs))
+    if episodes:
         result.episodes = episodes
-        result.ret = float(np.mean(evaluate(act(ternary), env_id, episodes, seed)[0]))
-        result.ret_fp32 = float(np.mean(evaluate(act(fp32), env_id, episodes, seed)[0]))
-        result.ret_random = float(np.mean(evaluate(lambda obs: space.sample(), env_id, episodes, seed)[0]))
+        result.ret = float(np.mean(evaluate(_act(spec, ternary), env_id, episodes, seed)[0]))
+        result.ret_fp32, result.ret_random = base.ret_fp32, base.ret_random
     return result
 
 
-def compile_hook(loaded, env_id: str, *, episodes: int = 0, seed: int = 0,
+def compile_hook(loaded, env_id: str, *, episodes: int = 0, seed: int = 0, base: Baseline | None = None,
                  done: Callable[[Fidelity], None] = lambda f: None):
     """For `pipeline.compile_policy(measure=...)`: measures the artifact (or the reference) before it is written
-    and returns the manifest's "fidelity" record; `done` receives the Fidelity (the CLI prints it)."""
+    and returns the manifest's "fidelity" record; `done` receives the Fidelity (the CLI prints it). `base`: the
+    original measured once (`baseline`), for compiles that measure several artifacts against it."""
     def hook(manifest: dict, members: dict[str, bytes], quantized, output) -> dict:
         forward, engine, close = artifact_forward(manifest, members, quantized, output)
         try:
-            result = measure(loaded, forward, env_id, engine=engine, episodes=episodes, seed=seed)
+            result = measure(loaded, forward, env_id, engine=engine, episodes=episodes, seed=seed, base=base)
         finally:
             close()
         done(result)

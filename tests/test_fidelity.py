@@ -78,6 +78,14 @@ def test_the_measure_compares_actions_on_the_states_the_fp32_policy_visits(q_net
     expected = float((ternary(states).argmax(1) == fp32(states).argmax(1)).mean())
     assert result.states == len(states) and result.agreement == pytest.approx(expected) and result.agreement < 0.98
     assert fidelity.warning(result.record()) is not None
+    # the original measured once (what compile --keep and --int8-layers auto share) gives the same record
+    base = fidelity.baseline(loaded, "CartPole-v1", episodes=2)
+    assert np.array_equal(base.states, states) and base.ret_fp32 is not None and base.ret_random is not None
+    shared = fidelity.measure(loaded, ternary, "CartPole-v1", engine="reference", episodes=2, base=base)
+    assert shared.record() == fidelity.measure(loaded, ternary, "CartPole-v1", engine="reference",
+                                               episodes=2).record()
+    with pytest.raises(ValueError, match="baseline was measured on CartPole-v1 .seed 0, 2 episodes"):
+        fidelity.measure(loaded, ternary, "CartPole-v1", episodes=3, base=base)
 
 
 def test_a_continuous_policy_is_measured_with_the_stated_rule(sb3_trained, tmp_path):

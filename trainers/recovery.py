@@ -46,6 +46,12 @@ class _Short(Exception):
         self.record = record
 
 
+def share(record: dict) -> float:
+    """What is compared with the target: the score with episodes or the (weighted) agreement, whichever is
+    higher (the rule of compile's warning)."""
+    return max(fidelity.shared(record), record.get("score", -math.inf))
+
+
 @dataclass
 class Attempt:
     step: str                    # "ptq", "distill", "int8 [0, 2]"
@@ -55,16 +61,11 @@ class Attempt:
 
     @property
     def share(self) -> float:
-        """What is compared with the target: the score with episodes, else the (weighted) agreement."""
-        return max(fidelity.shared(self.record), self.record.get("score", -math.inf))
+        return share(self.record)
 
     def line(self) -> str:
         what = f"score {100 * self.record['score']:.1f} %, " if "score" in self.record else ""
         return f"{self.step}: {what}agreement {100 * fidelity.shared(self.record):.1f} %"
-
-
-def kept(record: dict, target: float) -> bool:
-    return fidelity.shared(record) >= target or record.get("score", -math.inf) >= target
 
 
 def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes: int = 0, seed: int = 0,
@@ -76,13 +77,13 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     output, ...): pipeline.compile_policy's arguments. Returns (the CompiledPolicy written, [Attempt]); raises
     NotKept when no step keeps the target (nothing written)."""
     attempts: list[Attempt] = []
+    base = fidelity.baseline(original, env_id, episodes=episodes, seed=seed)  # the original, measured once
+    measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base)
 
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):
-        measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed)
-
         def measure(manifest, members, quantized, output):
             record = measured(manifest, members, quantized, output)
-            ok = kept(record, target)
+            ok = share(record) >= target
             attempts.append(Attempt(step, int8_layers, record, ok))
             log(f"keep {100 * target:.0f} %: {attempts[-1].line()}" + (" - kept" if ok else ""))
             if not ok:
@@ -97,7 +98,7 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     result = attempt("ptq", original)
     if result is not None:
         return result, attempts
-    ranking = _ranking(original, env_id, seed, per_channel, log)  # the layers by how much int8 helps, most first
+    ranking = _ranking(original, base.states, per_channel, log)  # the layers by how much int8 helps, most first
     from bitrl_compile.trainers import distill
 
     try:
@@ -108,9 +109,9 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
         base = distill_args or distill.DistillArgs(seed=seed, budget_s=budget, per_channel=per_channel)
         base = dataclasses.replace(base, agreement=min(1.0, max(base.agreement, target + 0.005)))
         steps = [()] + ([(ranking[0],)] if len(ranking) > 1 else [])  # all ternary, then the top layer int8
-        share = [2 / 3, 1 / 3] if len(steps) > 1 else [1.0]
+        parts = [2 / 3, 1 / 3] if len(steps) > 1 else [1.0]
         student = None
-        for layers, part in zip(steps, share):
+        for layers, part in zip(steps, parts):
             args = dataclasses.replace(base, budget_s=base.budget_s * part, int8_layers=layers)
             student = distill.distill(original, env_id, None, args, log=lambda s: log(f"  {s}"),
                                       start=None if student is None else student.student)
@@ -131,12 +132,11 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
                   f"({tried}); nothing was written: {accept}give distillation more time (--keep-budget)")
 
 
-def _ranking(original, env_id: str, seed: int, per_channel: bool, log) -> list[int]:
-    """The layer indices, the one whose int8 version removes most of the output error on the states the original
-    visits first (precision.rank_layers); [] when the network cannot be measured layer by layer."""
+def _ranking(original, states, per_channel: bool, log) -> list[int]:
+    """The layer indices, the one whose int8 version removes most of the output error on `states` (those the
+    original visits) first (precision.rank_layers); [] when the network cannot be measured layer by layer."""
     from bitrl_compile import pipeline
 
-    states = fidelity.visited_states(fidelity.original_forward(original), original.output, env_id, seed=seed)
     try:
         return [r["index"] for r in pipeline.auto_int8_layers(original, states, per_channel=per_channel).ranking]
     except ValueError as e:

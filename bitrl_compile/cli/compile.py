@@ -107,19 +107,19 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
             from bitrl_compile.trainers.export import features_policy
 
             loaded = features_policy(loaded)
-        hook = None
+        hook = fp32 = None
+        calibration = None  # --int8-layers auto: measured on the states the original visits in --env
         if env_id and loaded.output.get("kind") in ("discrete", "continuous"):  # no env, no measure
             from bitrl_compile import fidelity
 
             fp32 = loaded if original[0] == model else load_policy(
                 original[0], config=dict(json.loads(Path(original[1]).read_text()) if original[1] else {},
                                          env=env_id), trust_pickle=trust_pickle, vecnormalize=original[2])
-            hook = fidelity.compile_hook(fp32, env_id, episodes=episodes or 0)
-        calibration = None  # --int8-layers auto: measured on the states the policy visits in --env
-        if int8 == "auto" and env_id and loaded.output.get("kind") in ("discrete", "continuous"):
-            from bitrl_compile import fidelity
+            if keep is None:  # --keep measures the original itself, once for all its attempts
+                base = fidelity.baseline(fp32, env_id, episodes=episodes or 0)
+                hook = fidelity.compile_hook(fp32, env_id, episodes=episodes or 0, base=base)
+                calibration = base.states if int8 == "auto" else None
 
-            calibration = fidelity.visited_states(fidelity.original_forward(loaded), loaded.output, env_id)
         def compile_with(loaded, int8_layers, measure):
             return compile_policy(loaded, target, out, per_channel=per_channel, force=force,
                                   bundle_runtime=bundle_runtime, tuning_db=tuning_db, tuning=not no_tuning,
@@ -127,7 +127,7 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
                                   int8_layers=int8_layers, calibration=calibration)
 
         if keep is not None:
-            if hook is None:
+            if fp32 is None:
                 raise click.UsageError(f"--keep needs a policy with actions; this one outputs "
                                        f"{loaded.output.get('kind')!r}")
             from bitrl_compile.trainers import recovery
