@@ -5,8 +5,8 @@
     python bench/distill.py --train-only                         # only train (and cache) the SB3 teachers
     python bench/distill.py --merge bench/runs/distill-*/results.json   # one table of runs made in parallel
 
-Teachers are trained here by Stable-Baselines3 itself with RL Zoo's hyperparameters (budgets as in rl-zoo3's
-hyperparams/*.yml) and cached in ~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip, so a second run only
+Teachers are trained here by Stable-Baselines3 itself with RL Zoo's hyperparameters (bench/zoo.py, the table shared
+with bench/policy_matrix.py: budgets as in rl-zoo3's hyperparams/*.yml) and cached in ~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip, so a second run only
 distils. For each seed: the teacher's return (fp32, its own MLP in numpy), PTQ (every Linear ternarized as the
 compiler does, no training), distilled (`distill.distill`, the default budget: 180 s of one core or 99 % action
 agreement), all on the same 10 deterministic episodes (reset seeds 10000 + i); and the time the distillation took.
@@ -24,59 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE = Path.home() / ".cache" / "bitrl-compile" / "bench"
 EVAL_SEED = 10_000
 
-# RL Zoo (rl-zoo3 hyperparams/{dqn,td3,sac}.yml) settings for these environments.
-ZOO = {
-    ("dqn", "CartPole-v1"): {"steps": 50_000, "kwargs": {
-        "learning_rate": 2.3e-3, "batch_size": 64, "buffer_size": 100_000, "learning_starts": 1000, "gamma": 0.99,
-        "target_update_interval": 10, "train_freq": 256, "gradient_steps": 128, "exploration_fraction": 0.16,
-        "exploration_final_eps": 0.04, "policy_kwargs": {"net_arch": [256, 256]}}},
-    ("td3", "Pendulum-v1"): {"steps": 20_000, "noise": 0.1, "kwargs": {
-        "gamma": 0.98, "buffer_size": 200_000, "learning_starts": 10_000, "gradient_steps": 1, "train_freq": 1,
-        "learning_rate": 1e-3, "policy_kwargs": {"net_arch": [400, 300]}}},
-    ("sac", "Pendulum-v1"): {"steps": 20_000, "kwargs": {"learning_rate": 1e-3}},
-}
-
-
-def teacher(algo: str, env_id: str, seed: int, log=print) -> Path:
-    """The cached SB3 model of (algo, env, seed), trained with RL Zoo's settings when missing."""
-    path = CACHE / f"sb3-{algo}-{env_id}-seed{seed}.zip"
-    if path.is_file():
-        return path
-    import gymnasium as gym
-    import stable_baselines3
-    import torch
-
-    torch.set_num_threads(1)
-    zoo = ZOO[(algo, env_id)]
-    kwargs = dict(zoo["kwargs"])
-    if "noise" in zoo:
-        from stable_baselines3.common.noise import NormalActionNoise
-
-        n = int(np.prod(gym.make(env_id).action_space.shape))
-        kwargs["action_noise"] = NormalActionNoise(np.zeros(n), zoo["noise"] * np.ones(n))
-    from stable_baselines3.common.evaluation import evaluate_policy
-
-    t0 = time.perf_counter()
-    model = getattr(stable_baselines3, algo.upper())("MlpPolicy", env_id, seed=seed, verbose=0, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.zip")
-    best = -np.inf
-    chunk = zoo["steps"] // 10  # RL Zoo keeps the best of periodic evaluations (DQN on CartPole can collapse late)
-    env = gym.make(env_id)
-    for i in range(10):
-        model.learn(chunk, reset_num_timesteps=i == 0)
-        if (i + 1) * chunk < zoo["kwargs"].get("learning_starts", 0):
-            continue
-        score, _ = evaluate_policy(model, env, n_eval_episodes=5, deterministic=True, warn=False)
-        if score > best:
-            best = score
-            model.save(tmp)
-    tmp.rename(path)
-    log(f"trained {path.name} in {time.perf_counter() - t0:.0f} s (best evaluation {best:.1f})")
-    return path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/zoo.py: RL Zoo's settings, the teachers' cache
+from zoo import statistics, teacher
 
 
 def run(algo: str, env_id: str, seed: int, episodes: int, budget: float, per_channel: bool, out: Path) -> dict:
@@ -88,7 +39,8 @@ def run(algo: str, env_id: str, seed: int, episodes: int, budget: float, per_cha
     from bitrl_compile.trainers.export import reference_act
 
     torch.set_num_threads(1)
-    loaded = load_policy(teacher(algo, env_id, seed))
+    path = teacher(algo, env_id, seed)
+    loaded = load_policy(path, vecnormalize=statistics(path), trust_pickle=True)
 
     def ret(act):
         return evaluate(act, env_id, episodes, EVAL_SEED)[0]

@@ -70,14 +70,15 @@ class Attempt:
 
 def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes: int = 0, seed: int = 0,
          budget: float = 180.0, per_channel: bool = False, distill_args=None,
-         log: Callable[[str], None] = lambda s: None):
+         base: fidelity.Baseline | None = None, log: Callable[[str], None] = lambda s: None):
     """Compile `original` (a LoadedPolicy) with the first recovery that keeps `target` of it on env_id.
 
     compile_fn(loaded, int8_layers, measure) -> CompiledPolicy is the compile with everything else bound (target,
     output, ...): pipeline.compile_policy's arguments. Returns (the CompiledPolicy written, [Attempt]); raises
-    NotKept when no step keeps the target (nothing written)."""
+    NotKept when no step keeps the target (nothing written). `base`: the original already measured
+    (fidelity.baseline, same env, episodes and seed), else measured here once for every attempt."""
     attempts: list[Attempt] = []
-    base = fidelity.baseline(original, env_id, episodes=episodes, seed=seed)  # the original, measured once
+    base = base or fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
     measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base)
 
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):

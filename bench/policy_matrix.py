@@ -1,0 +1,436 @@
+"""Issue 14's benchmark: the policies users bring, trained by SB3 with RL Zoo's settings, compiled every way we offer.
+
+    nice -n 15 python bench/policy_matrix.py --jobs 2 --docs      # the full matrix: 5 seeds, hours (the training
+                                                                  # budgets of RL Zoo; cached, and every result too)
+    nice -n 15 python bench/policy_matrix.py --algos dqn --envs CartPole-v1 --seeds 1 --budget 30   # one cheap row
+    nice -n 15 python bench/policy_matrix.py --algos ppo --envs CartPole-v1 --seeds 1 --scale 0.05 --budget 30
+    python bench/policy_matrix.py --train-only --algos a2c         # only train (and cache) the SB3 models
+    python bench/policy_matrix.py --table-only                     # the table of the results cached so far
+
+Rows: PPO and A2C on CartPole-v1, Acrobot-v1, LunarLander-v3, Pendulum-v1, MountainCarContinuous-v0; DQN on the
+three discrete ones; SAC and TD3 on the two continuous ones (LunarLanderContinuous-v3 with `--envs`: its RL Zoo
+budgets are hours per seed). Each policy is trained by Stable-Baselines3 itself with RL Zoo's settings
+(bench/zoo.py, shared with bench/distill.py: where RL Zoo uses gSDE, which we cannot compile, the plain Gaussian;
+`normalize: true` is a VecNormalize saved beside the zip and compiled in with --vecnormalize) and cached in
+~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip. `--scale x` multiplies the training budgets (separate
+cache names and run folder), for trying the script out.
+
+Columns, for every seed the mean return of the same deterministic episodes (reset seeds 10000 + i), then mean ±
+std over the seeds, and the score (R - R_random) / (R_fp32 - R_random) (per seed, averaged; R_random: uniform
+random actions on the same episodes):
+
+    fp32          SB3's own `model.predict(obs, deterministic=True)` (observations through its VecNormalize)
+    PTQ           the plain compile (`pipeline.compile_policy`)
+    per-channel   the compile with --per-channel
+    distilled     trainers/distill.py (`--budget` seconds of one core), then the plain compile of the student
+    mixed         --int8-layers auto, calibrated on the states the fp32 policy visits
+    RL fine-tune  the PPO QAT of `bitrl-compile finetune --method ppo` (`ppo.finetune_args`), actor-critic policies
+                  (PPO, A2C, SAC, TD3) only, then the plain compile
+    --keep 0.98   `trainers.recovery.keep` (the target on the score of these episodes): the step it picked, its
+                  score, its seconds
+
+Every compiled column's return is the compiled artifact's own (`fidelity.compile_hook`: the artifact runs the
+episodes in this process), measured against the fp32 side measured once per policy (`fidelity.baseline`). The
+seconds of every column are recorded (training the SB3 model is not counted). Results are cached per (policy,
+seed, column) in bench/runs/policy_matrix/<algo>-<env>-seed<S>/<column>.json, so a run resumes where it stopped;
+the table goes to bench/results/policy_matrix.md and .json (and with --docs to docs/returns.md between its
+markers). The footer checks issue 14's goal: a score of at least 98 % for every row with the --keep pick, in at
+most 3 minutes per policy. A missing Box2D skips LunarLander's rows with one line naming the pip install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/zoo.py: RL Zoo's settings, the models' cache
+import zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "bench" / "runs" / "policy_matrix"
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs" / "returns.md"
+BEGIN, END = "<!-- policy_matrix.py: begin -->", "<!-- policy_matrix.py: end -->"
+EVAL_SEED = 10_000
+TARGET = 0.98          # issue 14: the score the recovery must keep
+POLICY_SECONDS = 180   # issue 14: at most 3 minutes per policy
+COLUMNS = ("ptq", "per-channel", "distill", "mixed", "rl-finetune", "keep")
+LABELS = {"fp32": "fp32 (SB3)", "ptq": "PTQ", "per-channel": "PTQ per-channel", "distill": "distilled",
+          "mixed": "mixed (int8 auto)", "rl-finetune": "RL fine-tune", "keep": "--keep 0.98"}
+ACTOR_CRITIC = ("ppo", "a2c", "sac", "td3")  # where the PPO fine-tune applies (a DQN has no policy to fine-tune)
+
+
+# ------------------------------------------------------------------------------------------------ one policy
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def unit_dir(runs: Path, algo: str, env_id: str, seed: int) -> Path:
+    return runs / f"{algo}-{env_id}-seed{seed}"
+
+
+def sb3_returns(path: Path, algo: str, env_id: str, episodes: int) -> list[float]:
+    """SB3's own deterministic predict on the evaluation episodes (observations through its VecNormalize)."""
+    import stable_baselines3
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from bitrl_compile.evaluate import evaluate, make_env
+
+    model = getattr(stable_baselines3, algo.upper()).load(path, device="cpu")
+    stats = zoo.statistics(path)
+    norm = VecNormalize.load(str(stats), DummyVecEnv([lambda: make_env(env_id)])) if stats else None
+
+    def act(obs):
+        x = np.asarray(obs, np.float32)[None]
+        action, _ = model.predict(norm.normalize_obs(x) if norm is not None else x, deterministic=True)
+        return action[0]
+
+    return evaluate(act, env_id, episodes, EVAL_SEED)[0]
+
+
+def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) -> dict:
+    """Every column of one policy (algo, env, seed): {column: result}, each cached as <column>.json."""
+    import torch
+
+    from bitrl_compile import fidelity
+    from bitrl_compile.evaluate import EnvUnavailable, make_env
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.runtime.files import write_atomic
+
+    torch.set_num_threads(1)
+    out = unit_dir(Path(opts["runs"]), algo, env_id, seed)
+    results = {c: json.loads((out / f"{c}.json").read_text()) for c in ["fp32", *columns]
+               if (out / f"{c}.json").is_file()}
+    todo = [c for c in ["fp32", *columns] if c not in results]
+    if not todo:
+        return results
+    try:
+        make_env(env_id).close()  # a missing extra (Box2D) is one line, and the row is skipped
+        path = zoo.teacher(algo, env_id, seed, log=_log, scale=opts["scale"])
+    except EnvUnavailable as e:
+        return {"unavailable": str(e)}
+    out.mkdir(parents=True, exist_ok=True)
+    stats = zoo.statistics(path)
+
+    def load(p=path, vecnormalize=stats):  # a fresh copy each time: the trainers change the module they are given
+        return load_policy(p, config={"env": env_id}, trust_pickle=True, vecnormalize=vecnormalize)
+
+    episodes = opts["episodes"]
+    original = load()
+    t0 = time.perf_counter()
+    base = fidelity.baseline(original, env_id, episodes=episodes, seed=EVAL_SEED)  # the fp32 side, measured once
+    base_seconds = time.perf_counter() - t0
+    hook = fidelity.compile_hook(original, env_id, episodes=episodes, seed=EVAL_SEED, base=base)
+    for column in todo:
+        t0 = time.perf_counter()
+        if column == "fp32":
+            returns = sb3_returns(path, algo, env_id, episodes)
+            result = {"return": float(np.mean(returns)), "returns": returns, "return_ours": base.ret_fp32,
+                      "random": base.ret_random, "baseline_seconds": round(base_seconds, 1),
+                      "vecnormalize": stats is not None, "dropped": zoo.dropped(algo, env_id)}
+        else:
+            result = COLUMN_RUNS[column](algo=algo, env_id=env_id, seed=seed, path=path, load=load, original=original,
+                                         base=base, hook=hook, out=out, opts=opts)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        write_atomic(out / f"{column}.json", json.dumps(result, indent=1).encode())
+        _log(f"{algo} {env_id} seed {seed} {column}: " + (f"return {result['return']:.1f}, " if "return" in result
+                                                            else f"{result.get('skipped', '')} ")
+             + f"{result['seconds']:.0f} s")
+        results[column] = result
+    return results
+
+
+def _compile(loaded, out: Path, name: str, opts: dict, **kwargs):
+    from bitrl_compile.pipeline import compile_policy
+
+    return compile_policy(loaded, opts["target"], out / f"{name}.bitrl", force=True, **kwargs)
+
+
+def _measured(compiled, **extra) -> dict:
+    from bitrl_compile import fidelity
+
+    record = compiled.manifest["fidelity"]
+    int8 = [layer["index"] for layer in compiled.manifest["layers"] if layer.get("precision") == "int8"]
+    return {"return": record["return"], "agreement": fidelity.shared(record), "int8_layers": int8,
+            "compile_seconds": round(sum(compiled.timings.values()), 1), **extra}
+
+
+def col_ptq(*, load, hook, out, opts, **_):
+    return _measured(_compile(load(), out, "ptq", opts, measure=hook))
+
+
+def col_per_channel(*, load, hook, out, opts, **_):
+    return _measured(_compile(load(), out, "per-channel", opts, measure=hook, per_channel=True))
+
+
+def col_mixed(*, load, hook, base, out, opts, **_):
+    return _measured(_compile(load(), out, "mixed", opts, measure=hook, int8_layers="auto", calibration=base.states))
+
+
+def col_distill(*, env_id, seed, load, hook, out, opts, **_):
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.trainers import distill
+
+    student = out / "distill.safetensors"
+    t0 = time.perf_counter()
+    r = distill.distill(load(), env_id, student, distill.DistillArgs(seed=seed, budget_s=opts["budget"]),
+                        log=lambda s: None)
+    train = time.perf_counter() - t0
+    return _measured(_compile(load_policy(student), out, "distill", opts, measure=hook),
+                     train_seconds=round(train, 1), agreement_heldout=[r.agreement_before, r.agreement_after])
+
+
+def col_rl_finetune(*, algo, env_id, seed, path, load, hook, out, opts, **_):
+    if algo not in ACTOR_CRITIC:
+        return {"skipped": f"{algo.upper()} is not actor-critic"}
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.trainers import ppo
+
+    steps = {"total_timesteps": opts["qat_steps"]} if opts.get("qat_steps") else {}
+    args = ppo.finetune_args(env_id, str(path), seed=seed, out=str(out / "rl-finetune"), progress=False,
+                             tensorboard=False, eval_every=0, eval_episodes=1, **steps)
+    t0 = time.perf_counter()
+    result = ppo.train(args, log=lambda s: None, init_loaded=load())
+    train = time.perf_counter() - t0
+    tuned = load_policy(result.out / "policy.safetensors")
+    return _measured(_compile(tuned, out, "rl-finetune", opts, measure=hook), train_seconds=round(train, 1),
+                     steps=result.global_step)
+
+
+def col_keep(*, env_id, seed, original, load, base, out, opts, **_):
+    """recovery.keep on the score of the evaluation episodes; records every attempt (also when none keeps it)."""
+    from bitrl_compile.trainers import recovery
+
+    records: list[dict] = []
+
+    def compile_fn(loaded, int8_layers, measure):
+        def measure_and_record(*args):
+            try:
+                record = measure(*args)
+            except Exception as e:
+                records.append(getattr(e, "record", None) or {})  # recovery's "not kept" carries its record
+                raise
+            records.append(record)
+            return record
+
+        return _compile(loaded, out, "keep", opts, measure=measure_and_record, int8_layers=int8_layers)
+
+    lines: list[str] = []
+    try:
+        compiled, attempts = recovery.keep(load(), env_id, TARGET, compile_fn, episodes=opts["episodes"],
+                                           seed=EVAL_SEED, budget=opts["budget"], base=base, log=lines.append)
+    except recovery.NotKept as e:
+        best = max(records, key=lambda r: r.get("score", -np.inf), default={})
+        return {"step": None, "kept": False, "return": best.get("return"), "message": str(e), "log": lines,
+                "tried": len(records)}
+    record = compiled.manifest["fidelity"]
+    return {"step": attempts[-1].step, "kept": True, "return": record["return"],
+            "agreement": recovery.share(record), "tried": len(attempts), "log": lines}
+
+
+COLUMN_RUNS = {"ptq": col_ptq, "per-channel": col_per_channel, "distill": col_distill, "mixed": col_mixed,
+               "rl-finetune": col_rl_finetune, "keep": col_keep}
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+def _scores(units: list[dict], column: str) -> np.ndarray:
+    """Per seed: (R - R_random) / (R_fp32 - R_random), R_fp32 SB3's own; NaN where it does not apply."""
+    out = []
+    for u in units:
+        fp32, c = u["columns"].get("fp32"), u["columns"].get(column)
+        if not fp32 or not c or c.get("return") is None:
+            continue
+        span = fp32["return"] - fp32["random"]
+        out.append((c["return"] - fp32["random"]) / span if abs(span) > 1e-9 else np.nan)
+    return np.asarray(out, float)
+
+
+def _cell(units: list[dict], column: str) -> str:
+    rs = [u["columns"][column]["return"] for u in units
+          if u["columns"].get(column) and u["columns"][column].get("return") is not None]
+    if not rs:
+        skipped = [u["columns"][column].get("skipped") for u in units if u["columns"].get(column)]
+        return "n/a" if any(skipped) else "–"
+    cell = f"{np.mean(rs):.1f} ± {np.std(rs):.1f}"
+    if column == "fp32":
+        return cell
+    s = _scores(units, column)
+    return cell + (f" ({100 * np.nanmean(s):.0f} %)" if np.isfinite(s).any() else "")
+
+
+def _keep_cell(units: list[dict]) -> tuple[str, float, float]:
+    """("distill ×2, ptq ×1", mean score, max seconds) of the --keep column."""
+    ks = [u["columns"]["keep"] for u in units if u["columns"].get("keep")]
+    if not ks:
+        return "–", np.nan, np.nan
+    picks = Counter(k["step"] or "not kept" for k in ks)
+    s = _scores(units, "keep")
+    return (", ".join(f"{step} ×{n}" for step, n in picks.most_common()),
+            float(np.nanmean(s)) if np.isfinite(s).any() else np.nan, max(k["seconds"] for k in ks))
+
+
+def group(units: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for u in units:
+        if "fp32" in u["columns"]:
+            rows.setdefault((u["algo"], u["env"]), []).append(u)
+    return rows
+
+
+def render(units: list[dict], columns: list[str], meta: dict) -> str:
+    """The Markdown report: returns (score), the --keep pick, seconds per column, the notes and the goal."""
+    rows = group(units)
+    ret_cols = ["fp32", *[c for c in columns if c != "keep"]]
+    head = ["policy", "seeds", *[LABELS[c] for c in ret_cols]]
+    if "keep" in columns:
+        head += ["--keep 0.98 pick", "score", "max s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    times = ["| policy | " + " | ".join(LABELS[c] for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    goal, notes = [], []
+    for (algo, env_id), us in rows.items():
+        name = f"SB3 {algo.upper()} {env_id}"
+        cells = [name, str(len(us)), *[_cell(us, c) for c in ret_cols]]
+        if "keep" in columns:
+            pick, score, seconds = _keep_cell(us)
+            cells += [pick, f"{100 * score:.1f} %" if np.isfinite(score) else "–",
+                      f"{seconds:.0f}" if np.isfinite(seconds) else "–"]
+            goal.append((name, score, seconds))
+        lines.append("| " + " | ".join(cells) + " |")
+        secs = []
+        for c in columns:
+            s = [u["columns"][c]["seconds"] for u in us if u["columns"].get(c) and "return" in u["columns"][c]]
+            secs.append(f"{np.mean(s):.0f}" if s else "–")
+        times.append(f"| {name} | " + " | ".join(secs) + " |")
+        fp32 = us[0]["columns"]["fp32"]
+        if fp32.get("dropped"):
+            notes.append(f"{name}: RL Zoo's {', '.join(fp32['dropped'])} (gSDE) cannot be compiled; trained with "
+                         "the plain Gaussian instead")
+        if fp32.get("vecnormalize"):
+            notes.append(f"{name}: RL Zoo's normalize: true; compiled with its VecNormalize (--vecnormalize)")
+        gap = max(abs(u["columns"]["fp32"]["return"] - u["columns"]["fp32"]["return_ours"]) for u in us)
+        if gap > 1e-6 * max(1.0, abs(fp32["return"])):
+            notes.append(f"{name}: our fp32 reading of the model differs from SB3's predict by up to {gap:.2f}")
+    out = [f"# Issue 14's policy matrix ({meta.get('when', '')})", "",
+           f"`{meta.get('command', 'python bench/policy_matrix.py')}` on {meta.get('machine', '?')}. SB3 models "
+           f"trained with RL Zoo's settings ({zoo.SOURCE}; bench/zoo.py)"
+           + (f", budgets × {meta['scale']:g}" if meta.get("scale", 1.0) != 1.0 else "")
+           + f"; {meta.get('episodes', '?')} deterministic episodes per seed (reset seeds {EVAL_SEED} + i); "
+           "returns: mean ± std over seeds of each seed's mean; (score) = (R - R_random) / (R_fp32 - R_random), "
+           "averaged over seeds. Compiled columns: the artifact's own returns.", "", *lines, "",
+           "Seconds per policy (mean over seeds; compile, measurement and training of the recovery included):", "",
+           *times, ""]
+    skipped = meta.get("unavailable", [])
+    if notes or skipped:
+        out += ["Notes:", ""] + [f"- {n}" for n in notes] + [f"- skipped: {s}" for s in skipped] + [""]
+    if goal:
+        ok = [g for g in goal if np.isfinite(g[1]) and g[1] >= TARGET and g[2] <= POLICY_SECONDS]
+        bad = [f"{n} ({100 * s:.1f} %, {t:.0f} s)" for n, s, t in goal if (n, s, t) not in ok]
+        out.append(f"**Goal** (≥ {100 * TARGET:.0f} % score with the --keep pick, ≤ {POLICY_SECONDS} s per policy): "
+                   f"{len(ok)} of {len(goal)} rows met" + (f"; not met: {'; '.join(bad)}" if bad else "") + ".")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def _collect(runs: Path, keys, columns) -> list[dict]:
+    units = []
+    for algo, env_id, seed in keys:
+        d = unit_dir(runs, algo, env_id, seed)
+        cols = {c: json.loads((d / f"{c}.json").read_text()) for c in ["fp32", *columns] if (d / f"{c}.json").is_file()}
+        units.append({"algo": algo, "env": env_id, "seed": seed, "columns": cols})
+    return units
+
+
+def _train(algo: str, env_id: str, seed: int, scale: float) -> str | None:
+    from bitrl_compile.evaluate import EnvUnavailable
+
+    try:
+        zoo.teacher(algo, env_id, seed, log=_log, scale=scale)
+    except EnvUnavailable as e:
+        return str(e)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algos", default=",".join(zoo.ALGOS), help="comma-separated: ppo,a2c,dqn,sac,td3")
+    p.add_argument("--envs", default=",".join(zoo.ENVS), help="comma-separated env ids (also "
+                   + ", ".join(zoo.EXTRA_ENVS) + ")")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--columns", default=",".join(COLUMNS), help="comma-separated: " + ",".join(COLUMNS))
+    p.add_argument("--jobs", type=int, default=1, help="policies measured at once (processes)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--budget", type=float, default=180.0, help="seconds of distillation (distill column, --keep)")
+    p.add_argument("--qat-steps", type=int, help="environment steps of the RL fine-tune [ppo.finetune_args']")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply RL Zoo's training budgets (a quick look)")
+    p.add_argument("--target", default="host")
+    p.add_argument("--train-only", action="store_true", help="only train (and cache) the SB3 models")
+    p.add_argument("--table-only", action="store_true", help="only the table of the results cached so far")
+    p.add_argument("--runs", type=Path, help=f"result cache [{RUNS.relative_to(ROOT)}]")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of policy_matrix.md and .json")
+    p.add_argument("--docs", action="store_true", help=f"also write the table into {DOCS.relative_to(ROOT)}")
+    a = p.parse_args(argv)
+    columns = [c.strip() for c in a.columns.split(",") if c.strip()]
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        p.error(f"unknown column(s) {unknown}; choose from {', '.join(COLUMNS)}")
+    rows = zoo.rows([x.strip() for x in a.algos.split(",")], [x.strip() for x in a.envs.split(",")])
+    if not rows:
+        p.error(f"RL Zoo has no settings for {a.algos} on {a.envs} here (bench/zoo.py's ZOO)")
+    runs = a.runs or (RUNS if a.scale == 1.0 else RUNS.with_name(f"policy_matrix-scale{a.scale:g}"))
+    keys = [(algo, env_id, seed) for algo, env_id in rows for seed in range(a.seeds)]
+    opts = {"runs": str(runs), "episodes": a.episodes, "budget": a.budget, "qat_steps": a.qat_steps,
+            "scale": a.scale, "target": a.target}
+    unavailable: dict[str, str] = {}
+    t0 = time.perf_counter()
+    if not a.table_only:
+        def job(key):
+            return _train(*key, a.scale) if a.train_only else run_unit(*key, columns, opts).get("unavailable")
+
+        if a.jobs > 1:  # processes of their own (spawn: no TVM or torch state forked)
+            with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                submitted = {k: pool.submit(_train, *k, a.scale) if a.train_only else
+                             pool.submit(run_unit, *k, columns, opts) for k in keys}
+                done = {k: f.result() for k, f in submitted.items()}
+                done = {k: r if a.train_only else r.get("unavailable") for k, r in done.items()}
+        else:
+            done = {k: job(k) for k in keys}
+        unavailable = {f"{algo} {env_id}": why for (algo, env_id, _), why in done.items() if why}
+        for line in sorted(set(unavailable.values())):
+            _log(f"policy_matrix: skipped: {line}")
+        if a.train_only:
+            return 0
+    units = _collect(runs, keys, columns)
+    meta = {"when": time.strftime("%Y-%m-%d"), "command": "python bench/policy_matrix.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "machine": f"{platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}", "scale": a.scale, "episodes": a.episodes,
+        "minutes": round((time.perf_counter() - t0) / 60, 1),
+        "unavailable": [f"{k}: {v}" for k, v in sorted(unavailable.items())]}
+    text = render(units, columns, meta)
+    print(text)
+    from bitrl_compile.runtime.files import write_atomic
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(a.out / "policy_matrix.md", text.encode())
+    write_atomic(a.out / "policy_matrix.json", json.dumps({"meta": meta, "units": units}, indent=1).encode())
+    if a.docs:
+        from bitrl_compile.bench.markdown import replace_section
+
+        if not replace_section(DOCS, BEGIN, END, text.split("\n", 2)[2].strip()):
+            _log(f"policy_matrix: {DOCS} has no {BEGIN} ... {END} markers; add them where the table goes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""bench/policy_matrix.py (issue 14's benchmark) and bench/zoo.py (RL Zoo's settings, shared with bench/distill.py):
+the settings table, the report's rendering, and one tiny row end to end (a tiny SB3 PPO compiled for real), so the
+script cannot silently rot. No timing assertions."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from repo_scripts import load_script
+
+zoo = load_script("bench/zoo.py", "zoo")
+matrix = load_script("bench/policy_matrix.py", "bench_policy_matrix")
+distill_bench = load_script("bench/distill.py", "bench_distill")
+
+
+def test_every_row_of_the_issue_has_rl_zoo_settings():
+    rows = zoo.rows()
+    assert len(rows) == 2 * 5 + 3 + 2 * 2  # PPO, A2C on five envs; DQN on three; SAC, TD3 on two
+    assert ("dqn", "Pendulum-v1") not in rows and ("sac", "CartPole-v1") not in rows
+    assert zoo.rows(["td3"], ["LunarLanderContinuous-v3"]) == [("td3", "LunarLanderContinuous-v3")]
+
+
+def test_ppo_settings_are_the_presets_and_gsde_is_replaced():
+    from bitrl_compile.trainers import presets
+
+    assert zoo.ZOO[("ppo", "CartPole-v1")] == presets.ZOO["CartPole-v1"]  # one home for RL Zoo's PPO settings
+    s = zoo.sb3_settings("ppo", "CartPole-v1", scale=0.05)
+    assert (s["n_envs"], s["steps"], s["normalize"]) == (8, 5000, False)
+    assert s["kwargs"]["learning_rate"](0.5) == pytest.approx(5e-4)  # "lin_0.001", SB3's progress remaining
+    s = zoo.sb3_settings("a2c", "MountainCarContinuous-v0")
+    assert "use_sde" not in s["kwargs"] and "sde_sample_freq" not in s["kwargs"] and s["normalize"]
+    assert s["kwargs"]["policy_kwargs"] == {"ortho_init": False}  # gSDE's log_std_init dropped with it
+    assert zoo.dropped("a2c", "MountainCarContinuous-v0") == ["use_sde", "sde_sample_freq", "log_std_init=0.0"]
+    assert zoo.dropped("dqn", "CartPole-v1") == [] and zoo.sb3_settings("td3", "Pendulum-v1")["noise"] == ("normal", 0.1)
+    assert distill_bench.teacher is zoo.teacher  # bench/distill.py trains and caches through the same table
+
+
+def _unit(algo, env_id, seed, fp32, random, **cols):
+    columns = {"fp32": {"return": fp32, "random": random, "return_ours": fp32, "seconds": 1.0, "dropped": [],
+                        "vecnormalize": False}}
+    for name, value in cols.items():
+        columns[name.replace("_", "-")] = value
+    return {"algo": algo, "env": env_id, "seed": seed, "columns": columns}
+
+
+def test_the_table_scores_every_column_and_checks_the_goal():
+    units = [_unit("dqn", "CartPole-v1", s, 500.0, 20.0, ptq={"return": 20.0, "seconds": 5.0},
+                   rl_finetune={"skipped": "DQN is not actor-critic", "seconds": 0.0},
+                   keep={"return": 500.0, "step": "distill", "seconds": 100.0}) for s in range(2)]
+    units += [_unit("sac", "Pendulum-v1", 0, -150.0, -1250.0, ptq={"return": -700.0, "seconds": 6.0},
+                    rl_finetune={"return": -161.0, "seconds": 50.0},
+                    keep={"return": -1000.0, "step": None, "seconds": 200.0})]
+    text = matrix.render(units, ["ptq", "rl-finetune", "keep"], {"episodes": 10})
+    lines: dict[str, str] = {}
+    for line in text.splitlines():  # the returns table (the seconds table comes after it)
+        if line.startswith("| SB3"):
+            lines.setdefault(line.split(" | ")[0], line)
+    dqn = lines["| SB3 DQN CartPole-v1"]
+    assert "| 2 | 500.0 ± 0.0 | 20.0 ± 0.0 (0 %) | n/a | distill ×2 | 100.0 % | 100 |" in dqn
+    assert "(50 %)" in lines["| SB3 SAC Pendulum-v1"] and "(99 %)" in lines["| SB3 SAC Pendulum-v1"]
+    assert "not kept ×1" in text and "1 of 2 rows met; not met: SB3 SAC Pendulum-v1 (22.7 %, 200 s)" in text
+
+
+def test_one_tiny_row_end_to_end(sb3_trained, tmp_path, monkeypatch):
+    """A tiny SB3 PPO stands in for the cached model: fp32 through SB3's predict, the plain compile and the PPO
+    fine-tune compiled and run for real, cached per column, the report written."""
+    monkeypatch.setattr(zoo, "CACHE", tmp_path / "cache")
+    model = zoo.cache_path("ppo", "CartPole-v1", 0, scale=0.001)
+    model.parent.mkdir()
+    shutil.copy(sb3_trained("ppo", "CartPole-v1").path, model)
+    argv = ["--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "1", "--scale", "0.001", "--columns",
+            "ptq,rl-finetune", "--qat-steps", "256", "--episodes", "2", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path)]
+    assert matrix.main(argv) == 0
+    unit = tmp_path / "runs" / "ppo-CartPole-v1-seed0"
+    fp32, ptq, rl = (json.loads((unit / f"{c}.json").read_text()) for c in ("fp32", "ptq", "rl-finetune"))
+    assert fp32["return"] == pytest.approx(fp32["return_ours"])  # SB3's predict = our reading of the model
+    assert len(fp32["returns"]) == 2 and np.isfinite(fp32["random"])
+    assert 0 <= ptq["agreement"] <= 1 and ptq["return"] > 0 and rl["steps"] >= 256
+    report = (tmp_path / "policy_matrix.md").read_text()
+    assert "| SB3 PPO CartPole-v1 | 1 |" in report and "budgets × 0.001" in report
+    assert json.loads((tmp_path / "policy_matrix.json").read_text())["units"][0]["columns"]["ptq"] == ptq
+    (unit / "ptq.json").write_text(json.dumps({**ptq, "return": 123.0}))  # cached: a second run measures nothing
+    assert matrix.main(argv) == 0
+    assert "123.0 ± 0.0" in (tmp_path / "policy_matrix.md").read_text()
