@@ -9,7 +9,7 @@ runtime/capi/bitrl.c checks the same fields the C API reads, with the same limit
 The fields (required: target, input, output, params; the rest may be absent in older or hand-made artifacts):
 
     target        {"arch": str, "name": str, "device": str, "tvm": str, "cpu_features": [str, ...]}
-    input/output  the specs of runtime/specs.py (its checks, one home)
+    input/output  the specs of runtime/specs.py (its checks, one home; a Dict observation's keys too)
     params        [name, ...], unique strings: the parameters of params.safetensors the library takes
     weights       {param: {"storage": "base3", "compute": "tiles<NL>x<KG>" | "lut<NL>", "shape": [N, K]}}
     entry_points  {name: plan} with the plan's form of runtime/plan.py (inputs, outputs, buffers, calls)

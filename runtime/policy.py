@@ -14,6 +14,7 @@ import platform
 import tempfile
 import threading
 import uuid
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -77,12 +78,59 @@ def normalize(x: np.ndarray, norm: tuple | None) -> np.ndarray:
     return x if clip is None else np.clip(x, -clip, clip)
 
 
+def _key_array(name: str, value, shape: tuple) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype != np.float32 and not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"observation key {name!r} must be numeric, got dtype {arr.dtype}")
+    if arr.shape != shape and arr.shape[1:] != shape:
+        raise ValueError(f"observation key {name!r} has shape {arr.shape}; this policy expects {shape} or a batch "
+                         f"(B, {', '.join(map(str, shape))})")
+    return arr
+
+
+def _rows(batch: int | None) -> str:
+    return "one observation" if batch is None else f"a batch of {batch}"
+
+
+def flatten_observations(input_spec: dict, obs):
+    """A Dict observation (a mapping of key -> array, one observation or a batch) -> the flat float32 [total] or
+    [B, total] the policy takes: each key's array flattened, concatenated in the manifest's key order (the layout
+    of runtime/specs.py, which the C API documents). Anything else is returned as it is (a flat array is still
+    accepted). ValueError, one line naming the key, for a missing or extra key, a wrong shape, mixed batches."""
+    keys = input_spec.get("keys") if input_spec.get("kind") == "dict" else None
+    if not isinstance(obs, Mapping):
+        return obs
+    if keys is None:
+        raise ValueError(f"observation is a dict (keys {sorted(map(str, obs))[:8]}) but this policy takes one array "
+                         f"of shape {tuple(input_spec['shape'])}")
+    names = [k["name"] for k in keys]
+    extra = [k for k in obs if k not in names]
+    if extra:
+        raise ValueError(f"observation has key {str(extra[0])!r}, which this policy does not take (its keys: "
+                         f"{', '.join(names)})")
+    parts, batch = [], None
+    for key in keys:
+        name, shape = key["name"], tuple(int(d) for d in key["shape"])
+        if name not in obs:
+            raise ValueError(f"observation lacks key {name!r} (shape {shape}); this policy takes keys "
+                             f"{', '.join(names)}")
+        arr = _key_array(name, obs[name], shape)
+        rows = None if arr.shape == shape else arr.shape[0]
+        if parts and rows != batch:
+            raise ValueError(f"observation key {name!r} is {_rows(rows)} but key {keys[0]['name']!r} is "
+                             f"{_rows(batch)}; give every key the same batch")
+        batch = rows
+        parts.append(arr.reshape(-1 if rows is None else (rows, -1)).astype(np.float32, copy=False))
+    return np.concatenate(parts, axis=-1)
+
+
 def check_observations(input_spec: dict, obs) -> tuple[np.ndarray, bool]:
     """One observation or a batch -> (a [B, *shape] array ready to be copied into float32, whether it was one
     observation), validated: shape, dtype, one-hot index range. For one-hot inputs the array is the [B] indices.
-    Finiteness is checked after the float32 conversion (`check_finite`)."""
+    A Dict observation's keys are flattened first (`flatten_observations`). Finiteness is checked after the
+    float32 conversion (`check_finite`)."""
     kind = input_spec.get("preprocess", "none")
-    obs = np.asarray(obs)
+    obs = np.asarray(flatten_observations(input_spec, obs))
     if kind == "onehot":
         n = int(input_spec["n"])
         if obs.ndim > 1 or not np.issubdtype(obs.dtype, np.integer):

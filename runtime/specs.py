@@ -9,6 +9,14 @@ The forms (written by the frontends, read by `runtime.policy` and `passes.entry_
     input  = {"shape": [...], "dtype": "float32", "preprocess": "none" | "onehot" | "image" | "text",
               "n": N (onehot), "text": {"decimals": d, "length": L} (text),
               "normalize": None | {"mean": [...], "var": [...], "eps": 1e-8, "clip": 10.0 | None}}
+           | a Dict observation (SB3 MultiInputPolicy's CombinedExtractor): the same, with "shape": [total],
+             "preprocess": "none" and
+             "kind": "dict", "keys": [{"name": str, "shape": [...], "dtype": str, "preprocess": "none",
+                                       "normalize": bool}, ...]
+             The network (and the artifact's entry points, and the C API) takes one flat float32 [B, total]: each
+             key's array flattened (C order), concatenated in the order of "keys", whose sizes add up to total;
+             "normalize" (the folded statistics of the normalised keys, mean 0 / var 1 for the others) is over
+             that flat vector, and a key's "normalize" says whether its values are normalised.
     output = {"kind": "discrete", "n": N, "outputs": "logits" | "q_values"}
            | {"kind": "continuous", "shape": [...], "low": [...], "high": [...], "squash": "tanh" | "clip" | "none",
               "log_std": [...] | None}
@@ -30,6 +38,13 @@ MAX_VALUES = 1 << 20
 SQUASHES = ("tanh", "clip", "none")
 PREPROCESSES = ("none", "onehot", "image", "text")
 OUTPUT_KINDS = ("discrete", "continuous", "features")
+INPUT_KINDS = ("flat", "dict")  # "flat" when absent
+MAX_KEYS = 64  # keys of a Dict observation (runtime/capi/manifest.c: the same)
+MAX_KEY_NAME = 200
+KEY_PREPROCESSES = ("none",)  # image keys come with the convolutions (issue 17)
+# a key's dtype: the numpy names the frontends write (the C reader knows exactly these)
+KEY_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+              "uint64", "bool")
 
 
 def _short(value, limit: int = 60) -> str:
@@ -141,6 +156,50 @@ def check_input_spec(spec, where: str) -> None:
             raise ValueError(f"{where}: text input decimals must be an integer in [0, 12], got {_short(decimals)}")
     if spec.get("normalize") is not None:
         check_normalize(spec["normalize"], size, where)
+    kind = spec.get("kind", "flat")
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"{where}: input kind must be one of {list(INPUT_KINDS)}, got {_short(kind)}")
+    if kind == "dict":
+        check_input_keys(spec, where)
+    elif "keys" in spec:
+        raise ValueError(f"{where}: input \"keys\" is only for a Dict observation (input kind \"dict\")")
+
+
+def check_input_keys(spec: dict, where: str) -> None:
+    """A Dict observation's keys: unique names, each a real-typed array; their sizes add up to the flat shape."""
+    keys = spec.get("keys")
+    if not isinstance(keys, list) or not keys or len(keys) > MAX_KEYS:
+        raise ValueError(f"{where}: input keys must be a list of 1 to {MAX_KEYS} objects {{\"name\", \"shape\", "
+                         f"\"dtype\"}}, got {_short(keys)}")
+    shape = [int(d) for d in spec["shape"]]
+    if len(shape) != 1 or spec.get("preprocess", "none") != "none":
+        raise ValueError(f"{where}: a Dict observation is one flat vector (shape [total], preprocess none), got "
+                         f"shape {shape} preprocess {_short(spec.get('preprocess'))}")
+    names, total = set(), 0
+    for i, key in enumerate(keys):
+        if not isinstance(key, dict):
+            raise ValueError(  # noqa: TRY004 - bad input, not a programming error
+                f"{where}: input keys[{i}] must be an object {{\"name\", \"shape\", \"dtype\"}}, got {_short(key)}")
+        name = key.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_KEY_NAME:
+            raise ValueError(f"{where}: input keys[{i}].name must be a string of 1 to {MAX_KEY_NAME} characters, got "
+                             f"{_short(name)}")
+        if name in names:
+            raise ValueError(f"{where}: input keys[{i}].name repeats the key {_short(name)}")
+        names.add(name)
+        total += math.prod(check_shape(key.get("shape"), f"input key {_short(name)} shape", where))
+        if key.get("dtype", "float32") not in KEY_DTYPES:
+            raise ValueError(f"{where}: input key {_short(name)} dtype must be one of {list(KEY_DTYPES)}, got "
+                             f"{_short(key.get('dtype'))}")
+        if key.get("preprocess", "none") not in KEY_PREPROCESSES:
+            raise ValueError(f"{where}: input key {_short(name)} preprocess must be one of {list(KEY_PREPROCESSES)}, "
+                             f"got {_short(key.get('preprocess'))}")
+        if not isinstance(key.get("normalize", False), bool):
+            raise ValueError(  # noqa: TRY004 - bad input, not a programming error
+                f"{where}: input key {_short(name)} normalize must be true or false, got {_short(key.get('normalize'))}")
+    if total != shape[0]:
+        raise ValueError(f"{where}: input keys hold {total} values in all but the observation shape is {shape}; "
+                         "the keys' sizes must add up to it")
 
 
 def check_output_spec(spec, where: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -196,6 +197,12 @@ def inspect_cmd(artifact, as_json, debug):
                    f"with TVM {versions.get('tvm', '?')}; source: {source.get('format', '?')}")
         click.echo(f"  input: shape {m['input']['shape']}, preprocess {m['input'].get('preprocess', 'none')}, "
                    f"normalisation {'baked in' if m['input'].get('normalize') else 'none'}")
+        offset = 0
+        for key in m["input"].get("keys") or []:  # a Dict observation: where each key goes in the flat row
+            size = math.prod(key["shape"])
+            click.echo(f"    key {key['name']!r:<20} {key['shape']!s:<12} {key.get('dtype', 'float32'):<8} values "
+                       f"[{offset}, {offset + size})" + (", normalised" if key.get("normalize") else ""))
+            offset += size
         click.echo(f"  output: {json.dumps(m['output'])}")
         entries = m.get("entry_points") or {}
         click.echo("  entry points:" + ("" if entries else " none (an older artifact: numpy prepares observations and "

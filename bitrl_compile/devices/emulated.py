@@ -38,7 +38,7 @@ from bitrl_compile.devices.sysroot import (
 )
 from bitrl_compile.runtime import serve, signing
 from bitrl_compile.runtime.artifact import ArtifactError
-from bitrl_compile.runtime.policy import host_arch
+from bitrl_compile.runtime.policy import flatten_observations, host_arch
 
 _ERRORS: dict[str, type[Exception]] = {"ValueError": ValueError, "ArtifactError": ArtifactError,
                                        "TypeError": TypeError, "KeyError": KeyError,
@@ -130,7 +130,7 @@ class EmulatedPolicy:
         return self._call({"method": "act", "deterministic": bool(deterministic), "seed": seed}, obs)
 
     def _call(self, request: dict, obs):
-        obs = np.asarray(obs)
+        obs = np.asarray(flatten_observations(self.input_spec, obs))  # a Dict observation travels flat
         if obs.dtype == object:  # has no bytes to send; the runtime's own message
             raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
         header, payload = serve.array_message(obs)

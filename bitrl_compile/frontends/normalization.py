@@ -52,7 +52,9 @@ def _read_npz(data: bytes, path: Path) -> dict:
 
 
 def read_normalization(path, *, trust_pickle: bool = False) -> dict | None:
-    """Observation statistics as {"mean", "var", "eps", "clip"} from JSON, .npz or (trusted) vecnormalize.pkl."""
+    """Observation statistics as {"mean", "var", "eps", "clip"} from JSON, .npz or (trusted) vecnormalize.pkl; a
+    Dict observation's (per key: obs_rms a dict of key -> {"mean", "var"}, norm_obs_keys the keys normalised) as
+    {"keys": {name: {"mean", "var"}}, "eps", "clip"}, which the input spec folds in its key order."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such normalisation file; check the --vecnormalize path")
@@ -85,16 +87,25 @@ def read_normalization(path, *, trust_pickle: bool = False) -> dict | None:
             warnings.warn(f"{path}: VecNormalize has norm_obs=False; observations are not normalised", stacklevel=3)
             return None
         rms = getattr(vn, "obs_rms", None)
-        if not hasattr(rms, "mean"):
-            raise ModelLoadError(f"{path}: no obs_rms with mean/var (Dict observations are not supported yet)")
-        d = {"mean": rms.mean, "var": rms.var, "clip_obs": getattr(vn, "clip_obs", None),
-             "epsilon": getattr(vn, "epsilon", 1e-8)}
+        if isinstance(rms, dict):  # a Dict observation: one RunningMeanStd per key, those of norm_obs_keys used
+            names = getattr(vn, "norm_obs_keys", None) or list(rms)
+            rms = {name: {"mean": getattr(rms.get(name), "mean", None), "var": getattr(rms.get(name), "var", None)}
+                   for name in names}
+        elif not hasattr(rms, "mean"):
+            raise ModelLoadError(f"{path}: VecNormalize has no obs_rms with mean/var; give the statistics as JSON "
+                                 "{\"mean\": [...], \"var\": [...]}")
+        else:
+            rms = {"mean": rms.mean, "var": rms.var}
+        d = {"obs_rms": rms, "clip_obs": getattr(vn, "clip_obs", None), "epsilon": getattr(vn, "epsilon", 1e-8)}
+    clip = d.get("clip_obs", d.get("clip"))
+    eps = d.get("epsilon", d.get("eps", 1e-8))
+    per_key = _per_key(d)
+    if per_key is not None:
+        return _key_statistics(per_key, d.get("norm_obs_keys"), eps, clip, path)
     if isinstance(d.get("obs_rms"), dict):
         d = {**d, **d["obs_rms"]}
     if "mean" not in d or "var" not in d:
         raise ModelLoadError(f"{path}: normalisation statistics need \"mean\" and \"var\" (found {sorted(d)[:8]})")
-    clip = d.get("clip_obs", d.get("clip"))
-    eps = d.get("epsilon", d.get("eps", 1e-8))
     norm = {"mean": _as_list(d["mean"]), "var": _as_list(d["var"]), "eps": _as_scalar(eps),
             "clip": None if clip is None else _as_scalar(clip)}
     try:
@@ -102,6 +113,40 @@ def read_normalization(path, *, trust_pickle: bool = False) -> dict | None:
     except ValueError as e:
         raise ModelLoadError(f"{e}; give the statistics saved with the policy") from None
     return norm
+
+
+def _per_key(d: dict) -> dict | None:
+    """The per-key statistics of a Dict observation's VecNormalize ({"obs_rms" or "keys": {name: {"mean", "var"}}}),
+    or None when the statistics are of one array."""
+    for field in ("keys", "obs_rms"):
+        stats = d.get(field)
+        if isinstance(stats, dict) and stats and "mean" not in stats and all(isinstance(v, dict) for v in stats.values()):
+            return stats
+    return None
+
+
+def _key_statistics(stats: dict, names, eps, clip, path: Path) -> dict:
+    """{"keys": {name: {"mean", "var"}}, "eps", "clip"}, each key's statistics checked; the keys of `names`
+    (VecNormalize's norm_obs_keys) when given. frontends/specs.py folds them into one vector in the input's key
+    order."""
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ModelLoadError(f"{path}: norm_obs_keys must be a list of key names, got {str(names)[:60]}")
+        missing = [n for n in names if n not in stats]
+        if missing:
+            raise ModelLoadError(f"{path}: norm_obs_keys names {missing[0]!r} but the statistics have no such key; "
+                                 "give the statistics saved with the policy")
+        stats = {n: stats[n] for n in names}
+    eps, clip = _as_scalar(eps), None if clip is None else _as_scalar(clip)
+    out = {}
+    for name, rms in stats.items():
+        norm = {"mean": _as_list(rms.get("mean")), "var": _as_list(rms.get("var")), "eps": eps, "clip": clip}
+        try:
+            check_normalize(norm, None, f"{path}: key {name!r}")
+        except ValueError as e:
+            raise ModelLoadError(f"{e}; give the statistics saved with the policy") from None
+        out[str(name)] = {"mean": norm["mean"], "var": norm["var"]}
+    return {"keys": out, "eps": eps, "clip": clip}
 
 
 def _as_list(value):

@@ -1,8 +1,10 @@
 """Stable-Baselines3 .zip files: the JSON parts of `data` (never unpickled), classes from a static pickle scan,
-`policy.pth` with torch.load(weights_only=True); PPO, A2C, DQN, SAC and TD3 MLP policies."""
+`policy.pth` with torch.load(weights_only=True); PPO, A2C, DQN, SAC and TD3 MLP policies, and their MultiInput
+policies on Dict observations of vector keys (CombinedExtractor: each key flattened, concatenated)."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import math
@@ -11,6 +13,7 @@ import re
 import zipfile
 from pathlib import Path
 
+from bitrl_compile.frontends import sb3_cnn
 from bitrl_compile.frontends.mlp import _TORCH_ACTIVATIONS, _build_mlp, _linears, check_state_dict
 from bitrl_compile.frontends.specs import _check_finite, _space_to_specs
 from bitrl_compile.frontends.torch_files import _torch_load_weights
@@ -115,13 +118,67 @@ def _sb3_int(value, what: str, path: Path, minimum: int = 1) -> int:
     return value
 
 
+# A subspace as gymnasium prints it inside a Dict's repr (SB3 data's "spaces" field): 'name': Kind(...)
+_KEY = re.compile(r"""\s*('(?:[^'\\]|\\.){1,200}'|"(?:[^"\\]|\\.){1,200}")\s*:\s*(\w+)\(""")
+_BOX = re.compile(r"(.*), \((\d+(?:, \d+)*),?\), (\w+)", re.DOTALL)
+MAX_KEYS = 64
+
+
+def _dict_spaces(text, path: Path) -> list[tuple[str, dict]]:
+    """The subspaces of a Dict observation space, in its order (CombinedExtractor's), from the repr SB3 writes as
+    the space's "spaces" field: "{'position': Box(-1.0, 1.0, (2,), float32), 'goal': Discrete(3)}". Box keys give
+    their shape and dtype; other kinds their name (frontends/specs.py says which are supported)."""
+    def bad(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: cannot read the Dict observation space from SB3 data ({why}); save the model "
+                              "again with stable-baselines3 >= 2.0")
+
+    if not isinstance(text, str) or not text.startswith("{") or len(text) > MAX_SERIALIZED:
+        raise bad("no \"spaces\" text")
+    keys, i = [], 1
+    while text[i:].strip() != "}":
+        m = _KEY.match(text, i)
+        if m is None or len(keys) >= MAX_KEYS:
+            raise bad(f"at {text[i:i + 40]!r}" if m is None else f"more than {MAX_KEYS} keys")
+        name, kind = ast.literal_eval(m.group(1)), m.group(2)
+        depth, j = 1, m.end()
+        while depth and j < len(text):
+            depth += {"(": 1, ")": -1}.get(text[j], 0)
+            j += 1
+        if depth:
+            raise bad(f"key {name!r} is cut short")
+        args = text[m.end():j - 1]
+        space = {"type": kind}
+        try:
+            if kind == "Box":
+                box = _BOX.fullmatch(args)
+                if box is None:
+                    raise bad(f"key {name!r}: {args[-40:]!r}")
+                space["shape"] = list(check_shape([int(d) for d in box.group(2).split(",")], f"key {name!r} shape",
+                                                  str(path)))
+                space["dtype"] = box.group(3)
+                check_real_dtype(space["dtype"], f"{path}: observation key {name!r}")
+            elif kind == "MultiBinary" and re.fullmatch(r"\d{1,9}", args.strip()):
+                space["shape"], space["dtype"] = [int(args)], "int8"
+            elif kind == "Discrete":
+                space["n"] = int(args.split(",")[0]) if re.match(r"\d{1,9}", args.strip()) else 0
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+        keys.append((name, space))
+        i = j + (1 if text[j:j + 1] == "," else 0)
+    if not keys or len({k for k, _ in keys}) != len(keys):
+        raise bad("no keys" if not keys else "a repeated key")
+    return keys
+
+
 def _sb3_space(d, what: str, path: Path) -> dict:
     if not isinstance(d, dict) or not isinstance(d.get(":type:"), str):
         raise ModelLoadError(f"{path}: SB3 data has no readable {what}; re-save with stable-baselines3 >= 2.0")
     kind = re.search(r"spaces\.\w+\.(\w+)'", d[":type:"])
     kind = kind.group(1) if kind else d[":type:"][:60]
     space = {"type": kind}
-    if kind == "Discrete":
+    if kind == "Dict" and what == "observation_space":
+        space["keys"] = _dict_spaces(d.get("spaces"), path)
+    elif kind == "Discrete":
         if "n" not in d:
             raise ModelLoadError(f"{path}: the SB3 Discrete {what} has no \"n\"; save the model again")
         space["n"] = _sb3_int(d["n"], f"{what} n", path)
@@ -163,17 +220,18 @@ def _sb3_algorithm(data: dict, path: Path) -> str:
     except Exception as e:  # noqa: BLE001 - genops raises ValueError and others on malformed input
         raise ModelLoadError(f"{path}: unreadable policy_class in SB3 data ({e}); save the model again") from None
     module, name = globs[0] if globs else ("?", "?")
-    if "Cnn" in name:
-        raise ModelLoadError(f"{path}: {name} (CNN policies) is not supported yet; use an MLP policy")
-    if "MultiInput" in name:
-        raise ModelLoadError(f"{path}: {name} (Dict observations) is not supported yet")
+    if "Cnn" in name and not (name == "ActorCriticCnnPolicy" or module.startswith("stable_baselines3.dqn.")):
+        raise ModelLoadError(f"{path}: {name} ({module}) is not supported yet: of the CNN policies, PPO, A2C and "
+                             "DQN CnnPolicy are (frontends/sb3_cnn.py)")
     for family in ("dqn", "sac", "td3"):
         if module.startswith(f"stable_baselines3.{family}."):
             return f"sb3-{family}"
-    if module == "stable_baselines3.common.policies" and name in ("ActorCriticPolicy", "MlpPolicy"):
+    if module == "stable_baselines3.common.policies" and name in ("ActorCriticPolicy", "MlpPolicy",
+                                                                  "MultiInputActorCriticPolicy",
+                                                                  "ActorCriticCnnPolicy"):
         return "sb3-ppo" if "clip_range" in data else "sb3-a2c"
     raise ModelLoadError(f"{path}: SB3 policy class {module}.{name} is not supported yet (PPO, A2C, DQN, SAC, "
-                         "TD3 MLP policies are)")
+                         "TD3 MLP and MultiInput policies are)")
 
 
 def _sb3_policy_kwargs(data: dict, path: Path) -> tuple[dict, str | None]:
@@ -197,6 +255,25 @@ def _sb3_policy_kwargs(data: dict, path: Path) -> tuple[dict, str | None]:
     return {k: v for k, v in pk.items() if not k.startswith(":")}, activation
 
 
+_EXTRACTOR_KEY = re.compile(r"(?:^|\.)features_extractor\.extractors\.([^.]+)\.")
+
+
+def _combined_extractor(obs_space: dict, sd: dict, path: Path) -> None:
+    """SB3's CombinedExtractor (MultiInputPolicy): nn.Flatten per vector key, concatenated in the Dict space's
+    order, which is the flat input of runtime/specs.py (frontends/specs.py writes its keys); it has no weights.
+    A key with weights is an image key's CNN: the seam for issue 17's convolutions, refused here by name."""
+    names = {name for name, _ in obs_space["keys"]}
+    for k in sd:
+        m = _EXTRACTOR_KEY.search(k)
+        if m is not None:
+            what = "an image key" if m.group(1) in names else "a key the observation space lacks"
+            raise ModelLoadError(f"{path}: observation key {m.group(1)!r} has a CNN ({what} of the CombinedExtractor):"
+                                 " CNN keys come with issue 17's convolutions; give the policy vector keys only")
+        if "features_extractor." in k and ".extractors." not in k:
+            raise ModelLoadError(f"{path}: a custom features extractor ({k}) is not supported yet; use SB3's "
+                                 "CombinedExtractor (the MultiInputPolicy default)")
+
+
 def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
     data = _read_data(path, zf)
     source = _sb3_algorithm(data, path)
@@ -210,8 +287,9 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
     where = f"{path}:policy.pth"
     sd = check_state_dict(_torch_load_weights(_read_weights(path, zf), where), where,
                           "save the model again with stable-baselines3")
-    if any(k.startswith(("features_extractor.cnn", "pi_features_extractor.cnn")) for k in sd):
-        raise ModelLoadError(f"{path}: CNN feature extractors are not supported yet; use an MLP policy")
+    cnn_prefix = sb3_cnn.extractor_prefix(sd) if obs_space["type"] != "Dict" else None  # a CnnPolicy's NatureCNN
+    if obs_space["type"] == "Dict":
+        _combined_extractor(obs_space, sd, path)
     try:
         input_spec = _space_to_specs(obs_space, "input")
         if input_spec["preprocess"] == "image" and kwargs.get("normalize_images") is False:
@@ -244,8 +322,14 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
         layers = _linears(sd, "actor.mu.", path)
     if any(w is None for _, w, _ in layers):
         raise ModelLoadError(f"{path}: policy.pth lacks the actor's output layer; the file is incomplete")
-    mlp = _build_mlp(path, layers, activation, input_spec["shape"])
+    mlp = _build_mlp(path, layers, activation, [layers[0][1].shape[1]] if cnn_prefix else input_spec["shape"])
+    if cnn_prefix:  # the NatureCNN and its linear before the MLP; the input becomes the env's (H, W, C) images
+        mlp = sb3_cnn.cnn_policy(sd, cnn_prefix, input_spec, mlp, cfg, path)
     algo = source.split("-")[1].upper()
     sizes = [layers[0][1].shape[1]] + [w.shape[0] for _, w, _ in layers]
-    desc = f"SB3 {algo} MLP policy {sizes} {activation}, {act_space['type']} actions"
+    desc = f"SB3 {algo} {'CnnPolicy (NatureCNN) then ' if cnn_prefix else ''}MLP policy {sizes} {activation}, " \
+           f"{act_space['type']} actions"
+    if obs_space["type"] == "Dict":
+        desc = f"SB3 {algo} MultiInput policy (keys {', '.join(k for k, _ in obs_space['keys'])}) " \
+               f"{sizes} {activation}, {act_space['type']} actions"
     return LoadedPolicy(mlp, None, input_spec, output, source, desc)

@@ -43,9 +43,37 @@ def _config_obs_shape(cfg: dict, path: Path) -> list[int] | None:
         raise ModelLoadError(str(e)) from None
 
 
+def _is_image(space: dict) -> bool:
+    return space["type"] == "Box" and space.get("dtype") == "uint8" and len(space.get("shape", ())) == 3
+
+
+def _dict_input_spec(space: dict) -> dict:
+    """A Dict observation space ({"type": "Dict", "keys": [(name, space), ...]} in the space's order, which is
+    SB3's CombinedExtractor's) -> the input spec of runtime/specs.py: one flat vector, the keys flattened and
+    concatenated. ValueError (one line naming the key) for a key the compiled policy cannot take yet."""
+    keys = []
+    for name, sub in space["keys"]:
+        kind = sub["type"]
+        if kind in ("Box", "MultiBinary") and _is_image(sub):
+            # the seam for issue 17's convolutions: an image key (SB3 runs a NatureCNN on it) gets preprocess
+            # "image" and its CNN there; until then it is refused here, by name
+            raise ValueError(f"observation key {name!r} is an image ({_space_name(sub)} uint8), which SB3 runs "
+                             "through a CNN: CNN keys come with issue 17's convolutions; give the policy vector "
+                             "keys only (Box, MultiBinary)")
+        if kind not in ("Box", "MultiBinary") or "shape" not in sub:
+            raise ValueError(f"observation key {name!r} is a {_space_name(sub)} space, which is not supported yet "
+                             "in a Dict observation (Box and MultiBinary keys are)")
+        keys.append({"name": name, "shape": list(sub["shape"]), "dtype": str(sub.get("dtype", "float32")),
+                     "preprocess": "none", "normalize": False})
+    total = sum(math.prod(k["shape"]) for k in keys)
+    return {"kind": "dict", "keys": keys, "shape": [total], "dtype": "float32", "preprocess": "none"}
+
+
 def _space_to_specs(space: dict, role: str, outputs: str = "logits", squash: str = "clip") -> dict:
-    """A space as plain data ({"type": "Box"|"Discrete"|..., ...}) -> input or output spec."""
+    """A space as plain data ({"type": "Box"|"Discrete"|"Dict"|..., ...}) -> input or output spec."""
     kind = space["type"]
+    if role == "input" and kind == "Dict":
+        return _dict_input_spec(space)
     if role == "input":
         if kind == "Discrete":
             return {"shape": [space["n"]], "dtype": "float32", "preprocess": "onehot", "n": space["n"]}
@@ -157,6 +185,8 @@ def _complete_input_spec(spec: dict, path: Path) -> dict:
     if pre not in ("none", "onehot", "image"):
         raise ModelLoadError(f"{path}: input \"preprocess\" must be none, onehot or image, got {pre!r}")
     out = {"shape": shape, "dtype": "float32", "preprocess": pre, "normalize": None}
+    if spec.get("kind", "flat") != "flat":  # a Dict observation: its keys (checked with the rest: check_specs)
+        out = {"kind": spec["kind"], "keys": [dict(k) for k in spec.get("keys") or []], **out}
     if "max_batch" in spec:  # a bounded batch the program was exported with (see pipeline.to_relax)
         out["max_batch"] = spec["max_batch"]
     if pre == "onehot":
@@ -164,6 +194,11 @@ def _complete_input_spec(spec: dict, path: Path) -> dict:
         if shape != [out["n"]]:
             raise ModelLoadError(f"{path}: a one-hot input of n={out['n']} must have shape [{out['n']}]")
     norm = spec.get("normalize")
+    if norm and "keys" in norm:  # per-key statistics (VecNormalize on a Dict observation)
+        norm = _fold_key_statistics(norm, out, path)
+    elif norm and out.get("kind") == "dict":  # statistics of the flat vector: every key is normalised
+        for key in out["keys"]:
+            key["normalize"] = True
     if norm:
         mean = np.asarray(norm["mean"], np.float64).ravel()
         var = np.asarray(norm["var"], np.float64).ravel()
@@ -176,6 +211,56 @@ def _complete_input_spec(spec: dict, path: Path) -> dict:
         out["normalize"] = {"mean": mean.tolist(), "var": var.tolist(), "eps": float(norm.get("eps", 1e-8)),
                             "clip": None if clip is None else float(clip)}
     return out
+
+
+def unit_var(eps: float) -> float:
+    """The variance v for which float32 sqrt(v + eps) is exactly 1, so that (x - 0) / sqrt(v + eps) is x bit for
+    bit in float32 (runtime.policy.normalize and the entry points): a key that is not normalised."""
+    eps32 = np.float32(eps)
+    v = np.float32(1) - eps32
+    for _ in range(8):
+        total = np.float32(v + eps32)
+        if total == 1:
+            return float(v)
+        v = np.nextafter(v, np.float32(-np.inf) if total > 1 else np.float32(np.inf), dtype=np.float32)
+    raise ValueError(f"normalisation eps {eps} leaves no variance v with sqrt(v + eps) == 1 in float32")
+
+
+def _fold_key_statistics(norm: dict, spec: dict, path: Path) -> dict:
+    """Per-key statistics {"keys": {name: {"mean", "var"}}, "eps", "clip"} -> one mean/var over the flat vector of
+    a Dict observation (the manifest's key order); keys without statistics pass unchanged (mean 0, `unit_var`),
+    and the input spec's keys record which are normalised."""
+    if spec.get("kind") != "dict":
+        raise ModelLoadError(f"{path}: the statistics are per key (keys {sorted(norm['keys'])[:6]}, a Dict "
+                             "observation's VecNormalize) but the policy takes one array; give its own statistics")
+    stats, keys = norm["keys"], spec["keys"]
+    unknown = [name for name in stats if name not in {k["name"] for k in keys}]
+    if unknown:
+        raise ModelLoadError(f"{path}: the statistics have key {unknown[0]!r}, which the policy's observation lacks "
+                             f"(its keys: {', '.join(k['name'] for k in keys)}); give the statistics of this policy")
+    eps = float(norm.get("eps", 1e-8))
+    raw = [k["name"] for k in keys if k["name"] not in stats]
+    if raw and norm.get("clip") is not None:
+        raise ModelLoadError(f"{path}: VecNormalize leaves key {raw[0]!r} unnormalised and clips the others at "
+                             f"{norm['clip']}: one clip over the flat observation would clip {raw[0]!r} too, which "
+                             "is not supported yet; normalise every key (norm_obs_keys=None) or give statistics "
+                             "with \"clip_obs\": null")
+    mean, var = [], []
+    for key in keys:
+        size = math.prod(key["shape"])
+        key["normalize"] = key["name"] in stats
+        if not key["normalize"]:
+            mean.append(np.zeros(size))
+            var.append(np.full(size, unit_var(eps)))
+            continue
+        m = np.asarray(stats[key["name"]]["mean"], np.float64).ravel()
+        v = np.asarray(stats[key["name"]]["var"], np.float64).ravel()
+        if m.size != size or v.size != size:
+            raise ModelLoadError(f"{path}: the statistics of key {key['name']!r} have {m.size}/{v.size} values but "
+                                 f"the key has shape {key['shape']}; give the statistics of this policy's env")
+        mean.append(m)
+        var.append(v)
+    return {"mean": np.concatenate(mean), "var": np.concatenate(var), "eps": eps, "clip": norm.get("clip")}
 
 
 def _check_finite(tensors: dict, path: Path) -> None:

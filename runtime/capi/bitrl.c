@@ -238,6 +238,9 @@ struct bitrl_policy {
     entry entries[N_ENTRIES];
     int64_t obs_size, output_size, action_size, batch_max;
     int discrete;
+    int64_t nkeys; /* a Dict observation's keys (manifest input.keys), 0 for one array */
+    char **key_names;
+    int64_t *key_offsets, *key_sizes;
     pthread_key_t key;
     int key_made;
     pthread_mutex_t mutex; /* guards ctxs */
@@ -479,6 +482,44 @@ int64_t bitrl_action_size(const bitrl_policy *p) { return p ? p->action_size : -
 int64_t bitrl_max_batch(const bitrl_policy *p) { return p ? p->batch_max : -1; }
 int bitrl_is_discrete(const bitrl_policy *p) { return p ? p->discrete : -1; }
 int bitrl_has_sample(const bitrl_policy *p) { return p ? p->entries[SAMPLE].present : -1; }
+int64_t bitrl_input_keys(const bitrl_policy *p) { return p ? p->nkeys : -1; }
+
+int bitrl_input_key(const bitrl_policy *p, int64_t i, const char **name, int64_t *offset, int64_t *size) {
+    if (!p) return bitrl_fail("bitrl_input_key: p is NULL; pass a policy of bitrl_load");
+    if (i < 0 || i >= p->nkeys)
+        return bitrl_fail("bitrl_input_key: key %lld is out of range: %s has %lld keys (bitrl_input_keys)", (long long)i,
+                          p->path, (long long)p->nkeys);
+    if (name) *name = p->key_names[i];
+    if (offset) *offset = p->key_offsets[i];
+    if (size) *size = p->key_sizes[i];
+    return 0;
+}
+
+/* A Dict observation's keys (checked by bitrl_check_manifest): names, offsets and sizes in one row of floats. */
+static int load_keys(bitrl_policy *p, const json *m) {
+    const json *keys = json_get(json_get(m, "input"), "keys");
+    const char *kind = json_str(json_get(json_get(m, "input"), "kind"));
+    if (!kind || strcmp(kind, "dict") != 0 || !keys) return 0;
+    p->key_names = calloc(keys->count, sizeof *p->key_names);
+    p->key_offsets = calloc(keys->count, sizeof *p->key_offsets);
+    p->key_sizes = calloc(keys->count, sizeof *p->key_sizes);
+    if (!p->key_names || !p->key_offsets || !p->key_sizes) return bitrl_fail("%s: out of memory", p->path);
+    int64_t offset = 0;
+    for (size_t i = 0; i < keys->count; i++) {
+        const json *shape = json_get(&keys->items[i], "shape");
+        int64_t size = 1, v;
+        for (size_t d = 0; d < shape->count; d++) size *= json_int(&shape->items[d], &v) == 0 ? v : 0;
+        if (!(p->key_names[i] = strdup(json_str(json_get(&keys->items[i], "name")))))
+            return bitrl_fail("%s: out of memory", p->path);
+        p->nkeys = (int64_t)i + 1;
+        p->key_offsets[i] = offset, p->key_sizes[i] = size;
+        offset += size;
+    }
+    if (offset != p->obs_size)
+        return bitrl_fail("%s: manifest input.keys hold %lld values but entry point forward takes %lld per observation; "
+                          RECOMPILE, p->path, (long long)offset, (long long)p->obs_size);
+    return 0;
+}
 
 /* ---------------------------------------------------------------------------------------------- load */
 
@@ -1053,6 +1094,7 @@ static int load_into(bitrl_policy *p, const uint8_t *file, size_t size, const bi
             if (slot) *slot = HOOKS[i].fn;
         }
     if (rc == 0) rc = load_plan(p, &m, st, st_n, &header, body);
+    if (rc == 0) rc = load_keys(p, &m);
     free(lib);
     free(st);
     json_free(&header);
@@ -1085,6 +1127,10 @@ void bitrl_free(bitrl_policy *p) {
         free(p->param_names[i]);
         free(p->params[i].data);
     }
+    for (int64_t i = 0; i < p->nkeys; i++) free(p->key_names[i]);
+    free(p->key_names);
+    free(p->key_offsets);
+    free(p->key_sizes);
     free(p->param_names);
     free(p->params);
     free(p->param_tensors);

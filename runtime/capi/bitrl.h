@@ -40,6 +40,14 @@
  *   out      float[batch * bitrl_output_size(p)]   (bitrl_forward: logits, Q-values, action mean, features)
  *   actions  Discrete (bitrl_is_discrete(p) == 1): int64_t[batch]
  *            Box      (bitrl_is_discrete(p) == 0): float[batch * bitrl_action_size(p)], inside the bounds
+ *
+ * Dict observations (SB3 MultiInputPolicy; bitrl_input_keys(p) > 0): an observation is still one row of
+ * bitrl_obs_size(p) floats, the keys' arrays each flattened (row-major) and concatenated in the manifest's key
+ * order (`bitrl-compile inspect` lists them). bitrl_input_key(p, i, &name, &offset, &size) says where key i goes:
+ *     for (int64_t i = 0; i < bitrl_input_keys(p); i++) {
+ *         const char *name; int64_t offset, size;
+ *         bitrl_input_key(p, i, &name, &offset, &size);   // copy key `name` into obs[offset .. offset + size)
+ *     }
  */
 #ifndef BITRL_H_
 #define BITRL_H_
@@ -111,6 +119,15 @@ BITRL_API int bitrl_sample(bitrl_policy *p, const float *obs, const float *noise
 
 /* 1 if the artifact has a "sample" entry point (bitrl_sample works), 0 if not, -1 if p is NULL. */
 BITRL_API int bitrl_has_sample(const bitrl_policy *p);
+
+/* The keys of a Dict observation (manifest input kind "dict"): their number, 0 when the observation is one
+ * array; -1 if p is NULL. */
+BITRL_API int64_t bitrl_input_keys(const bitrl_policy *p);
+
+/* Key i (0 <= i < bitrl_input_keys(p)) of a Dict observation: its name (owned by p, valid until bitrl_free), and
+ * the offset and number of its floats within one observation's row. name, offset and size may each be NULL.
+ * Returns 0, or -1 with bitrl_last_error(). */
+BITRL_API int bitrl_input_key(const bitrl_policy *p, int64_t i, const char **name, int64_t *offset, int64_t *size);
 
 /* Release the policy: its buffers, the buffers of every thread that called it, and the kernels'
  * library mapping. NULL is ignored. No other thread may be using p. */

@@ -302,10 +302,68 @@ static int check_tables(const checker *c, const json *m) {
     return 0;
 }
 
+/* A Dict observation's keys (runtime/specs.py's check_input_keys): the input is one flat vector [total], preprocess
+ * none, and the keys (1 to 64; unique names of 1 to 200 bytes; shapes of positive ints, at most 2^20 values each;
+ * dtypes of KEY_DTYPES; preprocess none; normalize a boolean) hold total values in all. */
+#define MAX_KEYS 64
+#define MAX_VALUES (1LL << 20)
+
+static int check_input_keys(const checker *c, const json *input) {
+    static const char *const dtypes[] = {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8",
+                                         "uint16", "uint32", "uint64", "bool", NULL};
+    const json *kindv = json_get(input, "kind"), *keys = json_get(input, "keys");
+    if (kindv && is(c, kindv, JSON_STRING, "input.kind") != 0) return -1;
+    const char *kind = kindv ? kindv->string : "flat";
+    if (strcmp(kind, "flat") != 0 && strcmp(kind, "dict") != 0) return fail(c, "input.kind", "is not flat or dict: ", kind);
+    if (strcmp(kind, "flat") == 0) return keys ? fail(c, "input.keys", "is only for a Dict observation (kind dict)", "") : 0;
+    if (is(c, keys, JSON_ARRAY, "input.keys") != 0) return -1;
+    if (keys->count < 1 || keys->count > MAX_KEYS) return fail(c, "input.keys", "does not hold 1 to 64 keys", "");
+    const json *shape = json_get(input, "shape"), *pre = json_get(input, "preprocess");
+    int64_t total = -1, sum = 0;
+    if (!shape || shape->type != JSON_ARRAY || shape->count != 1 || json_int(&shape->items[0], &total) != 0 || total < 1 ||
+        (pre && (!json_str(pre) || strcmp(pre->string, "none") != 0)))
+        return fail(c, "input", "of a Dict observation is not one flat vector (shape [total], preprocess none)", "");
+    char at[240];
+    for (size_t i = 0; i < keys->count; i++) {
+        const json *k = &keys->items[i];
+        snprintf(at, sizeof at, "input.keys[%zu]", i);
+        if (is(c, k, JSON_OBJECT, at) != 0) return -1;
+        const char *name = json_str(json_get(k, "name"));
+        if (!name || !name[0] || strlen(name) > MAX_NAME)
+            return fail(c, at, "has no name (a string of 1 to 200 bytes)", "");
+        for (size_t j = 0; j < i; j++)
+            if (strcmp(name, json_str(json_get(&keys->items[j], "name"))) == 0) return fail(c, at, "repeats the key ", name);
+        const json *ks = json_get(k, "shape"), *dtype = json_get(k, "dtype"), *kp = json_get(k, "preprocess");
+        const json *norm = json_get(k, "normalize");
+        snprintf(at, sizeof at, "input.keys[%zu].shape", i);
+        if (is(c, ks, JSON_ARRAY, at) != 0) return -1;
+        if (ks->count < 1) return fail(c, at, "is empty", "");
+        int64_t size = 1;
+        for (size_t d = 0; d < ks->count; d++) {
+            int64_t v;
+            if (integer(c, &ks->items[d], at, 1, MAX_VALUES, &v) != 0) return -1;
+            size *= v;
+            if (size > MAX_VALUES) return fail(c, at, "holds more than 2^20 values", "");
+        }
+        sum += size;
+        snprintf(at, sizeof at, "input.keys[%zu].dtype", i);
+        int known = dtype == NULL;
+        for (size_t t = 0; dtype && dtypes[t]; t++) known |= json_str(dtype) && strcmp(dtype->string, dtypes[t]) == 0;
+        if (!known) return fail(c, at, "is not a real dtype (float32, int64, uint8, bool, ...)", "");
+        snprintf(at, sizeof at, "input.keys[%zu].preprocess", i);
+        if (kp && (!json_str(kp) || strcmp(kp->string, "none") != 0)) return fail(c, at, "is not none", "");
+        snprintf(at, sizeof at, "input.keys[%zu].normalize", i);
+        if (norm && is(c, norm, JSON_BOOL, at) != 0) return -1;
+    }
+    if (sum != total) return fail(c, "input.keys", "hold a number of values other than the observation shape's", "");
+    return 0;
+}
+
 int bitrl_check_manifest(const char *path, const json *m) {
     checker c = {path, NULL, 0};
     int rc = check_target(&c, json_get(m, "target"));
     if (rc == 0) rc = is(&c, json_get(m, "input"), JSON_OBJECT, "input");
+    if (rc == 0) rc = check_input_keys(&c, json_get(m, "input"));
     if (rc == 0) rc = is(&c, json_get(m, "output"), JSON_OBJECT, "output");
     if (rc == 0) rc = is(&c, json_get(json_get(m, "output"), "kind"), JSON_STRING, "output.kind");
     if (rc == 0) rc = check_params(&c, json_get(m, "params"));

@@ -1,0 +1,333 @@
+"""Dict observations (issue 17): SB3 MultiInputPolicy policies (CombinedExtractor: each key flattened, concatenated
+in the Dict space's order) trained here on a Dict version of CartPole, compiled, and run with act(dict) in Python
+and from C through the documented flat layout (bitrl_input_key); per-key VecNormalize statistics folded into one
+vector; wrong dicts and bad key lists refused in one line by both readers."""
+
+import ctypes
+import hashlib
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from gymnasium import spaces
+
+from bitrl_compile import pipeline, reference
+from bitrl_compile.cli.compile import inspect_cmd
+from bitrl_compile.devices.capi import capi_flags
+from bitrl_compile.frontends import load_policy
+from bitrl_compile.loaded import ModelLoadError
+from bitrl_compile.runtime import ArtifactError, load
+from bitrl_compile.runtime.policy import check_observations, normalization, normalize, prepare_observations
+
+torch.set_num_threads(1)
+
+
+class DictCartPole(gym.ObservationWrapper):
+    """CartPole-v1 whose observation is {"position": [x, theta], "velocity": [x_dot, theta_dot]}: a real task with a
+    Dict observation of two Box keys (gymnasium sorts them: position, velocity)."""
+
+    def __init__(self, env=None):
+        super().__init__(env or gym.make("CartPole-v1"))
+        low, high = self.env.observation_space.low, self.env.observation_space.high
+        self.observation_space = spaces.Dict({
+            "velocity": spaces.Box(low[[1, 3]], high[[1, 3]], dtype=np.float32),
+            "position": spaces.Box(low[[0, 2]], high[[0, 2]], dtype=np.float32)})
+
+    def observation(self, obs):
+        return {"position": obs[[0, 2]].astype(np.float32), "velocity": obs[[1, 3]].astype(np.float32)}
+
+
+def _flat(obs: dict) -> np.ndarray:
+    return np.concatenate([obs["position"], obs["velocity"]], axis=-1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """PPO trained inside a VecNormalize (every key normalised), DQN without; both compiled for the host."""
+    from stable_baselines3 import DQN, PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    folder = tmp_path_factory.mktemp("dict")
+    venv = VecNormalize(DummyVecEnv([DictCartPole]), norm_reward=False)
+    ppo = PPO("MultiInputPolicy", venv, n_steps=64, batch_size=32, n_epochs=1, seed=0,
+              policy_kwargs={"net_arch": [32, 32]})
+    ppo.learn(128)
+    ppo.save(folder / "ppo.zip")
+    venv.save(folder / "vecnormalize.pkl")
+    dqn = DQN("MultiInputPolicy", DictCartPole(), learning_starts=16, buffer_size=1000, batch_size=16, seed=0,
+              policy_kwargs={"net_arch": [32, 32]})
+    dqn.learn(64)
+    dqn.save(folder / "dqn.zip")
+    ppo_loaded = load_policy(folder / "ppo.zip", vecnormalize=folder / "vecnormalize.pkl", trust_pickle=True)
+    with pytest.warns(UserWarning, match="probably trained on VecNormalize-d observations"):  # PPO's, beside it
+        dqn_loaded = load_policy(folder / "dqn.zip")
+    return SimpleNamespace(folder=folder, ppo=ppo, venv=venv, dqn=dqn, ppo_loaded=ppo_loaded, dqn_loaded=dqn_loaded,
+                           ppo_art=pipeline.compile_policy(ppo_loaded, "host", folder / "ppo.bitrl"),
+                           dqn_art=pipeline.compile_policy(dqn_loaded, "host", folder / "dqn.bitrl"))
+
+
+@pytest.fixture(scope="module")
+def observations() -> dict:
+    """64 Dict observations of seeded DictCartPole rollouts, as a batch {key: [64, 2]}."""
+    env = DictCartPole()
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    rows = []
+    while len(rows) < 64:
+        rows.append(obs)
+        obs, _, terminated, truncated, _ = env.step(int(rng.integers(2)))
+        if terminated or truncated:
+            obs, _ = env.reset(seed=len(rows))
+    return {key: np.stack([r[key] for r in rows]) for key in ("position", "velocity")}
+
+
+def test_the_manifest_names_the_keys_and_folds_the_statistics(runs):
+    spec = runs.ppo_art.manifest["input"]
+    assert spec["kind"] == "dict" and spec["shape"] == [4] and spec["preprocess"] == "none"
+    assert [(k["name"], k["shape"], k["dtype"], k["normalize"]) for k in spec["keys"]] == \
+        [("position", [2], "float32", True), ("velocity", [2], "float32", True)]
+    rms = runs.venv.obs_rms
+    np.testing.assert_array_equal(spec["normalize"]["mean"], np.concatenate([rms["position"].mean,
+                                                                             rms["velocity"].mean]))
+    assert spec["normalize"]["clip"] == 10.0 and "MultiInput policy (keys position, velocity)" in \
+        runs.ppo_loaded.description
+    assert not runs.dqn_art.manifest["input"]["normalize"]
+    result = CliRunner().invoke(inspect_cmd, [str(runs.ppo_art.path)])
+    assert result.exit_code == 0, result.output
+    assert "key 'position'           [2]          float32  values [0, 2), normalised" in result.output
+    assert "key 'velocity'           [2]          float32  values [2, 4), normalised" in result.output
+
+
+def test_fp32_module_equals_sb3_and_the_artifact_equals_the_reference(runs, observations):
+    # the fp32 LoadedPolicy module on the flat layout is SB3's own network on the Dict: bit for bit
+    ppo = runs.ppo
+    sb3_obs = runs.venv.normalize_obs(observations)
+    with torch.no_grad():
+        tensors, _ = ppo.policy.obs_to_tensor(sb3_obs)
+        latent = ppo.policy.mlp_extractor.forward_actor(ppo.policy.extract_features(tensors,
+                                                                                    ppo.policy.pi_features_extractor))
+        logits = ppo.policy.action_net(latent)
+        mine = runs.ppo_loaded.module(torch.from_numpy(_flat(sb3_obs)))
+    assert torch.equal(mine, logits)
+    np.testing.assert_array_equal(mine.argmax(-1).numpy(), ppo.predict(sb3_obs, deterministic=True)[0])
+    with torch.no_grad():
+        q = runs.dqn_loaded.module(torch.from_numpy(_flat(observations)))
+    np.testing.assert_array_equal(q.argmax(-1).numpy(), runs.dqn.predict(observations, deterministic=True)[0])
+    # the ternary artifact on the raw Dict: the network on numpy's flat, normalised input, bit for bit; the numpy
+    # reference bit for bit where the network has no tanh (DQN's ReLU), within TVM's tanh otherwise (PPO)
+    for art in (runs.ppo_art, runs.dqn_art):
+        spec = art.manifest["input"]
+        x, _ = prepare_observations(spec, observations, normalization(spec))
+        expected = np.asarray(reference.run(art.quantized, x), np.float32)
+        with load(art.path) as policy:
+            out = policy.forward(observations)
+            np.testing.assert_array_equal(out, policy._call_vm("main", x))
+            if art is runs.dqn_art:
+                np.testing.assert_array_equal(out, expected)
+            else:
+                np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-7)
+            np.testing.assert_array_equal(policy.act(observations), expected.argmax(-1))
+            first = {key: value[0] for key, value in observations.items()}
+            assert policy.act(first) == expected[0].argmax()
+            np.testing.assert_array_equal(policy.forward(_flat(observations)), out)  # flat arrays still work
+            assert policy.act(observations, deterministic=False, rng=np.random.default_rng(0)).shape == (64,)
+
+
+def test_per_key_normalisation_is_sb3s_and_the_flat_paths(runs, observations, tmp_path):
+    spec = runs.ppo_loaded.input
+    flat = _flat(observations)
+    mine = normalize(flat, normalization(spec))
+    # SB3's VecNormalize computes in float64 and rounds once; the runtime in float32
+    np.testing.assert_allclose(mine, _flat(runs.venv.normalize_obs(observations)), rtol=2e-6, atol=2e-6)
+    # the same statistics given for the flat vector (the existing path): bit for bit
+    rms = runs.venv.obs_rms
+    stats = {"mean": np.concatenate([rms["position"].mean, rms["velocity"].mean]).tolist(),
+             "var": np.concatenate([rms["position"].var, rms["velocity"].var]).tolist(), "clip": 10.0,
+             "eps": runs.venv.epsilon}
+    (tmp_path / "flat.json").write_text(json.dumps(stats))
+    flat_spec = load_policy(runs.folder / "ppo.zip", vecnormalize=tmp_path / "flat.json").input
+    np.testing.assert_array_equal(normalize(flat, normalization(flat_spec)), mine)
+    # a key left out of norm_obs_keys passes unchanged (bit for bit) when nothing clips it
+    per_key = {"obs_rms": {"velocity": {"mean": rms["velocity"].mean.tolist(), "var": rms["velocity"].var.tolist()}},
+               "clip_obs": None, "epsilon": 1e-8}
+    (tmp_path / "velocity.json").write_text(json.dumps(per_key))
+    partial = load_policy(runs.folder / "ppo.zip", vecnormalize=tmp_path / "velocity.json").input
+    assert [k["normalize"] for k in partial["keys"]] == [False, True]
+    out = normalize(flat, normalization(partial))
+    np.testing.assert_array_equal(out[:, :2], flat[:, :2])
+    velocity = (flat[:, 2:] - rms["velocity"].mean.astype(np.float32)) / \
+        np.sqrt(rms["velocity"].var.astype(np.float32) + np.float32(1e-8))
+    np.testing.assert_array_equal(out[:, 2:], velocity)
+    # ... and is refused, in one line, when a clip would cut it
+    per_key["clip_obs"] = 10.0
+    (tmp_path / "clipped.json").write_text(json.dumps(per_key))
+    with pytest.raises(ModelLoadError, match="leaves key 'position' unnormalised") as e:
+        load_policy(runs.folder / "ppo.zip", vecnormalize=tmp_path / "clipped.json")
+    assert "\n" not in str(e.value)
+    per_key["obs_rms"]["goal"] = per_key["obs_rms"]["velocity"]
+    (tmp_path / "goal.json").write_text(json.dumps(per_key))
+    with pytest.raises(ModelLoadError, match="key 'goal', which the policy's observation lacks"):
+        load_policy(runs.folder / "ppo.zip", vecnormalize=tmp_path / "goal.json")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"position": [0.0, 0.1]}, "lacks key 'velocity'"),
+    ({"position": [0.0, 0.1], "velocity": [0.0, 0.1], "goal": [1.0]}, "has key 'goal', which this policy does not"),
+    ({"position": [0.0, 0.1, 0.2], "velocity": [0.0, 0.1]}, r"key 'position' has shape \(3,\); this policy expects"),
+    ({"position": np.zeros((3, 2)), "velocity": [0.0, 0.1]}, "'velocity' is one observation but key 'position' is"),
+    ({"position": ["a", "b"], "velocity": [0.0, 0.1]}, "key 'position' must be numeric"),
+    ({"position": [np.nan, 0.1], "velocity": [0.0, 0.1]}, "NaN or Inf"),
+])
+def test_wrong_dicts_are_refused_in_one_line(runs, bad, message):
+    with load(runs.dqn_art.path) as policy:
+        for call in (policy.act, policy.forward):
+            with pytest.raises(ValueError, match=message) as e:
+                call(bad)
+            assert "\n" not in str(e.value)
+    flat_spec = {"shape": [4], "dtype": "float32", "preprocess": "none"}
+    with pytest.raises(ValueError, match="observation is a dict .* this policy takes one array of shape"):
+        check_observations(flat_spec, {"position": [0.0, 0.1]})
+
+
+C_APP = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "bitrl.h"
+/* dict_app policy.bitrl KEY...: each stdin line holds the keys' values in the order KEY...; each key is copied to
+   its place in the flat row (bitrl_input_key), then one action is printed */
+int main(int argc, char **argv) {
+    bitrl_policy *p = bitrl_load(argv[1]);
+    if (!p) { fprintf(stderr, "%s\n", bitrl_last_error()); return 1; }
+    int64_t n = bitrl_input_keys(p), row = bitrl_obs_size(p);
+    for (int64_t i = 0; i < n; i++) {
+        const char *name; int64_t offset, size;
+        if (bitrl_input_key(p, i, &name, &offset, &size) != 0) return 2;
+        printf("key %s %lld %lld\n", name, (long long)offset, (long long)size);
+    }
+    float *obs = calloc((size_t)row, sizeof *obs);
+    char line[4096];
+    while (fgets(line, sizeof line, stdin)) {
+        char *s = line;
+        for (int a = 2; a < argc; a++) {
+            int64_t k = 0;
+            for (; k < n; k++) {
+                const char *name; int64_t offset, size;
+                bitrl_input_key(p, k, &name, &offset, &size);
+                if (strcmp(name, argv[a]) != 0) continue;
+                for (int64_t j = 0; j < size; j++) obs[offset + j] = strtof(s, &s);
+                break;
+            }
+            if (k == n) { fprintf(stderr, "no key %s\n", argv[a]); return 3; }
+        }
+        int64_t action;
+        if (bitrl_act(p, obs, 1, &action) != 0) { fprintf(stderr, "%s\n", bitrl_last_error()); return 4; }
+        printf("%lld\n", (long long)action);
+    }
+    free(obs);
+    bitrl_free(p);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def capi(tmp_path_factory):
+    cflags, libs = capi_flags("host")
+    folder = tmp_path_factory.mktemp("dict-capi")
+    (folder / "dict_app.c").write_text(C_APP)
+    subprocess.run(["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", str(folder / "dict_app.c"), "-o",
+                    str(folder / "dict_app"), *cflags, *libs], check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(Path(next(f[2:] for f in libs if f.startswith("-L"))) / "libbitrl.so"))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.bitrl_load.restype, lib.bitrl_load.argtypes = p, [ctypes.c_char_p]
+    lib.bitrl_last_error.restype = ctypes.c_char_p
+    lib.bitrl_input_keys.restype, lib.bitrl_input_keys.argtypes = i64, [p]
+    lib.bitrl_input_key.argtypes = [p, i64, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(i64),
+                                    ctypes.POINTER(i64)]
+    lib.bitrl_free.argtypes = [p]
+    return SimpleNamespace(lib=lib, app=folder / "dict_app")
+
+
+def test_c_api_places_each_key_and_acts_as_python(runs, observations, capi):
+    # the app holds its keys in another order than the manifest's: bitrl_input_key says where each goes
+    lines = "".join(" ".join(f"{v:.9g}" for v in np.concatenate([vel, pos])) + "\n"
+                    for pos, vel in zip(observations["position"], observations["velocity"], strict=True))
+    for art in (runs.ppo_art, runs.dqn_art):
+        out = subprocess.run([str(capi.app), str(art.path), "velocity", "position"], input=lines, text=True,
+                             capture_output=True, check=True).stdout.splitlines()
+        assert out[:2] == ["key position 0 2", "key velocity 2 2"]
+        with load(art.path) as policy:
+            assert [int(a) for a in out[2:]] == policy.act(observations).tolist()
+    handle = capi.lib.bitrl_load(str(runs.dqn_art.path).encode())
+    try:
+        assert capi.lib.bitrl_input_keys(handle) == 2 and capi.lib.bitrl_input_keys(None) == -1
+        name, offset, size = ctypes.c_char_p(), ctypes.c_int64(), ctypes.c_int64()
+        assert capi.lib.bitrl_input_key(handle, 1, ctypes.byref(name), ctypes.byref(offset), ctypes.byref(size)) == 0
+        assert (name.value, offset.value, size.value) == (b"velocity", 2, 2)
+        assert capi.lib.bitrl_input_key(handle, 2, None, None, None) == -1
+        assert b"key 2 is out of range" in capi.lib.bitrl_last_error()
+    finally:
+        capi.lib.bitrl_free(handle)
+
+
+def _rewrite(src: Path, dst: Path, change) -> Path:
+    """A copy of an artifact with its manifest's input changed and the manifest's hash recomputed."""
+    with zipfile.ZipFile(src) as z:
+        m = json.loads(z.read("manifest.json"))
+        blobs = {n: z.read(n) for n in z.namelist() if n not in ("manifest.json", "manifest.sha256")}
+    change(m["input"])
+    text = json.dumps(m).encode()
+    with zipfile.ZipFile(dst, "w") as z:
+        z.writestr("manifest.json", text)
+        z.writestr("manifest.sha256", hashlib.sha256(text).hexdigest() + "\n")
+        for name, data in blobs.items():
+            z.writestr(name, data)
+    return dst
+
+
+def _set(**fields):
+    return lambda spec: spec.update(fields)
+
+
+def _key(i, **fields):
+    return lambda spec: spec["keys"][i].update(fields)
+
+
+@pytest.mark.parametrize("change", [
+    _set(keys=[]), _set(keys="position"), _set(kind="tuple"), _set(kind="flat"), _key(1, name="position"),
+    _key(0, name=""), _key(0, shape=[3]), _key(0, shape=[0]), _key(0, dtype="complex64"), _key(0, preprocess="image"),
+    _key(0, normalize="yes"), _set(shape=[2, 2]), _key(1, shape="2"), lambda s: s["keys"].append("velocity"),
+], ids=["empty", "not-a-list", "kind", "keys-on-flat", "repeated", "unnamed", "sizes", "zero", "dtype", "image",
+        "normalize", "shape", "key-shape", "not-an-object"])
+def test_a_bad_key_list_is_refused_by_both_readers(runs, capi, tmp_path, change):
+    bad = _rewrite(runs.dqn_art.path, tmp_path / "bad.bitrl", change)
+    with pytest.raises(ArtifactError, match="manifest input") as e:
+        load(bad)
+    assert "\n" not in str(e.value)
+    assert not capi.lib.bitrl_load(str(bad).encode())
+    error = capi.lib.bitrl_last_error().decode()
+    assert "manifest input" in error and "\n" not in error
+
+
+def test_image_keys_and_other_kinds_are_refused_by_name(tmp_path):
+    from bitrl_compile.frontends.sb3 import _dict_spaces
+    from bitrl_compile.frontends.specs import _space_to_specs
+
+    text = "{'camera': Box(0, 255, (16, 16, 3), uint8), 'state': Box(-1.0, 1.0, (3,), float32)}"
+    with pytest.raises(ValueError, match="key 'camera' is an image .* CNN keys come with issue 17's convolutions"):
+        _space_to_specs({"type": "Dict", "keys": _dict_spaces(text, tmp_path)}, "input")
+    with pytest.raises(ValueError, match="key 'goal' is a Discrete\\(3\\) space, which is not supported yet"):
+        _space_to_specs({"type": "Dict", "keys": _dict_spaces("{'goal': Discrete(3)}", tmp_path)}, "input")
+    spec = _space_to_specs({"type": "Dict", "keys": _dict_spaces(
+        "{'big': Box(-1.0, 1.0, (3, 2), float32), \"it's\": MultiBinary(4)}", tmp_path)}, "input")
+    assert spec["shape"] == [10] and [k["name"] for k in spec["keys"]] == ["big", "it's"]
+    with pytest.raises(ModelLoadError, match="cannot read the Dict observation space"):
+        _dict_spaces("{'a': Box(0, 1, (1,), float32)", tmp_path)
