@@ -6,6 +6,9 @@ Activations (per token, i.e. per row of a [batch, K] input):
     s = 127 / max(max(|x|), EPS)       x_q = clip(round(x * s), -128, 127)        (int8)
 BitLinear epilogue, in float32, with a fused multiply-add (one rounding):
     acc = x_q . W_t^T  (int32)         c = gamma / s        y = fma(float32(acc), c, bias)
+BitConv2d (NCHW): the same per sample, one absmax scale over each batch element's whole C x H x W input, the
+weights [O, C, kh, kw] ternarized as the [O, C*kh*kw] matrix they flatten to; acc is the int32 convolution of the
+zero-padded x_q (`bitconv2d_reference`) and the epilogue is BitLinear's per output channel.
 
 `round` is round-half-to-even everywhere (numpy, torch and TVM's `round` agree).
 The compiled kernels compute exactly these float32 operations in this order, so the
@@ -132,6 +135,49 @@ def bitlinear_reference(
     c = (np.asarray(gamma, np.float32)[None, :] / s[:, None]).astype(np.float32)
     b = np.zeros(w_t.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32)
     y = fma_f32(acc.astype(np.float32), c, np.broadcast_to(b[None, :], acc.shape))
+    if return_int:
+        return y, (x_q, s, acc)
+    return y
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_lo: int, pad_hi: int) -> int:
+    """One spatial output size of a convolution (dilation 1)."""
+    return (size + pad_lo + pad_hi - kernel) // stride + 1
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int, int, int]):
+    """The patches of an NCHW x, zero-padded (top, left, bottom, right), as [B * OH * OW, C * KH * KW] rows in (c, i, j)
+    order (how an OIHW weight flattens), and (OH, OW)."""
+    b, c, h, w = x.shape
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = kernel, stride, padding
+    x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    oh, ow = conv_output_size(h, kh, sh, pt, pb), conv_output_size(w, kw, sw, pl, pr)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw][:, :, :oh, :ow]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw), (oh, ow)
+
+
+def bitconv2d_reference(x: np.ndarray, w_t: np.ndarray, gamma: np.ndarray, bias: np.ndarray | None = None,
+                        stride: tuple[int, int] = (1, 1), padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+                        return_int: bool = False):
+    """The BitConv2d op on an NCHW float32 input [B, C, H, W], weights [O, C, kh, kw] as integers (ternary trits,
+    or int8 in [-127, 127] for an int8 layer), gamma [1] or [O], padding (top, left, bottom, right), dilation 1,
+    groups 1. Activations are quantized per sample (`quantize_activations` on the [B, C*H*W] flattening: one
+    absmax scale s[b]), zero-padded after quantization (a padded zero is 0 in int8, the scale is the input's),
+    convolved exactly in int32, then y[b, o] = fma(float32(acc[b, o]), gamma[o] / s[b], bias[o]) (the BitLinear
+    epilogue per output channel). Activation functions are applied by the caller."""
+    x = np.asarray(x, np.float32)
+    b, c, h, w = x.shape
+    o, _, kh, kw = w_t.shape
+    pt, pl, pb, pr = padding
+    x_q, s = quantize_activations(x.reshape(b, -1))
+    patches, (oh, ow) = im2col(x_q.reshape(b, c, h, w), (kh, kw), stride, padding)
+    acc = int_matmul(patches, w_t.reshape(o, -1)).reshape(b, oh, ow, o).transpose(0, 3, 1, 2)
+    x_q = np.pad(x_q.reshape(b, c, h, w), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    g = np.broadcast_to(np.asarray(gamma, np.float32).reshape(-1), (o,))
+    scale = (g[None, :] / s[:, None]).astype(np.float32)[:, :, None, None]
+    bias = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32)
+    y = fma_f32(acc.astype(np.float32), np.broadcast_to(scale, acc.shape), np.broadcast_to(
+        bias[None, :, None, None], acc.shape))
     if return_int:
         return y, (x_q, s, acc)
     return y

@@ -9,6 +9,10 @@ layer that `legalize_bitlinear` turns into one kernel with the epilogue (rescale
 activation) inside it. A value that has other users besides the add or activation (ELU, SiLU, GELU,
 Mish read the linear's output twice) is left alone: folding would leave the unfused op for the other
 users and compute the layer twice.
+
+The same for convolutions (passes/bitconv_op.py): Relax gives a Conv2d's bias as the add of a [1, O, 1, 1]
+constant (or of a reshape of an [O] constant to that shape), folded into bitconv2d's bias; an activation on the
+convolution's output is folded in the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from bitrl_compile.quant import FUSABLE_ACTIVATIONS
 
-from . import bitlinear_op
+from . import bitconv_op, bitlinear_op
 
 _RELAX_OPS = {"relu": "relax.nn.relu", "tanh": "relax.tanh", "sigmoid": "relax.sigmoid"}
 _ACTIVATIONS = {_RELAX_OPS[a]: a for a in FUSABLE_ACTIVATIONS if a != "none"}  # Relax op name -> fused activation
@@ -92,6 +96,47 @@ def _fold_activation(call, m, bl):
     return bitlinear_op.make(op.x, op.w, op.gamma, op.bias, act, op.layout, op.k, call.ty)
 
 
+def _conv_bias(expr, n: int) -> np.ndarray | None:
+    """A per-output-channel constant added to an NCHW output with O = n channels: of shape [O, 1, 1] or
+    [1, O, 1, 1] (right-aligned, only the channel dimension not 1), possibly a reshape of a constant; as [O]."""
+    shape = [int(d) for d in expr.ty.shape]
+    if len(shape) < 3 or len(shape) > 4 or shape[-3] != n or any(d != 1 for i, d in enumerate(shape)
+                                                                   if i != len(shape) - 3):
+        return None
+    if isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.reshape")):
+        expr = expr.args[0]
+    value = bitlinear_op.constant_value(expr)
+    return None if value is None or value.dtype != np.float32 or value.size != n else value.reshape(-1)
+
+
+def _fuse_conv(func: relax.Function) -> relax.Function:
+    """Fold the bias add and then the activation that follow a bitconv2d into it."""
+    conv = bitconv_op.pattern()
+    bias = wildcard()
+    add = is_op("relax.add")(conv, bias) | is_op("relax.add")(bias, conv)
+    act = is_op("relax.nn.relu")(conv) | is_op("relax.tanh")(conv) | is_op("relax.sigmoid")(conv)
+    shared: list[relax.Expr] = []
+
+    def fold_bias(call, m):
+        op = bitconv_op.parse(m[conv])
+        b = _conv_bias(m[bias], int(op.w.ty.shape[0]))
+        if _is_shared(m[conv], shared) or op.activation != "none" or b is None:
+            return call
+        new_bias = (bitlinear_op.constant_value(op.bias) + b).astype(np.float32)
+        return bitconv_op.rebuild(op, call.ty, bias=relax.const(new_bias))
+
+    def fold_activation(call, m):
+        op = bitconv_op.parse(m[conv])
+        if _is_shared(m[conv], shared) or op.activation != "none":
+            return call
+        return bitconv_op.rebuild(op, call.ty, activation=_ACTIVATIONS[call.op.name])
+
+    shared[:] = _shared_values(func)
+    func = rewrite_call(add, fold_bias, func)
+    shared[:] = _shared_values(func)
+    return rewrite_call(act, fold_activation, func)
+
+
 @tvm.transform.module_pass(opt_level=0, name="bitrl.FuseBitLinear")
 def fuse_bitlinear(mod, _ctx):
     mod = mod.clone()  # passes are functional: never mutate the caller's module
@@ -116,5 +161,5 @@ def fuse_bitlinear(mod, _ctx):
             func = rewrite_call(add, fold_bias, func)
             shared[:] = _shared_values(func)
             func = rewrite_call(act, fold_activation, func)
-            mod[gv] = func
+            mod[gv] = _fuse_conv(func)
     return mod

@@ -12,6 +12,10 @@ records its schedule in the attribute "bitrl.schedule" (JSON; `kernel_schedules`
 Int8 layers (layout "q8", mixed precision) become call_tir to the int8 kernel of targets/int8_kernels.py (one
 per (K, N, activation), default schedule, ISA "int8-<the target's>"); their weights stay int8 [N, K] and are
 stored as they are (not in `weight_params`).
+
+Convolutions (passes/bitconv_op.py, any layout) become call_tir to targets/conv_kernels.py (one kernel per geometry,
+input size, output channels, activation and scale kind; ISA "conv-<the target's>"), on the input flattened to
+[B, C*H*W]; their weights are int8 [C, KH, KW, O] (trits, or int8 for "q8"), stored as they are.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from bitrl_compile import layouts
 from bitrl_compile.runtime import weights
-from bitrl_compile.targets import int8_kernels, kernel_spec, kernels
+from bitrl_compile.targets import conv_kernels, int8_kernels, kernel_spec, kernels
 
-from . import bitlinear_op
+from . import bitconv_op, bitlinear_op
 
 
 @mutator
@@ -46,7 +50,8 @@ class _Legalizer(PyExprMutator):
         call = super().visit_call_(call)
         op = bitlinear_op.parse(call)
         if op is None:
-            return call
+            conv = bitconv_op.parse(call)
+            return call if conv is None else self._conv(conv, call)
         if op.layout == bitlinear_op.Q8:
             return self._int8(op, call)
         if op.layout != "2bit":
@@ -81,6 +86,22 @@ class _Legalizer(PyExprMutator):
             func = int8_kernels.int8_kernel(op.k, n, op.activation, self.spec).with_attr("global_symbol", name)
             self.kernels[name] = self.builder_.add_func(func, name)
         return self._call(self.kernels[name], op, op.w, n, call)
+
+    def _conv(self, op, call):
+        w = bitconv_op.constant_value(op.w)
+        if w is None:
+            raise ValueError("legalize_bitlinear needs constant convolution weights")
+        n = int(op.w.ty.shape[0])
+        batch, _, h, width = op.x.ty.shape
+        hw = (int(h), int(width))
+        per_channel = int(op.gamma.ty.shape[0]) > 1
+        name = conv_kernels.conv_kernel_name(op.geometry, hw, n, op.activation, per_channel)
+        if name not in self.kernels:
+            func = conv_kernels.conv_kernel(op.geometry, hw, n, op.activation, per_channel, self.spec)
+            self.kernels[name] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+        w = relax.const(conv_kernels.kernel_weights(bitconv_op.weight_matrix(w, op.layout, op.geometry)))
+        flat = self.builder_.emit(relax.op.reshape(op.x, (batch, op.geometry.channels * hw[0] * hw[1])))
+        return relax.call_tir(self.kernels[name], [flat, w, op.gamma, op.bias], call.ty)
 
     def _call(self, kernel, op, w, n, call):
         """call_tir of a kernel on [rows, K]: [..., K] inputs (token sequences) are flattened and reshaped back."""
@@ -141,7 +162,7 @@ def weight_params(mod, func_name: str = "main") -> dict[str, dict]:
         attrs = kernel.attrs if kernel.attrs is not None else {}
         if "bitrl.weight_layout" not in attrs or not isinstance(expr.args[1].fields[1], relax.Var):
             return
-        if str(attrs["bitrl.weight_layout"]) == int8_kernels.LAYOUT:  # int8 weights are stored as they are
+        if str(attrs["bitrl.weight_layout"]) in (int8_kernels.LAYOUT, conv_kernels.LAYOUT):  # stored as they are
             return
         w = expr.args[1].fields[1]
         for param in func.params:

@@ -8,6 +8,11 @@ constants. Matches `matmul(x, permute_dims(W))` (torch.nn.Linear via torch.expor
 tokens: each row is quantized on its own). Bias and activation are
 folded in afterwards by `fuse_bitlinear`. Matmuls with non-constant operands stay float.
 
+Convolutions: `relax.nn.conv2d(x, W)` with a constant float [O, C, KH, KW] weight (NCHW / OIHW, dilation 1,
+groups 1) becomes `bitrl.bitconv2d(x, W_t:int8, gamma, zeros(O), "none", "int8", geometry)` (passes/bitconv_op.py),
+gamma the absmean of the [O, C*KH*KW] flattening, per tensor or per output channel as for linears; other
+convolutions are a ValueError naming the convolution (pipeline refuses them earlier, by module name).
+
 Mixed precision: `int8_layers` (0-based indices into main's BitLinear layers in binding order, the manifest's
 "layers" order; negative indices count from the end, -1 is the last) are quantized to int8 instead
 (`quant.quantize_weight_int8`, per output channel) and emitted with layout "q8". An index the network does not
@@ -23,7 +28,7 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from bitrl_compile import quant
 
-from . import bitlinear_op
+from . import bitconv_op, bitlinear_op
 
 
 def _ternary_call(x, w: np.ndarray, per_channel: bool, out_type):
@@ -39,13 +44,38 @@ def _int8_call(op, w: np.ndarray, out_type):
                              op.k, out_type)
 
 
+def _conv_call(call, x, w: np.ndarray, per_channel: bool):
+    """bitrl.bitconv2d for a relax.nn.conv2d by the constant float weight `w`, or a ValueError naming it."""
+    a = call.attrs
+    where = f"conv2d {tuple(int(d) for d in w.shape)} with stride {[int(v) for v in a.strides]}"
+    if [int(v) for v in a.dilation] != [1, 1] or int(a.groups) != 1:
+        raise ValueError(f"{where}: dilation {[int(v) for v in a.dilation]} and groups {int(a.groups)} are not "
+                         "supported (dilation 1 and groups 1 only); replace the layer in the policy")
+    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+        raise ValueError(f"{where}: layouts {a.data_layout}/{a.kernel_layout} are not supported (NCHW/OIHW only)")
+    pad = [int(v) for v in a.padding]
+    pad = pad * 2 if len(pad) == 2 else pad
+    geometry = bitconv_op.Geometry(int(w.shape[1]), (int(w.shape[2]), int(w.shape[3])),
+                                   tuple(int(v) for v in a.strides), tuple(pad))
+    w_t, gamma = quant.ternarize_weight(w.reshape(w.shape[0], -1), per_channel=per_channel)
+    zeros = np.zeros(w.shape[0], np.float32)
+    return bitconv_op.make(x, relax.const(w_t.reshape(w.shape)), relax.const(gamma), relax.const(zeros), "none",
+                           "int8", geometry, call.ty)
+
+
+def _int8_conv_call(op, w: np.ndarray, out_type):
+    w_q, scale = quant.quantize_weight_int8(w)
+    return bitconv_op.rebuild(op, out_type, w=relax.const(w_q.reshape([int(d) for d in op.w.ty.shape])), gamma=relax.const(scale),
+                              layout=bitconv_op.Q8)
+
+
 def layer_weights(func: relax.Function, emitted: list) -> list[np.ndarray]:
-    """The float weight of each BitLinear call of `func` in binding order, by its trit constant in `emitted`
-    ([(constant, float weight)] as the rewrite made them)."""
+    """The float weight of each BitLinear or BitConv2d call of `func` in binding order ([O, C*KH*KW] for a
+    convolution), by its trit constant in `emitted` ([(constant, float weight)] as the rewrite made them)."""
     out = []
     for block in func.body.blocks:
         for binding in block.bindings:
-            op = bitlinear_op.parse(binding.value)
+            op = bitlinear_op.parse(binding.value) or bitconv_op.parse(binding.value)
             if op is not None:
                 out.extend(w for const, w in emitted if const.same_as(op.w))
     return out
@@ -56,8 +86,9 @@ def resolve_layers(indices, count: int) -> set[int]:
     chosen = set()
     for i in indices:
         if not -count <= int(i) < count:
-            raise ValueError(f"int8 layer {i} does not exist: the policy has {count} linear layer(s), 0 to "
-                             f"{count - 1}; pass indices in that range, 'first', 'last' or 'auto' to --int8-layers")
+            raise ValueError(f"int8 layer {i} does not exist: the policy has {count} linear layer(s) (convolutions "
+                             f"counted), 0 to {count - 1}; pass indices in that range, 'first', 'last' or 'auto' "
+                             "to --int8-layers")
         chosen.add(int(i) % count)
     return chosen
 
@@ -90,6 +121,18 @@ def ternarize(per_channel: bool = False, int8_layers=()):
         # parameters a float copy of every weight until the pass ends would be 8 GB (bench/bitnet_scale.py)
         return new
 
+    conv_x, conv_w = wildcard(), is_const()
+    conv = is_op("relax.nn.conv2d")(conv_x, conv_w)
+
+    def rewrite_conv(call, m):
+        weight = m[conv_w].value.numpy()
+        if weight.ndim != 4 or not np.issubdtype(weight.dtype, np.floating) or m[conv_x].ty.ndim != 4:
+            return call
+        flat = weight.reshape(weight.shape[0], -1)
+        new = _conv_call(call, m[conv_x], weight, per_channel)
+        emitted.append((new.args[2], flat if int8_layers else None))
+        return new
+
     emitted: list = []
 
     @tvm.transform.module_pass(opt_level=0, name="bitrl.Ternarize")
@@ -99,17 +142,23 @@ def ternarize(per_channel: bool = False, int8_layers=()):
             if isinstance(func, relax.Function):
                 func = rewrite_call(linear, rewrite, func)
                 func = rewrite_call(plain, rewrite, func)
+                func = rewrite_call(conv, rewrite_conv, func)
                 mod[gv] = func
         if int8_layers and "main" in [gv.name_hint for gv in mod.functions]:
             weights = layer_weights(mod["main"], emitted)
             chosen = [weights[i] for i in sorted(resolve_layers(int8_layers, len(weights)))]
 
             def to_int8(call, _m):
-                op = bitlinear_op.parse(call)
+                op = bitlinear_op.parse(call) or bitconv_op.parse(call)
                 found = [w for const, w in emitted if const.same_as(op.w)]
-                return _int8_call(op, found[0], call.ty) if found and any(found[0] is w for w in chosen) else call
+                if not (found and any(found[0] is w for w in chosen)):
+                    return call
+                if isinstance(op, bitconv_op.BitConvCall):
+                    return _int8_conv_call(op, found[0], call.ty)
+                return _int8_call(op, found[0], call.ty)
 
             mod["main"] = rewrite_call(bitlinear_op.pattern(), to_int8, mod["main"])
+            mod["main"] = rewrite_call(bitconv_op.pattern(), to_int8, mod["main"])
         emitted.clear()
         return mod
 

@@ -28,10 +28,10 @@ import tvm
 from tvm import te
 from tvm import tirx as T
 
-from bitrl_compile.quant import EPS, FUSABLE_ACTIVATIONS, QMAX
+from bitrl_compile.quant import FUSABLE_ACTIVATIONS
 
 from . import KernelSpec, kernel_spec
-from .kernels import PARALLEL_MIN_WORK, activate
+from .kernels import PARALLEL_MIN_WORK, activate, quantize_value, row_scales, schedule_row_scales
 
 LAYOUT = "q8"  # the weights' layout: int8 [N, K], as stored (passes/bitlinear_op.py)
 MAX_LANES = 64
@@ -62,15 +62,8 @@ def int8_primfunc(k: int, n: int, activation: str = "none", spec: KernelSpec | N
     gamma = te.placeholder((n,), "float32", name="gamma")
     bias = te.placeholder((n,), "float32", name="bias")
 
-    vl = spec.vector if k % spec.vector == 0 and k > spec.vector else 1
-    r = te.reduce_axis((0, k // vl), name="r")
-    amax_lanes = te.compute((batch, vl), lambda b, v: te.max(te.abs(x[b, r * vl + v]), axis=r), name="amax_lanes")
-    rv = te.reduce_axis((0, vl), name="rv")
-    amax = te.compute((batch,), lambda b: te.max(amax_lanes[b, rv], axis=rv), name="amax")
-    scale = te.compute((batch,), lambda b: T.const(float(QMAX), "float32") /
-                       T.max(amax[b], T.const(float(EPS), "float32")), name="scale")
-    x_q = te.compute((batch, k), lambda b, i: T.Cast("int8", T.max(T.min(
-        T.round(x[b, i] * scale[b]), T.const(127.0, "float32")), T.const(-128.0, "float32"))), name="x_q")
+    scale = row_scales(x, batch, k, spec)
+    x_q = te.compute((batch, k), lambda b, i: quantize_value(x[b, i], scale[b]), name="x_q")
 
     lanes = acc_lanes(k, spec)
     rk = te.reduce_axis((0, k // lanes), name="rk")
@@ -93,13 +86,7 @@ def apply_schedule(sch, spec: KernelSpec) -> None:
     """The hand-written schedule of an int8_primfunc (in `sch`, a tvm.s_tir.Schedule)."""
     func = sch.mod["main"]
     k, n = int(func.attrs["bitrl.k"]), int(func.attrs["bitrl.n"])
-    blk = sch.get_sblock("amax_lanes")
-    _, lane, red = sch.get_loops(blk)
-    if int(sch.get(lane).extent) > 1:
-        sch.reorder(red, lane)
-        sch.vectorize(lane)
-        init = sch.decompose_reduction(blk, red)
-        sch.vectorize(sch.get_loops(init)[-1])
+    schedule_row_scales(sch)
     _, i = sch.get_loops(sch.get_sblock("x_q"))
     if k % spec.vector == 0:
         sch.vectorize(sch.split(i, [None, spec.vector])[1])

@@ -63,6 +63,31 @@ def activate(y, activation: str):
     return y
 
 
+def row_scales(x, batch, k: int, spec: KernelSpec):
+    """The activation scale of each row of x [batch, k] (te): 127 / max(max_k |x[b, k]|, eps), the max as `lanes`
+    partial maxima (block "amax_lanes", vectorised by `schedule_row_scales`) and then their max."""
+    lanes = spec.vector if k % spec.vector == 0 and k > spec.vector else 1
+    r = te.reduce_axis((0, k // lanes), name="r")
+    amax_lanes = te.compute((batch, lanes), lambda b, v: te.max(te.abs(x[b, r * lanes + v]), axis=r),
+                            name="amax_lanes")
+    rv = te.reduce_axis((0, lanes), name="rv")
+    amax = te.compute((batch,), lambda b: te.max(amax_lanes[b, rv], axis=rv), name="amax")
+    return te.compute((batch,), lambda b: T.const(float(QMAX), "float32") /
+                      T.max(amax[b], T.const(float(EPS), "float32")), name="scale")
+
+
+def quantize_value(value, scale):
+    """One activation as int8: clip(round(value * scale), -128, 127) (quant.quantize_activations)."""
+    return T.Cast("int8", T.max(T.min(T.round(value * scale), T.const(127.0, "float32")),
+                                T.const(-128.0, "float32")))
+
+
+def schedule_row_scales(sch) -> None:
+    """Vectorise the partial maxima of `row_scales` (when there is more than one lane)."""
+    if int(sch.get(sch.get_loops(sch.get_sblock("amax_lanes"))[1]).extent) > 1:
+        _vectorize_lanes(sch, "amax_lanes")
+
+
 def kernel_name(k: int, n: int, activation: str, per_channel: bool) -> str:
     return f"bitrl_bitlinear_k{k}_n{n}_{activation}{'_pc' if per_channel else ''}"
 
@@ -83,20 +108,12 @@ def bitlinear_primfunc(k: int, n: int, activation: str = "none", per_channel: bo
     gamma = te.placeholder((n if per_channel else 1,), "float32", name="gamma")
     bias = te.placeholder((n,), "float32", name="bias")
 
-    lanes = spec.vector if k % spec.vector == 0 and k > spec.vector else 1
-    r = te.reduce_axis((0, k // lanes), name="r")  # per row: `lanes` partial maxima, then their max
-    amax_lanes = te.compute((batch, lanes), lambda b, v: te.max(te.abs(x[b, r * lanes + v]), axis=r),
-                            name="amax_lanes")
-    rv = te.reduce_axis((0, lanes), name="rv")
-    amax = te.compute((batch,), lambda b: te.max(amax_lanes[b, rv], axis=rv), name="amax")
-    scale = te.compute((batch,), lambda b: T.const(float(QMAX), "float32") /
-                       T.max(amax[b], T.const(float(EPS), "float32")), name="scale")
+    scale = row_scales(x, batch, k, spec)
 
     def quantize(b, i, q, j):
         idx = i * (4 * kg) + q * kg + j
         value = x[b, T.min(idx, k - 1)] if kp != k else x[b, idx]  # the clamp keeps padded lanes in bounds
-        v = T.Cast("int8", T.max(T.min(T.round(value * scale[b]), T.const(127.0, "float32")),
-                                 T.const(-128.0, "float32")))
+        v = quantize_value(value, scale[b])
         return T.if_then_else(idx < k, v, T.const(0, "int8")) if kp != k else v
 
     x_q = te.compute((batch, kb_x, 4, kg), quantize, name="x_q")
@@ -271,8 +288,7 @@ def apply_schedule(sch, spec: KernelSpec, knobs: Knobs = DEFAULT_KNOBS) -> None:
         raise ValueError(f"knobs {knobs} do not divide the kernel's {nt} tiles x {kb_extent} K steps")
     vl = spec.vector
 
-    if int(sch.get(sch.get_loops(sch.get_sblock("amax_lanes"))[1]).extent) > 1:
-        _vectorize_lanes(sch, "amax_lanes")
+    schedule_row_scales(sch)
     if spec.method == "lut":
         sch.vectorize(sch.get_loops(sch.get_sblock("lut_v0"))[-1])  # one loop nest writes both tables
     else:

@@ -672,7 +672,7 @@ def _pt2(name: str) -> Path:
         elif name == "batch-from-2":
             module, dynamic = actor(2), {"input": {0: torch.export.Dim("batch", min=2, max=64)}}
         else:
-            module = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+            module = nn.Sequential(nn.Conv2d(1, 4, 3, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
             x = torch.zeros(2, 1, 8, 8)
         folder = Path(tempfile.mkdtemp(prefix="bitrl-bad-"))
         program = torch.export.export(module.eval(), (x,), dynamic_shapes=dynamic)
@@ -845,8 +845,8 @@ CASES = [
     Case("forward returns a tuple", "formats", _compile_pt2("two-heads"), CliExit, "returns a tuple", 1),
     Case(".pt2 whose batch must be >= 2", "formats", _compile_pt2("batch-from-2"), CliExit,
          "accepts batches of 2 or more", 1),
-    Case("Conv2d policy (refused at compile)", "formats", _compile_pt2("conv2d"), CliExit,
-         "is not supported yet", 1),
+    Case("dilated Conv2d policy (refused at compile)", "formats", _compile_pt2("conv2d"), CliExit,
+         "dilation [2, 2] and groups 1 (used in module 0", 1),
     Case("artifact that disagrees with the numpy reference (a compiler bug: not written)", "formats",
          disagrees_with_reference, pipeline.CompilerBug, "nothing was written", code=3),
     Case("stock BitNet folder of another architecture (`model_type` llama)", "BitNet checkpoint",

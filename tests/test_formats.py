@@ -197,15 +197,16 @@ def test_pt2_whose_batch_cannot_be_one_is_refused(tmp_path):
 # ---------------------------------------------------------------- what cannot run is refused at compile
 
 def test_conv_layers_are_refused_at_compile_naming_the_op(tmp_path):
+    """Conv2d compiles (tests/test_bitconv.py); a Conv1d is refused, naming the op, from torch and from ONNX."""
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 2)).eval()
-    torch.export.save(torch.export.export(cnn, (torch.zeros(2, 1, 16, 16),), dynamic_shapes=DYNAMIC),
-                      tmp_path / "cnn.pt2")
-    with pytest.raises(pipeline.CompileError, match=r"Conv2d \(conv2d.default, .*is not supported yet: the "
+    cnn = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14, 2)).eval()
+    torch.export.save(torch.export.export(cnn, (torch.zeros(2, 1, 16),), dynamic_shapes=DYNAMIC),
+                      tmp_path / "cnn1d.pt2")
+    with pytest.raises(pipeline.CompileError, match=r"Conv1d \(conv1d.default, .*is not supported yet: the "
                                                     r"compiled artifact would not run; see issue 17"):
-        pipeline.compile_policy(load_policy(tmp_path / "cnn.pt2"), "host", tmp_path / "cnn.bitrl")
-    torch.onnx.export(cnn, (torch.zeros(1, 1, 16, 16),), str(tmp_path / "cnn.onnx"), dynamo=False)
-    with pytest.raises(pipeline.CompileError, match=r"ONNX Conv .*is not supported yet"):
+        pipeline.compile_policy(load_policy(tmp_path / "cnn1d.pt2"), "host", tmp_path / "cnn.bitrl")
+    torch.onnx.export(cnn, (torch.zeros(1, 1, 16),), str(tmp_path / "cnn.onnx"), dynamo=False)
+    with pytest.raises(pipeline.CompileError, match=r"ONNX Conv .*kernel \[3\]\) is not supported yet"):
         pipeline.compile_policy(load_policy(tmp_path / "cnn.onnx"), "host", tmp_path / "cnn.bitrl")
     assert not (tmp_path / "cnn.bitrl").exists()
 

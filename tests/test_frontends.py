@@ -142,9 +142,8 @@ def test_sb3_image_observations_are_scaled_and_cnn_policies_refused(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (8, 36, 36, 3), dtype=np.uint8)
     x = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
     np.testing.assert_array_equal(act(loaded, x), model.predict(images, deterministic=True)[0])
-    PPO("CnnPolicy", ImageEnv(), seed=0).save(tmp_path / "cnn.zip")
-    with pytest.raises(ModelLoadError, match="CNN policies.*not supported yet"):
-        load_policy(tmp_path / "cnn.zip")
+    PPO("CnnPolicy", ImageEnv(), seed=0).save(tmp_path / "cnn.zip")  # loads (tests/test_bitconv.py): the env's HWC
+    assert load_policy(tmp_path / "cnn.zip").input["shape"] == [36, 36, 3]
 
 
 def _rewrite_zip(src: Path, dst: Path, **members: bytes) -> Path:

@@ -1,0 +1,106 @@
+"""Stable-Baselines3 `CnnPolicy` (NatureCNN) for PPO, A2C and DQN: the features extractor rebuilt from policy.pth.
+
+SB3's NatureCNN is `cnn` = Conv2d(C, 32, 8, stride 4), ReLU, Conv2d(32, 64, 4, 2), ReLU, Conv2d(64, 64, 3, 1), ReLU,
+Flatten and `linear` = Linear(n_flatten, features_dim), ReLU; the state_dict holds its weights under
+`features_extractor.` (PPO/A2C; `pi_features_extractor.` is the same module) or `q_net.features_extractor.` (DQN).
+Strides are not in a state_dict: the kernel sizes 8, 4, 3 identify NatureCNN and give them; other CNNs (custom
+extractors) are refused by name.
+
+Images: SB3 wraps an environment whose images are channels-last (H, W, C: gymnasium's image envs, Atari, MiniGrid)
+in VecTransposeImage and saves the transposed space (C, H, W). The artifact takes what the environment gives: its
+input is (H, W, C) and the module transposes to (C, H, W) first; `config={"image_layout": "chw"}` keeps (C, H, W)
+for an environment that is channels-first already. /255 is the input spec's preprocess "image" (SB3's
+normalize_images), compiled into the artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitrl_compile.frontends.specs import _check_finite
+from bitrl_compile.loaded import ModelLoadError
+
+NATURE_KERNELS = ((8, 4), (4, 2), (3, 1))  # NatureCNN's (kernel size, stride) per conv layer: cnn.0, cnn.2, cnn.4
+PREFIXES = ("pi_features_extractor.", "features_extractor.", "q_net.features_extractor.")
+
+
+class SB3CnnPolicy(nn.Module):
+    """[B, H, W, C] (or [B, C, H, W]) images -> the head's output: transpose, NatureCNN, its linear, the head."""
+
+    def __init__(self, cnn: nn.Sequential, linear: nn.Sequential, head: nn.Module, channels_last: bool):
+        super().__init__()
+        self.cnn, self.linear, self.head, self.channels_last = cnn, linear, head, channels_last
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return self.head(self.linear(self.cnn(x)))
+
+
+def extractor_prefix(sd: dict) -> str | None:
+    """The state_dict prefix of the policy's CNN features extractor, or None for an MLP policy."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix + "cnn.") for k in sd):
+            return prefix
+    return None
+
+
+def _tensor(sd: dict, key: str, ndim: int, path: Path) -> torch.Tensor:
+    t = sd.get(key)
+    if not isinstance(t, torch.Tensor) or t.ndim != ndim or not t.is_floating_point():
+        raise ModelLoadError(f"{path}: policy.pth lacks {key} (a {ndim}-D float tensor): not SB3's NatureCNN; "
+                             "save the model again with stable-baselines3")
+    _check_finite({key: t}, path)
+    return t
+
+
+def nature_cnn(sd: dict, prefix: str, path: Path) -> tuple[nn.Sequential, nn.Sequential, int]:
+    """(cnn, linear, features_dim) with the weights of the NatureCNN under `prefix`."""
+    convs = sorted({k[len(prefix) + 4:].split(".")[0] for k in sd if k.startswith(prefix + "cnn.")}, key=int)
+    if convs != ["0", "2", "4"]:
+        raise ModelLoadError(f"{path}: the features extractor has layers cnn.{', cnn.'.join(convs)}, not NatureCNN's "
+                             "cnn.0, cnn.2, cnn.4: custom CNN extractors are not supported (their strides are not in "
+                             "the file); use SB3's CnnPolicy default")
+    layers: list[nn.Module] = []
+    for index, (kernel, stride) in zip(convs, NATURE_KERNELS):
+        w = _tensor(sd, f"{prefix}cnn.{index}.weight", 4, path)
+        b = _tensor(sd, f"{prefix}cnn.{index}.bias", 1, path)
+        if tuple(w.shape[2:]) != (kernel, kernel) or (layers and w.shape[1] != layers[-2].out_channels):
+            raise ModelLoadError(f"{path}: {prefix}cnn.{index}.weight has shape {tuple(w.shape)}, not NatureCNN's "
+                                 f"{kernel}x{kernel} kernel on the previous layer's channels; a custom CNN "
+                                 "extractor is not supported")
+        conv = nn.Conv2d(w.shape[1], w.shape[0], kernel, stride)
+        conv.weight.data.copy_(w)
+        conv.bias.data.copy_(b)
+        layers += [conv, nn.ReLU()]
+    w = _tensor(sd, f"{prefix}linear.0.weight", 2, path)
+    b = _tensor(sd, f"{prefix}linear.0.bias", 1, path)
+    linear = nn.Linear(w.shape[1], w.shape[0])
+    linear.weight.data.copy_(w)
+    linear.bias.data.copy_(b)
+    return nn.Sequential(*layers, nn.Flatten()), nn.Sequential(linear, nn.ReLU()), int(w.shape[0])
+
+
+def cnn_policy(sd: dict, prefix: str, input_spec: dict, head: nn.Module, cfg: dict, path: Path) -> nn.Module:
+    """The whole policy on the environment's images; `input_spec` (the saved, channels-first space's) is changed to
+    the (H, W, C) the environment gives unless `cfg["image_layout"]` is "chw"."""
+    if len(input_spec["shape"]) != 3:
+        raise ModelLoadError(f"{path}: a CnnPolicy on observations of shape {input_spec['shape']}; NatureCNN takes "
+                             "images (C, H, W)")
+    layout = str(cfg.get("image_layout", "hwc")).lower()
+    if layout not in ("hwc", "chw"):
+        raise ModelLoadError(f"{path}: config \"image_layout\" is {layout!r}; give \"hwc\" (the environment's images "
+                             "are channels-last, SB3 transposed them) or \"chw\"")
+    cnn, linear, _ = nature_cnn(sd, prefix, path)
+    c, h, w = input_spec["shape"]
+    with torch.no_grad():
+        n_flatten = cnn(torch.zeros(1, c, h, w)).shape[1]
+    if linear[0].in_features != n_flatten:
+        raise ModelLoadError(f"{path}: NatureCNN's linear layer takes {linear[0].in_features} features but the "
+                             f"convolutions give {n_flatten} on {c}x{h}x{w} images; the file does not match its space")
+    if layout == "hwc":
+        input_spec["shape"] = [h, w, c]
+    return SB3CnnPolicy(cnn, linear, head, layout == "hwc").eval()

@@ -1,0 +1,125 @@
+"""TensorIR BitConv2d kernels: the math of `quant.bitconv2d_reference` as a direct convolution on int8.
+
+One PrimFunc per (geometry, input size, output channels, activation, scale kind), symbolic in the batch:
+
+    x[B, C*H*W] f32 (the NCHW input, flat: legalize_bitlinear reshapes it), w[C, KH, KW, O] i8 (trits, or int8 in
+    [-127, 127] for an int8 layer; output channels contiguous), gamma[G] f32, bias[O] f32 -> y[B, O, OH, OW] f32
+
+    amax[b]            = max_i |x[b, i]|                   per sample (vectorised: partial maxima over lanes)
+    scale[b]           = 127 / max(amax[b], eps)
+    x_q[b, c, hp, wp]  = int8(clip(round(x * scale), -128, 127)) inside, 0 in the padding
+    acc[b, oh, ow, o]  = sum_{c,i,j} x_q[b, c, oh*SH+i, ow*SW+j] * w[c, i, j, o]   int32 (int16 products: exact,
+                                                                                  |x_q * w| <= 128 * 127)
+    y[b, o, oh, ow]    = act(fma(f32(acc), gamma[o] / scale[b], bias[o]))   (`kernels.activate`)
+
+Schedule (every ISA: LLVM vectorises, no tensor intrinsic yet): per output row, blocks of OW_BLOCK output
+positions x O_BLOCK channels are accumulated in registers over the whole reduction, the channels innermost (one
+weight vector load serves the block's positions; a broadcast x_q value times it); rows (and samples) are split
+across threads when a layer is large enough (kernels.PARALLEL_MIN_WORK, as the BitLinear kernels).
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import te
+from tvm import tirx as T
+
+from bitrl_compile.quant import FUSABLE_ACTIVATIONS
+
+from . import KernelSpec, kernel_spec
+from .kernels import PARALLEL_MIN_WORK, activate, quantize_value, row_scales, schedule_row_scales
+
+LAYOUT = "cikko"  # the kernel's weights: int8 [C, KH, KW, O], stored as they are (not base-3)
+OW_BLOCK = 4      # output positions per register block
+O_BLOCK = 16      # output channels per register block (int32 lanes)
+
+
+def conv_kernel_name(geometry, hw: tuple[int, int], o: int, activation: str, per_channel: bool) -> str:
+    kh, kw = geometry.kernel
+    pads = "_".join(str(p) for p in geometry.padding)
+    return (f"bitrl_bitconv_c{geometry.channels}_{hw[0]}x{hw[1]}_o{o}_k{kh}x{kw}_s{geometry.stride[0]}x"
+            f"{geometry.stride[1]}_p{pads}_{activation}{'_pc' if per_channel else ''}")
+
+
+def kernel_weights(w):
+    """Integer weights [O, C, KH, KW] (numpy) in the kernel's layout [C, KH, KW, O]."""
+    return w.transpose(1, 2, 3, 0).copy()
+
+
+def conv_primfunc(geometry, hw: tuple[int, int], o: int, activation: str = "none", per_channel: bool = False,
+                  spec: KernelSpec | None = None, batch: int | None = None):
+    """The unscheduled BitConv2d PrimFunc (`geometry`: passes.bitconv_op.Geometry, `hw` the input's H, W)."""
+    if activation not in FUSABLE_ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} not fusable; expected one of {FUSABLE_ACTIVATIONS}")
+    spec = spec or kernel_spec(None)
+    c, (h, w_), (kh, kw), (sh, sw) = geometry.channels, hw, geometry.kernel, geometry.stride
+    pt, pl, pb, pr = geometry.padding
+    oh, ow = geometry.output_hw(h, w_)
+    size = c * h * w_
+    batch = T.Var("batch", "int64") if batch is None else T.const(batch, "int64")
+    x = te.placeholder((batch, size), "float32", name="x")
+    w = te.placeholder((c, kh, kw, o), "int8", name="w")
+    gamma = te.placeholder((o if per_channel else 1,), "float32", name="gamma")
+    bias = te.placeholder((o,), "float32", name="bias")
+
+    scale = row_scales(x, batch, size, spec)  # one scale per sample: the whole C x H x W input is its row
+
+    def quantize(b, ci, hp, wp):
+        hi, wi = hp - pt, wp - pl
+        inside = T.all(hi >= 0, hi < h, wi >= 0, wi < w_)
+        # the clamps keep the padding's (discarded) reads in bounds
+        value = x[b, ci * (h * w_) + T.max(T.min(hi, h - 1), 0) * w_ + T.max(T.min(wi, w_ - 1), 0)]
+        return T.if_then_else(inside, quantize_value(value, scale[b]), T.const(0, "int8"))
+
+    x_q = te.compute((batch, c, h + pt + pb, w_ + pl + pr), quantize, name="x_q")
+    rc, ri, rj = te.reduce_axis((0, c), "rc"), te.reduce_axis((0, kh), "ri"), te.reduce_axis((0, kw), "rj")
+    acc = te.compute(
+        (batch, oh, ow, o),
+        lambda b, y, z, n: te.sum(T.Cast("int32", T.Cast("int16", x_q[b, rc, y * sh + ri, z * sw + rj])
+                                           * T.Cast("int16", w[rc, ri, rj, n])), axis=[rc, ri, rj]),
+        name="acc")
+
+    def epilogue(b, n, y, z):
+        g = gamma[n] if per_channel else gamma[0]
+        return activate(T.op.fma(T.Cast("float32", acc[b, y, z, n]), g / scale[b], bias[n]), activation)
+
+    out = te.compute((batch, o, oh, ow), epilogue, name="y")
+    func = te.create_prim_func([x, w, gamma, bias, out])
+    return func.with_attrs({"bitrl.activation": activation, "bitrl.isa": f"conv-{spec.isa}",
+                            "bitrl.weight_layout": LAYOUT, "bitrl.n": o, "bitrl.k": geometry.k,
+                            "bitrl.work": geometry.k * o * oh * ow})
+
+
+def apply_schedule(sch, spec: KernelSpec) -> None:
+    """The hand-written schedule of a conv_primfunc (in `sch`, a tvm.s_tir.Schedule)."""
+    func = sch.mod["main"]
+    schedule_row_scales(sch)
+
+    acc = sch.get_sblock("acc")
+    b, y, z, n, rc, ri, rj = sch.get_loops(acc)
+    o, ow = int(sch.get(n).extent), int(sch.get(z).extent)
+    z_o, z_i = sch.split(z, [None, min(OW_BLOCK, ow)])
+    n_o, n_i = sch.split(n, [None, O_BLOCK]) if o % O_BLOCK == 0 else (None, n)
+    outer = [b, y, z_o] + ([n_o] if n_o is not None else [])
+    sch.reorder(*outer, rc, ri, rj, z_i, n_i)
+    local = sch.cache_write(acc, 0, "local")  # the block's accumulators: registers
+    sch.reverse_compute_at(local, outer[-1])
+    if int(func.attrs["bitrl.work"]) >= PARALLEL_MIN_WORK:
+        sch.parallel(sch.fuse(b, y))
+    sch.unroll(z_i)
+    sch.vectorize(n_i)
+    sch.vectorize(sch.get_loops(sch.decompose_reduction(acc, rc))[-1])
+    sch.vectorize(sch.get_loops(local)[-1])
+
+
+def conv_kernel(geometry, hw: tuple[int, int], o: int, activation: str = "none", per_channel: bool = False,
+                spec: KernelSpec | None = None):
+    """The scheduled BitConv2d kernel for a target's kernel spec, with its manifest schedule record."""
+    spec = spec or kernel_spec(None)
+    sch = tvm.s_tir.Schedule(conv_primfunc(geometry, hw, o, activation, per_channel, spec))
+    apply_schedule(sch, spec)
+    schedule = {"schedule": "default", "knobs": {"ow_block": OW_BLOCK, "o_block": O_BLOCK},
+                "reason": "convolution (one hand-written schedule)"}
+    return sch.mod["main"].with_attr("bitrl.schedule", json.dumps(schedule, sort_keys=True))
