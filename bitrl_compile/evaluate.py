@@ -39,11 +39,36 @@ def _install_hint(e: BaseException) -> str:
     return f'{prefix}pip install "gymnasium[{extra.group(1)}]"'
 
 
+class RecurrentActor:
+    """The `act` evaluate() takes, for a recurrent policy (input spec "recurrent"): one observation at a time,
+    the policy's state carried between steps and started afresh with every episode (evaluate calls reset())."""
+
+    def __init__(self, policy, **act_kwargs):
+        self.policy, self.kwargs = policy, act_kwargs
+        self.reset()
+
+    def reset(self) -> None:
+        self.state, self.start = None, True
+
+    def __call__(self, obs):
+        action, self.state = self.policy.act(obs, self.state, self.start, **self.kwargs)
+        self.start = False
+        return action
+
+
+def actor(policy, **act_kwargs) -> Callable:
+    """evaluate()'s `act` for any PolicyLike: policy.act, or a RecurrentActor for a recurrent policy."""
+    if policy.manifest["input"].get("recurrent"):
+        return RecurrentActor(policy, **act_kwargs)
+    return lambda obs: policy.act(obs, **act_kwargs)
+
+
 def evaluate(act: Callable, env_id: str, episodes: int, seed: int = 0, progress: bool = False,
              record: list | None = None) -> tuple[list[float], int]:
     """Returns (episode returns, total steps). Episode i is reset with seed + i.
 
-    `record`, when given, receives every observation the policy saw (for action-agreement checks).
+    `record`, when given, receives every observation the policy saw (for action-agreement checks). An `act` with a
+    reset() method (a recurrent policy's: `actor`) is reset at the start of every episode.
     """
     env = make_env(env_id)
     returns, steps = [], 0
@@ -57,6 +82,8 @@ def evaluate(act: Callable, env_id: str, episodes: int, seed: int = 0, progress:
     try:
         for i in episodes_iter:
             obs, _ = env.reset(seed=seed + i)
+            if hasattr(act, "reset"):  # a recurrent policy's actor: its state starts the episode afresh
+                act.reset()
             total, done = 0.0, False
             while not done:
                 if record is not None:

@@ -27,6 +27,9 @@ original fp32 policy visits in its environment.
     compile_hook(loaded, env_id, ...)     what `pipeline.compile_policy(measure=...)` calls before writing, so the
                                           manifest carries "fidelity" (runtime/manifest.py checks its fields)
     describe(record), warning(record)     the lines compile and inspect print
+    Recurrent, in_order                   a recurrent policy (input "recurrent") measured the same way: each side
+                                          steps the visited states in order with its own state, reset where the
+                                          original's episodes start
 
 Work layer, beside the pipeline: imports the reference, the floor (evaluate) and the runtime.
 """
@@ -49,6 +52,54 @@ MAX_STATES = 2000
 CHUNK = 512  # observations per call of the ternary policy
 
 Forward = Callable[[np.ndarray], np.ndarray]  # a batch of raw observations -> the network's raw outputs
+
+
+class Recurrent:
+    """A recurrent policy as a Forward: one observation at a time ([1, ...]), its state carried from call to call.
+    `reset()`, called where an episode begins (visited_states, evaluate), makes the next call start one.
+    step(obs [1, ...], state [1, S], episode_start [1]) -> (raw output, next state)."""
+
+    def __init__(self, step: Callable, state_size: int):
+        self.step, self.size = step, int(state_size)
+        self.reset()
+
+    def reset(self) -> None:
+        self.state, self.start = np.zeros((1, self.size), np.float32), np.ones(1, np.float32)
+
+    def __call__(self, obs) -> np.ndarray:
+        obs = np.asarray(obs)
+        if len(obs) != 1:
+            raise ValueError(f"a recurrent policy steps one observation at a time, not {len(obs)}")
+        out, state = self.step(obs, self.state, self.start)
+        self.state, self.start = np.asarray(state, np.float32).reshape(1, -1), np.zeros(1, np.float32)
+        return np.asarray(out, np.float32).reshape(1, -1)
+
+
+def in_order(forward: Forward, states: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """`forward` on visited states: one batch, or for a recurrent policy one state after the other, reset where
+    an episode starts (its state then is what its own earlier steps made it)."""
+    if not isinstance(forward, Recurrent):
+        return forward(states)
+    outs = []
+    for obs, start in zip(states, starts):
+        if start:
+            forward.reset()
+        outs.append(forward(obs[None]))
+    return np.concatenate(outs)
+
+
+class _Act:
+    """What evaluate() calls per step: the env's action from `forward`; reset() at every episode's start."""
+
+    def __init__(self, spec: dict, forward: Forward):
+        self.spec, self.forward = spec, forward
+
+    def __call__(self, obs):
+        return _env_action(self.spec, self.forward(np.asarray(obs)[None]))
+
+    def reset(self) -> None:
+        if isinstance(self.forward, Recurrent):
+            self.forward.reset()
 
 
 @dataclass
@@ -147,6 +198,14 @@ def original_forward(loaded) -> Forward:
         import torch
 
         module = loaded.module.eval()
+        if spec.get("recurrent"):
+            def step(obs, state, start):
+                x, _ = prepare_observations(spec, obs, norm)
+                with torch.no_grad():
+                    out, nxt = module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x, state, start)))
+                return out.numpy(), nxt.numpy()
+
+            return Recurrent(step, spec["recurrent"]["state_size"])
 
         def forward(obs):
             x, _ = prepare_observations(spec, obs, norm)
@@ -186,6 +245,12 @@ def artifact_forward(manifest: dict, members: dict[str, bytes], quantized, outpu
             out = np.asarray(reference.run(quantized, x), np.float32)
             return out.reshape(len(x), -1)
 
+        def step_reference(obs, state, start):
+            x, _ = prepare_observations(spec, obs, norm)
+            return reference.run(quantized, x, state, start)
+
+        if spec.get("recurrent"):
+            return Recurrent(step_reference, spec["recurrent"]["state_size"]), "reference", lambda: None
         return forward_reference, "reference", lambda: None
     manifest = json.loads(art.manifest_bytes(manifest))
     params, _ = safetensors_np.loads(members[art.PARAMS])
@@ -199,6 +264,8 @@ def artifact_forward(manifest: dict, members: dict[str, bytes], quantized, outpu
         return np.concatenate([np.asarray(policy.forward(obs[i:i + step]), np.float32).reshape(
             len(obs[i:i + step]), -1) for i in range(0, len(obs), step)])
 
+    if spec.get("recurrent"):
+        return Recurrent(policy.forward, spec["recurrent"]["state_size"]), "artifact", policy.close
     return forward_artifact, "artifact", policy.close
 
 
@@ -213,19 +280,28 @@ def visited_states(forward: Forward, output_spec: dict, env_id: str, rollouts: i
                    max_states: int = MAX_STATES, seed: int = 0) -> np.ndarray:
     """The observations of `rollouts` deterministic episodes of the policy (reset seeds seed + i), at most
     max_states of them."""
+    return visited(forward, output_spec, env_id, rollouts, max_states, seed)[0]
+
+
+def visited(forward: Forward, output_spec: dict, env_id: str, rollouts: int = ROLLOUTS,
+            max_states: int = MAX_STATES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`visited_states` and, per state, whether an episode starts there."""
     env = make_env(env_id)
-    states = []
+    states, starts = [], []
     try:
         for i in range(rollouts):
             obs, _ = env.reset(seed=seed + i)
-            done = False
+            if isinstance(forward, Recurrent):
+                forward.reset()
+            done, first = False, True
             while not done and len(states) < max_states:
+                starts.append(first)
                 states.append(np.array(obs, copy=True))
                 obs, _, terminated, truncated, _ = env.step(_env_action(output_spec, forward(np.asarray(obs)[None])))
-                done = terminated or truncated
+                done, first = terminated or truncated, False
     finally:
         env.close()
-    return np.stack(states)
+    return np.stack(states), np.asarray(starts, bool)
 
 
 def stakes(output_spec: dict, fp32: np.ndarray) -> np.ndarray | None:
@@ -296,10 +372,11 @@ class Baseline:
     episodes: int = 0
     ret_fp32: float | None = None
     ret_random: float | None = None
+    starts: np.ndarray | None = None  # per state, whether an episode starts there (recurrent policies reset)
 
 
-def _act(spec: dict, forward: Forward):
-    return lambda obs: _env_action(spec, forward(np.asarray(obs)[None]))
+def _act(spec: dict, forward: Forward) -> _Act:
+    return _Act(spec, forward)
 
 
 def _check_kind(spec: dict) -> None:
@@ -314,8 +391,9 @@ def baseline(loaded, env_id: str, *, episodes: int = 0, seed: int = 0, rollouts:
     spec = loaded.output
     _check_kind(spec)
     fp32 = fp32 or original_forward(loaded)
-    states = visited_states(fp32, spec, env_id, rollouts, max_states, seed)
-    base = Baseline(env=env_id, seed=seed, states=states, outputs=fp32(states), episodes=episodes)
+    states, starts = visited(fp32, spec, env_id, rollouts, max_states, seed)
+    base = Baseline(env=env_id, seed=seed, states=states, outputs=in_order(fp32, states, starts),
+                    episodes=episodes, starts=starts)
     if episodes:
         space = make_env(env_id).action_space
         space.seed(seed)
@@ -338,7 +416,7 @@ def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", 
         raise ValueError(f"the baseline was measured on {base.env} (seed {base.seed}, {base.episodes} episodes), "
                          f"not {env_id} (seed {seed}, {episodes} episodes)")
     result = Fidelity(env=env_id, states=len(base.states), engine=engine, kind=spec["kind"],
-                      **compare(spec, ternary(base.states), base.outputs))
+                      **compare(spec, in_order(ternary, base.states, base.starts), base.outputs))
     if episodes:
         result.episodes = episodes
         result.ret = float(np.mean(evaluate(_act(spec, ternary), env_id, episodes, seed)[0]))

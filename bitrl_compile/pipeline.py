@@ -65,14 +65,18 @@ def to_relax(loaded):
         from tvm.relax.frontend.onnx import from_onnx
 
         for node in loaded.onnx_model.graph.node:
-            if node.op_type in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"):
-                raise CompileError(f"ONNX {node.op_type} (node {node.name or node.output[0]!r}) is not supported yet: "
-                                   f"the compiled artifact would not run; {_NOT_YET}")
+            kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [0, 0])
+            if node.op_type in ("ConvTranspose", "ConvInteger", "QLinearConv") or (node.op_type == "Conv"
+                                                                                  and len(kernel) != 2):
+                raise CompileError(f"ONNX {node.op_type} (node {node.name or node.output[0]!r}, kernel {kernel}) is "
+                                   f"not supported yet: the compiled artifact would not run; {_NOT_YET}")
         try:
             mod = from_onnx(loaded.onnx_model, keep_params_in_input=False)
         except Exception as e:
             raise CompileError(f"ONNX import failed: {_first_line(e)}") from e
-        return mod
+        from bitrl_compile.passes.bitconv_op import bound_batch
+
+        return bound_batch(mod, None)  # unbounded as imported; a convolutional policy: a bound its buffers fit
     import torch
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -84,7 +88,12 @@ def to_relax(loaded):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.export's internal deprecations
-            ep = torch.export.export(loaded.module.eval(), (example,), dynamic_shapes=({0: batch},))
+            examples = (example,)
+            recurrent = loaded.input.get("recurrent")  # forward(obs, state, episode_start) -> (output, next state)
+            if recurrent:
+                examples += (torch.zeros((2, int(recurrent["state_size"]))), torch.zeros(2))
+            ep = torch.export.export(loaded.module.eval(), examples,
+                                     dynamic_shapes=tuple({0: batch} for _ in examples))
     except Exception as e:
         if "Constraints violated" in str(e):  # e.g. a program exported for batches up to some bound
             raise CompileError(f"torch.export could not capture the policy for batches 1..{max_batch or 'any'} "
@@ -95,7 +104,7 @@ def to_relax(loaded):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return from_exported_program(ep, unwrap_unit_return_tuple=True)
+            mod = from_exported_program(ep, unwrap_unit_return_tuple=True)
     except Exception as e:
         msg = str(e)
         ops = re.findall(r"Unsupported function types? \[?([^\]\n]+)", msg)
@@ -104,23 +113,35 @@ def to_relax(loaded):
             raise CompileError(f"cannot lower op(s) {', '.join(names)} to TVM (used {_where(ep, names)}); "
                                "replace them in the policy or file an issue") from e
         raise CompileError(f"TVM could not import the exported program: {_first_line(e)}") from e
+    from bitrl_compile.passes.bitconv_op import bound_batch
+
+    return bound_batch(mod, max_batch)  # a convolutional policy: a bound its buffers fit (passes/bitconv_op.py)
 
 
-_NOT_YET = "see issue 17 (ternary convolutions) and the README's format table"
-_CONVOLUTIONS = {"conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d", "conv_transpose1d": "ConvTranspose1d",
+_NOT_YET = "see issue 17 and the README's format table"
+_CONVOLUTIONS = {"conv1d": "Conv1d", "conv3d": "Conv3d", "conv_transpose1d": "ConvTranspose1d",
                  "conv_transpose2d": "ConvTranspose2d", "conv_transpose3d": "ConvTranspose3d",
                  "convolution": "a convolution", "_convolution": "a convolution"}
 
 
 def _refuse_not_yet_supported(ep) -> None:
-    """Convolutions import into TVM but the artifact cannot run them yet (static buffers for the largest batch
-    exhaust memory, and neither the kernels nor the reference handle them): refused here, by name."""
+    """Convolutions other than Conv2d (dilation 1, groups 1: passes/bitconv_op.py) import into TVM but neither the
+    kernels nor the reference handle them: refused here, by name and module."""
     for node in ep.graph_module.graph.nodes:
         name = str(getattr(node.target, "__name__", node.target))
-        if node.op == "call_function" and name.split(".")[0] in _CONVOLUTIONS:
-            base = name.split(".")[0]
+        base = name.split(".")[0]
+        if node.op != "call_function":
+            continue
+        if base in _CONVOLUTIONS:
             raise CompileError(f"{_CONVOLUTIONS[base]} ({name}, used {_where(ep, [base])}) is not supported yet: "
                                f"the compiled artifact would not run; {_NOT_YET}")
+        if base == "conv2d":  # aten.conv2d(input, weight, bias, stride, padding, dilation, groups)
+            args = list(node.args) + [None] * 7
+            dilation, groups = args[5] or [1, 1], args[6] or 1
+            if any(int(d) != 1 for d in dilation) or int(groups) != 1:
+                raise CompileError(f"Conv2d with dilation {list(dilation)} and groups {groups} (used "
+                                   f"{_where(ep, [base])}) is not supported: only dilation 1 and groups 1 compile "
+                                   "to ternary convolutions; replace the layer")
 
 
 def _where(ep, op_names: list[str]) -> str:
@@ -259,21 +280,28 @@ def bitlinear_layers(mod) -> list[dict]:
     kind, bits per weight, zero fraction (`compile_policy` adds the stored weight bytes)."""
     from tvm import relax
 
-    from bitrl_compile.passes import bitlinear_op
+    from bitrl_compile.passes import bitconv_op, bitlinear_op
 
     layers = []
     for block in mod["main"].body.blocks:
         for binding in block.bindings:
-            op = bitlinear_op.parse(binding.value) if isinstance(binding.value, relax.Call) else None
-            if op is None:
+            value = binding.value if isinstance(binding.value, relax.Call) else None
+            op = value is not None and (bitlinear_op.parse(value) or bitconv_op.parse(value))
+            if not op:
                 continue
+            conv, k = isinstance(op, bitconv_op.BitConvCall), op.k
             n = int(op.w.ty.shape[0])
             per_channel = int(op.gamma.ty.shape[0]) > 1
             w = bitlinear_op.constant_value(op.w)
-            trits = layouts.unpack_2bit(w, op.k) if op.layout == "2bit" else w
+            trits = layouts.unpack_2bit(w, k) if op.layout == "2bit" else w
             int8 = op.layout == bitlinear_op.Q8
-            layers.append({"name": f"bitlinear{len(layers)}", "index": len(layers), "in": op.k, "out": n,
-                           "shape": [n, op.k], "precision": "int8" if int8 else "ternary",
+            if conv:  # kernel / stride / padding (top, left, bottom, right), e.g. "8x8/4 p0,0,0,0"
+                g = op.geometry
+                extra = {"op": "conv2d", "conv": f"{g.kernel[0]}x{g.kernel[1]}/{g.stride[0]}x{g.stride[1]} p"
+                                                   + ",".join(str(p) for p in g.padding)}
+            layers.append({"name": f"{'bitconv' if conv else 'bitlinear'}{len(layers)}", "index": len(layers),
+                           **(extra if conv else {}), "in": k, "out": n,
+                           "shape": [n, k], "precision": "int8" if int8 else "ternary",
                            "activation": op.activation, "layout": op.layout,
                            "scale": "per_channel" if per_channel else "per_tensor",
                            "weight_bits_per_param": 8 if int8 else layouts.bits_per_weight(op.layout),
@@ -289,7 +317,8 @@ def kernel_keys(loaded, per_channel: bool = False) -> list:
     quantized = passes(None, kernel_spec(None), per_channel=per_channel, until=QUANTIZED)(to_relax(loaded))
     layers = bitlinear_layers(quantized)  # all ternary here: the int8 kernels of mixed precision are not tuned
     return list(dict.fromkeys(KernelKey(layer["in"], layer["out"], layer["activation"],
-                                        layer["scale"] == "per_channel") for layer in layers))
+                                        layer["scale"] == "per_channel") for layer in layers
+                                if layer.get("op") != "conv2d"))  # convolutions: one hand-written schedule
 
 
 # ------------------------------------------------------------------------------------ compile
@@ -370,6 +399,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
 
     from bitrl_compile import reference, targets
     from bitrl_compile.passes.legalize_bitlinear import kernel_schedules
+    from bitrl_compile.targets import conv_kernels
     from bitrl_compile.targets import tuning as tuning_db_mod
 
     target = targets.get_target(target_name)
@@ -418,7 +448,9 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     params, weight_layouts = store_weights(lowered, params)
     for layer in layers:  # ternary: stored base-3, unpacked at load into the kernel's tiles; int8: stored as is
         n, k = layer["shape"]
-        if layer["precision"] == "int8":
+        if layer.get("op") == "conv2d":  # convolutions: int8 [C, KH, KW, O], stored as they are
+            layer.update(layout="int8", compute_layout=conv_kernels.LAYOUT, bytes=n * k, weight_bits_per_param=8)
+        elif layer["precision"] == "int8":
             layer.update(layout="int8", compute_layout="q8", bytes=n * k)
         else:
             layer.update(layout="base3", compute_layout=spec.layout, bytes=n * -(-k // 5),

@@ -1,5 +1,6 @@
 """The numpy reference executor: runs a Relax `main` (after ternarize / fuse / pack, before
-legalize) op by op in numpy, with BitLinear computed by `quant.bitlinear_reference`.
+legalize) op by op in numpy, with BitLinear computed by `quant.bitlinear_reference` and BitConv2d by
+`quant.bitconv2d_reference`.
 
 It is the independent oracle every compiled artifact is checked against: it shares no code with
 TVM's lowering or with our TensorIR kernels, only the quantization math. Ops it does not know
@@ -16,7 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from bitrl_compile.passes import bitlinear_op
+from bitrl_compile.passes import bitconv_op, bitlinear_op
 
 
 def _attr(call, name, default=None):
@@ -62,6 +63,18 @@ def _layer_norm(call, x, gamma, beta):
     var = x.var(axis=axes, keepdims=True)
     y = (x - mean) / np.sqrt(var + np.float32(eps))
     return (y * gamma + beta).astype(np.float32)
+
+
+def _conv2d(call, x, w):
+    from bitrl_compile.quant import im2col
+
+    pad = _ints(_attr(call, "padding"))
+    layouts = (str(_attr(call, "data_layout")), str(_attr(call, "kernel_layout")))
+    if _ints(_attr(call, "dilation")) != [1, 1] or int(_attr(call, "groups")) != 1 or layouts != ("NCHW", "OIHW"):
+        raise NotImplementedError("reference executor: conv2d with dilation, groups or layouts other than NCHW/OIHW")
+    patches, (oh, ow) = im2col(x, w.shape[2:], _ints(_attr(call, "strides")), pad * 2 if len(pad) == 2 else pad)
+    y = patches.astype(np.float32) @ w.reshape(w.shape[0], -1).T.astype(np.float32)
+    return y.reshape(x.shape[0], oh, ow, w.shape[0]).transpose(0, 3, 1, 2).astype(np.float32)
 
 
 def _gelu(x):
@@ -111,6 +124,10 @@ def _eval_call(call, args, sizes):
     name = call.op.name
     if name == "relax.call_pure_packed":
         op = bitlinear_op.parse(call)
+        conv = bitconv_op.parse(call) if op is None else None
+        if conv is not None:
+            x, w, gamma, bias = args[1:5]
+            return bitconv_op.reference(x, w, gamma, bias, conv.activation, conv.layout, conv.geometry)
         if op is None:
             raise NotImplementedError(f"reference executor: packed function {call.args[0].global_symbol} "
                                       "is not supported")
@@ -168,6 +185,8 @@ def _eval_call(call, args, sizes):
         return x.reshape(-1)
     if name == "relax.nn.layer_norm":
         return _layer_norm(call, *args)
+    if name == "relax.nn.conv2d":  # the float policy (precision.py measures it): NCHW / OIHW, dilation 1, groups 1
+        return _conv2d(call, *args)
     raise NotImplementedError(f"reference executor: op {name} is not supported")
 
 
@@ -273,6 +292,24 @@ def check_observations(input_spec: dict, n: int, seed: int = 0) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def _state_inputs(input_spec: dict, n: int) -> tuple:
+    """A recurrent policy's check inputs: a state of the size its spec says and a quarter of the rows starting an
+    episode (the reset path); () for other policies."""
+    rec = input_spec.get("recurrent")
+    if not rec:
+        return ()
+    rng = np.random.default_rng(1)
+    state = (0.5 * rng.standard_normal((n, int(rec["state_size"])))).astype(np.float32)
+    return state, (rng.random(n) < 0.25).astype(np.float32)
+
+
+def _with_state(result, extra: tuple) -> tuple:
+    """(output, next state or None) as float32 arrays, from what a policy or the reference returned."""
+    if extra:
+        return np.asarray(result[0], np.float32), np.asarray(result[1], np.float32)
+    return np.asarray(result, np.float32), None
+
+
 def check_artifact(manifest: dict, members: dict[str, bytes], quantized, output) -> str:
     """Run the finished artifact (manifest + members, not yet written) once, in this process, as `runtime.load`
     would open it, and compare it with `run` on the quantized module and its own actions with the numpy
@@ -304,11 +341,13 @@ def check_artifact(manifest: dict, members: dict[str, bytes], quantized, output)
     batch_max = (manifest.get("batch") or {}).get("max") or CHECK_OBSERVATIONS
     obs = check_observations(input_spec, max(1, min(CHECK_OBSERVATIONS, int(batch_max))))
     policy = None
+    extra = _state_inputs(input_spec, len(obs))  # a recurrent policy's (state, episode_start); () otherwise
+    state = expected_state = None
     try:
         policy = Policy(manifest, members[art.LIB], params, str(output))
-        out = np.asarray(policy.forward(obs), np.float32)
-        single = np.asarray(policy.forward(obs[0]), np.float32)
-        actions = np.asarray(policy.act(obs)) if output_spec["kind"] != "features" else None
+        out, state = _with_state(policy.forward(obs, *extra), extra)
+        single, _ = _with_state(policy.forward(obs[0], *(e[0] for e in extra)), extra)
+        actions = _with_state(policy.act(obs, *extra), extra)[0] if output_spec["kind"] != "features" else None
     except Exception as e:  # noqa: BLE001 - whatever the compiled code raises (bad_alloc, a TVM error, ...)
         raise CheckFailed(f"the compiled artifact fails when run ({type(e).__name__}: {_first_line(e)[:200]}); "
                            f"nothing was written to {output}: please report it with the model") from None
@@ -317,7 +356,8 @@ def check_artifact(manifest: dict, members: dict[str, bytes], quantized, output)
             policy.close()
     try:
         x, _ = prepare_observations(input_spec, obs, normalization(input_spec))
-        expected = np.asarray(run(quantized, x), np.float32).reshape(out.shape)
+        expected, expected_state = _with_state(run(quantized, x, *extra), extra)
+        expected = expected.reshape(out.shape)
     except NotImplementedError as e:  # an op the reference does not know: ran, but not compared
         return f"ran the artifact on {len(obs)} observations; not compared with the numpy reference ({e})"
     # one observation: like the reference's row, or like the artifact's own batch row (the batch passed above; one
@@ -326,6 +366,9 @@ def check_artifact(manifest: dict, members: dict[str, bytes], quantized, output)
         (CHECK_MAX_DIFF, CHECK_CLOSE_SHARE)
     problem = _mismatch(out, expected, *tolerance) or (_mismatch(single[None], expected[:1], *tolerance)
                                                        and _mismatch(single[None], out[:1], *tolerance))
+    if problem is None and state is not None:
+        problem = _mismatch(state, expected_state, *tolerance)
+        problem = problem and f"next state: {problem}"
     if problem is None and actions is not None:
         problem = _action_mismatch(output_spec, actions, out)
     if problem:

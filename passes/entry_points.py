@@ -139,7 +139,7 @@ def entry_names(output_spec: dict) -> tuple[str, ...]:
 
 
 def _entry(main: relax.Function, name: str, input_spec: dict, output_spec: dict,
-           values: dict[str, np.ndarray], main_values: list) -> relax.Function:
+           values: dict[str, np.ndarray], main_values: list, recurrent: bool = False) -> relax.Function:
     func = copy_with_new_vars(main)
     x_in = func.params[0]
     batch = x_in.ty.shape[0]
@@ -147,7 +147,8 @@ def _entry(main: relax.Function, name: str, input_spec: dict, output_spec: dict,
     kind = input_spec.get("preprocess", "none")
     obs_shape = [batch] if kind == "onehot" else list(x_in.ty.shape)
     obs = relax.Var("obs", relax.TensorType(obs_shape, "float32"))
-    inputs = [obs]
+    n_main = 3 if recurrent else 1  # main(obs, state, episode_start) of a recurrent policy: both passed through
+    inputs = [obs, *func.params[1:n_main]]
     noise = None
     if name == "sample":
         n = [batch, 1] if output_spec["kind"] == "discrete" else [batch, *(int(d) for d in output_spec["shape"])]
@@ -159,8 +160,14 @@ def _entry(main: relax.Function, name: str, input_spec: dict, output_spec: dict,
     pre = relax.DataflowBlock([*pre.bindings, relax.VarBinding(x_in, x)])
     blocks = [pre, *func.body.blocks]
     result = func.body.body
+    state = None
+    if recurrent:  # main returns (raw output, next state): the entry point returns (its result, next state)
+        state = b.emit(relax.TupleGetItem(result, 1), "state", output=True)
+        result = b.emit(relax.TupleGetItem(result, 0), "out", output=name == "forward")
     if name in ("act", "sample"):
         result = _action(b, result, output_spec, batch, noise)
+    if recurrent:
+        result = b.emit(relax.Tuple([result, state]), "result", output=True)
     post = b.block(last=True)
     if post.bindings:
         blocks.append(post)
@@ -169,23 +176,28 @@ def _entry(main: relax.Function, name: str, input_spec: dict, output_spec: dict,
     attrs["params"] = list(main_values) + [tvm.runtime.tensor(values[v.name]) for v in b.extra]
     attrs["global_symbol"] = name  # public: TVM's passes keep it
     body = relax.SeqExpr(blocks, result)
-    return relax.Function(inputs + list(func.params[1:]) + b.extra, body, result.ty, True,
+    return relax.Function(inputs + list(func.params[n_main:]) + b.extra, body, result.ty, True,
                           tvm.ir.make_node("ir.DictAttrs", **attrs))
 
 
 def entry_points(input_spec: dict, output_spec: dict):
-    """The pass: adds the entry functions of `entry_names(output_spec)` to a module after lift_params."""
+    """The pass: adds the entry functions of `entry_names(output_spec)` to a module after lift_params. A recurrent
+    policy (input spec "recurrent") has main(obs, state, episode_start, params...) -> (raw output, next state);
+    each of its entry points takes (obs, state, episode_start[, noise]) and returns (its result, next state)."""
+    recurrent = bool(input_spec.get("recurrent"))
 
     @tvm.transform.module_pass(opt_level=0, name="bitrl.EntryPoints")
     def _pass(mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
         main = mod["main"]
-        if int(main.attrs["num_input"]) != 1:
-            raise ValueError("entry_points expects main(x, params...) with one input; run lift_params first")
+        expected = 3 if recurrent else 1
+        if int(main.attrs["num_input"]) != expected:
+            raise ValueError(f"entry_points expects main with {expected} input(s) before the parameters, not "
+                             f"{int(main.attrs['num_input'])}; run lift_params first")
         values = {**_norm_params(input_spec), **_bounds(output_spec)}
         main_values = list(main.attrs["params"]) if "params" in main.attrs else []
         mod = mod.clone()
         for name in entry_names(output_spec):
-            mod[name] = _entry(main, name, input_spec, output_spec, values, main_values)
+            mod[name] = _entry(main, name, input_spec, output_spec, values, main_values, recurrent)
         return mod
 
     return _pass
@@ -227,13 +239,23 @@ def plan_of(mod: tvm.IRModule, name: str) -> dict:
             refs[param] = f"param:{param.name}"
     result = func.body.body
     if not isinstance(result, relax.Var):
-        raise NoPlan(f"{name} returns {type(result).__name__}, not one tensor")
+        raise NoPlan(f"{name} returns {type(result).__name__}, not a tensor or a tuple of tensors")
+    results = [result]  # the returned tensors in order: one, or the fields of a returned tuple (recurrent policies)
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            if binding.var.same_as(result) and isinstance(binding.value, relax.Tuple):
+                results = list(binding.value.fields)
+    if not all(isinstance(r, relax.Var) for r in results):
+        raise NoPlan(f"{name} returns a tuple of something other than variables")
+    outputs: dict[int, dict] = {}
     call_tir = tvm.ir.Op.get("relax.call_tir")
     for block in func.body.blocks:
         for binding in block.bindings:
             value = binding.value
             if isinstance(value, relax.Var) and value in refs:  # an alias
                 refs[binding.var] = refs[value]
+                continue
+            if len(results) > 1 and binding.var.same_as(result):  # the returned tuple itself
                 continue
             if not (isinstance(value, relax.Call) and value.op.same_as(call_tir) and len(value.args) == 2):
                 what = value.op.name if isinstance(value, relax.Call) and hasattr(value.op, "name") else \
@@ -247,14 +269,16 @@ def plan_of(mod: tvm.IRModule, name: str) -> dict:
                 if arg not in refs:
                     raise NoPlan(f"{name}: argument {arg} is not an input, parameter or earlier result")
                 args.append(refs[arg])
-            if binding.var.same_as(result):
-                refs[binding.var] = "output:0"
-                spec["outputs"].append({"name": binding.var.name, "dtype": str(out_ty.dtype),
-                                        "shape": _dims(out_ty.shape, batch)})
+            k = next((i for i, r in enumerate(results) if binding.var.same_as(r)), None)
+            if k is not None:
+                refs[binding.var] = f"output:{k}"
+                outputs[k] = {"name": binding.var.name, "dtype": str(out_ty.dtype),
+                              "shape": _dims(out_ty.shape, batch)}
             else:
                 refs[binding.var] = f"buffer:{len(spec['buffers'])}"
                 spec["buffers"].append({"dtype": str(out_ty.dtype), "shape": _dims(out_ty.shape, batch)})
             spec["calls"].append({"func": value.args[0].name_hint, "args": [*args, refs[binding.var]]})
-    if not spec["outputs"]:
+    if len(outputs) != len(results):
         raise NoPlan(f"{name} returns one of its inputs")
+    spec["outputs"] = [outputs[k] for k in range(len(results))]
     return spec

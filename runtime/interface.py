@@ -22,8 +22,10 @@ class PolicyLike(Protocol):
     def forward(self, obs) -> np.ndarray:
         """The network's raw output (logits, Q-values, action mean or features) for one observation or a batch."""
 
-    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None) -> Any:
-        """Action(s) the environment accepts, for one observation or a batch."""
+    def act(self, obs, state=None, episode_start=None, deterministic: bool = True,
+            rng: np.random.Generator | None = None) -> Any:
+        """Action(s) the environment accepts, for one observation or a batch; a recurrent policy's are (actions,
+        next state), given its state and where episodes start. Pass deterministic and rng by keyword."""
 
     def features(self, obs) -> np.ndarray:
         """A backbone's output features; a ValueError for a policy whose output is actions."""

@@ -338,11 +338,28 @@ def _fidelity(value, where: str) -> None:
         _int(record["episodes"], f"{where}.episodes", 1)
 
 
+def _state_io(entry_points: dict, recurrent: dict | None) -> None:
+    """Entry points return one tensor, or take and return the state a recurrent input spec declares."""
+    for name, plan in entry_points.items():
+        ins, outs = plan["inputs"], plan["outputs"]
+        if recurrent is None:
+            if len(outs) != 1:
+                raise _fail(f"entry_points.{name}", f"returns {len(outs)} tensors; only a recurrent policy's entry "
+                            "points return a state (input recurrent)")
+            continue
+        state = ["batch", recurrent["state_size"]]
+        if len(ins) < 3 or ins[1]["shape"] != state or ins[2]["shape"] != ["batch"] or len(outs) != 2 \
+                or outs[1]["shape"] != state or any(t["dtype"] != "float32" for t in (ins[1], ins[2], outs[1])):
+            raise _fail(f"entry_points.{name}", f"does not take (obs, state, episode_start) and return (result, "
+                        f"state) with the {recurrent['state_size']} float32 state values of input recurrent")
+
+
 def _specs(manifest: dict) -> None:
     """runtime/specs.py's checks of input and output, and forward's output width against the output spec."""
     try:
         check_input_spec(manifest.get("input"), "input")
         check_output_spec(manifest.get("output"), "output")
+        _state_io(manifest.get("entry_points") or {}, manifest["input"].get("recurrent"))
         forward = (manifest.get("entry_points") or {}).get("forward")
         if forward is not None:
             shape = forward["outputs"][0]["shape"]  # checked: ["batch", sizes...]

@@ -254,19 +254,25 @@ class Policy:
         self._norm = normalization(self.input_spec)  # for artifacts without entry points
         self._text = self.input_spec.get("preprocess") == "text"
         self._discrete = self.output_spec["kind"] == "discrete"
+        recurrent = self.input_spec.get("recurrent")
+        self.state_size = int(recurrent["state_size"]) if recurrent else 0  # 0: not a recurrent policy
         self._closed = False
 
     # ---------------------------------------------------------------- inference
 
     def _call(self, entry: str, *inputs: np.ndarray) -> np.ndarray:
         """Run entry point `entry` on [B, ...] inputs; its output, owned by the caller."""
+        return self._call_all(entry, *inputs)[0]
+
+    def _call_all(self, entry: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        """Every output of entry point `entry` (a recurrent policy's: the result and the next state)."""
         plan = self._plans.get(entry)
         if plan is not None:
-            return plan.run(*inputs, check=check_finite)[0]  # checks the observations, not the noise
+            return plan.run(*inputs, check=check_finite)  # checks the observations, not the state or noise
         return self._call_vm(entry, *inputs)
 
-    def _call_vm(self, entry: str, *inputs: np.ndarray) -> np.ndarray:
-        """`_call` through the Relax VM: artifacts without a plan."""
+    def _call_vm(self, entry: str, *inputs: np.ndarray) -> list[np.ndarray]:
+        """`_call_all` through the Relax VM: artifacts without a plan."""
         if self._closed:
             raise ValueError(f"{self.path}: this Policy was closed; load the artifact again")
         vm = getattr(self._local, "vm", None)
@@ -279,9 +285,8 @@ class Policy:
         if entry != "sample":
             check_finite(arrays[0])
         result = vm[entry](*[to_device(a) for a in arrays], *[self._params[n] for n in self._vm_params[entry]])
-        if not hasattr(result, "__dlpack__") and len(result) == 1:
-            result = result[0]
-        return np.from_dlpack(result).copy()
+        results = [result] if hasattr(result, "__dlpack__") else list(result)
+        return [np.from_dlpack(r).copy() for r in results]
 
     def _with_file(self, open_library):
         """open_library(path) on lib.so written to a temporary file, removed once opened (it stays mapped).
@@ -312,8 +317,56 @@ class Policy:
             return x, single
         return check_observations(self.input_spec, obs)
 
-    def forward(self, obs) -> np.ndarray:
-        """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
+    # ---------------------------------------------------------------- recurrent policies
+
+    def initial_state(self, batch: int | None = None) -> np.ndarray:
+        """A recurrent policy's state before the first step: zeros, [state_size] for one observation or
+        [batch, state_size] (the layout: the manifest's input "recurrent", h of every LSTM layer, then c)."""
+        if not self.state_size:
+            raise ValueError(f"{self.path} is not a recurrent policy: it has no state; call act(obs)")
+        return np.zeros(self.state_size if batch is None else (int(batch), self.state_size), np.float32)
+
+    def _state(self, state, episode_start, n: int, single: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Validated ([n, state_size] state, [n] episode starts as 0/1) of a recurrent step; None is the initial
+        state and no episode start."""
+        size = self.state_size
+        if not size:
+            raise ValueError(f"{self.path} is not a recurrent policy: it takes no state (pass deterministic= and "
+                             "rng= by keyword)")
+        want = (size,) if single else (n, size)
+        hint = f"policy.initial_state({'' if single else n})"
+        if state is None:
+            state = np.zeros((n, size), np.float32)
+        else:
+            state = np.asarray(state)
+            if state.shape != want or not (np.issubdtype(state.dtype, np.floating)):
+                raise ValueError(f"state has shape {state.shape} and dtype {state.dtype}; this step takes float "
+                                 f"{want} (the state returned by the previous step, or {hint})")
+            state = state.reshape(n, size).astype(np.float32, copy=False)
+            if not np.isfinite(state).all():
+                raise ValueError(f"state contains NaN or Inf; start again from {hint}")
+        if episode_start is None:
+            start = np.zeros(n, np.float32)
+        else:
+            start = np.asarray(episode_start)
+            if start.size != n or start.ndim > 1:
+                raise ValueError(f"episode_start has shape {start.shape}; this step takes {'one flag' if single else n} "
+                                 "(1 where an episode begins: the state is reset there)")
+            start = start.reshape(n).astype(np.float32) != 0
+            start = start.astype(np.float32)
+        return state, start
+
+    # ---------------------------------------------------------------- inference
+
+    def forward(self, obs, state=None, episode_start=None):
+        """The network's raw output (logits, Q-values or action mean) for one obs or a batch; a recurrent policy's
+        is (output, next state), given its state (None: the initial state) and where episodes start."""
+        if self.state_size:
+            x, single = self._inputs(obs)
+            out, nxt = self._call_all("forward", x, *self._state(state, episode_start, len(x), single))
+            return (out[0], nxt[0]) if single else (out, nxt)
+        if state is not None or episode_start is not None:
+            self._state(state, episode_start, 1, True)  # raises: not recurrent
         out, single = self._forward(obs)
         return out[0] if single else out
 
@@ -334,9 +387,15 @@ class Policy:
                              "call act(obs) or forward(obs), or compile a torso with `bitrl-compile MODEL --features`")
         return self.forward(obs)
 
-    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
+    def act(self, obs, state=None, episode_start=None, deterministic: bool = True,
+            rng: np.random.Generator | None = None):
         """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box.
-        Stochastic actions (deterministic=False) draw their noise from `rng` (default: a fresh generator)."""
+        Stochastic actions (deterministic=False) draw their noise from `rng` (default: a fresh generator).
+        A recurrent policy returns (action(s), next state): `state` is what the previous step returned (None, or
+        `initial_state(batch)`, at the start) and `episode_start` is 1 where an episode begins (its state is
+        reset first, as SB3's RecurrentPPO does)."""
+        if self.state_size or state is not None or episode_start is not None:
+            return self._act_recurrent(obs, state, episode_start, deterministic, rng)
         if "act" not in self._entries:  # a backbone (postprocess says so), or an artifact without entry points
             out, single = self._forward(obs)
             actions = self.postprocess(out, deterministic, rng)
@@ -355,12 +414,22 @@ class Policy:
         if deterministic or "sample" not in self._entries:
             actions = self._call("act", x)
         else:
-            rng = rng or np.random.default_rng()
-            spec = self.output_spec
-            noise = rng.random((len(x), 1)) if spec["kind"] == "discrete" else \
-                rng.standard_normal((len(x), *spec["shape"]))
-            actions = self._call("sample", x, noise)
+            actions = self._call("sample", x, self._noise(len(x), rng))
         return actions[0] if single else actions
+
+    def _noise(self, n: int, rng) -> np.ndarray:
+        rng = rng or np.random.default_rng()
+        spec = self.output_spec
+        return rng.random((n, 1)) if spec["kind"] == "discrete" else rng.standard_normal((n, *spec["shape"]))
+
+    def _act_recurrent(self, obs, state, episode_start, deterministic: bool, rng):
+        x, single = self._inputs(obs)
+        inputs = (x, *self._state(state, episode_start, len(x), single))
+        if deterministic or "sample" not in self._entries:
+            actions, nxt = self._call_all("act", *inputs)
+        else:
+            actions, nxt = self._call_all("sample", *inputs, self._noise(len(x), rng))
+        return (actions[0], nxt[0]) if single else (actions, nxt)
 
     def postprocess(self, out: np.ndarray, deterministic: bool = True, rng=None):
         return postprocess(self.output_spec, out, deterministic, rng, self.path)

@@ -17,6 +17,10 @@ The forms (written by the frontends, read by `runtime.policy` and `passes.entry_
              key's array flattened (C order), concatenated in the order of "keys", whose sizes add up to total;
              "normalize" (the folded statistics of the normalised keys, mean 0 / var 1 for the others) is over
              that flat vector, and a key's "normalize" says whether its values are normalised.
+           | a recurrent policy (an LSTM actor: sb3-contrib RecurrentPPO) adds
+             "recurrent": {"layers": L, "hidden": H, "state_size": 2 L H}: every entry point takes (obs, state
+             [B, state_size], episode_start [B]) and returns (its result, the next state); the state row is h of
+             layers 0..L-1, then c of layers 0..L-1, and episode_start 1 resets that row's state first
     output = {"kind": "discrete", "n": N, "outputs": "logits" | "q_values"}
            | {"kind": "continuous", "shape": [...], "low": [...], "high": [...], "squash": "tanh" | "clip" | "none",
               "log_std": [...] | None}
@@ -163,6 +167,21 @@ def check_input_spec(spec, where: str) -> None:
         check_input_keys(spec, where)
     elif "keys" in spec:
         raise ValueError(f"{where}: input \"keys\" is only for a Dict observation (input kind \"dict\")")
+    if spec.get("recurrent") is not None:
+        check_recurrent(spec["recurrent"], where)
+
+
+def check_recurrent(rec, where: str) -> None:
+    """A recurrent policy's state: {"layers": L, "hidden": H, "state_size": 2 L H} (h of every layer, then c)."""
+    if not isinstance(rec, dict):
+        raise ValueError(  # noqa: TRY004 - bad input, not a programming error
+            f"{where}: input recurrent must be an object {{layers, hidden, state_size}}, got {type(rec).__name__}")
+    layers = check_count(rec.get("layers"), "recurrent layers", where, 64)
+    hidden = check_count(rec.get("hidden"), "recurrent hidden size", where, 1 << 16)
+    size = check_count(rec.get("state_size"), "recurrent state_size", where)
+    if size != 2 * layers * hidden:
+        raise ValueError(f"{where}: recurrent state_size is {size}, not 2 x {layers} layers x {hidden} (h and c of "
+                         "every layer)")
 
 
 def check_input_keys(spec: dict, where: str) -> None:

@@ -128,7 +128,7 @@ def test_fp32_module_equals_sb3_and_the_artifact_equals_the_reference(runs, obse
         expected = np.asarray(reference.run(art.quantized, x), np.float32)
         with load(art.path) as policy:
             out = policy.forward(observations)
-            np.testing.assert_array_equal(out, policy._call_vm("main", x))
+            np.testing.assert_array_equal(out, policy._call_vm("main", x)[0])
             if art is runs.dqn_art:
                 np.testing.assert_array_equal(out, expected)
             else:

@@ -169,7 +169,7 @@ class CompiledBackbone:
 
     def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
         """A backbone has no actions: the runtime's ValueError for output kind "features"."""
-        return self.policy.act(obs, deterministic, rng)
+        return self.policy.act(obs, deterministic=deterministic, rng=rng)
 
     def close(self) -> None:
         self.policy.close()

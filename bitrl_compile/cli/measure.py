@@ -26,14 +26,14 @@ def run_cmd(artifact, env_id, episodes, seed, stochastic, trusted_keys, debug):
     """Run ARTIFACT in a gymnasium environment and report the returns."""
     with guard(debug):
         from bitrl_compile.devices import open_policy
-        from bitrl_compile.evaluate import evaluate
+        from bitrl_compile.evaluate import actor, evaluate
         from bitrl_compile.runtime.policy import host_arch
 
         policy = open_policy(artifact, trusted_keys)
         try:
             t0 = time.perf_counter()
-            returns, steps = evaluate(lambda obs: policy.act(obs, deterministic=not stochastic), env_id,
-                                      episodes, seed, progress=True)
+            returns, steps = evaluate(actor(policy, deterministic=not stochastic), env_id, episodes, seed,
+                                      progress=True)
             dt = time.perf_counter() - t0
         finally:
             policy.close()

@@ -19,7 +19,9 @@ Formats
         (logits; or Box mean clipped to the bounds, log_std kept for sampling). DQN: q_net (q_values).
         SAC: latent_pi + mu, tanh-squashed to the Box. TD3: the actor MLP without its final Tanh, squash "tanh"
         (the runtime applies tanh and rescales). Discrete observations -> "onehot", uint8 HxWxC/CxHxW -> "image".
-        CNN, Dict-observation, recurrent and gSDE-SAC policies raise "not supported yet".
+        MultiInputPolicy (Dict observations of vector keys), CnnPolicy (NatureCNN: frontends/sb3_cnn.py), and
+        sb3-contrib RecurrentPPO's MlpLstmPolicy (sb3-recurrent-ppo: frontends/sb3_recurrent.py, the LSTM actor
+        with its state as input and output, input["recurrent"]); gSDE policies raise "not supported yet".
     cleanrl-ppo, cleanrl-dqn   `torch.save(agent.state_dict())` of CleanRL's ppo.py (actor.0/2/4, Tanh),
         ppo_continuous_action.py (actor_mean.*, actor_logstd, Tanh, actions clipped) and dqn.py (network.0/2/4,
         ReLU). The action space comes from `config={"env": "CartPole-v1"}` (gymnasium.make) or
@@ -188,7 +190,8 @@ def _finish(loaded: LoadedPolicy, path: Path, cfg: dict, trust_pickle: bool, vec
         loaded.input["normalize"] = read_normalization(vecnormalize, trust_pickle=trust_pickle)
     loaded.input = _complete_input(loaded.input, path)
     if loaded.module is not None:
-        loaded.module, out_dim = _check_module(loaded.module, loaded.input["shape"], path)
+        loaded.module, out_dim = _check_module(loaded.module, loaded.input["shape"], path,
+                                               (loaded.input.get("recurrent") or {}).get("state_size"))
     else:
         out_dim = _onnx_out_dim(loaded.onnx_model, path)
     if env is not None and not cfg.get("output"):
@@ -253,8 +256,9 @@ def _describe(spec: dict) -> str:
     return f"Discrete({spec['n']})" if spec["kind"] == "discrete" else f"Box{tuple(spec['shape'])}"
 
 
-def _check_module(module, obs_shape: list[int], path: Path):
-    """The module in eval mode, float32, without gradients, run once on a batch of 2: (module, output width)."""
+def _check_module(module, obs_shape: list[int], path: Path, state_size: int | None = None):
+    """The module in eval mode, float32, without gradients, run once on a batch of 2: (module, output width).
+    A recurrent policy's module (`state_size`) takes (obs, state, episode_start) and returns (output, state)."""
     if isinstance(module, torch.fx.GraphModule):  # an exported graph: its dtypes are baked into the ops
         bad = [n for n, t in module.state_dict().items() if t.is_floating_point() and t.dtype != torch.float32]
         if bad:
@@ -268,7 +272,7 @@ def _check_module(module, obs_shape: list[int], path: Path):
     x = torch.zeros(2, *obs_shape)
     try:
         with torch.no_grad():
-            y = module(x)
+            y = module(x) if not state_size else module(x, torch.zeros(2, state_size), torch.zeros(2))[0]
     except Exception as e:  # noqa: BLE001 - any failure of user code: report it in one line
         raise ModelLoadError(f"{path}: the network fails on an observation of shape {obs_shape} "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the right "

@@ -13,7 +13,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from bitrl_compile.frontends import sb3_cnn
+from bitrl_compile.frontends import sb3_cnn, sb3_recurrent
 from bitrl_compile.frontends.mlp import _TORCH_ACTIVATIONS, _build_mlp, _linears, check_state_dict
 from bitrl_compile.frontends.specs import _check_finite, _space_to_specs
 from bitrl_compile.frontends.torch_files import _torch_load_weights
@@ -230,6 +230,10 @@ def _sb3_algorithm(data: dict, path: Path) -> str:
                                                                   "MultiInputActorCriticPolicy",
                                                                   "ActorCriticCnnPolicy"):
         return "sb3-ppo" if "clip_range" in data else "sb3-a2c"
+    if module == "sb3_contrib.common.recurrent.policies":
+        if name != "RecurrentActorCriticPolicy":
+            raise ModelLoadError(f"{path}: {name} is not supported yet (RecurrentPPO's MlpLstmPolicy is)")
+        return "sb3-recurrent-ppo"
     raise ModelLoadError(f"{path}: SB3 policy class {module}.{name} is not supported yet (PPO, A2C, DQN, SAC, "
                          "TD3 MLP and MultiInput policies are)")
 
@@ -278,7 +282,7 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
     data = _read_data(path, zf)
     source = _sb3_algorithm(data, path)
     kwargs, act_name = _sb3_policy_kwargs(data, path)
-    default_act = "tanh" if source in ("sb3-ppo", "sb3-a2c") else "relu"
+    default_act = "tanh" if source in ("sb3-ppo", "sb3-a2c", "sb3-recurrent-ppo") else "relu"
     if act_name is not None and act_name not in _TORCH_ACTIVATIONS:
         raise ModelLoadError(f"{path}: activation {act_name} is not supported yet ({sorted(_TORCH_ACTIVATIONS)} are)")
     activation = _TORCH_ACTIVATIONS.get(act_name, default_act) if act_name else default_act
@@ -303,6 +307,8 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
         check_specs(input_spec, output, f"{path}: SB3 spaces")
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
+    if source == "sb3-recurrent-ppo":  # an LSTM actor: its state in and out of every call
+        return sb3_recurrent.load_recurrent(path, data, sd, activation, input_spec, output)
     if source in ("sb3-ppo", "sb3-a2c"):
         layers = _linears(sd, "mlp_extractor.policy_net.", path) + [("action_net", sd.get("action_net.weight"),
                                                                     sd.get("action_net.bias"))]

@@ -189,6 +189,8 @@ def _complete_input_spec(spec: dict, path: Path) -> dict:
         out = {"kind": spec["kind"], "keys": [dict(k) for k in spec.get("keys") or []], **out}
     if "max_batch" in spec:  # a bounded batch the program was exported with (see pipeline.to_relax)
         out["max_batch"] = spec["max_batch"]
+    if spec.get("recurrent") is not None:  # a recurrent policy's state (runtime/specs.py checks it)
+        out["recurrent"] = spec["recurrent"]
     if pre == "onehot":
         out["n"] = int(spec.get("n", shape[0]))
         if shape != [out["n"]]:

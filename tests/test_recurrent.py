@@ -1,0 +1,186 @@
+"""Recurrent policies (issue 17): sb3-contrib RecurrentPPO's LSTM actor with its state explicit,
+`state = policy.initial_state(batch)`, `action, state = policy.act(obs, state, episode_start)`: the LSTM's matmuls
+ternary (BitLinear), the gates in float. A RecurrentPPO trained here on CartPole, real gymnasium episodes."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from sealing import sealed
+
+pytest.importorskip("sb3_contrib")
+
+
+@pytest.fixture(scope="module")
+def recurrent_ppo(tmp_path_factory):
+    """(the SB3 model, its zip): 2 LSTM layers of 16 units, a 16-unit MLP, 256 steps of CartPole."""
+    import torch
+    from sb3_contrib import RecurrentPPO
+
+    torch.set_num_threads(1)
+    model = RecurrentPPO("MlpLstmPolicy", "CartPole-v1", n_steps=64, batch_size=64, seed=0,
+                         policy_kwargs={"lstm_hidden_size": 16, "n_lstm_layers": 2, "net_arch": [16]})
+    model.learn(256)
+    path = tmp_path_factory.mktemp("recurrent") / "rppo.zip"
+    model.save(path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def compiled(recurrent_ppo, tmp_path_factory):
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.pipeline import compile_policy
+
+    loaded = load_policy(recurrent_ppo[1])
+    return compile_policy(loaded, "host", tmp_path_factory.mktemp("recurrent-out") / "rppo.bitrl")
+
+
+def _episodes(steps: int, seed: int = 1):
+    """CartPole observations and episode starts of a policy acting at random (the states it would see)."""
+    import gymnasium as gym
+
+    env = gym.make("CartPole-v1")
+    obs, _ = env.reset(seed=seed)
+    space = env.action_space
+    space.seed(seed)
+    start = True
+    for _ in range(steps):
+        yield obs, start
+        obs, _, terminated, truncated, _ = env.step(space.sample())
+        start = terminated or truncated
+        if start:
+            obs, _ = env.reset()
+
+
+def test_the_loaded_module_is_sb3_contribs_actor(recurrent_ppo):
+    """The torch module the frontend builds (two Linear layers per LSTM layer) acts as SB3's predict, state by
+    state, over episodes with resets."""
+    import torch
+
+    from bitrl_compile.frontends import load_policy
+
+    model, path = recurrent_ppo
+    loaded = load_policy(path)
+    assert loaded.source == "sb3-recurrent-ppo" and loaded.input["recurrent"] == {"layers": 2, "hidden": 16,
+                                                                                 "state_size": 64}
+    assert "LSTM 2x16" in loaded.description
+    sb3_state, ours = None, torch.zeros(1, 64)
+    for obs, start in _episodes(300):
+        action, sb3_state = model.predict(obs, state=sb3_state, episode_start=np.array([start]), deterministic=True)
+        with torch.no_grad():
+            out, ours = loaded.module(torch.from_numpy(obs[None]), ours, torch.tensor([float(start)]))
+        assert int(out.argmax(1)[0]) == int(action)
+        h, c = sb3_state  # [layers, 1, hidden] each
+        np.testing.assert_allclose(ours.numpy()[0], np.concatenate([h[:, 0].ravel(), c[:, 0].ravel()]), atol=1e-5)
+
+
+def test_the_artifact_steps_as_the_reference_does(compiled):
+    """Step by step over episodes, the artifact's action and next state against the numpy reference of the
+    quantized module given the same state (float gates: TVM's sigmoid/tanh against numpy's, within the check's
+    tolerance); a batch of rows steps as the rows do one by one."""
+    from bitrl_compile import reference
+    from bitrl_compile.runtime import load
+
+    with load(compiled.path) as policy:
+        assert policy.state_size == 64 and policy.initial_state().shape == (64,)
+        assert policy.initial_state(3).shape == (3, 64) and not policy.initial_state(3).any()
+        state = policy.initial_state()
+        rows = []
+        for obs, start in _episodes(120):
+            action, nxt = policy.act(obs, state, start)
+            out, ref_state = reference.run(compiled.quantized, obs[None].astype(np.float32), state[None],
+                                           np.array([float(start)], np.float32))
+            assert int(action) == int(np.argmax(out)), "the action is the argmax of the reference's logits"
+            np.testing.assert_allclose(nxt, ref_state[0], atol=1e-4)
+            logits, again = policy.forward(obs, state, start)
+            np.testing.assert_array_equal(again, nxt)
+            np.testing.assert_allclose(logits, out[0], atol=1e-3)
+            rows.append((obs, state, start))
+            state = nxt
+        obs, states, starts = (np.stack(x) for x in zip(*rows))
+        actions, nxt = policy.act(obs, states, starts)
+        singles = [policy.act(o, s, e) for o, s, e in rows]
+        np.testing.assert_array_equal(actions, [a for a, _ in singles])
+        np.testing.assert_allclose(nxt, np.stack([s for _, s in singles]), atol=1e-6)
+        # episode_start resets: any state with start=1 steps as the initial state does
+        reset, _ = policy.forward(obs[0], np.full(64, 0.7, np.float32), True)
+        np.testing.assert_array_equal(reset, policy.forward(obs[0], None, True)[0])
+
+
+def test_bad_states_are_one_line(compiled, sb3_ppo_cartpole, tmp_path):
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.pipeline import compile_policy
+    from bitrl_compile.runtime import load
+
+    obs = np.zeros(4, np.float32)
+    with load(compiled.path) as policy:
+        for state, start, words in [(np.zeros(63, np.float32), 0, "state has shape (63,)"),
+                                    (np.zeros((2, 64), np.float32), 0, "this step takes float (64,)"),
+                                    (np.full(64, np.nan, np.float32), 0, "state contains NaN"),
+                                    (None, [0, 1], "episode_start has shape (2,)")]:
+            with pytest.raises(ValueError, match=re.escape(words)) as e:
+                policy.act(obs, state, start)
+            assert "\n" not in str(e.value)
+    plain = compile_policy(load_policy(sb3_ppo_cartpole), "host", tmp_path / "plain.bitrl").path
+    with load(plain) as policy:
+        with pytest.raises(ValueError, match="not a recurrent policy: it takes no state"):
+            policy.act(obs, False)  # deterministic given positionally: refused, not taken for a state
+        with pytest.raises(ValueError, match="not a recurrent policy"):
+            policy.initial_state()
+
+
+def test_readers_refuse_a_state_that_does_not_match(compiled, tmp_path):
+    from bitrl_compile.runtime import ArtifactError, load
+
+    def size(m):
+        m["input"]["recurrent"]["state_size"] = 66
+
+    def no_state(m):
+        del m["input"]["recurrent"]
+
+    def plan(m):
+        m["input"]["recurrent"] = {"layers": 1, "hidden": 16, "state_size": 32}  # the plans carry 64
+
+    for edit, words in [(size, "recurrent state_size is 66, not 2 x 2 layers x 16"),
+                        (no_state, "entry_points.act returns 2 tensors; only a recurrent policy's"),
+                        (plan, "entry_points.+ does not take .obs, state, episode_start. and return .result, state. with the 32")]:
+        with pytest.raises(ArtifactError, match=words):
+            load(sealed(compiled.path, tmp_path / f"{edit.__name__}.bitrl", edit))
+
+
+def test_compile_measures_and_run_plays_a_recurrent_policy(recurrent_ppo, tmp_path):
+    """compile --env measures the ternary LSTM against the original along the original's episodes, each policy
+    carrying its own state (reset where an episode starts); `run --env` plays it."""
+    import json
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from bitrl_compile import fidelity
+    from bitrl_compile.cli import main
+    from bitrl_compile.frontends import load_policy
+
+    model, path = recurrent_ppo
+    out = tmp_path / "rppo.bitrl"
+    r = CliRunner().invoke(main, [str(path), "--env", "CartPole-v1", "--episodes", "2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    with zipfile.ZipFile(out) as z:
+        record = json.loads(z.read("manifest.json"))["fidelity"]
+    assert record["states"] >= 2 and 0 <= record["agreement"] <= 1 and record["episodes"] == 2
+    assert "return" in record and "action agreement" in r.stdout
+    # the measure's fp32 side, stepped in order with resets, is sb3-contrib's own predict on those states
+    loaded = load_policy(path)
+    fp32 = fidelity.original_forward(loaded)
+    states, starts = fidelity.visited(fp32, loaded.output, "CartPole-v1")
+    assert starts[0] and starts.sum() == fidelity.ROLLOUTS and len(states) == record["states"]
+    outs = fidelity.in_order(fp32, states, starts)
+    sb3_state, sb3 = None, []
+    for obs, start in zip(states, starts):
+        action, sb3_state = model.predict(obs, state=sb3_state, episode_start=np.array([start]), deterministic=True)
+        sb3.append(int(action))
+    np.testing.assert_array_equal(outs.argmax(1), sb3)
+    r = CliRunner().invoke(main, ["run", str(out), "--env", "CartPole-v1", "--episodes", "2"])
+    assert r.exit_code == 0 and "mean return" in r.output, r.output
