@@ -254,6 +254,7 @@ class Policy:
         self._norm = normalization(self.input_spec)  # for artifacts without entry points
         self._text = self.input_spec.get("preprocess") == "text"
         self._discrete = self.output_spec["kind"] == "discrete"
+        self._batch_max = int((manifest.get("batch") or {}).get("max") or 1 << 62)
         recurrent = self.input_spec.get("recurrent")
         self.state_size = int(recurrent["state_size"]) if recurrent else 0  # 0: not a recurrent policy
         self._closed = False
@@ -314,8 +315,12 @@ class Policy:
             raise ValueError(f"{self.path}: this Policy was closed; load the artifact again")
         if self._text:  # serialising the state as text is a host step
             x, single = prepare_observations(self.input_spec, obs)
-            return x, single
-        return check_observations(self.input_spec, obs)
+        else:
+            x, single = check_observations(self.input_spec, obs)
+        if len(x) > self._batch_max:  # what the C API refuses too (the Relax VM's storage is sized for it)
+            raise ValueError(f"a batch of {len(x)} observations is more than this artifact takes ({self._batch_max}, "
+                             "manifest batch.max); split it")
+        return x, single
 
     # ---------------------------------------------------------------- recurrent policies
 

@@ -267,6 +267,11 @@ def test_c_api_gives_the_python_runtime_actions_and_refuses_a_batch_over_the_bou
         assert lib.bitrl_act(handle, pixels.ctypes.data, bound + 1, actions.ctypes.data) == -1
         error = lib.bitrl_last_error().decode()
         assert "\n" not in error and str(bound) in error
+        with load(host_cnn.path) as policy:  # the Python runtime refuses it too (its plans would run it)
+            over = np.broadcast_to(frames[:1], (bound + 1, *frames.shape[1:]))
+            with pytest.raises(ValueError, match=f"a batch of {bound + 1} observations is more than this artifact "
+                                                 f"takes .{bound}, manifest batch.max.; split it"):
+                policy.act(over)
     finally:
         lib.bitrl_free(handle)
 
