@@ -122,10 +122,11 @@ def _fail(path, message: str) -> ArtifactError:
     return ArtifactError(f"{path}: {message}")
 
 
-def _directory(path, data: bytes) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
-    """The zip and its members by name, every declared size checked against the limits (nothing inflated)."""
+def _directory(path, source) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
+    """The zip (`source`: its bytes, or the open file) and its members by name, every declared size checked
+    against the limits (nothing inflated)."""
     try:
-        z = zipfile.ZipFile(io.BytesIO(data))
+        z = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source)
         infos = z.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error,
             NotImplementedError):
@@ -261,7 +262,7 @@ def _check_signatures(path, version: int, text: bytes, entries: list[dict], keys
 
 
 def read_artifact(path: str | os.PathLike, trusted_keys: Iterable | None = None, *, payload: bool = True,
-                  use_env: bool = True, signatures: bool = True) -> Artifact:
+                  use_env: bool = True, signatures: bool = True, params: bool = True) -> Artifact:
     """Read and verify an artifact: limits, zip structure, format version, the manifest's sha256, signatures
     when trusted keys are configured, the manifest's structure (manifest.py), and every payload member's sha256.
 
@@ -269,7 +270,10 @@ def read_artifact(path: str | os.PathLike, trusted_keys: Iterable | None = None,
     in BITRL_TRUSTED_KEYS unless use_env is False. When there are any, the artifact must carry a valid
     signature by one of them. payload=False checks everything but leaves lib.so and the parameters unread
     (what `inspect` needs: a cheap look that never decompresses them). signatures=False leaves signatures.json
-    unread (what `sign` needs to replace a broken one; no trusted keys then)."""
+    unread (what `sign` needs to replace a broken one; no trusted keys then). params=False leaves
+    params.safetensors in the file, unread and so not yet checked against its sha256: `load_params(art)` then
+    reads it once, front to back, and checks it (the stored parameters are never held whole). The file is read a
+    member at a time, never whole."""
     path = Path(path)
     if not path.is_file():
         raise _fail(path, "no such artifact file")
@@ -281,7 +285,12 @@ def read_artifact(path: str | os.PathLike, trusted_keys: Iterable | None = None,
         keys = signing.trusted_keys(trusted_keys, use_env=use_env)
     except signing.SigningError as e:
         raise _fail(path, str(e)) from None
-    z, infos = _directory(path, path.read_bytes())
+    with open(path, "rb") as f:
+        return _read_open(path, f, keys, payload=payload, signatures=signatures, params=params)
+
+
+def _read_open(path: Path, f, keys: list[bytes], *, payload: bool, signatures: bool, params: bool) -> Artifact:
+    z, infos = _directory(path, f)
     if MANIFEST not in infos:
         raise _fail(path, f"no {MANIFEST} inside; not a policy.bitrl artifact")
     text = _read(path, z, infos[MANIFEST])
@@ -310,7 +319,7 @@ def read_artifact(path: str | os.PathLike, trusted_keys: Iterable | None = None,
         raise _fail(path, f"member {missing[0]} is missing; the file is incomplete, recompile it")
     members = {}
     for name, digest in listed.items():
-        if not payload:
+        if not payload or (name == PARAMS and not params):
             continue
         blob = _read(path, z, infos[name])
         if sha256(blob) != digest:
@@ -319,6 +328,65 @@ def read_artifact(path: str | os.PathLike, trusted_keys: Iterable | None = None,
     return Artifact(path=path, manifest=manifest, members=members, manifest_bytes=text,
                     sizes={n: (i.compress_size, i.file_size) for n, i in infos.items()},
                     signatures=entries, verified_by=verified)
+
+
+class _Hashing:
+    """A member's stream (zipfile's: it inflates chunk by chunk and checks the CRC-32 at the end) that hashes
+    what is read through it."""
+
+    def __init__(self, stream):
+        self.stream, self.hash, self.read_bytes = stream, hashlib.sha256(), 0
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        self.hash.update(data)
+        self.read_bytes += len(data)
+        return data
+
+
+def _tampered(path, info: zipfile.ZipInfo, digest: str) -> bool:
+    """Whether a member's bytes fail their sha256 (or cannot be read whole), read again chunk by chunk."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f).open(info) as member:
+            while chunk := member.read(4 << 20):
+                h.update(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, struct.error, ValueError):
+        return True
+    return h.hexdigest() != digest
+
+
+def load_params(art: Artifact) -> dict:
+    """The parameters of an artifact read with params=False, as `Policy` takes them (weights unpacked into their
+    compute layout): params.safetensors read once from the file, front to back (`weights.read_params`), and
+    checked against the manifest's sha256 (and the zip's CRC-32) once read, before anything uses them. Peak
+    memory: the unpacked parameters plus a block of stored rows and their codes; never the stored member whole.
+    The file is opened again (the sha256 ties what is read now to the manifest read before).
+    ArtifactError (one line) if the member is corrupt, tampered with or not a safetensors file."""
+    from . import weights  # numpy: only a loader needs it
+
+    path = art.path
+    digest = art.manifest["members"][PARAMS]
+    try:
+        with open(path, "rb") as f:
+            z, infos = _directory(path, f)
+            if PARAMS not in infos:
+                raise _fail(path, f"member {PARAMS} is missing; the file is incomplete, recompile it")
+            info = infos[PARAMS]
+            with z.open(info) as member:
+                stream = _Hashing(member)
+                params = weights.read_params(stream, info.file_size, art.manifest.get("weights", {}))
+                stream.read(1)  # the end: zipfile checks the CRC-32 there
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, struct.error) as e:
+        raise _fail(path, f"member {PARAMS} is corrupt ({str(e)[:120]}); {RECOMPILE}") from None
+    except ArtifactError:
+        raise
+    except ValueError as e:  # a tampered member is the likelier cause: say so if its hash says so
+        raise _fail(path, f"member {PARAMS} fails its sha256 check (tampered or corrupt); {RECOMPILE}"
+                    if _tampered(path, info, digest) else f"{PARAMS} is unreadable ({e}); {RECOMPILE}") from None
+    if stream.read_bytes != info.file_size or stream.hash.hexdigest() != digest:
+        raise _fail(path, f"member {PARAMS} fails its sha256 check (tampered or corrupt); {RECOMPILE}")
+    return params
 
 
 def sign_artifact(path: str | os.PathLike, private_key: str | os.PathLike | bytes) -> str:

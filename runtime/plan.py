@@ -21,11 +21,13 @@ refers to a tensor or parameter that exists, dims in range) is checked when the 
 (runtime/manifest.py); what is left here is lib.so's symbols (KeyError from `library.function`).
 
 Each thread gets its own buffers per (entry point, batch size), reused from call to call, so one Policy may be
-called from many threads at once without a lock; a thread keeps the buffers of its last few batch sizes.
+called from many threads at once without a lock; a thread keeps the buffers of its last few batch sizes. Buffers
+whose calls do not overlap share memory (`shared_buffers`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 
@@ -40,6 +42,45 @@ def dims(shape: list, batch: int) -> tuple[int, ...]:
     return tuple(batch if d == "batch" else int(d) for d in shape)
 
 
+def shared_buffers(plan: dict, batch: int) -> list[np.ndarray]:
+    """The intermediates of `plan` at `batch`, 64-byte aligned, where buffers whose calls do not overlap share
+    memory: buffer i lives from the first call that names it to the last, and takes a block no buffer living at the
+    same time holds (greedy, in order of first use; a block is as large as its largest tenant). A buffer that a call
+    reads before one writes it (the destination is a call's last argument), or that no call names, has a block of
+    its own. A deep network's
+    intermediates then take about as much as the widest few layers', not the sum over all layers."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for i, call in enumerate(plan["calls"]):
+        for position, arg in enumerate(call["args"]):
+            kind, _, key = arg.partition(":")
+            if kind == "buffer":
+                if int(key) not in first and position != len(call["args"]) - 1:
+                    first[int(key)] = -1  # read before any call writes it (destination last): kept whole, from start
+                first.setdefault(int(key), i)
+                last[int(key)] = i
+    for j in range(len(plan["buffers"])):
+        if first.get(j, -1) == -1:
+            last[j] = len(plan["calls"])  # to the end: never shared
+    specs = plan["buffers"]
+    nbytes = [math.prod(dims(spec["shape"], batch)) * np.dtype(spec["dtype"]).itemsize for spec in specs]
+    blocks: list[list[int]] = []  # [size, last call of its current tenant]
+    home = [0] * len(specs)
+    for j in sorted(range(len(specs)), key=lambda j: (first.get(j, -1), j)):
+        start, end = first.get(j, -1), last.get(j, -1)
+        free = [b for b, (_, busy) in enumerate(blocks) if busy < start]
+        if free:
+            b = max(free, key=lambda b: blocks[b][0])
+            blocks[b] = [max(blocks[b][0], nbytes[j]), end]
+        else:
+            b = len(blocks)
+            blocks.append([nbytes[j], end])
+        home[j] = b
+    memory = [aligned(np.empty(max(size, 1), np.uint8)) for size, _ in blocks]
+    return [memory[home[j]][:nbytes[j]].view(spec["dtype"]).reshape(dims(spec["shape"], batch))
+            for j, spec in enumerate(specs)]
+
+
 class _Frame:
     """One thread's buffers for one entry point at one batch size, and the calls bound to them."""
 
@@ -50,7 +91,7 @@ class _Frame:
 
         self.inputs = [alloc(s) for s in plan["inputs"]]
         self.outputs = [alloc(s) for s in plan["outputs"]]
-        buffers = [alloc(s) for s in plan["buffers"]]
+        buffers = [(array, to_device(array)) for array in shared_buffers(plan, batch)]
         slots = {"input": self.inputs, "output": self.outputs, "buffer": buffers}
 
         def tensor(ref: str):

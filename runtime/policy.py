@@ -18,8 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import safetensors_np, weights
-from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, read_artifact
+from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, load_params, read_artifact
 from .plan import Plan
 from .tvm_runtime import (
     LibraryLoadError,
@@ -466,17 +465,10 @@ def load(path: str | os.PathLike, trusted_keys=None) -> Policy:
     the signature when trusted keys are configured (`trusted_keys`: public key PEM paths, PEM bytes or raw 32-byte
     Ed25519 keys, joined by the paths in BITRL_TRUSTED_KEYS), the manifest's structure and specs
     (runtime/manifest.py), the machine (architecture, CPU features), the parameters. Loading then runs lib.so's code: see docs/security.md."""
-    art = read_artifact(path, trusted_keys)
+    art = read_artifact(path, trusted_keys, params=False)  # the parameters stay in the file until:
     check_runnable_here(art.manifest, path)
-    try:
-        params, _ = safetensors_np.loads(art.members[PARAMS])
-    except ValueError as e:
-        raise ArtifactError(f"{path}: {PARAMS} is unreadable ({e}); recompile the artifact") from None
+    params = load_params(art)  # streamed into their compute layout, checked against the manifest's sha256
     missing = [n for n in art.manifest["params"] if n not in params]
     if missing:
         raise ArtifactError(f"{path}: parameters {missing} are missing from {PARAMS}; recompile the artifact")
-    try:
-        params = weights.unpack_params(params, art.manifest.get("weights", {}))
-    except ValueError as e:
-        raise ArtifactError(f"{path}: {e}; recompile the artifact") from None
     return Policy(art.manifest, art.members[LIB], params, path, art.members.get(RUNTIME))

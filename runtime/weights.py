@@ -25,7 +25,9 @@ c0 + 3 c1 in 0..8 (padding: index 4, weight pair (0, 0)) into a 16-entry table o
 inputs (4kb, 4kb+1) in bits 3..0 and (4kb+2, 4kb+3) in bits 7..4, so one vector load gives NL outputs'
 indices for 4 inputs, and a mask or a shift makes them `tbl` / `vpshufb` indices.
 
-The artifact stores base3; `to_compute` unpacks it once, at load, into the target's tiles. The
+The artifact stores base3; `to_compute` unpacks it once, at load, into the target's tiles, a block of rows at a
+time; `read_params` does so for a whole params.safetensors read front to back from a stream, so that a device
+holds the weights once, in the kernels' layout, and never the stored file whole. The
 manifest says which: manifest["weights"][param] = {"storage": "base3", "compute": "tiles8x4",
 "shape": [N, K]}. The weights of int8 layers (mixed precision, manifest layers[i].precision "int8") are not
 ternary: stored as the int8 [N, K] tensors their kernel reads (targets/int8_kernels.py), not listed in
@@ -34,6 +36,8 @@ manifest["weights"], and passed through `unpack_params` as they are, like every 
 
 from __future__ import annotations
 
+import json
+import math
 import re
 
 import numpy as np
@@ -127,12 +131,49 @@ def unpack_tiles(packed, n: int, k: int, layout: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ storage <-> compute
 
-def to_compute(stored, spec: dict) -> np.ndarray:
-    """The stored array of one weight (manifest["weights"][name] = spec) in the kernel's layout."""
-    k = int(spec["shape"][1])
+ALIGNMENT = 64  # what the kernels assume of every tensor (tvm_runtime.ALIGNMENT)
+BLOCK_ROWS = 128  # rows unpacked at a time: temporaries of a few MB whatever the weight's size
+
+
+def compute_shape(spec: dict) -> tuple[int, int, int, int]:
+    """The shape of one weight (manifest["weights"][name] = spec) in its compute layout (uint8)."""
+    n, k = (int(d) for d in spec["shape"])
+    return tiles_packed_shape(n, k, spec["compute"])
+
+
+def to_compute(stored, spec: dict, out: np.ndarray | None = None) -> np.ndarray:
+    """The stored array of one weight (manifest["weights"][name] = spec) in the kernel's layout, written into
+    `out` (uint8, compute_shape(spec)) when given. Unpacked BLOCK_ROWS rows at a time, so the int8 codes in
+    between never take more than a block's few MB (a whole 6912 x 2560 projection would take 5 x 18 MB)."""
+    stored = np.asarray(stored)
+    _check_stored(spec, stored.dtype, list(stored.shape))
+    return _unpack_rows(lambda row, count: stored[row:row + count], spec, out)
+
+
+def _check_stored(spec: dict, dtype, shape: list) -> tuple[int, int]:
+    n, k = (int(d) for d in spec["shape"])
     if spec["storage"] != "base3":
         raise ValueError(f"unknown weight storage {spec['storage']!r}; expected 'base3'")
-    return pack_tiles(unpack_base3(stored, k), spec["compute"])
+    if dtype != np.uint8 or list(shape) != [n, -(-k // 5)]:
+        raise ValueError(f"base-3 weights must be uint8 [{n}, {-(-k // 5)}] for K = {k}, got {dtype} {list(shape)}")
+    return n, k
+
+
+def _unpack_rows(rows_of, spec: dict, out: np.ndarray | None) -> np.ndarray:
+    """`to_compute` of a weight whose stored rows `rows_of(row, count)` gives, BLOCK_ROWS at a time, in order."""
+    n, k = (int(d) for d in spec["shape"])
+    layout = spec["compute"]
+    shape = tiles_packed_shape(n, k, layout)
+    if out is None:
+        out = np.empty(shape, np.uint8)
+    elif out.dtype != np.uint8 or out.shape != shape:
+        raise ValueError(f"{layout} output for [{n}, {k}] must be uint8 {list(shape)}, got {out.dtype} {list(out.shape)}")
+    nl = tile_shape(layout)[0]
+    step = max(nl, BLOCK_ROWS // nl * nl)
+    for row in range(0, n, step):
+        block = pack_tiles(unpack_base3(rows_of(row, min(step, n - row)), k), layout)
+        out[row // nl:row // nl + block.shape[0]] = block
+    return out
 
 
 def to_storage(compute, spec: dict) -> np.ndarray:
@@ -152,3 +193,86 @@ def unpack_params(params: dict[str, np.ndarray], layouts: dict[str, dict]) -> di
         except ValueError as e:
             raise ValueError(f"weight {name} cannot be unpacked: {e}") from None
     return out
+
+
+def _read_exact(stream, n: int, what: str) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise ValueError(f"{what} ends {n - len(data):,} bytes early: the file is truncated")
+    return data
+
+
+def read_params(stream, size: int, layouts: dict[str, dict]) -> dict[str, np.ndarray]:
+    """params.safetensors (`size` bytes) read once, front to back, from a binary `stream`, into the parameters
+    `Policy` takes: every weight listed in manifest["weights"] (`layouts`) unpacked into its compute layout, the
+    rest as stored. The stored file is never held whole: a weight's base-3 rows are read BLOCK_ROWS at a time
+    into one scratch block and unpacked from there; every other tensor is read in place. Everything lands in one
+    64-byte aligned allocation (no heap fragments left behind by a thousand tensors, nothing for `aligned` to
+    copy), so the process holds the kernel-layout weights once, plus one block of stored rows and their codes.
+    ValueError (one line) for a stream that is not such a file."""
+    from .safetensors_np import MAX_HEADER_BYTES, _check_header  # the one parser of safetensors headers
+
+    if size < 8:
+        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
+    n = int.from_bytes(_read_exact(stream, 8, "params.safetensors"), "little")
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise ValueError(f"not a safetensors file or truncated: its header declares {n:,} bytes")
+    try:
+        header = json.loads(_read_exact(stream, n, "params.safetensors"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"not a safetensors file: header is not JSON ({str(e)[:120]})") from None
+    entries = sorted(_check_header(header, size - 8 - n), key=lambda e: e[:2])
+    missing = [name for name in layouts if name not in {e[2] for e in entries}]
+    if missing:
+        raise ValueError(f"weight {missing[0]} of manifest['weights'] is not in the parameters")
+    places, total = [], 0
+    for _, _, name, dtype, shape in entries:
+        nbytes = math.prod(compute_shape(layouts[name])) if name in layouts else math.prod(shape) * dtype.itemsize
+        places.append(total)
+        total += -(-nbytes // ALIGNMENT) * ALIGNMENT
+    raw = np.empty(total + ALIGNMENT, np.uint8)
+    block = raw[-raw.ctypes.data % ALIGNMENT:][:total]
+    widest = max([math.prod(shape[1:]) for _, _, name, _, shape in entries if name in layouts] or [0])
+    scratch = np.empty(BLOCK_ROWS * widest, np.uint8)  # one block of stored rows
+
+    def rows_of(width: int):
+        def read(row: int, count: int) -> np.ndarray:
+            rows = scratch[:count * width]
+            _read_into(stream, rows)
+            return rows.reshape(count, width)
+        return read
+
+    out, position = {}, 0
+    for (begin, end, name, dtype, shape), place in zip(entries, places):
+        _skip(stream, begin - position)  # bytes between tensors (the member's sha256 covers them)
+        if name in layouts:  # streamed a block of rows at a time straight into the kernel's layout
+            spec = layouts[name]
+            try:
+                _check_stored(spec, dtype, shape)
+                target = block[place:place + math.prod(compute_shape(spec))].reshape(compute_shape(spec))
+                out[name] = _unpack_rows(rows_of(int(shape[1])), spec, target)
+            except ValueError as e:
+                raise ValueError(f"weight {name} cannot be unpacked: {e}") from None
+        else:
+            target = block[place:place + end - begin]
+            _read_into(stream, target)
+            out[name] = target.view(dtype).reshape(shape)
+        position = end
+    _skip(stream, size - 8 - n - position)
+    return out
+
+
+def _skip(stream, n: int) -> None:
+    while n > 0:
+        n -= len(_read_exact(stream, min(n, 4 << 20), "params.safetensors"))
+
+
+def _read_into(stream, target: np.ndarray) -> None:
+    """Fill a contiguous uint8 array from `stream` (at most a few MB per read: no second copy of a tensor)."""
+    view, done = memoryview(target).cast("B"), 0
+    while done < len(view):
+        chunk = stream.read(min(len(view) - done, 4 << 20))
+        if not chunk:
+            raise ValueError("params.safetensors ends early: the file is truncated")
+        view[done:done + len(chunk)] = chunk
+        done += len(chunk)

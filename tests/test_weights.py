@@ -85,3 +85,34 @@ def test_lut_layout_is_the_documented_one():
     assert lut[0, 0, 0, 0] == 4 | 4 << 4
     with pytest.raises(ValueError, match="table index > 8"):
         weights.unpack_tiles(lut | 0x0F, 16, 6, "lut16")
+
+
+@pytest.mark.parametrize("layout", ["tiles8x4", "lut16"])
+def test_read_params_streams_into_the_same_parameters_as_unpack_params(layout, monkeypatch):
+    import io
+
+    from bitrl_compile.runtime import safetensors_np
+
+    monkeypatch.setattr(weights, "BLOCK_ROWS", 16)  # several blocks per weight, a partial last one
+    rng = np.random.default_rng(0)
+    w = {"p0": rng.integers(-1, 2, (70, 37)).astype(np.int8), "p2": rng.integers(-1, 2, (5, 3)).astype(np.int8)}
+    layouts_ = {name: {"storage": "base3", "compute": layout, "shape": list(t.shape)} for name, t in w.items()}
+    tensors = {"p0": weights.pack_base3(w["p0"]), "p1": rng.standard_normal((3, 7)).astype(np.float32),
+               "p2": weights.pack_base3(w["p2"]), "p3": np.arange(5, dtype=np.int64)}
+    blob = safetensors_np.dumps(tensors)
+    streamed = weights.read_params(io.BytesIO(blob), len(blob), layouts_)
+    expected = weights.unpack_params(tensors, layouts_)
+    assert streamed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert streamed[name].dtype == value.dtype and streamed[name].ctypes.data % 64 == 0
+        np.testing.assert_array_equal(streamed[name], value)
+    for name, t in w.items():
+        np.testing.assert_array_equal(weights.unpack_tiles(streamed[name], *t.shape, layout), t)
+    with pytest.raises(ValueError, match="truncated"):
+        weights.read_params(io.BytesIO(blob[:-3]), len(blob), layouts_)
+    bad = dict(tensors, p2=np.full_like(tensors["p2"], 250))
+    blob = safetensors_np.dumps(bad)
+    with pytest.raises(ValueError, match="weight p2 cannot be unpacked: base-3 byte out of range"):
+        weights.read_params(io.BytesIO(blob), len(blob), layouts_)
+    with pytest.raises(ValueError, match="weight p9 of manifest"):
+        weights.read_params(io.BytesIO(blob), len(blob), dict(layouts_, p9=layouts_["p0"]))

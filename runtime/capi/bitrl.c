@@ -1055,15 +1055,21 @@ static int check_manifest(const char *path, const bitrl_zip *z, const uint8_t *t
     return rc;
 }
 
-static int load_into(bitrl_policy *p, const uint8_t *file, size_t size, const bitrl_keys *keys) {
+/* Takes `file` (the artifact's bytes) and frees it once its members are read: the file, the parameters as stored and
+ * the unpacked weights are never all held at once. */
+static int load_into(bitrl_policy *p, uint8_t *file, size_t size, const bitrl_keys *keys) {
     const char *path = p->path;
     bitrl_zip z;
-    if (bitrl_zip_open(&z, file, size, path) != 0) return -1;
+    if (bitrl_zip_open(&z, file, size, path) != 0) {
+        free(file);
+        return -1;
+    }
     const bitrl_zip_entry *me = bitrl_zip_find(&z, "manifest.json");
     int rc = check_names(path, &z);
     if (rc == 0 && !me) rc = bitrl_fail("%s: no manifest.json inside; not a policy.bitrl artifact", path);
     if (rc != 0) {
         bitrl_zip_close(&z);
+        free(file);
         return -1;
     }
     uint8_t *text = NULL, *lib = NULL, *st = NULL;
@@ -1082,6 +1088,7 @@ static int load_into(bitrl_policy *p, const uint8_t *file, size_t size, const bi
     free(text);
     if (rc == 0) rc = verify_members(path, &m, &z, &lib, &lib_n, &st, &st_n);
     bitrl_zip_close(&z);
+    free(file); /* every member needed is out of it */
     if (rc == 0) rc = check_runnable_here(path, &m);
     if (rc == 0) rc = bitrl_safetensors_open(st, st_n, &header, &body, path);
     if (rc == 0) { /* every check passed: the artifact's native code is loaded now, not before */
@@ -1170,9 +1177,8 @@ bitrl_policy *bitrl_load_trusted(const char *path, const char *const *key_paths,
         bitrl_free(p);
         return NULL;
     }
-    int rc = load_into(p, file, size, &keys);
+    int rc = load_into(p, file, size, &keys); /* frees file */
     bitrl_keys_free(&keys);
-    free(file);
     if (rc == 0) {
         if (pthread_key_create(&p->key, ctx_thread_exit) != 0) {
             bitrl_fail("%s: too many policies loaded at once (no pthread key left); free some with bitrl_free", path);
