@@ -184,7 +184,7 @@ def mib(n: float) -> str:
 
 def render(r: dict, command: str) -> str:
     b, loaders = r["bytes"], r["loaders"]
-    names = {"load": "`runtime.load` (runtime/policy.py today)", "streamed": "streamed (`load_params`)"}
+    names = {"load": "`runtime.load`", "streamed": "streamed (`load_params`, by hand)"}
     cols = list(loaders)
     s = {k: summarize(v) for k, v in loaders.items()}
     head = "| | " + " | ".join(names[c] for c in cols) + " |"
