@@ -184,3 +184,70 @@ def test_compile_measures_and_run_plays_a_recurrent_policy(recurrent_ppo, tmp_pa
     np.testing.assert_array_equal(outs.argmax(1), sb3)
     r = CliRunner().invoke(main, ["run", str(out), "--env", "CartPole-v1", "--episodes", "2"])
     assert r.exit_code == 0 and "mean return" in r.output, r.output
+
+
+def test_the_c_api_steps_as_python_does(compiled, tmp_path):
+    """bitrl_act_recurrent / bitrl_forward_recurrent give the Python runtime's actions, outputs and states step by
+    step (next_state written over state, as a control loop would); the one-state calls refuse a recurrent policy,
+    and the C reader refuses the manifests the Python reader refuses."""
+    import ctypes
+
+    from test_capi import _flags
+
+    from bitrl_compile.runtime import load
+
+    libdir = next(f[2:] for f in _flags("host") if f.startswith("-L"))
+    lib = ctypes.CDLL(f"{libdir}/libbitrl.so")
+    handle_t, i64, ptr = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
+    lib.bitrl_load.restype, lib.bitrl_load.argtypes = handle_t, [ctypes.c_char_p]
+    lib.bitrl_last_error.restype = ctypes.c_char_p
+    lib.bitrl_state_size.restype, lib.bitrl_state_size.argtypes = i64, [handle_t]
+    lib.bitrl_act_recurrent.argtypes = lib.bitrl_forward_recurrent.argtypes = [handle_t, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.bitrl_act.argtypes = [handle_t, ptr, i64, ptr]
+    lib.bitrl_free.argtypes = [handle_t]
+    handle = lib.bitrl_load(str(compiled.path).encode())
+    assert handle, lib.bitrl_last_error()
+    try:
+        assert lib.bitrl_state_size(handle) == 64
+        steps = list(_episodes(60, seed=3))
+        c_state = np.zeros((2, 64), np.float32)  # two environments: the same episode, the second one step behind
+        with load(compiled.path) as policy:
+            py_state = policy.initial_state(2)
+            for (obs_a, start_a), (obs_b, start_b) in zip(steps[1:], steps[:-1]):
+                obs = np.ascontiguousarray(np.stack([obs_a, obs_b]), np.float32)
+                start = np.array([start_a, start_b], np.float32)
+                actions = np.full(2, -1, np.int64)
+                assert lib.bitrl_act_recurrent(handle, obs.ctypes.data, c_state.ctypes.data, start.ctypes.data, 2,
+                                               actions.ctypes.data, c_state.ctypes.data) == 0, lib.bitrl_last_error()
+                py_actions, py_state = policy.act(obs, py_state, start)
+                np.testing.assert_array_equal(actions, py_actions)
+                np.testing.assert_array_equal(c_state, py_state)
+            out, nxt = np.zeros((2, 2), np.float32), np.zeros((2, 64), np.float32)
+            assert lib.bitrl_forward_recurrent(handle, obs.ctypes.data, c_state.ctypes.data, start.ctypes.data, 2,
+                                               out.ctypes.data, nxt.ctypes.data) == 0, lib.bitrl_last_error()
+            want_out, want_state = policy.forward(obs, py_state, start)
+            np.testing.assert_array_equal(out, want_out)
+            np.testing.assert_array_equal(nxt, want_state)
+        assert lib.bitrl_act(handle, obs.ctypes.data, 2, actions.ctypes.data) == -1
+        assert "is a recurrent policy" in lib.bitrl_last_error().decode()
+        assert lib.bitrl_act_recurrent(handle, obs.ctypes.data, None, start.ctypes.data, 2, actions.ctypes.data,
+                                       nxt.ctypes.data) == -1
+        assert "state is NULL" in lib.bitrl_last_error().decode()
+    finally:
+        lib.bitrl_free(handle)
+
+    def size(m):
+        m["input"]["recurrent"]["state_size"] = 66
+
+    def smaller(m):
+        m["input"]["recurrent"] = {"layers": 1, "hidden": 16, "state_size": 32}
+
+    def no_state(m):
+        del m["input"]["recurrent"]
+
+    for edit, words in [(size, "input.recurrent.state_size is not 2 x layers x hidden"),
+                        (smaller, "does not take (obs, state, episode_start)"),
+                        (no_state, "returns 2 tensors; only a recurrent policy's")]:
+        bad = sealed(compiled.path, tmp_path / f"c-{edit.__name__}.bitrl", edit)
+        assert not lib.bitrl_load(str(bad).encode())
+        assert words in lib.bitrl_last_error().decode(), lib.bitrl_last_error()

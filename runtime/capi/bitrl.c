@@ -237,6 +237,7 @@ struct bitrl_policy {
     DLTensor *param_tensors;
     entry entries[N_ENTRIES];
     int64_t obs_size, output_size, action_size, batch_max;
+    int64_t state_size; /* a recurrent policy's state values per row (manifest input.recurrent), 0 otherwise */
     int discrete;
     int64_t nkeys; /* a Dict observation's keys (manifest input.keys), 0 for one array */
     char **key_names;
@@ -418,8 +419,10 @@ static int copy_finite(float *dst, const float *src, int64_t n, int64_t row, con
     return 0;
 }
 
-/* Run entry point `which` on `batch` rows: inputs[] copied in (checked finite), the plan, output 0 copied out. */
-static int run(bitrl_policy *p, int which, const float *const *inputs, int64_t batch, void *dst, const char *fn) {
+/* Run entry point `which` on `batch` rows: inputs[] copied in (checked finite), the plan, output 0 copied to dst
+ * and, when dst2 is given, output 1 (a recurrent policy's next state) to dst2. */
+static int run(bitrl_policy *p, int which, const float *const *inputs, int64_t batch, void *dst, void *dst2,
+               const char *fn) {
     entry *e = &p->entries[which];
     thread_ctx *c = ctx_get(p, batch);
     if (!c) return -1;
@@ -431,11 +434,12 @@ static int run(bitrl_policy *p, int which, const float *const *inputs, int64_t b
         x->batch = batch;
     }
     static const char *const INPUT_NAMES[] = {"obs", "noise"};
+    static const char *const RECURRENT_NAMES[] = {"obs", "state", "episode_start", "noise"};
     for (int i = 0; i < e->ninputs; i++) {
         const tensor_spec *s = &e->specs[i];
         int64_t row = row_size(s);
-        if (copy_finite(x->tensors[i].data, inputs[i], batch * row, row, fn, i < 2 ? INPUT_NAMES[i] : "input") != 0)
-            return -1;
+        const char *name = p->state_size ? (i < 4 ? RECURRENT_NAMES[i] : "input") : i < 2 ? INPUT_NAMES[i] : "input";
+        if (copy_finite(x->tensors[i].data, inputs[i], batch * row, row, fn, name) != 0) return -1;
     }
     const TVMFFIAny *args = x->args;
     for (int k = 0; k < e->ncalls; k++) {
@@ -450,30 +454,76 @@ static int run(bitrl_policy *p, int which, const float *const *inputs, int64_t b
         }
     }
     memcpy(dst, x->tensors[e->ninputs].data, tensor_bytes(&e->specs[e->ninputs], batch));
+    if (dst2) memcpy(dst2, x->tensors[e->ninputs + 1].data, tensor_bytes(&e->specs[e->ninputs + 1], batch));
     return 0;
 }
 
+static int not_recurrent(const bitrl_policy *p, const char *fn) {
+    if (p && p->state_size)
+        return bitrl_fail("%s: %s is a recurrent policy (its state: %lld values per row); call %s_recurrent with "
+                          "the state", fn, p->path, (long long)p->state_size, fn);
+    return 0;
+}
+
+static int check_state(const bitrl_policy *p, const float *state, const float *episode_start, const float *next,
+                       const char *fn) {
+    if (!p->state_size)
+        return bitrl_fail("%s: %s is not a recurrent policy (bitrl_state_size is 0); call %.*s", fn, p->path,
+                          (int)(strlen(fn) - strlen("_recurrent")), fn);
+    if (!state) return bitrl_fail("%s: state is NULL; pass float[batch * %lld] (zeros at the start)", fn,
+                                  (long long)p->state_size);
+    if (!episode_start) return bitrl_fail("%s: episode_start is NULL; pass float[batch], 1 where an episode begins", fn);
+    if (!next) return bitrl_fail("%s: next_state is NULL; pass float[batch * %lld] (it may be state itself)", fn,
+                                 (long long)p->state_size);
+    return 0;
+}
+
+int bitrl_act_recurrent(bitrl_policy *p, const float *obs, const float *state, const float *episode_start,
+                        int64_t batch, void *actions, float *next_state) {
+    const char *fn = "bitrl_act_recurrent";
+    if (check_common(p, obs, batch, actions, fn, "actions") != 0) return -1;
+    if (check_state(p, state, episode_start, next_state, fn) != 0) return -1;
+    const float *inputs[3] = {obs, state, episode_start};
+    return run(p, ACT, inputs, batch, actions, next_state, fn);
+}
+
+int bitrl_forward_recurrent(bitrl_policy *p, const float *obs, const float *state, const float *episode_start,
+                            int64_t batch, float *out, float *next_state) {
+    const char *fn = "bitrl_forward_recurrent";
+    if (check_common(p, obs, batch, out, fn, "out") != 0) return -1;
+    if (check_state(p, state, episode_start, next_state, fn) != 0) return -1;
+    const float *inputs[3] = {obs, state, episode_start};
+    return run(p, FORWARD, inputs, batch, out, next_state, fn);
+}
+
+int64_t bitrl_state_size(const bitrl_policy *p) { return p ? p->state_size : -1; }
+
 int bitrl_forward(bitrl_policy *p, const float *obs, int64_t batch, float *out) {
     if (check_common(p, obs, batch, out, "bitrl_forward", "out") != 0) return -1;
-    return run(p, FORWARD, &obs, batch, out, "bitrl_forward");
+    if (not_recurrent(p, "bitrl_forward") != 0) return -1;
+    return run(p, FORWARD, &obs, batch, out, NULL, "bitrl_forward");
 }
 
 int bitrl_act(bitrl_policy *p, const float *obs, int64_t batch, void *actions) {
     if (check_common(p, obs, batch, actions, "bitrl_act", "actions") != 0) return -1;
+    if (not_recurrent(p, "bitrl_act") != 0) return -1;
     if (!p->entries[ACT].present)
         return bitrl_fail("bitrl_act: %s is a backbone (output kind \"features\"), which has no actions; call "
                           "bitrl_forward for its features", p->path);
-    return run(p, ACT, &obs, batch, actions, "bitrl_act");
+    return run(p, ACT, &obs, batch, actions, NULL, "bitrl_act");
 }
 
 int bitrl_sample(bitrl_policy *p, const float *obs, const float *noise, int64_t batch, void *actions) {
     if (check_common(p, obs, batch, actions, "bitrl_sample", "actions") != 0) return -1;
+    if (p->state_size)
+        return bitrl_fail("bitrl_sample: %s is a recurrent policy; sampling with a state is not in the C API yet "
+                          "(use bitrl_act_recurrent)", p->path);
     if (!noise) return bitrl_fail("bitrl_sample: noise is NULL; pass uniform [0, 1) (Discrete) or standard normal (Box) noise");
     if (!p->entries[SAMPLE].present)
         return bitrl_fail("bitrl_sample: %s has no \"sample\" entry point (its actions are deterministic, or it "
                           "is a backbone); call bitrl_act", p->path);
     const float *inputs[2] = {obs, noise};
-    return run(p, SAMPLE, inputs, batch, actions, "bitrl_sample");
+    return run(p, SAMPLE, inputs, batch, actions, NULL, "bitrl_sample");
 }
 
 int64_t bitrl_obs_size(const bitrl_policy *p) { return p ? p->obs_size : -1; }
@@ -872,6 +922,35 @@ static int parse_entry(bitrl_policy *p, int which, const json *ej, const uint8_t
 }
 
 /* The manifest's sizes and entry points, the parameters they use, and lib.so's functions. */
+/* Every entry point returns one tensor, or (recurrent policies: manifest input.recurrent, whose fields
+ * bitrl_check_manifest checked) takes (obs, state, episode_start[, noise]) and returns (result, state), the state
+ * float32 [batch, state_size]: runtime/manifest.py's _state_io. */
+static int is_row(const tensor_spec *t, int64_t size, int float32) {
+    return t->ndim == (size ? 2 : 1) && t->dims[0] < 0 && (!size || t->dims[1] == size) &&
+           (!float32 || (t->dtype.code == kDLFloat && t->dtype.bits == 32));
+}
+
+static int check_state_io(bitrl_policy *p, const json *input) {
+    int64_t size = 0;
+    const json *rec = json_get(input, "recurrent");
+    if (rec && rec->type != JSON_NULL && json_int(json_get(rec, "state_size"), &size) != 0)
+        return bitrl_fail("%s: manifest input.recurrent.state_size is not an integer; " RECOMPILE, p->path);
+    p->state_size = size;
+    for (int i = 0; i < N_ENTRIES; i++) {
+        const entry *e = &p->entries[i];
+        if (!e->present) continue;
+        if (!size && e->noutputs != 1)
+            return bitrl_fail("%s: manifest entry_points.%s returns %d tensors; only a recurrent policy's entry points "
+                              "return a state (input recurrent); " RECOMPILE, p->path, ENTRY_NAMES[i], e->noutputs);
+        if (size && (e->ninputs < 3 || e->noutputs != 2 || !is_row(&e->specs[1], size, 1) ||
+                     !is_row(&e->specs[2], 0, 1) || !is_row(&e->specs[e->ninputs + 1], size, 1)))
+            return bitrl_fail("%s: manifest entry_points.%s does not take (obs, state, episode_start) and return "
+                              "(result, state) with the %lld float32 state values of input recurrent; " RECOMPILE,
+                              p->path, ENTRY_NAMES[i], (long long)size);
+    }
+    return 0;
+}
+
 static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t st_n, const json *header, size_t body) {
     const json *eps = json_get(m, "entry_points"), *input = json_get(m, "input"), *output = json_get(m, "output");
     const char *preprocess = json_str(json_get(input, "preprocess")), *kind = json_str(json_get(output, "kind"));
@@ -908,6 +987,7 @@ static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t s
     p->obs_size = row_size(&fwd->specs[0]);
     p->output_size = row_size(out);
     p->discrete = strcmp(kind, "discrete") == 0;
+    if (check_state_io(p, input) != 0) return -1;
     int64_t expected = -1; /* the output spec's width, as runtime/specs.py's output_size */
     const json *shape = json_get(output, "shape");
     if (!p->discrete && strcmp(kind, "features") != 0 && strcmp(kind, "continuous") != 0)
@@ -938,7 +1018,7 @@ static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t s
     entry *s = &p->entries[SAMPLE];
     if (s->present) {
         const tensor_spec *so = &s->specs[s->ninputs];
-        if (s->ninputs != 2 || so->dtype.code != a->dtype.code || so->dtype.bits != a->dtype.bits || row_size(so) != p->action_size)
+        if (s->ninputs != (p->state_size ? 4 : 2) || so->dtype.code != a->dtype.code || so->dtype.bits != a->dtype.bits || row_size(so) != p->action_size)
             return bitrl_fail("%s: entry point sample does not take (obs, noise) and return act's actions; " RECOMPILE, p->path);
     }
     return 0;
@@ -1196,15 +1276,17 @@ bitrl_policy *bitrl_load_trusted(const char *path, const char *const *key_paths,
             for (int k = 0; k < e->ninputs; k++) row = row_size(&e->specs[k]) > row ? row_size(&e->specs[k]) : row;
             float *zeros = calloc((size_t)row, sizeof *zeros);
             void *sink = malloc(tensor_bytes(&e->specs[e->ninputs], 1) + 1);
-            const float *inputs[2] = {zeros, zeros};
-            if (!zeros || !sink) rc = bitrl_fail("%s: out of memory", path);
-            else if (e->ninputs <= 2 && run(p, i, inputs, 1, sink, "bitrl_load") != 0) {
+            void *sink2 = p->state_size ? malloc(tensor_bytes(&e->specs[e->ninputs + 1], 1) + 1) : NULL;
+            const float *inputs[4] = {zeros, zeros, zeros, zeros};
+            if (!zeros || !sink || (p->state_size && !sink2)) rc = bitrl_fail("%s: out of memory", path);
+            else if (e->ninputs <= 4 && run(p, i, inputs, 1, sink, sink2, "bitrl_load") != 0) {
                 char why[sizeof last_error];
                 snprintf(why, sizeof why, "%s", last_error);
                 rc = bitrl_fail("%s: a test call failed (%s); " RECOMPILE, path, why);
             }
             free(zeros);
             free(sink);
+            free(sink2);
         }
     }
     if (rc != 0) {

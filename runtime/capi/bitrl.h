@@ -117,6 +117,23 @@ BITRL_API int bitrl_forward(bitrl_policy *p, const float *obs, int64_t batch, fl
  * Returns 0, or -1 with bitrl_last_error(). */
 BITRL_API int bitrl_sample(bitrl_policy *p, const float *obs, const float *noise, int64_t batch, void *actions);
 
+/* A recurrent policy's state (manifest input "recurrent": sb3-contrib RecurrentPPO's LSTM): float values per
+ * row, h of every LSTM layer then c; 0 for other policies; -1 if p is NULL. bitrl_act/bitrl_forward refuse a
+ * recurrent policy: call the _recurrent functions. */
+BITRL_API int64_t bitrl_state_size(const bitrl_policy *p);
+
+/* One step of a recurrent policy for `batch` environments: obs float[batch * obs_size], state
+ * float[batch * state_size] (zeros at the start, then the next_state the previous step wrote), episode_start
+ * float[batch] (1 where an episode begins: that row's state is reset first, as SB3 does). Writes the actions
+ * as bitrl_act does and next_state float[batch * state_size], which may be `state` itself. Returns 0, or -1
+ * with bitrl_last_error(). */
+BITRL_API int bitrl_act_recurrent(bitrl_policy *p, const float *obs, const float *state, const float *episode_start,
+                                  int64_t batch, void *actions, float *next_state);
+
+/* The raw output (as bitrl_forward) and next state of one recurrent step; arguments as bitrl_act_recurrent. */
+BITRL_API int bitrl_forward_recurrent(bitrl_policy *p, const float *obs, const float *state,
+                                      const float *episode_start, int64_t batch, float *out, float *next_state);
+
 /* 1 if the artifact has a "sample" entry point (bitrl_sample works), 0 if not, -1 if p is NULL. */
 BITRL_API int bitrl_has_sample(const bitrl_policy *p);
 

@@ -359,11 +359,28 @@ static int check_input_keys(const checker *c, const json *input) {
     return 0;
 }
 
+/* A recurrent policy's state (runtime/specs.py's check_recurrent): {layers 1..64, hidden 1..2^16,
+ * state_size = 2 * layers * hidden}. */
+static int check_recurrent(const checker *c, const json *input) {
+    const json *rec = json_get(input, "recurrent");
+    if (!rec || rec->type == JSON_NULL) return 0;
+    if (is(c, rec, JSON_OBJECT, "input.recurrent") != 0) return -1;
+    int64_t layers, hidden, size;
+    if (integer(c, json_get(rec, "layers"), "input.recurrent.layers", 1, 64, &layers) != 0 ||
+        integer(c, json_get(rec, "hidden"), "input.recurrent.hidden", 1, 1LL << 16, &hidden) != 0 ||
+        integer(c, json_get(rec, "state_size"), "input.recurrent.state_size", 1, MAX_VALUES, &size) != 0)
+        return -1;
+    if (size != 2 * layers * hidden)
+        return fail(c, "input.recurrent.state_size", "is not 2 x layers x hidden (h and c of every layer)", "");
+    return 0;
+}
+
 int bitrl_check_manifest(const char *path, const json *m) {
     checker c = {path, NULL, 0};
     int rc = check_target(&c, json_get(m, "target"));
     if (rc == 0) rc = is(&c, json_get(m, "input"), JSON_OBJECT, "input");
     if (rc == 0) rc = check_input_keys(&c, json_get(m, "input"));
+    if (rc == 0) rc = check_recurrent(&c, json_get(m, "input"));
     if (rc == 0) rc = is(&c, json_get(m, "output"), JSON_OBJECT, "output");
     if (rc == 0) rc = is(&c, json_get(json_get(m, "output"), "kind"), JSON_STRING, "output.kind");
     if (rc == 0) rc = check_params(&c, json_get(m, "params"));
