@@ -12,7 +12,10 @@ Every message, in both directions, is a frame:
 
 Requests:  {"method": "forward" | "features" | "act", "shape": [...], "dtype": "<f4", "nbytes": k,
             "deterministic": true, "seed": null}  + the observation's bytes (C order)
+           a recurrent policy's also {"extra": [{"shape", "dtype"}, {"shape", "dtype"}]}: its state and episode
+           starts, whose bytes follow the observation's
 Replies:   {"ok": true, "shape": [...], "dtype": "<i8", "nbytes": k}  + the result's bytes
+           (a recurrent policy's: "extra" [the next state's shape and dtype], its bytes after the result's)
            {"ok": false, "error": "ValueError", "message": "..."}   (the server keeps serving)
 The first frame the server sends is a greeting: {"ok": true, "manifest": {...}, "machine": "aarch64"},
 or the error that stopped `load` (then it exits with status 1). The server stops at end of input.
@@ -72,33 +75,52 @@ def read_message(stream: BinaryIO) -> tuple[dict, bytes] | None:
     return header, _read_exact(stream, int(header.get("nbytes", 0)))
 
 
-def array_message(array) -> tuple[dict, bytes]:
-    """A numpy array (or scalar) as a header and its raw C-order bytes."""
-    array = np.asarray(array, order="C")  # not ascontiguousarray: it turns a scalar into shape (1,)
-    return {"shape": list(array.shape), "dtype": array.dtype.str}, array.tobytes()
+def array_message(array, *extra) -> tuple[dict, bytes]:
+    """A numpy array (or scalar) as a header and its raw C-order bytes; `extra` arrays follow it ("extra")."""
+    arrays = [np.asarray(a, order="C") for a in (array, *extra)]  # not ascontiguousarray: a scalar stays a scalar
+    header = {"shape": list(arrays[0].shape), "dtype": arrays[0].dtype.str}
+    if extra:
+        header["extra"] = [{"shape": list(a.shape), "dtype": a.dtype.str} for a in arrays[1:]]
+    return header, b"".join(a.tobytes() for a in arrays)
 
 
 def message_array(header: dict, payload: bytes) -> np.ndarray:
-    """The inverse of `array_message`: a writable array."""
-    return np.frombuffer(payload, dtype=np.dtype(header["dtype"])).reshape(header["shape"]).copy()
+    """The inverse of `array_message` (its first array): a writable array."""
+    return message_arrays(header, payload)[0]
+
+
+def message_arrays(header: dict, payload: bytes) -> list[np.ndarray]:
+    """Every array of a message: the first, then its "extra" ones (writable copies); ValueError when the bytes
+    do not add up."""
+    out, offset = [], 0
+    for spec in [header, *(header.get("extra") or [])]:
+        dtype, shape = np.dtype(spec["dtype"]), [int(d) for d in spec["shape"]]
+        n = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if offset + n > len(payload):
+            raise ValueError(f"message payload has {len(payload)} bytes, fewer than its arrays' shapes say")
+        out.append(np.frombuffer(payload, dtype, int(np.prod(shape, dtype=np.int64)), offset).reshape(shape).copy())
+        offset += n
+    if offset != len(payload):
+        raise ValueError(f"message payload has {len(payload)} bytes, more than its arrays' shapes say ({offset})")
+    return out
 
 
 def error_message(error: BaseException) -> dict:
     return {"ok": False, "error": type(error).__name__, "message": str(error)}
 
 
-def handle(policy, header: dict, payload: bytes) -> np.ndarray:
-    """Run one request against a loaded Policy."""
+def handle(policy, header: dict, payload: bytes):
+    """Run one request against a loaded Policy: an array, or (result, next state) for a recurrent policy's."""
     method = header.get("method")
-    obs = message_array(header, payload)
+    obs, *state = message_arrays(header, payload)  # state: a recurrent policy's (state, episode_start)
     if method == "forward":
-        return np.asarray(policy.forward(obs))
+        return policy.forward(obs, *state)
     if method == "features":
         return np.asarray(policy.features(obs))
     if method == "act":
         seed = header.get("seed")
         rng = None if seed is None else np.random.default_rng(seed)
-        return np.asarray(policy.act(obs, deterministic=bool(header.get("deterministic", True)), rng=rng))
+        return policy.act(obs, *state, deterministic=bool(header.get("deterministic", True)), rng=rng)
     raise ValueError(f"unknown method {method!r}; expected 'forward', 'features' or 'act'")
 
 
@@ -119,7 +141,7 @@ def serve(artifact: str, requests: BinaryIO, replies: BinaryIO) -> int:
         except Exception as e:  # noqa: BLE001 - a bad request must not kill the server
             write_message(replies, error_message(e))
             continue
-        reply, data = array_message(result)
+        reply, data = array_message(*result) if isinstance(result, tuple) else array_message(result)
         write_message(replies, dict(reply, ok=True), data)
 
 

@@ -251,3 +251,34 @@ def test_the_c_api_steps_as_python_does(compiled, tmp_path):
         bad = sealed(compiled.path, tmp_path / f"c-{edit.__name__}.bitrl", edit)
         assert not lib.bitrl_load(str(bad).encode())
         assert words in lib.bitrl_last_error().decode(), lib.bitrl_last_error()
+
+
+def test_the_rasp4_artifact_steps_under_qemu(recurrent_ppo, compiled, tmp_path):
+    """Cross-compiled for the Pi 4 and run under qemu (cortex-a72): step by step over episodes, its actions and
+    next states against the host artifact's given the same state (float gates: within the check's tolerance),
+    through the emulator's protocol (state and episode starts travel with the observation)."""
+    from bitrl_compile.devices import EmulatedPolicy
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.pipeline import compile_policy
+    from bitrl_compile.runtime import load
+
+    rasp4 = compile_policy(load_policy(recurrent_ppo[1]), "rasp4", tmp_path / "rppo-rasp4.bitrl")
+    steps = list(_episodes(40, seed=4))
+    obs = np.stack([o for o, _ in steps]).astype(np.float32)
+    starts = np.array([s for _, s in steps], np.float32)
+    with EmulatedPolicy(rasp4.path, cpu="cortex-a72") as emulated, load(compiled.path) as host:
+        assert emulated.initial_state(2).shape == (2, 64)
+        state = emulated.initial_state()
+        for o, start in zip(obs, starts):
+            action, nxt = emulated.act(o, state, start)
+            host_action, host_next = host.act(o, state, start)
+            assert int(action) == int(host_action)
+            np.testing.assert_allclose(nxt, host_next, atol=1e-4)
+            state = nxt
+        states = np.random.default_rng(0).standard_normal((len(obs), 64)).astype(np.float32) * 0.5
+        out, nxt = emulated.forward(obs, states, starts)  # a batch, in one message
+        want_out, want_next = host.forward(obs, states, starts)
+        np.testing.assert_allclose(out, want_out, atol=1e-3)
+        np.testing.assert_allclose(nxt, want_next, atol=1e-4)
+        with pytest.raises(ValueError, match="state has shape"):
+            emulated.act(obs[0], np.zeros(3, np.float32), 0)

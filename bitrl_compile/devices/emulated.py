@@ -114,26 +114,45 @@ class EmulatedPolicy:
             raise
         return header
 
-    def forward(self, obs) -> np.ndarray:
-        """The network's raw output (logits, Q-values or action mean) for one obs or a batch."""
-        return self._call({"method": "forward"}, obs)
+    def forward(self, obs, state=None, episode_start=None):
+        """The network's raw output (logits, Q-values or action mean) for one obs or a batch; a recurrent
+        policy's (output, next state), as runtime.Policy.forward."""
+        return self._call({"method": "forward"}, obs, state, episode_start)
 
     def features(self, obs) -> np.ndarray:
         """A backbone artifact's features (manifest output kind "features") for one obs or a batch."""
         return self._call({"method": "features"}, obs)
 
-    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None):
-        """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box."""
+    def act(self, obs, state=None, episode_start=None, deterministic: bool = True,
+            rng: np.random.Generator | None = None):
+        """Action(s) the environment accepts: int for Discrete, float32 array inside the Box for Box; a recurrent
+        policy's (actions, next state), as runtime.Policy.act."""
         seed = None
         if not deterministic:
             seed = int((rng or np.random.default_rng()).integers(2**63))
-        return self._call({"method": "act", "deterministic": bool(deterministic), "seed": seed}, obs)
+        return self._call({"method": "act", "deterministic": bool(deterministic), "seed": seed}, obs, state,
+                          episode_start)
 
-    def _call(self, request: dict, obs):
+    def initial_state(self, batch: int | None = None) -> np.ndarray:
+        """A recurrent policy's state before its first step (runtime.Policy.initial_state)."""
+        recurrent = self.input_spec.get("recurrent")
+        if not recurrent:
+            raise ValueError(f"{self.path} is not a recurrent policy: it has no state; call act(obs)")
+        size = int(recurrent["state_size"])
+        return np.zeros(size if batch is None else (int(batch), size), np.float32)
+
+    def _call(self, request: dict, obs, state=None, episode_start=None):
         obs = np.asarray(flatten_observations(self.input_spec, obs))  # a Dict observation travels flat
         if obs.dtype == object:  # has no bytes to send; the runtime's own message
             raise ValueError(f"observation must be numeric, got dtype {obs.dtype}")
-        header, payload = serve.array_message(obs)
+        extra = ()
+        if self.input_spec.get("recurrent") or state is not None or episode_start is not None:
+            single = obs.shape == self.obs_shape
+            n = 1 if single else len(obs)
+            extra = (self.initial_state(None if single else n) if state is None else np.asarray(state),
+                     np.zeros(() if single else n, np.float32) if episode_start is None
+                     else np.asarray(episode_start, np.float32))
+        header, payload = serve.array_message(obs, *extra)
         with self._lock:
             if self._proc is None:
                 raise EmulatorError(f"{self.path}: the emulated policy is closed")
@@ -144,8 +163,9 @@ class EmulatedPolicy:
             reply, data = self._receive()
         if not reply.get("ok"):
             _raise_remote(reply)
-        result = serve.message_array(reply, data)
-        return result[()] if result.ndim == 0 else result
+        result, *state = serve.message_arrays(reply, data)
+        result = result[()] if result.ndim == 0 else result
+        return (result, state[0]) if state else result
 
     def _receive(self) -> tuple[dict, bytes]:
         try:
