@@ -20,6 +20,7 @@ from bitrl_compile import devices, pipeline, reference
 from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import artifact, safetensors_np, weights
 from relax_models import mlp
+from sealing import sealed
 
 SLACK = 8 << 20  # bytes over the parameters that loading may peak at (measured: 4.7 MB, mostly qemu's and numpy's)
 
@@ -89,23 +90,7 @@ def test_device_holds_the_weights_once_while_loading(wide_rasp4):
 
 def _rewritten(src, dst, edit, reseal: bool):
     """A copy of the artifact with params.safetensors edited (edit(bytearray)); hashes recomputed if reseal."""
-    import hashlib
-    import zipfile
-
-    with zipfile.ZipFile(src) as z:
-        members = {n: z.read(n) for n in z.namelist()}
-    params = bytearray(members[artifact.PARAMS])
-    edit(params)
-    members[artifact.PARAMS] = bytes(params)
-    if reseal:
-        manifest = json.loads(members["manifest.json"])
-        manifest["members"][artifact.PARAMS] = hashlib.sha256(params).hexdigest()
-        text = json.dumps(manifest, indent=2).encode()
-        members.update({"manifest.json": text, "manifest.sha256": hashlib.sha256(text).hexdigest().encode() + b"\n"})
-    with zipfile.ZipFile(dst, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return dst
+    return sealed(src, dst, member=artifact.PARAMS, edit_member=edit, reseal=reseal)
 
 
 def test_streamed_parameters_are_checked_and_refused_in_one_line(wide_rasp4, tmp_path):
