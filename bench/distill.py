@@ -4,6 +4,7 @@
     python bench/distill.py --policies dqn-CartPole-v1 --seeds 2 --budget 60     # a quick look
     python bench/distill.py --train-only                         # only train (and cache) the SB3 teachers
     python bench/distill.py --merge bench/runs/distill-*/results.json   # one table of runs made in parallel
+    nice -n 10 python bench/distill.py --cnn --seeds 2 --budget 60      # a CNN: SB3 DQN CnnPolicy on pixels
 
 Teachers are trained here by Stable-Baselines3 itself with RL Zoo's hyperparameters (bench/zoo.py, the table shared
 with bench/policy_matrix.py: budgets as in rl-zoo3's hyperparams/*.yml) and cached in ~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip, so a second run only
@@ -12,6 +13,12 @@ compiler does, no training), distilled (`distill.distill`, the default budget: 1
 agreement), all on the same 10 deterministic episodes (reset seeds 10000 + i); and the time the distillation took.
 Score = (R - R_random) / (R_fp32 - R_random). Returns of the distilled policy come from the numpy reference
 (`export.reference_act`), which the compiled artifact matches (tests/test_distill.py checks it).
+
+--cnn: the convolutional case (issue 17), tests/test_distill_cnn.py's task and teacher: CartPole-v1 as 36x36x3
+frames, an SB3 DQN CnnPolicy (NatureCNN, 64 features) trained 600 steps per seed, not cached. Its table: agreement
+with SB3's deterministic predict on 400 frames SB3's policy visits (plain, and weighted by its Q gaps: fidelity.py's
+rule) of PTQ and of the distilled student (the numpy reference, which the artifact matches bit for bit), the
+returns of 10 episodes, and the time the distillation took.
 """
 
 from __future__ import annotations
@@ -61,6 +68,78 @@ def run(algo: str, env_id: str, seed: int, episodes: int, budget: float, per_cha
             "rounds": result.rounds}
 
 
+def run_cnn(seed: int, episodes: int, budget: float) -> dict:
+    import dataclasses
+
+    import gymnasium as gym
+    import stable_baselines3 as sb3
+    import torch
+
+    from bitrl_compile import fidelity
+    from bitrl_compile.evaluate import evaluate
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.trainers import distill
+    from bitrl_compile.trainers.export import reference_act, reference_forward
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_distill_cnn import ENV  # registers the pixel task
+
+    torch.set_num_threads(1)
+    model = sb3.DQN("CnnPolicy", ENV, seed=seed, learning_starts=64, buffer_size=2000, batch_size=32,
+                    learning_rate=2e-3, train_freq=2, target_update_interval=50, exploration_fraction=0.5,
+                    policy_kwargs={"features_extractor_kwargs": {"features_dim": 64}})
+    model.learn(600)
+    path = Path(f"/tmp/bench-distill-cnn-seed{seed}.zip")
+    model.save(path)
+    loaded = load_policy(path)
+    env = gym.make(ENV)
+    frames, (frame, _) = [], env.reset(seed=123)
+    while len(frames) < 400:
+        frames.append(frame)
+        frame, _, terminated, truncated, _ = env.step(int(model.predict(frame, deterministic=True)[0]))
+        if terminated or truncated:
+            frame, _ = env.reset(seed=123 + len(frames))
+    frames = np.stack(frames)
+    actions = model.predict(frames, deterministic=True)[0]
+    with torch.no_grad():
+        q = model.q_net(model.policy.obs_to_tensor(frames)[0]).numpy()
+
+    def agree(policy) -> list[float]:
+        out = reference_forward(policy)(frames)
+        return [float(np.mean(out.argmax(1) == actions)), fidelity.compare(loaded.output, out, q)["weighted"]]
+
+    t0 = time.perf_counter()
+    result = distill.distill(loaded, ENV, None, distill.DistillArgs(seed=seed, budget_s=budget), log=lambda s: None)
+    seconds = time.perf_counter() - t0
+    student = dataclasses.replace(loaded, module=result.student)
+
+    def ret(act):
+        return evaluate(act, ENV, episodes, EVAL_SEED)[0]
+
+    return {"algo": "dqn-cnn", "env": ENV, "seed": seed, "seconds": round(seconds, 1), "rounds": result.rounds,
+            "agreement": {"ptq": agree(loaded), "distilled": agree(student)},
+            "returns": {"fp32": ret(reference_act(loaded, ternary=False)), "ptq": ret(reference_act(loaded)),
+                        "distilled": ret(reference_act(student))}}
+
+
+def cnn_table(results: list[dict]) -> str:
+    lines = [("| policy | seeds | agreement PTQ (weighted) | agreement distilled (weighted) | return fp32 | PTQ | "
+              "distilled | distill time (rounds) |"), "|---|---|---|---|---|---|---|---|"]
+
+    def agreement(k):
+        a = np.array([r["agreement"][k] for r in results])
+        return f"{100 * a[:, 0].mean():.1f} % ({100 * a[:, 1].mean():.1f} %)"
+
+    def cell(k):
+        allr = np.concatenate([r["returns"][k] for r in results])
+        return f"{np.mean(allr):.1f} ± {np.std(allr):.1f}"
+
+    lines.append(f"| SB3 DQN CnnPolicy {results[0]['env']} 36x36x3 | {len(results)} | {agreement('ptq')} | "
+                 f"{agreement('distilled')} | {cell('fp32')} | {cell('ptq')} | {cell('distilled')} | "
+                 f"{np.mean([r['seconds'] for r in results]):.0f} s ({np.mean([r['rounds'] for r in results]):.1f}) |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = [("| policy | seeds | fp32 | PTQ | distilled | score PTQ | score distilled | agreement before → after "
              "| distill time |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -95,6 +174,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=180.0, help="distillation budget per policy, seconds")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--train-only", action="store_true")
+    p.add_argument("--cnn", action="store_true", help="the CNN row instead (SB3 DQN CnnPolicy on pixel CartPole)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="print the table of earlier runs' results.json files (runs in parallel), run nothing")
     p.add_argument("--out", default="bench/runs/distill", help="folder for the distilled files and results.json")
@@ -105,6 +185,13 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    if a.cnn:
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
+            results.append(run_cnn(seed, a.episodes, a.budget))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            (out / "results-cnn.json").write_text(json.dumps(results, indent=1))
+        print(cnn_table(results))
+        return
     for spec in a.policies.split(","):
         algo, env_id = spec.split("-", 1)
         for seed in range(a.first_seed, a.first_seed + a.seeds):

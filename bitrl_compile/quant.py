@@ -212,6 +212,42 @@ def bitlinear_ste(x, weight, bias=None, per_channel: bool = False):
     return F.linear(quantize_activations_ste(x), ternarize_weight_ste(weight, per_channel), bias)
 
 
+def bitconv2d_ste(x, weight, bias=None, stride=(1, 1), padding=(0, 0), per_channel: bool = False,
+                  int8: bool = False):
+    """The compiler's BitConv2d for training (`bitconv2d_reference`'s math on an NCHW x, symmetric `padding`
+    (ph, pw) as nn.Conv2d's): one absmax int8 scale s per sample over its C x H x W, the weights as the
+    [O, C*kh*kw] matrix they flatten to, ternary (absmean gamma per tensor or per output channel) or int8 (per
+    output channel absmax). The convolution runs on the integer values themselves (exact in float32: every partial
+    sum is an integer below 2^24 for the kernels' K), the epilogue acc * gamma / s + bias in float64 (one rounding
+    to float64, then float32: the reference's fused multiply-add but in the rare double-rounding case). Gradients
+    are straight-through: d/dx as a convolution with the quantized weights gamma * W_q, d/dW as one of the
+    quantized activations x_q / s (what `bitlinear_ste` gives a Linear)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, o = x.shape[0], weight.shape[0]
+    amax = x.detach().reshape(b, -1).abs().amax(dim=1).clamp(min=float(EPS))
+    s = torch.full_like(amax, 127.0) / amax  # [B]: a true division (torch computes 127.0 / t as t.reciprocal() * 127)
+    xs = x * s.reshape(b, 1, 1, 1)
+    x_int = xs + (xs.round().clamp(-128, 127) - xs).detach()
+    w = weight.detach().reshape(o, -1)
+    if int8:
+        gamma = w.abs().amax(dim=1).clamp(min=float(EPS)) / 127.0                                # [O]
+        limit = 127
+    else:
+        absw = w.abs().double()
+        gamma = (absw.mean(dim=1) if per_channel else absw.mean().reshape(1)).to(w.dtype).clamp(min=float(EPS))
+        limit = 1
+    wg = weight / gamma.reshape(-1, 1, 1, 1)
+    w_int = wg + (wg.round().clamp(-limit, limit) - wg).detach()
+    acc = F.conv2d(x_int, w_int, None, stride, padding)
+    c = (gamma.reshape(1, -1).expand(b, o) / s.reshape(b, 1)).to(torch.float64)                # float32 quotient
+    y = acc.to(torch.float64) * c[:, :, None, None]
+    if bias is not None:
+        y = y + bias.to(torch.float64)[None, :, None, None]
+    return y.to(x.dtype)
+
+
 def quantize_weight_int8_ste(w):
     """Fake-quantized per-output-channel int8 weight with a straight-through gradient."""
     scale = w.abs().amax(dim=1, keepdim=True).clamp(min=float(EPS)) / 127.0

@@ -1,6 +1,7 @@
-"""Distillation of an fp32 MLP policy into its ternary version: recovery that keeps the algorithm.
+"""Distillation of an fp32 MLP or CNN policy into its ternary version: recovery that keeps the algorithm.
 
     bitrl-compile finetune policy.zip --env CartPole-v1 [--method distill]     # writes policy-ternary.safetensors
+    bitrl-compile finetune cnn.zip --env PixelEnv-v0 --method distill          # a CnnPolicy: cnn-ternary.pt2
     from bitrl_compile.trainers import distill; distill.distill(loaded, "CartPole-v1", "student.safetensors")
 
 The student is the teacher's own MLP (same layers, activation, observation statistics and output spec), initialised
@@ -9,6 +10,15 @@ ternary weights, per tensor or per output channel, absmax int8 activations per r
 gradients. The file written holds the student's latent float weights: the compiler ternarizes them with the same
 math, so the artifact computes what was trained (held-out agreement is measured with the numpy reference,
 `export.reference_forward`, which the artifact matches).
+
+Convolutional policies (SB3's CnnPolicy: NatureCNN, its linear and the head; any module of Conv2d/Linear layers
+called in definition order) distil the same way: every Conv2d runs as the compiler's BitConv2d
+(`quant.bitconv2d_ste`: per-sample int8 activations over C x H x W, the convolution on the integers, bit-exact with
+`quant.bitconv2d_reference` in the forward pass), every Linear as BitLinear, the layers numbered as the compiler
+numbers them (`export.layers`: --int8-layers 0 is the first convolution). Image observations are kept as the
+environment's uint8 frames (a quarter of float32's memory; at most 256 MB of them) and divided by 255 per batch,
+as the artifact's "image" preprocessing does. A CNN student is written as a torch.export program (.pt2,
+`export.save_program`: the frontends load any .pt2, where a safetensors file needs an "arch" they know).
 
 States (DAgger): rollouts of vector environments where each step is taken by the teacher with probability beta and by
 the current student otherwise (beta halves every round, 1 in the first), with a little exploration noise (a random
@@ -31,8 +41,10 @@ continuous ones every action value within 5 % of the Box's range of the teacher'
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -45,10 +57,22 @@ from torch import nn
 
 from bitrl_compile import fidelity
 from bitrl_compile.frontends import MLPPolicy
-from bitrl_compile.quant import bitlinear_ste, quantize_activations_ste, quantize_weight_int8_ste
+from bitrl_compile.quant import (
+    bitconv2d_ste,
+    bitlinear_ste,
+    quantize_activations_ste,
+    quantize_weight_int8_ste,
+)
 from bitrl_compile.runtime.policy import postprocess
 from bitrl_compile.trainers.backbones import normalize
-from bitrl_compile.trainers.export import check_policy_fits, reference_forward, save_like
+from bitrl_compile.trainers.export import (
+    check_policy_fits,
+    conv_padding,
+    layers,
+    reference_forward,
+    save_like,
+    save_program,
+)
 from bitrl_compile.trainers.logs import Logger
 from bitrl_compile.trainers.ppo import make_envs
 
@@ -77,7 +101,7 @@ class DistillArgs:
 
 @dataclass
 class DistillResult:
-    student: MLPPolicy               # latent float weights; ternary in the forward pass
+    student: nn.Module               # latent float weights; ternary in the forward pass (an MLPPolicy or a CNN)
     kind: str                        # "logits", "q_values" or "continuous"
     agreement_before: float          # held-out agreement of the plain ternary (PTQ) policy
     agreement_after: float
@@ -102,9 +126,13 @@ def output_kind(spec: dict) -> str:
                      "continuous actions), not a backbone")
 
 
-def ste_forward(mlp: MLPPolicy, x: torch.Tensor, per_channel: bool = False, int8_layers=()) -> torch.Tensor:
+def ste_forward(mlp: nn.Module, x: torch.Tensor, per_channel: bool = False, int8_layers=()) -> torch.Tensor:
     """The MLP with every Linear as the compiler's BitLinear (ternary weights, int8 activations), straight-through;
-    the Linears numbered in `int8_layers` (0-based) with int8 weights instead (mixed precision)."""
+    the Linears numbered in `int8_layers` (0-based) with int8 weights instead (mixed precision). Any other module
+    (a CNN) runs with every Linear and Conv2d so (`_ternary`)."""
+    if not isinstance(mlp, MLPPolicy):
+        with _ternary(mlp, per_channel, int8_layers):
+            return mlp(x)
     i = 0
     for m in mlp.net:
         if isinstance(m, nn.Linear):
@@ -122,13 +150,79 @@ def _bitlinear(m: nn.Linear, x: torch.Tensor, per_channel: bool = False, bias: b
     return bitlinear_ste(x, m.weight, m.bias if bias else None, per_channel)
 
 
-def calibrate_(student: MLPPolicy, teacher: MLPPolicy, x: torch.Tensor, per_channel: bool = False,
+@contextlib.contextmanager
+def _ternary(module: nn.Module, per_channel: bool, int8_layers):
+    """Within: `module`'s Linear and Conv2d layers (export.layers' numbering) run as the compiler's layers."""
+    found = layers(module)
+    try:
+        for i, m in enumerate(found):
+            m.forward = functools.partial(_layer, m, per_channel=per_channel, int8=i in int8_layers)
+        yield module
+    finally:
+        for m in found:
+            m.__dict__.pop("forward", None)
+
+
+def _layer(m: nn.Module, x: torch.Tensor, per_channel: bool = False, bias: bool = True,
+           int8: bool = False) -> torch.Tensor:
+    if isinstance(m, nn.Conv2d):
+        return bitconv2d_ste(x, m.weight, m.bias if bias else None, tuple(m.stride), conv_padding(m), per_channel,
+                             int8)
+    return _bitlinear(m, x, per_channel, bias, int8)
+
+
+class _Reached(Exception):
+    """Stops a forward pass at the layer whose input was wanted."""
+
+
+def _calibrate_layers_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, per_channel: bool,
+                       int8_layers) -> None:
+    """calibrate_ for any module of Linear/Conv2d layers (a CNN): the teacher's layer outputs from hooks, each
+    student layer's input from its own ternary forward pass stopped there; a convolution's factor and bias per
+    output channel over every sample and position."""
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in layers(teacher)]
+    try:
+        teacher(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for index, (ms, h) in enumerate(zip(layers(student), outputs)):
+        seen: list[torch.Tensor] = []
+
+        def reached(_m, inputs, seen=seen):
+            seen.append(inputs[0])
+            raise _Reached
+
+        hook = ms.register_forward_pre_hook(reached)
+        try:
+            ste_forward(student, x, per_channel, int8_layers)
+        except _Reached:
+            pass
+        finally:
+            hook.remove()
+        z = _layer(ms, seen[0], per_channel, bias=False, int8=index in int8_layers)
+        dims = (0,) if z.ndim == 2 else (0, 2, 3)
+        zm, hm = z.mean(dims, keepdim=True), h.mean(dims, keepdim=True)
+        zc, hc = z - zm, h - hm
+        c = float((zc * hc).sum() / (zc * zc).sum().clamp(min=1e-12)) if len(z) > 1 else 1.0
+        c = min(max(c, 0.1), 10.0) if math.isfinite(c) else 1.0
+        ms.weight.mul_(c)
+        if ms.bias is not None:
+            ms.bias.copy_((hm - c * zm).reshape(-1))
+
+
+def calibrate_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, per_channel: bool = False,
                int8_layers=()) -> None:
     """Scale and bias correction, layer by layer, before training: each ternary layer's output (on the student's
     own inputs) is fitted to the fp32 layer's by one factor c on the weights (the ternary codes do not change, the
     scale gamma becomes c * gamma) and a new bias per output (least squares). Plain ternarization can shrink a
     network's outputs several-fold (a DQN's Q-values of 98 came out as 33); Adam's small steps would take thousands
     of updates to undo that."""
+    if not isinstance(student, MLPPolicy):
+        with torch.no_grad():
+            _calibrate_layers_(student, teacher, x, per_channel, int8_layers)
+        return
     with torch.no_grad():
         xs, xt = x, x
         index = -1
@@ -199,12 +293,20 @@ def agreement(spec: dict, student_out: np.ndarray, teacher_out: np.ndarray) -> f
 
 # ------------------------------------------------------------------------------------------------ states
 
-class Rollouts:
-    """Vector environments stepped by a mix of teacher and student, with exploration noise; normalised states."""
+def _inputs(states: np.ndarray, image: bool) -> np.ndarray:
+    """Stored states -> the network's float32 input: kept uint8 frames / 255 (the artifact's "image"), else as is."""
+    return states.astype(np.float32) / np.float32(255.0) if image else states
 
-    def __init__(self, env_id: str, num_envs: int, seed: int, spec: dict, stats: dict | None, epsilon: float):
+
+class Rollouts:
+    """Vector environments stepped by a mix of teacher and student, with exploration noise; normalised states (or,
+    with `shaped`, for a CNN: the observations in their shape, float32, or with `image` the environment's frames as
+    they come)."""
+
+    def __init__(self, env_id: str, num_envs: int, seed: int, spec: dict, stats: dict | None, epsilon: float,
+                 image: bool = False, shaped: bool = False):
         self.envs = make_envs(env_id, num_envs)
-        self.spec, self.stats, self.epsilon = spec, stats, epsilon
+        self.spec, self.stats, self.epsilon, self.image, self.shaped = spec, stats, epsilon, image, shaped or image
         self.rng = np.random.default_rng(seed)
         self.envs.action_space.seed(seed)
         obs, _ = self.envs.reset(seed=seed)
@@ -212,11 +314,13 @@ class Rollouts:
 
     def collect(self, steps: int, actors: list, beta: float, noise: bool = True) -> np.ndarray:
         """`steps` vector steps; each env's action comes from actors[0] (the teacher) with probability beta, else
-        actors[1]. Returns the normalised states seen [steps * num_envs, obs]."""
+        actors[1] (both given states as stored). Returns the normalised states seen [steps * num_envs, obs] (frames:
+        [steps * num_envs, *shape] as the environment gives them)."""
         states = []
         n = self.envs.num_envs
         for _ in range(steps):
-            x = normalize(self.obs, self.stats)
+            x = np.array(self.obs, None if self.image else np.float32) if self.shaped else \
+                normalize(self.obs, self.stats)
             states.append(x)
             use_teacher = self.rng.random(n) < beta
             out = actors[0](x) if use_teacher.all() else np.where(use_teacher[:, None], actors[0](x), actors[1](x))
@@ -243,9 +347,18 @@ class Rollouts:
 # ------------------------------------------------------------------------------------------------ the run
 
 def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
-    """Raise ValueError unless `loaded` is an MLP policy for env_id with plain vector observations; its kind."""
-    check_policy_fits(loaded, env_id, name)
-    if loaded.input.get("preprocess", "none") != "none":
+    """Raise ValueError unless `loaded` is an MLP policy for env_id with plain vector observations, or a
+    convolutional one (plain Conv2d layers) on its images or plain observations; its kind."""
+    check_policy_fits(loaded, env_id, name, convolutional=True)
+    convs = [m for m in layers(loaded.module) if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        conv_padding(conv, name)
+    if convs:
+        if loaded.input.get("preprocess", "none") not in ("none", "image") or loaded.input.get("normalize"):
+            raise ValueError(f"{name}: distillation of a convolutional policy needs images (preprocess \"image\") "
+                             f"or plain observations without statistics, got preprocess "
+                             f"{loaded.input.get('preprocess')!r}, normalize {bool(loaded.input.get('normalize'))}")
+    elif loaded.input.get("preprocess", "none") != "none":
         raise ValueError(f"{name}: distillation needs plain vector observations (preprocess \"none\"), got "
                          f"{loaded.input.get('preprocess')!r}")
     return output_kind(loaded.output)
@@ -259,6 +372,11 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
     args = args or DistillArgs()
     started = time.perf_counter()
     kind = check_distillable(loaded, env_id)
+    mlp = isinstance(loaded.module, MLPPolicy)
+    if path is not None and not mlp and Path(path).suffix != ".pt2":
+        raise ValueError(f"{path}: a convolutional student is written as a torch.export program; give a path ending "
+                         "in .pt2")
+    image = loaded.input.get("preprocess", "none") == "image"
     torch.manual_seed(args.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.torch_threads)
@@ -268,13 +386,14 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
     for p in student.parameters():
         p.requires_grad_(True)
 
-    def teacher_out(x: np.ndarray) -> np.ndarray:
+    def teacher_out(x: np.ndarray) -> np.ndarray:  # states as stored (frames: uint8)
         with torch.no_grad():
-            return teacher(torch.from_numpy(x)).numpy()
+            return teacher(torch.from_numpy(_inputs(x, image))).numpy()
 
     def student_out(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return ste_forward(student, torch.from_numpy(x), args.per_channel, args.int8_layers).numpy()
+            return ste_forward(student, torch.from_numpy(_inputs(x, image)), args.per_channel,
+                               args.int8_layers).numpy()
 
     def student_ref(x: np.ndarray) -> np.ndarray:  # the numpy reference: exactly what the artifact computes
         return reference_forward(dataclasses.replace(loaded, module=student, input={**loaded.input, "normalize": None}),
@@ -284,7 +403,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         return agreement(spec, student_ref(held_x), held_t)
 
     try:
-        held_env = Rollouts(env_id, args.num_envs, args.seed + 1_000_003, spec, stats, 0.0)
+        held_env = Rollouts(env_id, args.num_envs, args.seed + 1_000_003, spec, stats, 0.0, image, not mlp)
         try:
             held_x = held_env.collect(math.ceil(args.heldout / args.num_envs), [teacher_out], beta=1.0, noise=False)
         finally:
@@ -293,13 +412,14 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         before = agreement(spec, student_ref(held_x), held_t)
         best_key, best_state = (before, -math.inf), copy.deepcopy(student.state_dict())  # PTQ, if nothing beats it
         if args.calibrate:
-            calibrate_(student, teacher, torch.from_numpy(held_x[::2]), args.per_channel, args.int8_layers)
+            calibrate_(student, teacher, torch.from_numpy(_inputs(held_x[::2], image)), args.per_channel,
+                       args.int8_layers)
         loss_fn = Loss(kind, spec, held_t, args.margin)
 
         def held_out() -> tuple[float, float]:
             with torch.no_grad():
-                loss = loss_fn(ste_forward(student, torch.from_numpy(held_x), args.per_channel, args.int8_layers),
-                               torch.from_numpy(held_t)).item()
+                loss = loss_fn(ste_forward(student, torch.from_numpy(_inputs(held_x, image)), args.per_channel,
+                                           args.int8_layers), torch.from_numpy(held_t)).item()
             return heldout_agreement(), loss
 
         calibrated, held_loss = held_out()
@@ -310,9 +430,10 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
             f"{len(held_x)} held-out states, {100 * calibrated:.1f} % after scale/bias calibration; target "
             f"{100 * args.agreement:.1f} %, budget {args.budget_s:.0f} s")
         optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
-        rollouts = Rollouts(env_id, args.num_envs, args.seed, spec, stats, args.epsilon)
+        rollouts = Rollouts(env_id, args.num_envs, args.seed, spec, stats, args.epsilon, image, not mlp)
         gen = torch.Generator().manual_seed(args.seed)
-        xs, ts = np.zeros((0, held_x.shape[1]), np.float32), np.zeros((0, held_t.shape[1]), np.float32)
+        xs, ts = np.zeros((0, *held_x.shape[1:]), held_x.dtype), np.zeros((0, held_t.shape[1]), np.float32)
+        max_states = args.max_states if not image else min(args.max_states, max(1, (256 << 20) // held_x[0].nbytes))
         rounds = 0
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -323,8 +444,8 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
                     time.perf_counter() - started < args.budget_s:
                 beta = 0.5 ** rounds
                 x = rollouts.collect(args.steps_per_round, [teacher_out, student_out], beta)
-                xs = np.concatenate([xs, x])[-args.max_states:]
-                ts = np.concatenate([ts, teacher_out(x)])[-args.max_states:]
+                xs = np.concatenate([xs, x])[-max_states:]
+                ts = np.concatenate([ts, teacher_out(x)])[-max_states:]
                 x_all, t_all = torch.from_numpy(xs), torch.from_numpy(ts)
                 total = 0.0
                 progress = (time.perf_counter() - started) / args.budget_s  # the rate decays linearly to 10 %
@@ -332,7 +453,8 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
                     group["lr"] = args.learning_rate * max(0.1, 1.0 - max(progress, rounds / args.max_rounds))
                 for _ in range(args.updates_per_round):
                     idx = torch.randint(len(x_all), (min(args.batch_size, len(x_all)),), generator=gen)
-                    loss = loss_fn(ste_forward(student, x_all[idx], args.per_channel, args.int8_layers), t_all[idx])
+                    batch = x_all[idx].float() / 255.0 if image else x_all[idx]  # = _inputs
+                    loss = loss_fn(ste_forward(student, batch, args.per_channel, args.int8_layers), t_all[idx])
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
@@ -360,6 +482,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
                    "per_channel": args.per_channel, "int8_layers": list(args.int8_layers),
                    "agreement_before": round(before, 4),
                    "agreement_after": round(best, 4), "rounds": rounds, "seed": args.seed}
-        result.config = save_like(Path(path), loaded, student, trained)
+        result.config = save_like(Path(path), loaded, student, trained) if mlp else \
+            save_program(Path(path), loaded, student, trained)
     log(result.summary())
     return result

@@ -6,8 +6,8 @@
 
     ptq        the plain compile: every linear layer ternary, the weights as given
     distill    distillation into the ternary network (trainers/distill.py, two thirds of `budget` seconds; MLP
-               policies with vector observations): still every layer ternary, the algorithm kept (a DQN stays a
-               Q-network)
+               policies with vector observations, and CNN policies such as SB3's CnnPolicy on images): still every
+               layer ternary, the algorithm kept (a DQN stays a Q-network)
     distill + int8 [i]
                the same student, trained on (the last third of the budget) with the layer whose int8 version
                removes most of the output error (precision.rank_layers, on the visited states) int8 in training

@@ -131,11 +131,12 @@ def finetune_cmd(model, env_id, method, steps, budget, agreement, per_channel, o
         import numpy as np
 
         from bitrl_compile.evaluate import evaluate
-        from bitrl_compile.frontends import load_policy
+        from bitrl_compile.frontends import MLPPolicy, load_policy
         from bitrl_compile.runtime.files import check_output, write_atomic
         from bitrl_compile.trainers import ppo
         from bitrl_compile.trainers.export import check_policy_fits, reference_act
 
+        was_given = output is not None
         output = Path(output) if output else Path(model).with_name(Path(model).stem + "-ternary.safetensors")
         check_output(output, force=force, inputs=[p for p in (model, config, vecnormalize) if p])  # before training
         check_env(env_id)
@@ -149,7 +150,13 @@ def finetune_cmd(model, env_id, method, steps, budget, agreement, per_channel, o
             return f"{np.mean(returns):.1f} ± {np.std(returns):.1f}"
 
         before = load()
-        check_policy_fits(before, env_id, model)
+        check_policy_fits(before, env_id, model, convolutional=method != "ppo")
+        if not isinstance(before.module, MLPPolicy) and output.suffix != ".pt2":  # a CNN: distill writes a program
+            if was_given:
+                raise ValueError(f"{output}: a convolutional policy's student is a torch.export program; give "
+                                 "--output ending in .pt2")
+            output = output.with_suffix(".pt2")
+            check_output(output, force=force, inputs=[p for p in (model, config, vecnormalize) if p])
         click.echo(f"before: fp32 {mean(reference_act(before, ternary=False))}, ternary (PTQ) "
                    f"{mean(reference_act(before, per_channel=per_channel))}  ({episodes} episodes)")
         if method in ("auto", "distill"):
@@ -163,9 +170,11 @@ def finetune_cmd(model, env_id, method, steps, budget, agreement, per_channel, o
             with removed_if_failed(run_out):
                 result = distill.distill(before, env_id, output, args, log=lambda s: click.echo(s, err=True))
             flag = " --per-channel" if per_channel else ""
+            program = {"env": env_id} if output.suffix == ".pt2" else None  # a program's actions come from --env
+            flag += f" --env {env_id}" if program else ""
             click.echo(f"after distillation ({result.rounds} rounds, {result.seconds:.0f} s, held-out agreement "
                        f"{100 * result.agreement_before:.1f} % -> {100 * result.agreement_after:.1f} %): ternary "
-                       f"{mean(reference_act(load_policy(output), per_channel=per_channel))}")
+                       f"{mean(reference_act(load_policy(output, config=program), per_channel=per_channel))}")
             if result.agreement_after < agreement:
                 hint = (" or `--method ppo` (RL fine-tuning)" if result.kind == "logits" or
                         before.output.get("log_std") is not None else "")

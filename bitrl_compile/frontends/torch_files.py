@@ -142,8 +142,30 @@ def _load_torch_export(path: Path, zf: zipfile.ZipFile, cfg: dict, trust_pickle:
         if upper is not None:  # honoured by the compile (pipeline.to_relax) and recorded in manifest["batch"]
             input_spec["max_batch"] = upper
         module = _program_module(ep)
-    return LoadedPolicy(module, None, input_spec, {}, "torch-export", f"torch.export program, obs {obs_shape}"
-                        + (f", batch <= {input_spec['max_batch']}" if "max_batch" in input_spec else ""))
+    carried = _carried_config(zf, path)  # what bitrl-compile's own programs say of themselves (distilled CNNs)
+    output = carried.get("output") if isinstance(carried.get("output"), dict) else {}
+    trained = carried.get("trained") if isinstance(carried.get("trained"), dict) else {}
+    recovery = trained.get("recovery") if isinstance(trained.get("recovery"), str) else None
+    return LoadedPolicy(module, None, input_spec, dict(output), "torch-export", f"torch.export program, obs {obs_shape}"
+                        + (f", batch <= {input_spec['max_batch']}" if "max_batch" in input_spec else ""), recovery)
+
+
+CARRIED_CONFIG = "extra/bitrl_config.json"  # trainers/export.save_program writes it (torch.export extra_files)
+MAX_CARRIED_CONFIG = 1 << 20
+
+
+def _carried_config(zf: zipfile.ZipFile, path: Path) -> dict:
+    """The JSON config a program written by bitrl-compile carries (its output spec, how it was trained), or {}:
+    plain JSON, read within a limit; the caller's config and --env still override it (frontends._finish)."""
+    names = [n for n in zf.namelist() if n.endswith("/" + CARRIED_CONFIG)]
+    if not names:
+        return {}
+    try:
+        config = json.loads(read_member(zf, names[0], MAX_CARRIED_CONFIG, str(path)))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{path}: {CARRIED_CONFIG} is not JSON ({first_line(e)[:80]}); export the policy "
+                             "again") from None
+    return config if isinstance(config, dict) else {}
 
 
 def _batch_range(ep, batch) -> tuple[int, int | None]:
