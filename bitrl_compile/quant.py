@@ -199,7 +199,10 @@ def ternarize_weight_ste(w, per_channel: bool = False):
 
 def quantize_activations_ste(x):
     """Fake-quantized per-row absmax int8 activations with a straight-through gradient."""
-    s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=float(EPS))
+    import torch
+
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=float(EPS))
+    s = torch.full_like(amax, 127.0) / amax  # a true division, as the reference's (127.0 / t is t.reciprocal() * 127)
     q = (x * s).round().clamp(-128, 127) / s
     return x + (q - x).detach()
 

@@ -134,3 +134,13 @@ def test_int_matmul_is_exact_in_float32_where_it_can_be_and_in_int32_beyond():
         expected = x_q.astype(np.int64) @ w_t.astype(np.int64).T
         out = int_matmul(x_q, w_t)
         assert out.dtype == np.int32 and np.array_equal(out, expected), (k, w_max)
+
+
+def test_ste_activations_round_as_the_reference_does():
+    """The STE's int8 values are the compiler's on every row (its scale a true float32 division, not torch's
+    reciprocal-times-127, which puts a quarter of the scales an ulp off and moves roundings at ties)."""
+    x = torch.randn(4096, 64) * torch.logspace(-3, 3, 4096)[:, None]
+    xq = quant.quantize_activations_ste(x).detach().numpy()
+    x_q, s = quant.quantize_activations(x.numpy())
+    np.testing.assert_array_equal(np.round(xq * s[:, None]), x_q)
+    np.testing.assert_array_equal(xq, (x_q.astype(np.float32) / s[:, None]).astype(np.float32))
