@@ -43,7 +43,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from bitrl_compile.evaluate import evaluate, make_env
-from bitrl_compile.runtime.policy import normalization, postprocess, prepare_observations
+from bitrl_compile.runtime.policy import (
+    flatten_observations,
+    normalization,
+    postprocess,
+    prepare_observations,
+)
 
 AGREEMENT_TARGET = 0.98
 CONTINUOUS_TOLERANCE = 0.05  # of the action range, per dimension
@@ -91,10 +96,12 @@ def in_order(forward: Forward, states: np.ndarray, starts: np.ndarray) -> np.nda
 class _Act:
     """What evaluate() calls per step: the env's action from `forward`; reset() at every episode's start."""
 
-    def __init__(self, spec: dict, forward: Forward):
-        self.spec, self.forward = spec, forward
+    def __init__(self, spec: dict, forward: Forward, input_spec: dict | None = None):
+        self.spec, self.forward, self.input_spec = spec, forward, input_spec
 
     def __call__(self, obs):
+        if self.input_spec is not None:  # a Dict observation: the flat row the policies take
+            obs = flatten_observations(self.input_spec, obs)
         return _env_action(self.spec, self.forward(np.asarray(obs)[None]))
 
     def reset(self) -> None:
@@ -277,15 +284,17 @@ def _env_action(output_spec: dict, out: np.ndarray):
 
 
 def visited_states(forward: Forward, output_spec: dict, env_id: str, rollouts: int = ROLLOUTS,
-                   max_states: int = MAX_STATES, seed: int = 0) -> np.ndarray:
+                   max_states: int = MAX_STATES, seed: int = 0, input_spec: dict | None = None) -> np.ndarray:
     """The observations of `rollouts` deterministic episodes of the policy (reset seeds seed + i), at most
-    max_states of them."""
-    return visited(forward, output_spec, env_id, rollouts, max_states, seed)[0]
+    max_states of them (a Dict observation as the flat row `input_spec` says, which the policies take too)."""
+    return visited(forward, output_spec, env_id, rollouts, max_states, seed, input_spec)[0]
 
 
 def visited(forward: Forward, output_spec: dict, env_id: str, rollouts: int = ROLLOUTS,
-            max_states: int = MAX_STATES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            max_states: int = MAX_STATES, seed: int = 0,
+            input_spec: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`visited_states` and, per state, whether an episode starts there."""
+    flat = (lambda o: flatten_observations(input_spec, o)) if input_spec else (lambda o: o)
     env = make_env(env_id)
     states, starts = [], []
     try:
@@ -296,8 +305,8 @@ def visited(forward: Forward, output_spec: dict, env_id: str, rollouts: int = RO
             done, first = False, True
             while not done and len(states) < max_states:
                 starts.append(first)
-                states.append(np.array(obs, copy=True))
-                obs, _, terminated, truncated, _ = env.step(_env_action(output_spec, forward(np.asarray(obs)[None])))
+                states.append(np.array(flat(obs), copy=True))
+                obs, _, terminated, truncated, _ = env.step(_env_action(output_spec, forward(states[-1][None])))
                 done, first = terminated or truncated, False
     finally:
         env.close()
@@ -375,8 +384,8 @@ class Baseline:
     starts: np.ndarray | None = None  # per state, whether an episode starts there (recurrent policies reset)
 
 
-def _act(spec: dict, forward: Forward) -> _Act:
-    return _Act(spec, forward)
+def _act(spec: dict, forward: Forward, input_spec: dict | None = None) -> _Act:
+    return _Act(spec, forward, input_spec)
 
 
 def _check_kind(spec: dict) -> None:
@@ -391,13 +400,13 @@ def baseline(loaded, env_id: str, *, episodes: int = 0, seed: int = 0, rollouts:
     spec = loaded.output
     _check_kind(spec)
     fp32 = fp32 or original_forward(loaded)
-    states, starts = visited(fp32, spec, env_id, rollouts, max_states, seed)
+    states, starts = visited(fp32, spec, env_id, rollouts, max_states, seed, loaded.input)
     base = Baseline(env=env_id, seed=seed, states=states, outputs=in_order(fp32, states, starts),
                     episodes=episodes, starts=starts)
     if episodes:
         space = make_env(env_id).action_space
         space.seed(seed)
-        base.ret_fp32 = float(np.mean(evaluate(_act(spec, fp32), env_id, episodes, seed)[0]))
+        base.ret_fp32 = float(np.mean(evaluate(_act(spec, fp32, loaded.input), env_id, episodes, seed)[0]))
         base.ret_random = float(np.mean(evaluate(lambda obs: space.sample(), env_id, episodes, seed)[0]))
     return base
 
@@ -419,7 +428,7 @@ def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", 
                       **compare(spec, in_order(ternary, base.states, base.starts), base.outputs))
     if episodes:
         result.episodes = episodes
-        result.ret = float(np.mean(evaluate(_act(spec, ternary), env_id, episodes, seed)[0]))
+        result.ret = float(np.mean(evaluate(_act(spec, ternary, loaded.input), env_id, episodes, seed)[0]))
         result.ret_fp32, result.ret_random = base.ret_fp32, base.ret_random
     return result
 

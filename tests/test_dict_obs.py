@@ -331,3 +331,23 @@ def test_image_keys_and_other_kinds_are_refused_by_name(tmp_path):
     assert spec["shape"] == [10] and [k["name"] for k in spec["keys"]] == ["big", "it's"]
     with pytest.raises(ModelLoadError, match="cannot read the Dict observation space"):
         _dict_spaces("{'a': Box(0, 1, (1,), float32)", tmp_path)
+
+
+def test_compile_measures_a_dict_policy_in_its_env_and_run_plays_it(runs, tmp_path):
+    """--env with a Dict environment: the keys must be the env's, the fidelity rollouts carry the flat rows,
+    `run --env` hands the env's dicts to the artifact."""
+    import gymnasium
+    from click.testing import CliRunner
+
+    from bitrl_compile.cli import main
+
+    if "DictCartPole-v0" not in gymnasium.registry:
+        gymnasium.register("DictCartPole-v0", entry_point=DictCartPole, max_episode_steps=500)
+    out = tmp_path / "dqn-env.bitrl"
+    r = CliRunner().invoke(main, [str(runs.folder / "dqn.zip"), "--env", "DictCartPole-v0", "--episodes", "2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "action agreement" in r.stdout and "states the fp32 policy visits in DictCartPole-v0" in r.stdout
+    r = CliRunner().invoke(main, ["run", str(out), "--env", "DictCartPole-v0", "--episodes", "2"])
+    assert r.exit_code == 0 and "mean return" in r.output, r.output
+    r = CliRunner().invoke(main, [str(runs.folder / "dqn.zip"), "--env", "CartPole-v1", "-o", str(tmp_path / "x.bitrl")])
+    assert r.exit_code == 1 and "takes a Dict observation (keys ['position', 'velocity']) and CartPole-v1's" in r.output

@@ -230,6 +230,17 @@ def _apply_env(loaded: LoadedPolicy, env_id, path: Path) -> tuple[str, dict]:
         raise ModelLoadError(f"{path}: the policy's action space ({_describe(loaded.output)}) is not {env_id}'s "
                              f"({_space_name(action_space)}); give the --env it was trained on")
     shape = [int(d) for d in loaded.input.get("shape", [])]
+    if loaded.input.get("kind") == "dict" and obs_space["type"] != "Dict":
+        raise ModelLoadError(f"{path}: the policy takes a Dict observation (keys "
+                             f"{[k['name'] for k in loaded.input.get('keys') or []]}) and {env_id}'s observation "
+                             f"space is {_space_name(obs_space)}; give the --env it was trained on")
+    if obs_space["type"] == "Dict":  # the policy's keys (names, shapes, order) are the env's
+        env_keys = [(k, [int(d) for d in v.get("shape", [])]) for k, v in obs_space["keys"]]
+        ours = [(k["name"], [int(d) for d in k["shape"]]) for k in loaded.input.get("keys") or []]
+        if ours == env_keys:
+            return env_id, action_space
+        raise ModelLoadError(f"{path}: the policy takes keys {ours or shape} and {env_id}'s observation is a Dict of "
+                             f"{env_keys}; give the --env it was trained on")
     if obs_space["type"] == "Discrete":
         n = int(obs_space["n"])
         if loaded.input.get("preprocess") == "onehot" and int(loaded.input.get("n", -1)) == n:

@@ -97,6 +97,8 @@ def _gym_space(space) -> dict:
         return {"type": "Box", "shape": list(space.shape), "dtype": str(space.dtype),
                 "low": np.asarray(space.low, np.float64).ravel().tolist(),
                 "high": np.asarray(space.high, np.float64).ravel().tolist()}
+    if isinstance(space, S.Dict):  # the keys in the space's order, each a space of its own
+        return {"type": "Dict", "keys": [(str(k), _gym_space(v)) for k, v in space.spaces.items()]}
     return {"type": type(space).__name__}
 
 
