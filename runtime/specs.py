@@ -11,7 +11,7 @@ The forms (written by the frontends, read by `runtime.policy` and `passes.entry_
               "normalize": None | {"mean": [...], "var": [...], "eps": 1e-8, "clip": 10.0 | None}}
            | a Dict observation (SB3 MultiInputPolicy's CombinedExtractor): the same, with "shape": [total],
              "preprocess": "none" and
-             "kind": "dict", "keys": [{"name": str, "shape": [...], "dtype": str, "preprocess": "none",
+             "kind": "dict", "keys": [{"name": str, "shape": [...], "dtype": str, "preprocess": "none" | "image",
                                        "normalize": bool}, ...]
              The network (and the artifact's entry points, and the C API) takes one flat float32 [B, total]: each
              key's array flattened (C order), concatenated in the order of "keys", whose sizes add up to total;
@@ -45,7 +45,7 @@ OUTPUT_KINDS = ("discrete", "continuous", "features")
 INPUT_KINDS = ("flat", "dict")  # "flat" when absent
 MAX_KEYS = 64  # keys of a Dict observation (runtime/capi/manifest.c: the same)
 MAX_KEY_NAME = 200
-KEY_PREPROCESSES = ("none",)  # image keys come with the convolutions (issue 17)
+KEY_PREPROCESSES = ("none", "image")  # image: uint8 pixels whose /255 and CNN the compiled module holds
 # a key's dtype: the numpy names the frontends write (the C reader knows exactly these)
 KEY_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
               "uint64", "bool")

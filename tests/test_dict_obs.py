@@ -303,9 +303,9 @@ def _key(i, **fields):
 
 @pytest.mark.parametrize("change", [
     _set(keys=[]), _set(keys="position"), _set(kind="tuple"), _set(kind="flat"), _key(1, name="position"),
-    _key(0, name=""), _key(0, shape=[3]), _key(0, shape=[0]), _key(0, dtype="complex64"), _key(0, preprocess="image"),
+    _key(0, name=""), _key(0, shape=[3]), _key(0, shape=[0]), _key(0, dtype="complex64"), _key(0, preprocess="onehot"),
     _key(0, normalize="yes"), _set(shape=[2, 2]), _key(1, shape="2"), lambda s: s["keys"].append("velocity"),
-], ids=["empty", "not-a-list", "kind", "keys-on-flat", "repeated", "unnamed", "sizes", "zero", "dtype", "image",
+], ids=["empty", "not-a-list", "kind", "keys-on-flat", "repeated", "unnamed", "sizes", "zero", "dtype", "preprocess",
         "normalize", "shape", "key-shape", "not-an-object"])
 def test_a_bad_key_list_is_refused_by_both_readers(runs, capi, tmp_path, change):
     bad = _rewrite(runs.dqn_art.path, tmp_path / "bad.bitrl", change)
@@ -317,13 +317,14 @@ def test_a_bad_key_list_is_refused_by_both_readers(runs, capi, tmp_path, change)
     assert "manifest input" in error and "\n" not in error
 
 
-def test_image_keys_and_other_kinds_are_refused_by_name(tmp_path):
+def test_image_keys_are_a_cnns_and_other_kinds_are_refused_by_name(tmp_path):
     from bitrl_compile.frontends.sb3 import _dict_spaces
     from bitrl_compile.frontends.specs import _space_to_specs
 
-    text = "{'camera': Box(0, 255, (16, 16, 3), uint8), 'state': Box(-1.0, 1.0, (3,), float32)}"
-    with pytest.raises(ValueError, match="key 'camera' is an image .* CNN keys come with issue 17's convolutions"):
-        _space_to_specs({"type": "Dict", "keys": _dict_spaces(text, tmp_path)}, "input")
+    text = "{'camera': Box(0, 255, (3, 36, 36), uint8), 'state': Box(-1.0, 1.0, (3,), float32)}"
+    spec = _space_to_specs({"type": "Dict", "keys": _dict_spaces(text, tmp_path)}, "input")  # an image key: a CNN's
+    assert spec["keys"][0] == {"name": "camera", "shape": [3, 36, 36], "dtype": "uint8", "preprocess": "image",
+                               "normalize": False} and spec["shape"] == [3 * 36 * 36 + 3]
     with pytest.raises(ValueError, match="key 'goal' is a Discrete\\(3\\) space, which is not supported yet"):
         _space_to_specs({"type": "Dict", "keys": _dict_spaces("{'goal': Discrete(3)}", tmp_path)}, "input")
     spec = _space_to_specs({"type": "Dict", "keys": _dict_spaces(
@@ -344,10 +345,66 @@ def test_compile_measures_a_dict_policy_in_its_env_and_run_plays_it(runs, tmp_pa
     if "DictCartPole-v0" not in gymnasium.registry:
         gymnasium.register("DictCartPole-v0", entry_point=DictCartPole, max_episode_steps=500)
     out = tmp_path / "dqn-env.bitrl"
-    r = CliRunner().invoke(main, [str(runs.folder / "dqn.zip"), "--env", "DictCartPole-v0", "--episodes", "2", "-o", str(out)])
+    r = CliRunner().invoke(main, [str(runs.folder / "dqn.zip"), "--env", "DictCartPole-v0", "--episodes", "2",
+                                  "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "action agreement" in r.stdout and "states the fp32 policy visits in DictCartPole-v0" in r.stdout
     r = CliRunner().invoke(main, ["run", str(out), "--env", "DictCartPole-v0", "--episodes", "2"])
     assert r.exit_code == 0 and "mean return" in r.output, r.output
     r = CliRunner().invoke(main, [str(runs.folder / "dqn.zip"), "--env", "CartPole-v1", "-o", str(tmp_path / "x.bitrl")])
     assert r.exit_code == 1 and "takes a Dict observation (keys ['position', 'velocity']) and CartPole-v1's" in r.output
+
+
+class ImageDictCartPole(gym.ObservationWrapper):
+    """CartPole seen as {"camera": a 36x36x3 uint8 picture of the cart and pole, "velocity": [x_dot, theta_dot]}: a
+    Dict with an image key, which SB3's CombinedExtractor runs through a NatureCNN."""
+
+    def __init__(self, env=None):
+        super().__init__(env or gym.make("CartPole-v1"))
+        high = self.env.observation_space.high
+        self.observation_space = spaces.Dict({
+            "camera": spaces.Box(0, 255, (36, 36, 3), np.uint8),
+            "velocity": spaces.Box(-high[[1, 3]], high[[1, 3]], dtype=np.float32)})
+
+    def observation(self, obs):
+        image = np.zeros((36, 36, 3), np.uint8)
+        image[:, int(np.clip((obs[0] + 2.4) / 4.8 * 35, 0, 35)), 0] = 255  # the cart's column
+        image[int(np.clip((obs[2] + 0.21) / 0.42 * 35, 0, 35)), :, 1] = 200  # the pole's angle as a row
+        return {"camera": image, "velocity": obs[[1, 3]].astype(np.float32)}
+
+
+def test_an_image_key_runs_through_its_nature_cnn(tmp_path):
+    """A MultiInputPolicy with an image key: the artifact takes the env's (H, W, C) uint8 pixels in the flat row,
+    transposes, divides by 255 and runs the key's ternary NatureCNN; its actions are SB3's on the fp32 module and
+    the numpy reference's on the artifact."""
+    from stable_baselines3 import PPO
+
+    model = PPO("MultiInputPolicy", ImageDictCartPole(), n_steps=64, batch_size=32, n_epochs=1, seed=0,
+                policy_kwargs={"net_arch": [32]})
+    model.learn(64)
+    model.save(tmp_path / "image-dict.zip")
+    loaded = load_policy(tmp_path / "image-dict.zip")
+    assert loaded.input["keys"][0] == {"name": "camera", "shape": [36, 36, 3], "dtype": "uint8",
+                                       "preprocess": "image", "normalize": False}
+    env = ImageDictCartPole()
+    obs, _ = env.reset(seed=0)
+    rows = []
+    for _ in range(48):
+        rows.append(obs)
+        obs, _, terminated, truncated, _ = env.step(int(model.predict(obs, deterministic=True)[0]))
+        if terminated or truncated:
+            obs, _ = env.reset()
+    batch = {key: np.stack([r[key] for r in rows]) for key in ("camera", "velocity")}
+    with torch.no_grad():
+        ours = loaded.module(torch.from_numpy(check_observations(loaded.input, batch)[0].astype(np.float32)))
+        sb3 = model.policy.get_distribution(model.policy.obs_to_tensor(batch)[0]).distribution.logits
+    np.testing.assert_allclose(torch.log_softmax(ours, 1).numpy(), sb3.numpy(), rtol=1e-5, atol=1e-6)  # normalised
+    compiled = pipeline.compile_policy(loaded, "host", tmp_path / "image-dict.bitrl")
+    x, _ = prepare_observations(compiled.manifest["input"], batch)
+    expected = reference.run(compiled.quantized, x)
+    with load(compiled.path) as policy:
+        out = policy.forward(batch)
+        np.testing.assert_allclose(out, expected, atol=1e-3)  # the MLP's tanh: TVM's and numpy's differ by an ulp
+        np.testing.assert_array_equal(policy.act(batch), np.argmax(out, axis=1))
+        one = policy.act({key: value[5] for key, value in batch.items()})
+        assert one == np.argmax(out[5])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bitrl_compile.frontends import sb3_cnn, sb3_recurrent
 from bitrl_compile.frontends.mlp import _TORCH_ACTIVATIONS, _build_mlp, _linears, check_state_dict
-from bitrl_compile.frontends.specs import _check_finite, _space_to_specs
+from bitrl_compile.frontends.specs import _check_finite, _is_image, _space_to_specs
 from bitrl_compile.frontends.torch_files import _torch_load_weights
 from bitrl_compile.frontends.zips import check_torch_zip, check_zip_directory, read_member
 from bitrl_compile.loaded import LoadedPolicy, ModelLoadError
@@ -263,16 +263,17 @@ _EXTRACTOR_KEY = re.compile(r"(?:^|\.)features_extractor\.extractors\.([^.]+)\."
 
 
 def _combined_extractor(obs_space: dict, sd: dict, path: Path) -> None:
-    """SB3's CombinedExtractor (MultiInputPolicy): nn.Flatten per vector key, concatenated in the Dict space's
-    order, which is the flat input of runtime/specs.py (frontends/specs.py writes its keys); it has no weights.
-    A key with weights is an image key's CNN: the seam for issue 17's convolutions, refused here by name."""
-    names = {name for name, _ in obs_space["keys"]}
+    """SB3's CombinedExtractor (MultiInputPolicy): nn.Flatten per vector key, a NatureCNN per image key
+    (frontends/sb3_cnn.py: combined_policy), concatenated in the Dict space's order, which is the flat input of
+    runtime/specs.py (frontends/specs.py writes its keys). Checked here: CNN weights only for image keys, no custom
+    extractor."""
+    images = {name for name, sub in obs_space["keys"] if _is_image(sub)}
     for k in sd:
         m = _EXTRACTOR_KEY.search(k)
-        if m is not None:
-            what = "an image key" if m.group(1) in names else "a key the observation space lacks"
-            raise ModelLoadError(f"{path}: observation key {m.group(1)!r} has a CNN ({what} of the CombinedExtractor):"
-                                 " CNN keys come with issue 17's convolutions; give the policy vector keys only")
+        if m is not None and m.group(1) not in images:
+            raise ModelLoadError(f"{path}: observation key {m.group(1)!r} has a CNN in the CombinedExtractor but is "
+                                 "not an image key of the observation space (uint8 (C, H, W)); the file does not "
+                                 "match its space")
         if "features_extractor." in k and ".extractors." not in k:
             raise ModelLoadError(f"{path}: a custom features extractor ({k}) is not supported yet; use SB3's "
                                  "CombinedExtractor (the MultiInputPolicy default)")
@@ -328,9 +329,14 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
         layers = _linears(sd, "actor.mu.", path)
     if any(w is None for _, w, _ in layers):
         raise ModelLoadError(f"{path}: policy.pth lacks the actor's output layer; the file is incomplete")
-    mlp = _build_mlp(path, layers, activation, [layers[0][1].shape[1]] if cnn_prefix else input_spec["shape"])
+    images = [k["name"] for k in input_spec.get("keys") or [] if k.get("preprocess") == "image"]
+    width = sb3_cnn.combined_features(sd, input_spec, path) if images else None
+    mlp = _build_mlp(path, layers, activation, [layers[0][1].shape[1]] if cnn_prefix else
+                     [width] if images else input_spec["shape"])
     if cnn_prefix:  # the NatureCNN and its linear before the MLP; the input becomes the env's (H, W, C) images
         mlp = sb3_cnn.cnn_policy(sd, cnn_prefix, input_spec, mlp, cfg, path)
+    if images:  # a NatureCNN per image key of the Dict (its shape becomes the env's (H, W, C))
+        mlp = sb3_cnn.combined_policy(sd, input_spec, mlp, cfg, kwargs.get("normalize_images") is not False, path)
     algo = source.split("-")[1].upper()
     sizes = [layers[0][1].shape[1]] + [w.shape[0] for _, w, _ in layers]
     desc = f"SB3 {algo} {'CnnPolicy (NatureCNN) then ' if cnn_prefix else ''}MLP policy {sizes} {activation}, " \

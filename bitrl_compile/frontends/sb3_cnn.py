@@ -104,3 +104,80 @@ def cnn_policy(sd: dict, prefix: str, input_spec: dict, head: nn.Module, cfg: di
     if layout == "hwc":
         input_spec["shape"] = [h, w, c]
     return SB3CnnPolicy(cnn, linear, head, layout == "hwc").eval()
+
+
+class SB3CombinedPolicy(nn.Module):
+    """A MultiInputPolicy's flat row [B, total] -> the head's output: SB3's CombinedExtractor. Each key is its slice of
+    the row (runtime/specs.py's layout); an image key is reshaped to its (H, W, C) (or (C, H, W)), transposed,
+    divided by 255 (SB3's normalize_images) and run through its NatureCNN and linear; the others are taken as they
+    are; the features are concatenated in key order, then the head."""
+
+    def __init__(self, parts: list, cnns: list, head: nn.Module):
+        super().__init__()
+        self.parts = parts  # per key: (offset, size, None | (index into cnns, shape, channels_last, scale))
+        self.cnns = nn.ModuleList(cnns)
+        self.head = head
+
+    def forward(self, x):
+        features = []
+        for offset, size, image in self.parts:
+            part = x[:, offset:offset + size]
+            if image is not None:
+                index, shape, channels_last, scale = image
+                part = part.reshape(-1, *shape)
+                if channels_last:
+                    part = part.permute(0, 3, 1, 2)
+                if scale:
+                    part = part / 255.0
+                part = self.cnns[index](part)
+            features.append(part)
+        return self.head(torch.cat(features, dim=1))
+
+
+def combined_policy(sd: dict, input_spec: dict, head: nn.Module, cfg: dict, normalize_images: bool,
+                    path: Path) -> nn.Module:
+    """The MultiInputPolicy on the flat row of `input_spec` (its keys; an image key's shape, saved channels-first,
+    becomes the environment's (H, W, C) unless cfg["image_layout"] is "chw"), with a NatureCNN per image key."""
+    layout = str(cfg.get("image_layout", "hwc")).lower()
+    if layout not in ("hwc", "chw"):
+        raise ModelLoadError(f"{path}: config \"image_layout\" is {layout!r}; give \"hwc\" or \"chw\"")
+    parts, cnns, offset = [], [], 0
+    for key in input_spec["keys"]:
+        size = int(torch.tensor(key["shape"]).prod())
+        image = None
+        if key.get("preprocess") == "image":
+            prefix = next((p + f"extractors.{key['name']}." for p in PREFIXES
+                           if any(k.startswith(p + f"extractors.{key['name']}.cnn.") for k in sd)), None)
+            if prefix is None:
+                raise ModelLoadError(f"{path}: observation key {key['name']!r} is an image but policy.pth has no "
+                                     "NatureCNN for it; save the model again with stable-baselines3")
+            cnn, linear, _ = nature_cnn(sd, prefix, path)
+            c, h, w = key["shape"]
+            with torch.no_grad():
+                n_flatten = cnn(torch.zeros(1, c, h, w)).shape[1]
+            if linear[0].in_features != n_flatten:
+                raise ModelLoadError(f"{path}: key {key['name']!r}'s NatureCNN linear layer takes "
+                                     f"{linear[0].in_features} features but its convolutions give {n_flatten}")
+            if layout == "hwc":
+                key["shape"] = [h, w, c]
+            image = (len(cnns), tuple(key["shape"]), layout == "hwc", normalize_images)
+            cnns.append(nn.Sequential(cnn, linear))
+        parts.append((offset, size, image))
+        offset += size
+    return SB3CombinedPolicy(parts, cnns, head).eval()
+
+
+def combined_features(sd: dict, input_spec: dict, path: Path) -> int:
+    """The width of the CombinedExtractor's output: each image key's NatureCNN features, each other key's values."""
+    width = 0
+    for key in input_spec["keys"]:
+        if key.get("preprocess") == "image":
+            prefix = next((p + f"extractors.{key['name']}." for p in PREFIXES
+                           if f"{p}extractors.{key['name']}.linear.0.weight" in sd), None)
+            if prefix is None:
+                raise ModelLoadError(f"{path}: observation key {key['name']!r} is an image but policy.pth has no "
+                                     "NatureCNN for it; save the model again with stable-baselines3")
+            width += int(_tensor(sd, prefix + "linear.0.weight", 2, path).shape[0])
+        else:
+            width += int(torch.tensor(key["shape"]).prod())
+    return width

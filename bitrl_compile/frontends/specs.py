@@ -54,12 +54,10 @@ def _dict_input_spec(space: dict) -> dict:
     keys = []
     for name, sub in space["keys"]:
         kind = sub["type"]
-        if kind in ("Box", "MultiBinary") and _is_image(sub):
-            # the seam for issue 17's convolutions: an image key (SB3 runs a NatureCNN on it) gets preprocess
-            # "image" and its CNN there; until then it is refused here, by name
-            raise ValueError(f"observation key {name!r} is an image ({_space_name(sub)} uint8), which SB3 runs "
-                             "through a CNN: CNN keys come with issue 17's convolutions; give the policy vector "
-                             "keys only (Box, MultiBinary)")
+        if kind in ("Box", "MultiBinary") and _is_image(sub):  # SB3 runs a NatureCNN on it (frontends/sb3_cnn.py)
+            keys.append({"name": name, "shape": list(sub["shape"]), "dtype": "uint8", "preprocess": "image",
+                         "normalize": False})
+            continue
         if kind not in ("Box", "MultiBinary") or "shape" not in sub:
             raise ValueError(f"observation key {name!r} is a {_space_name(sub)} space, which is not supported yet "
                              "in a Dict observation (Box and MultiBinary keys are)")

@@ -304,7 +304,7 @@ static int check_tables(const checker *c, const json *m) {
 
 /* A Dict observation's keys (runtime/specs.py's check_input_keys): the input is one flat vector [total], preprocess
  * none, and the keys (1 to 64; unique names of 1 to 200 bytes; shapes of positive ints, at most 2^20 values each;
- * dtypes of KEY_DTYPES; preprocess none; normalize a boolean) hold total values in all. */
+ * dtypes of KEY_DTYPES; preprocess none or image; normalize a boolean) hold total values in all. */
 #define MAX_KEYS 64
 #define MAX_VALUES (1LL << 20)
 
@@ -351,7 +351,8 @@ static int check_input_keys(const checker *c, const json *input) {
         for (size_t t = 0; dtype && dtypes[t]; t++) known |= json_str(dtype) && strcmp(dtype->string, dtypes[t]) == 0;
         if (!known) return fail(c, at, "is not a real dtype (float32, int64, uint8, bool, ...)", "");
         snprintf(at, sizeof at, "input.keys[%zu].preprocess", i);
-        if (kp && (!json_str(kp) || strcmp(kp->string, "none") != 0)) return fail(c, at, "is not none", "");
+        if (kp && (!json_str(kp) || (strcmp(kp->string, "none") != 0 && strcmp(kp->string, "image") != 0)))
+            return fail(c, at, "is not none or image", "");
         snprintf(at, sizeof at, "input.keys[%zu].normalize", i);
         if (norm && is(c, norm, JSON_BOOL, at) != 0) return -1;
     }
