@@ -62,8 +62,12 @@ def test_the_loaded_module_is_sb3_contribs_actor(recurrent_ppo):
 
     from bitrl_compile.frontends import load_policy
 
+    from bitrl_compile.trainers import distill
+
     model, path = recurrent_ppo
     loaded = load_policy(path)
+    with pytest.raises(ValueError, match="distillation of a recurrent .LSTM. policy is not supported yet"):
+        distill.check_distillable(loaded, "CartPole-v1")  # --keep and finetune say so in one line
     assert loaded.source == "sb3-recurrent-ppo" and loaded.input["recurrent"] == {"layers": 2, "hidden": 16,
                                                                                  "state_size": 64}
     assert "LSTM 2x16" in loaded.description

@@ -349,6 +349,9 @@ class Rollouts:
 def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
     """Raise ValueError unless `loaded` is an MLP policy for env_id with plain vector observations, or a
     convolutional one (plain Conv2d layers) on its images or plain observations; its kind."""
+    if loaded.input.get("recurrent"):
+        raise ValueError(f"{name}: distillation of a recurrent (LSTM) policy is not supported yet: its student would "
+                         "train on sequences; compile it as it is (the fidelity line says what it keeps)")
     check_policy_fits(loaded, env_id, name, convolutional=True)
     convs = [m for m in layers(loaded.module) if isinstance(m, nn.Conv2d)]
     for conv in convs:
