@@ -1,6 +1,8 @@
 """NatureCNN per frame: the compiled ternary artifact (BitConv2d kernels, targets/conv_kernels.py) against torch fp32.
 
     TVM_NUM_THREADS=1 OMP_NUM_THREADS=1 nice -n 10 python3 bench/bitconv.py [--batch 1 8] [--repeat 200]
+    python3 bench/bitconv.py --sb3-zip nature_cnn.zip    # an SB3 PPO CnnPolicy on 84x84x4 uint8 frames, then:
+    bitrl-compile bench nature_cnn.zip --batch 8          # vs torch, ONNX Runtime fp32 / int8 (docs/kernels.md)
 
 A NatureCNN policy (SB3's: 8x8/4 32, 4x4/2 64, 3x3/1 64, Linear 3136 -> 512, a 6-action head) on 84x84x4 uint8
 frames, random weights, compiled for the host. Prints one table: µs per call and per frame for the whole policy
@@ -27,6 +29,25 @@ def nature_cnn(actions: int = 6) -> torch.nn.Module:
     return torch.nn.Sequential(cnn, torch.nn.Linear(3136, 512), torch.nn.ReLU(), torch.nn.Linear(512, actions)).eval()
 
 
+def sb3_zip(path: str) -> None:
+    """An (untrained, seeded) SB3 PPO CnnPolicy on 84x84x4 uint8 frames, 6 actions, saved to `path`."""
+    import gymnasium as gym
+    import stable_baselines3 as sb3
+
+    class Frames(gym.Env):
+        observation_space = gym.spaces.Box(0, 255, (84, 84, 4), np.uint8)
+        action_space = gym.spaces.Discrete(6)
+
+        def reset(self, seed=None, options=None):
+            super().reset(seed=seed)
+            return self.observation_space.sample(), {}
+
+        def step(self, action):
+            return self.observation_space.sample(), 0.0, False, False, {}
+
+    sb3.PPO("CnnPolicy", Frames(), seed=0, n_steps=64, batch_size=32).save(path)
+
+
 def median_us(fn, repeat: int) -> float:
     for _ in range(max(3, repeat // 10)):
         fn()
@@ -42,7 +63,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--sb3-zip", help="only write an SB3 PPO CnnPolicy zip here (for `bitrl-compile bench`)")
     args = parser.parse_args()
+    if args.sb3_zip:
+        sb3_zip(args.sb3_zip)
+        return
     torch.set_num_threads(1)
     from bitrl_compile import pipeline
     from bitrl_compile.loaded import LoadedPolicy

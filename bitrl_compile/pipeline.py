@@ -146,6 +146,7 @@ def bitlinear_layers(mod) -> list[dict]:
     from tvm import relax
 
     from bitrl_compile.passes import bitconv_op, bitlinear_op
+    from bitrl_compile.targets import conv_kernels
 
     layers = []
     for block in mod["main"].body.blocks:
@@ -162,8 +163,10 @@ def bitlinear_layers(mod) -> list[dict]:
             int8 = op.layout == bitlinear_op.Q8
             if conv:  # kernel / stride / padding (top, left, bottom, right), e.g. "8x8/4 p0,0,0,0"
                 g = op.geometry
+                stored = conv_kernels.ConvLayout.of(g.channels, *g.kernel, n)  # the kernel's padded layout
                 extra = {"op": "conv2d", "conv": f"{g.kernel[0]}x{g.kernel[1]}/{g.stride[0]}x{g.stride[1]} p"
-                                                   + ",".join(str(p) for p in g.padding)}
+                                                   + ",".join(str(p) for p in g.padding),
+                         "bytes": stored.groups * stored.o16 * 4}
             layers.append({"name": f"{'bitconv' if conv else 'bitlinear'}{len(layers)}", "index": len(layers),
                            **(extra if conv else {}), "in": k, "out": n,
                            "shape": [n, k], "precision": "int8" if int8 else "ternary",
@@ -313,8 +316,8 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
     params, weight_layouts = store_weights(lowered, params)
     for layer in layers:  # ternary: stored base-3, unpacked at load into the kernel's tiles; int8: stored as is
         n, k = layer["shape"]
-        if layer.get("op") == "conv2d":  # convolutions: int8 [C, KH, KW, O], stored as they are
-            layer.update(layout="int8", compute_layout=conv_kernels.LAYOUT, bytes=n * k, weight_bits_per_param=8)
+        if layer.get("op") == "conv2d":  # convolutions: int8 in the kernel's layout (g4o4, padded), stored as is
+            layer.update(layout="int8", compute_layout=conv_kernels.LAYOUT, weight_bits_per_param=8)
         elif layer["precision"] == "int8":
             layer.update(layout="int8", compute_layout="q8", bytes=n * k)
         else:

@@ -2,8 +2,9 @@
 
 One PrimFunc per (geometry, input size, output channels, activation, scale kind), symbolic in the batch:
 
-    x[B, C*H*W] f32 (the NCHW input, flat: legalize_bitlinear reshapes it), w[C, KH, KW, O] i8 (trits, or int8 in
-    [-127, 127] for an int8 layer; output channels contiguous), gamma[G] f32, bias[O] f32 -> y[B, O, OH, OW] f32
+    x[B, C*H*W] f32 (the NCHW input, flat: legalize_bitlinear reshapes it), w[G, O16, 4] i8 (trits, or int8 in
+    [-127, 127] for an int8 layer; the reduction in groups of 4 inputs, `ConvLayout`), gamma[G] f32, bias[O] f32
+    -> y[B, O, OH, OW] f32
 
     amax[b]            = max_i |x[b, i]|                   per sample (vectorised: partial maxima over lanes)
     scale[b]           = 127 / max(amax[b], eps)
@@ -12,28 +13,74 @@ One PrimFunc per (geometry, input size, output channels, activation, scale kind)
                                                                                   |x_q * w| <= 128 * 127)
     y[b, o, oh, ow]    = act(fma(f32(acc), gamma[o] / scale[b], bias[o]))   (`kernels.activate`)
 
-Schedule (every ISA: LLVM vectorises, no tensor intrinsic yet): per output row, blocks of OW_BLOCK output
-positions x O_BLOCK channels are accumulated in registers over the whole reduction, the channels innermost (one
-weight vector load serves the block's positions; a broadcast x_q value times it); rows (and samples) are split
-across threads when a layer is large enough (kernels.PARALLEL_MIN_WORK, as the BitLinear kernels).
+Two implementations of that math:
+- AVX-512 VNNI (`VNNI_ISAS`, O % 16 == 0): the hand-written vpdpbusd kernel of targets/conv_vnni.py.
+- every other ISA (aarch64 included): LLVM vectorises this TensorIR. The weights are first laid out as
+  [C, KH, KW, O] (K x O bytes, once per call); per output row, blocks of OW_BLOCK output positions x O_BLOCK
+  channels are accumulated in registers over the whole reduction, the channels innermost (one weight vector
+  load serves the block's positions; a broadcast x_q value times it); rows (and samples) are split across
+  threads when a layer is large enough (kernels.PARALLEL_MIN_WORK, as the BitLinear kernels).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import te
 from tvm import tirx as T
 
 from bitrl_compile.quant import FUSABLE_ACTIVATIONS
 
-from . import KernelSpec, kernel_spec
+from . import KernelSpec, conv_vnni, kernel_spec
 from .kernels import PARALLEL_MIN_WORK, activate, quantize_value, row_scales, schedule_row_scales
 
-LAYOUT = "cikko"  # the kernel's weights: int8 [C, KH, KW, O], stored as they are (not base-3)
-OW_BLOCK = 4      # output positions per register block
+LAYOUT = "g4o4"   # the kernel's weights: int8 [G, O16, 4] (groups of 4 reduction inputs; `kernel_weights`), as stored
+OW_BLOCK = 4      # output positions per register block (the LLVM-vectorised path)
 O_BLOCK = 16      # output channels per register block (int32 lanes)
+VNNI_ISAS = ("avx512-vnni", "amx")  # specs whose convolutions are the hand-written vpdpbusd kernel (conv_vnni.py)
+
+
+@dataclass(frozen=True)
+class ConvLayout:
+    """The reduction C x KH x KW in groups of 4 inputs (one vpdpbusd lane: 4 bytes), for weights and activations.
+
+    "kw" (KW % 4 == 0: NatureCNN's 8x8 and 4x4): a group is 4 adjacent kernel columns of one channel and row, so
+         the activations stay NCHW (a group's 4 inputs are adjacent in an image row); groups ordered (c, i, jg)
+    "c"  (otherwise: 3x3): a group is 4 adjacent channels (C padded to a multiple of 4) at one tap, the activations
+         HWC; groups ordered (i, j, cg)
+    Weights: int8 [G, O16, 4] (O padded to a multiple of 16, padding zero): w[g, o, l] is input l of group g.
+    """
+
+    mode: str
+    c: int
+    kh: int
+    kw: int
+    o: int
+
+    @staticmethod
+    def of(c: int, kh: int, kw: int, o: int) -> ConvLayout:
+        return ConvLayout("kw" if kw % 4 == 0 else "c", c, kh, kw, o)
+
+    @property
+    def c4(self) -> int:
+        return -(-self.c // 4)
+
+    @property
+    def groups(self) -> int:
+        return self.c * self.kh * (self.kw // 4) if self.mode == "kw" else self.kh * self.kw * self.c4
+
+    @property
+    def o16(self) -> int:
+        return -(-self.o // 16) * 16
+
+    def index(self, c, i, j):
+        """(group, lane) of reduction input (c, i, j)."""
+        if self.mode == "kw":
+            return (c * self.kh + i) * (self.kw // 4) + j // 4, j % 4
+        return (i * self.kw + j) * self.c4 + c // 4, c % 4
 
 
 def conv_kernel_name(geometry, hw: tuple[int, int], o: int, activation: str, per_channel: bool) -> str:
@@ -44,8 +91,14 @@ def conv_kernel_name(geometry, hw: tuple[int, int], o: int, activation: str, per
 
 
 def kernel_weights(w):
-    """Integer weights [O, C, KH, KW] (numpy) in the kernel's layout [C, KH, KW, O]."""
-    return w.transpose(1, 2, 3, 0).copy()
+    """Integer weights [O, C, KH, KW] (numpy) in the kernel's layout [G, O16, 4] (ConvLayout)."""
+    o, c, kh, kw = w.shape
+    layout = ConvLayout.of(c, kh, kw, o)
+    out = np.zeros((layout.groups, layout.o16, 4), np.int8)
+    ci, ii, jj = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), indexing="ij")
+    g, lane = layout.index(ci, ii, jj)
+    out[g, :o, lane] = np.moveaxis(w, 0, -1)
+    return out
 
 
 def conv_primfunc(geometry, hw: tuple[int, int], o: int, activation: str = "none", per_channel: bool = False,
@@ -60,7 +113,8 @@ def conv_primfunc(geometry, hw: tuple[int, int], o: int, activation: str = "none
     size = c * h * w_
     batch = T.Var("batch", "int64") if batch is None else T.const(batch, "int64")
     x = te.placeholder((batch, size), "float32", name="x")
-    w = te.placeholder((c, kh, kw, o), "int8", name="w")
+    layout = ConvLayout.of(c, kh, kw, o)
+    w = te.placeholder((layout.groups, layout.o16, 4), "int8", name="w")
     gamma = te.placeholder((o if per_channel else 1,), "float32", name="gamma")
     bias = te.placeholder((o,), "float32", name="bias")
 
@@ -74,11 +128,14 @@ def conv_primfunc(geometry, hw: tuple[int, int], o: int, activation: str = "none
         return T.if_then_else(inside, quantize_value(value, scale[b]), T.const(0, "int8"))
 
     x_q = te.compute((batch, c, h + pt + pb, w_ + pl + pr), quantize, name="x_q")
+    # the weights as [C, KH, KW, O] once per call (K x O bytes): the register blocks then load 16 channels at once
+    w_c = te.compute((c, kh, kw, o), lambda ci, i, j, n: w[layout.index(ci, i, j)[0], n, layout.index(ci, i, j)[1]],
+                     name="w_c")
     rc, ri, rj = te.reduce_axis((0, c), "rc"), te.reduce_axis((0, kh), "ri"), te.reduce_axis((0, kw), "rj")
     acc = te.compute(
         (batch, oh, ow, o),
         lambda b, y, z, n: te.sum(T.Cast("int32", T.Cast("int16", x_q[b, rc, y * sh + ri, z * sw + rj])
-                                           * T.Cast("int16", w[rc, ri, rj, n])), axis=[rc, ri, rj]),
+                                           * T.Cast("int16", w_c[rc, ri, rj, n])), axis=[rc, ri, rj]),
         name="acc")
 
     def epilogue(b, n, y, z):
@@ -118,8 +175,18 @@ def conv_kernel(geometry, hw: tuple[int, int], o: int, activation: str = "none",
                 spec: KernelSpec | None = None):
     """The scheduled BitConv2d kernel for a target's kernel spec, with its manifest schedule record."""
     spec = spec or kernel_spec(None)
-    sch = tvm.s_tir.Schedule(conv_primfunc(geometry, hw, o, activation, per_channel, spec))
-    apply_schedule(sch, spec)
-    schedule = {"schedule": "default", "knobs": {"ow_block": OW_BLOCK, "o_block": O_BLOCK},
-                "reason": "convolution (one hand-written schedule)"}
-    return sch.mod["main"].with_attr("bitrl.schedule", json.dumps(schedule, sort_keys=True))
+    if spec.isa in VNNI_ISAS and o % 16 == 0:
+        layout = ConvLayout.of(geometry.channels, *geometry.kernel, o)
+        func, knobs = conv_vnni.vnni_conv(geometry, hw, o, activation, per_channel, layout)
+        func = func.with_attrs({"bitrl.activation": activation, "bitrl.isa": f"conv-{spec.isa}",
+                                "bitrl.weight_layout": LAYOUT, "bitrl.n": o, "bitrl.k": geometry.k,
+                                "bitrl.work": geometry.k * o * int(np.prod(geometry.output_hw(*hw)))})
+        schedule = {"schedule": "default", "knobs": knobs,
+                    "reason": "convolution (hand-written vpdpbusd kernel, targets/conv_vnni.py)"}
+    else:
+        sch = tvm.s_tir.Schedule(conv_primfunc(geometry, hw, o, activation, per_channel, spec))
+        apply_schedule(sch, spec)
+        func = sch.mod["main"]
+        schedule = {"schedule": "default", "knobs": {"ow_block": OW_BLOCK, "o_block": O_BLOCK},
+                    "reason": "convolution (one hand-written schedule)"}
+    return func.with_attr("bitrl.schedule", json.dumps(schedule, sort_keys=True))

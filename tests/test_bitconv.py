@@ -6,6 +6,7 @@ import ctypes
 import functools
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,6 +157,8 @@ def test_legalize_lowers_to_the_conv_kernel_with_weights_in_its_layout():
     ((16, (3, 3), (1, 1), (1, 1, 1, 1)), (7, 7), 24, "relu", True, "trits"),    # padded 3x3 (24: a tail block)
     ((3, (3, 2), (2, 1), (1, 0, 2, 1)), (7, 9), 5, "none", False, "int8"),      # asymmetric everything
     ((8, (3, 3), (1, 1), (1, 1, 1, 1)), (5, 5), 16, "tanh", False, "trits"),
+    ((6, (3, 4), (1, 2), (1, 2, 0, 3)), (9, 11), 32, "relu", True, "int8"),     # column groups, padded
+    ((5, (2, 3), (2, 1), (2, 1, 0, 1)), (17, 19), 16, "none", False, "int8"),   # channel groups, C % 4 != 0
 ])
 def test_kernel_is_bit_exact_on_nature_cnn_geometries(geometry, hw, o, activation, per_channel, weights):
     g = bitconv_op.Geometry(*geometry)
@@ -359,3 +362,30 @@ def test_sb3_cnn_policy_trained_here_loads_and_compiles_bit_exact(algo, tmp_path
     with load(compiled.path) as policy:
         out = policy.forward(frames)
     np.testing.assert_array_equal(out, reference.run(compiled.quantized, frames.astype(np.float32) / 255))
+
+
+def test_conv_weight_layout_groups_four_inputs_and_pads_the_output_channels():
+    w = np.arange(20 * 3 * 2 * 4).reshape(20, 3, 2, 4).astype(np.int8)  # KW = 4: groups of 4 kernel columns
+    packed = conv_kernels.kernel_weights(w)
+    assert packed.shape == (3 * 2, 32, 4) and not packed[:, 20:].any()
+    np.testing.assert_array_equal(packed[1 * 2 + 1, 7], w[7, 1, 1, :])
+    w = np.arange(16 * 5 * 3 * 3).reshape(16, 5, 3, 3).astype(np.int8)  # KW = 3: groups of 4 channels
+    packed = conv_kernels.kernel_weights(w)
+    assert packed.shape == (3 * 3 * 2, 16, 4)
+    np.testing.assert_array_equal(packed[(2 * 3 + 1) * 2 + 1, 9], [w[9, 4, 2, 1], 0, 0, 0])
+
+
+@pytest.mark.skipif("avx512_vnni" not in Path("/proc/cpuinfo").read_text(), reason="needs an AVX-512 VNNI CPU")
+def test_vnni_conv_kernel_keeps_its_accumulators_in_registers(tmp_path):
+    from bitrl_compile.bench.kernels import disassemble, inner_loops
+    from bitrl_compile.targets import conv_vnni
+
+    assert conv_vnni.blocking(7, 4, 144) == (7, 2) and conv_vnni.blocking(20, 2, 64) == (4, 2)  # 4: transposed stores
+    g = bitconv_op.Geometry(32, (4, 4), (2, 2), (0, 0, 0, 0))
+    target = targets.tvm_target(targets.get_target("x86-avx512"))
+    kernel = conv_kernels.conv_kernel(g, (20, 20), 64, "relu", False, targets.kernel_spec(target))
+    assert json.loads(kernel.attrs["bitrl.schedule"])["knobs"] == {"positions": 3, "tiles": 4, "kw_groups": 1}
+    tvm.compile(tvm.IRModule({"main": kernel}), target=target).export_library(str(tmp_path / "k.so"))
+    loops = inner_loops(disassemble(tmp_path / "k.so", "objdump"))
+    assert loops and all(lp["dot_instructions"] == ["vpdpbusd"] and lp["stores"] == 0 for lp in loops)
+    assert min(lp["per_1000_macs"] for lp in loops) < 30  # one vpdpbusd per 64 MACs, few loads beside them

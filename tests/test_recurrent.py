@@ -61,7 +61,6 @@ def test_the_loaded_module_is_sb3_contribs_actor(recurrent_ppo):
     import torch
 
     from bitrl_compile.frontends import load_policy
-
     from bitrl_compile.trainers import distill
 
     model, path = recurrent_ppo
@@ -286,3 +285,67 @@ def test_the_rasp4_artifact_steps_under_qemu(recurrent_ppo, compiled, tmp_path):
         np.testing.assert_allclose(nxt, want_next, atol=1e-4)
         with pytest.raises(ValueError, match="state has shape"):
             emulated.act(obs[0], np.zeros(3, np.float32), 0)
+
+
+@pytest.fixture(scope="module")
+def lossy_recurrent_ppo(tmp_path_factory):
+    """A RecurrentPPO a little further trained (2048 steps, ~5 s) than `recurrent_ppo`, whose plain ternary compile
+    loses agreement (~45 % weighted on its episodes; the tiny one's keeps 100 %)."""
+    import torch
+    from sb3_contrib import RecurrentPPO
+
+    torch.set_num_threads(1)
+    model = RecurrentPPO("MlpLstmPolicy", "CartPole-v1", n_steps=128, batch_size=128, n_epochs=2, learning_rate=3e-3,
+                         seed=0, policy_kwargs={"lstm_hidden_size": 16, "n_lstm_layers": 2, "net_arch": [16]})
+    model.learn(2048)
+    path = tmp_path_factory.mktemp("recurrent-lossy") / "rppo.zip"
+    model.save(path)
+    return model, path
+
+
+def test_keep_distils_a_recurrent_policy_through_time(lossy_recurrent_ppo, tmp_path):
+    """--keep on a RecurrentPPO whose ptq loses: the student (every Linear the compiler's BitLinear, trained through
+    time on DAgger episodes) compiles to an artifact whose agreement along the original's episodes (the
+    manifest's fidelity record) is above ptq's and keeps the target; the student's ternary forward is the numpy
+    reference of its compiled artifact, step by step along an episode, each with its own state."""
+    import dataclasses
+    import json
+    import zipfile
+
+    import torch
+
+    from bitrl_compile import fidelity, reference
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.pipeline import compile_policy
+    from bitrl_compile.trainers import distill_recurrent, recovery
+    from bitrl_compile.trainers.distill import DistillArgs, _ternary
+
+    loaded = load_policy(lossy_recurrent_ppo[1])
+    out, given, lines = tmp_path / "kept.bitrl", [], []
+
+    def compile_fn(policy, int8_layers, measure):
+        given.append(policy)
+        return compile_policy(policy, "host", out, int8_layers=int8_layers, measure=measure)
+
+    result, attempts = recovery.keep(loaded, "CartPole-v1", 0.98, compile_fn, log=lines.append,
+                                     distill_args=DistillArgs(budget_s=25, updates_per_round=60))
+    assert [a.step for a in attempts] == ["ptq", "distill"] and attempts[-1].kept, lines
+    assert any("no mixed precision" in line for line in lines)
+    with zipfile.ZipFile(out) as z:
+        record = json.loads(z.read("manifest.json"))["fidelity"]
+    assert fidelity.shared(record) >= 0.98 > fidelity.shared(attempts[0].record), (record, attempts[0].record)
+    assert record["states"] == attempts[0].record["states"] and given[-1].recovery == "distill"
+
+    student = given[-1].module
+    state, ref_state = student.initial_state(1), np.zeros((1, 64), np.float32)
+    for obs, start in _episodes(150, seed=5):
+        x = obs[None].astype(np.float32)
+        with torch.no_grad(), _ternary(student, False, ()):
+            ours, state = student(torch.from_numpy(x), state, torch.tensor([float(start)]))
+        ref, ref_state = reference.run(result.quantized, x, ref_state, np.array([float(start)], np.float32))
+        np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4)
+        np.testing.assert_allclose(state.numpy(), ref_state, atol=1e-4)
+        state = torch.from_numpy(np.asarray(ref_state, np.float32))  # each step from the same state
+    plain = dataclasses.replace(loaded, input={k: v for k, v in loaded.input.items() if k != "recurrent"})
+    with pytest.raises(ValueError, match="not a recurrent policy"):
+        distill_recurrent.distill(plain, "CartPole-v1")

@@ -248,7 +248,8 @@ def run_count(cfg: dict) -> dict:
 
 
 def run_kernel_count(cfg: dict) -> dict:
-    """Call each case's kernel (cfg["cases"]: lib, name, k, n, batch, calls, w_shape) on random inputs.
+    """Call each case's kernel (cfg["cases"]: lib, name, calls, and k, n, batch, w_shape for a BitLinear kernel or
+    args, [shape, dtype] per argument, for any other) on random inputs.
 
     Marker labels: 2*i before and 2*i+1 after the `calls` calls of case i. Each case's library is
     registered as an address range the first time it is loaded; returns the range index of every case.
@@ -269,11 +270,16 @@ def run_kernel_count(cfg: dict) -> dict:
             ranges[case["lib"]] = len(ranges)
         case_range.append(ranges[case["lib"]])
         rng = np.random.default_rng(0)
-        k, n, b = case["k"], case["n"], case["batch"]
-        w = rt.aligned(rng.integers(0, 256, case["w_shape"]).astype(np.uint8) & 0x55)
-        args = [rt.to_device(a) for a in (rt.aligned(rng.standard_normal((b, k)).astype(np.float32)), w,
-                                          rt.aligned(np.ones(1, np.float32)), rt.aligned(np.zeros(n, np.float32)),
-                                          rt.aligned(np.zeros((b, n), np.float32)))]
+        if "args" in case:  # any kernel: [shape, dtype] per argument (float: normal, int8: trits, else zeros)
+            args = [rt.to_device(rt.aligned(rng.standard_normal(shape).astype(dtype) if dtype == "float32" else
+                                            rng.integers(-1, 2, shape).astype(dtype) if dtype == "int8" else
+                                            np.zeros(shape, dtype))) for shape, dtype in case["args"]]
+        else:
+            k, n, b = case["k"], case["n"], case["batch"]
+            w = rt.aligned(rng.integers(0, 256, case["w_shape"]).astype(np.uint8) & 0x55)
+            args = [rt.to_device(a) for a in (rt.aligned(rng.standard_normal((b, k)).astype(np.float32)), w,
+                                              rt.aligned(np.ones(1, np.float32)), rt.aligned(np.zeros(n, np.float32)),
+                                              rt.aligned(np.zeros((b, n), np.float32)))]
         fn(*args)
         _marker(MARK_COUNT, 2 * i)
         for _ in range(case["calls"]):

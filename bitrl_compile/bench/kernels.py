@@ -48,6 +48,7 @@ import numpy as np
 
 from bitrl_compile.bench.machine import build_plugin, load_average, machine
 from bitrl_compile.bench.report import run_child
+from bitrl_compile.bench.timing import onnxruntime, time_calls
 
 IMPLS = ("ours", "lut", "torch", "ort_fp32", "ort_int8", "tvm_fp32")
 LABELS = {"ours": "ours (ternary)", "lut": "ours, lookup tables", "torch": "torch fp32", "ort_fp32": "ORT fp32", "ort_int8": "ORT int8",
@@ -66,32 +67,6 @@ def _panel_tiles(spec, size: int) -> int:
 
     nt, kb, _, _ = tiles_packed_shape(size, size, spec.layout)
     return kernels.panel_tiles(nt) if kernels.panel_used(spec, kb) else 0
-
-
-def time_calls(fns: dict, rounds: int, block_s: float, cpu_clock: bool) -> tuple[dict, dict]:
-    """µs per call of each function: median over `rounds` of the mean of a block lasting >= block_s.
-
-    Returns (wall-clock µs, CPU µs of the calling thread). With one thread every implementation runs on
-    the calling thread, and its CPU time leaves out the time the OS gives to other processes: on a shared
-    machine that is the steadier number (cpu_clock=True makes it decide the block length).
-    """
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    clock = time.thread_time if cpu_clock else time.perf_counter
-    for fn in fns.values():
-        fn()  # warm-up: first-call allocations, page faults, thread-pool start
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            calls, start, start_wall, start_cpu = 0, clock(), time.perf_counter(), time.thread_time()
-            while True:
-                fn()
-                calls += 1
-                if clock() - start >= block_s:
-                    break
-            wall[name].append((time.perf_counter() - start_wall) / calls * 1e6)
-            cpu[name].append((time.thread_time() - start_cpu) / calls * 1e6)
-    return ({name: float(np.median(v)) for name, v in wall.items()},
-            {name: float(np.median(v)) for name, v in cpu.items()})
 
 
 def copy_bandwidth(nbytes: int, min_s: float = 0.05) -> float:
@@ -169,16 +144,6 @@ def onnx_models(w, b, folder: Path) -> tuple[Path, Path]:
     logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" advice
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
     return fp32, int8
-
-
-def onnxruntime(path: Path, x, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"x": x}
-    return lambda: session.run(None, feed)
 
 
 def tvm_fp32(w, b, x):
@@ -452,7 +417,7 @@ def thread_env(threads: int) -> dict[str, str]:
 
 def bench_kernels(command_args: list[str], *, sizes: list[int], batches: list[int], threads: int, rounds: int,
                   block_ms: float, impls: list[str] | None, arm: bool, json_path: str | os.PathLike,
-                  log=print) -> int:
+                  conv: bool = False, log=print) -> int:
     """`bitrl-compile bench-kernels COMMAND_ARGS`: the rows as they are measured, the report, the JSON file.
 
     `impls` are the baselines to run (None: all of them; ours always runs). Unless this process started with
@@ -474,6 +439,20 @@ def bench_kernels(command_args: list[str], *, sizes: list[int], batches: list[in
                  log=log)
     result["command"] = command
     log("\n" + report(result, command))
+    if conv:  # NatureCNN's convolutions, one thread (bench/conv.py)
+        from bitrl_compile.bench.conv import CONV_HEADER, format_conv_row, run_conv
+
+        log("\nNatureCNN convolutions (84x84x4 frames), µs per call (CPU time of the calling thread), 1 thread, "
+            f"median of {rounds} rounds; x = their time / ours\n{CONV_HEADER}")
+        result["conv"] = run_conv(batches, rounds, block_ms, log=log)
+        log("\n".join([CONV_HEADER, *map(format_conv_row, result["conv"])]))
+        if arm:
+            from bitrl_compile.bench.conv import arm_conv_counts
+
+            counts = result["conv_arm"] = arm_conv_counts(batches, log=log)
+            log(f"{counts['board']} ({counts['cpu']}, {counts['isa']}) conv kernels, instructions per call (qemu plugin): "
+                + ", ".join(f"{k}: {c['instructions_per_call']:,.0f} ({c['per_1000_macs']}/1k MAC)"
+                            for k, c in counts["counts"].items()))
     Path(json_path).write_text(json.dumps(result, indent=2))
     log(f"\nwrote {json_path}")
     return 0

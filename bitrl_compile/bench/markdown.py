@@ -95,7 +95,7 @@ def _md_memory(mem: dict) -> list[str]:
     members += [["zip headers", "", f"{a['zip_overhead_bytes']:,}"],
                 [f"**{Path(a['path']).name}** (file size)", "", f"**{a['bytes']:,}**"]]
     params = [["fp32 (torch / ONNX)", f"{pb['fp32']:,}", "32", "32"],
-              ["int8 dynamic (ONNX Runtime)", f"{pb['onnxruntime-int8']:,}", "8",
+              [f"int8 {mem.get('int8_method', 'dynamic')} (ONNX Runtime)", f"{pb['onnxruntime-int8']:,}", "8",
                f"{8 * pb['onnxruntime-int8'] / mem['ternary_weights']:.2f}"],
               ["ternary (ours)", f"{pb['bitrl']:,}", f"{bpw['weights_only']:.2f}", f"{bpw['with_scales_and_biases']:.2f}"]]
     bare = mem["rss"]["python"]["peak_rss"]
@@ -156,7 +156,8 @@ def _md_instructions(lat: dict) -> list[str]:
 
 
 def _md_energy(energy: dict) -> list[str]:
-    names = {"fp32": "fp32", "onnxruntime-int8": "int8 dynamic (ORT)", "bitrl": "ternary (ours)"}
+    names = {"fp32": "fp32", "onnxruntime-int8": f"int8 {energy.get('int8_method', 'dynamic')} (ORT)",
+             "bitrl": "ternary (ours)"}
     rows = [[names[impl], ", ".join(f"{n:,} {op}" for op, n in v["operations"].items()),
              f"{v['weight_bytes']:,} B from {v['memory_tier']}", f"{v['compute_pj'] / 1e3:,.2f}",
              f"{v['weight_memory_pj'] / 1e3:,.2f}", f"**{v['total_pj'] / 1e3:,.2f}**",

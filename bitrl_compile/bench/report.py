@@ -9,7 +9,8 @@ One command, four questions, each answered by a measurement or an explicit model
               a fresh process that loads and runs each implementation (child.py, memory mode),
               next to the bare interpreter and interpreter + numpy
     latency   host targets: act() p50/p99 of ours, torch fp32, ONNX Runtime fp32 and int8 (dynamic
-              quantization), one child process, same thread count, batch 1 and --batch.
+              quantization; static, calibrated on the bench's observations, for convolutional policies),
+              one child process, same thread count, batch 1 and --batch.
               aarch64 targets: instructions per act() call under qemu-aarch64 -cpu <the board's core>,
               counted by our TCG plugin (qemu_insn_plugin.c), for ours and ONNX Runtime (aarch64 wheel)
     energy    an estimate: operations and weight bytes per call x Horowitz's 45 nm energies; real
@@ -18,7 +19,7 @@ One command, four questions, each answered by a measurement or an explicit model
 
 Baselines are made here from the same fp32 module the compiler saw: the module itself (torch.save)
 for torch, torch.onnx.export (dynamo) for ONNX Runtime, onnxruntime.quantization.quantize_dynamic for
-int8. Every process that is measured runs child.py. The plots are drawn by plots.py, report.md is
+int8 (quantize_static for models with convolutions: `quantize_convolutions_static`). Every process that is measured runs child.py. The plots are drawn by plots.py, report.md is
 written by markdown.py, and the machine facts come from machine.py.
 """
 
@@ -101,15 +102,17 @@ def run_bench(model: str | os.PathLike, *, target: str = "host", env_id: str | N
                                                                            record=visited)[0]
     obs = np.stack(visited[:4096]).astype(np.float32) if visited else random_observations(spec["input"], 256, seed)
     np.save(out / "observations.npy", obs)
+    int8_method = quantize_convolutions_static(files, spec, obs)
 
     report = {"command": command, "machine": machine_info(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "model": {"path": str(model), "source": loaded.source, "description": loaded.description,
                         "input": spec["input"], "output": spec["output"]},
-              "target": compiled.manifest["target"], "threads": threads, "batch": batch}
+              "target": compiled.manifest["target"], "threads": threads, "batch": batch, "int8_method": int8_method}
 
     log("[4/7] memory: sizes, and peak RSS of one fresh process per implementation")
     report["memory"] = memory_section(model, loaded, compiled, host_artifact, files, spec, batch, threads, out)
     report["memory"]["measured_with_host_build"] = cross
+    report["memory"]["int8_method"] = int8_method
 
     child_cfg = {"spec": spec, "obs": str(out / "observations.npy"), "batches": sorted({1, batch}),
                  "threads": threads, **{k: str(v) for k, v in files.items() if v}}
@@ -123,7 +126,7 @@ def run_bench(model: str | os.PathLike, *, target: str = "host", env_id: str | N
         report["latency"] = measure_latency(dict(child_cfg, artifact=str(compiled.path)), impls, calls, threads)
 
     log("[6/7] energy estimate")
-    report["energy"] = energy_section(compiled, files, report["latency"])
+    report["energy"] = dict(energy_section(compiled, files, report["latency"]), int8_method=int8_method)
 
     log("[7/7] return kept and agreement with fp32" + (f" ({episodes} episodes)" if env_id else ""))
     report["returns"], report["agreement"] = returns_section(compiled, files, spec, env_id, episodes, seed, obs,
@@ -207,6 +210,29 @@ def export_baselines(loaded, out: Path) -> dict[str, Path | None]:
     finally:
         root.setLevel(level)
     return files
+
+
+INT8_DYNAMIC = "dynamic"
+INT8_STATIC = "static"  # ORT's fastest int8 path for convolutions (bench/conv.py measures both, docs/kernels.md)
+
+
+def quantize_convolutions_static(files: dict, spec: dict, obs: np.ndarray, calibration: int = 32) -> str:
+    """For a model with convolutions, int8.onnx again by static quantization (QOperator: QLinearConv and
+    QLinearMatMul, u8 activations calibrated on the bench's first `calibration` observations, s8 per-channel
+    weights), ONNX Runtime's fastest int8 path for them: quantize_dynamic's ConvInteger is several times
+    slower than its fp32 Conv (bitrl_compile/bench/conv.py). Returns the method of int8.onnx: "static" or
+    "dynamic" (models without convolutions keep quantize_dynamic's MatMulInteger, ORT's fast path there)."""
+    import onnx
+
+    from bitrl_compile.bench.int8 import quantize_int8
+    from bitrl_compile.runtime.policy import normalization, prepare_observations
+
+    if not any(node.op_type == "Conv" for node in onnx.load(str(files["onnx_fp32"])).graph.node):
+        return INT8_DYNAMIC
+    norm = normalization(spec["input"])
+    feeds = [prepare_observations(spec["input"], obs[i:i + 1], norm)[0] for i in range(min(calibration, len(obs)))]
+    quantize_int8(Path(files["onnx_fp32"]), INT8_STATIC, feeds, out=Path(files["onnx_int8"]))
+    return INT8_STATIC
 
 
 def _parent_act(impl: str, files: dict, spec: dict) -> Callable:

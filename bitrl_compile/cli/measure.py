@@ -110,10 +110,12 @@ def _given_args(ctx: click.Context) -> list[str]:
 @click.option("--impls", help="baselines to run, comma-separated: lut, torch, ort_fp32, ort_int8, tvm_fp32 "
                               "[default: all; ours always runs]")
 @click.option("--no-arm", is_flag=True, help="skip the rasp4/rasp5 instruction counts under qemu")
+@click.option("--conv", is_flag=True, help="also NatureCNN's three convolutions per layer, at --batches, 1 thread "
+                                           "(ours, torch, ORT fp32 and int8 dynamic / static)")
 @click.option("--json", "json_path", default="bench-kernels.json", show_default=True,
               type=click.Path(dir_okay=False), help="where to write the results")
 @click.pass_context
-def bench_kernels_cmd(ctx, sizes, batches, threads, rounds, block_ms, impls, no_arm, json_path):
+def bench_kernels_cmd(ctx, sizes, batches, threads, rounds, block_ms, impls, no_arm, conv, json_path):
     """One BitLinear layer, ours vs torch, ONNX Runtime fp32/int8 and TVM fp32, same threads (docs/kernels.md).
 
     Prints µs per call (CPU time of the calling thread at one thread, else wall clock), bits per weight,
@@ -124,7 +126,7 @@ def bench_kernels_cmd(ctx, sizes, batches, threads, rounds, block_ms, impls, no_
 
         sys.exit(bench_kernels(_given_args(ctx), sizes=sizes, batches=batches, threads=threads, rounds=rounds,
                                block_ms=block_ms, impls=[i for i in impls.split(",") if i] if impls else None,
-                               arm=not no_arm, json_path=json_path, log=click.echo))
+                               arm=not no_arm, json_path=json_path, conv=conv, log=click.echo))
 
 
 @click.command("demo")

@@ -1,0 +1,228 @@
+"""The BitConv2d kernel for AVX-512 VNNI: a hand-written direct convolution on vpdpbusd (u8 x s8 -> s32).
+
+The math of `quant.bitconv2d_reference` (conv_kernels.py's docstring), for O % 16 == 0, in three stages per call:
+
+    per sample b   amax and scale (16 float lanes), then the input quantized once into XU[b] as u8 = x_q + 128
+                   (the padding 128 = a quantized zero), in the layout of conv_kernels.ConvLayout: NCHW ("kw":
+                   a group of 4 reduction inputs is 4 adjacent columns) or HWC ("c": 4 adjacent channels)
+    per call       corr[o] = 128 * sum_k w[k, o]  (vpdpbusd of the weights by 0x80 bytes)
+    per row        register blocks of P output positions x T tiles of 16 output channels: P*T zmm accumulators
+                   over the whole reduction, each step one 64-byte weight load per tile and one 4-byte activation
+                   broadcast per position, P*T vpdpbusd; then y = act(fma(f32(acc - corr), gamma / scale, bias)),
+                   stored NCHW: for P = 4 transposed per 128-bit lane (4 positions of a channel per store), else
+                   each position's 16 channels with the channel stride
+
+sum(x_u * w) - corr = sum((x_q + 128) w) - 128 sum(w) = sum(x_q w): exact (|4 products| <= 4*255*127 per lane
+step, int32 for any K below 16 million). (P, T) per layer minimise the instructions of a row (`blocking`); rows
+(and samples) are split across threads when the layer is large enough (kernels.PARALLEL_MIN_WORK).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+from tvm.target.codegen import llvm_version_major
+
+from bitrl_compile.quant import EPS, QMAX
+
+from .kernels import PARALLEL_MIN_WORK, activate
+
+MAX_ACCUMULATORS = 15  # zmm accumulators per register block (of 32); their buffer must stay below 1 KB (`block`)
+
+
+def blocking(ow: int, tiles: int, groups: int) -> tuple[int, int]:
+    """(P positions, T tiles) per register block: the fewest instructions per output row (blocks of P over the row
+    and a tail block; per block `groups` steps of P*T vpdpbusd + T weight loads + P broadcasts, then the
+    epilogue's stores: 20 per position and tile, or 6 when P = 4, transposed per 128-bit lane) with
+    P*T <= MAX_ACCUMULATORS."""
+    def block(p, t):
+        return groups * (p * t + p + t) + (6 * p * t if p == 4 else 20 * p * t)
+
+    best = None
+    for t in (v for v in (4, 2, 1) if tiles % v == 0):
+        for p in range(1, min(ow, MAX_ACCUMULATORS // t) + 1):
+            full, tail = divmod(ow, p)
+            cost = (tiles // t) * (full * block(p, t) + (block(tail, t) if tail else 0))
+            if best is None or cost < best[0]:
+                best = (cost, p, t)
+    return best[1], best[2]
+
+
+def vnni_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channel: bool, layout):
+    """The PrimFunc (x[B, C*H*W] f32, w[G, O, 4] i8, gamma, bias -> y[B, O, OH, OW]) and its knobs."""
+    c, (h, w_), (kh, kw), (sh, sw) = geometry.channels, hw, geometry.kernel, geometry.stride
+    pt, pl, pb, pr = geometry.padding
+    oh, ow = geometry.output_hw(h, w_)
+    size, hp, wp = c * h * w_, h + pt + pb, w_ + pl + pr
+    tiles, groups, c4, jg = o // 16, layout.groups, layout.c4, kw // 4
+    p_block, t_block = blocking(ow, tiles, groups)
+    full, tail = divmod(ow, p_block)
+    kw_mode = layout.mode == "kw"
+    cw = 1 if kw_mode else 4 * c4                       # bytes per image position in XU
+    xu_len = (c * hp * wp) if kw_mode else hp * wp * cw  # XU bytes per sample
+    xu_pad = -(-xu_len // 64) * 64
+    lanes, vec = 16, size // 16
+    parallel = geometry.k * o * oh * ow >= PARALLEL_MIN_WORK
+    bytes_as = "int8" if llvm_version_major() >= 21 else "int32"  # LLVM 21 retyped vpdpbusd's operands
+
+    def dp(acc, a_word, wv):  # acc + u8 activations (a 4-byte word broadcast) . s8 weights (64 bytes)
+        a = T.broadcast(a_word, 16)
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                       T.reinterpret("int8x64", a) if bytes_as == "int8" else a,
+                                       wv if bytes_as == "int8" else T.reinterpret("int32x16", wv))
+
+    def quantize16(v, s):
+        q = T.max(T.min(T.round(v * T.broadcast(s, 16)), T.broadcast(T.float32(127), 16)),
+                  T.broadcast(T.float32(-128), 16))
+        return T.Cast("uint8x16", q + T.broadcast(T.float32(128), 16))
+
+    def quantize1(v, s):
+        return T.Cast("uint8", T.max(T.min(T.round(v * s), T.float32(127)), T.float32(-128)) + T.float32(128))
+
+    def xu_at(ch, row, col):  # the XU byte offset of channel ch at padded row, column
+        return (ch * hp + row) * wp + col if kw_mode else (row * wp + col) * cw + ch
+
+    def step_addr(g_a, g_b, g_c, yy, z):  # the XU offset of the group (c, i, jg) / (i, j, cg) at output (yy, z)
+        if kw_mode:
+            return (g_a * hp + yy * sh + g_b) * wp + z * sw + 4 * g_c
+        return ((yy * sh + g_a) * wp + z * sw + g_b) * cw + 4 * g_c
+
+    def group(g_a, g_b, g_c):
+        return (g_a * kh + g_b) * jg + g_c if kw_mode else (g_a * kw + g_b) * c4 + g_c
+
+    extents = (c, kh, jg) if kw_mode else (kh, kw, c4)
+    # the input is quantized in runs of adjacent image positions: whole channels when there is no left or right
+    # padding (the padded rows follow each other), else rows; `step` bytes apart in XU
+    flat = pl == 0 and pr == 0
+    runs, run, run_col, step = (1, h * w_, 0, cw) if flat else (h, w_, pl, cw)
+
+    covered = kw_mode and pt == pl == pb == pr == 0  # the runs write every byte that the blocks read
+
+    def run_row(r):
+        return pt if flat else r + pt
+    act = activation
+
+    def transposed(v, j):  # per 128-bit lane k: [v0[4k+j], v1[4k+j], v2[4k+j], v3[4k+j]] (unpck, movlhps / movhlps)
+        lo = [i for k in range(4) for i in (4 * k, 16 + 4 * k, 4 * k + 1, 16 + 4 * k + 1)]
+        hi = [i for k in range(4) for i in (4 * k + 2, 16 + 4 * k + 2, 4 * k + 3, 16 + 4 * k + 3)]
+        ab, cd = T.Shuffle([v[0], v[1]], lo if j < 2 else hi), T.Shuffle([v[2], v[3]], lo if j < 2 else hi)
+        pick = [i for k in range(4) for i in ((4 * k, 4 * k + 1, 16 + 4 * k, 16 + 4 * k + 1) if j % 2 == 0 else
+                                               (4 * k + 2, 4 * k + 3, 16 + 4 * k + 2, 16 + 4 * k + 3))]
+        return T.Shuffle([ab, cd], pick)
+
+    @T.macro
+    def store4(Y, fv, base, j):  # channels 4k + j, k < 4, of the block: 4 positions each, contiguous
+        r = T.alloc_buffer((16,), "float32")
+        r[T.ramp(0, 1, 16)] = transposed([fv[0, T.ramp(0, 1, 16)], fv[1, T.ramp(0, 1, 16)], fv[2, T.ramp(0, 1, 16)],
+                                          fv[3, T.ramp(0, 1, 16)]], j)
+        for k in T.unroll(4):
+            Y[T.ramp(base + (4 * k + j) * oh * ow, 1, 4)] = r[T.ramp(4 * k, 1, 4)]
+
+    @T.macro
+    def block(XU, W, CORR, G, B, Y, S, b, yy, z0, n_pos, tg):
+        # "global" scope, <= 1 KB: an alloca that LLVM keeps in registers (a "local" buffer or a larger one
+        # becomes a heap workspace, and every vpdpbusd would store its accumulator)
+        acc = T.alloc_buffer((n_pos, t_block, 16), "int32")
+        for p in T.unroll(n_pos):
+            for t in T.unroll(t_block):
+                acc[p, t, T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for ga in T.serial(extents[0]):
+            for gb in T.serial(extents[1]):
+                for gc in T.unroll(extents[2]):
+                    for p in T.unroll(n_pos):
+                        for t in T.unroll(t_block):
+                            acc[p, t, T.ramp(0, 1, 16)] = dp(
+                                acc[p, t, T.ramp(0, 1, 16)],
+                                T.reinterpret("int32", XU.vload([b, step_addr(ga, gb, gc, yy, z0 + p)], "uint8x4")),
+                                W.vload([group(ga, gb, gc), (tg * t_block + t) * 16, 0], "int8x64"))
+        if n_pos == 4:  # 4 positions x 16 channels: a 4x4 transpose per 128-bit lane, 4 positions per store
+            for t in T.unroll(t_block):
+                o0 = (tg * t_block + t) * 16
+                gs = (G[T.ramp(o0, 1, 16)] / T.broadcast(S[b], 16)) if per_channel else \
+                    T.broadcast(G[0] / S[b], 16)
+                fv = T.alloc_buffer((4, 16), "float32")
+                for p in T.unroll(4):
+                    fv[p, T.ramp(0, 1, 16)] = activate(T.fma(T.Cast(
+                        "float32x16", acc[p, t, T.ramp(0, 1, 16)] - CORR[T.ramp(o0, 1, 16)]), gs, B[T.ramp(o0, 1, 16)]),
+                        act)
+                store4(Y, fv, ((b * o + o0) * oh + yy) * ow + z0, 0)
+                store4(Y, fv, ((b * o + o0) * oh + yy) * ow + z0, 1)
+                store4(Y, fv, ((b * o + o0) * oh + yy) * ow + z0, 2)
+                store4(Y, fv, ((b * o + o0) * oh + yy) * ow + z0, 3)
+        else:
+            for t in T.unroll(t_block):
+                for p in T.unroll(n_pos):
+                    o0 = (tg * t_block + t) * 16
+                    gs = (G[T.ramp(o0, 1, 16)] / T.broadcast(S[b], 16)) if per_channel else \
+                        T.broadcast(G[0] / S[b], 16)
+                    Y[T.ramp(((b * o + o0) * oh + yy) * ow + z0 + p, oh * ow, 16)] = activate(T.fma(
+                        T.Cast("float32x16", acc[p, t, T.ramp(0, 1, 16)] - CORR[T.ramp(o0, 1, 16)]), gs,
+                        B[T.ramp(o0, 1, 16)]), act)
+
+    @T.prim_func
+    def conv(x: T.handle, w: T.handle, gamma: T.handle, bias: T.handle, y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        batch = T.int64()
+        X = T.match_buffer(x, (batch, size), "float32")
+        W = T.match_buffer(w, (groups, o, 4), "int8")
+        G = T.match_buffer(gamma, (o if per_channel else 1,), "float32")
+        B = T.match_buffer(bias, (o,), "float32")
+        Y4 = T.match_buffer(y, (batch, o, oh, ow), "float32")
+        Y = T.decl_buffer((batch * o * oh * ow,), "float32", data=Y4.data)
+        XU = T.alloc_buffer((batch, xu_pad), "uint8")
+        S = T.alloc_buffer((batch,), "float32")
+        CORR = T.alloc_buffer((o,), "int32")
+        mx = T.alloc_buffer((4, 16), "float32")
+        m = T.alloc_buffer((1,), "float32")
+        cv = T.alloc_buffer((tiles, 16), "int32")
+        # corr = 128 * the column sums of the weights: one vpdpbusd chain per tile, the tiles interleaved
+        for t in T.unroll(tiles):
+            cv[t, T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for g in T.serial(groups):
+            for t in T.unroll(tiles):
+                cv[t, T.ramp(0, 1, 16)] = dp(cv[t, T.ramp(0, 1, 16)], T.int32(-2139062144),  # 0x80808080 bytes
+                                             W.vload([g, t * 16, 0], "int8x64"))
+        for t in T.unroll(tiles):
+            CORR[T.ramp(t * 16, 1, 16)] = cv[t, T.ramp(0, 1, 16)]
+        for b in T.serial(batch):
+            for u in T.unroll(4):  # 4 independent vmaxps chains
+                mx[u, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
+            for v in T.serial(vec // 4):
+                for u in T.unroll(4):
+                    mx[u, T.ramp(0, 1, 16)] = T.max(mx[u, T.ramp(0, 1, 16)],
+                                                    T.abs(X[b, T.ramp((v * 4 + u) * lanes, 1, 16)]))
+            for v in T.serial(vec % 4):
+                mx[0, T.ramp(0, 1, 16)] = T.max(mx[0, T.ramp(0, 1, 16)],
+                                                T.abs(X[b, T.ramp((vec // 4 * 4 + v) * lanes, 1, 16)]))
+            m[0] = T.float32(0)
+            for v in T.serial(64):
+                m[0] = T.max(m[0], mx[v // 16, v % 16])
+            for v in T.serial(size - vec * lanes):
+                m[0] = T.max(m[0], T.abs(X[b, vec * lanes + v]))
+            S[b] = T.float32(QMAX) / T.max(m[0], T.float32(EPS))
+            for v in T.serial(0 if covered else xu_pad // 64):  # the padding (and padded channels): 128
+                XU[b, T.ramp(v * 64, 1, 64)] = T.broadcast(T.uint8(128), 64)
+            for ch in T.serial(c):
+                for r in T.serial(runs):
+                    for v in T.serial(run // 16):
+                        XU[b, T.ramp(xu_at(ch, run_row(r), run_col) + v * 16 * step, step, 16)] = quantize16(
+                            X[b, T.ramp(ch * h * w_ + r * run + v * 16, 1, 16)], S[b])
+                    for v in T.serial(run % 16):
+                        XU[b, xu_at(ch, run_row(r), run_col) + (run // 16 * 16 + v) * step] = quantize1(
+                            X[b, ch * h * w_ + r * run + run // 16 * 16 + v], S[b])
+        if parallel:
+            for r in T.parallel(batch * oh):
+                for tg in T.serial(tiles // t_block):
+                    for zo in T.serial(full):
+                        block(XU, W, CORR, G, B, Y, S, r // oh, r % oh, zo * p_block, p_block, tg)
+                    if tail > 0:
+                        block(XU, W, CORR, G, B, Y, S, r // oh, r % oh, full * p_block, tail, tg)
+        else:
+            for r in T.serial(batch * oh):
+                for tg in T.serial(tiles // t_block):
+                    for zo in T.serial(full):
+                        block(XU, W, CORR, G, B, Y, S, r // oh, r % oh, zo * p_block, p_block, tg)
+                    if tail > 0:
+                        block(XU, W, CORR, G, B, Y, S, r // oh, r % oh, full * p_block, tail, tg)
+
+    knobs = {"positions": p_block, "tiles": t_block, "kw_groups": int(kw_mode)}  # manifest knobs are numbers
+    return conv, knobs
