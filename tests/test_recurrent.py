@@ -349,3 +349,10 @@ def test_keep_distils_a_recurrent_policy_through_time(lossy_recurrent_ppo, tmp_p
     plain = dataclasses.replace(loaded, input={k: v for k, v in loaded.input.items() if k != "recurrent"})
     with pytest.raises(ValueError, match="not a recurrent policy"):
         distill_recurrent.distill(plain, "CartPole-v1")
+    from click.testing import CliRunner
+
+    from bitrl_compile.cli import main
+
+    r = CliRunner().invoke(main, ["finetune", str(lossy_recurrent_ppo[1]), "--env", "CartPole-v1", "--method", "distill",
+                                  "--output", str(tmp_path / "s.safetensors")])
+    assert r.exit_code == 1 and "no format holds a recurrent student" in r.output and "--keep" in r.output, r.output

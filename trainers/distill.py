@@ -298,6 +298,19 @@ def _inputs(states: np.ndarray, image: bool) -> np.ndarray:
     return states.astype(np.float32) / np.float32(255.0) if image else states
 
 
+def explore(spec: dict, action: np.ndarray, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+    """Exploration noise on a batch of env actions: a random action with probability epsilon (Discrete), or
+    Gaussian noise of epsilon times the half range, clipped to the bounds (Box)."""
+    if spec["kind"] == "discrete":
+        random = rng.random(len(action)) < epsilon
+        return np.where(random, rng.integers(0, spec["n"], len(action)), action)
+    low = np.asarray(spec["low"], np.float32).reshape(spec["shape"])
+    high = np.asarray(spec["high"], np.float32).reshape(spec["shape"])
+    half = np.where(np.isfinite(high - low), (high - low) / 2, 1.0)
+    noisy = action + epsilon * half * rng.standard_normal(action.shape).astype(np.float32)
+    return np.clip(noisy, low, high).astype(np.float32)
+
+
 class Rollouts:
     """Vector environments stepped by a mix of teacher and student, with exploration noise; normalised states (or,
     with `shaped`, for a CNN: the observations in their shape, float32, or with `image` the environment's frames as
@@ -331,14 +344,7 @@ class Rollouts:
         return np.concatenate(states)
 
     def _explore(self, action: np.ndarray) -> np.ndarray:
-        if self.spec["kind"] == "discrete":
-            random = self.rng.random(len(action)) < self.epsilon
-            return np.where(random, self.rng.integers(0, self.spec["n"], len(action)), action)
-        low = np.asarray(self.spec["low"], np.float32).reshape(self.spec["shape"])
-        high = np.asarray(self.spec["high"], np.float32).reshape(self.spec["shape"])
-        half = np.where(np.isfinite(high - low), (high - low) / 2, 1.0)
-        noisy = action + self.epsilon * half * self.rng.standard_normal(action.shape).astype(np.float32)
-        return np.clip(noisy, low, high).astype(np.float32)
+        return explore(self.spec, action, self.epsilon, self.rng)
 
     def close(self) -> None:
         self.envs.close()
@@ -350,8 +356,9 @@ def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
     """Raise ValueError unless `loaded` is an MLP policy for env_id with plain vector observations, or a
     convolutional one (plain Conv2d layers) on its images or plain observations; its kind."""
     if loaded.input.get("recurrent"):
-        raise ValueError(f"{name}: distillation of a recurrent (LSTM) policy is not supported yet: its student would "
-                         "train on sequences; compile it as it is (the fidelity line says what it keeps)")
+        raise ValueError(f"{name}: distillation of a recurrent (LSTM) policy is not supported yet as a file (no "
+                         "format holds a recurrent student); compile it with --env ID --keep 0.98, which distils it "
+                         "in memory (trainers/distill_recurrent.py)")
     check_policy_fits(loaded, env_id, name, convolutional=True)
     convs = [m for m in layers(loaded.module) if isinstance(m, nn.Conv2d)]
     for conv in convs:

@@ -8,6 +8,8 @@
     distill    distillation into the ternary network (trainers/distill.py, two thirds of `budget` seconds; MLP
                policies with vector observations, and CNN policies such as SB3's CnnPolicy on images): still every
                layer ternary, the algorithm kept (a DQN stays a Q-network)
+               A recurrent (LSTM) policy distils through time instead (trainers/distill_recurrent.py, the whole
+               budget; every layer ternary) and has no int8 steps: the layer ranking cannot measure it yet
     distill + int8 [i]
                the same student, trained on (the last third of the budget) with the layer whose int8 version
                removes most of the output error (precision.rank_layers, on the visited states) int8 in training
@@ -99,27 +101,20 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     result = attempt("ptq", original)
     if result is not None:
         return result, attempts
-    ranking = _ranking(original, base.states, per_channel, log)  # the layers by how much int8 helps, most first
     from bitrl_compile.trainers import distill
 
-    try:
-        distill.check_distillable(original, env_id)
-    except ValueError as e:
-        log(f"keep: no distillation ({str(e).splitlines()[0]}); trying mixed precision")
+    args = distill_args or distill.DistillArgs(seed=seed, budget_s=budget, per_channel=per_channel)
+    args = dataclasses.replace(args, agreement=min(1.0, max(args.agreement, target + 0.005)))
+    if original.input.get("recurrent"):
+        log("keep: a recurrent policy: distillation through time, every layer ternary; no mixed precision (its "
+            "layer ranking measures layers on independent states, not along episodes with a state)")
+        ranking: list[int] = []
+        result = _distill_recurrent(original, env_id, args, attempt, log)
     else:
-        base = distill_args or distill.DistillArgs(seed=seed, budget_s=budget, per_channel=per_channel)
-        base = dataclasses.replace(base, agreement=min(1.0, max(base.agreement, target + 0.005)))
-        steps = [()] + ([(ranking[0],)] if len(ranking) > 1 else [])  # all ternary, then the top layer int8
-        parts = [2 / 3, 1 / 3] if len(steps) > 1 else [1.0]
-        student = None
-        for layers, part in zip(steps, parts):
-            args = dataclasses.replace(base, budget_s=base.budget_s * part, int8_layers=layers)
-            student = distill.distill(original, env_id, None, args, log=lambda s: log(f"  {s}"),
-                                      start=None if student is None else student.student)
-            name = "distill" + (f" + int8 layers {list(layers)}" if layers else "")
-            result = attempt(name, dataclasses.replace(original, module=student.student, recovery="distill"), layers)
-            if result is not None:
-                return result, attempts
+        ranking = _ranking(original, base.states, per_channel, log)  # the layers by how much int8 helps, first
+        result = _distill(original, env_id, args, ranking, attempt, log)
+    if result is not None:
+        return result, attempts
     for k in range(1, len(ranking) + 1):  # mixed precision alone, on the original's weights
         layers = tuple(sorted(ranking[:k]))
         result = attempt(f"int8 layers {list(layers)}", original, layers)
@@ -131,6 +126,39 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     accept = f"accept it with --keep {accept:g}, or " if accept > 0 else ""
     raise NotKept(f"--keep {target:g} not met: the best recovery ({best.step}) keeps {100 * best.share:.1f} % "
                   f"({tried}); nothing was written: {accept}give distillation more time (--keep-budget)")
+
+
+def _distill_recurrent(original, env_id: str, args, attempt: Callable, log):
+    """The recurrent policy distilled through time (trainers/distill_recurrent.py), compiled and measured."""
+    from bitrl_compile.trainers import distill_recurrent
+
+    student = distill_recurrent.distill(original, env_id, dataclasses.replace(args, int8_layers=()),
+                                        log=lambda s: log(f"  {s}"))
+    return attempt("distill", dataclasses.replace(original, module=student.student, recovery="distill"))
+
+
+def _distill(original, env_id: str, base, ranking: list[int], attempt: Callable, log):
+    """Distillation of an MLP or CNN (trainers/distill.py): all ternary, then with the top-ranked layer int8;
+    each compiled and measured, the first kept returned (None when none is, or the policy cannot be distilled)."""
+    from bitrl_compile.trainers import distill
+
+    try:
+        distill.check_distillable(original, env_id)
+    except ValueError as e:
+        log(f"keep: no distillation ({str(e).splitlines()[0]}); trying mixed precision")
+        return None
+    steps = [()] + ([(ranking[0],)] if len(ranking) > 1 else [])  # all ternary, then the top layer int8
+    parts = [2 / 3, 1 / 3] if len(steps) > 1 else [1.0]
+    student = None
+    for layers, part in zip(steps, parts):
+        args = dataclasses.replace(base, budget_s=base.budget_s * part, int8_layers=layers)
+        student = distill.distill(original, env_id, None, args, log=lambda s: log(f"  {s}"),
+                                  start=None if student is None else student.student)
+        name = "distill" + (f" + int8 layers {list(layers)}" if layers else "")
+        result = attempt(name, dataclasses.replace(original, module=student.student, recovery="distill"), layers)
+        if result is not None:
+            return result
+    return None
 
 
 def _ranking(original, states, per_channel: bool, log) -> list[int]:

@@ -150,6 +150,10 @@ def finetune_cmd(model, env_id, method, steps, budget, agreement, per_channel, o
             return f"{np.mean(returns):.1f} ± {np.std(returns):.1f}"
 
         before = load()
+        if before.input.get("recurrent"):  # one line: no file holds a recurrent student; --keep distils in memory
+            from bitrl_compile.trainers.distill import check_distillable
+
+            check_distillable(before, env_id, model)
         check_policy_fits(before, env_id, model, convolutional=method != "ppo")
         if not isinstance(before.module, MLPPolicy) and output.suffix != ".pt2":  # a CNN: distill writes a program
             if was_given:

@@ -1,0 +1,255 @@
+"""Distillation of an fp32 recurrent (LSTM) policy into its ternary version, trained through time.
+
+    from bitrl_compile.trainers import distill_recurrent
+    result = distill_recurrent.distill(loaded, "CartPole-v1", DistillArgs(budget_s=60))   # result.student
+    bitrl-compile rppo.zip --env CartPole-v1 --keep 0.98        # recovery.keep calls this for a recurrent policy
+
+The student is a copy of the teacher's RecurrentPolicy (frontends/sb3_recurrent.py) whose every Linear (each LSTM
+layer's `ih` and `hh`, the head's layers) runs as the compiler's BitLinear in the forward pass (`distill._ternary`:
+`quant.bitlinear_ste`, per tensor or per output channel), the gates in float as the artifact computes them; its
+latent float weights are what the compiler ternarizes with the same math.
+
+Episodes (DAgger): whole episodes of one environment, each step's action from the teacher with probability beta
+(1 in the first round, halving every round) else from the student, with distill's exploration noise; the teacher
+and the student each carry their own state along the episode (reset at its start), and every step keeps the
+teacher's output as its target. Training samples a batch of episodes, pads them to one length [B, T, obs] with a
+mask, and runs the student over them from its initial state (episode_start 1 at t = 0) in chunks of BPTT steps
+(truncated back-propagation: the state detached between chunks, one Adam step per chunk), the loss of
+`distill.Loss` for the output kind on the unmasked steps.
+
+Held-out: deterministic episodes of the teacher (fidelity.visited, other seeds); the student's outputs along them
+with its own state, compared with the teacher's by fidelity's rule (`distill.agreement`: stake-weighted for
+discrete actions). The run stops at the agreement target or the time budget and returns the best student seen.
+No int8 layers and no scale/bias calibration yet (DistillArgs.int8_layers and calibrate are ignored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bitrl_compile import fidelity
+from bitrl_compile.evaluate import make_env
+from bitrl_compile.runtime.policy import normalization, postprocess, prepare_observations
+from bitrl_compile.trainers.distill import (
+    DistillArgs,
+    DistillResult,
+    Loss,
+    _ternary,
+    agreement,
+    explore,
+    output_kind,
+)
+
+BPTT = 32              # steps per chunk of truncated back-propagation through time
+MAX_EPISODE = 1000     # steps kept of one episode
+EPISODES_PER_BATCH = 16
+
+
+def check_recurrent(loaded, env_id: str, name: str = "policy") -> str:
+    """Raise ValueError unless `loaded` is a recurrent policy (frontends' RecurrentPolicy) with actions whose
+    observations env_id gives; its output kind."""
+    from bitrl_compile.frontends.sb3_recurrent import RecurrentPolicy
+
+    if not loaded.input.get("recurrent") or not isinstance(loaded.module, RecurrentPolicy):
+        raise ValueError(f"{name}: not a recurrent policy (an sb3-contrib RecurrentPPO zip); use distill.distill")
+    kind = output_kind(loaded.output)
+    env = make_env(env_id)
+    try:
+        obs, _ = env.reset(seed=0)
+        try:
+            prepare_observations(loaded.input, np.asarray(obs)[None], normalization(loaded.input))
+        except ValueError as e:
+            raise ValueError(f"{name}: {env_id}'s observations do not fit the policy ({str(e).splitlines()[0]}); "
+                             "give the environment it was trained on") from None
+    finally:
+        env.close()
+    return kind
+
+
+def sequence_forward(module, x: torch.Tensor, ternary: bool, per_channel: bool = False):
+    """`module` (a RecurrentPolicy) over padded episodes x [B, T, ...] from its initial state: outputs [B, T, A].
+    ternary: every Linear as the compiler's BitLinear (straight-through). Chunks of BPTT steps when gradients are
+    on (the caller steps the optimizer per chunk: `chunks`)."""
+    outs = [out for out, _ in chunks(module, x, ternary, per_channel, len(x[0]) or 1)]
+    return torch.cat(outs, 1)
+
+
+def chunks(module, x: torch.Tensor, ternary: bool, per_channel: bool, length: int = BPTT):
+    """Yields (outputs [B, <=length, A], state) chunk by chunk along x [B, T, ...]; the state carried into the
+    next chunk is detached (truncated BPTT). t = 0 starts the episodes (episode_start 1)."""
+    b, steps = x.shape[0], x.shape[1]
+    state = module.initial_state(b)
+    with _ternary(module, per_channel, ()) if ternary else contextlib.nullcontext():
+        for t0 in range(0, steps, length):
+            outs = []
+            for t in range(t0, min(steps, t0 + length)):
+                start = torch.full((b,), 1.0 if t == 0 else 0.0)
+                out, state = module(x[:, t], state, start)
+                outs.append(out)
+            yield torch.stack(outs, 1), state
+            state = state.detach()
+
+
+def _pad(episodes: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Episodes of [T_i, ...] -> padded [E, T, ...] (zeros after each end) and the mask [E, T]."""
+    steps = max(len(e) for e in episodes)
+    x = np.zeros((len(episodes), steps, *episodes[0].shape[1:]), np.float32)
+    mask = np.zeros((len(episodes), steps), bool)
+    for i, e in enumerate(episodes):
+        x[i, :len(e)], mask[i, :len(e)] = e, True
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
+def _split(states: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+    """Visited states in order -> one array per episode (a new one where an episode starts)."""
+    edges = list(np.flatnonzero(starts)) + [len(states)]
+    if edges[0] != 0:
+        edges = [0] + edges
+    return [states[a:b] for a, b in itertools.pairwise(edges) if b > a]
+
+
+class Episodes:
+    """One environment stepped by a mix of teacher and student (each with its own state), whole episodes; the
+    observations as the network takes them (prepared) and the teacher's outputs along them."""
+
+    def __init__(self, loaded, env_id: str, seed: int, epsilon: float):
+        self.input, self.spec, self.norm = loaded.input, loaded.output, normalization(loaded.input)
+        self.env, self.seed, self.epsilon = make_env(env_id), seed, epsilon
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+
+    def episode(self, teacher, student, beta: float, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+        obs, _ = self.env.reset(seed=self.seed + self.count)
+        self.count += 1
+        t_state, s_state = teacher.initial_state(1), student.initial_state(1)
+        xs, outs = [], []
+        start = torch.ones(1)
+        with torch.no_grad():
+            for _ in range(MAX_EPISODE):
+                x, _ = prepare_observations(self.input, np.asarray(obs)[None], self.norm)
+                x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+                t_out, t_state = teacher(x, t_state, start)
+                out = t_out
+                if beta < 1:  # the student's state follows the episode whoever acts
+                    with _ternary(student, per_channel, ()):
+                        s_out, s_state = student(x, s_state, start)
+                    if self.rng.random() >= beta:
+                        out = s_out
+                xs.append(x[0].numpy())
+                outs.append(t_out[0].numpy())
+                action = postprocess(self.spec, out.numpy())
+                if self.epsilon > 0:
+                    action = explore(self.spec, action, self.epsilon, self.rng)
+                action = int(action[0]) if self.spec["kind"] == "discrete" else action[0]
+                obs, _, terminated, truncated, _ = self.env.step(action)
+                start = torch.zeros(1)
+                if terminated or truncated:
+                    break
+        return np.stack(xs), np.stack(outs).astype(np.float32)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def distill(loaded, env_id: str, args: DistillArgs | None = None,
+            log=lambda s: print(s, file=sys.stderr)) -> DistillResult:
+    """Distil the fp32 recurrent policy `loaded` into its ternary version on env_id's episodes (module docstring);
+    the result's student is a RecurrentPolicy with latent float weights (compile it as the LoadedPolicy's module)."""
+    args = args or DistillArgs()
+    started = time.perf_counter()
+    kind = check_recurrent(loaded, env_id)
+    torch.manual_seed(args.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.torch_threads)
+    spec = loaded.output
+    teacher = copy.deepcopy(loaded.module).float().eval()
+    student = copy.deepcopy(loaded.module).float().train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    try:
+        # held-out: the teacher's own deterministic episodes, other seeds (fidelity's visited states)
+        states, starts = fidelity.visited(fidelity.original_forward(loaded), spec, env_id, rollouts=64,
+                                          max_states=args.heldout, seed=args.seed + 1_000_003)
+        norm = normalization(loaded.input)
+        held = [prepare_observations(loaded.input, e, norm)[0] for e in _split(states, starts)]
+        held_x, held_mask = _pad(held)
+        with torch.no_grad():
+            held_t = sequence_forward(teacher, held_x, False)[held_mask]
+        loss_fn = Loss(kind, spec, held_t.numpy(), args.margin)
+
+        def held_out() -> tuple[float, float]:
+            with torch.no_grad():
+                s = sequence_forward(student, held_x, True, args.per_channel)[held_mask]
+                return agreement(spec, s.numpy(), held_t.numpy()), loss_fn(s, held_t).item()
+
+        before, held_loss = held_out()
+        best_key, best_state = (before, -held_loss), copy.deepcopy(student.state_dict())
+        best = before
+        log(f"distill recurrent {kind} policy on {env_id}: PTQ agrees with the fp32 policy on {100 * before:.1f} % "
+            f"of {int(held_mask.sum())} held-out states ({len(held)} episodes, each policy with its own state); "
+            f"target {100 * args.agreement:.1f} %, budget {args.budget_s:.0f} s")
+        optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
+        source = Episodes(loaded, env_id, args.seed, args.epsilon)
+        gen = torch.Generator().manual_seed(args.seed)
+        xs: list[np.ndarray] = []
+        ts: list[np.ndarray] = []
+        rounds = 0
+        want = max(1, args.num_envs * args.steps_per_round)  # states collected per round
+        try:
+            while best < args.agreement and rounds < args.max_rounds and \
+                    time.perf_counter() - started < args.budget_s:
+                beta = 0.5 ** rounds
+                got = 0
+                while got < want:
+                    x, t = source.episode(teacher, student, beta, args.per_channel)
+                    xs.append(x)
+                    ts.append(t)
+                    got += len(x)
+                while sum(len(x) for x in xs) > args.max_states and len(xs) > 1:  # the oldest go first
+                    xs.pop(0)
+                    ts.pop(0)
+                progress = (time.perf_counter() - started) / args.budget_s
+                for group in optimizer.param_groups:
+                    group["lr"] = args.learning_rate * max(0.1, 1.0 - max(progress, rounds / args.max_rounds))
+                total, updates = 0.0, 0
+                while updates < args.updates_per_round and time.perf_counter() - started < args.budget_s:
+                    idx = torch.randint(len(xs), (min(EPISODES_PER_BATCH, len(xs)),), generator=gen).tolist()
+                    bx, mask = _pad([xs[i] for i in idx])
+                    bt, _ = _pad([ts[i] for i in idx])
+                    for t0, (out, _) in zip(range(0, bx.shape[1], BPTT), chunks(student, bx, True,
+                                                                                 args.per_channel)):
+                        m = mask[:, t0:t0 + BPTT]
+                        if not m.any():
+                            break
+                        loss = loss_fn(out[m], bt[:, t0:t0 + BPTT][m])
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                        total, updates = total + loss.item(), updates + 1
+                rounds += 1
+                agree, held_loss = held_out()
+                if (agree, -held_loss) > best_key:
+                    best_key, best_state, best = (agree, -held_loss), copy.deepcopy(student.state_dict()), agree
+                log(f"  round {rounds:3d}: {sum(len(x) for x in xs):7,} states in {len(xs)} episodes (beta "
+                    f"{beta:.2f}), loss {total / max(1, updates):.4g}, held-out loss {held_loss:.4g}, agreement "
+                    f"{100 * agree:5.1f} % (best {100 * best:5.1f} %), {time.perf_counter() - started:4.0f} s")
+        finally:
+            source.close()
+    finally:
+        torch.set_num_threads(threads)
+    student.load_state_dict(best_state)
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    result = DistillResult(student, kind, before, best, rounds, sum(len(x) for x in xs),
+                           time.perf_counter() - started)
+    log(result.summary())
+    return result
+
