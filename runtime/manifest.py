@@ -342,6 +342,9 @@ def _state_io(entry_points: dict, recurrent: dict | None) -> None:
     """Entry points return one tensor, or take and return the state a recurrent input spec declares."""
     for name, plan in entry_points.items():
         ins, outs = plan["inputs"], plan["outputs"]
+        want = (2 if name == "sample" else 1) + (2 if recurrent is not None else 0)  # obs[, state, start][, noise]
+        if name in ("forward", "act", "sample", "features") and len(ins) != want:
+            raise _fail(f"entry_points.{name}", f"takes {len(ins)} inputs, not {want}")
         if recurrent is None:
             if len(outs) != 1:
                 raise _fail(f"entry_points.{name}", f"returns {len(outs)} tensors; only a recurrent policy's entry "

@@ -148,7 +148,7 @@ def test_readers_refuse_a_state_that_does_not_match(compiled, tmp_path):
         m["input"]["recurrent"] = {"layers": 1, "hidden": 16, "state_size": 32}  # the plans carry 64
 
     for edit, words in [(size, "recurrent state_size is 66, not 2 x 2 layers x 16"),
-                        (no_state, "entry_points.act returns 2 tensors; only a recurrent policy's"),
+                        (no_state, r"entry_points.\w+ takes 3 inputs, not 1"),
                         (plan, "entry_points.+ does not take .obs, state, episode_start. and return .result, state. with the 32")]:
         with pytest.raises(ArtifactError, match=words):
             load(sealed(compiled.path, tmp_path / f"{edit.__name__}.bitrl", edit))
@@ -197,7 +197,7 @@ def test_the_c_api_steps_as_python_does(compiled, tmp_path):
 
     from test_capi import _flags
 
-    from bitrl_compile.runtime import load
+    from bitrl_compile.runtime import ArtifactError, load
 
     libdir = next(f[2:] for f in _flags("host") if f.startswith("-L"))
     lib = ctypes.CDLL(f"{libdir}/libbitrl.so")
@@ -248,9 +248,15 @@ def test_the_c_api_steps_as_python_does(compiled, tmp_path):
     def no_state(m):
         del m["input"]["recurrent"]
 
-    for edit, words in [(size, "input.recurrent.state_size is not 2 x layers x hidden"),
+    def extra_input(m):  # a plan input no caller passes: the C API would read past its arrays
+        m["entry_points"]["act"]["inputs"].append(dict(m["entry_points"]["act"]["inputs"][2]))
+
+    with pytest.raises(ArtifactError, match="entry_points.act takes 4 inputs, not 3"):
+        load(sealed(compiled.path, tmp_path / "py-extra.bitrl", extra_input))
+    for edit, words in [(extra_input, "entry_points.act takes 4 inputs, not 3"),
+                        (size, "input.recurrent.state_size is not 2 x layers x hidden"),
                         (smaller, "does not take (obs, state, episode_start)"),
-                        (no_state, "returns 2 tensors; only a recurrent policy's")]:
+                        (no_state, "takes 3 inputs, not 1")]:
         bad = sealed(compiled.path, tmp_path / f"c-{edit.__name__}.bitrl", edit)
         assert not lib.bitrl_load(str(bad).encode())
         assert words in lib.bitrl_last_error().decode(), lib.bitrl_last_error()

@@ -939,6 +939,10 @@ static int check_state_io(bitrl_policy *p, const json *input) {
     for (int i = 0; i < N_ENTRIES; i++) {
         const entry *e = &p->entries[i];
         if (!e->present) continue;
+        int want = (i == SAMPLE ? 2 : 1) + (size ? 2 : 0); /* obs[, state, episode_start][, noise]: what calls pass */
+        if (e->ninputs != want)
+            return bitrl_fail("%s: manifest entry_points.%s takes %d inputs, not %d; " RECOMPILE, p->path,
+                              ENTRY_NAMES[i], e->ninputs, want);
         if (!size && e->noutputs != 1)
             return bitrl_fail("%s: manifest entry_points.%s returns %d tensors; only a recurrent policy's entry points "
                               "return a state (input recurrent); " RECOMPILE, p->path, ENTRY_NAMES[i], e->noutputs);
