@@ -90,20 +90,42 @@ def cnn_policy(sd: dict, prefix: str, input_spec: dict, head: nn.Module, cfg: di
     if len(input_spec["shape"]) != 3:
         raise ModelLoadError(f"{path}: a CnnPolicy on observations of shape {input_spec['shape']}; NatureCNN takes "
                              "images (C, H, W)")
+    layout = image_layout(cfg, path)
+    cnn, linear = checked_cnn(sd, prefix, input_spec["shape"], "NatureCNN's", path)
+    if layout == "hwc":
+        c, h, w = input_spec["shape"]
+        input_spec["shape"] = [h, w, c]
+    return SB3CnnPolicy(cnn, linear, head, layout == "hwc").eval()
+
+
+def image_layout(cfg: dict, path: Path) -> str:
+    """config "image_layout": "hwc" (the default: the environment's images are channels-last) or "chw"."""
     layout = str(cfg.get("image_layout", "hwc")).lower()
     if layout not in ("hwc", "chw"):
         raise ModelLoadError(f"{path}: config \"image_layout\" is {layout!r}; give \"hwc\" (the environment's images "
                              "are channels-last, SB3 transposed them) or \"chw\"")
+    return layout
+
+
+def checked_cnn(sd: dict, prefix: str, chw: list[int], what: str, path: Path) -> tuple[nn.Sequential, nn.Sequential]:
+    """The NatureCNN under `prefix` and its linear, checked to fit images of the saved shape (C, H, W)."""
     cnn, linear, _ = nature_cnn(sd, prefix, path)
-    c, h, w = input_spec["shape"]
+    c, h, w = chw
     with torch.no_grad():
         n_flatten = cnn(torch.zeros(1, c, h, w)).shape[1]
     if linear[0].in_features != n_flatten:
-        raise ModelLoadError(f"{path}: NatureCNN's linear layer takes {linear[0].in_features} features but the "
+        raise ModelLoadError(f"{path}: {what} linear layer takes {linear[0].in_features} features but the "
                              f"convolutions give {n_flatten} on {c}x{h}x{w} images; the file does not match its space")
-    if layout == "hwc":
-        input_spec["shape"] = [h, w, c]
-    return SB3CnnPolicy(cnn, linear, head, layout == "hwc").eval()
+    return cnn, linear
+
+
+def key_prefix(sd: dict, name: str, path: Path) -> str:
+    """The state_dict prefix of a Dict image key's NatureCNN in SB3's CombinedExtractor."""
+    for p in PREFIXES:
+        if f"{p}extractors.{name}.linear.0.weight" in sd:
+            return f"{p}extractors.{name}."
+    raise ModelLoadError(f"{path}: observation key {name!r} is an image but policy.pth has no NatureCNN for it; save "
+                         "the model again with stable-baselines3")
 
 
 class SB3CombinedPolicy(nn.Module):
@@ -138,27 +160,16 @@ def combined_policy(sd: dict, input_spec: dict, head: nn.Module, cfg: dict, norm
                     path: Path) -> nn.Module:
     """The MultiInputPolicy on the flat row of `input_spec` (its keys; an image key's shape, saved channels-first,
     becomes the environment's (H, W, C) unless cfg["image_layout"] is "chw"), with a NatureCNN per image key."""
-    layout = str(cfg.get("image_layout", "hwc")).lower()
-    if layout not in ("hwc", "chw"):
-        raise ModelLoadError(f"{path}: config \"image_layout\" is {layout!r}; give \"hwc\" or \"chw\"")
+    layout = image_layout(cfg, path)
     parts, cnns, offset = [], [], 0
     for key in input_spec["keys"]:
         size = int(torch.tensor(key["shape"]).prod())
         image = None
         if key.get("preprocess") == "image":
-            prefix = next((p + f"extractors.{key['name']}." for p in PREFIXES
-                           if any(k.startswith(p + f"extractors.{key['name']}.cnn.") for k in sd)), None)
-            if prefix is None:
-                raise ModelLoadError(f"{path}: observation key {key['name']!r} is an image but policy.pth has no "
-                                     "NatureCNN for it; save the model again with stable-baselines3")
-            cnn, linear, _ = nature_cnn(sd, prefix, path)
-            c, h, w = key["shape"]
-            with torch.no_grad():
-                n_flatten = cnn(torch.zeros(1, c, h, w)).shape[1]
-            if linear[0].in_features != n_flatten:
-                raise ModelLoadError(f"{path}: key {key['name']!r}'s NatureCNN linear layer takes "
-                                     f"{linear[0].in_features} features but its convolutions give {n_flatten}")
+            cnn, linear = checked_cnn(sd, key_prefix(sd, key["name"], path), key["shape"],
+                                      f"key {key['name']!r}'s NatureCNN", path)
             if layout == "hwc":
+                c, h, w = key["shape"]
                 key["shape"] = [h, w, c]
             image = (len(cnns), tuple(key["shape"]), layout == "hwc", normalize_images)
             cnns.append(nn.Sequential(cnn, linear))
@@ -172,12 +183,7 @@ def combined_features(sd: dict, input_spec: dict, path: Path) -> int:
     width = 0
     for key in input_spec["keys"]:
         if key.get("preprocess") == "image":
-            prefix = next((p + f"extractors.{key['name']}." for p in PREFIXES
-                           if f"{p}extractors.{key['name']}.linear.0.weight" in sd), None)
-            if prefix is None:
-                raise ModelLoadError(f"{path}: observation key {key['name']!r} is an image but policy.pth has no "
-                                     "NatureCNN for it; save the model again with stable-baselines3")
-            width += int(_tensor(sd, prefix + "linear.0.weight", 2, path).shape[0])
+            width += int(_tensor(sd, key_prefix(sd, key["name"], path) + "linear.0.weight", 2, path).shape[0])
         else:
             width += int(torch.tensor(key["shape"]).prod())
     return width
