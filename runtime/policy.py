@@ -155,6 +155,16 @@ def check_observations(input_spec: dict, obs) -> tuple[np.ndarray, bool]:
     return x, single
 
 
+def initial_state(input_spec: dict, batch: int | None = None, path: str = "artifact") -> np.ndarray:
+    """A recurrent policy's state before the first step: zeros, [state_size] for one observation or
+    [batch, state_size] (the layout: the input spec's "recurrent", h of every LSTM layer, then c)."""
+    recurrent = input_spec.get("recurrent")
+    if not recurrent:
+        raise ValueError(f"{path} is not a recurrent policy: it has no state; call act(obs)")
+    size = int(recurrent["state_size"])
+    return np.zeros(size if batch is None else (int(batch), size), np.float32)
+
+
 _FLOAT32 = np.dtype(np.float32)
 _OPEN_LOCK = threading.Lock()
 
@@ -324,11 +334,8 @@ class Policy:
     # ---------------------------------------------------------------- recurrent policies
 
     def initial_state(self, batch: int | None = None) -> np.ndarray:
-        """A recurrent policy's state before the first step: zeros, [state_size] for one observation or
-        [batch, state_size] (the layout: the manifest's input "recurrent", h of every LSTM layer, then c)."""
-        if not self.state_size:
-            raise ValueError(f"{self.path} is not a recurrent policy: it has no state; call act(obs)")
-        return np.zeros(self.state_size if batch is None else (int(batch), self.state_size), np.float32)
+        """A recurrent policy's state before the first step (`initial_state`)."""
+        return initial_state(self.input_spec, batch, self.path)
 
     def _state(self, state, episode_start, n: int, single: bool) -> tuple[np.ndarray, np.ndarray]:
         """Validated ([n, state_size] state, [n] episode starts as 0/1) of a recurrent step; None is the initial

@@ -38,7 +38,7 @@ from bitrl_compile.devices.sysroot import (
 )
 from bitrl_compile.runtime import serve, signing
 from bitrl_compile.runtime.artifact import ArtifactError
-from bitrl_compile.runtime.policy import flatten_observations, host_arch
+from bitrl_compile.runtime.policy import flatten_observations, host_arch, initial_state
 
 _ERRORS: dict[str, type[Exception]] = {"ValueError": ValueError, "ArtifactError": ArtifactError,
                                        "TypeError": TypeError, "KeyError": KeyError,
@@ -134,12 +134,8 @@ class EmulatedPolicy:
                           episode_start)
 
     def initial_state(self, batch: int | None = None) -> np.ndarray:
-        """A recurrent policy's state before its first step (runtime.Policy.initial_state)."""
-        recurrent = self.input_spec.get("recurrent")
-        if not recurrent:
-            raise ValueError(f"{self.path} is not a recurrent policy: it has no state; call act(obs)")
-        size = int(recurrent["state_size"])
-        return np.zeros(size if batch is None else (int(batch), size), np.float32)
+        """A recurrent policy's state before its first step (runtime.policy.initial_state)."""
+        return initial_state(self.input_spec, batch, self.path)
 
     def _call(self, request: dict, obs, state=None, episode_start=None):
         obs = np.asarray(flatten_observations(self.input_spec, obs))  # a Dict observation travels flat
