@@ -382,7 +382,10 @@ def _signal_mid_write(signum: int):
     """A real compile whose artifact write is held open (its fsync sleeps) until the signal lands."""
 
     def case(tmp: Path):
-        hold = ("import os, sys, time\nfsync = os.fsync\nos.fsync = lambda fd: (time.sleep(600), fsync(fd))\n"
+        # Ctrl-C as a terminal delivers it: a shell starts background jobs (a test run with `&`, nohup) with SIGINT
+        # ignored, which Python and its children then keep
+        hold = ("import os, signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                "fsync = os.fsync\nos.fsync = lambda fd: (time.sleep(600), fsync(fd))\n"
                 "from bitrl_compile.cli import main\nmain(sys.argv[1:], prog_name='bitrl-compile')\n")
         proc = subprocess.Popen([sys.executable, "-c", hold, _model(tmp), "--no-tuning", "-o", tmp / "p.bitrl"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
