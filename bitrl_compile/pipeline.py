@@ -163,7 +163,7 @@ def bitlinear_layers(mod) -> list[dict]:
             int8 = op.layout == bitlinear_op.Q8
             if conv:  # kernel / stride / padding (top, left, bottom, right), e.g. "8x8/4 p0,0,0,0"
                 g = op.geometry
-                stored = conv_kernels.ConvLayout.of(g.channels, *g.kernel, n)  # the kernel's padded layout
+                stored = conv_kernels.ConvLayout.of(g.channels, *g.kernel, n, op.fold.layout)  # as the kernel pads
                 extra = {"op": "conv2d", "conv": f"{g.kernel[0]}x{g.kernel[1]}/{g.stride[0]}x{g.stride[1]} p"
                                                    + ",".join(str(p) for p in g.padding),
                          "bytes": stored.groups * stored.o16 * 4}

@@ -156,16 +156,38 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padd
     return windows.transpose(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw), (oh, ow)
 
 
+CONV_LAYOUTS = ("nchw", "nhwc")  # how a BitConv2d reads its input (a folded NHWC -> NCHW transpose: "nhwc")
+PRESCALES = ("div", "mul")       # a folded elementwise scale of a BitConv2d's input: x / c or x * c
+
+
+def conv_input(x: np.ndarray, layout: str = "nchw", prescale: tuple[str, float] | None = None) -> np.ndarray:
+    """A BitConv2d's input as the NCHW float32 it convolves: `x` is [B, C, H, W], or [B, H, W, C] for layout "nhwc"
+    (read transposed); `prescale` ("div" or "mul", c) first computes x / c or x * c in float32, exactly the graph's
+    op that passes/fuse_bitlinear.py folded into the convolution (or the "image" /255 of passes/entry_points.py):
+    the values quantized are the same, so folding keeps every result bit for bit. (The kernels read x once in its
+    layout and apply the scale inside their quantization step; the absmax commutes with it: |x| / c is monotone.)"""
+    x = np.asarray(x, np.float32)
+    if prescale is not None:
+        op, c = prescale
+        if op not in PRESCALES:
+            raise ValueError(f"unknown BitConv2d input prescale {op!r}; expected one of {PRESCALES}")
+        x = x / np.float32(c) if op == "div" else x * np.float32(c)
+    if layout not in CONV_LAYOUTS:
+        raise ValueError(f"unknown BitConv2d input layout {layout!r}; expected one of {CONV_LAYOUTS}")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nhwc" else x
+
+
 def bitconv2d_reference(x: np.ndarray, w_t: np.ndarray, gamma: np.ndarray, bias: np.ndarray | None = None,
                         stride: tuple[int, int] = (1, 1), padding: tuple[int, int, int, int] = (0, 0, 0, 0),
-                        return_int: bool = False):
-    """The BitConv2d op on an NCHW float32 input [B, C, H, W], weights [O, C, kh, kw] as integers (ternary trits,
+                        return_int: bool = False, layout: str = "nchw", prescale: tuple[str, float] | None = None):
+    """The BitConv2d op on an NCHW float32 input [B, C, H, W] (or what `conv_input` makes one of: `layout`,
+    `prescale`), weights [O, C, kh, kw] as integers (ternary trits,
     or int8 in [-127, 127] for an int8 layer), gamma [1] or [O], padding (top, left, bottom, right), dilation 1,
     groups 1. Activations are quantized per sample (`quantize_activations` on the [B, C*H*W] flattening: one
     absmax scale s[b]), zero-padded after quantization (a padded zero is 0 in int8, the scale is the input's),
     convolved exactly in int32, then y[b, o] = fma(float32(acc[b, o]), gamma[o] / s[b], bias[o]) (the BitLinear
     epilogue per output channel). Activation functions are applied by the caller."""
-    x = np.asarray(x, np.float32)
+    x = conv_input(x, layout, prescale)
     b, c, h, w = x.shape
     o, _, kh, kw = w_t.shape
     pt, pl, pb, pr = padding

@@ -127,7 +127,7 @@ def _eval_call(call, args, sizes):
         conv = bitconv_op.parse(call) if op is None else None
         if conv is not None:
             x, w, gamma, bias = args[1:5]
-            return bitconv_op.reference(x, w, gamma, bias, conv.activation, conv.layout, conv.geometry)
+            return bitconv_op.reference(x, w, gamma, bias, conv.activation, conv.layout, conv.geometry, conv.fold)
         if op is None:
             raise NotImplementedError(f"reference executor: packed function {call.args[0].global_symbol} "
                                       "is not supported")

@@ -9,7 +9,8 @@ Pipeline position: after `lift_params`, before TVM's legalisation (LegalizeOps, 
 pre- and post-processing into fused TensorIR kernels, which `runtime.plan` then calls directly). `main` stays
 what it was (the network on prepared inputs: the reference compares against it).
 
-Pre-processing (manifest input spec): "image" divides by 255; "onehot" takes a float32 [B] of indices; then
+Pre-processing (manifest input spec): "image" divides by 255 (folded into the first convolution's quantization
+step when that reads the observation alone: `_image_fold`); "onehot" takes a float32 [B] of indices; then
 normalisation (x - mean) / std, clipped, where std = sqrt(var + eps) is computed once here in float32, exactly
 as the numpy runtime computes it. "text" (a state encoder reading text) stays a host step: the entry points
 take the serialised tokens, as `main` does. Post-processing follows the output spec, with the same float32
@@ -138,10 +139,58 @@ def entry_names(output_spec: dict) -> tuple[str, ...]:
     return ("forward", "act", "sample") if samples else ("forward", "act")
 
 
-def _entry(main: relax.Function, name: str, input_spec: dict, output_spec: dict,
+IMAGE_SCALE = ("div", 255.0)  # the "image" preprocess, as conv kernels fold it (runtime.policy: x / 255 in float32)
+
+
+def _image_fold(mod: tvm.IRModule, func: relax.Function, input_spec: dict):
+    """(the binding of the convolution that alone reads main's input, its kernel with the image /255 folded in:
+    (name, PrimFunc)), or None. The fold computes the same float32 x / 255 in the kernel's quantization step (the
+    reference's values, bit for bit) and saves the pass over the frame that the divide is."""
+    if input_spec.get("preprocess", "none") != "image" or input_spec.get("normalize"):
+        return None
+    from .fuse_bitlinear import use_counts
+    from .legalize_bitlinear import conv_with_prescale
+
+    x_in, uses = func.params[0], use_counts(func)
+    source = {x_in}  # main's input and its reshapes (legalize_bitlinear flattens a conv's input)
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not isinstance(value, relax.Call) or not any(a in source for a in _args(value)):
+                continue
+            if any(uses.get(v, 0) != 1 for v in source):
+                return None
+            if isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.reshape":
+                source = {binding.var}
+                continue
+            if value.op.same_as(tvm.ir.Op.get("relax.call_tir")) and value.args[1].fields[0] in source:
+                remade = conv_with_prescale(mod[value.args[0]], IMAGE_SCALE)
+                return None if remade is None else (binding, remade)
+            return None
+    return None
+
+
+def _args(call: relax.Call) -> list:
+    """A call's arguments, a call_tir's tensors included."""
+    out = []
+    for arg in call.args:
+        out += list(arg.fields) if isinstance(arg, relax.Tuple) else [arg]
+    return out
+
+
+def _entry(bb: relax.BlockBuilder, main: relax.Function, name: str, input_spec: dict, output_spec: dict,
            values: dict[str, np.ndarray], main_values: list, recurrent: bool = False) -> relax.Function:
     func = copy_with_new_vars(main)
     x_in = func.params[0]
+    fold = _image_fold(bb.get(), func, input_spec)
+    if fold is not None:  # the conv kernel reading the observation divides it by 255 itself
+        binding, (kernel, prim) = fold
+        gv = bb.add_func(prim, kernel)  # once for all entry points (the builder keeps one of equal functions)
+        call = binding.value
+        blocks = [_rebind(block, binding.var, relax.Call(call.op, [gv, *call.args[1:]], call.attrs, call.ty_args))
+                  for block in func.body.blocks]
+        func = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty, func.is_pure,
+                              func.attrs)
     batch = x_in.ty.shape[0]
     b = _Builder(values)
     kind = input_spec.get("preprocess", "none")
@@ -154,7 +203,7 @@ def _entry(main: relax.Function, name: str, input_spec: dict, output_spec: dict,
         n = [batch, 1] if output_spec["kind"] == "discrete" else [batch, *(int(d) for d in output_spec["shape"])]
         noise = relax.Var("noise", relax.TensorType(n, "float32"))
         inputs.append(noise)
-    x = _preprocess(b, obs, input_spec)
+    x = obs if fold is not None else _preprocess(b, obs, input_spec)
     pre = b.block()
     # main's input variable is bound to the prepared observation, so main's body is reused as it is
     pre = relax.DataflowBlock([*pre.bindings, relax.VarBinding(x_in, x)])
@@ -180,6 +229,12 @@ def _entry(main: relax.Function, name: str, input_spec: dict, output_spec: dict,
                           tvm.ir.make_node("ir.DictAttrs", **attrs))
 
 
+def _rebind(block, var, value):
+    """`block` with `var` bound to `value` instead."""
+    bindings = [relax.VarBinding(var, value) if b.var.same_as(var) else b for b in block.bindings]
+    return relax.DataflowBlock(bindings) if isinstance(block, relax.DataflowBlock) else relax.BindingBlock(bindings)
+
+
 def entry_points(input_spec: dict, output_spec: dict):
     """The pass: adds the entry functions of `entry_names(output_spec)` to a module after lift_params. A recurrent
     policy (input spec "recurrent") has main(obs, state, episode_start, params...) -> (raw output, next state);
@@ -195,9 +250,12 @@ def entry_points(input_spec: dict, output_spec: dict):
                              f"{int(main.attrs['num_input'])}; run lift_params first")
         values = {**_norm_params(input_spec), **_bounds(output_spec)}
         main_values = list(main.attrs["params"]) if "params" in main.attrs else []
-        mod = mod.clone()
-        for name in entry_names(output_spec):
-            mod[name] = _entry(main, name, input_spec, output_spec, values, main_values, recurrent)
+        bb = relax.BlockBuilder(mod.clone())
+        entries = {name: _entry(bb, main, name, input_spec, output_spec, values, main_values, recurrent)
+                   for name in entry_names(output_spec)}
+        mod = bb.get()
+        for name, func in entries.items():
+            mod[name] = func
         return mod
 
     return _pass
@@ -221,9 +279,19 @@ def _dims(shape, batch) -> list:
     return dims
 
 
+def _reshape(mod: tvm.IRModule, call: relax.Call) -> bool:
+    """Whether a call_tir only copies its one tensor argument into another shape (TVM's reshape pattern, e.g. the
+    legalised relax.reshape): compact row-major tensors, so the plan gives its result as a view, no call."""
+    func = mod[call.args[0]]
+    fields = call.args[1].fields
+    return isinstance(func, tvm.tirx.PrimFunc) and len(fields) == 1 and \
+        str(fields[0].ty.dtype) == str(call.ty.dtype) and relax.analysis.has_reshape_pattern(func)
+
+
 def plan_of(mod: tvm.IRModule, name: str) -> dict:
     """The call plan of entry function `name` after legalisation and fusion (the format: runtime/plan.py):
-    its inputs, outputs, intermediate buffers and kernel calls in order. NoPlan if it is anything else."""
+    its inputs, outputs, intermediate buffers and kernel calls in order. NoPlan if it is anything else. A reshape
+    of an input or an intermediate into an intermediate is a buffer with "view" (its memory, another shape)."""
     func = mod[name]
     num_input = int(func.attrs["num_input"])
     batch = func.params[0].ty.shape[0] if func.params[0].ty.ndim else None
@@ -248,6 +316,7 @@ def plan_of(mod: tvm.IRModule, name: str) -> dict:
     if not all(isinstance(r, relax.Var) for r in results):
         raise NoPlan(f"{name} returns a tuple of something other than variables")
     outputs: dict[int, dict] = {}
+    views: dict[str, str] = {}  # a view buffer's ref -> the input or buffer whose memory it is
     call_tir = tvm.ir.Op.get("relax.call_tir")
     for block in func.body.blocks:
         for binding in block.bindings:
@@ -270,6 +339,13 @@ def plan_of(mod: tvm.IRModule, name: str) -> dict:
                     raise NoPlan(f"{name}: argument {arg} is not an input, parameter or earlier result")
                 args.append(refs[arg])
             k = next((i for i, r in enumerate(results) if binding.var.same_as(r)), None)
+            if k is None and _reshape(mod, value) and args[0].split(":")[0] in ("input", "buffer"):
+                root = views.get(args[0], args[0])  # a view of a view is one of the first's memory
+                refs[binding.var] = f"buffer:{len(spec['buffers'])}"
+                views[refs[binding.var]] = root
+                spec["buffers"].append({"dtype": str(out_ty.dtype), "shape": _dims(out_ty.shape, batch),
+                                        "view": root})
+                continue
             if k is not None:
                 refs[binding.var] = f"output:{k}"
                 outputs[k] = {"name": binding.var.name, "dtype": str(out_ty.dtype),

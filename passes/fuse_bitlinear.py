@@ -12,7 +12,11 @@ users and compute the layer twice.
 
 The same for convolutions (passes/bitconv_op.py): Relax gives a Conv2d's bias as the add of a [1, O, 1, 1]
 constant (or of a reshape of an [O] constant to that shape), folded into bitconv2d's bias; an activation on the
-convolution's output is folded in the same way.
+convolution's output is folded in the same way. On the input side, an NHWC -> NCHW permute_dims ([0, 3, 1, 2]:
+SB3's channels-last frames, frontends/sb3_cnn.py) and a division or multiplication by a scalar constant (a module's
+own x / 255) feeding a bitconv2d are folded into the op (`bitconv_op.InputFold`, in either order): the kernel
+reads the input in its layout and scales it in its quantization step, the same float32 values, so the results do
+not change and the two passes over memory (and the copy between them) are gone.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ _ACTIVATIONS = {_RELAX_OPS[a]: a for a in FUSABLE_ACTIVATIONS if a != "none"}  #
 
 def _shared_values(func: relax.Function) -> list[relax.Expr]:
     """The values bound to variables used more than once in `func` (as an argument or its result)."""
+    uses = use_counts(func)
+    return [b.value for block in func.body.blocks for b in block.bindings if uses.get(b.var, 0) > 1]
+
+
+def use_counts(func: relax.Function) -> dict:
+    """{variable: how many times `func`'s bindings and result use it}."""
     uses: dict = {}
 
     def count(expr):
@@ -46,11 +56,11 @@ def _shared_values(func: relax.Function) -> list[relax.Expr]:
         elif isinstance(expr, relax.TupleGetItem):
             count(expr.tuple_value)
 
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    for binding in bindings:
-        count(binding.value)
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            count(binding.value)
     count(func.body.body)
-    return [b.value for b in bindings if uses.get(b.var, 0) > 1]
+    return uses
 
 
 def _is_shared(expr, shared: list[relax.Expr]) -> bool:
@@ -109,8 +119,59 @@ def _conv_bias(expr, n: int) -> np.ndarray | None:
     return None if value is None or value.dtype != np.float32 or value.size != n else value.reshape(-1)
 
 
+_NCHW = (0, 3, 1, 2)  # permute_dims axes that make an NHWC tensor NCHW
+
+
+def _scalar(expr) -> float | None:
+    """The value of a float32 constant whose elements are all one finite non-zero value, else None."""
+    value = bitlinear_op.constant_value(expr)
+    if value is None or value.dtype != np.float32 or value.size == 0 or value.ndim > 4:
+        return None
+    c = value.reshape(-1)[0]
+    return float(c) if np.isfinite(c) and c != 0 and np.all(value == c) else None
+
+
+def _input_step(expr, fold: bitconv_op.InputFold):
+    """(the value under `expr`, the fold with it) when `expr` is a foldable permute_dims or scale, else None."""
+    if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
+        return None
+    name = expr.op.name
+    if name == "relax.permute_dims" and fold.layout == "nchw":
+        axes = expr.attrs.axes
+        if axes is not None and tuple(int(a) for a in axes) == _NCHW:
+            return expr.args[0], bitconv_op.InputFold("nhwc", fold.prescale)
+    if name in ("relax.divide", "relax.multiply") and fold.prescale is None:
+        x, c = expr.args
+        if name == "relax.multiply" and _scalar(x) is not None:
+            x, c = c, x
+        value = _scalar(c)
+        if value is not None and x.ty.dtype == "float32" and x.ty.ndim == 4 and \
+                [int(d) for d in c.ty.shape] in ([], [1], [1, 1, 1, 1]):
+            return x, bitconv_op.InputFold(fold.layout, ("div" if name == "relax.divide" else "mul", value))
+    return None
+
+
+def _fold_input(func: relax.Function) -> relax.Function:
+    """Fold the permute_dims and scale under each bitconv2d's input into it (while the values are used once)."""
+    values = relax.analysis.get_var2val(func)
+    shared = _shared_values(func)
+
+    def fold(call, _m):
+        op = bitconv_op.parse(call)
+        x, fold, changed = op.x, op.fold, False
+        while isinstance(x, relax.Var) and x in values and not _is_shared(values[x], shared):
+            step = _input_step(values[x], fold)
+            if step is None:
+                break
+            (x, fold), changed = step, True
+        return bitconv_op.rebuild(op, call.ty, x=x, fold=fold) if changed else call
+
+    return relax.analysis.remove_all_unused(rewrite_call(bitconv_op.pattern(), fold, func))
+
+
 def _fuse_conv(func: relax.Function) -> relax.Function:
-    """Fold the bias add and then the activation that follow a bitconv2d into it."""
+    """Fold the input's layout and scale, the bias add and then the activation of a bitconv2d into it."""
+    func = _fold_input(func)
     conv = bitconv_op.pattern()
     bias = wildcard()
     add = is_op("relax.add")(conv, bias) | is_op("relax.add")(bias, conv)

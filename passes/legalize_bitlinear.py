@@ -15,7 +15,9 @@ stored as they are (not in `weight_params`).
 
 Convolutions (passes/bitconv_op.py, any layout) become call_tir to targets/conv_kernels.py (one kernel per geometry,
 input size, output channels, activation and scale kind; ISA "conv-<the target's>"), on the input flattened to
-[B, C*H*W]; their weights are int8 [C, KH, KW, O] (trits, or int8 for "q8"), stored as they are.
+[B, C*H*W] (NCHW, or NHWC for an op with a folded transpose: `bitconv_op.InputFold`); their weights are int8 in
+the kernel's layout (trits, or int8 for "q8"), stored as they are. A conv kernel records in "bitrl.conv" how to
+make it again (passes/entry_points.py folds an "image" observation's /255 into a variant of the first one).
 """
 
 from __future__ import annotations
@@ -92,14 +94,21 @@ class _Legalizer(PyExprMutator):
         if w is None:
             raise ValueError("legalize_bitlinear needs constant convolution weights")
         n = int(op.w.ty.shape[0])
-        batch, _, h, width = op.x.ty.shape
-        hw = (int(h), int(width))
+        batch = op.x.ty.shape[0]
+        hw = bitconv_op.input_hw(op)
         per_channel = int(op.gamma.ty.shape[0]) > 1
-        name = conv_kernels.conv_kernel_name(op.geometry, hw, n, op.activation, per_channel)
+        fold = op.fold
+        name = conv_kernels.conv_kernel_name(op.geometry, hw, n, op.activation, per_channel, fold.suffix())
         if name not in self.kernels:
-            func = conv_kernels.conv_kernel(op.geometry, hw, n, op.activation, per_channel, self.spec)
-            self.kernels[name] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-        w = relax.const(conv_kernels.kernel_weights(bitconv_op.weight_matrix(w, op.layout, op.geometry)))
+            func = conv_kernels.conv_kernel(op.geometry, hw, n, op.activation, per_channel, self.spec,
+                                            input_layout=fold.layout, prescale=fold.prescale)
+            # what entry_points needs to make this kernel again with the observation's /255 folded in
+            remake = {"geometry": op.geometry.text(), "hw": list(hw), "o": n, "activation": op.activation,
+                      "per_channel": per_channel, "isa": self.spec.isa, "input": fold.text()}
+            func = func.with_attrs({"global_symbol": name, "bitrl.conv": json.dumps(remake, sort_keys=True)})
+            self.kernels[name] = self.builder_.add_func(func, name)
+        w = bitconv_op.weight_matrix(w, op.layout, op.geometry)
+        w = relax.const(conv_kernels.kernel_weights(w, fold.layout))
         flat = self.builder_.emit(relax.op.reshape(op.x, (batch, op.geometry.channels * hw[0] * hw[1])))
         return relax.call_tir(self.kernels[name], [flat, w, op.gamma, op.bias], call.ty)
 
@@ -116,6 +125,29 @@ class _Legalizer(PyExprMutator):
         out = self.builder_.emit(relax.call_tir(kernel, [flat, w, op.gamma, op.bias],
                                                 relax.TensorType((rows, n), "float32")))
         return relax.op.reshape(out, call.ty.shape)
+
+
+def conv_with_prescale(func, prescale: tuple[str, float]):
+    """(name, PrimFunc) of the conv kernel `func` (made by this pass: its "bitrl.conv" record) with `prescale` folded
+    into its input, or None when `func` is no such kernel, already scales its input, or the target's hand-written
+    kernel would decline the scale (conv_neon.supports: the slower LLVM-vectorised one would then run the layer)."""
+    attrs = func.attrs if func.attrs is not None else {}
+    if "bitrl.conv" not in attrs:
+        return None
+    record = json.loads(str(attrs["bitrl.conv"]))
+    fold = bitconv_op.InputFold.parse(record["input"])
+    if fold.prescale is not None:
+        return None
+    fold = bitconv_op.InputFold(fold.layout, prescale)
+    geometry, hw = bitconv_op.Geometry.parse(record["geometry"]), tuple(record["hw"])
+    args = (geometry, hw, record["o"], record["activation"], record["per_channel"])
+    name = conv_kernels.conv_kernel_name(*args, fold.suffix())
+    new = conv_kernels.conv_kernel(*args, kernel_spec(isa=record["isa"]), input_layout=fold.layout,
+                                   prescale=prescale)
+    if json.loads(str(new.attrs["bitrl.schedule"]))["reason"] != json.loads(str(attrs["bitrl.schedule"]))["reason"]:
+        return None
+    return name, new.with_attrs({"global_symbol": name, "bitrl.conv": json.dumps({**record, "input": fold.text()},
+                                                                                  sort_keys=True)})
 
 
 def legalize_bitlinear(target=None, schedules=None, spec=None):

@@ -212,6 +212,24 @@ def _tensor(value, where: str, batch_max: int, io: bool) -> int:
     return len(shape)
 
 
+def _view(plan: dict, i: int, at: str) -> None:
+    """A buffer's "view" (runtime/plan.py): an input or a buffer that is no view, of its dtype and number of values."""
+    view, tensor = plan["buffers"][i]["view"], plan["buffers"][i]
+    slot = _SLOT.fullmatch(view) if isinstance(view, str) else None
+    if slot is None or slot.group(1) == "output":
+        raise _fail(at, f"is {_short(view) if isinstance(view, str) else _kind(view)}, not input:I or buffer:I")
+    items = plan[slot.group(1) + "s"]
+    if int(slot.group(2)) >= len(items) or "view" in items[int(slot.group(2))]:
+        raise _fail(at, f"is {_short(view)}, which does not exist or is a view itself")
+    base = items[int(slot.group(2))]
+
+    def size(t):  # (dtype, number of batch dimensions, product of the others)
+        return t["dtype"], t["shape"].count("batch"), math.prod(d for d in t["shape"] if d != "batch")
+
+    if size(base) != size(tensor):
+        raise _fail(at, f"is {_short(view)}, whose dtype or number of values differs from the view's")
+
+
 def _plan(value, where: str, params: set[str], batch_max: int) -> None:
     """One entry point's plan (runtime/plan.py): every argument of every call refers to something that exists."""
     plan = _obj(value, where)
@@ -226,6 +244,9 @@ def _plan(value, where: str, params: set[str], batch_max: int) -> None:
         for i, tensor in enumerate(items):
             _tensor(tensor, f"{where}.{part}[{i}]", batch_max, io=part != "buffers")
         counts[part] = len(items)
+    for i, tensor in enumerate(plan.get("buffers") or []):
+        if "view" in tensor:
+            _view(plan, i, f"{where}.buffers[{i}].view")
     for k, call in enumerate(_list(_field(plan, "calls"), f"{where}.calls")):
         at = f"{where}.calls[{k}]"
         call = _obj(call, at)

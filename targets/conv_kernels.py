@@ -1,14 +1,17 @@
 """TensorIR BitConv2d kernels: the math of `quant.bitconv2d_reference` as a direct convolution on int8.
 
-One PrimFunc per (geometry, input size, output channels, activation, scale kind), symbolic in the batch:
+One PrimFunc per (geometry, input size, output channels, activation, scale kind, input fold), symbolic in the
+batch:
 
-    x[B, C*H*W] f32 (the NCHW input, flat: legalize_bitlinear reshapes it), w[G, O16, 4] i8 (trits, or int8 in
-    [-127, 127] for an int8 layer; the reduction in groups of 4 inputs, `ConvLayout`), gamma[G] f32, bias[O] f32
-    -> y[B, O, OH, OW] f32
+    x[B, C*H*W] f32 (the NCHW input, flat: legalize_bitlinear reshapes it; or NHWC, `input_layout` "nhwc"),
+    w[G, O16, 4] i8 (trits, or int8 in [-127, 127] for an int8 layer; the reduction in groups of 4 inputs,
+    `ConvLayout`), gamma[G] f32, bias[O] f32 -> y[B, O, OH, OW] f32
 
-    amax[b]            = max_i |x[b, i]|                   per sample (vectorised: partial maxima over lanes)
+    x'                 = x, or x / c or x * c (`prescale`: a folded graph op, quant.conv_input), in float32
+    amax[b]            = max_i |x'[b, i]| = pre(max_i |x[b, i]|)  per sample (|x| / c is monotone: the maximum of
+                                                                  the raw input, scaled once)
     scale[b]           = 127 / max(amax[b], eps)
-    x_q[b, c, hp, wp]  = int8(clip(round(x * scale), -128, 127)) inside, 0 in the padding
+    x_q[b, c, hp, wp]  = int8(clip(round(x' * scale), -128, 127)) inside, 0 in the padding
     acc[b, oh, ow, o]  = sum_{c,i,j} x_q[b, c, oh*SH+i, ow*SW+j] * w[c, i, j, o]   int32 (int16 products: exact,
                                                                                   |x_q * w| <= 128 * 127)
     y[b, o, oh, ow]    = act(fma(f32(acc), gamma[o] / scale[b], bias[o]))   (`kernels.activate`)
@@ -32,9 +35,10 @@ import tvm
 from tvm import te
 from tvm import tirx as T
 
-from bitrl_compile.quant import FUSABLE_ACTIVATIONS
+from bitrl_compile.quant import EPS, FUSABLE_ACTIVATIONS, QMAX
 
-from . import KernelSpec, conv_vnni, kernel_spec
+from . import KernelSpec, conv_neon, conv_vnni, kernel_spec
+from .conv_vnni import prescaled
 from .kernels import PARALLEL_MIN_WORK, activate, quantize_value, row_scales, schedule_row_scales
 
 LAYOUT = "g4o4"   # the kernel's weights: int8 [G, O16, 4] (groups of 4 reduction inputs; `kernel_weights`), as stored
@@ -49,8 +53,8 @@ class ConvLayout:
 
     "kw" (KW % 4 == 0: NatureCNN's 8x8 and 4x4): a group is 4 adjacent kernel columns of one channel and row, so
          the activations stay NCHW (a group's 4 inputs are adjacent in an image row); groups ordered (c, i, jg)
-    "c"  (otherwise: 3x3): a group is 4 adjacent channels (C padded to a multiple of 4) at one tap, the activations
-         HWC; groups ordered (i, j, cg)
+    "c"  (otherwise: 3x3; and every NHWC input, whose pixels are then quantized in their own order): a group is 4
+         adjacent channels (C padded to a multiple of 4) at one tap, the activations HWC; groups ordered (i, j, cg)
     Weights: int8 [G, O16, 4] (O padded to a multiple of 16, padding zero): w[g, o, l] is input l of group g.
     """
 
@@ -61,8 +65,8 @@ class ConvLayout:
     o: int
 
     @staticmethod
-    def of(c: int, kh: int, kw: int, o: int) -> ConvLayout:
-        return ConvLayout("kw" if kw % 4 == 0 else "c", c, kh, kw, o)
+    def of(c: int, kh: int, kw: int, o: int, input_layout: str = "nchw") -> ConvLayout:
+        return ConvLayout("kw" if kw % 4 == 0 and input_layout == "nchw" else "c", c, kh, kw, o)
 
     @property
     def c4(self) -> int:
@@ -83,17 +87,19 @@ class ConvLayout:
         return (i * self.kw + j) * self.c4 + c // 4, c % 4
 
 
-def conv_kernel_name(geometry, hw: tuple[int, int], o: int, activation: str, per_channel: bool) -> str:
+def conv_kernel_name(geometry, hw: tuple[int, int], o: int, activation: str, per_channel: bool,
+                     fold_suffix: str = "") -> str:
+    """The kernel's symbol; `fold_suffix` is passes.bitconv_op.InputFold.suffix() (e.g. "_nhwc_div255")."""
     kh, kw = geometry.kernel
     pads = "_".join(str(p) for p in geometry.padding)
     return (f"bitrl_bitconv_c{geometry.channels}_{hw[0]}x{hw[1]}_o{o}_k{kh}x{kw}_s{geometry.stride[0]}x"
-            f"{geometry.stride[1]}_p{pads}_{activation}{'_pc' if per_channel else ''}")
+            f"{geometry.stride[1]}_p{pads}_{activation}{'_pc' if per_channel else ''}{fold_suffix}")
 
 
-def kernel_weights(w):
+def kernel_weights(w, input_layout: str = "nchw"):
     """Integer weights [O, C, KH, KW] (numpy) in the kernel's layout [G, O16, 4] (ConvLayout)."""
     o, c, kh, kw = w.shape
-    layout = ConvLayout.of(c, kh, kw, o)
+    layout = ConvLayout.of(c, kh, kw, o, input_layout)
     out = np.zeros((layout.groups, layout.o16, 4), np.int8)
     ci, ii, jj = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), indexing="ij")
     g, lane = layout.index(ci, ii, jj)
@@ -101,9 +107,24 @@ def kernel_weights(w):
     return out
 
 
+def _sample_scales(x, batch, size: int, spec: KernelSpec, prescale):
+    """kernels.row_scales for one whole sample, the amax of the raw input scaled once: |x| / c is monotone."""
+    lanes = spec.vector if size % spec.vector == 0 and size > spec.vector else 1
+    r = te.reduce_axis((0, size // lanes), name="r")
+    amax_lanes = te.compute((batch, lanes), lambda b, v: te.max(te.abs(x[b, r * lanes + v]), axis=r),
+                            name="amax_lanes")
+    rv = te.reduce_axis((0, lanes), name="rv")
+    amax = te.compute((batch,), lambda b: te.max(amax_lanes[b, rv], axis=rv), name="amax")
+    magnitude = None if prescale is None else (prescale[0], abs(float(prescale[1])))
+    return te.compute((batch,), lambda b: T.const(float(QMAX), "float32") /
+                      T.max(prescaled(amax[b], magnitude), T.const(float(EPS), "float32")), name="scale")
+
+
 def conv_primfunc(geometry, hw: tuple[int, int], o: int, activation: str = "none", per_channel: bool = False,
-                  spec: KernelSpec | None = None, batch: int | None = None):
-    """The unscheduled BitConv2d PrimFunc (`geometry`: passes.bitconv_op.Geometry, `hw` the input's H, W)."""
+                  spec: KernelSpec | None = None, batch: int | None = None, *, input_layout: str = "nchw",
+                  prescale: tuple[str, float] | None = None):
+    """The unscheduled BitConv2d PrimFunc (`geometry`: passes.bitconv_op.Geometry, `hw` the input's H, W; the
+    input NCHW or NHWC, `prescale` applied in the quantization step)."""
     if activation not in FUSABLE_ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not fusable; expected one of {FUSABLE_ACTIVATIONS}")
     spec = spec or kernel_spec(None)
@@ -113,19 +134,22 @@ def conv_primfunc(geometry, hw: tuple[int, int], o: int, activation: str = "none
     size = c * h * w_
     batch = T.Var("batch", "int64") if batch is None else T.const(batch, "int64")
     x = te.placeholder((batch, size), "float32", name="x")
-    layout = ConvLayout.of(c, kh, kw, o)
+    layout = ConvLayout.of(c, kh, kw, o, input_layout)
     w = te.placeholder((layout.groups, layout.o16, 4), "int8", name="w")
     gamma = te.placeholder((o if per_channel else 1,), "float32", name="gamma")
     bias = te.placeholder((o,), "float32", name="bias")
 
-    scale = row_scales(x, batch, size, spec)  # one scale per sample: the whole C x H x W input is its row
+    # one scale per sample: the whole C x H x W input is its row
+    scale = _sample_scales(x, batch, size, spec, prescale) if prescale is not None else \
+        row_scales(x, batch, size, spec)
 
     def quantize(b, ci, hp, wp):
         hi, wi = hp - pt, wp - pl
         inside = T.all(hi >= 0, hi < h, wi >= 0, wi < w_)
         # the clamps keep the padding's (discarded) reads in bounds
-        value = x[b, ci * (h * w_) + T.max(T.min(hi, h - 1), 0) * w_ + T.max(T.min(wi, w_ - 1), 0)]
-        return T.if_then_else(inside, quantize_value(value, scale[b]), T.const(0, "int8"))
+        hc, wc = T.max(T.min(hi, h - 1), 0), T.max(T.min(wi, w_ - 1), 0)
+        value = x[b, (hc * w_ + wc) * c + ci] if input_layout == "nhwc" else x[b, ci * (h * w_) + hc * w_ + wc]
+        return T.if_then_else(inside, quantize_value(prescaled(value, prescale), scale[b]), T.const(0, "int8"))
 
     x_q = te.compute((batch, c, h + pt + pb, w_ + pl + pr), quantize, name="x_q")
     # the weights as [C, KH, KW, O] once per call (K x O bytes): the register blocks then load 16 channels at once
@@ -172,19 +196,35 @@ def apply_schedule(sch, spec: KernelSpec) -> None:
 
 
 def conv_kernel(geometry, hw: tuple[int, int], o: int, activation: str = "none", per_channel: bool = False,
-                spec: KernelSpec | None = None):
-    """The scheduled BitConv2d kernel for a target's kernel spec, with its manifest schedule record."""
+                spec: KernelSpec | None = None, *, input_layout: str = "nchw",
+                prescale: tuple[str, float] | None = None):
+    """The scheduled BitConv2d kernel for a target's kernel spec, with its manifest schedule record. The input is
+    NCHW, or NHWC (`input_layout`), and scaled first by `prescale` (("div" | "mul", c) or None: a folded graph
+    op, passes.bitconv_op.InputFold): every implementation reads the input in that layout and applies the scale in
+    its quantization step (or declines the layer, for the LLVM-vectorised kernel below, which does both); its weights
+    are in ConvLayout.of(C, KH, KW, O, input_layout)."""
     spec = spec or kernel_spec(None)
     if spec.isa in VNNI_ISAS and o % 16 == 0:
-        layout = ConvLayout.of(geometry.channels, *geometry.kernel, o)
-        func, knobs = conv_vnni.vnni_conv(geometry, hw, o, activation, per_channel, layout)
+        layout = ConvLayout.of(geometry.channels, *geometry.kernel, o, input_layout)
+        func, knobs = conv_vnni.vnni_conv(geometry, hw, o, activation, per_channel, layout,
+                                          input_layout=input_layout, prescale=prescale)
         func = func.with_attrs({"bitrl.activation": activation, "bitrl.isa": f"conv-{spec.isa}",
                                 "bitrl.weight_layout": LAYOUT, "bitrl.n": o, "bitrl.k": geometry.k,
                                 "bitrl.work": geometry.k * o * int(np.prod(geometry.output_hw(*hw)))})
         schedule = {"schedule": "default", "knobs": knobs,
                     "reason": "convolution (hand-written vpdpbusd kernel, targets/conv_vnni.py)"}
+    elif spec.isa in conv_neon.NEON_ISAS and conv_neon.supports(geometry, hw, o):
+        func, knobs = conv_neon.neon_conv(geometry, hw, o, activation, per_channel,
+                                          ConvLayout.of(geometry.channels, *geometry.kernel, o, input_layout),
+                                          input_layout=input_layout, prescale=prescale)
+        func = func.with_attrs({"bitrl.activation": activation, "bitrl.isa": f"conv-{spec.isa}",
+                                "bitrl.weight_layout": LAYOUT, "bitrl.n": o, "bitrl.k": geometry.k,
+                                "bitrl.work": geometry.k * o * int(np.prod(geometry.output_hw(*hw)))})
+        schedule = {"schedule": "default", "knobs": knobs,
+                    "reason": "convolution (hand-written smull/smlal kernel, targets/conv_neon.py)"}
     else:
-        sch = tvm.s_tir.Schedule(conv_primfunc(geometry, hw, o, activation, per_channel, spec))
+        sch = tvm.s_tir.Schedule(conv_primfunc(geometry, hw, o, activation, per_channel, spec,
+                                               input_layout=input_layout, prescale=prescale))
         apply_schedule(sch, spec)
         func = sch.mod["main"]
         schedule = {"schedule": "default", "knobs": {"ow_block": OW_BLOCK, "o_block": O_BLOCK},

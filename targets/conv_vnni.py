@@ -4,7 +4,9 @@ The math of `quant.bitconv2d_reference` (conv_kernels.py's docstring), for O % 1
 
     per sample b   amax and scale (16 float lanes), then the input quantized once into XU[b] as u8 = x_q + 128
                    (the padding 128 = a quantized zero), in the layout of conv_kernels.ConvLayout: NCHW ("kw":
-                   a group of 4 reduction inputs is 4 adjacent columns) or HWC ("c": 4 adjacent channels)
+                   a group of 4 reduction inputs is 4 adjacent columns) or HWC ("c": 4 adjacent channels). An
+                   NHWC input (a folded transpose) is always "c": its pixels are read in order, and with C % 4 == 0
+                   every run of them is one contiguous run of XU; a folded scale (x / c, x * c) is applied here
     per call       corr[o] = 128 * sum_k w[k, o]  (vpdpbusd of the weights by 0x80 bytes)
     per row        register blocks of P output positions x T tiles of 16 output channels: P*T zmm accumulators
                    over the whole reduction, each step one 64-byte weight load per tile and one 4-byte activation
@@ -25,6 +27,17 @@ from tvm.target.codegen import llvm_version_major
 from bitrl_compile.quant import EPS, QMAX
 
 from .kernels import PARALLEL_MIN_WORK, activate
+
+
+def prescaled(value, prescale: tuple[str, float] | None, lanes: int = 1):
+    """x / c or x * c in float32 (`prescale`: a folded graph op, quant.conv_input; TIR's division is IEEE's, exactly
+    numpy's), or x itself; on a scalar or a vector of `lanes`."""
+    if prescale is None:
+        return value
+    c = T.float32(float(prescale[1]))
+    c = T.broadcast(c, lanes) if lanes > 1 else c
+    return value / c if prescale[0] == "div" else value * c
+
 
 MAX_ACCUMULATORS = 15  # zmm accumulators per register block (of 32); their buffer must stay below 1 KB (`block`)
 
@@ -47,8 +60,13 @@ def blocking(ow: int, tiles: int, groups: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-def vnni_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channel: bool, layout):
-    """The PrimFunc (x[B, C*H*W] f32, w[G, O, 4] i8, gamma, bias -> y[B, O, OH, OW]) and its knobs."""
+def vnni_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channel: bool, layout, *,
+              input_layout: str = "nchw", prescale: tuple[str, float] | None = None):
+    """The PrimFunc (x[B, C*H*W] f32, NCHW or NHWC, w[G, O, 4] i8, gamma, bias -> y[B, O, OH, OW]) and its knobs."""
+    nhwc = input_layout == "nhwc"
+    if nhwc and layout.mode != "c":
+        raise ValueError("an NHWC input needs the channel-group layout (ConvLayout.of(..., \"nhwc\"))")
+    magnitude = None if prescale is None else (prescale[0], abs(float(prescale[1])))
     c, (h, w_), (kh, kw), (sh, sw) = geometry.channels, hw, geometry.kernel, geometry.stride
     pt, pl, pb, pr = geometry.padding
     oh, ow = geometry.output_hw(h, w_)
@@ -71,12 +89,13 @@ def vnni_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channe
                                        wv if bytes_as == "int8" else T.reinterpret("int32x16", wv))
 
     def quantize16(v, s):
-        q = T.max(T.min(T.round(v * T.broadcast(s, 16)), T.broadcast(T.float32(127), 16)),
+        q = T.max(T.min(T.round(prescaled(v, prescale, 16) * T.broadcast(s, 16)), T.broadcast(T.float32(127), 16)),
                   T.broadcast(T.float32(-128), 16))
         return T.Cast("uint8x16", q + T.broadcast(T.float32(128), 16))
 
     def quantize1(v, s):
-        return T.Cast("uint8", T.max(T.min(T.round(v * s), T.float32(127)), T.float32(-128)) + T.float32(128))
+        return T.Cast("uint8", T.max(T.min(T.round(prescaled(v, prescale) * s), T.float32(127)), T.float32(-128))
+                      + T.float32(128))
 
     def xu_at(ch, row, col):  # the XU byte offset of channel ch at padded row, column
         return (ch * hp + row) * wp + col if kw_mode else (row * wp + col) * cw + ch
@@ -94,8 +113,13 @@ def vnni_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channe
     # padding (the padded rows follow each other), else rows; `step` bytes apart in XU
     flat = pl == 0 and pr == 0
     runs, run, run_col, step = (1, h * w_, 0, cw) if flat else (h, w_, pl, cw)
+    # an NHWC input with C % 4 == 0 is read as `runs` runs of `run` pixels x C channels, each one contiguous run
+    # of XU bytes (C == cw); with other C each value is placed on its own (pixel by pixel)
+    dense = nhwc and c == cw
+    run_values = run * c
 
-    covered = kw_mode and pt == pl == pb == pr == 0  # the runs write every byte that the blocks read
+    # the runs write every byte that the blocks read
+    covered = pt == pl == pb == pr == 0 and (kw_mode or c == cw)
 
     def run_row(r):
         return pt if flat else r + pt
@@ -198,17 +222,31 @@ def vnni_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channe
                 m[0] = T.max(m[0], mx[v // 16, v % 16])
             for v in T.serial(size - vec * lanes):
                 m[0] = T.max(m[0], T.abs(X[b, vec * lanes + v]))
-            S[b] = T.float32(QMAX) / T.max(m[0], T.float32(EPS))
+            S[b] = T.float32(QMAX) / T.max(prescaled(m[0], magnitude), T.float32(EPS))
             for v in T.serial(0 if covered else xu_pad // 64):  # the padding (and padded channels): 128
                 XU[b, T.ramp(v * 64, 1, 64)] = T.broadcast(T.uint8(128), 64)
-            for ch in T.serial(c):
+            if dense:  # NHWC, C % 4 == 0: XU's pixels are the input's, in order
                 for r in T.serial(runs):
-                    for v in T.serial(run // 16):
-                        XU[b, T.ramp(xu_at(ch, run_row(r), run_col) + v * 16 * step, step, 16)] = quantize16(
-                            X[b, T.ramp(ch * h * w_ + r * run + v * 16, 1, 16)], S[b])
-                    for v in T.serial(run % 16):
-                        XU[b, xu_at(ch, run_row(r), run_col) + (run // 16 * 16 + v) * step] = quantize1(
-                            X[b, ch * h * w_ + r * run + run // 16 * 16 + v], S[b])
+                    for v in T.serial(run_values // 16):
+                        XU[b, T.ramp(xu_at(0, run_row(r), run_col) + v * 16, 1, 16)] = quantize16(
+                            X[b, T.ramp(r * run_values + v * 16, 1, 16)], S[b])
+                    for v in T.serial(run_values % 16):
+                        XU[b, xu_at(0, run_row(r), run_col) + run_values // 16 * 16 + v] = quantize1(
+                            X[b, r * run_values + run_values // 16 * 16 + v], S[b])
+            elif nhwc:  # NHWC with padded channel groups: value by value
+                for r in T.serial(h):
+                    for col in T.serial(w_):
+                        for ch in T.serial(c):
+                            XU[b, xu_at(ch, r + pt, col + pl)] = quantize1(X[b, (r * w_ + col) * c + ch], S[b])
+            else:
+                for ch in T.serial(c):
+                    for r in T.serial(runs):
+                        for v in T.serial(run // 16):
+                            XU[b, T.ramp(xu_at(ch, run_row(r), run_col) + v * 16 * step, step, 16)] = quantize16(
+                                X[b, T.ramp(ch * h * w_ + r * run + v * 16, 1, 16)], S[b])
+                        for v in T.serial(run % 16):
+                            XU[b, xu_at(ch, run_row(r), run_col) + (run // 16 * 16 + v) * step] = quantize1(
+                                X[b, ch * h * w_ + r * run + run // 16 * 16 + v], S[b])
         if parallel:
             for r in T.parallel(batch * oh):
                 for tg in T.serial(tiles // t_block):

@@ -14,6 +14,7 @@ import torch
 import tvm
 from click.testing import CliRunner
 from tvm import relax
+from tvm.relax.utils import copy_with_new_vars
 
 from bitrl_compile import pipeline, quant, reference, targets
 from bitrl_compile.cli import main as cli
@@ -150,33 +151,91 @@ def test_legalize_lowers_to_the_conv_kernel_with_weights_in_its_layout():
     assert str(attrs["bitrl.weight_layout"]) == conv_kernels.LAYOUT and int(attrs["bitrl.k"]) == 256
 
 
-@pytest.mark.parametrize("geometry,hw,o,activation,per_channel,weights", [
-    ((4, (8, 8), (4, 4), (0, 0, 0, 0)), (84, 84), 32, "relu", False, "trits"),    # NatureCNN's, full size
-    ((32, (4, 4), (2, 2), (0, 0, 0, 0)), (20, 20), 64, "none", True, "trits"),
-    ((64, (3, 3), (1, 1), (0, 0, 0, 0)), (9, 9), 64, "relu", False, "int8"),
-    ((16, (3, 3), (1, 1), (1, 1, 1, 1)), (7, 7), 24, "relu", True, "trits"),    # padded 3x3 (24: a tail block)
-    ((3, (3, 2), (2, 1), (1, 0, 2, 1)), (7, 9), 5, "none", False, "int8"),      # asymmetric everything
-    ((8, (3, 3), (1, 1), (1, 1, 1, 1)), (5, 5), 16, "tanh", False, "trits"),
-    ((6, (3, 4), (1, 2), (1, 2, 0, 3)), (9, 11), 32, "relu", True, "int8"),     # column groups, padded
-    ((5, (2, 3), (2, 1), (2, 1, 0, 1)), (17, 19), 16, "none", False, "int8"),   # channel groups, C % 4 != 0
+def _frames_module(mode: str):
+    """_float_module(padded=False) on NHWC frames transposed and scaled first (SB3's transpose, CleanRL's x / 255):
+    x / 255 after the transpose, or x * (1 / 255) before it."""
+    main = copy_with_new_vars(_float_module(padded=False)["main"])
+    x_in = main.params[0]
+    b, c, h, w = x_in.ty.shape
+    x = relax.Var("x", relax.TensorType([b, h, w, c], "float32"))
+    between = relax.Var("between", relax.TensorType([b, c, h, w] if mode == "div" else [b, h, w, c], "float32"))
+    if mode == "div":
+        steps = [(between, relax.op.permute_dims(x, [0, 3, 1, 2])),
+                 (x_in, relax.op.divide(between, relax.const(255.0)))]
+    else:
+        steps = [(between, relax.op.multiply(relax.const(np.float32(1 / 255)), x)),
+                 (x_in, relax.op.permute_dims(between, [0, 3, 1, 2]))]
+    pre = relax.BindingBlock([relax.VarBinding(v, e) for v, e in steps])
+    func = relax.Function([x], relax.SeqExpr([pre, *main.body.blocks], main.body.body), main.ret_ty, True,
+                          main.attrs)
+    return relax.transform.Normalize()(tvm.IRModule({"main": func}))
+
+
+@pytest.mark.parametrize("mode,fold", [("div", "nhwc,div,255.0"), ("mul", f"nhwc,mul,{float(np.float32(1 / 255))!r}")])
+def test_fuse_folds_the_input_transpose_and_scale_into_the_first_conv(mode, fold):
+    shape = (36, 36, 4)
+    ternary = ternarize()(_frames_module(mode))
+    fused = fuse_bitlinear(ternary)
+    assert not {"relax.permute_dims", "relax.divide", "relax.multiply"} & set(_ops(fused))
+    first = next(op for op in map(bitconv_op.parse, [b.value for b in fused["main"].body.blocks[0].bindings]) if op)
+    assert first.fold.text() == fold and first.x.same_as(fused["main"].params[0])
+    x = np.random.default_rng(2).integers(0, 256, (4, *shape)).astype(np.float32)
+    x[0] = 0
+    np.testing.assert_array_equal(reference.run(fused, x), reference.run(ternary, x))  # the same values quantized
+
+
+def test_plan_views_share_their_tensors_memory_and_keep_it_alive():
+    from bitrl_compile.runtime.plan import shared_buffers
+
+    f32 = "float32"
+    plan = {"buffers": [{"dtype": f32, "shape": ["batch", 8], "view": "input:0"},
+                        {"dtype": f32, "shape": ["batch", 2, 4]},
+                        {"dtype": f32, "shape": ["batch", 8], "view": "buffer:1"},
+                        {"dtype": f32, "shape": ["batch", 8]}, {"dtype": f32, "shape": ["batch", 8]}],
+            "calls": [{"func": "a", "args": ["buffer:0", "buffer:1"]}, {"func": "b", "args": ["buffer:1", "buffer:3"]},
+                      {"func": "c", "args": ["buffer:3", "buffer:2", "buffer:4"]}]}
+    inputs = [np.zeros((3, 2, 4), np.float32)]
+    b = shared_buffers(plan, 3, inputs)
+    assert b[0].shape == (3, 8) and np.shares_memory(b[0], inputs[0]) and np.shares_memory(b[2], b[1])
+    assert not np.shares_memory(b[4], b[1])  # buffer 1 is read through its view by the last call: not reused
+
+
+@pytest.mark.parametrize("geometry,hw,o,activation,per_channel,weights,fold", [
+    ((4, (8, 8), (4, 4), (0, 0, 0, 0)), (84, 84), 32, "relu", False, "trits", "nchw"),  # NatureCNN's, full size
+    ((4, (8, 8), (4, 4), (0, 0, 0, 0)), (84, 84), 32, "relu", False, "trits", "nhwc,div,255.0"),  # SB3's frames
+    ((32, (4, 4), (2, 2), (0, 0, 0, 0)), (20, 20), 64, "none", True, "trits", "nchw"),
+    ((64, (3, 3), (1, 1), (0, 0, 0, 0)), (9, 9), 64, "relu", False, "int8", "nchw"),
+    ((16, (3, 3), (1, 1), (1, 1, 1, 1)), (7, 7), 24, "relu", True, "trits", "nchw"),  # padded 3x3 (24: a tail block)
+    ((3, (3, 2), (2, 1), (1, 0, 2, 1)), (7, 9), 5, "none", False, "int8", "nhwc,div,255.0"),  # asymmetric everything
+    ((8, (3, 3), (1, 1), (1, 1, 1, 1)), (5, 5), 16, "tanh", False, "trits", "nhwc,mul,0.5"),  # NHWC rows, padded
+    ((6, (3, 4), (1, 2), (1, 2, 0, 3)), (9, 11), 32, "relu", True, "int8", "nhwc,div,-3.0"),  # NHWC, C % 4 != 0
+    ((5, (2, 3), (2, 1), (2, 1, 0, 1)), (17, 19), 16, "none", False, "int8", "nchw,mul,-0.25"),  # channel groups
 ])
-def test_kernel_is_bit_exact_on_nature_cnn_geometries(geometry, hw, o, activation, per_channel, weights):
-    g = bitconv_op.Geometry(*geometry)
+def test_kernel_is_bit_exact_on_nature_cnn_geometries(geometry, hw, o, activation, per_channel, weights, fold):
+    """The kernels (VNNI for O % 16 == 0 on such a host, else the LLVM-vectorised one) against the reference, with
+    the input NCHW or NHWC and scaled first (a folded transpose and x / c, x * c: bitconv_op.InputFold)."""
+    g, fold = bitconv_op.Geometry(*geometry), bitconv_op.InputFold.parse(fold)
     target = targets.tvm_target(targets.get_target("host"))  # a CPU with FMA, as every target of TARGETS has
-    kernel = conv_kernels.conv_kernel(g, hw, o, activation, per_channel, targets.kernel_spec(target))
+    kernel = conv_kernels.conv_kernel(g, hw, o, activation, per_channel, targets.kernel_spec(target),
+                                      input_layout=fold.layout, prescale=fold.prescale)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
     rng = np.random.default_rng(o)
     batch = 3
     x = rng.standard_normal((batch, g.channels, *hw)).astype(np.float32) * np.float32([[[[1e-3]]], [[[1]]], [[[9]]]])
+    if fold.prescale is not None:  # raw values: frames, and a sample whose scaled absmax is below eps
+        x = np.round(x * 30) if fold.prescale[1] == 255 else x
+        x[0] *= np.float32(1e-5)
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if fold.layout == "nhwc" else x
     w = rng.integers(-1, 2, (o, g.channels, *g.kernel)) if weights == "trits" else \
         rng.integers(-127, 128, (o, g.channels, *g.kernel))
     w = w.astype(np.int8)
     gamma = (rng.random(o if per_channel else 1) + 0.1).astype(np.float32)
     bias = rng.standard_normal(o).astype(np.float32)
     out = tvm.runtime.tensor(np.zeros((batch, o, *g.output_hw(*hw)), np.float32))
-    lib["main"](*[tvm.runtime.tensor(a) for a in (x.reshape(batch, -1), conv_kernels.kernel_weights(w), gamma, bias)],
-                out)
-    want = quant.apply_activation(quant.bitconv2d_reference(x, w, gamma, bias, g.stride, g.padding), activation)
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x.reshape(batch, -1), conv_kernels.kernel_weights(w, fold.layout),
+                                                  gamma, bias)], out)
+    want = quant.apply_activation(quant.bitconv2d_reference(x, w, gamma, bias, g.stride, g.padding,
+                                                            layout=fold.layout, prescale=fold.prescale), activation)
     if activation == "tanh":  # TVM's tanh and numpy's differ by an ulp
         np.testing.assert_allclose(out.numpy(), want, rtol=0, atol=2e-7)
     else:
@@ -193,6 +252,10 @@ def test_cnn_artifact_is_bit_exact_with_the_reference_on_uint8_frames(host_cnn):
         actions = policy.act(frames)
     np.testing.assert_array_equal(out, reference.run(host_cnn.quantized, frames.astype(np.float32) / 255))
     assert single == actions[3]
+    plan = host_cnn.manifest["entry_points"]["act"]  # /255 in the first kernel, the reshapes views: kernels only
+    assert [c["func"][:13] for c in plan["calls"]] == ["bitrl_bitconv"] * 3 + ["bitrl_bitline"] * 2 + ["argmax"]
+    assert plan["calls"][0]["func"].endswith("_div255")
+    assert [b["view"] for b in plan["buffers"] if "view" in b] == ["input:0", "buffer:1", "buffer:3", "buffer:5"]
     np.testing.assert_array_equal(actions, out.argmax(axis=1))
     layers = host_cnn.manifest["layers"]
     assert [layer.get("op", "linear") for layer in layers] == ["conv2d"] * 3 + ["linear"] * 2
@@ -359,6 +422,8 @@ def test_sb3_cnn_policy_trained_here_loads_and_compiles_bit_exact(algo, tmp_path
     if algo == "dqn":
         return  # one compile is enough: the network after the extractor is the same kind of Linear
     compiled = pipeline.compile_policy(loaded, "host", tmp_path / "cnn.bitrl")
+    calls = [c["func"] for c in compiled.manifest["entry_points"]["forward"]["calls"]]
+    assert calls[0].endswith("_nhwc_div255") and len(calls) == 5  # no transpose, divide or reshape of their own
     with load(compiled.path) as policy:
         out = policy.forward(frames)
     np.testing.assert_array_equal(out, reference.run(compiled.quantized, frames.astype(np.float32) / 255))

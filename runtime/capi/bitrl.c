@@ -208,6 +208,7 @@ typedef struct {
     int ndim;
     int64_t dims[BITRL_MAX_DIMS]; /* -1: the call's batch size */
     size_t elem;
+    int view; /* a buffer with "view": the index (in its entry's specs) of the tensor whose memory it is; else -1 */
 } tensor_spec;
 
 typedef struct {
@@ -350,7 +351,7 @@ static int ctx_reserve(thread_ctx *c, int64_t batch) {
         entry *e = &p->entries[i];
         size_t sum = 0;
         for (int t = 0; e->present && t < e->ninputs + e->noutputs + e->nbuffers; t++)
-            sum += (tensor_bytes(&e->specs[t], batch) + 63) / 64 * 64;
+            if (e->specs[t].view < 0) sum += (tensor_bytes(&e->specs[t], batch) + 63) / 64 * 64;
         if (sum > need) need = sum;
     }
     void *arena = bitrl_aligned_alloc(need);
@@ -362,9 +363,12 @@ static int ctx_reserve(thread_ctx *c, int64_t batch) {
         entry *e = &p->entries[i];
         char *at = arena;
         for (int t = 0; e->present && t < e->ninputs + e->noutputs + e->nbuffers; t++) {
+            if (e->specs[t].view >= 0) continue;
             c->e[i].tensors[t].data = at;
             at += (tensor_bytes(&e->specs[t], batch) + 63) / 64 * 64;
         }
+        for (int t = 0; e->present && t < e->ninputs + e->noutputs + e->nbuffers; t++) /* views: no copy */
+            if (e->specs[t].view >= 0) c->e[i].tensors[t].data = c->e[i].tensors[e->specs[t].view].data;
     }
     return 0;
 }
@@ -819,6 +823,35 @@ static int parse_tensor(const char *path, const char *ename, const json *t, tens
     return 0;
 }
 
+/* A buffer's "view" (runtime/plan.py): "input:I" or "buffer:J" (no view itself), of its dtype and values per row. */
+static int parse_view(const char *path, const char *ename, entry *e, int t, const json *buffers) {
+    const json *view = json_get(&buffers->items[t - e->ninputs - e->noutputs], "view");
+    if (!view) return 0;
+    const char *v = json_str(view), *rest = NULL;
+    int base = -1, limit = 0;
+    if (v && strncmp(v, "input:", 6) == 0) rest = v + 6, base = 0, limit = e->ninputs;
+    if (v && strncmp(v, "buffer:", 7) == 0) rest = v + 7, base = e->ninputs + e->noutputs, limit = e->nbuffers;
+    char *end = NULL;
+    long k = rest && *rest >= '0' && *rest <= '9' ? strtol(rest, &end, 10) : -1;
+    if (k < 0 || *end != 0 || k >= limit || (base && json_get(&buffers->items[k], "view")))
+        return bitrl_fail("%s: entry point %s has a buffer viewing %s, not an input or a buffer that is no view; "
+                          RECOMPILE, path, ename, v ? v : "(not a string)");
+    const tensor_spec *a = &e->specs[t], *b = &e->specs[base + k];
+    int batch_a = 0, batch_b = 0;
+    int64_t size_a = 1, size_b = 1;
+    for (int d = 0; d < a->ndim; d++)
+        if (a->dims[d] < 0) batch_a++;
+        else size_a *= a->dims[d];
+    for (int d = 0; d < b->ndim; d++)
+        if (b->dims[d] < 0) batch_b++;
+        else size_b *= b->dims[d];
+    if (a->dtype.code != b->dtype.code || a->dtype.bits != b->dtype.bits || batch_a != batch_b || size_a != size_b)
+        return bitrl_fail("%s: entry point %s has a buffer viewing %s with another dtype or number of values; "
+                          RECOMPILE, path, ename, v);
+    e->specs[t].view = base + (int)k;
+    return 0;
+}
+
 static int find_param(bitrl_policy *p, const char *name) {
     for (int i = 0; i < p->nparams; i++)
         if (strcmp(p->param_names[i], name) == 0) return i;
@@ -859,10 +892,13 @@ static int parse_entry(bitrl_policy *p, int which, const json *ej, const uint8_t
                          : t < e->ninputs + e->noutputs ? &outputs->items[t - e->ninputs]
                                                         : &buffers->items[t - e->ninputs - e->noutputs];
         if (parse_tensor(p->path, ename, tj, &e->specs[t], t < e->ninputs + e->noutputs) != 0) return -1;
+        e->specs[t].view = -1;
         if (tensor_bytes(&e->specs[t], p->batch_max) / e->specs[t].elem > (1ULL << 40) / p->batch_max * p->batch_max)
             return bitrl_fail("%s: entry point %s has a tensor too large for batch %lld; " RECOMPILE, p->path, ename,
                               (long long)p->batch_max);
     }
+    for (int t = e->ninputs + e->noutputs; t < e->ninputs + e->noutputs + e->nbuffers; t++)
+        if (parse_view(p->path, ename, e, t, buffers) != 0) return -1;
     for (int i = 0; i < e->ninputs; i++)
         if (e->specs[i].dtype.code != kDLFloat || e->specs[i].dtype.bits != 32)
             return bitrl_fail("%s: entry point %s takes a non-float32 input; this C runtime passes float32 only; "

@@ -174,6 +174,20 @@ static int check_plan(const checker *c, const char *name, const json *plan) {
         snprintf(at, sizeof at, "%.120s.%s", where, parts[k]);
         if (check_tensors(c, json_get(plan, parts[k]), at, k < 2, &counts[k]) != 0) return -1;
     }
+    const json *buffers = json_get(plan, "buffers");
+    for (size_t k = 0; buffers && k < buffers->count; k++) { /* a view: "input:I" or "buffer:J" that is no view */
+        const json *view = json_get(&buffers->items[k], "view");
+        if (!view) continue;
+        const char *v = json_str(view);
+        int input = v && strncmp(v, "input:", 6) == 0, buffer = v && strncmp(v, "buffer:", 7) == 0;
+        const char *digits = input ? v + 6 : buffer ? v + 7 : "";
+        size_t n = strlen(digits), index = n >= 1 && n <= 9 && strspn(digits, "0123456789") == n
+                                               ? (size_t)strtoul(digits, NULL, 10) : (size_t)-1;
+        snprintf(at, sizeof at, "%.120s.buffers[%zu].view", where, k);
+        if (index >= counts[input ? 0 : 2] || (!input && !buffer) ||
+            (buffer && json_get(&buffers->items[index], "view")))
+            return fail(c, at, "is not an input:I or a buffer:I that is no view: ", v ? v : "(not a string)");
+    }
     const json *calls = json_get(plan, "calls");
     snprintf(at, sizeof at, "%.120s.calls", where);
     if (is(c, calls, JSON_ARRAY, at) != 0) return -1;
