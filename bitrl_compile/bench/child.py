@@ -249,7 +249,7 @@ def run_count(cfg: dict) -> dict:
 
 def run_kernel_count(cfg: dict) -> dict:
     """Call each case's kernel (cfg["cases"]: lib, name, calls, and k, n, batch, w_shape for a BitLinear kernel or
-    args, [shape, dtype] per argument, for any other) on random inputs.
+    args, [shape, dtype] per argument, for any other; or onnx, x_shape: an ONNX Runtime session) on random inputs.
 
     Marker labels: 2*i before and 2*i+1 after the `calls` calls of case i. Each case's library is
     registered as an address range the first time it is loaded; returns the range index of every case.
@@ -261,25 +261,34 @@ def run_kernel_count(cfg: dict) -> dict:
     ranges: dict[str, int] = {}
     case_range = []
     for i, case in enumerate(cfg["cases"]):
-        fn = rt.load_module(case["lib"])[case["name"]]
-        if case["lib"] not in ranges:  # the plugin counts inside each registered range, in registration order
-            found = _executable_range(re.escape(case["lib"]) + "$")
-            if found is None:
-                raise RuntimeError(f"{case['lib']} has no executable mapping in /proc/self/maps")
-            _marker(MARK_RANGE, *found)
-            ranges[case["lib"]] = len(ranges)
-        case_range.append(ranges[case["lib"]])
         rng = np.random.default_rng(0)
-        if "args" in case:  # any kernel: [shape, dtype] per argument (float: normal, int8: trits, else zeros)
+        if "onnx" in case:  # an ONNX model (one float input "x", uniform in [0, 1)) in ONNX Runtime, one thread
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            session = ort.InferenceSession(case["onnx"], options, providers=["CPUExecutionProvider"])
+            feed = {"x": rng.random(case["x_shape"]).astype(np.float32)}
+            fn, args, lib = (lambda *_, s=session, f=feed: s.run(None, f)), [], LIBRARIES["onnxruntime"]["ONNX Runtime"]
+        elif "args" in case:  # any kernel: [shape, dtype] per argument (float: normal, int8: trits, else zeros)
+            fn, lib = rt.load_module(case["lib"])[case["name"]], re.escape(case["lib"]) + "$"
             args = [rt.to_device(rt.aligned(rng.standard_normal(shape).astype(dtype) if dtype == "float32" else
                                             rng.integers(-1, 2, shape).astype(dtype) if dtype == "int8" else
                                             np.zeros(shape, dtype))) for shape, dtype in case["args"]]
         else:
+            fn, lib = rt.load_module(case["lib"])[case["name"]], re.escape(case["lib"]) + "$"
             k, n, b = case["k"], case["n"], case["batch"]
             w = rt.aligned(rng.integers(0, 256, case["w_shape"]).astype(np.uint8) & 0x55)
             args = [rt.to_device(a) for a in (rt.aligned(rng.standard_normal((b, k)).astype(np.float32)), w,
                                               rt.aligned(np.ones(1, np.float32)), rt.aligned(np.zeros(n, np.float32)),
                                               rt.aligned(np.zeros((b, n), np.float32)))]
+        if lib not in ranges:  # the plugin counts inside each registered range, in registration order
+            found = _executable_range(lib)
+            if found is None:
+                raise RuntimeError(f"{lib} has no executable mapping in /proc/self/maps")
+            _marker(MARK_RANGE, *found)
+            ranges[lib] = len(ranges)
+        case_range.append(ranges[lib])
         fn(*args)
         _marker(MARK_COUNT, 2 * i)
         for _ in range(case["calls"]):

@@ -18,10 +18,16 @@ median of rounds, the implementations taking turns):
 
 `conv_baseline_int8` (the faster of the two int8 paths, measured here: static) is what `bitrl-compile bench`
 gives ONNX Runtime int8 for a convolutional policy.
+
+With the arm part (`arm_conv_counts`, printed by `format_arm_conv_counts`): the same layers compiled for rasp4
+(Cortex-A72; ours: targets/conv_neon.py), guest instructions per call under qemu-aarch64, against the generic
+LLVM-vectorised TensorIR kernel (what aarch64 ran before conv_neon.py) and ONNX Runtime int8 static (its aarch64
+wheel in the guest), each counted inside its own library.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -153,18 +159,27 @@ def format_conv_row(row: dict) -> str:
             f"{row['macs'] / us['ours'] / 1e3:6.1f}")
 
 
-def arm_conv_counts(batches=(1, 8), board: str = "rasp4", kernels=None, log=print) -> dict:
+ARM_IMPLS = ("ours", "generic", "ort_int8_static")
+ARM_LABELS = {"ours": "ours", "generic": "TensorIR generic", "ort_int8_static": "ORT int8 st"}
+
+
+def arm_conv_counts(batches=(1, 8), board: str = "rasp4", kernels=None, log=print,
+                    impls=ARM_IMPLS) -> dict:
     """Guest instructions per call inside each of NatureCNN's conv kernels compiled for `board`, under
     `qemu-aarch64 -cpu <its core>` with the bench's TCG plugin (child.py kernels mode), per layer and batch.
-    `kernels`: the module that builds them (default targets.conv_kernels; a bench can pass another version)."""
+    `kernels`: the module that builds them (default targets.conv_kernels; a bench can pass another version).
+    `impls` beside ours: "generic" (conv_kernels' LLVM-vectorised TensorIR kernel, what aarch64 ran before
+    targets/conv_neon.py) and "ort_int8_static" (ONNX Runtime's aarch64 wheel in the guest, QLinearConv + ReLU
+    quantized as run_conv does; instructions inside its library per session.run)."""
     import tempfile
 
     import tvm
     from tvm.support import cc
 
     from bitrl_compile import targets
+    from bitrl_compile.bench.int8 import quantize_int8
     from bitrl_compile.bench.machine import build_plugin
-    from bitrl_compile.bench.report import run_child
+    from bitrl_compile.bench.report import guest_onnxruntime, run_child
     from bitrl_compile.devices import qemu_python_command
 
     if kernels is None:
@@ -173,32 +188,80 @@ def arm_conv_counts(batches=(1, 8), board: str = "rasp4", kernels=None, log=prin
     tvm_target = targets.tvm_target(target)
     spec = targets.kernel_spec(tvm_target)
     plugin = build_plugin()
+    command = qemu_python_command(target.qemu_cpu)
+    impls = ["ours", *(i for i in impls if i != "ours")]
+    if "ort_int8_static" in impls:
+        try:
+            site = guest_onnxruntime()
+            command = [f"{a}{os.pathsep}{site}" if a.startswith("PYTHONPATH=") else a for a in command]
+        except RuntimeError as e:
+            log(f"  ONNX Runtime is not measured under qemu: {e}")
+            impls.remove("ort_int8_static")
+    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="bitrl-cbench-") as tmp:
         cases = []
         for name, values, hw, o in NATURE_CNN:
             g = geometry(values)
-            func = kernels.conv_kernel(g, hw, o, "relu", False, spec)
-            lib = Path(tmp) / f"conv_c{g.channels}.so"
-            tvm.compile(tvm.IRModule({"main": func}), target=tvm_target).export_library(
-                str(lib), fcompile=cc.cross_compiler(target.cc))
             w_shape = kernels.kernel_weights(np.zeros((o, g.channels, *g.kernel), np.int8)).shape
-            for batch in batches:
-                cases.append({"lib": str(lib), "name": "main", "calls": 3, "layer": name, "batch": batch,
-                              "macs": g.k * o * int(np.prod(g.output_hw(*hw))) * batch,
-                              "args": [[[batch, g.channels * hw[0] * hw[1]], "float32"], [list(w_shape), "int8"],
-                                       [[1], "float32"], [[o], "float32"], [[batch, o, *g.output_hw(*hw)], "float32"]]})
+            for impl in impls:
+                if impl == "ort_int8_static":
+                    w = (rng.standard_normal((o, g.channels, *g.kernel)) * (2 / g.k) ** 0.5).astype(np.float32)
+                    fp32 = onnx_conv(w, (rng.standard_normal(o) * 0.1).astype(np.float32), g, hw, Path(tmp))
+                    calib = [rng.random((1, g.channels, *hw)).astype(np.float32) for _ in range(8)]
+                    lib = str(quantize_int8(fp32, "static", calib))
+                else:
+                    if impl == "ours":
+                        func = kernels.conv_kernel(g, hw, o, "relu", False, spec)
+                    else:
+                        sch = tvm.s_tir.Schedule(kernels.conv_primfunc(g, hw, o, "relu", False, spec))
+                        kernels.apply_schedule(sch, spec)
+                        func = sch.mod["main"]
+                    lib = str(Path(tmp) / f"conv_c{g.channels}_{impl}.so")
+                    tvm.compile(tvm.IRModule({"main": func}), target=tvm_target).export_library(
+                        lib, fcompile=cc.cross_compiler(target.cc))
+                for batch in batches:
+                    case = {"impl": impl, "calls": 3, "layer": name, "batch": batch,
+                            "macs": g.k * o * int(np.prod(g.output_hw(*hw))) * batch}
+                    if impl == "ort_int8_static":
+                        case.update(onnx=lib, x_shape=[batch, g.channels, *hw])
+                    else:
+                        case.update(lib=lib, name="main", args=[
+                            [[batch, g.channels * hw[0] * hw[1]], "float32"], [list(w_shape), "int8"],
+                            [[1], "float32"], [[o], "float32"], [[batch, o, *g.output_hw(*hw)], "float32"]])
+                    cases.append(case)
         log(f"  counting conv kernel instructions under qemu-aarch64 -cpu {target.qemu_cpu} ({len(cases)} cases)")
         counts_file = Path(tmp) / "counts.txt"
-        command = qemu_python_command(target.qemu_cpu)
-        command = [*command[:-1], "-E", "TVM_NUM_THREADS=1", command[-1]]
+        command = [*command[:-1], "-E", "TVM_NUM_THREADS=1", "-E", "OMP_NUM_THREADS=1", command[-1]]
         case_range = run_child({"mode": "kernels", "cases": cases}, 1, command=command, timeout=1800,
                                env={"QEMU_PLUGIN": f"file={plugin},out={counts_file}"})["case_range"]
         lines = {int(v[0]): [int(c) for c in v[1:]] for v in
                  (line.split() for line in counts_file.read_text().splitlines() if line.strip())}
-    rows = {}
+    rows: dict = {impl: {} for impl in impls}
     for i, case in enumerate(cases):
         in_lib = (lines[2 * i + 1][1 + case_range[i]] - lines[2 * i][1 + case_range[i]]) / case["calls"]
-        rows[f"{case['layer']} x{case['batch']}"] = {"instructions_per_call": in_lib,
-                                                     "per_1000_macs": round(1000 * in_lib / case["macs"], 1)}
-    isa = "vpdpbusd" if spec.isa in getattr(kernels, "VNNI_ISAS", ()) else "TensorIR, LLVM-vectorised"
-    return {"board": board, "cpu": target.qemu_cpu, "isa": isa, "counts": rows}
+        rows[case["impl"]][f"{case['layer']} x{case['batch']}"] = {
+            "instructions_per_call": in_lib, "per_1000_macs": round(1000 * in_lib / case["macs"], 1)}
+    isa = ("vpdpbusd" if spec.isa in getattr(kernels, "VNNI_ISAS", ()) else
+           "smull/smlal" if spec.isa in getattr(getattr(kernels, "conv_neon", None), "NEON_ISAS", ()) else
+           "TensorIR, LLVM-vectorised")
+    return {"board": board, "cpu": target.qemu_cpu, "isa": isa, "counts": rows.pop("ours"), "baselines": rows}
+
+
+def format_arm_conv_counts(counts: dict) -> str:
+    """The table of arm_conv_counts: instructions per call per layer and batch, ours and the baselines (x = their
+    count / ours), and the three layers' sum per batch."""
+    impls = ["ours", *counts["baselines"]]
+    table = {"ours": counts["counts"], **counts["baselines"]}
+    lines = [(f"{counts['board']} ({counts['cpu']}, ours: {counts['isa']}) conv kernels, guest instructions per call "
+              "inside each library (qemu plugin), 1 thread; x = their count / ours"),
+             f"{'layer':<26} | " + " | ".join(f"{ARM_LABELS.get(i, i):>24}" for i in impls)]
+    keys = list(counts["counts"])
+    batches = sorted({k.rsplit(' x', 1)[1] for k in keys}, key=int)
+    sums = {b: {i: sum(table[i][k]["instructions_per_call"] for k in keys if k.endswith(f" x{b}")) for i in impls}
+            for b in batches}
+    for key, get in [*((k, lambda i, k=k: table[i][k]["instructions_per_call"]) for k in keys),
+                     *((f"3 convs x{b}", lambda i, b=b: sums[b][i]) for b in batches)]:
+        ours = get("ours")
+        cells = [f"{ours:>24,.0f}"] + [f"{get(i):>15,.0f} ({get(i) / ours:4.2f}x)" for i in impls[1:]]
+        lines.append(f"{key:<26} | " + " | ".join(cells))
+    return "\n".join(lines)

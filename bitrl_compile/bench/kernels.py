@@ -447,12 +447,10 @@ def bench_kernels(command_args: list[str], *, sizes: list[int], batches: list[in
         result["conv"] = run_conv(batches, rounds, block_ms, log=log)
         log("\n".join([CONV_HEADER, *map(format_conv_row, result["conv"])]))
         if arm:
-            from bitrl_compile.bench.conv import arm_conv_counts
+            from bitrl_compile.bench.conv import arm_conv_counts, format_arm_conv_counts
 
             counts = result["conv_arm"] = arm_conv_counts(batches, log=log)
-            log(f"{counts['board']} ({counts['cpu']}, {counts['isa']}) conv kernels, instructions per call (qemu plugin): "
-                + ", ".join(f"{k}: {c['instructions_per_call']:,.0f} ({c['per_1000_macs']}/1k MAC)"
-                            for k, c in counts["counts"].items()))
+            log(format_arm_conv_counts(counts))
     Path(json_path).write_text(json.dumps(result, indent=2))
     log(f"\nwrote {json_path}")
     return 0
