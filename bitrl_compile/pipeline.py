@@ -46,6 +46,7 @@ class CompiledPolicy:
     quantized: object                       # the Relax module after pack_weights (reference input)
     params: dict[str, np.ndarray]
     timings: dict[str, float] = field(default_factory=dict)
+    layers: dict | None = None              # a backbone's BitLinear calls per layer (`reference.check_layers`)
 
 
 # ------------------------------------------------------------------------------------ passes
@@ -365,7 +366,7 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
         members[art.RUNTIME] = runtime_library(target)
     t0 = time.perf_counter()
     try:  # run the artifact once against the numpy reference; nothing is written if it fails
-        log(reference.check_artifact(manifest, members, quantized, output))
+        log(reference.check_artifact(manifest, members, quantized, output, layers := _layers(loaded, lowered)))
     except reference.CheckFailed as e:  # our bug (or TVM's), not the user's input: an internal error, exit 3
         raise CompilerBug(str(e)) from None
     timings["check"] = time.perf_counter() - t0
@@ -377,7 +378,20 @@ def compile_policy(loaded, target_name: str, output: str | os.PathLike, *, per_c
         timings["fidelity"] = time.perf_counter() - t0
     art.write_artifact(output, manifest, members, force=force)
     log(f"wrote {output} ({output.stat().st_size} bytes)")
-    return CompiledPolicy(output, manifest, quantized, params, timings)
+    return CompiledPolicy(output, manifest, quantized, params, timings, layers)
+
+
+def _layers(loaded, lowered) -> dict | None:
+    """What the check needs to run each layer of a BitNet backbone alone (`reference.check_artifact`): its
+    BitLinear calls in order with their gamma parameters, and how many make a layer."""
+    from bitrl_compile.passes.legalize_bitlinear import gamma_params
+
+    config = getattr(getattr(loaded.module, "model", None), "config", None)
+    depth = int(getattr(config, "num_hidden_layers", 0) or 0) if loaded.source == "bitnet" else 0
+    ops = gamma_params(lowered) if depth else []
+    if not ops or len(ops) % depth:
+        return None
+    return {"ops": ops, "window": len(ops) // depth}
 
 
 def with_progress(log: Callable[[str], None]) -> Callable[[str], None]:

@@ -204,3 +204,28 @@ def weight_params(mod, func_name: str = "main") -> dict[str, dict]:
 
     relax.analysis.post_order_visit(func.body, visit)
     return found
+
+
+def gamma_params(mod, func_name: str = "main") -> list[tuple[int, int, str | None]]:
+    """(in, out, the name of its gamma parameter or None) of every BitLinear kernel call of `mod[func_name]`, in
+    the order they run (the order `reference.bitlinear_shapes` lists the quantized module's BitLinear ops in):
+    what the compile's layer-by-layer check silences (gamma 0) to run one layer of a deep network alone.
+    Empty when the function also calls convolution kernels (not silenced)."""
+    func = mod[func_name]
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found: list[tuple[int, int, str | None]] = []
+
+    def visit(expr):
+        if not (isinstance(expr, relax.Call) and expr.op.same_as(call_tir)):
+            return
+        kernel = mod[expr.args[0]]
+        attrs = kernel.attrs if kernel.attrs is not None else {}
+        if "bitrl.conv" in attrs:
+            found.append((0, 0, None))
+        elif "bitrl.k" in attrs:
+            gamma = expr.args[1].fields[2]
+            name = next((p.name for p in func.params if p.same_as(gamma)), None)
+            found.append((int(attrs["bitrl.k"]), int(attrs["bitrl.n"]), name))
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return [] if any(k == 0 for k, _, _ in found) else found

@@ -76,6 +76,42 @@ def test_the_compile_check_allows_a_backbone_the_moved_int8_roundings_of_its_nor
                                                                    reference.REDUCING_CLOSE_SHARE)
 
 
+def test_the_check_runs_each_layer_alone_and_names_a_wrong_one(numeric):
+    """A deep backbone is beyond the whole-network tolerance (its depth amplifies the norms' ulps: the 2B4T shape
+    at 2 layers with a 64-token text state, 1.11 of 5.26), so the compile checks it layer by layer: every other
+    layer's BitLinears silenced (gamma 0) in the artifact and in the reference alike. Silencing is exact; a layer
+    whose output projection is off by 2x is named."""
+    import json
+    import zipfile
+
+    from bitrl_compile.runtime import artifact as art
+    from bitrl_compile.runtime import policy as runtime_policy
+    from bitrl_compile.runtime import safetensors_np, weights
+
+    _, compiled = numeric
+    layers = compiled.layers
+    assert layers["window"] == 7 and len(layers["ops"]) == 14  # q, k, v, o, gate, up, down per layer
+    with zipfile.ZipFile(compiled.path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    manifest = json.loads(members[art.MANIFEST])
+    params = weights.unpack_params(safetensors_np.loads(members[art.PARAMS])[0], manifest.get("weights", {}))
+    obs = reference.check_observations(manifest["input"], 16)
+    x, _ = runtime_policy.prepare_observations(manifest["input"], obs, runtime_policy.normalization(manifest["input"]))
+    tolerance = (reference.REDUCING_MAX_DIFF, reference.REDUCING_CLOSE_SHARE)
+    line = reference.check_layers(manifest, members[art.LIB], params, obs, x, compiled.quantized, "p.bitrl",
+                                  layers, tolerance, "whole")
+    assert line.startswith("checked the artifact against the numpy reference layer by layer (2 layers")
+    with runtime_policy.Policy(manifest, members[art.LIB], {**params, **{name: np.zeros_like(params[name])
+                                                                         for _, _, name in layers["ops"]}}) as p:
+        np.testing.assert_allclose(p.forward(obs), reference.run(compiled.quantized, x, silence=frozenset(range(14))),
+                                   rtol=0, atol=1e-5)  # embedding and final norm only
+    down = layers["ops"][13][2]  # layer 1's down projection
+    wrong = {**params, down: params[down] * 2}
+    with pytest.raises(reference.CheckFailed, match="in layer 1 run alone"):
+        reference.check_layers(manifest, members[art.LIB], wrong, obs, x, compiled.quantized, "p.bitrl", layers,
+                               tolerance, "whole")
+
+
 def test_backbone_artifact_is_a_features_artifact_with_every_projection_ternary(numeric):
     _, compiled = numeric
     manifest = compiled.manifest
