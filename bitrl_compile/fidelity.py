@@ -172,10 +172,21 @@ def describe(record: dict) -> str:
     return parts[0] + (" (" + "; ".join(parts[1:]) + ")" if len(parts) > 1 else "")
 
 
-def shared(record: dict) -> float:
+RULES = ("weighted", "plain")  # what a target is checked against (`shared`)
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"agreement rule {rule!r} is not one of {', '.join(RULES)}; give weighted (the default) or "
+                         "plain")
+    return rule
+
+
+def shared(record: dict, rule: str = "weighted") -> float:
     """The agreement a target is checked against: the stake-weighted one where there is one (discrete outputs),
-    else the plain share of states."""
-    return record.get("weighted", record["agreement"])
+    else the plain share of states; with rule "plain" always the plain share (every state counts one, near-ties
+    of the fp32 policy too)."""
+    return record["agreement"] if check_rule(rule) == "plain" else record.get("weighted", record["agreement"])
 
 
 def warning(record: dict, per_channel: bool = False, recovered: bool = False) -> str | None:

@@ -258,6 +258,12 @@ class Policy:
                     raise ArtifactError(f"{self.path}: entry point {name} calls {str(e.args[0])[:80]}, which its "
                                         "lib.so does not export; recompile the artifact") from None
         self._entries = set(manifest.get("vm_params", {})) | set(self._plans)
+        # act()'s fast path takes one observation of these dtypes as it is: float32, and an image policy's uint8
+        # frames (integers cannot be NaN: no finiteness pass over a frame)
+        act = self._plans.get("act")
+        self._fast_dtypes = () if act is None or self.input_spec.get("preprocess", "none") not in ("none", "image") \
+            else tuple({_FLOAT32, np.dtype(act.plan["inputs"][0]["dtype"]),
+                        *([np.dtype(np.uint8)] if self.input_spec.get("preprocess") == "image" else [])})
         self._vm_params = manifest.get("vm_params") or {"main": list(manifest["params"])}
         self._local = threading.local()
         self._norm = normalization(self.input_spec)  # for artifacts without entry points
@@ -412,11 +418,12 @@ class Policy:
             actions = self.postprocess(out, deterministic, rng)
             return actions[0] if single else actions
         plan = self._plans.get("act")
-        if deterministic and plan is not None and type(obs) is np.ndarray and obs.dtype is _FLOAT32 \
-                and obs.shape == self.obs_shape:  # the common call, one float32 observation: the fewest steps
+        if deterministic and type(obs) is np.ndarray and obs.dtype in self._fast_dtypes \
+                and obs.shape == self.obs_shape:  # the common call, one observation: the fewest steps
             frame = plan.frame(1)
             frame.single[...] = obs
-            check_finite(frame.flat)
+            if obs.dtype is _FLOAT32:
+                check_finite(frame.flat)
             for function, args in frame.calls:
                 function(*args)
             action = frame.outputs[0][0][0]

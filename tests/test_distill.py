@@ -128,6 +128,25 @@ def test_finetune_distills_by_default_and_writes_a_q_network(dqn, tmp_path):
     assert (tmp_path / "logs" / "progress.csv").is_file()
 
 
+@pytest.mark.parametrize("kind", ["q_values", "logits"])
+def test_the_ranking_floor_decides_near_ties_the_teachers_way(kind):
+    """rule "plain" (floor 0.3): on a state the teacher barely decides (gap 0.01 of its median 1.0), a student that
+    leads the teacher's way by less than 0.3 pays the hinge, one that leads by more does not; without the floor
+    (the weighted default) a logits student pays only the KL."""
+    teacher = torch.tensor([[1.0, 0.0], [0.01, 0.0], [0.0, 1.0]])
+    loss = distill.Loss(kind, {"kind": "discrete", "n": 2}, teacher.numpy(), margin=0.5, floor=0.3)
+    assert loss.gap_scale == pytest.approx(1.0)
+    timid, bold = torch.tensor([[1.0, 0.0], [0.05, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.4, 0.0], [0.0, 1.0]])
+    assert loss.hinge(timid, teacher).item() == pytest.approx((0.3 - 0.05) ** 2 / 3, rel=1e-5)
+    assert loss.hinge(bold, teacher).item() == 0.0
+    assert distill.floor_of(distill.DistillArgs(rule="plain")) == distill.PLAIN_FLOOR
+    assert distill.floor_of(distill.DistillArgs()) == 0.0
+    if kind == "logits":
+        plain = distill.Loss(kind, {"kind": "discrete", "n": 2}, teacher.numpy(), margin=0.5)
+        kl = (torch.softmax(teacher, 1) * (torch.log_softmax(teacher, 1) - torch.log_softmax(timid, 1))).sum(1).mean()
+        assert plain(timid, teacher).item() == pytest.approx(kl.item(), rel=1e-5)
+
+
 def test_a_backbone_cannot_be_distilled():
     with pytest.raises(ValueError, match="not a backbone"):
         distill.output_kind({"kind": "features", "dim": 8})

@@ -1,101 +1,67 @@
 """Recovery of convolutional policies (issue 17): the BitConv2d straight-through function against the numpy
-reference, and an SB3 DQN CnnPolicy trained here on a pixel task, recovered by `bitrl-compile MODEL --env ID --keep`
-and by `bitrl-compile finetune MODEL --method distill` (a .pt2 student), each artifact measured against SB3's
-deterministic predict on the frames SB3's policy visits.
+reference, and an SB3 PPO CnnPolicy trained here on a pixel task, recovered by `recovery.keep` (what
+`bitrl-compile MODEL --env ID --keep 0.99 --keep-rule plain` runs) and by `bitrl-compile finetune MODEL --method
+distill` (a .pt2 student), each artifact measured against SB3's deterministic predict on the frames SB3's policy
+visits.
 
-The task: CartPole-v1 seen as 36x36x3 uint8 frames (the cart and pole drawn from the state, the last three frames
-in the channels), NatureCNN's smallest input. A DQN trained for 600 steps acts on the frames (both actions, by
-position) with Q-values whose gaps the plain ternary compile loses (about 30 % agreement)."""
+The task: bitrl_compile.envs' BitrlPixelCartPole-v0, CartPole-v1 seen as 36x36x3 uint8 frames (NatureCNN's smallest
+input). A PPO trained for 4096 steps acts on the frames with logits whose plain ternary compile loses about 40 % of
+SB3's actions; its median best-two logit gap is about a third of a logit, and no visited frame is a near-tie under a
+tenth of it (a 600-step DQN's were: a fifth of its gaps were under a tenth of the median)."""
 
-import gymnasium as gym
+import math
+
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from bitrl_compile import fidelity, quant
-from bitrl_compile.cli import main as cli
+from bitrl_compile.envs import PIXEL_CARTPOLE as ENV
 from bitrl_compile.frontends import load_policy
 from bitrl_compile.runtime import load
 from bitrl_compile.trainers import distill
 from bitrl_compile.trainers.export import reference_forward
 
 torch.set_num_threads(1)
-ENV = "BitrlPixelCartPole-v0"
-SIZE = 36
-
-
-class PixelCartPole(gym.ObservationWrapper):
-    """CartPole-v1 as 36x36x3 uint8 frames: cart and pole drawn from the state; channel k is the frame k steps ago
-    (the velocities are in their differences)."""
-
-    def __init__(self):
-        super().__init__(gym.make("CartPole-v1"))
-        self.observation_space = gym.spaces.Box(0, 255, (SIZE, SIZE, 3), np.uint8)
-        self.frames = np.zeros((SIZE, SIZE, 3), np.uint8)
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        self.frames = np.repeat(self._draw(obs)[..., None], 3, axis=-1)
-        return self.frames.copy(), info
-
-    def observation(self, obs):
-        self.frames = np.concatenate([self._draw(obs)[..., None], self.frames[..., :2]], axis=-1)
-        return self.frames.copy()
-
-    @staticmethod
-    def _draw(state) -> np.ndarray:
-        x, _, theta, _ = (float(v) for v in state)
-        frame = np.zeros((SIZE, SIZE), np.uint8)
-        cx = min(max(round((x + 2.4) / 4.8 * (SIZE - 1)), 0), SIZE - 1)
-        frame[28:31, max(cx - 3, 0):cx + 4] = 255
-        t = np.linspace(0, 1, 24)
-        i, j = np.round(28 - 20 * t * np.cos(theta)).astype(int), np.round(cx + 20 * t * np.sin(theta)).astype(int)
-        inside = (i >= 0) & (i < SIZE) & (j >= 0) & (j < SIZE)
-        frame[i[inside], j[inside]] = 200
-        return frame
-
-
-if ENV not in gym.registry:
-    gym.register(ENV, entry_point=PixelCartPole)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """(SB3 DQN CnnPolicy, its .zip): 600 steps, about 10 s of one core."""
+    """(SB3 PPO CnnPolicy, its .zip): 4 envs, 4096 steps."""
     import stable_baselines3 as sb3
+    from stable_baselines3.common.env_util import make_vec_env
 
-    model = sb3.DQN("CnnPolicy", ENV, seed=0, learning_starts=64, buffer_size=2000, batch_size=32, learning_rate=2e-3,
-                    train_freq=2, target_update_interval=50, exploration_fraction=0.5,
-                    policy_kwargs={"features_extractor_kwargs": {"features_dim": 64}})
-    model.learn(600)
-    path = tmp_path_factory.mktemp("cnn") / "dqn_pixels.zip"
+    model = sb3.PPO("CnnPolicy", make_vec_env(ENV, 4, seed=0), seed=0, n_steps=64, batch_size=64, n_epochs=4,
+                    learning_rate=1e-3, policy_kwargs={"features_extractor_kwargs": {"features_dim": 64},
+                                                       "net_arch": [64]})
+    model.learn(4096)
+    path = tmp_path_factory.mktemp("cnn") / "ppo_pixels.zip"
     model.save(path)
     return model, path
 
 
+def sb3_logits(model, frames: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model.policy.get_distribution(model.policy.obs_to_tensor(frames)[0]).distribution.logits.numpy()
+
+
 @pytest.fixture(scope="module")
 def visited(teacher):
-    """Frames SB3's deterministic policy visits (seeded resets), its actions and its Q-values on them."""
+    """400 frames SB3's deterministic policy visits (reset seeds 123...), its actions (predict) and logits on them."""
     model, _ = teacher
-    env = gym.make(ENV)
-    frames, (frame, _) = [], env.reset(seed=123)
-    while len(frames) < 400:
-        frames.append(frame)
-        frame, _, terminated, truncated, _ = env.step(int(model.predict(frame, deterministic=True)[0]))
-        if terminated or truncated:
-            frame, _ = env.reset(seed=123 + len(frames))
-    frames = np.stack(frames)
-    with torch.no_grad():
-        q = model.q_net(model.policy.obs_to_tensor(frames)[0]).numpy()
-    return frames, model.predict(frames, deterministic=True)[0], q
+    frames, _ = fidelity.visited(lambda x: sb3_logits(model, x), {"kind": "discrete", "n": 2}, ENV, rollouts=100,
+                                 max_states=400, seed=123)
+    actions = model.predict(frames, deterministic=True)[0]
+    logits = sb3_logits(model, frames)
+    assert np.array_equal(logits.argmax(1), actions)  # the deterministic predict is the logits' argmax
+    return frames, actions, logits
 
 
 def _agreement(outputs: np.ndarray, visited) -> tuple[float, float]:
-    """(the share of SB3's actions taken, that share weighted by SB3's stakes: its best-two Q gap, fidelity.py's
-    rule). The teacher is barely trained: a fifth of its gaps are under a tenth of the median."""
-    _, actions, q = visited
-    weighted = fidelity.compare({"kind": "discrete", "n": 2, "outputs": "q_values"}, outputs, q)["weighted"]
+    """(the share of SB3's actions taken, that share weighted by SB3's stakes: its best-two probability gap,
+    fidelity.py's rule)."""
+    _, actions, logits = visited
+    weighted = fidelity.compare({"kind": "discrete", "n": 2}, outputs, logits)["weighted"]
     return float(np.mean(outputs.argmax(1) == actions)), weighted
 
 
@@ -152,28 +118,42 @@ def test_bitconv2d_ste_gradients_are_straight_through():
 
 # ------------------------------------------------------------------------------------------------ recovery
 
-def test_keep_recovers_a_cnn_policy_by_distillation(teacher, visited, ptq_agreement, tmp_path):
-    out = tmp_path / "kept.bitrl"
-    result = CliRunner().invoke(cli, ["compile", str(teacher[1]), "--env", ENV, "--keep", "0.98",
-                                      "--keep-budget", "24", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "keep 98 %: ptq" in result.output and "keep 98 %: distill" in result.output, result.output
+def test_keep_recovers_a_cnn_policy_to_sb3s_actions(teacher, visited, ptq_agreement, tmp_path):
+    """--keep 0.99 --keep-rule plain: the plain compile falls short on the reference (not compiled), distillation
+    (two DAgger rounds at most: rounds, not seconds, so the result does not depend on the machine) is compiled and
+    kept; the artifact takes SB3's deterministic action on 99 % of the frames SB3 visits."""
+    from bitrl_compile import pipeline
+    from bitrl_compile.trainers import recovery
+
+    out, lines = tmp_path / "kept.bitrl", []
+
+    def compile_fn(policy, int8_layers, measure):
+        return pipeline.compile_policy(policy, "host", out, int8_layers=int8_layers, measure=measure)
+
+    _, attempts = recovery.keep(load_policy(teacher[1]), ENV, 0.99, compile_fn, rule="plain", log=lines.append,
+                                distill_args=distill.DistillArgs(budget_s=math.inf, max_rounds=2, updates_per_round=100))
+    assert [a.step for a in attempts] == ["ptq", "distill"] and attempts[-1].kept, lines
+    assert "ptq: agreement" in lines[0] and "(numpy reference; not compiled)" in lines[0], lines
     with load(out) as policy:
-        assert policy.manifest["recovery"] == "distill" and policy.manifest["fidelity"]["weighted"] >= 0.98
+        assert policy.manifest["recovery"] == "distill" and policy.manifest["fidelity"]["agreement"] >= 0.99
     agreement = _artifact_agreement(out, visited)
-    print(f"SB3 predict agreement on {len(visited[0])} visited frames (weighted): PTQ "
-          f"{100 * ptq_agreement[0]:.1f} % ({100 * ptq_agreement[1]:.1f} %), --keep 0.98 {100 * agreement[0]:.1f} % "
-          f"({100 * agreement[1]:.1f} %)")
-    assert agreement[0] > ptq_agreement[0] + 0.5 and agreement[0] >= 0.9  # one round of distillation: 94-96 %
-    assert agreement[1] >= 0.98
+    print(f"SB3 predict agreement on {len(visited[0])} visited frames, plain (weighted): PTQ "
+          f"{100 * ptq_agreement[0]:.1f} % ({100 * ptq_agreement[1]:.1f} %), --keep 0.99 --keep-rule plain "
+          f"{100 * agreement[0]:.1f} % ({100 * agreement[1]:.1f} %)")
+    assert ptq_agreement[0] < 0.9  # the premise: plain ternarization loses SB3's actions
+    assert agreement[0] >= 0.99 and agreement[1] >= 0.99
 
 
 def test_finetune_distill_writes_a_program_that_compiles_to_what_was_trained(teacher, visited, ptq_agreement,
                                                                               tmp_path):
     """The file path of a CNN student (the --keep test trains one; here the run stops at its target, reached by the
     scale/bias calibration alone, which keeps the test short): finetune writes a .pt2 that compiles, with only
-    --env, to an artifact computing the trained network's reference bit for bit."""
-    student = tmp_path / "dqn-ternary.pt2"
+    --env, to an artifact computing the trained network's reference (to the ulp: the tanh)."""
+    from click.testing import CliRunner
+
+    from bitrl_compile.cli import main as cli
+
+    student = tmp_path / "ppo-ternary.pt2"
     result = CliRunner().invoke(cli, ["finetune", str(teacher[1]), "--env", ENV, "--method", "distill",
                                       "--agreement", "0.5", "--episodes", "1", "-o", str(student),
                                       "--out", str(tmp_path / "run")])
@@ -185,24 +165,25 @@ def test_finetune_distill_writes_a_program_that_compiles_to_what_was_trained(tea
     frames = visited[0]
     with load(out) as policy:
         got = policy.forward(frames)
-        # the program carries its specs and how it was made (extra/bitrl_config.json): a Q-network, distilled
-        assert policy.manifest["output"]["outputs"] == "q_values" and policy.manifest["recovery"] == "distill"
-        assert "sample" not in policy.manifest["entry_points"]  # Q-values are not sampled as logits
+        # the program carries its specs and how it was made (extra/bitrl_config.json): the policy's logits, distilled
+        assert policy.manifest["output"] == load_policy(teacher[1]).output
+        assert policy.manifest["recovery"] == "distill"
     trained = load_policy(teacher[1])  # the student's weights in the teacher's module: the network as trained
     weights = load_policy(student, config={"env": ENV}).module.state_dict()
     trained.module.load_state_dict({k.removeprefix("policy."): v for k, v in weights.items()})
-    np.testing.assert_array_equal(got, reference_forward(trained)(frames))  # the artifact computes it, bit for bit
+    # the artifact computes it: to the ulp (the head's tanh: TVM's and numpy's can differ in the last bit)
+    np.testing.assert_allclose(got, reference_forward(trained)(frames), rtol=1e-6, atol=1e-6)
     agreement = _agreement(got, visited)
-    print(f"SB3 predict agreement on {len(frames)} visited frames (weighted): PTQ {100 * ptq_agreement[0]:.1f} % "
+    print(f"SB3 predict agreement on {len(frames)} visited frames, plain (weighted): PTQ {100 * ptq_agreement[0]:.1f} % "
           f"({100 * ptq_agreement[1]:.1f} %), finetune --method distill, calibrated {100 * agreement[0]:.1f} % "
           f"({100 * agreement[1]:.1f} %)")
-    assert agreement[0] > ptq_agreement[0] + 0.2  # calibrated: 66 % against PTQ's 31 %
+    assert agreement[0] > ptq_agreement[0] + 0.2  # calibrated: 90-97 % against PTQ's 55-65 %
 
 
 def test_the_reference_of_a_cnn_numbers_its_layers_as_the_compiler(teacher, visited, tmp_path):
-    """export.reference_forward of a CNN (the held-out measure of distillation) is the artifact, bit for bit, with
-    the first convolution int8 and per-channel scales (--int8-layers 0 --per-channel, what distillation trains for),
-    and distillation's forward pass (bitconv2d_ste, bitlinear_ste) is that reference up to float rounding."""
+    """export.reference_forward of a CNN (the held-out measure of distillation) is the artifact (to the ulp: the
+    head's tanh), with the first convolution int8 and per-channel scales (--int8-layers 0 --per-channel, what
+    distillation trains for), and distillation's forward pass (bitconv2d_ste, bitlinear_ste) is that reference up to float rounding."""
     from bitrl_compile import pipeline
 
     loaded = load_policy(teacher[1])
@@ -211,7 +192,7 @@ def test_the_reference_of_a_cnn_numbers_its_layers_as_the_compiler(teacher, visi
     frames = visited[0][:64]
     want = reference_forward(loaded, per_channel=True, int8_layers=(0,))(frames)
     with load(out) as policy:
-        np.testing.assert_array_equal(policy.forward(frames), want)
+        np.testing.assert_allclose(policy.forward(frames), want, rtol=1e-6, atol=1e-6)  # tanh: to the ulp
     with torch.no_grad():
         mine = distill.ste_forward(loaded.module, torch.from_numpy(frames.astype(np.float32) / 255), True, (0,))
     np.testing.assert_allclose(mine.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

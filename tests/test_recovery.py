@@ -96,3 +96,20 @@ def test_the_cli_keeps_the_target_or_says_what_is_missing(sb3_trained, sb3_ppo_c
     r = cli(path, "--env", "CartPole-v1", "--keep", "0.98", "-o", out)
     assert r.exit_code == 0, r.output
     assert "keep 98 %: ptq: agreement 100.0 % - kept" in r.stderr and manifest_of(out)["fidelity"]["weighted"] == 1.0
+    r = cli(path, "--env", "CartPole-v1", "--keep", "0.99", "--keep-rule", "plain", "-o", tmp_path / "plain.bitrl")
+    assert r.exit_code == 0 and "keep 99 %: ptq: agreement 100.0 % plain - kept" in r.stderr, r.output
+
+
+def test_the_plain_rule_counts_every_state_and_hopeless_steps_are_not_compiled(q_network, tmp_path):
+    """rule "plain": the share is the plain agreement, whatever the weighted one or the score; an unknown rule is
+    one line. A step whose numpy reference misses the target is measured there and not compiled."""
+    record = {"agreement": 0.9, "weighted": 0.995, "score": 1.0}
+    assert recovery.share(record) == 1.0 and recovery.share(record, "plain") == 0.9
+    with pytest.raises(ValueError, match="agreement rule 'most' is not one of weighted, plain"):
+        recovery.share(record, "most")
+    lines: list[str] = []
+    with pytest.raises(recovery.NotKept, match="ptq: agreement .* plain"):
+        recovery.keep(load_policy(q_network, config={"env": "CartPole-v1"}), "CartPole-v1", 1.0,
+                      compiler(tmp_path / "q.bitrl"), rule="plain", distill_args=NO_TRAINING, log=lines.append)
+    assert all("(numpy reference; not compiled)" in line for line in lines if line.startswith("keep 100 %")), lines
+    assert list(tmp_path.iterdir()) == []

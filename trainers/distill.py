@@ -9,7 +9,8 @@ from its weights, whose every Linear runs as the compiler's BitLinear in the for
 ternary weights, per tensor or per output channel, absmax int8 activations per row) with straight-through
 gradients. The file written holds the student's latent float weights: the compiler ternarizes them with the same
 math, so the artifact computes what was trained (held-out agreement is measured with the numpy reference,
-`export.reference_forward`, which the artifact matches).
+`export.reference_forward`, which the artifact matches; a CNN's rounds with its ternary forward pass, the same
+arithmetic).
 
 Convolutional policies (SB3's CnnPolicy: NatureCNN, its linear and the head; any module of Conv2d/Linear layers
 called in definition order) distil the same way: every Conv2d runs as the compiler's BitConv2d
@@ -37,6 +38,16 @@ The run stops at the agreement target on held-out teacher states, or at the time
 student it saw (by held-out agreement, then loss). Agreement is fidelity.py's rule: for discrete outputs the
 share of the teacher's stakes (its best-two Q gap, or probability gap) on states where the argmax agrees; for
 continuous ones every action value within 5 % of the Box's range of the teacher's.
+
+Plain agreement (DistillArgs.rule "plain", `compile --keep-rule plain`): every state counts one, the teacher's
+near-ties too, which a barely trained teacher has many of. The run then stops and picks its best on the plain
+share, and the loss (logits and Q-values alike) adds the ranking hinge with a floor: the teacher's argmax must lead
+every other action by at least `floor` (0.3) times the teacher's median best-two gap, so that a state the teacher
+barely decides is decided its way with room for the ternary rounding. Measured (tests/test_distill_cnn.py, an SB3
+PPO CnnPolicy on 36x36x3 pixel CartPole): one DAgger round takes SB3's predict from 54.5 % (PTQ) to 99.8 % plain.
+
+Dict observations with vector keys (SB3's MultiInputPolicy, an MLP on the flat row of runtime/specs.py) distil as
+an MLP: each batch of the environment's dicts flattened in the manifest's key order, normalised as one vector.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ import torch
 from torch import nn
 
 from bitrl_compile import fidelity
+from bitrl_compile.evaluate import make_env
 from bitrl_compile.frontends import MLPPolicy
 from bitrl_compile.quant import (
     bitconv2d_ste,
@@ -63,12 +75,13 @@ from bitrl_compile.quant import (
     quantize_activations_ste,
     quantize_weight_int8_ste,
 )
-from bitrl_compile.runtime.policy import postprocess
+from bitrl_compile.runtime.policy import flatten_observations, postprocess
 from bitrl_compile.trainers.backbones import normalize
 from bitrl_compile.trainers.export import (
     check_policy_fits,
     conv_padding,
     layers,
+    output_spec,
     reference_forward,
     save_like,
     save_program,
@@ -76,19 +89,27 @@ from bitrl_compile.trainers.export import (
 from bitrl_compile.trainers.logs import Logger
 from bitrl_compile.trainers.ppo import make_envs
 
+PLAIN_FLOOR = 0.3  # DistillArgs.floor with rule "plain": a lead of 0.3 median gaps on every state
+
 
 @dataclass
 class DistillArgs:
     seed: int = 0
     budget_s: float = 180.0          # wall-clock seconds of one core (torch_threads), collection included
     agreement: float = 0.99          # stop when held-out agreement reaches this
+    rule: str = "weighted"           # discrete actions: the agreement that stops and picks the best student:
+                                     # "weighted" by the teacher's stakes (fidelity.shared) or "plain" (every state
+                                     # counts one, near-ties too: what a comparison with SB3's predict counts)
+    floor: float | None = None       # discrete: the least lead of the teacher's argmax over every other action,
+                                     # in the teacher's median best-two gap; None: 0.3 with rule "plain", else 0
     per_channel: bool = False        # one weight scale per output channel (compile with --per-channel then)
     int8_layers: tuple[int, ...] = ()  # Linears (0-based) trained as int8 (compile with --int8-layers then)
     num_envs: int = 8
     steps_per_round: int = 128       # vector steps per round: num_envs * steps_per_round states
     updates_per_round: int = 200
     batch_size: int = 256
-    learning_rate: float = 1e-3      # Adam; decays linearly to a tenth over the budget (time or rounds)
+    learning_rate: float = 1e-3      # Adam; decays linearly to a tenth over the budget (time or rounds); a
+                                     # recurrent student's is 3 times this (distill_recurrent.LR_FACTOR)
     max_rounds: int = 1000
     epsilon: float = 0.1             # exploration noise of the rollouts
     heldout: int = 2048              # held-out teacher states
@@ -247,10 +268,10 @@ def calibrate_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, per_chan
 class Loss:
     """The distillation loss of an output kind; the scales come from the teacher's outputs on held-out states."""
 
-    def __init__(self, kind: str, spec: dict, teacher_heldout: np.ndarray, margin: float):
-        self.kind, self.margin = kind, margin
+    def __init__(self, kind: str, spec: dict, teacher_heldout: np.ndarray, margin: float, floor: float = 0.0):
+        self.kind, self.margin, self.floor = kind, margin, floor
         t = teacher_heldout.astype(np.float64)
-        if kind == "q_values":
+        if kind in ("q_values", "logits") and t.shape[1] > 1:
             top2 = np.sort(t, axis=1)[:, -2:]
             self.q_scale = max(float(t.std()), 1e-6)
             self.gap_scale = max(float(np.median(top2[:, 1] - top2[:, 0])), 1e-6)
@@ -268,27 +289,39 @@ class Loss:
     def __call__(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "logits":
             log_pt = torch.log_softmax(t, 1)
-            return (log_pt.exp() * (log_pt - torch.log_softmax(s, 1))).sum(1).mean()
+            kl = (log_pt.exp() * (log_pt - torch.log_softmax(s, 1))).sum(1).mean()
+            return kl + self.hinge(s, t) if self.floor > 0 and t.shape[1] > 1 else kl
         if self.kind == "continuous":
             diff = (torch.clamp(s, self.lo, self.hi) - torch.clamp(t, self.lo, self.hi)) / self.scale
             return diff.pow(2).mean()
         mse = ((s - t) / self.q_scale).pow(2).mean()
         centred = ((s - s.mean(1, keepdim=True)) - (t - t.mean(1, keepdim=True))) / self.gap_scale
+        return mse + centred.pow(2).mean() + self.hinge(s, t)
+
+    def hinge(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ranking term: the teacher's argmax must lead every other action by `margin` times the teacher's own
+        gap on that state, and by at least `floor` times its median gap (so that a near-tie, which the teacher
+        barely decides, is decided the teacher's way with room for the student's rounding)."""
         best = t.argmax(1, keepdim=True)
         top2 = t.topk(2, dim=1).values
-        need = self.margin * (top2[:, :1] - top2[:, 1:])                         # a fraction of the teacher's gap
+        need = torch.clamp(self.margin * (top2[:, :1] - top2[:, 1:]), min=self.floor * self.gap_scale)
         lead = s.gather(1, best) - s                                             # [B, n]: 0 at the argmax itself
         others = torch.ones_like(s, dtype=torch.bool).scatter_(1, best, False)
-        hinge = (torch.relu(need - lead) / self.gap_scale).pow(2) * others
-        return mse + centred.pow(2).mean() + hinge.sum(1).mean()
+        return ((torch.relu(need - lead) / self.gap_scale).pow(2) * others).sum(1).mean()
 
 
-def agreement(spec: dict, student_out: np.ndarray, teacher_out: np.ndarray) -> float:
+def agreement(spec: dict, student_out: np.ndarray, teacher_out: np.ndarray, rule: str = "weighted") -> float:
     """How far the student acts like the teacher, by fidelity.py's rule (the one compile reports): for discrete
     outputs the agreement weighted by the teacher's stakes (its best-two gap: a state where the teacher hardly
-    prefers one action counts little), for continuous ones the share of states within 5 % of the action range."""
-    result = fidelity.compare(spec, student_out, teacher_out)
-    return result.get("weighted", result["agreement"])
+    prefers one action counts little), or with rule "plain" the share of states where the argmax agrees; for
+    continuous ones the share of states within 5 % of the action range."""
+    return fidelity.shared(fidelity.compare(spec, student_out, teacher_out), rule)
+
+
+def floor_of(args: DistillArgs) -> float:
+    """The ranking floor of `args` (DistillArgs.floor, or its default by rule)."""
+    fidelity.check_rule(args.rule)
+    return args.floor if args.floor is not None else (PLAIN_FLOOR if args.rule == "plain" else 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ states
@@ -317,9 +350,10 @@ class Rollouts:
     they come)."""
 
     def __init__(self, env_id: str, num_envs: int, seed: int, spec: dict, stats: dict | None, epsilon: float,
-                 image: bool = False, shaped: bool = False):
+                 image: bool = False, shaped: bool = False, input_spec: dict | None = None):
         self.envs = make_envs(env_id, num_envs)
         self.spec, self.stats, self.epsilon, self.image, self.shaped = spec, stats, epsilon, image, shaped or image
+        self.input_spec = input_spec  # a Dict observation: each batch flattened as the policy takes it
         self.rng = np.random.default_rng(seed)
         self.envs.action_space.seed(seed)
         obs, _ = self.envs.reset(seed=seed)
@@ -332,8 +366,8 @@ class Rollouts:
         states = []
         n = self.envs.num_envs
         for _ in range(steps):
-            x = np.array(self.obs, None if self.image else np.float32) if self.shaped else \
-                normalize(self.obs, self.stats)
+            obs = flatten_observations(self.input_spec, self.obs) if self.input_spec else self.obs
+            x = np.array(obs, None if self.image else np.float32) if self.shaped else normalize(obs, self.stats)
             states.append(x)
             use_teacher = self.rng.random(n) < beta
             out = actors[0](x) if use_teacher.all() else np.where(use_teacher[:, None], actors[0](x), actors[1](x))
@@ -359,7 +393,10 @@ def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
         raise ValueError(f"{name}: distillation of a recurrent (LSTM) policy is not supported yet as a file (no "
                          "format holds a recurrent student); compile it with --env ID --keep 0.98, which distils it "
                          "in memory (trainers/distill_recurrent.py)")
-    check_policy_fits(loaded, env_id, name, convolutional=True)
+    if loaded.input.get("kind") == "dict":
+        _check_dict_fits(loaded, env_id, name)
+    else:
+        check_policy_fits(loaded, env_id, name, convolutional=True)
     convs = [m for m in layers(loaded.module) if isinstance(m, nn.Conv2d)]
     for conv in convs:
         conv_padding(conv, name)
@@ -372,6 +409,26 @@ def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
         raise ValueError(f"{name}: distillation needs plain vector observations (preprocess \"none\"), got "
                          f"{loaded.input.get('preprocess')!r}")
     return output_kind(loaded.output)
+
+
+def _check_dict_fits(loaded, env_id: str, name: str) -> None:
+    """A Dict-observation policy (SB3's MultiInputPolicy): env_id's observations must be its keys and shapes, its
+    actions the policy's; ValueError (one line) otherwise."""
+    env = make_env(env_id)
+    try:
+        obs, _ = env.reset(seed=0)
+        action_space = env.action_space
+    finally:
+        env.close()
+    try:
+        flatten_observations(loaded.input, obs)
+    except ValueError as e:
+        raise ValueError(f"{name}: {env_id}'s observations do not fit the policy ({str(e).splitlines()[0]}); give "
+                         "the environment it was trained on") from None
+    want = output_spec(action_space)
+    if loaded.output["kind"] != want["kind"] or loaded.output.get("n") != want.get("n"):
+        raise ValueError(f"{name}: its actions ({loaded.output['kind']}, {loaded.output.get('n', '')}) do not match "
+                         f"{env_id}'s {action_space}; give the environment it was trained on")
 
 
 def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillArgs | None = None,
@@ -387,6 +444,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         raise ValueError(f"{path}: a convolutional student is written as a torch.export program; give a path ending "
                          "in .pt2")
     image = loaded.input.get("preprocess", "none") == "image"
+    keys = loaded.input if loaded.input.get("kind") == "dict" else None  # Dict observations: flattened rows
     torch.manual_seed(args.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.torch_threads)
@@ -410,27 +468,32 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
                                  per_channel=args.per_channel, int8_layers=args.int8_layers)(x)
 
     def heldout_agreement() -> float:
-        return agreement(spec, student_ref(held_x), held_t)
+        return agreement(spec, student_ref(held_x), held_t, args.rule)
 
     try:
-        held_env = Rollouts(env_id, args.num_envs, args.seed + 1_000_003, spec, stats, 0.0, image, not mlp)
+        held_env = Rollouts(env_id, args.num_envs, args.seed + 1_000_003, spec, stats, 0.0, image, not mlp, keys)
         try:
             held_x = held_env.collect(math.ceil(args.heldout / args.num_envs), [teacher_out], beta=1.0, noise=False)
         finally:
             held_env.close()
         held_t = teacher_out(held_x)
-        before = agreement(spec, student_ref(held_x), held_t)
+        before = heldout_agreement()
         best_key, best_state = (before, -math.inf), copy.deepcopy(student.state_dict())  # PTQ, if nothing beats it
         if args.calibrate:
             calibrate_(student, teacher, torch.from_numpy(_inputs(held_x[::2], image)), args.per_channel,
                        args.int8_layers)
-        loss_fn = Loss(kind, spec, held_t, args.margin)
+        loss_fn = Loss(kind, spec, held_t, args.margin, floor_of(args))
+
+        held_in, held_target = torch.from_numpy(_inputs(held_x, image)), torch.from_numpy(held_t)
 
         def held_out() -> tuple[float, float]:
+            """(agreement, loss) on the held-out states. An MLP's agreement is its numpy reference's; a CNN's is
+            its ternary forward pass's (the reference's arithmetic: bit for bit in the convolutions, float rounding
+            in the rest), which saves a numpy convolution of every held-out frame per round."""
             with torch.no_grad():
-                loss = loss_fn(ste_forward(student, torch.from_numpy(_inputs(held_x, image)), args.per_channel,
-                                           args.int8_layers), torch.from_numpy(held_t)).item()
-            return heldout_agreement(), loss
+                out = ste_forward(student, held_in, args.per_channel, args.int8_layers)
+            loss = loss_fn(out, held_target).item()
+            return (heldout_agreement() if mlp else agreement(spec, out.numpy(), held_t, args.rule)), loss
 
         calibrated, held_loss = held_out()
         if (calibrated, -held_loss) > best_key:
@@ -440,10 +503,10 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
             f"{len(held_x)} held-out states, {100 * calibrated:.1f} % after scale/bias calibration; target "
             f"{100 * args.agreement:.1f} %, budget {args.budget_s:.0f} s")
         optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
-        rollouts = Rollouts(env_id, args.num_envs, args.seed, spec, stats, args.epsilon, image, not mlp)
+        rollouts = Rollouts(env_id, args.num_envs, args.seed, spec, stats, args.epsilon, image, not mlp, keys)
         gen = torch.Generator().manual_seed(args.seed)
         xs, ts = np.zeros((0, *held_x.shape[1:]), held_x.dtype), np.zeros((0, held_t.shape[1]), np.float32)
-        max_states = args.max_states if not image else min(args.max_states, max(1, (256 << 20) // held_x[0].nbytes))
+        max_states = min(args.max_states, max(1, (256 << 20) // held_x[0].nbytes))  # at most 256 MB of states
         rounds = 0
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

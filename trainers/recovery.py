@@ -21,7 +21,16 @@
 
 Kept means the fidelity record's agreement (stake-weighted for discrete actions: fidelity.shared) reaches the
 target, or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does: the same rule as compile's
-warning. When no step keeps it, NotKept says how far each got, and nothing is written.
+warning. With rule "plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting
+one, the original's near-ties too (what a check against SB3's own predict counts), and no score: distillation then
+stops on plain held-out agreement and adds a ranking floor (DistillArgs.floor: the original's argmax must lead by a
+share of its median gap on every state, so that a near-tie is decided the original's way with room for rounding).
+When no step keeps it, NotKept says how far each got, and nothing is written.
+
+An attempt whose numpy reference (export.reference_forward: what the artifact computes, bit for bit with ReLU, to
+the ulp with tanh) misses the target by more than PRECHECK_SLACK on the same visited states is not compiled: its
+record is the reference's (engine "reference"), which saves a TVM build per hopeless step (a CNN's takes seconds);
+within the slack, or where the reference cannot run the network (a recurrent policy), the artifact decides.
 
 Work layer (trainers): uses the pipeline, fidelity and distillation.
 """
@@ -34,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bitrl_compile import fidelity
+
+PRECHECK_SLACK = 0.01  # an attempt whose reference misses the target by more is not compiled
 
 
 class NotKept(ValueError):
@@ -48,9 +59,11 @@ class _Short(Exception):
         self.record = record
 
 
-def share(record: dict) -> float:
+def share(record: dict, rule: str = "weighted") -> float:
     """What is compared with the target: the score with episodes or the (weighted) agreement, whichever is
-    higher (the rule of compile's warning)."""
+    higher (the rule of compile's warning); with rule "plain" the plain agreement alone."""
+    if fidelity.check_rule(rule) == "plain":
+        return fidelity.shared(record, rule)
     return max(fidelity.shared(record), record.get("score", -math.inf))
 
 
@@ -60,34 +73,45 @@ class Attempt:
     int8_layers: tuple[int, ...]
     record: dict                 # the fidelity record
     kept: bool
+    rule: str = "weighted"
 
     @property
     def share(self) -> float:
-        return share(self.record)
+        return share(self.record, self.rule)
 
     def line(self) -> str:
-        what = f"score {100 * self.record['score']:.1f} %, " if "score" in self.record else ""
-        return f"{self.step}: {what}agreement {100 * fidelity.shared(self.record):.1f} %"
+        what = f"score {100 * self.record['score']:.1f} %, " if "score" in self.record and self.rule != "plain" \
+            else ""
+        plain = " plain" if self.rule == "plain" and "weighted" in self.record else ""
+        return f"{self.step}: {what}agreement {100 * fidelity.shared(self.record, self.rule):.1f} %{plain}"
 
 
 def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes: int = 0, seed: int = 0,
          budget: float = 180.0, per_channel: bool = False, distill_args=None,
-         base: fidelity.Baseline | None = None, log: Callable[[str], None] = lambda s: None):
+         base: fidelity.Baseline | None = None, rule: str = "weighted", log: Callable[[str], None] = lambda s: None):
     """Compile `original` (a LoadedPolicy) with the first recovery that keeps `target` of it on env_id.
 
     compile_fn(loaded, int8_layers, measure) -> CompiledPolicy is the compile with everything else bound (target,
     output, ...): pipeline.compile_policy's arguments. Returns (the CompiledPolicy written, [Attempt]); raises
     NotKept when no step keeps the target (nothing written). `base`: the original already measured
-    (fidelity.baseline, same env, episodes and seed), else measured here once for every attempt."""
+    (fidelity.baseline, same env, episodes and seed), else measured here once for every attempt. `rule`: "weighted"
+    (the default) or "plain" agreement (module docstring); it also sets the distillation's (DistillArgs.rule)."""
+    fidelity.check_rule(rule)
     attempts: list[Attempt] = []
     base = base or fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
     measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base)
 
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):
+        record = _precheck(loaded, int8_layers, env_id, episodes, seed, base, per_channel)
+        if record is not None and share(record, rule) < target - PRECHECK_SLACK:
+            attempts.append(Attempt(step, int8_layers, record, False, rule))
+            log(f"keep {100 * target:.0f} %: {attempts[-1].line()} (numpy reference; not compiled)")
+            return None
+
         def measure(manifest, members, quantized, output):
             record = measured(manifest, members, quantized, output)
-            ok = share(record) >= target
-            attempts.append(Attempt(step, int8_layers, record, ok))
+            ok = share(record, rule) >= target
+            attempts.append(Attempt(step, int8_layers, record, ok, rule))
             log(f"keep {100 * target:.0f} %: {attempts[-1].line()}" + (" - kept" if ok else ""))
             if not ok:
                 raise _Short(record)
@@ -104,17 +128,24 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     from bitrl_compile.trainers import distill
 
     args = distill_args or distill.DistillArgs(seed=seed, budget_s=budget, per_channel=per_channel)
-    args = dataclasses.replace(args, agreement=min(1.0, max(args.agreement, target + 0.005)))
+    args = dataclasses.replace(args, agreement=min(1.0, max(args.agreement, target + 0.005)), rule=rule)
     if original.input.get("recurrent"):
         log("keep: a recurrent policy: distillation through time, every layer ternary; no mixed precision (its "
             "layer ranking measures layers on independent states, not along episodes with a state)")
-        ranking: list[int] = []
+        rank: Callable[[], list[int]] = list
         result = _distill_recurrent(original, env_id, args, attempt, log)
     else:
-        ranking = _ranking(original, base.states, per_channel, log)  # the layers by how much int8 helps, first
-        result = _distill(original, env_id, args, ranking, attempt, log)
+        ranked: list[list[int]] = []  # the layers by how much int8 helps, first: measured when first needed
+
+        def rank() -> list[int]:
+            if not ranked:
+                ranked.append(_ranking(original, base.states, per_channel, log))
+            return ranked[0]
+
+        result = _distill(original, env_id, args, rank, attempt, log)
     if result is not None:
         return result, attempts
+    ranking = rank()
     for k in range(1, len(ranking) + 1):  # mixed precision alone, on the original's weights
         layers = tuple(sorted(ranking[:k]))
         result = attempt(f"int8 layers {list(layers)}", original, layers)
@@ -128,6 +159,50 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
                   f"({tried}); nothing was written: {accept}give distillation more time (--keep-budget)")
 
 
+def _precheck(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool) -> dict | None:
+    """The fidelity record of `loaded` compiled with int8_layers, measured on its numpy reference (no TVM build; a
+    recurrent policy: its ternary torch forward, the reference to 1e-4, each step with its own state); None when
+    the reference cannot run it (a network the reference does not know, observations it does not prepare)."""
+    spec = loaded.input
+    if spec.get("recurrent"):
+        return _precheck_recurrent(loaded, int8_layers, env_id, episodes, seed, base, per_channel)
+    if spec.get("preprocess", "none") not in ("none", "image") or \
+            any(key.get("preprocess", "none") != "none" for key in spec.get("keys") or ()):
+        return None
+    from bitrl_compile.trainers.export import reference_forward
+
+    try:
+        forward = reference_forward(loaded, per_channel=per_channel, int8_layers=tuple(int8_layers))
+        return fidelity.measure(loaded, forward, env_id, engine="reference", episodes=episodes, seed=seed,
+                                base=base).record()
+    except ValueError:  # a network the reference does not run: the artifact decides
+        return None
+
+
+def _precheck_recurrent(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool):
+    import numpy as np
+    import torch
+
+    from bitrl_compile.runtime.policy import normalization, prepare_observations
+    from bitrl_compile.trainers.distill import _ternary
+
+    module, spec, norm = loaded.module, loaded.input, normalization(loaded.input)
+    if not hasattr(module, "initial_state"):
+        return None
+
+    def step(obs, state, start):
+        x, _ = prepare_observations(spec, obs, norm)
+        with torch.no_grad(), _ternary(module, per_channel, tuple(int8_layers)):
+            out, state = module(torch.from_numpy(np.ascontiguousarray(x, np.float32)),
+                                torch.from_numpy(np.asarray(state, np.float32)),
+                                torch.from_numpy(np.asarray(start, np.float32).reshape(-1)))
+        return out.numpy(), state.numpy()
+
+    forward = fidelity.Recurrent(step, spec["recurrent"]["state_size"])
+    return fidelity.measure(loaded, forward, env_id, engine="reference", episodes=episodes, seed=seed,
+                            base=base).record()
+
+
 def _distill_recurrent(original, env_id: str, args, attempt: Callable, log):
     """The recurrent policy distilled through time (trainers/distill_recurrent.py), compiled and measured."""
     from bitrl_compile.trainers import distill_recurrent
@@ -137,20 +212,24 @@ def _distill_recurrent(original, env_id: str, args, attempt: Callable, log):
     return attempt("distill", dataclasses.replace(original, module=student.student, recovery="distill"))
 
 
-def _distill(original, env_id: str, base, ranking: list[int], attempt: Callable, log):
-    """Distillation of an MLP or CNN (trainers/distill.py): all ternary, then with the top-ranked layer int8;
-    each compiled and measured, the first kept returned (None when none is, or the policy cannot be distilled)."""
+def _distill(original, env_id: str, base, ranking: Callable[[], list[int]], attempt: Callable, log):
+    """Distillation of an MLP or CNN (trainers/distill.py): all ternary, then with the top-ranked layer int8
+    (`ranking()`, measured only then); each compiled and measured, the first kept returned (None when none is, or
+    the policy cannot be distilled)."""
     from bitrl_compile.trainers import distill
+    from bitrl_compile.trainers.export import layers as layers_of
 
     try:
         distill.check_distillable(original, env_id)
     except ValueError as e:
         log(f"keep: no distillation ({str(e).splitlines()[0]}); trying mixed precision")
         return None
-    steps = [()] + ([(ranking[0],)] if len(ranking) > 1 else [])  # all ternary, then the top layer int8
-    parts = [2 / 3, 1 / 3] if len(steps) > 1 else [1.0]
+    two = len(layers_of(original.module)) > 1  # all ternary, then the top layer int8
     student = None
-    for layers, part in zip(steps, parts):
+    for step, part in enumerate([2 / 3, 1 / 3] if two else [1.0]):
+        if step == 1 and len(ranking()) < 2:
+            break
+        layers = () if step == 0 else (ranking()[0],)
         args = dataclasses.replace(base, budget_s=base.budget_s * part, int8_layers=layers)
         student = distill.distill(original, env_id, None, args, log=lambda s: log(f"  {s}"),
                                   start=None if student is None else student.student)

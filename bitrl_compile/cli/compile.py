@@ -53,12 +53,15 @@ from bitrl_compile.cli.train import finetune_cmd
                    "the first that keeps it is written, and if none does, nothing is")
 @click.option("--keep-budget", type=click.FloatRange(min=1), default=180, show_default=True, metavar="SECONDS",
               help="--keep's distillation time (one core)")
+@click.option("--keep-rule", type=click.Choice(["weighted", "plain"]), default="weighted", show_default=True,
+              help="--keep's agreement: weighted by the original's stakes (a near-tie counts little), or plain (every "
+                   "visited state counts one: what a comparison with the original's own predict counts)")
 @encoder_options
 @click.option("--force", is_flag=True, help="overwrite the output file")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickle, per_channel, features,
                 bundle_runtime, tuning_db, no_tuning, qat_env, qat_steps, episodes, int8_layers, keep, keep_budget,
-                encoder, pool, decimals, force, debug):
+                keep_rule, encoder, pool, decimals, force, debug):
     """Compile MODEL (torch .pt/.pt2, TorchScript, safetensors, SB3 .zip, CleanRL, ONNX, BitNet checkpoint folder:
     a backbone, or a stock Hugging Face one with --encoder and --env).
 
@@ -134,7 +137,7 @@ def compile_cmd(model, target, output, config, env_id, vecnormalize, trust_pickl
             from bitrl_compile.trainers import recovery
 
             result, _ = recovery.keep(loaded, env_id, keep, compile_with, episodes=episodes or 0,
-                                      budget=keep_budget, per_channel=per_channel,
+                                      budget=keep_budget, per_channel=per_channel, rule=keep_rule,
                                       log=lambda s: click.echo(f"  {s}", err=True))
         else:
             result = compile_with(loaded, int8, hook)
