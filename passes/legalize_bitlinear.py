@@ -13,6 +13,13 @@ Int8 layers (layout "q8", mixed precision) become call_tir to the int8 kernel of
 per (K, N, activation), default schedule, ISA "int8-<the target's>"); their weights stay int8 [N, K] and are
 stored as they are (not in `weight_params`).
 
+Every kernel this pass adds is marked opaque to TVM's operator fusion ("op_pattern" OPAQUE, which
+AnnotateTIROpPattern keeps): a hand-scheduled kernel is its own call in the entry points' plans (passes/entry_points.py,
+`gamma_params`, `kernel_schedules` read it by name). Left to AnnotateTIROpPattern, a kernel without a tensor intrinsic
+(the int8 kernel; the generic ternary one) is "out-elementwise fusable", FuseOps groups it with the elementwise op
+that reads it (an LSTM's `x @ W_ih + h @ W_hh`), and FuseTIR fails on the scheduled kernel ("Inconsistent buffers
+y and ... mapped to the same relax var").
+
 Convolutions (passes/bitconv_op.py, any layout) become call_tir to targets/conv_kernels.py (one kernel per geometry,
 input size, output channels, activation and scale kind; ISA "conv-<the target's>"), on the input flattened to
 [B, C*H*W] (NCHW, or NHWC for an op with a folded transpose: `bitconv_op.InputFold`); their weights are int8 in
@@ -35,6 +42,12 @@ from bitrl_compile.targets import conv_kernels, int8_kernels, kernel_spec, kerne
 
 from . import bitconv_op, bitlinear_op
 
+OPAQUE = 8  # relax.OpPatternKind.kOpaque: FuseOps never groups the kernel with another op
+
+
+def _opaque(func):
+    return func.with_attr("op_pattern", OPAQUE)
+
 
 @mutator
 class _Legalizer(PyExprMutator):
@@ -47,6 +60,9 @@ class _Legalizer(PyExprMutator):
             warnings.warn(f"no tensorized BitLinear kernel for target {target}; using the generic TIR kernel "
                           "(correct, but slower)", stacklevel=2)
         self.kernels: dict[str, relax.GlobalVar] = {}
+
+    def _add(self, name: str, func) -> None:
+        self.kernels[name] = self.builder_.add_func(_opaque(func), name)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -75,7 +91,7 @@ class _Legalizer(PyExprMutator):
                 knobs, schedule = found.knobs, found.manifest()
             func = kernels.bitlinear_kernel(op.k, n, op.activation, per_channel, spec=self.spec, knobs=knobs)
             func = func.with_attrs({"global_symbol": name, "bitrl.schedule": json.dumps(schedule, sort_keys=True)})
-            self.kernels[name] = self.builder_.add_func(func, name)
+            self._add(name, func)
         w = relax.const(weights.pack_tiles(layouts.unpack_2bit(packed, op.k), self.spec.layout))
         return self._call(self.kernels[name], op, w, n, call)
 
@@ -86,7 +102,7 @@ class _Legalizer(PyExprMutator):
         name = int8_kernels.int8_kernel_name(op.k, n, op.activation)
         if name not in self.kernels:
             func = int8_kernels.int8_kernel(op.k, n, op.activation, self.spec).with_attr("global_symbol", name)
-            self.kernels[name] = self.builder_.add_func(func, name)
+            self._add(name, func)
         return self._call(self.kernels[name], op, op.w, n, call)
 
     def _conv(self, op, call):
@@ -106,7 +122,7 @@ class _Legalizer(PyExprMutator):
             remake = {"geometry": op.geometry.text(), "hw": list(hw), "o": n, "activation": op.activation,
                       "per_channel": per_channel, "isa": self.spec.isa, "input": fold.text()}
             func = func.with_attrs({"global_symbol": name, "bitrl.conv": json.dumps(remake, sort_keys=True)})
-            self.kernels[name] = self.builder_.add_func(func, name)
+            self._add(name, func)
         w = bitconv_op.weight_matrix(w, op.layout, op.geometry)
         w = relax.const(conv_kernels.kernel_weights(w, fold.layout))
         flat = self.builder_.emit(relax.op.reshape(op.x, (batch, op.geometry.channels * hw[0] * hw[1])))
@@ -146,8 +162,8 @@ def conv_with_prescale(func, prescale: tuple[str, float]):
                                    prescale=prescale)
     if json.loads(str(new.attrs["bitrl.schedule"]))["reason"] != json.loads(str(attrs["bitrl.schedule"]))["reason"]:
         return None
-    return name, new.with_attrs({"global_symbol": name, "bitrl.conv": json.dumps({**record, "input": fold.text()},
-                                                                                  sort_keys=True)})
+    return name, _opaque(new.with_attrs({"global_symbol": name,
+                                         "bitrl.conv": json.dumps({**record, "input": fold.text()}, sort_keys=True)}))
 
 
 def legalize_bitlinear(target=None, schedules=None, spec=None):

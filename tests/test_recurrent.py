@@ -113,6 +113,35 @@ def test_the_artifact_steps_as_the_reference_does(compiled):
         np.testing.assert_array_equal(reset, policy.forward(obs[0], None, True)[0])
 
 
+def test_int8_lstm_layers_compile_and_step_as_the_reference_does(recurrent_ppo, tmp_path):
+    """The first LSTM layer in int8 (mixed precision: both its matmuls, whose outputs meet in the gates' add) compiles
+    (it failed in TVM's FuseTIR, "Inconsistent buffers y and lv8", the int8 kernel fused with the add) and steps as
+    the numpy reference does; every kernel of ours, the generic ternary one too, is its own call in the plans."""
+    from bitrl_compile import pipeline, reference, targets
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.runtime import load
+
+    loaded = load_policy(recurrent_ppo[1])
+    mixed = pipeline.compile_policy(loaded, "host", tmp_path / "int8.bitrl", int8_layers=(0, 1))
+    assert [layer["precision"] for layer in mixed.manifest["layers"]] == ["int8"] * 2 + ["ternary"] * 4
+    with load(mixed.path) as policy:
+        state = policy.initial_state()
+        for obs, start in _episodes(80, seed=2):
+            logits, nxt = policy.forward(obs, state, start)
+            out, ref_state = reference.run(mixed.quantized, obs[None].astype(np.float32), state[None],
+                                           np.array([float(start)], np.float32))
+            np.testing.assert_allclose(logits, out[0], atol=1e-3)
+            np.testing.assert_allclose(nxt, ref_state[0], atol=1e-4)
+            assert int(policy.act(obs, state, start)[0]) == int(np.argmax(logits))
+            state = nxt
+    generic = targets.kernel_spec(None)  # no tensor intrinsic: a kernel TVM would otherwise fuse with the add
+    with pytest.warns(UserWarning, match="no tensorized BitLinear kernel"):
+        _, lowered, _ = pipeline.run_passes(pipeline.to_relax(loaded), targets.tvm_target(targets.get_target("host")),
+                                            generic, specs=(loaded.input, loaded.output), int8_layers=(0,))
+    calls = [c["func"] for c in pipeline.entry_plans(lowered, lambda s: None)["act"]["calls"]]
+    assert sum(f.startswith(("bitrl_bitlinear_", "bitrl_int8linear_")) for f in calls) == 6, calls
+
+
 def test_bad_states_are_one_line(compiled, sb3_ppo_cartpole, tmp_path):
     from bitrl_compile.frontends import load_policy
     from bitrl_compile.pipeline import compile_policy
