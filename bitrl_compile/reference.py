@@ -17,6 +17,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from bitrl_compile import quant
 from bitrl_compile.passes import bitconv_op, bitlinear_op
 
 
@@ -207,14 +208,14 @@ def bitlinear_shapes(mod: tvm.IRModule, func_name: str = "main") -> list[tuple[i
     return found
 
 
-def _silenced(call, args) -> np.ndarray:
+def _silenced(call, x, bias) -> np.ndarray:
     """A BitLinear op with gamma 0: act(bias) in every row, as the kernels compute it (fma(acc, 0, bias)), without
     the matmul."""
     op = bitlinear_op.parse(call)
-    x, w, gamma, bias = args[1:5]
-    row = bitlinear_op.reference(np.zeros((1, op.k), np.float32), w, np.zeros_like(np.asarray(gamma)), bias,
-                                 op.activation, op.layout, op.k)
-    return np.ascontiguousarray(np.broadcast_to(row, (*np.shape(x)[:-1], row.shape[-1])), np.float32)
+    n = int(call.ty.shape[-1])
+    row = np.zeros((1, n), np.float32) if bias is None else np.asarray(bias, np.float32).reshape(1, n) + np.float32(0)
+    row = quant.apply_activation(row, op.activation)  # fma(acc, 0, bias) = bias; the weights are not read
+    return np.ascontiguousarray(np.broadcast_to(row, (*np.shape(x)[:-1], n)), np.float32)
 
 
 def run(mod: tvm.IRModule, *inputs: np.ndarray, func_name: str = "main", silence: frozenset = frozenset()):
@@ -244,14 +245,14 @@ def run(mod: tvm.IRModule, *inputs: np.ndarray, func_name: str = "main", silence
         if isinstance(expr, relax.TupleGetItem):
             return ev(expr.tuple_value)[expr.index]
         if isinstance(expr, relax.Call):
-            args = [ev(a) if not isinstance(a, (relax.ShapeExpr, relax.ExternFunc, tvm.ir.StringImm)) else a
-                    for a in expr.args]
             if silence and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_pure_packed":
                 linear = bitlinear_op.parse(expr) is not None
                 if linear or bitconv_op.parse(expr) is not None:
                     counter[0] += 1
-                    if linear and counter[0] - 1 in silence:
-                        return _silenced(expr, args)
+                    if linear and counter[0] - 1 in silence:  # its input and bias only: the weights are not read
+                        return _silenced(expr, ev(expr.args[1]), ev(expr.args[4]))
+            args = [ev(a) if not isinstance(a, (relax.ShapeExpr, relax.ExternFunc, tvm.ir.StringImm)) else a
+                    for a in expr.args]
             return _eval_call(expr, args, sizes)
         if isinstance(expr, (relax.ShapeExpr, tvm.ir.StringImm, relax.ExternFunc)):
             return expr
@@ -260,12 +261,15 @@ def run(mod: tvm.IRModule, *inputs: np.ndarray, func_name: str = "main", silence
         raise NotImplementedError(f"reference executor: expression {type(expr).__name__} is not supported")
 
     body = func.body
-    for block in body.blocks:
-        for binding in block.bindings:
-            if not isinstance(binding, relax.VarBinding):
-                raise NotImplementedError("reference executor: match_cast bindings are not supported")
-            env[binding.var] = ev(binding.value)
-    return ev(body.body)
+    try:
+        for block in body.blocks:
+            for binding in block.bindings:
+                if not isinstance(binding, relax.VarBinding):
+                    raise NotImplementedError("reference executor: match_cast bindings are not supported")
+                env[binding.var] = ev(binding.value)
+        return ev(body.body)
+    finally:  # `ev` refers to itself: a cycle that would keep every intermediate (and weight) until the next GC
+        env.clear()
 
 
 class CheckFailed(ValueError):
@@ -438,22 +442,23 @@ def check_layers(manifest, lib: bytes, params: dict, obs, x, quantized, output, 
     matched with the reference's (then the whole network's difference stands); a layer outside raises CheckFailed
     naming it."""
     from bitrl_compile.runtime.policy import Policy
+    from bitrl_compile.runtime.tvm_runtime import aligned
 
     ops, window = layers["ops"], int(layers["window"])
+    names = [name for _, _, name in ops]
     if window < 1 or [(k, n) for k, n, _ in ops] != bitlinear_shapes(quantized) \
-            or not all(name in params for _, _, name in ops):
-        return None
+            or not all(name in params for name in names) or len(set(names)) != len(names):
+        return None  # (a gamma shared by two ops, deduplicated, cannot silence one of them)
+    # one Policy for every run: its gammas are arrays of our own (zero copy into the runtime), set in place
+    gammas = {name: aligned(np.array(params[name], np.float32)) for name in names}
+    originals = {name: gamma.copy() for name, gamma in gammas.items()}
+    policy = Policy(manifest, lib, {**params, **gammas}, str(output))
 
     def alone(on: range) -> tuple[np.ndarray, np.ndarray]:
         silence = frozenset(range(len(ops))) - set(on)
-        changed = dict(params)
-        for i in silence:
-            changed[ops[i][2]] = np.zeros_like(params[ops[i][2]])
-        policy = Policy(manifest, lib, changed, str(output))
-        try:
-            out = np.asarray(policy.forward(obs), np.float32)
-        finally:
-            policy.close()
+        for i, name in enumerate(names):
+            gammas[name][...] = 0 if i in silence else originals[name]
+        out = np.asarray(policy.forward(obs), np.float32)
         return out.reshape(len(out), -1), np.asarray(run(quantized, x, silence=silence), np.float32).reshape(
             len(out), -1)
 
@@ -461,21 +466,24 @@ def check_layers(manifest, lib: bytes, params: dict, obs, x, quantized, output, 
         raise CheckFailed(f"the compiled artifact disagrees with the numpy reference {where} ({problem}; the whole "
                           f"network: {whole}); nothing was written to {output}: please report it with the model")
 
-    base_out, base = alone(range(0))
-    problem = _mismatch(base_out, base, *tolerance)
-    if problem:
-        fail("with every layer silenced", problem)
-    worst = 0.0
-    for start in range(0, len(ops), window):
-        out, expected = alone(range(start, start + window))
-        problem = _mismatch(out, expected, tolerance[0], 0.0)
-        effect = np.abs(expected - base).max(axis=1)
-        share = np.abs(out - expected).max(axis=1) / np.maximum(effect, 1e-30)
-        if problem is None and share.max() > LAYER_EFFECT_DIFF:
-            problem = f"off by {share.max():.1%} of what the layer changes in an observation"
+    try:
+        base_out, base = alone(range(0))
+        problem = _mismatch(base_out, base, *tolerance)
         if problem:
-            fail(f"in layer {start // window} run alone", problem)
-        worst = max(worst, float(share.max()))
+            fail("with every layer silenced", problem)
+        worst = 0.0
+        for start in range(0, len(ops), window):
+            out, expected = alone(range(start, start + window))
+            problem = _mismatch(out, expected, tolerance[0], 0.0)
+            effect = np.abs(expected - base).max(axis=1)
+            share = np.abs(out - expected).max(axis=1) / np.maximum(effect, 1e-30)
+            if problem is None and share.max() > LAYER_EFFECT_DIFF:
+                problem = f"off by {share.max():.1%} of what the layer changes in an observation"
+            if problem:
+                fail(f"in layer {start // window} run alone", problem)
+            worst = max(worst, float(share.max()))
+    finally:
+        policy.close()
     return (f"checked the artifact against the numpy reference layer by layer ({len(ops) // window} layers, each "
             f"alone within {worst:.1%} of what it changes, {len(obs)} observations); the whole network is beyond "
             f"the tolerance ({whole}): its depth amplifies ulp-level differences of the float norms")
