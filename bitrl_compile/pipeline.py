@@ -5,6 +5,7 @@
     passes                       one Sequential: ternarize -> fuse_bitlinear -> pack_weights (still runnable:
                                  the numpy reference's input) -> legalize_bitlinear (TensorIR kernels) -> lift_params
                                  -> entry_points (act/forward/sample: pre + network + post) -> TVM's legalise + fuse
+                                 -> schedule_float (the legalised float TensorIR scheduled for the CPU)
     entry_plans                  each entry point's kernel calls, for the manifest (runtime/plan.py, runtime/capi run them)
     store_weights                kernel-layout weights -> base-3 (runtime/weights.py unpacks at load)
     tvm.compile + export_library (the target's cross compiler)
@@ -69,6 +70,7 @@ def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until
     from bitrl_compile.passes.legalize_bitlinear import legalize_bitlinear
     from bitrl_compile.passes.lift_params import lift_params
     from bitrl_compile.passes.pack_weights import pack_weights
+    from bitrl_compile.passes.schedule_float import schedule_float
     from bitrl_compile.passes.ternarize import ternarize
 
     sequence = [
@@ -86,7 +88,8 @@ def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
-        ]
+            schedule_float(tvm_target),                   # the float TensorIR left (attention's matmuls, norms,
+        ]                                                 #   softmax): vectorised, register-blocked
     if until is not None:
         sequence = sequence[:[p.info.name for p in sequence].index(until) + 1]
     return tvm.transform.Sequential(sequence, name="bitrl")

@@ -103,8 +103,8 @@ def test_actions_equal_numpy_postprocessing(compiled):
     obs = _observations(case)
     ours, theirs = policy.act(obs), postprocess(policy.output_spec, policy.forward(obs))
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
-    if policy.output_spec.get("squash") == "tanh":
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=4e-7)
+    if policy.output_spec.get("squash") == "tanh":  # TVM's (vectorised) tanh and numpy's: a few float32 ulps
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=4e-7)
         assert np.all((ours >= policy.output_spec["low"]) & (ours <= policy.output_spec["high"]))
     else:
         np.testing.assert_array_equal(ours, theirs)
@@ -123,8 +123,8 @@ def test_sampling_follows_the_noise_like_numpy(compiled):
     if policy.output_spec["kind"] == "discrete":  # exp differs in the last place: a tie with u flips rarely
         assert np.mean(ours == theirs) >= 0.99
         assert len(set(ours.tolist())) > 1
-    else:
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=4e-7)
+    else:  # a few float32 ulps: TVM's vectorised tanh (schedule_float) against numpy's
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=4e-7)
 
 
 def test_eight_threads_sharing_one_policy_get_the_sequential_results(compiled):
