@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -43,6 +42,8 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+from bitrl_compile.bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = Path(os.environ.get("BITRL_SCRATCH", "/work/scratch"))
@@ -515,7 +516,7 @@ def run_x86(layers, formats, reps, env) -> dict:
         s["fit_wall"] = per_layer({n: s[str(n)]["p50_s"] for n in layers}, layers)
     res = {"tokens": TOKENS, "layers": layers, "threads": 1, "sides": sides, "activation": activation_cost(),
            "llamacpp": {"sdist": SDIST, "build": "cmake Release, GGML_NATIVE=ON, CPU only", **meta},
-           "machine": _cpu_name()}
+           "machine": machine.cpu_name()}
     res["table"] = report(res)
     return res
 
@@ -545,14 +546,6 @@ def run_rasp4(layers, formats, reps, env) -> dict:
     return res
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main(argv=None) -> int:
