@@ -204,24 +204,17 @@ def conv_kernel(geometry, hw: tuple[int, int], o: int, activation: str = "none",
     its quantization step (or declines the layer, for the LLVM-vectorised kernel below, which does both); its weights
     are in ConvLayout.of(C, KH, KW, O, input_layout)."""
     spec = spec or kernel_spec(None)
-    if spec.isa in VNNI_ISAS and o % 16 == 0:
-        layout = ConvLayout.of(geometry.channels, *geometry.kernel, o, input_layout)
-        func, knobs = conv_vnni.vnni_conv(geometry, hw, o, activation, per_channel, layout,
-                                          input_layout=input_layout, prescale=prescale)
+    vnni = spec.isa in VNNI_ISAS and o % 16 == 0
+    if vnni or (spec.isa in conv_neon.NEON_ISAS and conv_neon.supports(geometry, hw, o)):
+        make, reason = (conv_vnni.vnni_conv, "hand-written vpdpbusd kernel, targets/conv_vnni.py") if vnni else \
+            (conv_neon.neon_conv, "hand-written smull/smlal kernel, targets/conv_neon.py")
+        func, knobs = make(geometry, hw, o, activation, per_channel,
+                           ConvLayout.of(geometry.channels, *geometry.kernel, o, input_layout),
+                           input_layout=input_layout, prescale=prescale)
         func = func.with_attrs({"bitrl.activation": activation, "bitrl.isa": f"conv-{spec.isa}",
                                 "bitrl.weight_layout": LAYOUT, "bitrl.n": o, "bitrl.k": geometry.k,
                                 "bitrl.work": geometry.k * o * int(np.prod(geometry.output_hw(*hw)))})
-        schedule = {"schedule": "default", "knobs": knobs,
-                    "reason": "convolution (hand-written vpdpbusd kernel, targets/conv_vnni.py)"}
-    elif spec.isa in conv_neon.NEON_ISAS and conv_neon.supports(geometry, hw, o):
-        func, knobs = conv_neon.neon_conv(geometry, hw, o, activation, per_channel,
-                                          ConvLayout.of(geometry.channels, *geometry.kernel, o, input_layout),
-                                          input_layout=input_layout, prescale=prescale)
-        func = func.with_attrs({"bitrl.activation": activation, "bitrl.isa": f"conv-{spec.isa}",
-                                "bitrl.weight_layout": LAYOUT, "bitrl.n": o, "bitrl.k": geometry.k,
-                                "bitrl.work": geometry.k * o * int(np.prod(geometry.output_hw(*hw)))})
-        schedule = {"schedule": "default", "knobs": knobs,
-                    "reason": "convolution (hand-written smull/smlal kernel, targets/conv_neon.py)"}
+        schedule = {"schedule": "default", "knobs": knobs, "reason": f"convolution ({reason})"}
     else:
         sch = tvm.s_tir.Schedule(conv_primfunc(geometry, hw, o, activation, per_channel, spec,
                                                input_layout=input_layout, prescale=prescale))
