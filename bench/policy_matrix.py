@@ -31,8 +31,10 @@ random actions on the same episodes):
 
 Every compiled column's return is the compiled artifact's own (`fidelity.compile_hook`: the artifact runs the
 episodes in this process), measured against the fp32 side measured once per policy (`fidelity.baseline`). The
-seconds of every column are recorded (training the SB3 model is not counted). Results are cached per (policy,
-seed, column) in bench/runs/policy_matrix/<algo>-<env>-seed<S>/<column>.json, so a run resumes where it stopped;
+seconds of every column are recorded, wall and CPU (training the SB3 model is not counted; the goal counts CPU
+seconds of one core, as distillation's budget does, so a run beside other jobs is measured alike). Results are
+cached per (policy, seed, column) in bench/runs/policy_matrix/<algo>-<env>-seed<S>/<column>.json, so a run resumes
+where it stopped (those JSON files are committed: the matrix takes longer than one session);
 the table goes to bench/results/policy_matrix.md and .json (and with --docs to docs/returns.md between its
 markers). The footer checks issue 14's goal: a score of at least 98 % for every row with the --keep pick, in at
 most 3 minutes per policy. A missing Box2D skips LunarLander's rows with one line naming the pip install.
@@ -132,7 +134,7 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
     base_seconds = time.perf_counter() - t0
     hook = fidelity.compile_hook(original, env_id, episodes=episodes, seed=EVAL_SEED, base=base)
     for column in todo:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if column == "fp32":
             returns = sb3_returns(path, algo, env_id, episodes)
             result = {"return": float(np.mean(returns)), "returns": returns, "return_ours": base.ret_fp32,
@@ -142,6 +144,7 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
             result = COLUMN_RUNS[column](algo=algo, env_id=env_id, seed=seed, path=path, load=load, original=original,
                                          base=base, hook=hook, out=out, opts=opts)
         result["seconds"] = round(time.perf_counter() - t0, 1)
+        result["cpu_seconds"] = round(time.process_time() - c0, 1)  # what the goal counts (a loaded machine too)
         write_atomic(out / f"{column}.json", json.dumps(result, indent=1).encode())
         _log(f"{algo} {env_id} seed {seed} {column}: " + (f"return {result['return']:.1f}, " if "return" in result
                                                             else f"{result.get('skipped', '')} ")
@@ -277,7 +280,13 @@ def _keep_cell(units: list[dict]) -> tuple[str, float, float]:
     picks = Counter(k["step"] or "not kept" for k in ks)
     s = _scores(units, "keep")
     return (", ".join(f"{step} ×{n}" for step, n in picks.most_common()),
-            float(np.nanmean(s)) if np.isfinite(s).any() else np.nan, max(k["seconds"] for k in ks))
+            float(np.nanmean(s)) if np.isfinite(s).any() else np.nan, max(_cpu_seconds(k) for k in ks))
+
+
+def _cpu_seconds(result: dict) -> float:
+    """A column's CPU seconds in this process (its distillation's budget clock too): wall seconds only in results
+    cached before they were recorded."""
+    return result.get("cpu_seconds", result["seconds"])
 
 
 def group(units: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -294,7 +303,7 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
     ret_cols = ["fp32", *[c for c in columns if c != "keep"]]
     head = ["policy", "seeds", *[LABELS[c] for c in ret_cols]]
     if "keep" in columns:
-        head += ["--keep 0.98 pick", "score", "max s"]
+        head += ["--keep 0.98 pick", "score", "max CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     times = ["| policy | " + " | ".join(LABELS[c] for c in columns) + " |", "|---|" + "---|" * len(columns)]
     goal, notes = [], []
@@ -309,7 +318,7 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         secs = []
         for c in columns:
-            s = [u["columns"][c]["seconds"] for u in us if u["columns"].get(c) and "return" in u["columns"][c]]
+            s = [_cpu_seconds(u["columns"][c]) for u in us if u["columns"].get(c) and "return" in u["columns"][c]]
             secs.append(f"{np.mean(s):.0f}" if s else "–")
         times.append(f"| {name} | " + " | ".join(secs) + " |")
         fp32 = us[0]["columns"]["fp32"]
@@ -328,7 +337,8 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
            + f"; {meta.get('episodes', '?')} deterministic episodes per seed (reset seeds {EVAL_SEED} + i); "
            "returns: mean ± std over seeds of each seed's mean; (score) = (R - R_random) / (R_fp32 - R_random), "
            "averaged over seeds. Compiled columns: the artifact's own returns.", "", *lines, "",
-           "Seconds per policy (mean over seeds; compile, measurement and training of the recovery included):", "",
+           ("CPU seconds per policy (this process's, mean over seeds; compile, measurement and training of the "
+            "recovery included; the compiler's g++ child processes not counted):"), "",
            *times, ""]
     skipped = meta.get("unavailable", [])
     if notes or skipped:

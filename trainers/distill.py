@@ -92,10 +92,18 @@ from bitrl_compile.trainers.ppo import make_envs
 PLAIN_FLOOR = 0.3  # DistillArgs.floor with rule "plain": a lead of 0.3 median gaps on every state
 
 
+def cpu_clock() -> float:
+    """The budget's clock: CPU seconds of this process (its threads; the rollouts' environments step in it).
+    Wall time would train less on a loaded machine (a bench next to other jobs, CI), so the same budget would give
+    a different student."""
+    return time.process_time()
+
+
 @dataclass
 class DistillArgs:
     seed: int = 0
-    budget_s: float = 180.0          # wall-clock seconds of one core (torch_threads), collection included
+    budget_s: float = 180.0          # CPU seconds of this process (`cpu_clock`: torch_threads 1 = one core),
+                                     # collection included; CPU time, so a loaded machine gets the same training
     agreement: float = 0.99          # stop when held-out agreement reaches this
     rule: str = "weighted"           # discrete actions: the agreement that stops and picks the best student:
                                      # "weighted" by the teacher's stakes (fidelity.shared) or "plain" (every state
@@ -437,7 +445,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
     to `path` (a policy .safetensors with the teacher's specs and "trained": {"recovery": "distill", ...}). The
     student starts from the teacher's weights, or from `start` (an earlier student of the same architecture)."""
     args = args or DistillArgs()
-    started = time.perf_counter()
+    started, wall = cpu_clock(), time.perf_counter()
     kind = check_distillable(loaded, env_id)
     mlp = isinstance(loaded.module, MLPPolicy)
     if path is not None and not mlp and Path(path).suffix != ".pt2":
@@ -514,14 +522,14 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         logger.scalar("agreement/heldout", before, 0)
         try:
             while best < args.agreement and rounds < args.max_rounds and \
-                    time.perf_counter() - started < args.budget_s:
+                    cpu_clock() - started < args.budget_s:
                 beta = 0.5 ** rounds
                 x = rollouts.collect(args.steps_per_round, [teacher_out, student_out], beta)
                 xs = np.concatenate([xs, x])[-max_states:]
                 ts = np.concatenate([ts, teacher_out(x)])[-max_states:]
                 x_all, t_all = torch.from_numpy(xs), torch.from_numpy(ts)
                 total = 0.0
-                progress = (time.perf_counter() - started) / args.budget_s  # the rate decays linearly to 10 %
+                progress = (cpu_clock() - started) / args.budget_s  # the rate decays linearly to 10 %
                 for group in optimizer.param_groups:
                     group["lr"] = args.learning_rate * max(0.1, 1.0 - max(progress, rounds / args.max_rounds))
                 for _ in range(args.updates_per_round):
@@ -541,7 +549,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
                     logger.scalar(name, value, rounds)
                 log(f"  round {rounds:3d}: {len(xs):7,} states (beta {beta:.2f}), loss {total / args.updates_per_round:.4g}, "
                     f"held-out loss {held_loss:.4g}, agreement {100 * agree:5.1f} % (best {100 * best:5.1f} %), "
-                    f"{time.perf_counter() - started:4.0f} s")
+                    f"{cpu_clock() - started:4.0f} s CPU")
         finally:
             rollouts.close()
             logger.close()
@@ -549,7 +557,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         torch.set_num_threads(threads)
     student.load_state_dict(best_state)
     student.eval()
-    result = DistillResult(student, kind, before, best, rounds, len(xs), time.perf_counter() - started)
+    result = DistillResult(student, kind, before, best, rounds, len(xs), time.perf_counter() - wall)
     if path is not None:
         trained = {"recovery": "distill", "env": env_id, "teacher": loaded.description, "kind": kind,
                    "per_channel": args.per_channel, "int8_layers": list(args.int8_layers),
