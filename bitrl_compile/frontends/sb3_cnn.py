@@ -64,20 +64,27 @@ def nature_cnn(sd: dict, prefix: str, path: Path) -> tuple[nn.Sequential, nn.Seq
         raise ModelLoadError(f"{path}: the features extractor has layers cnn.{', cnn.'.join(convs)}, not NatureCNN's "
                              "cnn.0, cnn.2, cnn.4: custom CNN extractors are not supported (their strides are not in "
                              "the file); use SB3's CnnPolicy default")
+    return nature_layers(sd, [f"{prefix}cnn.{i}" for i in convs], f"{prefix}linear.0", path,
+                         "a custom CNN extractor is not supported")
+
+
+def nature_layers(sd: dict, convs: list[str], linear_key: str, path: Path,
+                  other: str) -> tuple[nn.Sequential, nn.Sequential, int]:
+    """(cnn, linear, features_dim): NatureCNN's three convolutions (ReLU after each, then Flatten) from the weights
+    named `convs`, and its Linear + ReLU from `linear_key`; `other` ends the error for a layer of another shape."""
     layers: list[nn.Module] = []
-    for index, (kernel, stride) in zip(convs, NATURE_KERNELS):
-        w = _tensor(sd, f"{prefix}cnn.{index}.weight", 4, path)
-        b = _tensor(sd, f"{prefix}cnn.{index}.bias", 1, path)
+    for name, (kernel, stride) in zip(convs, NATURE_KERNELS):
+        w = _tensor(sd, f"{name}.weight", 4, path)
+        b = _tensor(sd, f"{name}.bias", 1, path)
         if tuple(w.shape[2:]) != (kernel, kernel) or (layers and w.shape[1] != layers[-2].out_channels):
-            raise ModelLoadError(f"{path}: {prefix}cnn.{index}.weight has shape {tuple(w.shape)}, not NatureCNN's "
-                                 f"{kernel}x{kernel} kernel on the previous layer's channels; a custom CNN "
-                                 "extractor is not supported")
+            raise ModelLoadError(f"{path}: {name}.weight has shape {tuple(w.shape)}, not NatureCNN's "
+                                 f"{kernel}x{kernel} kernel on the previous layer's channels; {other}")
         conv = nn.Conv2d(w.shape[1], w.shape[0], kernel, stride)
         conv.weight.data.copy_(w)
         conv.bias.data.copy_(b)
         layers += [conv, nn.ReLU()]
-    w = _tensor(sd, f"{prefix}linear.0.weight", 2, path)
-    b = _tensor(sd, f"{prefix}linear.0.bias", 1, path)
+    w = _tensor(sd, f"{linear_key}.weight", 2, path)
+    b = _tensor(sd, f"{linear_key}.bias", 1, path)
     linear = nn.Linear(w.shape[1], w.shape[0])
     linear.weight.data.copy_(w)
     linear.bias.data.copy_(b)

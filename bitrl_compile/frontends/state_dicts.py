@@ -20,7 +20,8 @@ def _load_state_dict(path: Path, sd, cfg: dict) -> LoadedPolicy:
         sd = {f"net.{k}": v for k, v in sd.items()}
     keys = set(sd)
     if {"actor.0.weight", "critic.0.weight"} <= keys or {"actor_mean.0.weight", "actor_logstd"} <= keys \
-            or ("network.0.weight" in keys and all(k.startswith("network.") for k in keys)):
+            or ("network.0.weight" in keys and all(k.startswith("network.") for k in keys)) \
+            or {"network.0.weight", "actor.weight", "critic.weight"} <= keys:  # ppo_atari.py
         return _load_cleanrl(path, sd, cfg)
     if any(k.startswith("net.") for k in keys) or cfg:
         if not cfg:
