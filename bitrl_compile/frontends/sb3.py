@@ -220,9 +220,10 @@ def _sb3_algorithm(data: dict, path: Path) -> str:
     except Exception as e:  # noqa: BLE001 - genops raises ValueError and others on malformed input
         raise ModelLoadError(f"{path}: unreadable policy_class in SB3 data ({e}); save the model again") from None
     module, name = globs[0] if globs else ("?", "?")
-    if "Cnn" in name and not (name == "ActorCriticCnnPolicy" or module.startswith("stable_baselines3.dqn.")):
+    if "Cnn" in name and not (name in ("ActorCriticCnnPolicy", "RecurrentActorCriticCnnPolicy")
+                              or module.startswith("stable_baselines3.dqn.")):
         raise ModelLoadError(f"{path}: {name} ({module}) is not supported yet: of the CNN policies, PPO, A2C and "
-                             "DQN CnnPolicy are (frontends/sb3_cnn.py)")
+                             "DQN CnnPolicy and RecurrentPPO CnnLstmPolicy are (frontends/sb3_cnn.py)")
     for family in ("dqn", "sac", "td3"):
         if module.startswith(f"stable_baselines3.{family}."):
             return f"sb3-{family}"
@@ -231,8 +232,9 @@ def _sb3_algorithm(data: dict, path: Path) -> str:
                                                                   "ActorCriticCnnPolicy"):
         return "sb3-ppo" if "clip_range" in data else "sb3-a2c"
     if module == "sb3_contrib.common.recurrent.policies":
-        if name != "RecurrentActorCriticPolicy":
-            raise ModelLoadError(f"{path}: {name} is not supported yet (RecurrentPPO's MlpLstmPolicy is)")
+        if name not in ("RecurrentActorCriticPolicy", "RecurrentActorCriticCnnPolicy"):
+            raise ModelLoadError(f"{path}: {name} is not supported yet (RecurrentPPO's MlpLstmPolicy and "
+                                 "CnnLstmPolicy are)")
         return "sb3-recurrent-ppo"
     raise ModelLoadError(f"{path}: SB3 policy class {module}.{name} is not supported yet (PPO, A2C, DQN, SAC, "
                          "TD3 MLP and MultiInput policies are)")
@@ -309,7 +311,7 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     if source == "sb3-recurrent-ppo":  # an LSTM actor: its state in and out of every call
-        return sb3_recurrent.load_recurrent(path, data, sd, activation, input_spec, output)
+        return sb3_recurrent.load_recurrent(path, data, sd, activation, input_spec, output, cfg)
     if source in ("sb3-ppo", "sb3-a2c"):
         layers = _linears(sd, "mlp_extractor.policy_net.", path) + [("action_net", sd.get("action_net.weight"),
                                                                     sd.get("action_net.bias"))]

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitrl_compile.frontends import sb3_cnn
 from bitrl_compile.frontends.mlp import _build_mlp, _check_layer, _linears
 from bitrl_compile.frontends.specs import _check_finite
 from bitrl_compile.loaded import ModelLoadError
@@ -52,13 +53,17 @@ class LSTMLayer(nn.Module):
 
 
 class RecurrentPolicy(nn.Module):
-    """obs, state, episode_start -> (the actor's raw output, the next state): the module docstring."""
+    """obs, state, episode_start -> (the actor's raw output, the next state): the module docstring. `features`
+    (optional) turns the observation into the LSTM's input: a CnnLstmPolicy's NatureCNN and its linear (images
+    transposed to channels-first first when `channels_last`), else the observation flattened."""
 
-    def __init__(self, obs_dim: int, hidden: int, layers: int, head: nn.Module):
+    def __init__(self, obs_dim: int, hidden: int, layers: int, head: nn.Module, features: nn.Module | None = None,
+                 channels_last: bool = False):
         super().__init__()
         self.obs_dim, self.hidden, self.layers = obs_dim, hidden, layers
         self.lstm = nn.ModuleList(LSTMLayer(obs_dim if i == 0 else hidden, hidden) for i in range(layers))
         self.head = head
+        self.features, self.channels_last = features, channels_last
 
     @property
     def state_size(self) -> int:
@@ -70,7 +75,10 @@ class RecurrentPolicy(nn.Module):
     def forward(self, obs: torch.Tensor, state: torch.Tensor, episode_start: torch.Tensor):
         keep = (1.0 - episode_start).reshape(-1, 1)
         n, hidden = self.layers, self.hidden
-        x = obs.flatten(1)
+        if self.features is None:
+            x = obs.flatten(1)
+        else:
+            x = self.features(obs.permute(0, 3, 1, 2) if self.channels_last else obs)
         hs, cs = [], []
         for i, layer in enumerate(self.lstm):
             h = state[:, i * hidden:(i + 1) * hidden] * keep
@@ -115,13 +123,17 @@ def _lstm_weights(sd: dict, path: Path) -> list[tuple[torch.Tensor, torch.Tensor
     return layers
 
 
-def build_recurrent(path: Path, sd: dict, activation: str, obs_dim: int) -> RecurrentPolicy:
-    """The actor of a RecurrentActorCriticPolicy state_dict as a RecurrentPolicy (float32, eval)."""
+def build_recurrent(path: Path, sd: dict, activation: str, obs_dim: int, features: nn.Module | None = None,
+                    channels_last: bool = False) -> RecurrentPolicy:
+    """The actor of a RecurrentActorCriticPolicy state_dict as a RecurrentPolicy (float32, eval); `obs_dim` is the
+    LSTM's input width (the features extractor's output when there is one)."""
     lstm = _lstm_weights(sd, path)
     hidden = lstm[0][1].shape[1]
     if lstm[0][0].shape[1] != obs_dim:
-        raise ModelLoadError(f"{path}: lstm_actor takes {lstm[0][0].shape[1]} inputs but the observation has "
-                             f"{obs_dim} values; a features extractor other than Flatten is not supported yet")
+        raise ModelLoadError(f"{path}: lstm_actor takes {lstm[0][0].shape[1]} inputs but the "
+                             f"{'features extractor gives' if features is not None else 'observation has'} "
+                             f"{obs_dim} values; a features extractor other than Flatten or NatureCNN is not "
+                             "supported yet")
     for i, (w_ih, _, _) in enumerate(lstm[1:], 1):
         if w_ih.shape[1] != hidden:
             raise ModelLoadError(f"{path}: lstm_actor layer {i} takes {w_ih.shape[1]} inputs, not {hidden}")
@@ -130,7 +142,7 @@ def build_recurrent(path: Path, sd: dict, activation: str, obs_dim: int) -> Recu
     if head_layers[-1][1] is None:
         raise ModelLoadError(f"{path}: policy.pth has no action_net; not an actor-critic state_dict")
     head = _build_mlp(path, head_layers, activation, [hidden])  # activation after every policy_net layer
-    policy = RecurrentPolicy(obs_dim, hidden, len(lstm), head)
+    policy = RecurrentPolicy(obs_dim, hidden, len(lstm), head, features, channels_last)
     with torch.no_grad():
         for layer, (w_ih, w_hh, bias) in zip(policy.lstm, lstm):
             layer.ih.weight.copy_(w_ih)
@@ -139,7 +151,8 @@ def build_recurrent(path: Path, sd: dict, activation: str, obs_dim: int) -> Recu
     return policy.eval()
 
 
-def load_recurrent(path: Path, data: dict, sd: dict, activation: str, input_spec: dict, output: dict):
+def load_recurrent(path: Path, data: dict, sd: dict, activation: str, input_spec: dict, output: dict,
+                   cfg: dict | None = None):
     """The LoadedPolicy of a RecurrentPPO zip (spaces and specs already read by frontends/sb3.py): the actor as a
     RecurrentPolicy and input["recurrent"] (runtime/specs.py) saying what its state is."""
     import math
@@ -148,17 +161,35 @@ def load_recurrent(path: Path, data: dict, sd: dict, activation: str, input_spec
 
     if data.get("use_sde"):
         raise ModelLoadError(f"{path}: RecurrentPPO with gSDE is not supported yet; train with use_sde=False")
-    if input_spec.get("kind") == "dict" or input_spec.get("preprocess") in ("image", "text"):
+    if input_spec.get("kind") == "dict" or input_spec.get("preprocess") == "text":
         raise ModelLoadError(f"{path}: recurrent policies on {input_spec.get('kind') or input_spec['preprocess']} "
-                             "observations are not supported yet (MlpLstmPolicy on vector observations is)")
-    obs_dim = math.prod(input_spec["shape"]) if input_spec.get("preprocess") != "onehot" else int(input_spec["n"])
-    policy = build_recurrent(path, sd, activation, obs_dim)
+                             "observations are not supported yet (MlpLstmPolicy on vectors and CnnLstmPolicy on "
+                             "images are)")
+    features, channels_last = None, False
+    cnn_prefix = sb3_cnn.extractor_prefix(sd)
+    if cnn_prefix is not None:  # CnnLstmPolicy: NatureCNN and its linear, then the LSTM
+        if len(input_spec["shape"]) != 3:
+            raise ModelLoadError(f"{path}: a CnnLstmPolicy on observations of shape {input_spec['shape']}; "
+                                 "NatureCNN takes images (C, H, W)")
+        layout = sb3_cnn.image_layout(cfg or {}, path)
+        cnn, linear = sb3_cnn.checked_cnn(sd, cnn_prefix, input_spec["shape"], "NatureCNN's", path)
+        features, channels_last = nn.Sequential(cnn, linear), layout == "hwc"
+        obs_dim = linear[0].out_features
+        if channels_last:
+            c, h, w = input_spec["shape"]
+            input_spec = dict(input_spec, shape=[h, w, c])
+    elif input_spec.get("preprocess") == "image":
+        obs_dim = math.prod(input_spec["shape"])  # MlpLstmPolicy on a flattened image (SB3 scales it too)
+    else:
+        obs_dim = math.prod(input_spec["shape"]) if input_spec.get("preprocess") != "onehot" else int(input_spec["n"])
+    policy = build_recurrent(path, sd, activation, obs_dim, features, channels_last)
     if output["kind"] == "continuous" and "log_std" in sd and sd["log_std"].numel() == math.prod(output["shape"]):
         _check_finite({"log_std": sd["log_std"]}, path)
         output["log_std"] = sd["log_std"].ravel().tolist()
     input_spec = dict(input_spec, recurrent={"layers": policy.layers, "hidden": policy.hidden,
                                              "state_size": policy.state_size})
     head = [m.out_features for m in policy.head.net if isinstance(m, nn.Linear)]
-    desc = (f"sb3-contrib RecurrentPPO: LSTM {policy.layers}x{policy.hidden} then MLP {head} {activation}, "
+    desc = (f"sb3-contrib RecurrentPPO: {'NatureCNN, ' if features is not None else ''}LSTM "
+            f"{policy.layers}x{policy.hidden} then MLP {head} {activation}, "
             f"{'discrete' if output['kind'] == 'discrete' else 'continuous'} actions")
     return LoadedPolicy(policy, None, input_spec, output, "sb3-recurrent-ppo", desc)
