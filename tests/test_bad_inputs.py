@@ -737,6 +737,19 @@ def _encoder_on_a_policy_file(tmp: Path):
     _cli_here(_model(tmp), "--encoder", "text", "--env", "CartPole-v1")
 
 
+def cleanrl_atari_on_raw_frames(tmp: Path):
+    """cleanrl/dqn_atari.py's Q-network (its wrappers give (4, 84, 84) stacked grey frames) compiled with an env
+    whose observations are other frames: the built-in pixel CartPole's 36x36x3 (an Atari id would give 210x160x3)."""
+    import bitrl_compile.envs  # noqa: F401 - registers the pixel task
+
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+              nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+              nn.Linear(512, 2)]
+    torch.save({f"network.{k}": v for k, v in nn.Sequential(*layers).state_dict().items()}, tmp / "agent.pt")
+    load_policy(tmp / "agent.pt", config={"env": "bitrl_compile.envs:BitrlPixelCartPole-v0"})
+
+
 def _act(obs):
     return lambda tmp: load(_artifact()).act(obs)
 
@@ -761,6 +774,8 @@ CASES = [
     Case("state_dict does not match its architecture", "model file", state_dict_mismatch, ModelLoadError,
          "net.0.weight"),
     Case("NaN weight", "model file", nan_weights, ModelLoadError, "NaN"),
+    Case("CleanRL Atari agent with an env whose frames are not its (4, 84, 84)", "model file",
+         cleanrl_atari_on_raw_frames, ModelLoadError, "but the agent takes [4, 84, 84] frames"),
     Case("all-zero layer (absmean scale 0)", "model file", all_zero_layer, UserWarning, "only zero weights"),
     Case("op we cannot lower", "model file", unsupported_op, pipeline.CompileError, "i0e"),
     Case("missing cross compiler", "compiling", missing_cross_compiler, RuntimeError,

@@ -1,5 +1,6 @@
 """CleanRL's Atari agents (ppo_atari.py, dqn_atari.py): their state_dicts load as NatureCNN policies on (4, 84, 84)
-uint8 frames and compile bit-exact; ppo_atari_lstm.py and shapes that do not fit are one line.
+uint8 frames and compile bit-exact; ppo_atari_lstm.py (NatureCNN then an LSTM on (1, 84, 84) frames) as a recurrent
+policy with its state explicit; shapes that do not fit are one line.
 
 The agent classes below are CleanRL's own layer for layer (the user's code: CleanRL is a set of scripts, not a
 package), with its orthogonal initialisation; the frames are real uint8 arrays as its AtariPreprocessing +
@@ -19,7 +20,7 @@ from bitrl_compile.loaded import ModelLoadError
 from bitrl_compile.runtime import load
 
 
-def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+def layer_init(layer, std=2 ** 0.5, bias_const=0.0):  # CleanRL: std=np.sqrt(2)
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
@@ -57,6 +58,38 @@ class QNetwork(nn.Module):  # cleanrl/dqn_atari.py
         return self.network(x / 255.0)
 
 
+class LSTMAgent(nn.Module):  # cleanrl/ppo_atari_lstm.py
+    def __init__(self, n: int, frames: int = 84):
+        super().__init__()
+        self.network = nn.Sequential(
+            layer_init(nn.Conv2d(1, 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+            nn.Flatten(),
+            layer_init(nn.Linear(64 * 7 * 7 if frames == 84 else 64, 512)), nn.ReLU())
+        self.lstm = nn.LSTM(512, 128)
+        for name, param in self.lstm.named_parameters():
+            if "bias" in name:
+                nn.init.constant_(param, 0)
+            elif "weight" in name:
+                nn.init.orthogonal_(param, 1.0)
+        self.actor = layer_init(nn.Linear(128, n), std=0.01)
+        self.critic = layer_init(nn.Linear(128, 1), std=1)
+
+    def get_states(self, x, lstm_state, done):
+        hidden = self.network(x / 255.0)
+        batch_size = lstm_state[0].shape[1]
+        hidden = hidden.reshape((-1, batch_size, self.lstm.input_size))
+        done = done.reshape((-1, batch_size))
+        new_hidden = []
+        for h, d in zip(hidden, done):
+            h, lstm_state = self.lstm(
+                h.unsqueeze(0),
+                ((1.0 - d).view(1, -1, 1) * lstm_state[0], (1.0 - d).view(1, -1, 1) * lstm_state[1]))
+            new_hidden += [h]
+        return torch.flatten(torch.cat(new_hidden), 0, 1), lstm_state
+
+
 def frames(n: int, size: int = 84, seed: int = 0) -> np.ndarray:
     """n stacks of 4 grey uint8 frames, channels-first: a moving bright block on a textured background."""
     rng = np.random.default_rng(seed)
@@ -86,7 +119,7 @@ def test_ppo_atari_agent_compiles_bit_exact_on_its_frames(tmp_path):
     np.testing.assert_allclose(mine.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
     compiled = pipeline.compile_policy(loaded, "host", tmp_path / "ppo_atari.bitrl")
     calls = [c["func"] for c in compiled.manifest["entry_points"]["forward"]["calls"]]
-    assert calls[0].endswith("div255")  # the /255 is the first conv's quantization step, no transpose (CHW frames)
+    assert "div255" in calls[0] and "nhwc" not in calls[0]  # /255 in the first conv's quantization; CHW frames
     with load(compiled.path) as policy:
         np.testing.assert_array_equal(policy.forward(x), reference.run(compiled.quantized, x.astype(np.float32) / 255))
         assert policy.act(x).shape == (16,)
@@ -112,16 +145,44 @@ def test_other_frame_sizes_come_from_the_linear_layer_or_the_config(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("case", ["lstm", "env-layout", "no-head"])
+def test_ppo_atari_lstm_agent_steps_as_cleanrl_and_compiles(tmp_path):
+    """Along a sequence with an episode start in the middle: the loaded module's logits and state are the agent's
+    (CleanRL's get_states, done = the step's episode start), and the artifact steps as its reference."""
+    torch.manual_seed(4)
+    agent = LSTMAgent(4, frames=36)  # 36x36 frames (NatureCNN's smallest) keep the test's compile short
+    loaded = load_policy(save(agent, tmp_path / "lstm.pt"))
+    assert loaded.source == "cleanrl-ppo-atari-lstm" and loaded.input["shape"] == [1, 36, 36]
+    assert loaded.input["recurrent"] == {"layers": 1, "hidden": 128, "state_size": 256}
+    x = frames(8, size=36, seed=5)[:, :1]  # FrameStack(1): one grey frame per step
+    starts = np.zeros(8, np.float32)
+    starts[[0, 5]] = 1
+    cleanrl_state, ours = (torch.zeros(1, 1, 128), torch.zeros(1, 1, 128)), torch.zeros(1, 256)
+    with torch.no_grad():
+        for obs, start in zip(x, starts):
+            o, d = torch.from_numpy(obs[None]).float(), torch.tensor([start])
+            hidden, cleanrl_state = agent.get_states(o, cleanrl_state, d)
+            out, ours = loaded.module(o / 255, ours, d)
+            np.testing.assert_allclose(out.numpy(), agent.actor(hidden).numpy(), atol=1e-5)
+            np.testing.assert_allclose(ours.numpy()[0], torch.cat([cleanrl_state[0], cleanrl_state[1]]).ravel(),
+                                       atol=1e-5)
+    compiled = pipeline.compile_policy(loaded, "host", tmp_path / "lstm.bitrl")
+    with load(compiled.path) as policy:
+        state = policy.initial_state()
+        for obs, start in zip(x, starts):
+            logits, nxt = policy.forward(obs, state, start)
+            out, ref_state = reference.run(compiled.quantized, obs[None].astype(np.float32) / 255, state[None],
+                                           np.array([start], np.float32))
+            np.testing.assert_allclose(logits, out[0], atol=1e-3)
+            np.testing.assert_allclose(nxt, ref_state[0], atol=1e-4)
+            state = nxt
+
+
+@pytest.mark.parametrize("case", ["env-layout", "no-head"])
 def test_what_does_not_fit_is_one_line(tmp_path, case):
     torch.manual_seed(0)
     sd = PPOAtariAgent(2, frames=36).state_dict()
     config = {}
-    if case == "lstm":  # cleanrl/ppo_atari_lstm.py: the LSTM after the CNN
-        lstm = nn.LSTM(512, 128)
-        sd.update({f"lstm.{k}": v for k, v in lstm.state_dict().items()})
-        words = "ppo_atari_lstm.py.*not supported yet"
-    elif case == "env-layout":  # an env whose frames are not the agent's (channels-last, 3 frames)
+    if case == "env-layout":  # an env whose frames are not the agent's (channels-last, 3 frames)
         import bitrl_compile.envs  # noqa: F401 - registers the pixel task
 
         config = {"env": "bitrl_compile.envs:BitrlPixelCartPole-v0"}

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("sb3_contrib")
 
-import bitrl_compile.envs as envs  # noqa: E402 - after the skip: registers the pixel task
+from bitrl_compile import envs  # after the skip: registers the pixel task
 
 
 @pytest.fixture(scope="module")

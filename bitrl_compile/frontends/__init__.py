@@ -28,7 +28,9 @@ Formats
         `config={"output": {...}}`; without either a discrete head is assumed (n = output width).
     cleanrl-ppo-atari, cleanrl-dqn-atari   ppo_atari.py (network.0/2/4/7 + actor) and dqn_atari.py (network.0-9):
         NatureCNN on (4, 84, 84) uint8 frames channels-first (/255 in the artifact; other square sizes from
-        network.7's width, or config "obs_shape"); ppo_atari_lstm.py is refused by name (frontends/cleanrl.py).
+        network.7's width, or config "obs_shape"; frontends/cleanrl.py).
+    cleanrl-ppo-atari-lstm   ppo_atari_lstm.py: NatureCNN on (1, 84, 84) frames, then nn.LSTM(512, 128) and the
+        actor: a RecurrentPolicy (frontends/sb3_recurrent.py) whose features are the network, state explicit.
     state-dict   a `.safetensors` file whose metadata key "config" holds the JSON config below (write one with
         `save_mlp_policy`), or a `.safetensors` / `.pt` state_dict (`torch.load(weights_only=True)`) plus `config=`.
     torch-export   `torch.export.save` programs (`.pt2`). `torch.export.load` unpickles some members, so every

@@ -1,5 +1,6 @@
 """CleanRL agents: the state_dicts of ppo.py (actor.*), ppo_continuous_action.py (actor_mean.*, actor_logstd)
-and dqn.py (network.*), and of the Atari agents ppo_atari.py and dqn_atari.py (NatureCNN, `_load_cleanrl_atari`).
+and dqn.py (network.*), and of the Atari agents ppo_atari.py, dqn_atari.py (NatureCNN, `_load_cleanrl_atari`) and ppo_atari_lstm.py
+(NatureCNN then an LSTM, its state explicit: `_atari_lstm`).
 """
 
 from __future__ import annotations
@@ -53,15 +54,10 @@ def _load_cleanrl_atari(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
     their wrappers give, (4, 84, 84) uint8 frames channels-first, and divide by 255 in forward: here the input spec's
     preprocess "image" (/255 in the artifact), no transpose. The frame size comes from config "obs_shape" or from the
     linear layer's width (square frames)."""
-    import torch
     from torch import nn
 
     from bitrl_compile.frontends.sb3_cnn import SB3CnnPolicy, nature_layers
 
-    if any(k.startswith("lstm.") for k in sd):
-        raise ModelLoadError(f"{path}: a CleanRL ppo_atari_lstm.py agent (NatureCNN then an LSTM): recurrent policies "
-                             "on images are not supported yet (LSTM policies on vector observations are: sb3-contrib "
-                             "RecurrentPPO MlpLstmPolicy)")
     convs = sorted(int(k.split(".")[1]) for k in sd if k.startswith("network.") and k.endswith(".weight")
                    and getattr(sd[k], "ndim", 0) == 4)
     missing = [k for k in (*(f"{c}.weight" for c in ATARI_CONVS), "network.7.weight") if k not in sd]
@@ -71,6 +67,8 @@ def _load_cleanrl_atari(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
                              ".4 and the Linear network.7); other CNNs: export the agent with torch.export")
     cnn, linear, features = nature_layers(sd, list(ATARI_CONVS), "network.7", path,
                                           "not CleanRL's Atari network; export the agent with torch.export")
+    if any(k.startswith("lstm.") for k in sd):
+        return _atari_lstm(path, sd, cfg, cnn, linear)
     if "actor.weight" in sd:
         source, outputs, head_key = "cleanrl-ppo-atari", "logits", "actor"
     elif "network.9.weight" in sd:
@@ -83,6 +81,44 @@ def _load_cleanrl_atari(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
         raise ModelLoadError(f"{path}: {head_key} takes {layers[0][1].shape[1]} features but network.7 gives "
                              f"{features}; the file is not one agent")
     head = _build_mlp(path, layers, "relu", [features])
+    input_spec, output = _atari_specs(path, sd, cfg, cnn, linear, outputs)
+    n = head.net[-1].out_features
+    output = {**(output or _default_output(n, outputs)), "outputs": outputs}
+    module = SB3CnnPolicy(cnn, linear, nn.Sequential(head), channels_last=False).eval()
+    desc = (f"CleanRL {source.split('-')[1]} Atari agent, NatureCNN on {'x'.join(map(str, input_spec['shape']))} "
+            f"frames, linear {features}, {n} actions")
+    return LoadedPolicy(module, None, input_spec, output, source, desc)
+
+
+def _atari_lstm(path: Path, sd: dict, cfg: dict, cnn, linear) -> LoadedPolicy:
+    """ppo_atari_lstm.py: `network` (NatureCNN, Linear(3136, 512), ReLU), `lstm` (nn.LSTM(512, 128)), `actor`
+    Linear(128, n), on (1, 84, 84) frames: frontends/sb3_recurrent.py's RecurrentPolicy with the network as its
+    features. Its `done` masking ((1 - done) * state before the step) is RecurrentPolicy's episode_start."""
+    from torch import nn
+
+    from bitrl_compile.frontends.sb3_recurrent import build_recurrent
+
+    if "actor.weight" not in sd:
+        raise ModelLoadError(f"{path}: a CleanRL Atari LSTM agent without actor.weight; save the whole agent's "
+                             "state_dict")
+    mapped = {"lstm_actor." + k[5:]: v for k, v in sd.items() if k.startswith("lstm.")}
+    mapped.update({f"action_net.{k}": sd[f"actor.{k}"] for k in ("weight", "bias") if f"actor.{k}" in sd})
+    features = nn.Sequential(cnn, linear)
+    policy = build_recurrent(path, mapped, "relu", linear[0].out_features, features)
+    input_spec, output = _atari_specs(path, sd, cfg, cnn, linear, "logits")
+    n = policy.head.net[-1].out_features
+    output = {**(output or _default_output(n, "logits")), "outputs": "logits"}
+    input_spec["recurrent"] = {"layers": policy.layers, "hidden": policy.hidden, "state_size": policy.state_size}
+    desc = (f"CleanRL ppo Atari LSTM agent, NatureCNN on {'x'.join(map(str, input_spec['shape']))} frames, "
+            f"LSTM {policy.layers}x{policy.hidden}, {n} actions")
+    return LoadedPolicy(policy, None, input_spec, output, "cleanrl-ppo-atari-lstm", desc)
+
+
+def _atari_specs(path: Path, sd: dict, cfg: dict, cnn, linear, outputs: str) -> tuple[dict, dict]:
+    """(input spec, output spec or {}) of a CleanRL Atari agent: channels-first uint8 frames of config "obs_shape"
+    or of the size network.7's width implies (square), checked against the convolutions and the env if given."""
+    import torch
+
     channels = int(sd["network.0.weight"].shape[1])
     shape = [int(d) for d in cfg.get("obs_shape") or [channels, *_square_frame(linear[0].in_features, path)]]
     with torch.no_grad():
@@ -107,16 +143,10 @@ def _load_cleanrl_atari(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
                                  "config={\"output\": {\"kind\": \"discrete\", \"n\": N}}")
         input_spec = {**env_in, "shape": shape}
         output = {**env_out, **output}
-    n = head.net[-1].out_features
-    output = output or _default_output(n, outputs)
-    if output.get("kind") != "discrete":
+    if output and output.get("kind") != "discrete":
         raise ModelLoadError(f"{path}: CleanRL's Atari agents have discrete actions; the output spec says "
                              f"{output.get('kind')!r}")
-    output = {**output, "outputs": outputs}
-    module = SB3CnnPolicy(cnn, linear, nn.Sequential(head), channels_last=False).eval()
-    desc = (f"CleanRL {source.split('-')[1]} Atari agent, NatureCNN on {'x'.join(map(str, shape))} frames, "
-            f"linear {features}, {n} actions")
-    return LoadedPolicy(module, None, input_spec, output, source, desc)
+    return input_spec, output
 
 
 def _square_frame(n_flatten: int, path: Path) -> tuple[int, int]:
