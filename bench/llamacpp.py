@@ -110,6 +110,7 @@ def converter_env() -> dict:
     """The converter needs sentencepiece (installed once into CACHE/pydeps, not into the project's environment)."""
     deps = CACHE / "pydeps"
     if not (deps / "sentencepiece").is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)  # its log lives there; a fresh machine has no cache yet
         _run([sys.executable, "-m", "pip", "install", "--target", deps, "sentencepiece"], CACHE / "pydeps.log")
     return {**os.environ, "PYTHONPATH": str(deps), "OMP_NUM_THREADS": "1"}
 

@@ -30,7 +30,9 @@ spec.rows rows x panel_tiles() output tiles over the whole of K with the accumul
 other ISAs call their intrinsic once per K step and keep the accumulators in memory).
 With spec.amx_rows (the `amx` kernel, K >= 128), blocks of that many rows come first, as AMX tile
 products (intrinsics.py); the register blocks and single rows take the rest. Output tiles are split
-across threads when a layer is large enough to pay for it.
+across threads when a layer is large enough to pay for it. The rasp4 lookup-table kernel (`neon-lut`) gets a
+hand-written GEMM path for batches of 8 rows or more in the same PrimFunc (targets/gemm_neon.py: int16 `mla` on
+register blocks of 8 rows x 16 channels, about half the instructions of the tables at batch 64).
 """
 
 from __future__ import annotations
@@ -377,4 +379,7 @@ def bitlinear_kernel(k: int, n: int, activation: str = "none", per_channel: bool
                      spec: KernelSpec | None = None, knobs: Knobs = DEFAULT_KNOBS):
     """The scheduled kernel for a tvm.target.Target (or an explicit spec), with the default or given knobs."""
     spec = spec or kernel_spec(target)
-    return schedule_default(bitlinear_primfunc(k, n, activation, per_channel, spec), spec, knobs)
+    func = schedule_default(bitlinear_primfunc(k, n, activation, per_channel, spec), spec, knobs)
+    from . import gemm_neon  # imports this module
+
+    return gemm_neon.with_gemm_rows(func, per_channel) if gemm_neon.supports(spec) else func
