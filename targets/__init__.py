@@ -7,7 +7,8 @@ every rasp4 library under `qemu-aarch64 -cpu cortex-a72` and disassemble it to m
 `KERNELS` is the data that picks a BitLinear kernel for a TVM target: the first entry whose LLVM
 features the target has. The order is measured (bitrl-compile bench-kernels, docs/kernels.md): on x86
 the dot-product kernels beat the lookup-table ones (vpshufb and the byte interleaves share one port),
-on the Cortex-A76 sdot beats them, on the Cortex-A72 the lookup tables win. Its tile shape is also the
+on the Cortex-A76 sdot beats them, on the Cortex-A72 the lookup tables win below 8 rows and the same kernel runs
+int16 `mla` register blocks from 8 rows on (targets/gemm_neon.py). Its tile shape is also the
 weights' compute layout (runtime/weights.py).
 """
 

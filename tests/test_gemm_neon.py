@@ -102,10 +102,10 @@ def test_gemm_rows_are_bit_exact_under_qemu(built, cpu):
         np.testing.assert_array_equal(out[key], value, err_msg=f"{cpu} {key}")
 
 
-def test_inner_loop_is_mla_by_element_on_register_accumulators(built, monkeypatch):
+def test_inner_loop_is_mla_by_element_on_register_accumulators(built):
     from bitrl_compile.bench import kernels as bench_kernels
 
-    monkeypatch.setitem(bench_kernels.DOT_MACS, "mla", 8)  # 8 int16 lanes per `mla v.8h`
+    assert bench_kernels.DOT_MACS["mla"] == 8  # 8 int16 lanes per `mla v.8h`
     inner_loops = bench_kernels.inner_loops
     _, _, asm = built
     insns = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in
