@@ -24,6 +24,8 @@ with main's.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -144,8 +146,10 @@ IMAGE_SCALE = ("div", 255.0)  # the "image" preprocess, as conv kernels fold it 
 
 def _image_fold(mod: tvm.IRModule, func: relax.Function, input_spec: dict):
     """(the binding of the convolution that alone reads main's input, its kernel with the image /255 folded in:
-    (name, PrimFunc)), or None. The fold computes the same float32 x / 255 in the kernel's quantization step (the
-    reference's values, bit for bit) and saves the pass over the frame that the divide is."""
+    (name, PrimFunc), the reshapes of main's input before it), or None. The fold computes the same float32 x / 255 in the kernel's quantization step (the
+    reference's values, bit for bit) and saves the pass over the frame that the divide is. Where the kernel can
+    (conv_kernels.takes_pixels), it reads the frame's uint8 pixels themselves: the entry points then take uint8
+    observations (`pixel_input`), and a frame is not copied into float32 first."""
     if input_spec.get("preprocess", "none") != "image" or input_spec.get("normalize"):
         return None
     from .fuse_bitlinear import use_counts
@@ -153,6 +157,7 @@ def _image_fold(mod: tvm.IRModule, func: relax.Function, input_spec: dict):
 
     x_in, uses = func.params[0], use_counts(func)
     source = {x_in}  # main's input and its reshapes (legalize_bitlinear flattens a conv's input)
+    reshapes = []
     for block in func.body.blocks:
         for binding in block.bindings:
             value = binding.value
@@ -162,12 +167,39 @@ def _image_fold(mod: tvm.IRModule, func: relax.Function, input_spec: dict):
                 return None
             if isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.reshape":
                 source = {binding.var}
+                reshapes.append(binding)
                 continue
             if value.op.same_as(tvm.ir.Op.get("relax.call_tir")) and value.args[1].fields[0] in source:
-                remade = conv_with_prescale(mod[value.args[0]], IMAGE_SCALE)
-                return None if remade is None else (binding, remade)
+                remade = conv_with_prescale(mod[value.args[0]], IMAGE_SCALE, pixels=True)
+                return None if remade is None else (binding, remade, reshapes)
             return None
     return None
+
+
+def _fold_image(bb: relax.BlockBuilder, func: relax.Function, fold, obs: relax.Var) -> relax.Function:
+    """`func` (a copy of main) with the conv of `fold` (`_image_fold`) calling its folded kernel; when that reads
+    uint8 pixels, on `obs` itself (through the reshapes before it, retyped uint8) and main's input left unused."""
+    binding, (kernel, prim), reshapes = fold
+    gv = bb.add_func(prim, kernel)  # once for all entry points (the builder keeps one of equal functions)
+    changed, args = {}, binding.value.args[1]
+    if pixel_input(prim):
+        source = {func.params[0]: obs}
+        for reshape in reshapes:
+            value = relax.BlockBuilder().normalize(relax.op.reshape(source[reshape.value.args[0]],
+                                                                    reshape.value.args[1]))
+            source[reshape.var] = type(reshape.var)(reshape.var.name, value.ty)
+            changed[reshape.var] = relax.VarBinding(source[reshape.var], value)
+        args = relax.Tuple([source.get(a, a) for a in args.fields])
+    call = binding.value
+    changed[binding.var] = relax.VarBinding(binding.var, relax.Call(call.op, [gv, args, *call.args[2:]], call.attrs,
+                                                                     call.ty_args))
+    blocks = [_rebind(block, changed) for block in func.body.blocks]
+    return relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty, func.is_pure, func.attrs)
+
+
+def pixel_input(kernel) -> bool:
+    """Whether a conv kernel (PrimFunc of legalize_bitlinear.conv_with_prescale) reads its input as uint8 pixels."""
+    return json.loads(str(kernel.attrs["bitrl.conv"])).get("dtype") == "uint8"
 
 
 def _args(call: relax.Call) -> list:
@@ -183,19 +215,14 @@ def _entry(bb: relax.BlockBuilder, main: relax.Function, name: str, input_spec: 
     func = copy_with_new_vars(main)
     x_in = func.params[0]
     fold = _image_fold(bb.get(), func, input_spec)
-    if fold is not None:  # the conv kernel reading the observation divides it by 255 itself
-        binding, (kernel, prim) = fold
-        gv = bb.add_func(prim, kernel)  # once for all entry points (the builder keeps one of equal functions)
-        call = binding.value
-        blocks = [_rebind(block, binding.var, relax.Call(call.op, [gv, *call.args[1:]], call.attrs, call.ty_args))
-                  for block in func.body.blocks]
-        func = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty, func.is_pure,
-                              func.attrs)
+    pixels = fold is not None and pixel_input(fold[1][1])
     batch = x_in.ty.shape[0]
     b = _Builder(values)
     kind = input_spec.get("preprocess", "none")
     obs_shape = [batch] if kind == "onehot" else list(x_in.ty.shape)
-    obs = relax.Var("obs", relax.TensorType(obs_shape, "float32"))
+    obs = relax.Var("obs", relax.TensorType(obs_shape, "uint8" if pixels else "float32"))
+    if fold is not None:  # the conv kernel reading the observation divides it by 255 itself
+        func = _fold_image(bb, func, fold, obs)
     n_main = 3 if recurrent else 1  # main(obs, state, episode_start) of a recurrent policy: both passed through
     inputs = [obs, *func.params[1:n_main]]
     noise = None
@@ -206,7 +233,7 @@ def _entry(bb: relax.BlockBuilder, main: relax.Function, name: str, input_spec: 
     x = obs if fold is not None else _preprocess(b, obs, input_spec)
     pre = b.block()
     # main's input variable is bound to the prepared observation, so main's body is reused as it is
-    pre = relax.DataflowBlock([*pre.bindings, relax.VarBinding(x_in, x)])
+    pre = relax.DataflowBlock([*pre.bindings, *([] if pixels else [relax.VarBinding(x_in, x)])])
     blocks = [pre, *func.body.blocks]
     result = func.body.body
     state = None
@@ -229,9 +256,9 @@ def _entry(bb: relax.BlockBuilder, main: relax.Function, name: str, input_spec: 
                           tvm.ir.make_node("ir.DictAttrs", **attrs))
 
 
-def _rebind(block, var, value):
-    """`block` with `var` bound to `value` instead."""
-    bindings = [relax.VarBinding(var, value) if b.var.same_as(var) else b for b in block.bindings]
+def _rebind(block, changed: dict):
+    """`block` with the bindings of the variables in `changed` replaced by theirs."""
+    bindings = [changed.get(b.var, b) for b in block.bindings]
     return relax.DataflowBlock(bindings) if isinstance(block, relax.DataflowBlock) else relax.BindingBlock(bindings)
 
 

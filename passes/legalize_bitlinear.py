@@ -143,10 +143,12 @@ class _Legalizer(PyExprMutator):
         return relax.op.reshape(out, call.ty.shape)
 
 
-def conv_with_prescale(func, prescale: tuple[str, float]):
+def conv_with_prescale(func, prescale: tuple[str, float], pixels: bool = False):
     """(name, PrimFunc) of the conv kernel `func` (made by this pass: its "bitrl.conv" record) with `prescale` folded
     into its input, or None when `func` is no such kernel, already scales its input, or the target's hand-written
-    kernel would decline the scale (conv_neon.supports: the slower LLVM-vectorised one would then run the layer)."""
+    kernel would decline the scale (conv_neon.supports: the slower LLVM-vectorised one would then run the layer).
+    `pixels`: the input is an image's uint8 pixels, which the kernel then reads as they are where it can
+    (conv_kernels.takes_pixels; its x is uint8, its name ends "_u8"), else float32."""
     attrs = func.attrs if func.attrs is not None else {}
     if "bitrl.conv" not in attrs:
         return None
@@ -157,13 +159,15 @@ def conv_with_prescale(func, prescale: tuple[str, float]):
     fold = bitconv_op.InputFold(fold.layout, prescale)
     geometry, hw = bitconv_op.Geometry.parse(record["geometry"]), tuple(record["hw"])
     args = (geometry, hw, record["o"], record["activation"], record["per_channel"])
-    name = conv_kernels.conv_kernel_name(*args, fold.suffix())
-    new = conv_kernels.conv_kernel(*args, kernel_spec(isa=record["isa"]), input_layout=fold.layout,
-                                   prescale=prescale)
+    spec = kernel_spec(isa=record["isa"])
+    dtype = "uint8" if pixels and conv_kernels.takes_pixels(record["o"], spec) else "float32"
+    name = conv_kernels.conv_kernel_name(*args, fold.suffix() + ("_u8" if dtype == "uint8" else ""))
+    new = conv_kernels.conv_kernel(*args, spec, input_layout=fold.layout, prescale=prescale, input_dtype=dtype)
     if json.loads(str(new.attrs["bitrl.schedule"]))["reason"] != json.loads(str(attrs["bitrl.schedule"]))["reason"]:
         return None
     return name, _opaque(new.with_attrs({"global_symbol": name,
-                                         "bitrl.conv": json.dumps({**record, "input": fold.text()}, sort_keys=True)}))
+                                         "bitrl.conv": json.dumps({**record, "input": fold.text(), "dtype": dtype},
+                                                                  sort_keys=True)}))
 
 
 def legalize_bitlinear(target=None, schedules=None, spec=None):

@@ -41,6 +41,23 @@ from .tvm_runtime import aligned, to_device
 BATCHES_KEPT = 4  # per thread and entry point
 
 
+def to_pixels(array) -> np.ndarray:
+    """`array` as uint8 pixels, for a plan whose input is an image's uint8 frame (passes/entry_points.py reads
+    the frame as it is where the first convolution can): ValueError unless every value is a whole number in
+    [0, 255], which converts exactly (any other value would be changed by the conversion: the kernels would
+    compute with another frame than the caller's)."""
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    with np.errstate(invalid="ignore"):
+        pixels = array.astype(np.uint8)
+        exact = bool(np.array_equal(pixels, array))
+    if not exact:
+        raise ValueError("observation values must be whole numbers in [0, 255] (this image policy reads uint8 "
+                         "pixels); pass the frame as uint8")
+    return pixels
+
+
 def dims(shape: list, batch: int) -> tuple[int, ...]:
     return tuple(batch if d == "batch" else int(d) for d in shape)
 
@@ -140,13 +157,15 @@ class Plan:
             function(*args)
 
     def run(self, *arrays: np.ndarray, check=None) -> list[np.ndarray]:
-        """Copy `arrays` into this thread's inputs (converting to their dtype), `check(first input)` if given
-        (and the first array is not of integers or booleans: uint8 frames are finite floats, and the check would
-        cost as much as their conversion), run the calls; the outputs, copied for the caller."""
+        """Copy `arrays` into this thread's inputs (converting to their dtype; a uint8 input takes whole numbers in
+        [0, 255] only, `to_pixels`), `check(first input)` if given (and the first array is not of integers or
+        booleans: uint8 frames are finite floats, and the check would cost as much as their conversion), run the
+        calls; the outputs, copied for the caller."""
         frame = self.frame(int(arrays[0].shape[0]))
         for (buffer, _), array in zip(frame.inputs, arrays):
-            np.copyto(buffer, array, casting="unsafe")
-        if check is not None and np.asarray(arrays[0]).dtype.kind not in "biu":
-            check(frame.inputs[0][0])
+            np.copyto(buffer, to_pixels(array) if buffer.dtype == np.uint8 else array, casting="unsafe")
+        first = frame.inputs[0][0]
+        if check is not None and np.asarray(arrays[0]).dtype.kind not in "biu" and first.dtype != np.uint8:
+            check(first)
         self.run_frame(frame)
         return [buffer.copy() for buffer, _ in frame.outputs]

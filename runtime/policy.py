@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .artifact import LIB, PARAMS, RUNTIME, ArtifactError, load_params, read_artifact
-from .plan import Plan
+from .plan import Plan, to_pixels
 from .tvm_runtime import (
     LibraryLoadError,
     NativeLibrary,
@@ -259,9 +259,15 @@ class Policy:
                                         "lib.so does not export; recompile the artifact") from None
         self._entries = set(manifest.get("vm_params", {})) | set(self._plans)
         # act()'s fast path takes one observation of these dtypes as it is: float32, and an image policy's uint8
-        # frames (integers cannot be NaN: no finiteness pass over a frame)
+        # frames (integers cannot be NaN: no finiteness pass over a frame); only uint8 frames when the plan reads
+        # them as they are (an input of uint8 pixels: other dtypes are checked on the way, plan.to_pixels)
         act = self._plans.get("act")
+        pixels = act is not None and act.plan["inputs"][0]["dtype"] == "uint8"
+        # every entry point of an image policy reads the frame alike (passes/entry_points.py folds each): one
+        # without a plan (the Relax VM) takes uint8 pixels too
+        self._pixels = any(plan.plan["inputs"][0]["dtype"] == "uint8" for plan in self._plans.values())
         self._fast_dtypes = () if act is None or self.input_spec.get("preprocess", "none") not in ("none", "image") \
+            else (np.dtype(np.uint8),) if pixels \
             else tuple({_FLOAT32, np.dtype(act.plan["inputs"][0]["dtype"]),
                         *([np.dtype(np.uint8)] if self.input_spec.get("preprocess") == "image" else [])})
         self._vm_params = manifest.get("vm_params") or {"main": list(manifest["params"])}
@@ -297,7 +303,8 @@ class Policy:
                 if self._module is None:
                     self._module = self._with_file(lambda path: load_module(path, self._bundled_runtime))
             vm = self._local.vm = new_vm(self._module)
-        arrays = [aligned(x, np.float32) for x in inputs]
+        arrays = [aligned(to_pixels(inputs[0])) if self._pixels else aligned(inputs[0], np.float32),
+                  *(aligned(x, np.float32) for x in inputs[1:])]
         if entry != "sample":
             check_finite(arrays[0])
         result = vm[entry](*[to_device(a) for a in arrays], *[self._params[n] for n in self._vm_params[entry]])

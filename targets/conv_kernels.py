@@ -195,22 +195,33 @@ def apply_schedule(sch, spec: KernelSpec) -> None:
     sch.vectorize(sch.get_loops(local)[-1])
 
 
+def takes_pixels(o: int, spec: KernelSpec | None = None) -> bool:
+    """Whether the kernel for `spec` with `o` output channels can read its input as uint8 pixels (`conv_kernel`'s
+    input_dtype "uint8"): the hand-written vpdpbusd kernel can."""
+    return (spec or kernel_spec(None)).isa in VNNI_ISAS and o % 16 == 0
+
+
 def conv_kernel(geometry, hw: tuple[int, int], o: int, activation: str = "none", per_channel: bool = False,
                 spec: KernelSpec | None = None, *, input_layout: str = "nchw",
-                prescale: tuple[str, float] | None = None):
+                prescale: tuple[str, float] | None = None, input_dtype: str = "float32"):
     """The scheduled BitConv2d kernel for a target's kernel spec, with its manifest schedule record. The input is
     NCHW, or NHWC (`input_layout`), and scaled first by `prescale` (("div" | "mul", c) or None: a folded graph
     op, passes.bitconv_op.InputFold): every implementation reads the input in that layout and applies the scale in
     its quantization step (or declines the layer, for the LLVM-vectorised kernel below, which does both); its weights
-    are in ConvLayout.of(C, KH, KW, O, input_layout)."""
+    are in ConvLayout.of(C, KH, KW, O, input_layout). `input_dtype` "uint8" (an image's pixels, converted to float32
+    exactly in the quantization step: the same values) only where `takes_pixels`."""
     spec = spec or kernel_spec(None)
     vnni = spec.isa in VNNI_ISAS and o % 16 == 0
+    if input_dtype != "float32" and not takes_pixels(o, spec):
+        raise ValueError(f"conv kernel for {spec.isa} with {o} output channels reads float32 input, not "
+                         f"{input_dtype}; ask takes_pixels first")
     if vnni or (spec.isa in conv_neon.NEON_ISAS and conv_neon.supports(geometry, hw, o)):
         make, reason = (conv_vnni.vnni_conv, "hand-written vpdpbusd kernel, targets/conv_vnni.py") if vnni else \
             (conv_neon.neon_conv, "hand-written smull/smlal kernel, targets/conv_neon.py")
         func, knobs = make(geometry, hw, o, activation, per_channel,
                            ConvLayout.of(geometry.channels, *geometry.kernel, o, input_layout),
-                           input_layout=input_layout, prescale=prescale)
+                           input_layout=input_layout, prescale=prescale,
+                           **({"input_dtype": input_dtype} if vnni else {}))
         func = func.with_attrs({"bitrl.activation": activation, "bitrl.isa": f"conv-{spec.isa}",
                                 "bitrl.weight_layout": LAYOUT, "bitrl.n": o, "bitrl.k": geometry.k,
                                 "bitrl.work": geometry.k * o * int(np.prod(geometry.output_hw(*hw)))})

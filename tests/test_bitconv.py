@@ -423,7 +423,9 @@ def test_sb3_cnn_policy_trained_here_loads_and_compiles_bit_exact(algo, tmp_path
         return  # one compile is enough: the network after the extractor is the same kind of Linear
     compiled = pipeline.compile_policy(loaded, "host", tmp_path / "cnn.bitrl")
     calls = [c["func"] for c in compiled.manifest["entry_points"]["forward"]["calls"]]
-    assert calls[0].endswith("_nhwc_div255") and len(calls) == 5  # no transpose, divide or reshape of their own
+    assert calls[0].endswith(("_nhwc_div255", "_nhwc_div255_u8")) and len(calls) == 5  # no transpose, divide
+    pixels = compiled.manifest["entry_points"]["forward"]["inputs"][0]["dtype"] == "uint8"  # or reshape of their own
+    assert pixels == calls[0].endswith("_u8")  # the first kernel reads the frame's uint8 pixels where it can
     with load(compiled.path) as policy:
         out = policy.forward(frames)
     np.testing.assert_array_equal(out, reference.run(compiled.quantized, frames.astype(np.float32) / 255))
@@ -449,7 +451,8 @@ def test_vnni_conv_kernel_keeps_its_accumulators_in_registers(tmp_path):
     g = bitconv_op.Geometry(32, (4, 4), (2, 2), (0, 0, 0, 0))
     target = targets.tvm_target(targets.get_target("x86-avx512"))
     kernel = conv_kernels.conv_kernel(g, (20, 20), 64, "relu", False, targets.kernel_spec(target))
-    assert json.loads(kernel.attrs["bitrl.schedule"])["knobs"] == {"positions": 3, "tiles": 4, "kw_groups": 1}
+    assert json.loads(kernel.attrs["bitrl.schedule"])["knobs"] == {"positions": 3, "tiles": 4, "kw_groups": 1,
+                                                                   "split": 0}
     tvm.compile(tvm.IRModule({"main": kernel}), target=target).export_library(str(tmp_path / "k.so"))
     loops = inner_loops(disassemble(tmp_path / "k.so", "objdump"))
     assert loops and all(lp["dot_instructions"] == ["vpdpbusd"] and lp["stores"] == 0 for lp in loops)

@@ -432,6 +432,17 @@ def _zip(dst: Path, blobs: dict, compression=zipfile.ZIP_DEFLATED) -> Path:
     return dst
 
 
+def _cut_into_last_segment(lib: bytes) -> bytes:
+    """An ELF64 library cut one byte short of the end of its last loadable segment (PT_LOAD): a file cut in half
+    may still hold every segment when the tail is symbols and debug sections."""
+    phoff, phentsize, phnum = (int.from_bytes(lib[a:b], "little") for a, b in ((0x20, 0x28), (0x36, 0x38),
+                                                                                 (0x38, 0x3A)))
+    headers = [lib[phoff + i * phentsize: phoff + (i + 1) * phentsize] for i in range(phnum)]
+    ends = [int.from_bytes(h[8:16], "little") + int.from_bytes(h[32:40], "little") for h in headers
+            if int.from_bytes(h[0:4], "little") == 1]  # p_type PT_LOAD: p_offset + p_filesz
+    return lib[: max(ends) - 1]
+
+
 def _big_safetensors_header(blobs):
     """params.safetensors with a 17 MiB header (incompressible metadata, so that no zip limit refuses it first)."""
     params, meta = safetensors_np.loads(blobs["params.safetensors"])
@@ -466,7 +477,7 @@ def test_c_reader_limits_and_manifest_checks(capi, artifacts, tmp_path):
         "garbage lib.so": (_rewrite(host, tmp_path / "garbage.bitrl", members=lambda b: dict(b, **{"lib.so": b"x" * 999})),
                            "lib.so cannot be loaded (not an ELF library); recompile the artifact for this machine"),
         "truncated lib.so": (_rewrite(host, tmp_path / "half-lib.bitrl", members=lambda b: dict(
-            b, **{"lib.so": b["lib.so"][: len(b["lib.so"]) // 2]})), "truncated: a segment ends past the file"),
+            b, **{"lib.so": _cut_into_last_segment(b["lib.so"])})), "truncated: a segment ends past the file"),
         "safetensors header": (_rewrite(host, tmp_path / "st.bitrl", members=lambda b: (_big_safetensors_header(b), b)[1]),
                                "params.safetensors declares a header of"),
     }

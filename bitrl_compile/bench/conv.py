@@ -6,7 +6,9 @@ median of rounds, the implementations taking turns):
 
     ours           the BitConv2d TensorIR kernel of this host (targets/conv_kernels.py): per-sample int8
                    quantization of the float input, the integer convolution on ternary weights, rescale, bias
-                   and ReLU, one call; checked bit-exact against quant.bitconv2d_reference first
+                   and ReLU, one call; checked bit-exact against quant.bitconv2d_reference first. conv1 is the
+                   kernel a compiled policy calls (`FOLDED`): it reads the NHWC frame itself, its uint8 pixels
+                   where the kernel can (conv_kernels.takes_pixels), and divides by 255 in its quantization step
     torch fp32     torch.nn.functional.conv2d + relu, eager, no_grad
     ORT fp32       ONNX Runtime, Conv + Relu
     ORT int8 dyn   onnxruntime.quantization.quantize_dynamic: ConvInteger (u8 activations quantized per call,
@@ -36,6 +38,9 @@ import numpy as np
 NATURE_CNN = (("conv1 8x8/4 4->32", (4, 8, 8, 4, 4, 0, 0, 0, 0), (84, 84), 32),
               ("conv2 4x4/2 32->64", (32, 4, 4, 2, 2, 0, 0, 0, 0), (20, 20), 64),
               ("conv3 3x3/1 64->64", (64, 3, 3, 1, 1, 0, 0, 0, 0), (9, 9), 64))
+# how a compiled policy's first layer reads the observation (passes/entry_points.py `_image_fold`): the frame
+# NHWC, /255 folded in; the baselines take the NCHW frame / 255 (their input, as torch and ONNX models have it)
+FOLDED = {"conv1 8x8/4 4->32": ("nhwc", ("div", 255.0))}
 CONV_IMPLS = ("ours", "torch", "ort_fp32", "ort_int8_dynamic", "ort_int8_static")
 CONV_LABELS = {"ours": "ours", "torch": "torch fp32", "ort_fp32": "ORT fp32", "ort_int8_dynamic": "ORT int8 dyn",
                "ort_int8_static": "ORT int8 st"}
@@ -47,8 +52,9 @@ def geometry(values):
     return Geometry.parse(",".join(map(str, values)))
 
 
-def ours_conv(g, hw, o: int, x: np.ndarray, rng, export: Path | None = None):
-    """The compiled conv kernel for this host and a zero-argument call on x [B, C, H, W]; asserts bit-exactness."""
+def ours_conv(g, hw, o: int, x: np.ndarray, rng, export: Path | None = None, fold=None):
+    """The compiled conv kernel for this host and a zero-argument call on x [B, C, H, W]; asserts bit-exactness.
+    `fold` (layout, prescale), `FOLDED`: the kernel reads x * 255 as NHWC pixels instead (uint8 where it can)."""
     import tvm
 
     from bitrl_compile import quant, targets
@@ -56,18 +62,24 @@ def ours_conv(g, hw, o: int, x: np.ndarray, rng, export: Path | None = None):
 
     target = targets.tvm_target(targets.get_target("host"))
     spec = targets.kernel_spec(target)
-    kernel = conv_kernels.conv_kernel(g, hw, o, "relu", False, spec)
+    layout, prescale = fold or ("nchw", None)
+    dtype = "uint8" if fold is not None and conv_kernels.takes_pixels(o, spec) else "float32"
+    kernel = conv_kernels.conv_kernel(g, hw, o, "relu", False, spec, input_layout=layout, prescale=prescale,
+                                      input_dtype=dtype)
     lib = tvm.compile(tvm.IRModule({"main": kernel}), target=target)
     if export is not None:
         lib.export_library(str(export))
+    if fold is not None:  # the frame the baselines see / 255, as pixels
+        x = np.ascontiguousarray(np.round(x * 255).transpose(0, 2, 3, 1)).astype(dtype)
     w = rng.integers(-1, 2, (o, g.channels, *g.kernel)).astype(np.int8)
     gamma, bias = np.full(1, 0.02, np.float32), rng.standard_normal(o).astype(np.float32) * 0.1
     out = np.zeros((x.shape[0], o, *g.output_hw(*hw)), np.float32)
-    args = [tvm.runtime.tensor(a) for a in (x.reshape(x.shape[0], -1), conv_kernels.kernel_weights(w), gamma, bias,
-                                            out)]
+    args = [tvm.runtime.tensor(a) for a in (x.reshape(x.shape[0], -1), conv_kernels.kernel_weights(w, layout), gamma,
+                                            bias, out)]
     fn = lib["main"]
     fn(*args)
-    want = quant.apply_activation(quant.bitconv2d_reference(x, w, gamma, bias, g.stride, g.padding), "relu")
+    want = quant.apply_activation(quant.bitconv2d_reference(x.astype(np.float32), w, gamma, bias, g.stride,
+                                                            g.padding, layout=layout, prescale=prescale), "relu")
     if not np.array_equal(args[-1].numpy(), want):
         raise AssertionError(f"conv kernel {g.text()} at {hw} batch {x.shape[0]} differs from the numpy reference")
     return (lambda: fn(*args)), spec, conv_kernels.kernel_weights(w).nbytes
@@ -130,7 +142,7 @@ def run_conv(batches=(1, 8), rounds: int = 7, block_ms: float = 20.0, impls=CONV
                 models["ort_int8_static"] = quantize_int8(fp32, "static", calib)
             for batch in batches:
                 x = rng.random((batch, g.channels, *hw)).astype(np.float32)
-                call, spec, weight_bytes = ours_conv(g, hw, o, x, rng)
+                call, spec, weight_bytes = ours_conv(g, hw, o, x, rng, fold=FOLDED.get(name))
                 fns = {"ours": call}
                 if "torch" in impls:
                     fns["torch"] = torch_conv(w, b, g, x)
@@ -140,6 +152,7 @@ def run_conv(batches=(1, 8), rounds: int = 7, block_ms: float = 20.0, impls=CONV
                 _, us = time_calls(fns, rounds, block_ms / 1e3, cpu_clock=True)
                 oh, ow = g.output_hw(*hw)
                 row = {"layer": name, "geometry": g.text(), "hw": list(hw), "o": o, "batch": batch, "us": us,
+                       "ours_input": "nhwc pixels, /255 folded" if name in FOLDED else "nchw float32",
                        "speedup": {k: us[k] / us["ours"] for k in us if k != "ours"},
                        "macs": g.k * o * oh * ow * batch, "kernel_isa": spec.isa, "weight_bytes": weight_bytes}
                 rows.append(row)

@@ -423,7 +423,22 @@ static int copy_finite(float *dst, const float *src, int64_t n, int64_t row, con
     return 0;
 }
 
-/* Run entry point `which` on `batch` rows: inputs[] copied in (checked finite), the plan, output 0 copied to dst
+/* An image policy whose first convolution reads the frame's uint8 pixels (a uint8 observation input: see
+ * passes/entry_points.py): the floats must be whole numbers in [0, 255], which convert exactly (runtime/plan.py's
+ * to_pixels refuses the same). */
+static int copy_pixels(uint8_t *dst, const float *src, int64_t n, int64_t row, const char *fn, const char *name) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = src[i];
+        if (!(v >= 0.0f && v <= 255.0f) || v != (float)(int)v)
+            return bitrl_fail("%s: %s[%lld] is %g (row %lld, value %lld); this image policy reads whole pixel values "
+                              "in [0, 255]", fn, name, (long long)i, (double)v, (long long)(i / row), (long long)(i % row));
+        dst[i] = (uint8_t)v;
+    }
+    return 0;
+}
+
+/* Run entry point `which` on `batch` rows: inputs[] copied in (checked finite, or whole pixel values for a uint8
+ * observation), the plan, output 0 copied to dst
  * and, when dst2 is given, output 1 (a recurrent policy's next state) to dst2. */
 static int run(bitrl_policy *p, int which, const float *const *inputs, int64_t batch, void *dst, void *dst2,
                const char *fn) {
@@ -443,7 +458,9 @@ static int run(bitrl_policy *p, int which, const float *const *inputs, int64_t b
         const tensor_spec *s = &e->specs[i];
         int64_t row = row_size(s);
         const char *name = p->state_size ? (i < 4 ? RECURRENT_NAMES[i] : "input") : i < 2 ? INPUT_NAMES[i] : "input";
-        if (copy_finite(x->tensors[i].data, inputs[i], batch * row, row, fn, name) != 0) return -1;
+        if ((s->dtype.code == kDLUInt ? copy_pixels(x->tensors[i].data, inputs[i], batch * row, row, fn, name)
+                                      : copy_finite(x->tensors[i].data, inputs[i], batch * row, row, fn, name)) != 0)
+            return -1;
     }
     const TVMFFIAny *args = x->args;
     for (int k = 0; k < e->ncalls; k++) {
@@ -899,10 +916,11 @@ static int parse_entry(bitrl_policy *p, int which, const json *ej, const uint8_t
     }
     for (int t = e->ninputs + e->noutputs; t < e->ninputs + e->noutputs + e->nbuffers; t++)
         if (parse_view(p->path, ename, e, t, buffers) != 0) return -1;
-    for (int i = 0; i < e->ninputs; i++)
-        if (e->specs[i].dtype.code != kDLFloat || e->specs[i].dtype.bits != 32)
-            return bitrl_fail("%s: entry point %s takes a non-float32 input; this C runtime passes float32 only; "
-                              "upgrade libbitrl", p->path, ename);
+    for (int i = 0; i < e->ninputs; i++) /* float32, or the observation as uint8 pixels (copy_pixels) */
+        if ((e->specs[i].dtype.code != kDLFloat || e->specs[i].dtype.bits != 32) &&
+            (i != 0 || e->specs[i].dtype.code != kDLUInt || e->specs[i].dtype.bits != 8))
+            return bitrl_fail("%s: entry point %s takes an input that is neither float32 nor (the observation) uint8; "
+                              "this C runtime passes only those; upgrade libbitrl", p->path, ename);
     e->ncalls = (int)calls->count;
     e->calls = calloc(calls->count + 1, sizeof *e->calls);
     if (!e->calls) return bitrl_fail("%s: out of memory", p->path);

@@ -36,7 +36,8 @@
  * (no lock after that). bitrl_free must not run while another thread uses the policy.
  *
  * Layouts: all arrays are C-contiguous, row-major, one row per observation.
- *   obs      float[batch * bitrl_obs_size(p)]   (one-hot policies: one float per observation, the index)
+ *   obs      float[batch * bitrl_obs_size(p)]   (one-hot policies: one float per observation, the index; image
+ *            policies: pixel values, whole numbers in [0, 255], which some artifacts' kernels read as uint8)
  *   out      float[batch * bitrl_output_size(p)]   (bitrl_forward: logits, Q-values, action mean, features)
  *   actions  Discrete (bitrl_is_discrete(p) == 1): int64_t[batch]
  *            Box      (bitrl_is_discrete(p) == 0): float[batch * bitrl_action_size(p)], inside the bounds
