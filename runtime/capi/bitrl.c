@@ -517,6 +517,19 @@ int bitrl_forward_recurrent(bitrl_policy *p, const float *obs, const float *stat
     return run(p, FORWARD, inputs, batch, out, next_state, fn);
 }
 
+int bitrl_sample_recurrent(bitrl_policy *p, const float *obs, const float *state, const float *episode_start,
+                           const float *noise, int64_t batch, void *actions, float *next_state) {
+    const char *fn = "bitrl_sample_recurrent";
+    if (check_common(p, obs, batch, actions, fn, "actions") != 0) return -1;
+    if (check_state(p, state, episode_start, next_state, fn) != 0) return -1;
+    if (!noise) return bitrl_fail("%s: noise is NULL; pass uniform [0, 1) (Discrete) or standard normal (Box) noise", fn);
+    if (!p->entries[SAMPLE].present)
+        return bitrl_fail("%s: %s has no \"sample\" entry point (its actions are deterministic); call "
+                          "bitrl_act_recurrent", fn, p->path);
+    const float *inputs[4] = {obs, state, episode_start, noise};
+    return run(p, SAMPLE, inputs, batch, actions, next_state, fn);
+}
+
 int64_t bitrl_state_size(const bitrl_policy *p) { return p ? p->state_size : -1; }
 
 int bitrl_forward(bitrl_policy *p, const float *obs, int64_t batch, float *out) {
@@ -536,9 +549,7 @@ int bitrl_act(bitrl_policy *p, const float *obs, int64_t batch, void *actions) {
 
 int bitrl_sample(bitrl_policy *p, const float *obs, const float *noise, int64_t batch, void *actions) {
     if (check_common(p, obs, batch, actions, "bitrl_sample", "actions") != 0) return -1;
-    if (p->state_size)
-        return bitrl_fail("bitrl_sample: %s is a recurrent policy; sampling with a state is not in the C API yet "
-                          "(use bitrl_act_recurrent)", p->path);
+    if (not_recurrent(p, "bitrl_sample") != 0) return -1;
     if (!noise) return bitrl_fail("bitrl_sample: noise is NULL; pass uniform [0, 1) (Discrete) or standard normal (Box) noise");
     if (!p->entries[SAMPLE].present)
         return bitrl_fail("bitrl_sample: %s has no \"sample\" entry point (its actions are deterministic, or it "
@@ -1075,9 +1086,12 @@ static int load_plan(bitrl_policy *p, const json *m, const uint8_t *st, size_t s
                           want_int ? "something else" : "non-float32", want_int ? "one int64 per row of" : "float32");
     entry *s = &p->entries[SAMPLE];
     if (s->present) {
-        const tensor_spec *so = &s->specs[s->ninputs];
-        if (s->ninputs != (p->state_size ? 4 : 2) || so->dtype.code != a->dtype.code || so->dtype.bits != a->dtype.bits || row_size(so) != p->action_size)
-            return bitrl_fail("%s: entry point sample does not take (obs, noise) and return act's actions; " RECOMPILE, p->path);
+        /* the noise is its last input, as many values per row as the caller's (bitrl.h): 1 (Discrete), action_size */
+        const tensor_spec *so = &s->specs[s->ninputs], *noise = &s->specs[s->ninputs - 1];
+        if (s->ninputs != (p->state_size ? 4 : 2) || so->dtype.code != a->dtype.code || so->dtype.bits != a->dtype.bits ||
+            row_size(so) != p->action_size || row_size(noise) != (p->discrete ? 1 : p->action_size))
+            return bitrl_fail("%s: entry point sample does not take (obs%s, noise) and return act's actions; " RECOMPILE,
+                              p->path, p->state_size ? ", state, episode_start" : "");
     }
     return 0;
 }

@@ -31,7 +31,7 @@
  * not an attacker; a signature by a trusted key says who made it. See docs/security.md.
  *
  * Thread safety: a bitrl_policy is immutable after bitrl_load; any number of threads may call
- * bitrl_act / bitrl_forward / bitrl_sample on the same policy at once. Each thread gets its own 64-byte
+ * bitrl_act / bitrl_forward / bitrl_sample (and their _recurrent forms) on the same policy at once. Each thread gets its own 64-byte
  * aligned buffers for that policy, made on its first call and grown when it calls with a bigger batch
  * (no lock after that). bitrl_free must not run while another thread uses the policy.
  *
@@ -119,8 +119,8 @@ BITRL_API int bitrl_forward(bitrl_policy *p, const float *obs, int64_t batch, fl
 BITRL_API int bitrl_sample(bitrl_policy *p, const float *obs, const float *noise, int64_t batch, void *actions);
 
 /* A recurrent policy's state (manifest input "recurrent": sb3-contrib RecurrentPPO's LSTM): float values per
- * row, h of every LSTM layer then c; 0 for other policies; -1 if p is NULL. bitrl_act/bitrl_forward refuse a
- * recurrent policy: call the _recurrent functions. */
+ * row, h of every LSTM layer then c; 0 for other policies; -1 if p is NULL. bitrl_act/bitrl_forward/bitrl_sample
+ * refuse a recurrent policy: call the _recurrent functions. */
 BITRL_API int64_t bitrl_state_size(const bitrl_policy *p);
 
 /* One step of a recurrent policy for `batch` environments: obs float[batch * obs_size], state
@@ -135,7 +135,17 @@ BITRL_API int bitrl_act_recurrent(bitrl_policy *p, const float *obs, const float
 BITRL_API int bitrl_forward_recurrent(bitrl_policy *p, const float *obs, const float *state,
                                       const float *episode_start, int64_t batch, float *out, float *next_state);
 
-/* 1 if the artifact has a "sample" entry point (bitrl_sample works), 0 if not, -1 if p is NULL. */
+/* Stochastic actions and the next state of one recurrent step, from caller-supplied noise (as bitrl_sample's:
+ * float[batch] uniform in [0, 1) for Discrete, float[batch * action_size] standard normal for Box), for recurrent
+ * policies that sample (bitrl_has_sample(p) == 1); the other arguments as bitrl_act_recurrent. The same actions
+ * and next state as the Python runtime's `policy.act(obs, state, episode_start, deterministic=False)` given that
+ * noise. Returns 0, or -1 with bitrl_last_error() (a policy that is not recurrent, or has no "sample" entry
+ * point, is refused). */
+BITRL_API int bitrl_sample_recurrent(bitrl_policy *p, const float *obs, const float *state, const float *episode_start,
+                                     const float *noise, int64_t batch, void *actions, float *next_state);
+
+/* 1 if the artifact has a "sample" entry point (bitrl_sample or bitrl_sample_recurrent works), 0 if not, -1 if p
+ * is NULL. */
 BITRL_API int bitrl_has_sample(const bitrl_policy *p);
 
 /* The keys of a Dict observation (manifest input kind "dict"): their number, 0 when the observation is one
