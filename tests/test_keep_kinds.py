@@ -2,7 +2,7 @@
 an sb3-contrib RecurrentPPO (LSTM), each trained here until it decides most states (4096 steps), recovered by
 `recovery.keep` (what `bitrl-compile MODEL --env ID --keep 0.99 --keep-rule plain` runs) and checked against SB3's
 own deterministic predict: the artifact takes SB3's action on at least 99 % of the observations SB3's policy visits
-(every observation counting one, near-ties too; the LSTM: 98 %, see its test). Distillation is bounded by rounds, not
+(every observation counting one, near-ties too). Distillation is bounded by rounds, not
 seconds (budget_s inf: the learning rate decays by rounds alone), so the result does not depend on the machine's
 speed, and runs every round (agreement 1.0): stopping at the held-out target (99.5 %) leaves students that keep
 98.2-98.9 % of the LSTM's actions on SB3's own episodes."""
@@ -95,9 +95,10 @@ def test_keep_plain_recovers_a_recurrent_policy_to_sb3s_actions(tmp_path):
     model.learn(4096)
     model.save(tmp_path / "rppo.zip")
     out = tmp_path / "rppo.bitrl"
-    attempts, lines = keep(tmp_path / "rppo.zip", "CartPole-v1", out, max_rounds=7, updates_per_round=30,
+    attempts, lines = keep(tmp_path / "rppo.zip", "CartPole-v1", out, max_rounds=10, updates_per_round=30,
                            agreement=1.0)
-    assert [a.step for a in attempts] == ["ptq", "distill"] and attempts[-1].kept, lines
+    # one distillation through time, the first LSTM layer's input weights (4 observations in) int8
+    assert [a.step for a in attempts] == ["ptq", "distill + int8 layers [0]"] and attempts[-1].kept, lines
     assert "(numpy reference; not compiled)" in lines[0] and attempts[0].share < 0.9, lines  # ptq loses it
     obs, starts, actions = sb3_visits(model, "CartPole-v1", recurrent=True)
     with load(out) as policy:
@@ -109,7 +110,8 @@ def test_keep_plain_recovers_a_recurrent_policy_to_sb3s_actions(tmp_path):
     print(f"RecurrentPPO: SB3 predict agreement on {len(actions)} visited observations: PTQ "
           f"{100 * attempts[0].record['agreement']:.1f} % (fidelity states), --keep 0.99 --keep-rule plain "
           f"{100 * agreement:.1f} %")
-    # kept: >= 99 % plain on keep's own measure (the states of 3 episodes of the original); on SB3's 1000 here
-    # 98.8 % (runs with other learning-rate schedules: 98.6-99.5 %): the LSTM student is not yet reliably at 99 %
-    # on every set of episodes (its misses are near-ties, under a tenth of the teacher's median logit gap)
-    assert agreement >= 0.98
+    # kept: >= 99 % plain on keep's own measure (the states of 3 episodes of the original); on SB3's 1000 here too.
+    # Measured on SB3's first 1000 (and 4000) visited states, teachers of seeds 0, 1, 2 (trainers/recovery.py):
+    # every layer ternary 99.2, 99.4, 99.2 % (99.2, 99.1, 99.0 %) after 7 rounds, misses near-ties under a tenth of
+    # the teacher's median logit gap; with layer 0 int8 after 10 rounds 99.3, 99.9, 99.5 % (99.5, 99.8, 99.4 %)
+    assert agreement >= 0.99

@@ -339,8 +339,8 @@ def lossy_recurrent_ppo(tmp_path_factory):
 
 
 def test_keep_distils_a_recurrent_policy_through_time(lossy_recurrent_ppo, tmp_path):
-    """--keep on a RecurrentPPO whose ptq loses: the student (every Linear the compiler's BitLinear, trained through
-    time on DAgger episodes) compiles to an artifact whose agreement along the original's episodes (the
+    """--keep on a RecurrentPPO whose ptq loses: the student (every Linear the compiler's BitLinear but the
+    top-ranked layer, int8; trained through time on DAgger episodes) compiles to an artifact whose agreement along the original's episodes (the
     manifest's fidelity record) is above ptq's and keeps the target; the student's ternary forward is the numpy
     reference of its compiled artifact, step by step along an episode, each with its own state."""
     import dataclasses
@@ -364,8 +364,9 @@ def test_keep_distils_a_recurrent_policy_through_time(lossy_recurrent_ppo, tmp_p
 
     result, attempts = recovery.keep(loaded, "CartPole-v1", 0.98, compile_fn, log=lines.append,
                                      distill_args=DistillArgs(budget_s=25, updates_per_round=60))
-    assert [a.step for a in attempts] == ["ptq", "distill"] and attempts[-1].kept, lines
-    assert any("no mixed precision" in line for line in lines)
+    int8 = attempts[-1].int8_layers  # the top-ranked layer, int8 in training and in the artifact
+    assert [a.step for a in attempts] == ["ptq", f"distill + int8 layers {list(int8)}"] and attempts[-1].kept, lines
+    assert len(int8) == 1 and any(f"with layer {int8[0]} int8" in line for line in lines), lines
     with zipfile.ZipFile(out) as z:
         record = json.loads(z.read("manifest.json"))["fidelity"]
     assert fidelity.shared(record) >= 0.98 > fidelity.shared(attempts[0].record), (record, attempts[0].record)
@@ -375,7 +376,7 @@ def test_keep_distils_a_recurrent_policy_through_time(lossy_recurrent_ppo, tmp_p
     state, ref_state = student.initial_state(1), np.zeros((1, 64), np.float32)
     for obs, start in _episodes(150, seed=5):
         x = obs[None].astype(np.float32)
-        with torch.no_grad(), _ternary(student, False, ()):
+        with torch.no_grad(), _ternary(student, False, int8):
             ours, state = student(torch.from_numpy(x), state, torch.tensor([float(start)]))
         ref, ref_state = reference.run(result.quantized, x, ref_state, np.array([float(start)], np.float32))
         np.testing.assert_allclose(ours.numpy(), ref, atol=1e-4)
@@ -391,3 +392,158 @@ def test_keep_distils_a_recurrent_policy_through_time(lossy_recurrent_ppo, tmp_p
     r = CliRunner().invoke(main, ["finetune", str(lossy_recurrent_ppo[1]), "--env", "CartPole-v1", "--method", "distill",
                                   "--output", str(tmp_path / "s.safetensors")])
     assert r.exit_code == 1 and "no format holds a recurrent student" in r.output and "--keep" in r.output, r.output
+
+
+def _capi_recurrent():
+    """libbitrl through ctypes, with the argument types of the recurrent calls (bitrl.h)."""
+    import ctypes
+
+    from test_capi import _flags
+
+    libdir = next(f[2:] for f in _flags("host") if f.startswith("-L"))
+    lib = ctypes.CDLL(f"{libdir}/libbitrl.so")
+    handle_t, i64, ptr = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
+    lib.bitrl_load.restype, lib.bitrl_load.argtypes = handle_t, [ctypes.c_char_p]
+    lib.bitrl_last_error.restype = ctypes.c_char_p
+    lib.bitrl_has_sample.argtypes = lib.bitrl_free.argtypes = [handle_t]
+    lib.bitrl_act_recurrent.argtypes = [handle_t, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.bitrl_sample_recurrent.argtypes = [handle_t, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.bitrl_sample.argtypes = [handle_t, ptr, ptr, i64, ptr]
+    return lib
+
+
+@pytest.fixture(scope="module")
+def compiled_box(tmp_path_factory):
+    """A Box RecurrentPPO (Pendulum-v1: one action in [-2, 2], a learned log_std, so a "sample" entry point):
+    1 LSTM layer of 8 units, 32 steps of training (~1 s), compiled for this machine."""
+    import torch
+    from sb3_contrib import RecurrentPPO
+
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.pipeline import compile_policy
+
+    torch.set_num_threads(1)
+    model = RecurrentPPO("MlpLstmPolicy", "Pendulum-v1", n_steps=32, batch_size=32, n_epochs=1, seed=0,
+                         policy_kwargs={"lstm_hidden_size": 8, "n_lstm_layers": 1, "net_arch": [8]})
+    model.learn(32)
+    folder = tmp_path_factory.mktemp("recurrent-box")
+    model.save(folder / "rppo.zip")
+    return compile_policy(load_policy(folder / "rppo.zip"), "host", folder / "rppo.bitrl")
+
+
+def _pendulum_episodes(steps: int, seed: int = 2, length: int = 15):
+    """Pendulum-v1 observations and episode starts, a reset every `length` steps (its own episodes last 200)."""
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1")
+    env.action_space.seed(seed)
+    for i in range(steps):
+        if i % length == 0:
+            obs, _ = env.reset(seed=seed + i)
+        yield obs, i % length == 0
+        obs, *_ = env.step(env.action_space.sample())
+
+
+def _sample_both(lib, handle, policy, steps, seed: int):
+    """bitrl_sample_recurrent and Python's act(deterministic=False) stepping two environments (the same episodes, the
+    second one step behind) with the same noise per step (Policy._noise's draws of rng seed + step: uniform [B, 1]
+    for Discrete, standard normal [B, *shape] for Box); each checked equal at every step. Returns the C actions and
+    the deterministic ones, per step."""
+    spec = policy.output_spec
+    discrete = spec["kind"] == "discrete"
+    c_state = np.zeros((2, policy.state_size), np.float32)
+    py_state = policy.initial_state(2)
+    sampled, greedy = [], []
+    for k, ((obs_a, start_a), (obs_b, start_b)) in enumerate(zip(steps[1:], steps[:-1])):
+        obs = np.ascontiguousarray(np.stack([obs_a, obs_b]), np.float32)
+        start = np.array([start_a, start_b], np.float32)
+        rng = np.random.default_rng(seed + k)
+        noise = rng.random((2, 1)) if discrete else rng.standard_normal((2, *spec["shape"]))
+        noise = np.ascontiguousarray(noise, np.float32)
+        actions = np.full(2, -1, np.int64) if discrete else np.full((2, *spec["shape"]), np.nan, np.float32)
+        greedy.append(policy.act(obs, py_state, start)[0])
+        assert lib.bitrl_sample_recurrent(handle, obs.ctypes.data, c_state.ctypes.data, start.ctypes.data,
+                                          noise.ctypes.data, 2, actions.ctypes.data, c_state.ctypes.data) == 0, \
+            lib.bitrl_last_error()
+        py_actions, py_state = policy.act(obs, py_state, start, deterministic=False,
+                                          rng=np.random.default_rng(seed + k))
+        np.testing.assert_array_equal(actions, py_actions)
+        np.testing.assert_array_equal(c_state, py_state)
+        sampled.append(actions)
+    return np.stack(sampled), np.stack(greedy)
+
+
+def test_the_c_api_samples_as_python_does(compiled, compiled_box):
+    """bitrl_sample_recurrent gives Python's stochastic actions and next states for the same noise, step by step over
+    episodes with resets (next_state written over state), for a Discrete (CartPole) and a Box (Pendulum) RecurrentPPO;
+    the noise is what moves the actions (they differ from the deterministic ones); four threads stepping the same
+    episodes at once on one policy get the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bitrl_compile.runtime import load
+
+    lib = _capi_recurrent()
+    cases = [(compiled.path, list(_episodes(40, seed=6))), (compiled_box.path, list(_pendulum_episodes(40)))]
+    for path, steps in cases:
+        handle = lib.bitrl_load(str(path).encode())
+        assert handle, lib.bitrl_last_error()
+        try:
+            assert lib.bitrl_has_sample(handle) == 1
+            with load(path) as policy:
+                sampled, greedy = _sample_both(lib, handle, policy, steps, seed=10)
+                assert not np.array_equal(sampled, greedy), "the noise must change some actions"
+                with ThreadPoolExecutor(4) as pool:  # ctypes lets go of the GIL: the C calls overlap
+                    runs = [pool.submit(_sample_both, lib, handle, policy, steps, 10) for _ in range(4)]
+                for run in runs:
+                    np.testing.assert_array_equal(run.result()[0], sampled)
+        finally:
+            lib.bitrl_free(handle)
+
+
+def test_the_c_api_refuses_sampling_it_cannot_do_in_one_line(compiled, sb3_ppo_cartpole, tmp_path):
+    """bitrl_sample_recurrent refuses a policy that is not recurrent, a recurrent one without a "sample" entry point
+    and NULL or NaN noise; bitrl_load refuses a sample entry point taking another size of noise; bitrl_sample refuses
+    a recurrent policy, naming bitrl_sample_recurrent."""
+    from bitrl_compile.frontends import load_policy
+    from bitrl_compile.pipeline import compile_policy
+
+    def no_sample(m):
+        del m["entry_points"]["sample"]
+
+    lib = _capi_recurrent()
+    obs, state = np.zeros((1, 4), np.float32), np.zeros((1, 64), np.float32)
+    start, noise, action = np.ones(1, np.float32), np.full((1, 1), 0.5, np.float32), np.zeros(1, np.int64)
+
+    def sample(handle, noise=noise):
+        rc = lib.bitrl_sample_recurrent(handle, obs.ctypes.data, state.ctypes.data, start.ctypes.data,
+                                        None if noise is None else noise.ctypes.data, 1, action.ctypes.data,
+                                        state.ctypes.data)
+        error = lib.bitrl_last_error().decode()
+        assert rc == -1 and "\n" not in error
+        return error
+
+    plain = compile_policy(load_policy(sb3_ppo_cartpole), "host", tmp_path / "plain.bitrl").path
+    deterministic = sealed(compiled.path, tmp_path / "no-sample.bitrl", no_sample)
+    for path, words in [(plain, "is not a recurrent policy (bitrl_state_size is 0); call bitrl_sample"),
+                        (deterministic, 'has no "sample" entry point (its actions are deterministic); call bitrl_act')]:
+        handle = lib.bitrl_load(str(path).encode())
+        assert handle, lib.bitrl_last_error()
+        try:
+            assert words in sample(handle)
+        finally:
+            lib.bitrl_free(handle)
+    def wide_noise(m):  # more noise per row than the caller passes: the C API would read past its array
+        m["entry_points"]["sample"]["inputs"][3]["shape"] = ["batch", 4]
+
+    assert not lib.bitrl_load(str(sealed(compiled.path, tmp_path / "wide-noise.bitrl", wide_noise)).encode())
+    assert "entry point sample does not take (obs, state, episode_start, noise)" in lib.bitrl_last_error().decode()
+    handle = lib.bitrl_load(str(compiled.path).encode())
+    assert handle, lib.bitrl_last_error()
+    try:
+        assert "noise is NULL" in sample(handle, None)
+        assert "noise[0] is NaN (row 0, value 0)" in sample(handle, np.full((1, 1), np.nan, np.float32))
+        assert lib.bitrl_sample(handle, obs.ctypes.data, noise.ctypes.data, 1, action.ctypes.data) == -1
+        assert "is a recurrent policy" in lib.bitrl_last_error().decode()
+        assert "call bitrl_sample_recurrent with the state" in lib.bitrl_last_error().decode()
+    finally:
+        lib.bitrl_free(handle)
