@@ -87,6 +87,19 @@ def _key_array(name: str, value, shape: tuple) -> np.ndarray:
     return arr
 
 
+def _key_index(name: str, value, n: int) -> np.ndarray:
+    """A Discrete key's value: an integer (one observation) or a 1-D batch of integers in [0, n), validated as a
+    whole-observation one-hot input is (`check_observations`); the C API checks the same of the row's float."""
+    arr = np.asarray(value)
+    if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"observation key {name!r} is a Discrete({n}) index: give an integer or a 1-D batch of "
+                         f"integers in [0, {n}); got shape {arr.shape} dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise ValueError(f"observation key {name!r} index out of range [0, {n}): got {bad}")
+    return arr
+
+
 def _rows(batch: int | None) -> str:
     return "one observation" if batch is None else f"a batch of {batch}"
 
@@ -94,8 +107,9 @@ def _rows(batch: int | None) -> str:
 def flatten_observations(input_spec: dict, obs):
     """A Dict observation (a mapping of key -> array, one observation or a batch) -> the flat float32 [total] or
     [B, total] the policy takes: each key's array flattened, concatenated in the manifest's key order (the layout
-    of runtime/specs.py, which the C API documents). Anything else is returned as it is (a flat array is still
-    accepted). ValueError, one line naming the key, for a missing or extra key, a wrong shape, mixed batches."""
+    of runtime/specs.py, which the C API documents; a Discrete key's integer index is its one value). Anything
+    else is returned as it is (a flat array is still accepted). ValueError, one line naming the key, for a missing
+    or extra key, a wrong shape, mixed batches, a Discrete key's value that is no index in [0, n)."""
     keys = input_spec.get("keys") if input_spec.get("kind") == "dict" else None
     if not isinstance(obs, Mapping):
         return obs
@@ -113,8 +127,12 @@ def flatten_observations(input_spec: dict, obs):
         if name not in obs:
             raise ValueError(f"observation lacks key {name!r} (shape {shape}); this policy takes keys "
                              f"{', '.join(names)}")
-        arr = _key_array(name, obs[name], shape)
-        rows = None if arr.shape == shape else arr.shape[0]
+        if key.get("preprocess") == "onehot":  # its index: one value in the row
+            arr = _key_index(name, obs[name], int(key["n"]))
+            rows = None if arr.ndim == 0 else arr.shape[0]
+        else:
+            arr = _key_array(name, obs[name], shape)
+            rows = None if arr.shape == shape else arr.shape[0]
         if parts and rows != batch:
             raise ValueError(f"observation key {name!r} is {_rows(rows)} but key {keys[0]['name']!r} is "
                              f"{_rows(batch)}; give every key the same batch")

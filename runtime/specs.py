@@ -11,12 +11,14 @@ The forms (written by the frontends, read by `runtime.policy` and `passes.entry_
               "normalize": None | {"mean": [...], "var": [...], "eps": 1e-8, "clip": 10.0 | None}}
            | a Dict observation (SB3 MultiInputPolicy's CombinedExtractor): the same, with "shape": [total],
              "preprocess": "none" and
-             "kind": "dict", "keys": [{"name": str, "shape": [...], "dtype": str, "preprocess": "none" | "image",
-                                       "normalize": bool}, ...]
+             "kind": "dict", "keys": [{"name": str, "shape": [...], "dtype": str, "preprocess": "none" | "image"
+                                       | "onehot", "n": N (onehot), "normalize": bool}, ...]
              The network (and the artifact's entry points, and the C API) takes one flat float32 [B, total]: each
              key's array flattened (C order), concatenated in the order of "keys", whose sizes add up to total;
              "normalize" (the folded statistics of the normalised keys, mean 0 / var 1 for the others) is over
-             that flat vector, and a key's "normalize" says whether its values are normalised.
+             that flat vector, and a key's "normalize" says whether its values are normalised. A "onehot" key (a
+             Discrete(N) space) has shape [1]: its one value in the row is the index, a whole number in [0, N),
+             which the network one-hot encodes itself; it is never normalised.
            | a recurrent policy (an LSTM actor: sb3-contrib RecurrentPPO) adds
              "recurrent": {"layers": L, "hidden": H, "state_size": 2 L H}: every entry point takes (obs, state
              [B, state_size], episode_start [B]) and returns (its result, the next state); the state row is h of
@@ -45,7 +47,9 @@ OUTPUT_KINDS = ("discrete", "continuous", "features")
 INPUT_KINDS = ("flat", "dict")  # "flat" when absent
 MAX_KEYS = 64  # keys of a Dict observation (runtime/capi/manifest.c: the same)
 MAX_KEY_NAME = 200
-KEY_PREPROCESSES = ("none", "image")  # image: uint8 pixels whose /255 and CNN the compiled module holds
+# image: uint8 pixels whose /255 and CNN the compiled module holds; onehot: a Discrete key's index, one-hot encoded
+# by the compiled module
+KEY_PREPROCESSES = ("none", "image", "onehot")
 # a key's dtype: the numpy names the frontends write (the C reader knows exactly these)
 KEY_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
               "uint64", "bool")
@@ -216,9 +220,22 @@ def check_input_keys(spec: dict, where: str) -> None:
         if not isinstance(key.get("normalize", False), bool):
             raise ValueError(  # noqa: TRY004 - bad input, not a programming error
                 f"{where}: input key {_short(name)} normalize must be true or false, got {_short(key.get('normalize'))}")
+        if key.get("preprocess") == "onehot":
+            _check_onehot_key(key, name, where)
     if total != shape[0]:
         raise ValueError(f"{where}: input keys hold {total} values in all but the observation shape is {shape}; "
                          "the keys' sizes must add up to it")
+
+
+def _check_onehot_key(key: dict, name: str, where: str) -> None:
+    """A Discrete key: n a positive int within the limit, one value (the index) in the row, not normalised."""
+    n = check_count(key.get("n"), f"input key {_short(name)} one-hot n", where)
+    if list(key["shape"]) != [1]:
+        raise ValueError(f"{where}: input key {_short(name)} is one-hot (n={n}): its shape must be [1] (the index), "
+                         f"got {_short(key['shape'])}")
+    if key.get("normalize"):
+        raise ValueError(f"{where}: input key {_short(name)} is one-hot (n={n}): its index cannot be normalised; "
+                         "give statistics for the other keys only")
 
 
 def check_output_spec(spec, where: str) -> None:

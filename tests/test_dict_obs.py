@@ -317,7 +317,7 @@ def test_a_bad_key_list_is_refused_by_both_readers(runs, capi, tmp_path, change)
     assert "manifest input" in error and "\n" not in error
 
 
-def test_image_keys_are_a_cnns_and_other_kinds_are_refused_by_name(tmp_path):
+def test_image_keys_are_a_cnns_discrete_keys_an_index_and_other_kinds_are_refused_by_name(tmp_path):
     from bitrl_compile.frontends.sb3 import _dict_spaces
     from bitrl_compile.frontends.specs import _space_to_specs
 
@@ -325,8 +325,11 @@ def test_image_keys_are_a_cnns_and_other_kinds_are_refused_by_name(tmp_path):
     spec = _space_to_specs({"type": "Dict", "keys": _dict_spaces(text, tmp_path)}, "input")  # an image key: a CNN's
     assert spec["keys"][0] == {"name": "camera", "shape": [3, 36, 36], "dtype": "uint8", "preprocess": "image",
                                "normalize": False} and spec["shape"] == [3 * 36 * 36 + 3]
-    with pytest.raises(ValueError, match="key 'goal' is a Discrete\\(3\\) space, which is not supported yet"):
-        _space_to_specs({"type": "Dict", "keys": _dict_spaces("{'goal': Discrete(3)}", tmp_path)}, "input")
+    spec = _space_to_specs({"type": "Dict", "keys": _dict_spaces("{'goal': Discrete(3)}", tmp_path)}, "input")
+    assert spec["keys"] == [{"name": "goal", "shape": [1], "dtype": "int64", "preprocess": "onehot", "n": 3,
+                             "normalize": False}] and spec["shape"] == [1]  # its index: one value in the row
+    with pytest.raises(ValueError, match="key 'goal' is a MultiDiscrete space, which is not supported yet"):
+        _space_to_specs({"type": "Dict", "keys": _dict_spaces("{'goal': MultiDiscrete([3 2])}", tmp_path)}, "input")
     spec = _space_to_specs({"type": "Dict", "keys": _dict_spaces(
         "{'big': Box(-1.0, 1.0, (3, 2), float32), \"it's\": MultiBinary(4)}", tmp_path)}, "input")
     assert spec["shape"] == [10] and [k["name"] for k in spec["keys"]] == ["big", "it's"]
@@ -408,3 +411,139 @@ def test_an_image_key_runs_through_its_nature_cnn(tmp_path):
         np.testing.assert_array_equal(policy.act(batch), np.argmax(out, axis=1))
         one = policy.act({key: value[5] for key, value in batch.items()})
         assert one == np.argmax(out[5])
+
+
+class PhaseCartPole(gym.Wrapper):
+    """CartPole with a Discrete(3) "phase" key beside the Box "state": the phase is drawn anew every step and a step
+    in phase 2 pays half, so the observation's Discrete key is part of the task. SB3 one-hot encodes the phase
+    (preprocess_obs) before its CombinedExtractor; gymnasium sorts the keys: phase, state."""
+
+    def __init__(self, env=None):
+        super().__init__(env or gym.make("CartPole-v1"))
+        self.observation_space = spaces.Dict({"state": self.env.observation_space, "phase": spaces.Discrete(3)})
+
+    def _obs(self, state):
+        self.phase = int(self.env.unwrapped.np_random.integers(3))
+        return {"phase": self.phase, "state": state.astype(np.float32)}
+
+    def reset(self, **kwargs):
+        state, info = self.env.reset(**kwargs)
+        return self._obs(state), info
+
+    def step(self, action):
+        reward_scale = 0.5 if self.phase == 2 else 1.0
+        state, reward, terminated, truncated, info = self.env.step(action)
+        return self._obs(state), reward * reward_scale, terminated, truncated, info
+
+
+def _phase_flat(obs: dict) -> np.ndarray:
+    """The flat row of PhaseCartPole's dicts: the phase's index, then the state (the manifest's key order)."""
+    return np.concatenate([np.asarray(obs["phase"], np.float32)[..., None], obs["state"]], axis=-1)
+
+
+@pytest.fixture(scope="module")
+def phase(tmp_path_factory):
+    """SB3 PPO MultiInputPolicy trained 256 steps on PhaseCartPole, loaded, compiled for the host; 48 observations
+    of a seeded rollout (every phase among them) as a batch {key: [48, ...]}."""
+    from stable_baselines3 import PPO
+
+    folder = tmp_path_factory.mktemp("phase")
+    model = PPO("MultiInputPolicy", PhaseCartPole(), n_steps=128, batch_size=64, n_epochs=1, seed=0,
+                policy_kwargs={"net_arch": [32, 32]})
+    model.learn(256)
+    model.save(folder / "phase.zip")
+    loaded = load_policy(folder / "phase.zip")
+    env = PhaseCartPole()
+    obs, _ = env.reset(seed=0)
+    rows = []
+    while len(rows) < 48:
+        rows.append(obs)
+        obs, _, terminated, truncated, _ = env.step(int(model.predict(obs, deterministic=True)[0]))
+        if terminated or truncated:
+            obs, _ = env.reset()
+    batch = {"phase": np.array([r["phase"] for r in rows], np.int64), "state": np.stack([r["state"] for r in rows])}
+    assert set(batch["phase"].tolist()) == {0, 1, 2}
+    return SimpleNamespace(folder=folder, model=model, loaded=loaded, batch=batch,
+                           art=pipeline.compile_policy(loaded, "host", folder / "phase.bitrl"))
+
+
+def test_a_discrete_key_is_its_index_in_the_row_and_a_one_hot_in_the_module(phase):
+    spec = phase.art.manifest["input"]
+    assert spec["shape"] == [5] and spec["keys"] == [
+        {"name": "phase", "shape": [1], "dtype": "int64", "preprocess": "onehot", "n": 3, "normalize": False},
+        {"name": "state", "shape": [4], "dtype": "float32", "preprocess": "none", "normalize": False}]
+    # the fp32 module on the flat rows (the index) is SB3's network on the dicts (the one-hot)
+    policy = phase.model.policy
+    with torch.no_grad():
+        tensors, _ = policy.obs_to_tensor(phase.batch)
+        logits = policy.action_net(policy.mlp_extractor.forward_actor(
+            policy.extract_features(tensors, policy.pi_features_extractor)))
+        mine = phase.loaded.module(torch.from_numpy(_phase_flat(phase.batch)))
+    np.testing.assert_allclose(mine.numpy(), logits.numpy(), rtol=1e-5, atol=1e-5)
+    # the compiled artifact (its one-hot in the kernels) is the numpy reference of the quantized module
+    x, _ = prepare_observations(spec, phase.batch, normalization(spec))
+    np.testing.assert_array_equal(x, _phase_flat(phase.batch))
+    expected = np.asarray(reference.run(phase.art.quantized, x), np.float32)
+    with load(phase.art.path) as compiled:
+        out = compiled.forward(phase.batch)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)  # PPO's tanh: TVM's and numpy's, an ulp
+        actions = compiled.act(phase.batch)
+        np.testing.assert_array_equal(actions, np.argmax(out, axis=1))
+        np.testing.assert_array_equal(compiled.act(_phase_flat(phase.batch)), actions)  # the flat row: the same
+        first = {"phase": int(phase.batch["phase"][7]), "state": phase.batch["state"][7]}
+        assert compiled.act(first) == actions[7]
+        # the phase matters to the compiled policy: each phase's one-hot reaches the network
+        outs = [compiled.forward({"phase": np.full(48, k), "state": phase.batch["state"]}) for k in range(3)]
+        assert not np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[1], outs[2])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (3, r"key 'phase' index out of range \[0, 3\): got 3"), (-1, r"key 'phase' index out of range \[0, 3\): got -1"),
+    (0.5, r"key 'phase' is a Discrete\(3\) index: give an integer"), (np.nan, "key 'phase' is a Discrete"),
+    ([[1]], "key 'phase' is a Discrete"),
+])
+def test_a_bad_discrete_index_is_refused_naming_the_key_in_python(phase, bad, message):
+    with load(phase.art.path) as policy:
+        for call in (policy.act, policy.forward):
+            with pytest.raises(ValueError, match=message) as e:
+                call({"phase": bad, "state": phase.batch["state"][0]})
+            assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match="key 'phase' index out of range"):  # one bad row of a batch
+            policy.act({"phase": np.array([0, 1, 3]), "state": phase.batch["state"][:3]})
+
+
+def test_c_api_takes_a_discrete_keys_index_and_refuses_a_bad_one_by_name(phase, capi):
+    batch = phase.batch
+    lines = "".join(" ".join(f"{v:.9g}" for v in state) + f" {k}\n" for state, k in zip(batch["state"],
+                                                                                         batch["phase"], strict=True))
+    run = [str(capi.app), str(phase.art.path), "state", "phase"]
+    out = subprocess.run(run, input=lines, text=True, capture_output=True, check=True).stdout.splitlines()
+    assert out[:2] == ["key phase 0 1", "key state 1 4"]
+    with load(phase.art.path) as policy:
+        assert [int(a) for a in out[2:]] == policy.act(batch).tolist()
+    for bad in ("3", "-1", "0.5", "nan"):
+        r = subprocess.run(run, input=f"0.01 0.02 0.03 0.04 {bad}\n", text=True, capture_output=True, check=False)
+        assert r.returncode == 4, r.stderr
+        error = r.stderr.strip()
+        assert "\n" not in error and "bitrl_act: observation key 'phase' is" in error and \
+            "Discrete(3) index: give a whole number in [0, 3)" in error, error
+
+
+@pytest.mark.parametrize("change, python, c", [
+    (_key(0, n=0), "one-hot n must be", "keys[0].n is 0"), (_key(0, n=1 << 21), "one-hot n = 2097152", "keys[0].n"),
+    (_key(0, n="3"), "one-hot n must be", "keys[0].n is not an integer"), (_key(0, shape=[2]), "shape must be [1]",
+                                                                          "shape is not [1]"),
+    (_key(0, normalize=True), "cannot be normalised", "but normalised"),
+], ids=["n-zero", "n-huge", "n-string", "shape", "normalised"])
+def test_a_bad_discrete_key_spec_is_refused_by_both_readers(phase, capi, tmp_path, change, python, c):
+    def shape_too(spec):  # a key of shape [2] with the row's total to match: only the key's own rule refuses it
+        change(spec)
+        spec["shape"] = [sum(int(np.prod(k["shape"])) for k in spec["keys"])]
+
+    bad = _rewrite(phase.art.path, tmp_path / "bad.bitrl", shape_too)
+    with pytest.raises(ArtifactError, match="manifest input") as e:
+        load(bad)
+    assert "\n" not in str(e.value) and python in str(e.value) and "'phase'" in str(e.value)
+    assert not capi.lib.bitrl_load(str(bad).encode())
+    error = capi.lib.bitrl_last_error().decode()
+    assert "manifest input.keys[0]" in error and c in error and "\n" not in error, error

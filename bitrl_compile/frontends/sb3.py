@@ -331,13 +331,15 @@ def _load_sb3(path: Path, zf: zipfile.ZipFile, cfg: dict) -> LoadedPolicy:
         layers = _linears(sd, "actor.mu.", path)
     if any(w is None for _, w, _ in layers):
         raise ModelLoadError(f"{path}: policy.pth lacks the actor's output layer; the file is incomplete")
-    images = [k["name"] for k in input_spec.get("keys") or [] if k.get("preprocess") == "image"]
-    width = sb3_cnn.combined_features(sd, input_spec, path) if images else None
+    # Dict keys the module prepares: a NatureCNN per image key (its shape becomes the env's (H, W, C)), a one-hot
+    # per Discrete key
+    prepared = [k["name"] for k in input_spec.get("keys") or [] if k.get("preprocess") in ("image", "onehot")]
+    width = sb3_cnn.combined_features(sd, input_spec, path) if prepared else None
     mlp = _build_mlp(path, layers, activation, [layers[0][1].shape[1]] if cnn_prefix else
-                     [width] if images else input_spec["shape"])
+                     [width] if prepared else input_spec["shape"])
     if cnn_prefix:  # the NatureCNN and its linear before the MLP; the input becomes the env's (H, W, C) images
         mlp = sb3_cnn.cnn_policy(sd, cnn_prefix, input_spec, mlp, cfg, path)
-    if images:  # a NatureCNN per image key of the Dict (its shape becomes the env's (H, W, C))
+    if prepared:
         mlp = sb3_cnn.combined_policy(sd, input_spec, mlp, cfg, kwargs.get("normalize_images") is not False, path)
     algo = source.split("-")[1].upper()
     sizes = [layers[0][1].shape[1]] + [w.shape[0] for _, w, _ in layers]

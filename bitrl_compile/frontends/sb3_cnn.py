@@ -138,20 +138,27 @@ def key_prefix(sd: dict, name: str, path: Path) -> str:
 class SB3CombinedPolicy(nn.Module):
     """A MultiInputPolicy's flat row [B, total] -> the head's output: SB3's CombinedExtractor. Each key is its slice of
     the row (runtime/specs.py's layout); an image key is reshaped to its (H, W, C) (or (C, H, W)), transposed,
-    divided by 255 (SB3's normalize_images) and run through its NatureCNN and linear; the others are taken as they
-    are; the features are concatenated in key order, then the head."""
+    divided by 255 (SB3's normalize_images) and run through its NatureCNN and linear; a Discrete key's one value,
+    its index, becomes its one-hot of n floats (SB3's preprocess_obs), here so that the compiled artifact does it;
+    the others are taken as they are; the features are concatenated in key order, then the head."""
 
     def __init__(self, parts: list, cnns: list, head: nn.Module):
         super().__init__()
-        self.parts = parts  # per key: (offset, size, None | (index into cnns, shape, channels_last, scale))
+        # per key: (offset, size, None | (index into cnns, shape, channels_last, scale), one-hot n or 0)
+        self.parts = parts
+        for offset, _, _, n in parts:  # 0..n-1 per Discrete key: a buffer, which becomes a parameter of the artifact
+            if n:  # (a torch.arange in forward would be folded into a constant that its kernel plan cannot pass)
+                self.register_buffer(f"arange{offset}", torch.arange(n, dtype=torch.float32))
         self.cnns = nn.ModuleList(cnns)
         self.head = head
 
     def forward(self, x):
         features = []
-        for offset, size, image in self.parts:
+        for offset, size, image, n in self.parts:
             part = x[:, offset:offset + size]
-            if image is not None:
+            if n:  # [B, 1] index -> [B, n] one-hot (an index outside [0, n) would give zeros: the readers refuse it)
+                part = (part == getattr(self, f"arange{offset}")).to(part.dtype)
+            elif image is not None:
                 index, shape, channels_last, scale = image
                 part = part.reshape(-1, *shape)
                 if channels_last:
@@ -166,7 +173,8 @@ class SB3CombinedPolicy(nn.Module):
 def combined_policy(sd: dict, input_spec: dict, head: nn.Module, cfg: dict, normalize_images: bool,
                     path: Path) -> nn.Module:
     """The MultiInputPolicy on the flat row of `input_spec` (its keys; an image key's shape, saved channels-first,
-    becomes the environment's (H, W, C) unless cfg["image_layout"] is "chw"), with a NatureCNN per image key."""
+    becomes the environment's (H, W, C) unless cfg["image_layout"] is "chw"), with a NatureCNN per image key and a
+    one-hot per Discrete key."""
     layout = image_layout(cfg, path)
     parts, cnns, offset = [], [], 0
     for key in input_spec["keys"]:
@@ -180,16 +188,19 @@ def combined_policy(sd: dict, input_spec: dict, head: nn.Module, cfg: dict, norm
                 key["shape"] = [h, w, c]
             image = (len(cnns), tuple(key["shape"]), layout == "hwc", normalize_images)
             cnns.append(nn.Sequential(cnn, linear))
-        parts.append((offset, size, image))
+        parts.append((offset, size, image, int(key["n"]) if key.get("preprocess") == "onehot" else 0))
         offset += size
     return SB3CombinedPolicy(parts, cnns, head).eval()
 
 
 def combined_features(sd: dict, input_spec: dict, path: Path) -> int:
-    """The width of the CombinedExtractor's output: each image key's NatureCNN features, each other key's values."""
+    """The width of the CombinedExtractor's output: each image key's NatureCNN features, each Discrete key's n
+    one-hot values, each other key's values."""
     width = 0
     for key in input_spec["keys"]:
-        if key.get("preprocess") == "image":
+        if key.get("preprocess") == "onehot":
+            width += int(key["n"])
+        elif key.get("preprocess") == "image":
             width += int(_tensor(sd, key_prefix(sd, key["name"], path) + "linear.0.weight", 2, path).shape[0])
         else:
             width += int(torch.tensor(key["shape"]).prod())

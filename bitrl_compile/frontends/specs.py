@@ -50,7 +50,8 @@ def _is_image(space: dict) -> bool:
 def _dict_input_spec(space: dict) -> dict:
     """A Dict observation space ({"type": "Dict", "keys": [(name, space), ...]} in the space's order, which is
     SB3's CombinedExtractor's) -> the input spec of runtime/specs.py: one flat vector, the keys flattened and
-    concatenated. ValueError (one line naming the key) for a key the compiled policy cannot take yet."""
+    concatenated (a Discrete key as its index: one value). ValueError (one line naming the key) for a key the
+    compiled policy cannot take yet."""
     keys = []
     for name, sub in space["keys"]:
         kind = sub["type"]
@@ -58,9 +59,13 @@ def _dict_input_spec(space: dict) -> dict:
             keys.append({"name": name, "shape": list(sub["shape"]), "dtype": "uint8", "preprocess": "image",
                          "normalize": False})
             continue
+        if kind == "Discrete":  # SB3 one-hot encodes it (preprocess_obs): the row holds the index, the module one-hots
+            keys.append({"name": name, "shape": [1], "dtype": "int64", "preprocess": "onehot", "n": sub.get("n"),
+                         "normalize": False})
+            continue
         if kind not in ("Box", "MultiBinary") or "shape" not in sub:
             raise ValueError(f"observation key {name!r} is a {_space_name(sub)} space, which is not supported yet "
-                             "in a Dict observation (Box and MultiBinary keys are)")
+                             "in a Dict observation (Box, MultiBinary and Discrete keys are)")
         keys.append({"name": name, "shape": list(sub["shape"]), "dtype": str(sub.get("dtype", "float32")),
                      "preprocess": "none", "normalize": False})
     total = sum(math.prod(k["shape"]) for k in keys)

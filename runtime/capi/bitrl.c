@@ -243,6 +243,7 @@ struct bitrl_policy {
     int64_t nkeys; /* a Dict observation's keys (manifest input.keys), 0 for one array */
     char **key_names;
     int64_t *key_offsets, *key_sizes;
+    int64_t *key_n; /* a Discrete key's n (preprocess "onehot": its one float is the index), 0 for the others */
     pthread_key_t key;
     int key_made;
     pthread_mutex_t mutex; /* guards ctxs */
@@ -437,6 +438,23 @@ static int copy_pixels(uint8_t *dst, const float *src, int64_t n, int64_t row, c
     return 0;
 }
 
+/* A Dict observation's Discrete keys (runtime/policy.py's _key_index refuses the same): the key's one float in each
+ * row is its index, a whole number in [0, n), which the compiled module one-hot encodes (another value would give a
+ * row of zeros, silently). Checked before the copy, so that a NaN index names its key too. */
+static int check_key_indices(const bitrl_policy *p, const float *obs, int64_t batch, const char *fn) {
+    for (int64_t k = 0; k < p->nkeys; k++) {
+        int64_t n = p->key_n[k];
+        for (int64_t b = 0; n && b < batch; b++) {
+            float v = obs[b * p->obs_size + p->key_offsets[k]];
+            if (!(v >= 0.0f && v < (float)n) || v != (float)(int64_t)v)
+                return bitrl_fail("%s: observation key '%s' is %g (row %lld, obs[%lld]); it is a Discrete(%lld) index: "
+                                  "give a whole number in [0, %lld)", fn, p->key_names[k], (double)v, (long long)b,
+                                  (long long)(b * p->obs_size + p->key_offsets[k]), (long long)n, (long long)n);
+        }
+    }
+    return 0;
+}
+
 /* Run entry point `which` on `batch` rows: inputs[] copied in (checked finite, or whole pixel values for a uint8
  * observation), the plan, output 0 copied to dst
  * and, when dst2 is given, output 1 (a recurrent policy's next state) to dst2. */
@@ -452,6 +470,7 @@ static int run(bitrl_policy *p, int which, const float *const *inputs, int64_t b
                 if (e->specs[t].dims[d] < 0) x->tensors[t].shape[d] = batch;
         x->batch = batch;
     }
+    if (check_key_indices(p, inputs[0], batch, fn) != 0) return -1;
     static const char *const INPUT_NAMES[] = {"obs", "noise"};
     static const char *const RECURRENT_NAMES[] = {"obs", "state", "episode_start", "noise"};
     for (int i = 0; i < e->ninputs; i++) {
@@ -585,7 +604,9 @@ static int load_keys(bitrl_policy *p, const json *m) {
     p->key_names = calloc(keys->count, sizeof *p->key_names);
     p->key_offsets = calloc(keys->count, sizeof *p->key_offsets);
     p->key_sizes = calloc(keys->count, sizeof *p->key_sizes);
-    if (!p->key_names || !p->key_offsets || !p->key_sizes) return bitrl_fail("%s: out of memory", p->path);
+    p->key_n = calloc(keys->count, sizeof *p->key_n);
+    if (!p->key_names || !p->key_offsets || !p->key_sizes || !p->key_n)
+        return bitrl_fail("%s: out of memory", p->path);
     int64_t offset = 0;
     for (size_t i = 0; i < keys->count; i++) {
         const json *shape = json_get(&keys->items[i], "shape");
@@ -595,6 +616,8 @@ static int load_keys(bitrl_policy *p, const json *m) {
             return bitrl_fail("%s: out of memory", p->path);
         p->nkeys = (int64_t)i + 1;
         p->key_offsets[i] = offset, p->key_sizes[i] = size;
+        const char *pre = json_str(json_get(&keys->items[i], "preprocess"));
+        if (pre && strcmp(pre, "onehot") == 0 && json_int(json_get(&keys->items[i], "n"), &v) == 0) p->key_n[i] = v;
         offset += size;
     }
     if (offset != p->obs_size)
@@ -1290,6 +1313,7 @@ void bitrl_free(bitrl_policy *p) {
     free(p->key_names);
     free(p->key_offsets);
     free(p->key_sizes);
+    free(p->key_n);
     free(p->param_names);
     free(p->params);
     free(p->param_tensors);

@@ -49,6 +49,8 @@
  *         const char *name; int64_t offset, size;
  *         bitrl_input_key(p, i, &name, &offset, &size);   // copy key `name` into obs[offset .. offset + size)
  *     }
+ * A Discrete(n) key has size 1: its float is the index, a whole number in [0, n) (the calls refuse another
+ * value, naming the key); the compiled policy one-hot encodes it.
  */
 #ifndef BITRL_H_
 #define BITRL_H_

@@ -318,7 +318,8 @@ static int check_tables(const checker *c, const json *m) {
 
 /* A Dict observation's keys (runtime/specs.py's check_input_keys): the input is one flat vector [total], preprocess
  * none, and the keys (1 to 64; unique names of 1 to 200 bytes; shapes of positive ints, at most 2^20 values each;
- * dtypes of KEY_DTYPES; preprocess none or image; normalize a boolean) hold total values in all. */
+ * dtypes of KEY_DTYPES; preprocess none, image or onehot; normalize a boolean) hold total values in all. A onehot
+ * key (a Discrete space) has n in [1, 2^20], shape [1] (its index) and is not normalised. */
 #define MAX_KEYS 64
 #define MAX_VALUES (1LL << 20)
 
@@ -365,10 +366,16 @@ static int check_input_keys(const checker *c, const json *input) {
         for (size_t t = 0; dtype && dtypes[t]; t++) known |= json_str(dtype) && strcmp(dtype->string, dtypes[t]) == 0;
         if (!known) return fail(c, at, "is not a real dtype (float32, int64, uint8, bool, ...)", "");
         snprintf(at, sizeof at, "input.keys[%zu].preprocess", i);
-        if (kp && (!json_str(kp) || (strcmp(kp->string, "none") != 0 && strcmp(kp->string, "image") != 0)))
-            return fail(c, at, "is not none or image", "");
+        int onehot = kp && json_str(kp) && strcmp(kp->string, "onehot") == 0;
+        if (kp && !onehot && (!json_str(kp) || (strcmp(kp->string, "none") != 0 && strcmp(kp->string, "image") != 0)))
+            return fail(c, at, "is not none, image or onehot", "");
         snprintf(at, sizeof at, "input.keys[%zu].normalize", i);
         if (norm && is(c, norm, JSON_BOOL, at) != 0) return -1;
+        snprintf(at, sizeof at, "input.keys[%zu]", i);
+        if (onehot && size != 1) return fail(c, at, "is onehot but its shape is not [1] (the index)", "");
+        if (onehot && norm && norm->boolean) return fail(c, at, "is onehot but normalised (an index cannot be)", "");
+        snprintf(at, sizeof at, "input.keys[%zu].n", i);
+        if (onehot && integer(c, json_get(k, "n"), at, 1, MAX_VALUES, NULL) != 0) return -1;
     }
     if (sum != total) return fail(c, "input.keys", "hold a number of values other than the observation shape's", "");
     return 0;
