@@ -4,7 +4,7 @@
     python bench/distill.py --policies dqn-CartPole-v1 --seeds 2 --budget 60     # a quick look
     python bench/distill.py --train-only                         # only train (and cache) the SB3 teachers
     python bench/distill.py --merge bench/runs/distill-*/results.json   # one table of runs made in parallel
-    nice -n 10 python bench/distill.py --cnn --seeds 3 --rounds 2        # a CNN: SB3 PPO CnnPolicy on pixels
+    nice -n 10 python bench/distill.py --cnn --seeds 3        # a CNN on pixels, --keep 0.99 --keep-rule plain
     nice -n 10 python bench/distill.py --recurrent --seeds 3 --rounds 7 --agreement 1   # RecurrentPPO (LSTM)
 
 Teachers are trained here by Stable-Baselines3 itself with RL Zoo's hyperparameters (bench/zoo.py, the table shared
@@ -15,14 +15,22 @@ agreement), all on the same 10 deterministic episodes (reset seeds 10000 + i); a
 Score = (R - R_random) / (R_fp32 - R_random). Returns of the distilled policy come from the numpy reference
 (`export.reference_act`), which the compiled artifact matches (tests/test_distill.py checks it).
 
---cnn: the convolutional case (issue 17), tests/test_distill_cnn.py's task and teacher: bitrl_compile.envs'
-BitrlPixelCartPole-v0 (CartPole-v1 as 36x36x3 frames), an SB3 PPO CnnPolicy (NatureCNN, 64 features) trained 4096
-steps per seed, not cached. --recurrent: tests/test_keep_kinds.py's sb3-contrib RecurrentPPO (LSTM 2x16) on
-CartPole-v1, 4096 steps. Their table: agreement with SB3's deterministic predict on 400 observations SB3's policy
-visits (plain, and weighted by its stakes: fidelity.py's rule) of PTQ and of the distilled student (the numpy
-reference for the CNN, which the artifact matches to the ulp; the ternary forward along the episodes for the
-LSTM), the returns of 10 episodes, the teacher's training time and the time the distillation took (--rule: the
-agreement it stops on, plain by default here; --rounds: at most that many DAgger rounds).
+--cnn: the convolutional case (issue 17) on a teacher that balances the pole: bitrl_compile.envs'
+BitrlPixelCartPole64-v0 (CartPole-v1 as 64x64x4 antialiased frames; the tests' 36x36x3 v0 is too coarse for a
+NatureCNN to learn), an SB3 PPO CnnPolicy (NatureCNN, 64 features) trained CNN_STEPS steps with RL Zoo's Atari PPO
+(CNN_PPO) and cached as ~/.cache/bitrl-compile/bench/sb3-ppo-cnn-<env>-seed<S>-<steps>.zip (+ .json: its training
+time), then recovered by `recovery.keep` as `bitrl-compile MODEL --env ID --keep 0.99 --keep-rule plain` does
+(--keep, --rule, --budget: --keep-budget, CPU seconds), compiled for the host. Per seed: returns of 10 episodes of
+SB3's predict, of PTQ (numpy reference) and of the kept artifact; their plain (and stake-weighted) agreement with
+SB3's deterministic predict on 400 frames SB3's policy visits; the teacher's and the recovery's time (wall, and
+CPU seconds of this process: on a shared machine the wall time is mostly waiting). When no step keeps --keep
+(recovery.NotKept: nothing written) the row has no kept return and its log says how far each step got. Rows go to
+--cnn-results (bench/results/distill_cnn.json).
+--recurrent: tests/test_keep_kinds.py's sb3-contrib RecurrentPPO (LSTM 2x16) on CartPole-v1, 4096 steps, distilled
+through time; its table: agreement with SB3's deterministic predict on 400 observations SB3's policy visits (plain,
+and weighted by its stakes: fidelity.py's rule) of PTQ and of the student (the ternary forward along the episodes),
+the returns of 10 episodes, the teacher's training time and the time the distillation took (--rule: the agreement
+it stops on, plain by default here; --rounds: at most that many DAgger rounds).
 """
 
 from __future__ import annotations
@@ -39,7 +47,10 @@ import numpy as np
 EVAL_SEED = 10_000
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/zoo.py: RL Zoo's settings, the teachers' cache
-from zoo import statistics, teacher
+from zoo import CACHE, statistics, teacher
+
+from bitrl_compile.bench import machine
+from bitrl_compile.envs import PIXEL_CARTPOLE_64
 
 
 def run(algo: str, env_id: str, seed: int, episodes: int, budget: float, per_channel: bool, out: Path) -> dict:
@@ -73,9 +84,13 @@ def run(algo: str, env_id: str, seed: int, episodes: int, budget: float, per_cha
             "rounds": result.rounds}
 
 
-CNN_PPO = {"n_steps": 64, "batch_size": 64, "n_epochs": 4, "learning_rate": 1e-3,
+# --cnn's teachers (issue 17): RL Zoo's Atari PPO (hyperparams/ppo.yml, atari: n_envs 8, n_steps 128, n_epochs 4,
+# batch 256, clip lin_0.1, ent 0.01, vf 0.5) with the learning rate 1e-3 (linear to 0) of its CartPole entry in place
+# of Atari's 2.5e-4, and NatureCNN's features cut to 64 (its linear 1024 x 64, not x 512: less to distil).
+CNN_PPO = {"n_steps": 128, "batch_size": 256, "n_epochs": 4, "learning_rate": 1e-3, "clip_range": 0.1,
+           "ent_coef": 0.01, "vf_coef": 0.5,
            "policy_kwargs": {"features_extractor_kwargs": {"features_dim": 64}, "net_arch": [64]}}
-CNN_STEPS = 4096  # tests/test_distill_cnn.py's teacher: PPO CnnPolicy, 4 envs
+CNN_ENVS, CNN_STEPS = 8, 120_000
 RPPO = {"n_steps": 128, "batch_size": 128, "n_epochs": 4, "learning_rate": 3e-3,
         "policy_kwargs": {"lstm_hidden_size": 16, "n_lstm_layers": 2, "net_arch": [16]}}
 RPPO_STEPS = 4096  # tests/test_keep_kinds.py's teacher: RecurrentPPO, 4 envs
@@ -90,53 +105,132 @@ def _agreement(spec: dict, out: np.ndarray, sb3_out: np.ndarray) -> list[float]:
     return [r["agreement"], r["weighted"]]
 
 
-def run_cnn(seed: int, episodes: int, budget: float, rule: str, rounds: int, target: float) -> dict:
-    """The CNN row: an SB3 PPO CnnPolicy trained on bitrl_compile.envs' pixel CartPole, distilled; agreement with
-    SB3's deterministic predict on the frames it visits, of PTQ and of the student (the numpy reference, which the
-    artifact matches to the ulp)."""
-    import dataclasses
-
+def cnn_teacher(seed: int, steps: int = CNN_STEPS, log=print) -> tuple[Path, dict]:
+    """The cached SB3 PPO CnnPolicy of `seed` on BitrlPixelCartPole64-v0 (CNN_PPO, `steps` steps) and its training
+    record {"steps", "wall_s", "cpu_s", "best"}, trained when missing. As zoo.teacher: one `learn` (the linear
+    schedules run to 0), the best of 10 deterministic evaluations (5 episodes) kept, the zip written last."""
+    path = CACHE / f"sb3-ppo-cnn-{PIXEL_CARTPOLE_64}-seed{seed}-{steps}.zip"
+    record = path.with_suffix(".json")
+    if path.is_file() and record.is_file():
+        return path, json.loads(record.read_text())
     import stable_baselines3 as sb3
     import torch
+    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.evaluation import evaluate_policy
 
-    from bitrl_compile import fidelity
-    from bitrl_compile.envs import PIXEL_CARTPOLE
+    torch.set_num_threads(1)
+    kwargs = {**CNN_PPO, **{key: _linear(CNN_PPO[key]) for key in ("learning_rate", "clip_range")}}
+    model = sb3.PPO("CnnPolicy", make_vec_env(PIXEL_CARTPOLE_64, CNN_ENVS, seed=seed), seed=seed, device="cpu",
+                    **kwargs)
+    eval_env = make_vec_env(PIXEL_CARTPOLE_64, 1, seed=seed + 100_000)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.zip")
+    every = steps // 10
+    best = {"score": -np.inf, "next": every}
+
+    class Best(BaseCallback):  # RL Zoo's EvalCallback
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= best["next"]:
+                best["next"] += every
+                score, _ = evaluate_policy(model, eval_env, n_eval_episodes=5, deterministic=True, warn=False)
+                log(f"  {path.name}: {self.num_timesteps} steps, evaluation {score:.1f}")
+                if score > best["score"]:
+                    best["score"] = score
+                    model.save(tmp)
+            return True
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    model.learn(steps, callback=Best())
+    out = {"steps": steps, "wall_s": round(time.perf_counter() - wall, 1),
+           "cpu_s": round(time.process_time() - cpu, 1), "best": float(best["score"])}
+    tmp_record = record.with_suffix(".tmp.json")
+    tmp_record.write_text(json.dumps(out))
+    tmp_record.rename(record)
+    tmp.rename(path)  # last: the zip's presence means both files are complete
+    log(f"trained {path.name} in {out['cpu_s']:.0f} s of CPU (best evaluation {out['best']:.1f})")
+    return path, out
+
+
+def _linear(start: float):
+    """RL Zoo's "lin_X": X at the start of training, 0 at its end."""
+    return lambda progress_remaining: progress_remaining * start
+
+
+def run_cnn(seed: int, episodes: int, budget: float, keep: float, rule: str, out: Path) -> dict:
+    """The CNN row: the cached SB3 PPO CnnPolicy of `seed` (cnn_teacher) recovered by `recovery.keep` as
+    `bitrl-compile MODEL --env BitrlPixelCartPole64-v0 --keep KEEP --keep-rule RULE --keep-budget BUDGET` runs it
+    (host artifact); returns of SB3's predict, of PTQ (the numpy reference, which the artifact matches to the ulp)
+    and of the kept artifact itself; their agreement with SB3's deterministic predict on the frames it visits."""
+    import stable_baselines3 as sb3
+    import torch
+
+    from bitrl_compile import fidelity, pipeline
     from bitrl_compile.evaluate import evaluate
     from bitrl_compile.frontends import load_policy
-    from bitrl_compile.trainers import distill
+    from bitrl_compile.runtime import load
+    from bitrl_compile.trainers import recovery
     from bitrl_compile.trainers.export import reference_act, reference_forward
 
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    model = sb3.PPO("CnnPolicy", make_vec_env(PIXEL_CARTPOLE, 4, seed=seed), seed=seed, **CNN_PPO)
-    model.learn(CNN_STEPS)
-    train_s = time.perf_counter() - t0
-    path = Path(tempfile.mkdtemp(prefix="bench-distill-")) / f"ppo-cnn-seed{seed}.zip"  # alone in its folder
-    model.save(path)
+    path, trained = cnn_teacher(seed, CNN_STEPS, log=lambda s: print(s, file=sys.stderr, flush=True))
+    model = sb3.PPO.load(path, device="cpu")
     loaded = load_policy(path)
 
     def logits(x):
         with torch.no_grad():
             return model.policy.get_distribution(model.policy.obs_to_tensor(x)[0]).distribution.logits.numpy()
 
-    frames, _ = fidelity.visited(logits, loaded.output, PIXEL_CARTPOLE, rollouts=100, max_states=VISITED, seed=123)
+    frames, _ = fidelity.visited(logits, loaded.output, PIXEL_CARTPOLE_64, rollouts=100, max_states=VISITED,
+                                 seed=123)
     sb3_out = logits(frames)
-    t0 = time.perf_counter()
-    result = distill.distill(loaded, PIXEL_CARTPOLE, None, distill.DistillArgs(
-        seed=seed, budget_s=budget, rule=rule, max_rounds=rounds, agreement=target), log=lambda s: None)
-    seconds = time.perf_counter() - t0
-    student = dataclasses.replace(loaded, module=result.student)
+    assert np.array_equal(sb3_out.argmax(1), model.predict(frames, deterministic=True)[0]), "not SB3's predict"
+    artifact, lines = out / f"ppo-cnn-{PIXEL_CARTPOLE_64}-seed{seed}.bitrl", []
+
+    def compile_fn(policy, int8_layers, measure):
+        return pipeline.compile_policy(policy, "host", artifact, int8_layers=int8_layers, measure=measure)
 
     def ret(act):
-        return evaluate(act, PIXEL_CARTPOLE, episodes, EVAL_SEED)[0]
+        return evaluate(act, PIXEL_CARTPOLE_64, episodes, EVAL_SEED)[0]
 
-    return {"algo": "ppo-cnn", "env": PIXEL_CARTPOLE, "seed": seed, "rule": rule, "seconds": round(seconds, 1),
-            "train_seconds": round(train_s, 1), "rounds": result.rounds,
-            "agreement": {"ptq": _agreement(loaded.output, reference_forward(loaded)(frames), sb3_out),
-                          "distilled": _agreement(loaded.output, reference_forward(student)(frames), sb3_out)},
-            "returns": {"fp32": ret(reference_act(loaded, ternary=False)), "ptq": ret(reference_act(loaded)),
-                        "distilled": ret(reference_act(student))}}
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        _, attempts = recovery.keep(loaded, PIXEL_CARTPOLE_64, keep, compile_fn, budget=budget, rule=rule,
+                                    log=lines.append)
+        kept = attempts[-1].step
+    except recovery.NotKept as e:
+        lines.append(str(e))
+        kept = None
+    seconds = {"wall": round(time.perf_counter() - wall, 1), "cpu": round(time.process_time() - cpu, 1)}
+    row = {"algo": "ppo-cnn", "env": PIXEL_CARTPOLE_64, "seed": seed, "rule": rule, "keep": keep, "kept": kept,
+           "recovery_seconds": seconds, "teacher": trained, "log": lines,
+           "agreement": {"ptq": _agreement(loaded.output, reference_forward(loaded)(frames), sb3_out)},
+           "returns": {"fp32": ret(lambda o: int(model.predict(o, deterministic=True)[0])),
+                       "ptq": ret(reference_act(loaded))}}
+    if kept:
+        with load(artifact) as policy:
+            row["agreement"]["kept"] = _agreement(loaded.output, policy.forward(frames), sb3_out)
+            row["returns"]["kept"] = ret(policy.act)
+    return row
+
+
+def cnn_table(results: list[dict]) -> str:
+    """One line per seed: returns (mean of the episodes), agreement with SB3's predict (plain), times."""
+    lines = [("| seed | teacher return | PTQ return | kept return | PTQ agreement | kept agreement | kept step | "
+              "teacher train s (CPU) | recovery s (CPU) |"), "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, k):
+        return f"{np.mean(r['returns'][k]):.1f} ± {np.std(r['returns'][k]):.1f}" if k in r["returns"] else "not kept"
+
+    def agree(r, k):
+        return f"{100 * r['agreement'][k][0]:.1f} %" if k in r["agreement"] else "-"
+
+    for r in results:
+        t, s = r["teacher"], r["recovery_seconds"]
+        lines.append(f"| {r['seed']} | {cell(r, 'fp32')} | {cell(r, 'ptq')} | {cell(r, 'kept')} | {agree(r, 'ptq')} | "
+                     f"{agree(r, 'kept')} | {r['kept'] or '-'} | {t['wall_s']:.0f} ({t['cpu_s']:.0f}) | "
+                     f"{s['wall']:.0f} ({s['cpu']:.0f}) |")
+    return "\n".join(lines)
 
 
 def run_recurrent(seed: int, episodes: int, budget: float, rule: str, rounds: int, target: float) -> dict:
@@ -223,8 +317,7 @@ def kinds_table(results: list[dict]) -> str:
     lines = [("| policy | rule | seeds | agreement PTQ: plain (weighted) | distilled: plain (weighted) | "
               "min plain | return fp32 | PTQ | distilled | teacher train | distill time (rounds) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"ppo-cnn": "SB3 PPO CnnPolicy, 36x36x3 pixel CartPole", "rppo": "sb3-contrib RecurrentPPO LSTM 2x16, "
-             "CartPole-v1"}
+    names = {"rppo": "sb3-contrib RecurrentPPO LSTM 2x16, CartPole-v1"}
     for algo, rule in sorted({(r["algo"], r["rule"]) for r in results}):
         rs = [r for r in results if (r["algo"], r["rule"]) == (algo, rule)]
 
@@ -268,6 +361,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write(path: Path, data) -> None:
+    """JSON written whole (a temp file renamed), so a run stopped midway leaves the last complete table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policies", default="dqn-CartPole-v1,td3-Pendulum-v1,sac-Pendulum-v1",
@@ -278,13 +379,16 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=180.0, help="distillation budget per policy, seconds")
     p.add_argument("--per-channel", action="store_true")
     p.add_argument("--train-only", action="store_true")
-    p.add_argument("--cnn", action="store_true", help="the CNN row instead (SB3 PPO CnnPolicy on pixel CartPole)")
+    p.add_argument("--cnn", action="store_true", help="the CNN rows instead (SB3 PPO CnnPolicy on pixel CartPole, "
+                   "recovered by --keep; results in --cnn-results)")
+    p.add_argument("--keep", type=float, default=0.99, help="--cnn: recovery.keep's target (bitrl-compile --keep)")
+    p.add_argument("--cnn-results", default="bench/results/distill_cnn.json", help="--cnn: where its rows go")
     p.add_argument("--recurrent", action="store_true", help="the recurrent row instead (RecurrentPPO on CartPole)")
     p.add_argument("--rule", choices=["weighted", "plain"], default="plain",
-                   help="--cnn/--recurrent: the agreement distillation stops on")
-    p.add_argument("--rounds", type=int, default=1000, help="--cnn/--recurrent: at most this many DAgger rounds")
+                   help="--cnn: --keep-rule; --recurrent: the agreement distillation stops on")
+    p.add_argument("--rounds", type=int, default=1000, help="--recurrent: at most this many DAgger rounds")
     p.add_argument("--agreement", type=float, default=0.995,
-                   help="--cnn/--recurrent: stop at this held-out agreement (1: run every round)")
+                   help="--recurrent: stop at this held-out agreement (1: run every round)")
     p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
                    help="print the table of earlier runs' results.json files (runs in parallel), run nothing")
     p.add_argument("--out", default="bench/runs/distill", help="folder for the distilled files and results.json")
@@ -295,14 +399,27 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    if a.cnn or a.recurrent:
-        kinds = (["cnn"] if a.cnn else []) + (["recurrent"] if a.recurrent else [])
-        for kind in kinds:
-            for seed in range(a.first_seed, a.first_seed + a.seeds):
-                go = run_cnn if kind == "cnn" else run_recurrent
-                results.append(go(seed, a.episodes, a.budget, a.rule, a.rounds, a.agreement))
-                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-                (out / f"results-{'-'.join(kinds)}.json").write_text(json.dumps(results, indent=1))
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    if a.cnn:
+        print(f"command: python bench/distill.py {' '.join(sys.argv[1:])}", file=sys.stderr, flush=True)
+        for seed in seeds:
+            if a.train_only:
+                cnn_teacher(seed, CNN_STEPS, log=lambda s: print(s, file=sys.stderr, flush=True))
+                continue
+            results.append(run_cnn(seed, a.episodes, a.budget, a.keep, a.rule, out))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            _write(Path(a.cnn_results), {"command": f"python bench/distill.py {' '.join(sys.argv[1:])}",
+                                         "machine": machine.machine(), "teacher": {"env": PIXEL_CARTPOLE_64,
+                                                                           "steps": CNN_STEPS, "n_envs": CNN_ENVS,
+                                                                           "ppo": CNN_PPO}, "rows": results})
+        if results:
+            print(cnn_table(results))
+        return
+    if a.recurrent:
+        for seed in seeds:
+            results.append(run_recurrent(seed, a.episodes, a.budget, a.rule, a.rounds, a.agreement))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            (out / "results-recurrent.json").write_text(json.dumps(results, indent=1))
         print(kinds_table(results))
         return
     for spec in a.policies.split(","):

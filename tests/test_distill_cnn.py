@@ -77,6 +77,33 @@ def ptq_agreement(teacher, visited):
     return _agreement(reference_forward(load_policy(teacher[1]))(visited[0]), visited)
 
 
+# ------------------------------------------------------------------------------------------------ the tasks
+
+def test_pixel_cartpole64_stacks_four_antialiased_frames_in_which_the_velocities_show():
+    """BitrlPixelCartPole64-v0 (bench/distill.py --cnn's task): 64x64x4 uint8, channel k the frame k steps ago, and
+    a step's move (a tenth of a pixel of the cart, a fifth of the pole's tip) changes the frame: the velocities
+    are in the channels' differences, which the 36x36 frames of v0 mostly round away."""
+    import gymnasium as gym
+
+    from bitrl_compile.envs import PIXEL_CARTPOLE_64, draw_antialiased
+
+    env = gym.make(PIXEL_CARTPOLE_64)
+    first, _ = env.reset(seed=0)
+    assert first.shape == (64, 64, 4) and first.dtype == np.uint8
+    assert all(np.array_equal(first[..., k], first[..., 0]) for k in range(4))  # a still start: 4 equal frames
+    frames = [first[..., 0]] * 4  # the newest last
+    for _ in range(5):
+        obs, *_ = env.step(1)
+        frames.append(obs[..., 0])
+        np.testing.assert_array_equal(obs, np.stack(frames[:-5:-1], -1))  # channel k: k steps ago
+    assert not np.array_equal(frames[-1], frames[-2])
+    state = np.zeros(4)
+    still = draw_antialiased(state)
+    assert still.max() == 255 and (still > 0).mean() < 0.1  # a thin pole on a black background
+    for moved in ([0.01, 0, 0, 0], [0, 0, 0.003, 0]):  # about 0.1 pixel: cart, then the pole's tip
+        assert np.abs(draw_antialiased(np.array(moved)).astype(int) - still).sum() > 100
+
+
 # ------------------------------------------------------------------------------------------------ the STE
 
 @pytest.mark.parametrize("per_channel, int8", [(False, False), (True, False), (False, True)])
