@@ -512,6 +512,28 @@ def test_a_bad_discrete_index_is_refused_naming_the_key_in_python(phase, bad, me
             policy.act({"phase": np.array([0, 1, 3]), "state": phase.batch["state"][:3]})
 
 
+@pytest.mark.parametrize("bad", [3.0, -1.0, 0.5, np.nan])
+def test_a_flat_row_with_a_bad_discrete_index_is_refused_naming_the_key(phase, bad):
+    """The flat row too (the fast path included): the module would one-hot encode a bad index as no phase at all."""
+    row = _phase_flat({"phase": np.int64(0), "state": phase.batch["state"][0]})
+    row[0] = bad
+    with load(phase.art.path) as policy:
+        for x in (row, np.stack([_phase_flat({"phase": np.int64(1), "state": phase.batch["state"][1]}), row])):
+            with pytest.raises(ValueError, match=r"key 'phase' \(flat row value 0\).*Discrete\(3\) index") as e:
+                policy.act(x)
+            assert "\n" not in str(e.value)
+
+
+def test_env_with_the_discrete_key_is_the_policys(phase):
+    """--env compares a Discrete key by its n (the policy's spec holds the index, shape [1])."""
+    gym.register("BitrlTestPhaseCartPole-v0", entry_point=PhaseCartPole)
+    try:
+        loaded = load_policy(phase.folder / "phase.zip", config={"env": "BitrlTestPhaseCartPole-v0"})
+        assert [k["name"] for k in loaded.input["keys"]] == ["phase", "state"]
+    finally:
+        gym.registry.pop("BitrlTestPhaseCartPole-v0")
+
+
 def test_c_api_takes_a_discrete_keys_index_and_refuses_a_bad_one_by_name(phase, capi):
     batch = phase.batch
     lines = "".join(" ".join(f"{v:.9g}" for v in state) + f" {k}\n" for state, k in zip(batch["state"],

@@ -240,8 +240,11 @@ def _apply_env(loaded: LoadedPolicy, env_id, path: Path) -> tuple[str, dict]:
                              f"{[k['name'] for k in loaded.input.get('keys') or []]}) and {env_id}'s observation "
                              f"space is {_space_name(obs_space)}; give the --env it was trained on")
     if obs_space["type"] == "Dict":  # the policy's keys (names, shapes, order) are the env's
-        env_keys = [(k, [int(d) for d in v.get("shape", [])]) for k, v in obs_space["keys"]]
-        ours = [(k["name"], [int(d) for d in k["shape"]]) for k in loaded.input.get("keys") or []]
+        # a Discrete key is its n on both sides (the policy's spec holds its index: shape [1])
+        env_keys = [(k, f"Discrete({v['n']})" if v["type"] == "Discrete" else [int(d) for d in v.get("shape", [])])
+                    for k, v in obs_space["keys"]]
+        ours = [(k["name"], f"Discrete({k['n']})" if k.get("preprocess") == "onehot" else
+                 [int(d) for d in k["shape"]]) for k in loaded.input.get("keys") or []]
         if ours == env_keys:
             return env_id, action_space
         raise ModelLoadError(f"{path}: the policy takes keys {ours or shape} and {env_id}'s observation is a Dict of "
