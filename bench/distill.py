@@ -260,22 +260,26 @@ def run_recurrent(seed: int, episodes: int, budget: float, rule: str, rounds: in
     fp32 = fidelity.in_order(teacher, obs, starts)
     assert np.array_equal(fp32.argmax(1), actions), "the loaded actor is not SB3's predict"
     t0 = time.perf_counter()
+    # as recovery.keep does: the layer whose ternary version fits worst along the original's episodes stays int8
+    base = fidelity.baseline(loaded, "CartPole-v1", episodes=3, seed=0)
+    int8 = tuple(distill_recurrent.rank_layers(loaded, base.states, base.starts)[:1])
     result = distill_recurrent.distill(loaded, "CartPole-v1", distill.DistillArgs(
-        seed=seed, budget_s=budget, rule=rule, max_rounds=rounds, agreement=target), log=lambda s: None)
+        seed=seed, budget_s=budget, rule=rule, max_rounds=rounds, agreement=target, int8_layers=int8),
+        log=lambda s: None)
     seconds = time.perf_counter() - t0
 
-    def ternary(module):
+    def ternary(module, layers=()):
         x, mask = distill_recurrent.episodes_of(obs, starts)
         with torch.no_grad():
-            return distill_recurrent.sequence_forward(module, x, True)[mask].numpy()
+            return distill_recurrent.sequence_forward(module, x, True, int8_layers=layers)[mask].numpy()
 
-    def ret(module, quantized: bool):
+    def ret(module, quantized: bool, layers=()):
         class Act:  # evaluate() resets it at every episode's start
             def reset(self):
                 self.state, self.start = module.initial_state(1), torch.ones(1)
 
             def __call__(self, o):
-                with torch.no_grad(), distill_recurrent.ternary(module, quantized):
+                with torch.no_grad(), distill_recurrent.ternary(module, quantized, int8_layers=layers):
                     out, self.state = module(torch.from_numpy(np.asarray(o, np.float32)[None]), self.state,
                                              self.start)
                 self.start = torch.zeros(1)
@@ -284,11 +288,11 @@ def run_recurrent(seed: int, episodes: int, budget: float, rule: str, rounds: in
         return evaluate(Act(), "CartPole-v1", episodes, EVAL_SEED)[0]
 
     return {"algo": "rppo", "env": "CartPole-v1", "seed": seed, "rule": rule, "seconds": round(seconds, 1),
-            "train_seconds": round(train_s, 1), "rounds": result.rounds,
+            "train_seconds": round(train_s, 1), "rounds": result.rounds, "int8_layers": list(int8),
             "agreement": {"ptq": _agreement(loaded.output, ternary(loaded.module), fp32),
-                          "distilled": _agreement(loaded.output, ternary(result.student), fp32)},
+                          "distilled": _agreement(loaded.output, ternary(result.student, int8), fp32)},
             "returns": {"fp32": ret(loaded.module, False), "ptq": ret(loaded.module, True),
-                        "distilled": ret(result.student, True)}}
+                        "distilled": ret(result.student, True, int8)}}
 
 
 def sb3_episodes(model, env_id: str, steps: int, seed: int = 123):
