@@ -13,6 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 import tvm
+from kernel_guest import GUEST_RUNNER
 
 from bitrl_compile import quant, targets
 from bitrl_compile.quant import apply_activation
@@ -22,22 +23,6 @@ from bitrl_compile.targets import gemm_neon, kernels
 BATCHES = (7, 8, 15, 22)  # lookup tables only; one block; block + 4 + 2 + 1; 2 blocks + 4 + 2
 SHAPES = [(100, 37, "relu", True), (64, 48, "none", True), (520, 24, "none", False)]  # 520: 5 chunks of 104
 OVERFLOW_K = 4096
-GUEST = """
-import sys, numpy as np
-from bitrl_compile.runtime import tvm_runtime as rt
-data = dict(np.load(sys.argv[1]))
-out = {}
-for key in sorted({k.rsplit('/', 1)[0] for k in data}):
-    fn = rt.load_module(key + '.so')[str(data[key + '/name'])]
-    args = [rt.to_device(rt.aligned(data[key + '/' + a])) for a in ('w', 'gamma', 'bias')]
-    for b in [int(v) for v in data[key + '/batches']]:
-        y = rt.aligned(np.zeros((b, int(data[key + '/n'])), np.float32))
-        fn(rt.to_device(rt.aligned(data[key + '/x'][:b])), *args, rt.to_device(y))
-        out[key + '/' + str(b)] = y
-np.savez(sys.argv[2], **out)
-"""
-
-
 def _case(k, n, per_channel, seed):
     rng = np.random.default_rng(seed)
     w_t = rng.integers(-1, 2, (n, k)).astype(np.int8)
@@ -94,7 +79,7 @@ def test_gemm_rows_are_bit_exact_under_qemu(built, cpu):
 
     folder, expected, _ = built
     argv = f"import sys; sys.argv = ['-c', {str(folder / 'inputs.npz')!r}, {str(folder / cpu)!r}]\n"
-    proc = run_python_under_qemu(argv + GUEST, cpu=cpu, timeout=600, cwd=folder)
+    proc = run_python_under_qemu(argv + GUEST_RUNNER, cpu=cpu, timeout=600, cwd=folder)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = dict(np.load(folder / f"{cpu}.npz"))
     assert sorted(out) == sorted(expected)

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import tvm
+from kernel_guest import GUEST_RUNNER
 
 from bitrl_compile import quant, targets
 from bitrl_compile.quant import apply_activation
@@ -205,22 +206,6 @@ def test_amx_kernel_uses_tile_products_and_the_runtime_asks_for_the_tile_state(t
 
 
 # ------------------------------------------------------------------------------------ aarch64 under qemu
-
-GUEST_RUNNER = """
-import sys, numpy as np
-from bitrl_compile.runtime import tvm_runtime as rt
-data = dict(np.load(sys.argv[1]))
-out = {}
-for key in sorted({k.rsplit('/', 1)[0] for k in data}):
-    fn = rt.load_module(key + '.so')[str(data[key + '/name'])]
-    args = [rt.to_device(rt.aligned(data[key + '/' + a])) for a in ('w', 'gamma', 'bias')]
-    for b in [int(v) for v in data[key + '/batches']]:
-        y = rt.aligned(np.zeros((b, int(data[key + '/n'])), np.float32))
-        fn(rt.to_device(rt.aligned(data[key + '/x'][:b])), *args, rt.to_device(y))
-        out[key + '/' + str(b)] = y
-np.savez(sys.argv[2], **out)
-"""
-
 
 def _arm_cases():
     cases = [(f"k{k}n{n}{act}", k, n, act, pc, _case(k, n, pc, seed=k * n)) for k, n, act, pc in SHAPES]
