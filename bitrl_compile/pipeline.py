@@ -71,9 +71,11 @@ def passes(tvm_target, spec, *, per_channel: bool = False, schedules=None, until
     from bitrl_compile.passes.lift_params import lift_params
     from bitrl_compile.passes.pack_weights import pack_weights
     from bitrl_compile.passes.schedule_float import schedule_float
+    from bitrl_compile.passes.split_to_slices import split_to_slices
     from bitrl_compile.passes.ternarize import ternarize
 
     sequence = [
+        split_to_slices,                                  # split's parts -> strided slices (plans: one output each)
         ternarize(per_channel, int8_layers),              # float weights -> gamma * trits (absmean), or int8
         fuse_bitlinear,                                   # permute_dims -> matmul (-> add) (-> act): one BitLinear
         pack_weights,                                     # trits -> 2-bit constants (runnable: the reference's input)

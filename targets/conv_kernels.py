@@ -14,7 +14,7 @@ batch:
     x_q[b, c, hp, wp]  = int8(clip(round(x' * scale), -128, 127)) inside, 0 in the padding
     acc[b, oh, ow, o]  = sum_{c,i,j} x_q[b, c, oh*SH+i, ow*SW+j] * w[c, i, j, o]   int32 (int16 products: exact,
                                                                                   |x_q * w| <= 128 * 127)
-    y[b, o, oh, ow]    = act(fma(f32(acc), gamma[o] / scale[b], bias[o]))   (`kernels.activate`)
+    y[b, o, oh, ow]    = act(fma(f32(acc), gamma[o] / scale[b], bias[o]))   (`epilogue.activate`)
 
 Two implementations of that math:
 - AVX-512 VNNI (`VNNI_ISAS`, O % 16 == 0): the hand-written vpdpbusd kernel of targets/conv_vnni.py.
@@ -22,7 +22,7 @@ Two implementations of that math:
   [C, KH, KW, O] (K x O bytes, once per call); per output row, blocks of OW_BLOCK output positions x O_BLOCK
   channels are accumulated in registers over the whole reduction, the channels innermost (one weight vector
   load serves the block's positions; a broadcast x_q value times it); rows (and samples) are split across
-  threads when a layer is large enough (kernels.PARALLEL_MIN_WORK, as the BitLinear kernels).
+  threads when a layer is large enough (epilogue.PARALLEL_MIN_WORK, as the BitLinear kernels).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from bitrl_compile.quant import EPS, FUSABLE_ACTIVATIONS, QMAX
 
 from . import KernelSpec, conv_neon, conv_vnni, kernel_spec
 from .conv_vnni import prescaled
-from .kernels import PARALLEL_MIN_WORK, activate, quantize_value, row_scales, schedule_row_scales
+from .epilogue import PARALLEL_MIN_WORK, activate
+from .kernels import quantize_value, row_scales, schedule_row_scales
 
 LAYOUT = "g4o4"   # the kernel's weights: int8 [G, O16, 4] (groups of 4 reduction inputs; `kernel_weights`), as stored
 OW_BLOCK = 4      # output positions per register block (the LLVM-vectorised path)

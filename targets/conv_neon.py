@@ -27,7 +27,7 @@ int32 at once (`smull` + `sadalp`), exact for any K below 16 million. The ternar
 conv_kernels.conv_kernel is not told the layer's precision (the kernel name is the same for both).
 
 (P, Q) per layer minimise the instructions of an output row (`blocking`) within the 32 NEON registers (more
-spill); rows (and samples) are split across threads when the layer is large enough (kernels.PARALLEL_MIN_WORK),
+spill); rows (and samples) are split across threads when the layer is large enough (epilogue.PARALLEL_MIN_WORK),
 as conv_vnni.py. On the Cortex-A72 the inner loops take about 0.17 instructions per multiply-accumulate (2 smlal
 per 16), the whole kernels 0.2-0.21 (bitrl_compile/bench/conv.py's arm counts).
 """
@@ -41,7 +41,7 @@ from tvm.script import tirx as T
 from bitrl_compile.quant import EPS, QMAX
 
 from .conv_vnni import prescaled
-from .kernels import PARALLEL_MIN_WORK, activate
+from .epilogue import PARALLEL_MIN_WORK, activate
 
 NEON_ISAS = ("neon", "neon-lut", "neon-dotprod")  # specs whose convolutions are this kernel (conv_kernels.py)
 NEON_REGISTERS = 32

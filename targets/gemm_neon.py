@@ -30,7 +30,7 @@ from tvm.script import tirx as T
 
 from bitrl_compile.quant import EPS, QMAX
 
-from .kernels import PARALLEL_MIN_WORK, activate
+from .epilogue import PARALLEL_MIN_WORK, activate
 
 ROWS = 8        # rows per register block: 16 accumulators + 8 activation registers + 2 weight registers of 32
 MIN_ROWS = 8    # batches from this size take this path (the weight decode is paid once per call)

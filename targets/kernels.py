@@ -48,21 +48,9 @@ from bitrl_compile.quant import EPS, FUSABLE_ACTIVATIONS, QMAX
 from bitrl_compile.runtime.tvm_runtime import enable_amx
 from bitrl_compile.runtime.weights import tiles_packed_shape
 
-from . import KernelSpec, intrinsics, kernel_spec
+from . import KernelSpec, gemm_neon, intrinsics, kernel_spec
+from .epilogue import PARALLEL_MIN_WORK, activate
 from .intrinsics import AMX_STEPS
-
-PARALLEL_MIN_WORK = 1 << 16  # multiply-adds per batch row below which waking threads costs more than it saves
-
-
-def activate(y, activation: str):
-    """A fusable activation (quant.FUSABLE_ACTIVATIONS) on a float32 TIR value: every kernel's epilogue ends so."""
-    if activation == "relu":
-        return T.max(y, T.const(0.0, "float32"))
-    if activation == "tanh":
-        return T.tanh(y)
-    if activation == "sigmoid":
-        return T.sigmoid(y)
-    return y
 
 
 def row_scales(x, batch, k: int, spec: KernelSpec):
@@ -380,6 +368,4 @@ def bitlinear_kernel(k: int, n: int, activation: str = "none", per_channel: bool
     """The scheduled kernel for a tvm.target.Target (or an explicit spec), with the default or given knobs."""
     spec = spec or kernel_spec(target)
     func = schedule_default(bitlinear_primfunc(k, n, activation, per_channel, spec), spec, knobs)
-    from . import gemm_neon  # imports this module
-
     return gemm_neon.with_gemm_rows(func, per_channel) if gemm_neon.supports(spec) else func

@@ -147,8 +147,8 @@ def test_bitconv2d_ste_gradients_are_straight_through():
 
 def test_keep_recovers_a_cnn_policy_to_sb3s_actions(teacher, visited, ptq_agreement, tmp_path):
     """--keep 0.99 --keep-rule plain: the plain compile falls short on the reference (not compiled), distillation
-    (two DAgger rounds at most: rounds, not seconds, so the result does not depend on the machine) is compiled and
-    kept; the artifact takes SB3's deterministic action on 99 % of the frames SB3 visits."""
+    (six DAgger rounds at most: rounds, not seconds) is compiled and kept, alone or with one int8 layer; the
+    artifact takes SB3's deterministic action on 99 % of the frames SB3 visits."""
     from bitrl_compile import pipeline
     from bitrl_compile.trainers import recovery
 
@@ -158,8 +158,12 @@ def test_keep_recovers_a_cnn_policy_to_sb3s_actions(teacher, visited, ptq_agreem
         return pipeline.compile_policy(policy, "host", out, int8_layers=int8_layers, measure=measure)
 
     _, attempts = recovery.keep(load_policy(teacher[1]), ENV, 0.99, compile_fn, rule="plain", log=lines.append,
-                                distill_args=distill.DistillArgs(budget_s=math.inf, max_rounds=2, updates_per_round=100))
-    assert [a.step for a in attempts] == ["ptq", "distill"] and attempts[-1].kept, lines
+                                distill_args=distill.DistillArgs(budget_s=math.inf, max_rounds=6, updates_per_round=150))
+    # distillation alone, or with the layer it ranks first int8 (which one a machine's teacher needs differs: the
+    # tiny teacher's near-ties depend on the CPU's float paths in SB3's training)
+    steps = [a.step for a in attempts]
+    assert steps[:2] == ["ptq", "distill"] and steps[2:] in ([], [steps[-1]]), lines
+    assert steps[-1].startswith("distill") and attempts[-1].kept, lines
     assert "ptq: agreement" in lines[0] and "(numpy reference; not compiled)" in lines[0], lines
     with load(out) as policy:
         assert policy.manifest["recovery"] == "distill" and policy.manifest["fidelity"]["agreement"] >= 0.99

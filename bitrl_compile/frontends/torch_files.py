@@ -123,15 +123,22 @@ def _load_torch_export(path: Path, zf: zipfile.ZipFile, cfg: dict, trust_pickle:
         raise ModelLoadError(f"{path}: cannot load the exported program ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160]}); save it again with this torch version") from None
     user_inputs = ep.graph_signature.user_inputs
-    if len(user_inputs) != 1:
-        raise ModelLoadError(f"{path}: the program takes {len(user_inputs)} inputs; a policy takes one observation")
-    node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
-    shape = list(node.meta["val"].shape)
+    if len(user_inputs) not in (1, 3):
+        raise ModelLoadError(f"{path}: the program takes {len(user_inputs)} inputs; a policy takes one observation "
+                             "(or, recurrent, obs, state and episode_start)")
+    shapes = [list(next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name).meta["val"].shape)
+              for name in user_inputs]
+    shape = shapes[0]
     if not shape or (not cfg.get("obs_shape") and not all(isinstance(d, int) for d in shape[1:])):
         raise ModelLoadError(f"{path}: the program's input has shape {shape}; a policy takes [batch, fixed dims]: "
                              "export it with a dynamic batch dimension only, or pass config={\"obs_shape\": [...]}")
     obs_shape = _config_obs_shape(cfg, path) or [int(d) for d in shape[1:]]
     input_spec = {"shape": obs_shape, "preprocess": "none"}
+    if len(shapes) == 3:
+        input_spec["recurrent"] = _recurrent_spec(shapes, cfg, path)
+    if isinstance(shape[0], int) and len(shapes) == 3:
+        raise ModelLoadError(f"{path}: a recurrent program exported with a fixed batch of {shape[0]}; export it with "
+                             "one Dim('batch', min=1, ...) shared by obs, state and episode_start")
     if isinstance(shape[0], int):  # a fixed batch size: guards would reject other batches
         module = _dynamic_batch(_program_module(ep, check_guards=False), obs_shape, path, "program")
     else:
@@ -148,6 +155,24 @@ def _load_torch_export(path: Path, zf: zipfile.ZipFile, cfg: dict, trust_pickle:
     recovery = trained.get("recovery") if isinstance(trained.get("recovery"), str) else None
     return LoadedPolicy(module, None, input_spec, dict(output), "torch-export", f"torch.export program, obs {obs_shape}"
                         + (f", batch <= {input_spec['max_batch']}" if "max_batch" in input_spec else ""), recovery)
+
+
+def _recurrent_spec(shapes: list[list], cfg: dict, path: Path) -> dict:
+    """input["recurrent"] of a program forward(obs [B, ...], state [B, S], episode_start [B]) -> (output, next
+    state [B, S]): the contract of sb3-contrib policies here (frontends/sb3_recurrent.py): state = h of every LSTM
+    layer, then c; episode_start 1 resets a row's state first. config "recurrent" {"layers": L} says how many
+    layers the state holds (default 1: the runtime needs only S = 2 L H)."""
+    state, start = shapes[1], shapes[2]
+    if len(state) != 2 or not isinstance(state[1], int) or len(start) != 1:
+        raise ModelLoadError(f"{path}: a program of three inputs is a recurrent policy forward(obs [B, ...], state "
+                             f"[B, S], episode_start [B]); its inputs have shapes {shapes[1:]} after obs")
+    size = int(state[1])
+    rec = cfg.get("recurrent") if isinstance(cfg.get("recurrent"), dict) else {}
+    layers = rec.get("layers", 1)
+    if not isinstance(layers, int) or layers < 1 or size % (2 * layers):
+        raise ModelLoadError(f"{path}: the state has {size} values, not 2 x {layers} layers x hidden (h and c of "
+                             "every layer); fix config \"recurrent\": {\"layers\": L}")
+    return {"layers": layers, "hidden": size // (2 * layers), "state_size": size}
 
 
 CARRIED_CONFIG = "extra/bitrl_config.json"  # trainers/export.save_program writes it (torch.export extra_files)
