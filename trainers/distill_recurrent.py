@@ -144,25 +144,14 @@ def calibrate_(student, teacher, x: torch.Tensor, mask: torch.Tensor, per_channe
     layers before it already corrected) fitted to the teacher's layer on the teacher's, over the unmasked steps,
     by one factor on the weights and, where the layer has one, a new bias per output (least squares). A ternary
     LSTM's gates can come out several-fold too small or large, which its state then carries along the episode."""
-    wanted: list[list[torch.Tensor]] = [[] for _ in layers(teacher)]
-    hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: wanted[k].append(out))
-             for k, m in enumerate(layers(teacher))]
     steps = mask.t().reshape(-1)  # calls go step by step: [T * B] in call order
     with torch.no_grad():
-        try:
-            sequence_forward(teacher, x, False)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for k, ms in enumerate(layers(student)):
-            seen: list[torch.Tensor] = []
-            hook = ms.register_forward_pre_hook(lambda _m, inputs, seen=seen: seen.append(inputs[0]))
-            try:
-                sequence_forward(student, x, True, per_channel, int8_layers)
-            finally:
-                hook.remove()
-            z = _layer(ms, torch.cat(seen)[steps], per_channel, bias=False, int8=k in int8_layers)
-            h = torch.cat(wanted[k])[steps]
+        wanted = _along(teacher, x, steps, outputs=True)
+        for k, ms in enumerate(layers(student)):  # one pass per layer: its input depends on those calibrated before
+            inputs = _along(student, x, steps, only=k, ternary=True, per_channel=per_channel,
+                            int8_layers=int8_layers)[k]
+            z = _layer(ms, inputs, per_channel, bias=False, int8=k in int8_layers)
+            h = wanted[k]
             zm, hm = z.mean(0), h.mean(0)
             zc, hc = z - zm, h - hm
             c = float((zc * hc).sum() / (zc * zc).sum().clamp(min=1e-12)) if len(z) > 1 else 1.0
@@ -170,6 +159,22 @@ def calibrate_(student, teacher, x: torch.Tensor, mask: torch.Tensor, per_channe
             ms.weight.mul_(c)
             if ms.bias is not None:
                 ms.bias.copy_(hm - c * zm)
+
+
+def _along(module, x: torch.Tensor, steps: torch.Tensor, *, outputs: bool = False, only: int | None = None,
+           ternary: bool = False, per_channel: bool = False, int8_layers=()) -> dict[int, torch.Tensor]:
+    """Each layer's inputs (or outputs) at every call of one `sequence_forward` of `module` over the padded
+    episodes x, in the states' order (`steps`: the mask's valid calls, step by step); `only`: that layer alone."""
+    found = layers(module)
+    seen: dict[int, list[torch.Tensor]] = {k: [] for k in (range(len(found)) if only is None else [only])}
+    hooks = [found[k].register_forward_hook(lambda _m, _i, out, k=k: seen[k].append(out)) if outputs else
+             found[k].register_forward_pre_hook(lambda _m, inputs, k=k: seen[k].append(inputs[0])) for k in seen]
+    try:
+        sequence_forward(module, x, ternary, per_channel, int8_layers)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: torch.cat(v)[steps] for k, v in seen.items()}
 
 
 def rank_layers(loaded, states: np.ndarray, starts: np.ndarray, per_channel: bool = False) -> list[int]:
@@ -186,19 +191,11 @@ def rank_layers(loaded, states: np.ndarray, starts: np.ndarray, per_channel: boo
     x, mask = _pad([prepare_observations(loaded.input, e, norm)[0] for e in _split(states, starts)])
     module = copy.deepcopy(loaded.module).float().eval()
     found = layers(module)
-    seen: list[list[torch.Tensor]] = [[] for _ in found]
-    hooks = [m.register_forward_pre_hook(lambda _m, inputs, k=k: seen[k].append(inputs[0]))
-             for k, m in enumerate(found)]
-    steps = mask.t().reshape(-1)  # calls go step by step: [T * B] in call order
     residuals = []
     with torch.no_grad():
-        try:
-            sequence_forward(module, x, False)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        seen = _along(module, x, mask.t().reshape(-1))
         for k, m in enumerate(found):
-            inputs = torch.cat(seen[k])[steps]
+            inputs = seen[k]
             h = (m._conv_forward(inputs, m.weight, None) if isinstance(m, torch.nn.Conv2d) else
                  torch.nn.functional.linear(inputs, m.weight)).double().flatten(1)
             z = _layer(m, inputs, per_channel, bias=False).double().flatten(1)
