@@ -103,7 +103,8 @@ def pretrain_job(env_id: str, root: str, steps: int, updates: int, encoder: str 
 
 
 def compiled_job(env_id: str, root: str, seeds: list[int], episodes: int) -> dict:
-    """Compile the pretrained backbone for the host; evaluate each seed's heads on the runtime's features."""
+    """Compile the pretrained backbone for the host; evaluate each seed's heads on the runtime's features (cached in
+    compiled.json)."""
     import torch
 
     from bitrl_compile import bitnet, pipeline
@@ -112,6 +113,9 @@ def compiled_job(env_id: str, root: str, seeds: list[int], episodes: int) -> dic
     from bitrl_compile.runtime import load
 
     folder = Path(root) / env_id
+    done = folder / "compiled.json"
+    if done.exists() and (cached := json.loads(done.read_text()))["returns"].keys() == {str(s) for s in seeds}:
+        return cached
     backbone = bitnet.load_backbone(folder / "backbone")
     artifact = folder / "backbone-host.bitrl"
     stats = backbone.spec.normalize or {"mean": 0.0, "var": 1.0}  # text backbones read raw values
@@ -130,7 +134,8 @@ def compiled_job(env_id: str, root: str, seeds: list[int], episodes: int) -> dic
             with torch.no_grad():
                 return int(heads(torch.from_numpy(policy.features(np.asarray(o, np.float32)[None]))).argmax(1)[0])
 
-        out["returns"][seed] = evaluate(act, env_id, episodes, EVAL_SEED)[0]
+        out["returns"][str(seed)] = evaluate(act, env_id, episodes, EVAL_SEED)[0]
+    done.write_text(json.dumps(out))
     return out
 
 
@@ -193,24 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-        # 1. fp32 PPO (the seed-0 policy drives the pretraining rollouts); 2. pretraining; 3. heads; 4. compiled
-        fp32 = {(e, s): pool.submit(train_job, "fp32", e, s, args.scale, args.episodes, root)
-                for e in args.envs for s in seeds}
+        # In the order a run longer than a session needs (every stage is cached, so a stopped run resumes): the
+        # fp32 seed-0 policy (it drives the pretraining rollouts), pretraining, the heads, then the control and the
+        # other fp32 seeds. The compiled column is measured here, in this process, as soon as an env's heads are done.
+        first = {e: pool.submit(train_job, "fp32", e, 0, args.scale, args.episodes, root) for e in args.envs}
         pre = {}
         for e in args.envs:
-            fp32[e, 0].result()
+            first[e].result()
             pre[e] = pool.submit(pretrain_job, e, root, args.pretrain_steps, args.pretrain_updates, args.encoder)
-        heads = []
+        pretrained = {e: f.result() for e, f in pre.items()}
+        heads = {e: [pool.submit(train_job, "heads", e, s, args.scale, args.episodes, root) for s in seeds]
+                 for e in args.envs}
+        rest = [pool.submit(train_job, kind, e, s, args.scale, args.episodes, root)
+                for e in args.envs for kind, todo in (("control", seeds), ("fp32", seeds[1:])) for s in todo]
+        compiled = {}
         for e in args.envs:
-            pre[e].result()
-            heads += [pool.submit(train_job, kind, e, s, args.scale, args.episodes, root)
-                      for kind in ("heads", "control") for s in seeds]
-        runs = [f.result() for f in list(fp32.values()) + heads]
+            for f in heads[e]:
+                f.result()
+            compiled[e] = compiled_job(e, root, seeds, args.episodes)
+            log(f"{e} compiled backbone: {compiled[e]['returns']}")
+        runs = [f.result() for f in [*first.values(), *(f for e in args.envs for f in heads[e]), *rest]]
         for r in runs:
             log(f"{r['env']} {r['kind']} seed {r['seed']}: {np.mean(r['returns']):.1f} ({r['seconds']:.0f} s)")
-        compiled = {e: pool.submit(compiled_job, e, root, seeds, args.episodes) for e in args.envs}
-        compiled = {e: f.result() for e, f in compiled.items()}
-        pretrained = {e: f.result() for e, f in pre.items()}
     results = {}
     for e in args.envs:
         mine = [r for r in runs if r["env"] == e]
