@@ -53,7 +53,8 @@ def test_a_q_network_with_tiny_gaps_loses_and_the_warning_names_the_recovery(q_n
     assert record["episodes"] == 2 and record["return"] < record["return_fp32"] and record["score"] < 0.5
     assert {"return_random", "states"} <= set(record)
     warnings = [line for line in r.stderr.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "recovery: --qat CartPole-v1, or --per-channel" in warnings[0], r.stderr
+    assert len(warnings) == 1 and "recovery: --keep 0.98 or --qat CartPole-v1, or --per-channel" in warnings[0], r.stderr
+    assert f"keeps only {100 * record['score']:.1f} % of the fp32 policy's return over 2 episodes" in warnings[0]
     assert f"action agreement {100 * record['agreement']:.1f} %" in r.stdout and "over 2 episodes" in r.stdout
 
 
@@ -110,7 +111,7 @@ def test_a_continuous_policy_is_measured_with_the_stated_rule(sb3_trained, tmp_p
     diff = np.abs(ours - sb3_actions) / 4.0
     assert record["agreement"] == pytest.approx(float((diff <= 0.05).all(axis=1).mean()), abs=2 / len(states))
     assert record["error"] == pytest.approx(float(diff.mean()), rel=0.05, abs=1e-3)
-    assert (record["agreement"] < 0.98) == ("recovery: --qat Pendulum-v1" in r.stderr)
+    assert (record["agreement"] < 0.98) == ("recovery: --keep 0.98 or --qat Pendulum-v1" in r.stderr)
 
 
 def test_without_env_nothing_is_measured_and_episodes_need_an_env(sb3_ppo_cartpole, tmp_path):
@@ -121,20 +122,28 @@ def test_without_env_nothing_is_measured_and_episodes_need_an_env(sb3_ppo_cartpo
     assert r.exit_code == 0 and "agreement" not in r.output and "fidelity" not in manifest_of(out)
 
 
-def test_the_warning_stays_quiet_when_the_episodes_show_the_return_kept():
-    from bitrl_compile.fidelity import warning
+def test_with_episodes_the_return_decides_the_warning_else_the_agreement():
+    from bitrl_compile.fidelity import kept, warning
 
     record = {"env": "CartPole-v1", "states": 1500, "agreement": 0.752}
-    assert "recovery: --qat CartPole-v1, or --per-channel" in warning(record)
-    assert warning(record, per_channel=True).endswith("recovery: --qat CartPole-v1")
+    assert "recovery: --keep 0.98 or --qat CartPole-v1, or --per-channel" in warning(record)
+    assert warning(record, per_channel=True).endswith("recovery: --keep 0.98 or --qat CartPole-v1")
     after = warning(record, recovered=True)  # after --qat: no "plain ternarization" and no --qat to suggest again
     assert "after recovery" in after and "--qat " not in after and "--per-channel" in after
-    assert warning({**record, "score": 1.0}) is None and warning({**record, "score": 0.5}) is not None
+    assert "--episodes N" in after
     assert warning({**record, "agreement": 0.98}) is None
     # a discrete record carries the stake-weighted agreement, which the target checks
     assert warning({**record, "weighted": 0.985}) is None
     assert "only 90.0 % of the fp32 policy's stakes on its states" in warning({**record, "agreement": 0.99,
                                                                                 "weighted": 0.9})
+    # with episodes the score decides, both ways: a policy that disagrees where actions hardly matter keeps its
+    # return (quiet); one that agrees on 99 % of the states but loses 6.6 % of the return is warned about
+    assert warning({**record, "score": 1.0, "episodes": 10}) is None and kept({**record, "score": 1.0}) == 1.0
+    loud = warning({**record, "agreement": 0.99, "score": 0.934, "episodes": 10})
+    assert loud.startswith("the ternary policy keeps only 93.4 % of the fp32 policy's return over 10 episodes")
+    assert "action agreement 99.0 %" in loud and "recovery: --keep 0.98" in loud
+    assert "--episodes N" not in warning({**record, "score": 0.5, "episodes": 10}, recovered=True)
+    assert kept({**record, "score": 0.5}, "plain") == 0.752  # the plain rule: the plain agreement alone
 
 
 def test_the_weighted_agreement_counts_states_by_the_fp32_policys_stakes():

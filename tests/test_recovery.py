@@ -105,6 +105,8 @@ def test_the_plain_rule_counts_every_state_and_hopeless_steps_are_not_compiled(q
     one line. A step whose numpy reference misses the target is measured there and not compiled."""
     record = {"agreement": 0.9, "weighted": 0.995, "score": 1.0}
     assert recovery.share(record) == 1.0 and recovery.share(record, "plain") == 0.9
+    # with episodes the score decides, not the higher of it and the agreement
+    assert recovery.share({"agreement": 0.99, "weighted": 0.995, "score": 0.934}) == 0.934
     with pytest.raises(ValueError, match="agreement rule 'most' is not one of weighted, plain"):
         recovery.share(record, "most")
     lines: list[str] = []

@@ -24,8 +24,8 @@
                up to every layer (the DQN above: 49 % with every layer ternary, 99.2 % weighted all int8)
 
 Kept means the fidelity record's agreement (stake-weighted for discrete actions: fidelity.shared) reaches the
-target, or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does: the same rule as compile's
-warning. With rule "plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting
+target or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does, whatever the agreement
+(fidelity.kept, the same rule as compile's warning: the return decides where it was measured). With rule "plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting
 one, the original's near-ties too (what a check against SB3's own predict counts), and no score: distillation then
 stops on plain held-out agreement and adds a ranking floor (DistillArgs.floor: the original's argmax must lead by a
 share of its median gap on every state, so that a near-tie is decided the original's way with room for rounding).
@@ -64,11 +64,9 @@ class _Short(Exception):
 
 
 def share(record: dict, rule: str = "weighted") -> float:
-    """What is compared with the target: the score with episodes or the (weighted) agreement, whichever is
-    higher (the rule of compile's warning); with rule "plain" the plain agreement alone."""
-    if fidelity.check_rule(rule) == "plain":
-        return fidelity.shared(record, rule)
-    return max(fidelity.shared(record), record.get("score", -math.inf))
+    """What is compared with the target: the score with episodes, else the (weighted) agreement (`fidelity.kept`,
+    the rule of compile's warning); with rule "plain" the plain agreement alone."""
+    return fidelity.kept(record, rule)
 
 
 @dataclass
