@@ -19,6 +19,7 @@ from tvm import relax
 
 from bitrl_compile import quant
 from bitrl_compile.passes import bitconv_op, bitlinear_op
+from bitrl_compile.runtime.policy import index_keys
 
 
 def _attr(call, name, default=None):
@@ -328,11 +329,8 @@ def check_observations(input_spec: dict, n: int, seed: int = 0) -> np.ndarray:
     norm = input_spec.get("normalize")
     if norm:
         x = np.asarray(norm["mean"]).reshape(shape) + np.sqrt(np.asarray(norm["var"])).reshape(shape) * x
-    offset = 0
-    for key in input_spec.get("keys") or [] if input_spec.get("kind") == "dict" else []:
-        if key.get("preprocess") == "onehot":  # a Dict's Discrete key: its index (every value, so the check sees each)
-            x[:, offset] = np.arange(n) % int(key["n"])
-        offset += int(np.prod(key["shape"]))
+    for _, offset, k in index_keys(input_spec):  # a Dict's Discrete key: its index (every value, so the check sees each)
+        x[:, offset] = np.arange(n) % k
     return x.astype(np.float32)
 
 

@@ -170,12 +170,12 @@ def check_observations(input_spec: dict, obs) -> tuple[np.ndarray, bool]:
                              f"or a batch (B, {', '.join(map(str, obs_shape))})")
     if x.shape[0] == 0:
         raise ValueError("observation batch is empty (batch size 0)")
-    if kind != "onehot" and _index_keys(input_spec):
+    if kind != "onehot" and index_keys(input_spec):
         _check_key_indices(input_spec, x)
     return x, single
 
 
-def _index_keys(input_spec: dict) -> list[tuple[str, int, int]]:
+def index_keys(input_spec: dict) -> list[tuple[str, int, int]]:
     """(name, offset in the flat row, n) of a Dict observation's Discrete keys (preprocess onehot)."""
     out, offset = [], 0
     for key in input_spec.get("keys") or [] if input_spec.get("kind") == "dict" else []:
@@ -189,7 +189,7 @@ def _check_key_indices(input_spec: dict, x: np.ndarray) -> None:
     """ValueError (one line naming the key) unless each Discrete key's slot of every flat row is a whole number
     in [0, n): the module one-hot encodes it, and any other value would silently encode as no action's input (the
     C API checks the same)."""
-    for name, offset, n in _index_keys(input_spec):
+    for name, offset, n in index_keys(input_spec):
         v = np.asarray(x[:, offset], np.float64)
         bad = ~(np.isfinite(v) & (v == np.floor(v)) & (v >= 0) & (v < n))
         if bad.any():
@@ -310,7 +310,7 @@ class Policy:
         # without a plan (the Relax VM) takes uint8 pixels too
         self._pixels = any(plan.plan["inputs"][0]["dtype"] == "uint8" for plan in self._plans.values())
         self._fast_dtypes = () if act is None or self.input_spec.get("preprocess", "none") not in ("none", "image") \
-            or _index_keys(self.input_spec) \
+            or index_keys(self.input_spec) \
             else (np.dtype(np.uint8),) if pixels \
             else tuple({_FLOAT32, np.dtype(act.plan["inputs"][0]["dtype"]),
                         *([np.dtype(np.uint8)] if self.input_spec.get("preprocess") == "image" else [])})
