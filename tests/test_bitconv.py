@@ -2,7 +2,6 @@
 and after), the kernel on NatureCNN's geometries, and CNN policies compiled from a LoadedPolicy and from a .pt2 file
 through the CLI, bit-exact against the numpy reference on x86, under qemu (rasp4) and through the C API."""
 
-import ctypes
 import functools
 import json
 import zipfile
@@ -27,6 +26,7 @@ from bitrl_compile.passes.pack_weights import pack_weights
 from bitrl_compile.passes.ternarize import ternarize
 from bitrl_compile.runtime import load
 from bitrl_compile.targets import conv_kernels, kernel_spec
+from capi_lib import open_libbitrl
 
 torch.set_num_threads(1)
 SHAPE = (4, 36, 36)
@@ -307,16 +307,7 @@ def test_rasp4_cnn_is_bit_exact_under_qemu(padded_rasp4):
 
 
 def test_c_api_gives_the_python_runtime_actions_and_refuses_a_batch_over_the_bound(host_cnn):
-    from test_capi import _flags
-
-    libdir = next(f[2:] for f in _flags("host") if f.startswith("-L"))
-    lib = ctypes.CDLL(f"{libdir}/libbitrl.so")
-    handle_t, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.bitrl_load.restype, lib.bitrl_load.argtypes = handle_t, [ctypes.c_char_p]
-    lib.bitrl_last_error.restype = ctypes.c_char_p
-    lib.bitrl_max_batch.restype, lib.bitrl_max_batch.argtypes = i64, [handle_t]
-    lib.bitrl_act.argtypes = lib.bitrl_forward.argtypes = [handle_t, handle_t, i64, handle_t]
-    lib.bitrl_free.argtypes = [handle_t]
+    lib = open_libbitrl()
     handle = lib.bitrl_load(str(host_cnn.path).encode())
     assert handle, lib.bitrl_last_error()
     try:

@@ -7,6 +7,7 @@ import ctypes
 import hashlib
 import json
 import math
+import re
 import shlex
 import subprocess
 import zipfile
@@ -25,6 +26,7 @@ from bitrl_compile.frontends import load_policy
 from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import ArtifactError, load, safetensors_np, signing
 from bitrl_compile.runtime.artifact import sign_artifact
+from capi_lib import DECLARATIONS, open_libbitrl
 from relax_models import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,18 +83,7 @@ def python_policy(artifacts):
 
 @pytest.fixture(scope="module")
 def capi(host_build, python_policy):
-    lib = ctypes.CDLL(str(host_build.lib))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.bitrl_load.restype, lib.bitrl_load.argtypes = p, [ctypes.c_char_p]
-    lib.bitrl_load_trusted.restype = p
-    lib.bitrl_load_trusted.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t]
-    lib.bitrl_last_error.restype = ctypes.c_char_p
-    for name in ("bitrl_obs_size", "bitrl_output_size", "bitrl_action_size", "bitrl_max_batch"):
-        getattr(lib, name).restype, getattr(lib, name).argtypes = i64, [p]
-    lib.bitrl_is_discrete.argtypes = lib.bitrl_has_sample.argtypes = lib.bitrl_free.argtypes = [p]
-    lib.bitrl_act.argtypes = lib.bitrl_forward.argtypes = [p, p, i64, p]
-    lib.bitrl_sample.argtypes = [p, p, p, i64, p]
-    return lib
+    return open_libbitrl(host_build.lib)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +132,21 @@ def test_sha256_matches_hashlib(tmp_path):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
         out = subprocess.run([str(exe)], input=data, capture_output=True, check=True).stdout.decode().strip()
         assert out == hashlib.sha256(data).hexdigest(), f"sha256 of {n} bytes"
+
+
+def test_capi_lib_declares_every_bitrl_h_function_and_refuses_a_wrong_arity(capi):
+    """tests/capi_lib.py, which every in-process test of the C API uses, declares each BITRL_API function of bitrl.h
+    with its number of arguments, and a call with too few or too many raises instead of passing garbage to C."""
+    header = (source_dir() / "bitrl.h").read_text()
+    found = re.findall(r"^BITRL_API [^;(]*?\b(bitrl_\w+)\(([^)]*)\)", header, re.MULTILINE)
+    assert len(found) == header.count("\nBITRL_API ") > 0
+    arity = {name: 0 if params.strip() == "void" else params.count(",") + 1 for name, params in found}
+    assert arity == {name: len(argtypes) for name, (_, argtypes) in DECLARATIONS.items()}
+    assert capi.bitrl_version().decode() == re.search(r'#define BITRL_VERSION "([^"]+)"', header)[1]
+    for call in (lambda: capi.bitrl_act(None, None, 1), lambda: capi.bitrl_act(None, None, 1, None, None),
+                 lambda: capi.bitrl_last_error(None)):
+        with pytest.raises(TypeError, match="this function takes"):
+            call()
 
 
 # ------------------------------------------------------------------------------- results equal Python's

@@ -4,7 +4,6 @@ the Python runtime and the C API take whole pixel values only, and refuse others
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.passes import bitconv_op
 from bitrl_compile.runtime import load
 from bitrl_compile.targets import conv_kernels, conv_vnni
+from capi_lib import open_libbitrl
 
 VNNI = "avx512_vnni" in Path("/proc/cpuinfo").read_text()
 needs_vnni = pytest.mark.skipif(not VNNI, reason="needs an AVX-512 VNNI CPU (the kernel that reads uint8 pixels)")
@@ -137,15 +137,7 @@ def test_image_policy_reads_uint8_frames_bit_exact_and_refuses_fractions(pixel_c
 
 @needs_vnni
 def test_c_api_reads_float_pixels_into_the_uint8_plan(pixel_cnn):
-    from test_capi import _flags
-
-    libdir = next(f[2:] for f in _flags("host") if f.startswith("-L"))
-    lib = ctypes.CDLL(f"{libdir}/libbitrl.so")
-    handle_t, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.bitrl_load.restype, lib.bitrl_load.argtypes = handle_t, [ctypes.c_char_p]
-    lib.bitrl_last_error.restype = ctypes.c_char_p
-    lib.bitrl_act.argtypes = lib.bitrl_forward.argtypes = [handle_t, handle_t, i64, handle_t]
-    lib.bitrl_free.argtypes = [handle_t]
+    lib = open_libbitrl()
     handle = lib.bitrl_load(str(pixel_cnn.path).encode())
     assert handle, lib.bitrl_last_error()
     try:

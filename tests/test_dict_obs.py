@@ -25,6 +25,7 @@ from bitrl_compile.frontends import load_policy
 from bitrl_compile.loaded import ModelLoadError
 from bitrl_compile.runtime import ArtifactError, load
 from bitrl_compile.runtime.policy import check_observations, normalization, normalize, prepare_observations
+from capi_lib import open_libbitrl
 
 torch.set_num_threads(1)
 
@@ -245,14 +246,7 @@ def capi(tmp_path_factory):
     (folder / "dict_app.c").write_text(C_APP)
     subprocess.run(["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", str(folder / "dict_app.c"), "-o",
                     str(folder / "dict_app"), *cflags, *libs], check=True, capture_output=True, text=True)
-    lib = ctypes.CDLL(str(Path(next(f[2:] for f in libs if f.startswith("-L"))) / "libbitrl.so"))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.bitrl_load.restype, lib.bitrl_load.argtypes = p, [ctypes.c_char_p]
-    lib.bitrl_last_error.restype = ctypes.c_char_p
-    lib.bitrl_input_keys.restype, lib.bitrl_input_keys.argtypes = i64, [p]
-    lib.bitrl_input_key.argtypes = [p, i64, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(i64),
-                                    ctypes.POINTER(i64)]
-    lib.bitrl_free.argtypes = [p]
+    lib = open_libbitrl()  # the build capi_flags("host") links the app against
     return SimpleNamespace(lib=lib, app=folder / "dict_app")
 
 

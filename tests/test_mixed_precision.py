@@ -7,7 +7,6 @@ on a constructed case; bad --int8-layers values are one line and exit 1."""
 
 from __future__ import annotations
 
-import ctypes
 import re
 import shlex
 import subprocess
@@ -27,6 +26,7 @@ from bitrl_compile.devices import EmulatedPolicy
 from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import ArtifactError, load, safetensors_np
 from bitrl_compile.targets import int8_kernels
+from capi_lib import open_libbitrl
 from relax_models import mlp, observations
 from sealing import sealed
 
@@ -212,12 +212,7 @@ MALFORMED = [(lambda m: _layer0(m).update(precision="int4"), "layers[0].precisio
 
 
 def test_both_readers_check_the_layer_fields_and_keep_them_optional(mixed_host, tmp_path):
-    from bitrl_compile.devices.capi import build
-
-    lib = ctypes.CDLL(str(build("host") / "libbitrl.so"))
-    lib.bitrl_load.restype, lib.bitrl_load.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
-    lib.bitrl_last_error.restype = ctypes.c_char_p
-    lib.bitrl_free.argtypes = [ctypes.c_void_p]
+    lib = open_libbitrl()
     for i, (edit, field) in enumerate(MALFORMED):
         path = sealed(mixed_host.path, tmp_path / f"bad{i}.bitrl", edit)
         with pytest.raises(ArtifactError, match=re.escape(f"manifest {field}")):

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from capi_lib import open_libbitrl
 from sealing import sealed
 
 pytest.importorskip("sb3_contrib")
@@ -222,21 +223,9 @@ def test_the_c_api_steps_as_python_does(compiled, tmp_path):
     """bitrl_act_recurrent / bitrl_forward_recurrent give the Python runtime's actions, outputs and states step by
     step (next_state written over state, as a control loop would); the one-state calls refuse a recurrent policy,
     and the C reader refuses the manifests the Python reader refuses."""
-    import ctypes
-
-    from test_capi import _flags
-
     from bitrl_compile.runtime import ArtifactError, load
 
-    libdir = next(f[2:] for f in _flags("host") if f.startswith("-L"))
-    lib = ctypes.CDLL(f"{libdir}/libbitrl.so")
-    handle_t, i64, ptr = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
-    lib.bitrl_load.restype, lib.bitrl_load.argtypes = handle_t, [ctypes.c_char_p]
-    lib.bitrl_last_error.restype = ctypes.c_char_p
-    lib.bitrl_state_size.restype, lib.bitrl_state_size.argtypes = i64, [handle_t]
-    lib.bitrl_act_recurrent.argtypes = lib.bitrl_forward_recurrent.argtypes = [handle_t, ptr, ptr, ptr, i64, ptr, ptr]
-    lib.bitrl_act.argtypes = [handle_t, ptr, i64, ptr]
-    lib.bitrl_free.argtypes = [handle_t]
+    lib = open_libbitrl()
     handle = lib.bitrl_load(str(compiled.path).encode())
     assert handle, lib.bitrl_last_error()
     try:
@@ -394,24 +383,6 @@ def test_keep_distils_a_recurrent_policy_through_time(lossy_recurrent_ppo, tmp_p
     assert r.exit_code == 1 and "no format holds a recurrent student" in r.output and "--keep" in r.output, r.output
 
 
-def _capi_recurrent():
-    """libbitrl through ctypes, with the argument types of the recurrent calls (bitrl.h)."""
-    import ctypes
-
-    from test_capi import _flags
-
-    libdir = next(f[2:] for f in _flags("host") if f.startswith("-L"))
-    lib = ctypes.CDLL(f"{libdir}/libbitrl.so")
-    handle_t, i64, ptr = ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p
-    lib.bitrl_load.restype, lib.bitrl_load.argtypes = handle_t, [ctypes.c_char_p]
-    lib.bitrl_last_error.restype = ctypes.c_char_p
-    lib.bitrl_has_sample.argtypes = lib.bitrl_free.argtypes = [handle_t]
-    lib.bitrl_act_recurrent.argtypes = [handle_t, ptr, ptr, ptr, i64, ptr, ptr]
-    lib.bitrl_sample_recurrent.argtypes = [handle_t, ptr, ptr, ptr, ptr, i64, ptr, ptr]
-    lib.bitrl_sample.argtypes = [handle_t, ptr, ptr, i64, ptr]
-    return lib
-
-
 @pytest.fixture(scope="module")
 def compiled_box(tmp_path_factory):
     """A Box RecurrentPPO (Pendulum-v1: one action in [-2, 2], a learned log_std, so a "sample" entry point):
@@ -482,7 +453,7 @@ def test_the_c_api_samples_as_python_does(compiled, compiled_box):
 
     from bitrl_compile.runtime import load
 
-    lib = _capi_recurrent()
+    lib = open_libbitrl()
     cases = [(compiled.path, list(_episodes(40, seed=6))), (compiled_box.path, list(_pendulum_episodes(40)))]
     for path, steps in cases:
         handle = lib.bitrl_load(str(path).encode())
@@ -510,7 +481,7 @@ def test_the_c_api_refuses_sampling_it_cannot_do_in_one_line(compiled, sb3_ppo_c
     def no_sample(m):
         del m["entry_points"]["sample"]
 
-    lib = _capi_recurrent()
+    lib = open_libbitrl()
     obs, state = np.zeros((1, 4), np.float32), np.zeros((1, 64), np.float32)
     start, noise, action = np.ones(1, np.float32), np.full((1, 1), 0.5, np.float32), np.zeros(1, np.int64)
 

@@ -12,6 +12,7 @@ import pytest
 from bitrl_compile import pipeline
 from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import ArtifactError, load, read_artifact
+from capi_lib import open_libbitrl
 from relax_models import mlp
 from sealing import sealed
 
@@ -211,14 +212,7 @@ def test_a_function_lib_so_does_not_export_is_one_line(artifact, tmp_path):
 
 def test_the_c_api_refuses_the_same_malformed_manifests(artifact, tmp_path):
     """The C reader (runtime/capi/manifest.c) refuses every manifest the Python reader does, in one line."""
-    import ctypes
-
-    from bitrl_compile.devices.capi import build
-
-    lib = ctypes.CDLL(str(build("host") / "libbitrl.so"))
-    lib.bitrl_load.restype, lib.bitrl_load.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
-    lib.bitrl_last_error.restype = ctypes.c_char_p
-    lib.bitrl_free.argtypes = [ctypes.c_void_p]
+    lib = open_libbitrl()
     cases = [(case, edit) for case, edit, _ in MALFORMED] + [
         ("output n 7", lambda m: m["output"].update(n=7)), ("output kind", lambda m: m["output"].update(kind="x"))]
     for i, (case, edit) in enumerate(cases):
