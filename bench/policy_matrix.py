@@ -13,13 +13,16 @@ budgets are hours per seed). Each policy is trained by Stable-Baselines3 itself 
 (bench/zoo.py, shared with bench/distill.py: where RL Zoo uses gSDE, which we cannot compile, the plain Gaussian;
 `normalize: true` is a VecNormalize saved beside the zip and compiled in with --vecnormalize) and cached in
 ~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip. `--scale x` multiplies the training budgets (separate
-cache names and run folder), for trying the script out.
+cache names and run folder), for trying the script out. CleanRL-style agents too (`--algos cleanrl-dqn,cleanrl-ppo`,
+in the default set): trained as CleanRL's dqn.py and ppo.py train them, with their defaults, on CartPole-v1 and
+Acrobot-v1, and saved as CleanRL saves them (bench/cleanrl_zoo.py; read by the compiler without unpickling).
 
 Columns, for every seed the mean return of the same deterministic episodes (reset seeds 10000 + i), then mean ±
 std over the seeds, and the score (R - R_random) / (R_fp32 - R_random) (per seed, averaged; R_random: uniform
 random actions on the same episodes):
 
-    fp32          SB3's own `model.predict(obs, deterministic=True)` (observations through its VecNormalize)
+    fp32          SB3's own `model.predict(obs, deterministic=True)` (observations through its VecNormalize);
+                  a CleanRL agent's own network in torch (argmax of its Q-values or logits)
     PTQ           the plain compile (`pipeline.compile_policy`)
     per-channel   the compile with --per-channel
     distilled     trainers/distill.py (`--budget` seconds of one core), then the plain compile of the student
@@ -55,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/zoo.py: RL Zoo's settings, the models' cache
+import cleanrl_zoo
 import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +72,29 @@ POLICY_SECONDS = 180   # issue 14: at most 3 minutes per policy
 COLUMNS = ("ptq", "per-channel", "distill", "mixed", "rl-finetune", "keep")
 LABELS = {"fp32": "fp32 (SB3)", "ptq": "PTQ", "per-channel": "PTQ per-channel", "distill": "distilled",
           "mixed": "mixed (int8 auto)", "rl-finetune": "RL fine-tune", "keep": "--keep 0.98"}
-ACTOR_CRITIC = ("ppo", "a2c", "sac", "td3")  # where the PPO fine-tune applies (a DQN has no policy to fine-tune)
+ACTOR_CRITIC = ("ppo", "a2c", "sac", "td3", "cleanrl-ppo")  # where the PPO fine-tune applies (not to a DQN)
+
+
+def is_cleanrl(algo: str) -> bool:
+    return algo in cleanrl_zoo.ALGOS
+
+
+def name_of(algo: str) -> str:
+    """"SB3 PPO", "CleanRL DQN": who trained the policy, and how."""
+    return f"CleanRL {algo.split('-', 1)[1].upper()}" if is_cleanrl(algo) else f"SB3 {algo.upper()}"
+
+
+def teacher(algo: str, env_id: str, seed: int, scale: float) -> Path:
+    """The cached model file of (algo, env, seed), trained first when missing: SB3 (bench/zoo.py) or CleanRL-style
+    (bench/cleanrl_zoo.py)."""
+    module = cleanrl_zoo if is_cleanrl(algo) else zoo
+    return module.teacher(algo, env_id, seed, log=_log, scale=scale)
+
+
+def rows_of(algos: list[str], envs: list[str]) -> list[tuple[str, str]]:
+    """(algo, env) in the order of `algos` then `envs`: RL Zoo's settings for SB3, CleanRL's envs for its agents."""
+    return [(a, e) for a in algos for e in envs
+            if (a, e) in zoo.ZOO or (is_cleanrl(a) and e in cleanrl_zoo.ENVS)]
 
 
 # ------------------------------------------------------------------------------------------------ one policy
@@ -118,14 +144,14 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
         return results
     try:
         make_env(env_id).close()  # a missing extra (Box2D) is one line, and the row is skipped
-        path = zoo.teacher(algo, env_id, seed, log=_log, scale=opts["scale"])
+        path = teacher(algo, env_id, seed, opts["scale"])
     except EnvUnavailable as e:
         return {"unavailable": str(e)}
     out.mkdir(parents=True, exist_ok=True)
-    stats = zoo.statistics(path)
+    stats = None if is_cleanrl(algo) else zoo.statistics(path)
 
     def load(p=path, vecnormalize=stats):  # a fresh copy each time: the trainers change the module they are given
-        return load_policy(p, config={"env": env_id}, trust_pickle=True, vecnormalize=vecnormalize)
+        return load_policy(p, config={"env": env_id}, trust_pickle=not is_cleanrl(algo), vecnormalize=vecnormalize)
 
     episodes = opts["episodes"]
     original = load()
@@ -136,10 +162,12 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
     for column in todo:
         t0, c0 = time.perf_counter(), time.process_time()
         if column == "fp32":
-            returns = sb3_returns(path, algo, env_id, episodes)
+            returns = (cleanrl_zoo.fp32_returns(path, algo, env_id, episodes, EVAL_SEED) if is_cleanrl(algo)
+                       else sb3_returns(path, algo, env_id, episodes))
             result = {"return": float(np.mean(returns)), "returns": returns, "return_ours": base.ret_fp32,
                       "random": base.ret_random, "baseline_seconds": round(base_seconds, 1),
-                      "vecnormalize": stats is not None, "dropped": zoo.dropped(algo, env_id)}
+                      "vecnormalize": stats is not None,
+                      "dropped": [] if is_cleanrl(algo) else zoo.dropped(algo, env_id)}
         else:
             result = COLUMN_RUNS[column](algo=algo, env_id=env_id, seed=seed, path=path, load=load, original=original,
                                          base=base, hook=hook, out=out, opts=opts)
@@ -195,7 +223,7 @@ def col_distill(*, env_id, seed, load, hook, out, opts, **_):
 
 def col_rl_finetune(*, algo, env_id, seed, path, load, hook, out, opts, **_):
     if algo not in ACTOR_CRITIC:
-        return {"skipped": f"{algo.upper()} is not actor-critic"}
+        return {"skipped": f"{name_of(algo)} is not actor-critic"}
     from bitrl_compile.frontends import load_policy
     from bitrl_compile.trainers import ppo
 
@@ -308,7 +336,7 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
     times = ["| policy | " + " | ".join(LABELS[c] for c in columns) + " |", "|---|" + "---|" * len(columns)]
     goal, notes = [], []
     for (algo, env_id), us in rows.items():
-        name = f"SB3 {algo.upper()} {env_id}"
+        name = f"{name_of(algo)} {env_id}"
         cells = [name, str(len(us)), *[_cell(us, c) for c in ret_cols]]
         if "keep" in columns:
             pick, score, seconds = _keep_cell(us)
@@ -332,7 +360,8 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
             notes.append(f"{name}: our fp32 reading of the model differs from SB3's predict by up to {gap:.2f}")
     out = [f"# Issue 14's policy matrix ({meta.get('when', '')})", "",
            f"`{meta.get('command', 'python bench/policy_matrix.py')}` on {meta.get('machine', '?')}. SB3 models "
-           f"trained with RL Zoo's settings ({zoo.SOURCE}; bench/zoo.py)"
+           f"trained with RL Zoo's settings ({zoo.SOURCE}; bench/zoo.py); CleanRL agents trained as "
+           f"CleanRL's scripts train them ({cleanrl_zoo.SOURCE}; bench/cleanrl_zoo.py)"
            + (f", budgets × {meta['scale']:g}" if meta.get("scale", 1.0) != 1.0 else "")
            + f"; {meta.get('episodes', '?')} deterministic episodes per seed (reset seeds {EVAL_SEED} + i); "
            "returns: mean ± std over seeds of each seed's mean; (score) = (R - R_random) / (R_fp32 - R_random), "
@@ -366,7 +395,7 @@ def _train(algo: str, env_id: str, seed: int, scale: float) -> str | None:
     from bitrl_compile.evaluate import EnvUnavailable
 
     try:
-        zoo.teacher(algo, env_id, seed, log=_log, scale=scale)
+        teacher(algo, env_id, seed, scale)
     except EnvUnavailable as e:
         return str(e)
     return None
@@ -374,7 +403,8 @@ def _train(algo: str, env_id: str, seed: int, scale: float) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--algos", default=",".join(zoo.ALGOS), help="comma-separated: ppo,a2c,dqn,sac,td3")
+    p.add_argument("--algos", default=",".join(zoo.ALGOS + cleanrl_zoo.ALGOS),
+                   help="comma-separated: ppo,a2c,dqn,sac,td3,cleanrl-dqn,cleanrl-ppo")
     p.add_argument("--envs", default=",".join(zoo.ENVS), help="comma-separated env ids (also "
                    + ", ".join(zoo.EXTRA_ENVS) + ")")
     p.add_argument("--seeds", type=int, default=5)
@@ -395,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         p.error(f"unknown column(s) {unknown}; choose from {', '.join(COLUMNS)}")
-    rows = zoo.rows([x.strip() for x in a.algos.split(",")], [x.strip() for x in a.envs.split(",")])
+    rows = rows_of([x.strip() for x in a.algos.split(",")], [x.strip() for x in a.envs.split(",")])
     if not rows:
-        p.error(f"RL Zoo has no settings for {a.algos} on {a.envs} here (bench/zoo.py's ZOO)")
+        p.error(f"no settings for {a.algos} on {a.envs} here (bench/zoo.py's ZOO, bench/cleanrl_zoo.py's ENVS)")
     runs = a.runs or (RUNS if a.scale == 1.0 else RUNS.with_name(f"policy_matrix-scale{a.scale:g}"))
     keys = [(algo, env_id, seed) for algo, env_id in rows for seed in range(a.seeds)]
     opts = {"runs": str(runs), "episodes": a.episodes, "budget": a.budget, "qat_steps": a.qat_steps,
