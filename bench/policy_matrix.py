@@ -174,7 +174,8 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
         result["seconds"] = round(time.perf_counter() - t0, 1)
         result["cpu_seconds"] = round(time.process_time() - c0, 1)  # what the goal counts (a loaded machine too)
         write_atomic(out / f"{column}.json", json.dumps(result, indent=1).encode())
-        _log(f"{algo} {env_id} seed {seed} {column}: " + (f"return {result['return']:.1f}, " if "return" in result
+        _log(f"{algo} {env_id} seed {seed} {column}: " + (f"return {result['return']:.1f}, "
+                                                            if result.get("return") is not None
                                                             else f"{result.get('skipped', '')} ")
              + f"{result['seconds']:.0f} s")
         results[column] = result
@@ -242,28 +243,17 @@ def col_keep(*, env_id, seed, original, load, base, out, opts, **_):
     """recovery.keep on the score of the evaluation episodes; records every attempt (also when none keeps it)."""
     from bitrl_compile.trainers import recovery
 
-    records: list[dict] = []
-
     def compile_fn(loaded, int8_layers, measure):
-        def measure_and_record(*args):
-            try:
-                record = measure(*args)
-            except Exception as e:
-                records.append(getattr(e, "record", None) or {})  # recovery's "not kept" carries its record
-                raise
-            records.append(record)
-            return record
-
-        return _compile(loaded, out, "keep", opts, measure=measure_and_record, int8_layers=int8_layers)
+        return _compile(loaded, out, "keep", opts, measure=measure, int8_layers=int8_layers)
 
     lines: list[str] = []
     try:
         compiled, attempts = recovery.keep(load(), env_id, TARGET, compile_fn, episodes=opts["episodes"],
                                            seed=EVAL_SEED, budget=opts["budget"], base=base, log=lines.append)
-    except recovery.NotKept as e:
-        best = max(records, key=lambda r: r.get("score", -np.inf), default={})
+    except recovery.NotKept as e:  # the best step's return (its record: the artifact's, or the numpy reference's)
+        best = max((a.record for a in e.attempts), key=lambda r: r.get("score", -np.inf), default={})
         return {"step": None, "kept": False, "return": best.get("return"), "message": str(e), "log": lines,
-                "tried": len(records)}
+                "tried": len(e.attempts), "best_engine": best.get("engine")}
     record = compiled.manifest["fidelity"]
     return {"step": attempts[-1].step, "kept": True, "return": record["return"],
             "agreement": recovery.share(record), "tried": len(attempts), "log": lines}

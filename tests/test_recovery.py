@@ -110,8 +110,10 @@ def test_the_plain_rule_counts_every_state_and_hopeless_steps_are_not_compiled(q
     with pytest.raises(ValueError, match="agreement rule 'most' is not one of weighted, plain"):
         recovery.share(record, "most")
     lines: list[str] = []
-    with pytest.raises(recovery.NotKept, match="ptq: agreement .* plain"):
+    with pytest.raises(recovery.NotKept, match="ptq: agreement .* plain") as failed:
         recovery.keep(load_policy(q_network, config={"env": "CartPole-v1"}), "CartPole-v1", 1.0,
                       compiler(tmp_path / "q.bitrl"), rule="plain", distill_args=NO_TRAINING, log=lines.append)
+    tried = failed.value.attempts  # every step's record, for a caller that reports how far each got
+    assert tried[0].step == "ptq" and not any(a.kept for a in tried) and all(a.record["agreement"] < 1 for a in tried)
     assert all("(numpy reference; not compiled)" in line for line in lines if line.startswith("keep 100 %")), lines
     assert list(tmp_path.iterdir()) == []

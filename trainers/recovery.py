@@ -52,7 +52,12 @@ PRECHECK_SLACK = 0.01  # an attempt whose reference misses the target by more is
 
 
 class NotKept(ValueError):
-    """No recovery kept the target; the message (one line) names the best reached."""
+    """No recovery kept the target; the message (one line) names the best reached, `attempts` holds every step's
+    Attempt (its fidelity record: the return, the score)."""
+
+    def __init__(self, message: str, attempts: list | None = None):
+        super().__init__(message)
+        self.attempts = list(attempts or [])
 
 
 class _Short(Exception):
@@ -157,7 +162,7 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     accept = math.floor(100 * best.share) / 100
     accept = f"accept it with --keep {accept:g}, or " if accept > 0 else ""
     raise NotKept(f"--keep {target:g} not met: the best recovery ({best.step}) keeps {100 * best.share:.1f} % "
-                  f"({tried}); nothing was written: {accept}give distillation more time (--keep-budget)")
+                  f"({tried}); nothing was written: {accept}give distillation more time (--keep-budget)", attempts)
 
 
 def _precheck(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool) -> dict | None:
