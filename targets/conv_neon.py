@@ -40,6 +40,7 @@ from tvm.script import tirx as T
 
 from bitrl_compile.quant import EPS, QMAX
 
+from .absmax import absmax
 from .conv_vnni import prescaled
 from .epilogue import PARALLEL_MIN_WORK, activate
 
@@ -119,7 +120,6 @@ def neon_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channe
     cw = 1 if kw_mode else 4 * c4                       # bytes per image position in XQ
     xq_len = (c * hp * wp) if kw_mode else hp * wp * cw  # XQ bytes per sample
     xq_pad = -(-(xq_len + 32) // 64) * 64  # + 32: a block's last 16-byte windows may read past the image
-    lanes, vec = 16, size // 16
     parallel = geometry.k * o * oh * ow >= PARALLEL_MIN_WORK
     extents = (c, kh, jg) if kw_mode else (kh, kw, c4)
     windows = -(-extents[2] // 4)  # "c": 16-byte activation loads per position and (ga, gb) step
@@ -354,22 +354,7 @@ def neon_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channe
         TERN[0] = T.Cast("int32", T.call_llvm_pure_intrin("int32", "llvm.aarch64.neon.umaxv.i32.v16i8",
                                                           wm[0, T.ramp(0, 1, 16)]) <= 2)
         for b in T.serial(batch):
-            for u in T.unroll(4):  # 4 independent fmax chains
-                mx[u, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
-            for v in T.serial(vec // 4):
-                for u in T.unroll(4):
-                    mx[u, T.ramp(0, 1, 16)] = T.max(mx[u, T.ramp(0, 1, 16)],
-                                                    T.abs(X[b, T.ramp((v * 4 + u) * lanes, 1, 16)]))
-            for v in T.serial(vec % 4):
-                mx[0, T.ramp(0, 1, 16)] = T.max(mx[0, T.ramp(0, 1, 16)],
-                                                T.abs(X[b, T.ramp((vec // 4 * 4 + v) * lanes, 1, 16)]))
-            mx[0, T.ramp(0, 1, 16)] = T.max(T.max(mx[0, T.ramp(0, 1, 16)], mx[1, T.ramp(0, 1, 16)]),
-                                            T.max(mx[2, T.ramp(0, 1, 16)], mx[3, T.ramp(0, 1, 16)]))
-            m[0] = T.float32(0)
-            for v in T.serial(16):
-                m[0] = T.max(m[0], mx[0, v])
-            for v in T.serial(size - vec * lanes):
-                m[0] = T.max(m[0], T.abs(X[b, vec * lanes + v]))
+            absmax(m, mx, X, b, size)
             S[b] = T.float32(QMAX) / T.max(prescaled(m[0], magnitude), T.float32(EPS))
             for v in T.serial(0 if covered else xq_pad // 64):  # the padding (and padded channels): 0
                 XQ[b, T.ramp(v * 64, 1, 64)] = T.broadcast(T.int8(0), 64)

@@ -32,6 +32,7 @@ from tvm.target.codegen import llvm_version_major
 
 from bitrl_compile.quant import EPS, QMAX, fma_f32
 
+from .absmax import absmax
 from .kernels import PARALLEL_MIN_WORK, activate
 
 
@@ -120,7 +121,6 @@ def vnni_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channe
     cw = 1 if kw_mode else 4 * c4                       # bytes per image position in XU
     xu_len = (c * hp * wp) if kw_mode else hp * wp * cw  # XU bytes per sample
     xu_pad = -(-xu_len // 64) * 64
-    lanes, vec = 16, size // 16
     parallel = geometry.k * o * oh * ow >= PARALLEL_MIN_WORK
     bytes_as = "int8" if llvm_version_major() >= 21 else "int32"  # LLVM 21 retyped vpdpbusd's operands
 
@@ -296,20 +296,7 @@ def vnni_conv(geometry, hw: tuple[int, int], o: int, activation: str, per_channe
                 for v in T.serial(size % 256):
                     m[0] = T.max(m[0], T.Cast("float32", X[b, size // 256 * 256 + v]))
             else:
-                for u in T.unroll(4):  # 4 independent vmaxps chains
-                    mx[u, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
-                for v in T.serial(vec // 4):
-                    for u in T.unroll(4):
-                        mx[u, T.ramp(0, 1, 16)] = T.max(mx[u, T.ramp(0, 1, 16)],
-                                                        T.abs(X[b, T.ramp((v * 4 + u) * lanes, 1, 16)]))
-                for v in T.serial(vec % 4):
-                    mx[0, T.ramp(0, 1, 16)] = T.max(mx[0, T.ramp(0, 1, 16)],
-                                                    T.abs(X[b, T.ramp((vec // 4 * 4 + v) * lanes, 1, 16)]))
-                m[0] = T.float32(0)
-                for v in T.serial(64):
-                    m[0] = T.max(m[0], mx[v // 16, v % 16])
-                for v in T.serial(size - vec * lanes):
-                    m[0] = T.max(m[0], T.abs(X[b, vec * lanes + v]))
+                absmax(m, mx, X, b, size)
             S[b] = T.float32(QMAX) / T.max(prescaled(m[0], magnitude), T.float32(EPS))
             for t in T.unroll(tiles):  # gamma / scale once per sample (a divide per block would wait for it)
                 GS[b, T.ramp(t * 16, 1, 16)] = (G[T.ramp(t * 16, 1, 16)] / T.broadcast(S[b], 16)) if per_channel \

@@ -30,6 +30,7 @@ from tvm.script import tirx as T
 
 from bitrl_compile.quant import EPS, QMAX
 
+from .absmax import absmax
 from .epilogue import PARALLEL_MIN_WORK, activate
 
 ROWS = 8        # rows per register block: 16 accumulators + 8 activation registers + 2 weight registers of 32
@@ -69,7 +70,6 @@ def gemm_rows(k: int, n: int, activation: str, per_channel: bool, X, W, G, B, Y)
     kp = 4 * kb  # a multiple of 8
     ch = chunk(kp)
     chunks, steps = kp // ch, ch // 8
-    lanes, vec = 16, k // 16
     parallel = k * n >= PARALLEL_MIN_WORK
     act = activation
 
@@ -147,22 +147,7 @@ def gemm_rows(k: int, n: int, activation: str, per_channel: bool, X, W, G, B, Y)
         mx = T.alloc_buffer((4, 16), "float32")
         m = T.alloc_buffer((1,), "float32")
         for b in T.serial(batch):
-            for u in T.unroll(4):  # 4 independent fmax chains
-                mx[u, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
-            for v in T.serial(vec // 4):
-                for u in T.unroll(4):
-                    mx[u, T.ramp(0, 1, 16)] = T.max(mx[u, T.ramp(0, 1, 16)],
-                                                    T.abs(X[b, T.ramp((v * 4 + u) * lanes, 1, 16)]))
-            for v in T.serial(vec % 4):
-                mx[0, T.ramp(0, 1, 16)] = T.max(mx[0, T.ramp(0, 1, 16)],
-                                                T.abs(X[b, T.ramp((vec // 4 * 4 + v) * lanes, 1, 16)]))
-            mx[0, T.ramp(0, 1, 16)] = T.max(T.max(mx[0, T.ramp(0, 1, 16)], mx[1, T.ramp(0, 1, 16)]),
-                                            T.max(mx[2, T.ramp(0, 1, 16)], mx[3, T.ramp(0, 1, 16)]))
-            m[0] = T.float32(0)
-            for v in T.serial(16):
-                m[0] = T.max(m[0], mx[0, v])
-            for v in T.serial(k - vec * lanes):
-                m[0] = T.max(m[0], T.abs(X[b, vec * lanes + v]))
+            absmax(m, mx, X, b, k)
             S[b] = T.float32(QMAX) / T.max(m[0], T.float32(EPS))
             for v in T.serial(k // 8):
                 XQ[b, T.ramp(v * 8, 1, 8)] = _i16x8_quantized(X, b, v * 8, S[b])
