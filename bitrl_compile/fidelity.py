@@ -212,7 +212,8 @@ def warning(record: dict, per_channel: bool = False, recovered: bool = False) ->
                 f"{100 * shared(record):.1f} %)")
     else:
         what = "of the fp32 policy's stakes on" if "weighted" in record else "of"
-        head = f"the ternary policy acts as the fp32 one on only {100 * shared(record):.1f} % {what} its states ({target})"
+        head = (f"the ternary policy acts as the fp32 one on only {100 * shared(record):.1f} % {what} its states "
+                f"({target})")
     if recovered:  # after --qat: say how far it got and what is left to try
         more = "" if per_channel else "--per-channel, or "
         check = "" if "score" in record else ", and check the return with --episodes N"

@@ -25,10 +25,12 @@
 
 Kept means the fidelity record's agreement (stake-weighted for discrete actions: fidelity.shared) reaches the
 target or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does, whatever the agreement
-(fidelity.kept, the same rule as compile's warning: the return decides where it was measured). With rule "plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting
-one, the original's near-ties too (what a check against SB3's own predict counts), and no score: distillation then
-stops on plain held-out agreement and adds a ranking floor (DistillArgs.floor: the original's argmax must lead by a
-share of its median gap on every state, so that a near-tie is decided the original's way with room for rounding).
+(fidelity.kept, the same rule as compile's warning: the return decides where it was measured). With rule
+"plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting one, the
+original's near-ties too (what a check against SB3's own predict counts), and no score: distillation then
+stops on plain held-out agreement and adds a ranking floor (DistillArgs.floor: the original's argmax must lead
+by a share of its median gap on every state, so that a near-tie is decided the original's way with room for
+rounding).
 When no step keeps it, NotKept says how far each got, and nothing is written.
 
 An attempt whose numpy reference (export.reference_forward: what the artifact computes, bit for bit with ReLU, to
