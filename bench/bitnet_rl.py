@@ -17,7 +17,9 @@ Per environment (runs in bench/runs/bitnet/ENV/; finished stages are reused, del
   untrained + heads   control: the same, on a frozen backbone with random (initial) weights.
   compiled        the backbone compiled for the host (`pipeline.compile_policy`, `Policy.features`); the heads of
                   every frozen + heads seed evaluated on the compiled backbone's features.
-Every policy is evaluated deterministically on the same --episodes episodes (reset seeds 10000 + i).
+Every policy is evaluated deterministically on the same --episodes episodes (reset seeds 10000 + i). The results
+file (--results) keeps every env measured so far, each with its run's command, so a run of one env (MountainCar's
+1M-step runs take hours) updates its row and leaves the others; `--table-only` renders it (and the docs) again.
 """
 
 from __future__ import annotations
@@ -141,15 +143,22 @@ def compiled_job(env_id: str, root: str, seeds: list[int], episodes: int) -> dic
 
 # ------------------------------------------------------------------------------------------------ report
 
-def render(results: dict, meta: dict) -> str:
-    lines = [(f"Mean ± std over seeds {meta['seeds']} of each seed's mean return on {meta['episodes']} deterministic "
-             f"episodes (reset seeds {EVAL_SEED}..{EVAL_SEED + meta['episodes'] - 1}, the same for every row)."), "",
+def _order(results: dict) -> list[str]:
+    return [e for e in ENVS if e in results] + sorted(e for e in results if e not in ENVS)
+
+
+def render(results: dict) -> str:
+    """The Markdown table of `results` ({env: ... "meta": the run that measured it}), envs in BitRL's order."""
+    envs = _order(results)
+    meta = results[envs[0]]["meta"]
+    seeds = sorted({tuple(results[e]["meta"]["seeds"]) for e in envs})
+    lines = [(f"Mean ± std over seeds {', '.join(str(list(s)) for s in seeds)} of each seed's mean return on "
+              f"{meta['episodes']} deterministic episodes (reset seeds {EVAL_SEED}..{EVAL_SEED + meta['episodes'] - 1}, "
+              "the same for every row)."), "",
              "| environment | BitRL (paper) | " + " | ".join(label.strip() for _, label in VARIANTS) + " |",
              "|---|---:|" + "---:|" * len(VARIANTS)]
-    for env_id in meta["envs"]:
-        r = results.get(env_id)
-        if not r:
-            continue
+    for env_id in envs:
+        r = results[env_id]
         cells = []
         for key, _ in VARIANTS:
             per_seed = [np.mean(v) for v in r.get(key, {}).values()]
@@ -159,19 +168,31 @@ def render(results: dict, meta: dict) -> str:
     lines += ["", ("Per environment: PPO steps per run; backbone parameters; pretraining time; seconds per PPO run "
               "(fp32 / on the backbone); compiled-backbone check (largest feature difference torch vs runtime, "
               "share of observations agreeing to 1e-4 of the largest feature)."), ""]
-    for env_id in meta["envs"]:
-        r = results.get(env_id)
-        if not r:
-            continue
+    for env_id in envs:
+        r = results[env_id]
         c = r.get("compiled_info", {})
         lines.append(f"- {env_id}: {r['steps']:,} steps; backbone {r['params']:,} parameters, pretrained in "
                      f"{r['pretrain_seconds']:.0f} s; PPO {r['seconds']['fp32']:.0f} s / {r['seconds']['heads']:.0f} s "
                      f"per run; compiled backbone {c.get('artifact_bytes', 0):,} bytes, max |Δ| "
                      f"{c.get('max_feature_diff', float('nan')):.2g}, {100 * c.get('rows_within_1e-4', float('nan')):.1f} % "
                      "within 1e-4.")
-    lines += ["", (f"Reproduce: `{meta['command']}` (commit {meta['commit']}; {meta['machine']}; "
-              f"{meta['minutes']:.0f} minutes with {meta['jobs']} jobs).")]
+    lines.append("")
+    for command in dict.fromkeys(results[e]["meta"]["command"] for e in envs):  # one line per run, in env order
+        m = next(results[e]["meta"] for e in envs if results[e]["meta"]["command"] == command)
+        lines.append(f"Reproduce: `{command}` (commit {m['commit']}; {m['machine']}; {m['minutes']:.0f} minutes with "
+                     f"{m['jobs']} jobs).")
     return "\n".join(lines)
+
+
+def merged(path: Path, results: dict) -> dict:
+    """`results` over the envs of the results file at `path` (envs another run measured are kept, each with the
+    meta of its run; a file of the older layout has one top-level meta)."""
+    if not path.is_file():
+        return results
+    old = json.loads(path.read_text())
+    prev = {e: {"meta": old["meta"], **r} if "meta" not in r and "meta" in old else r
+            for e, r in old.get("results", {}).items()}
+    return {**prev, **results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,9 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--runs", type=Path, help="[default: bench/runs/bitnet, or bitnet-text]")
     p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--table-only", action="store_true", help="only the table of --results (and the docs)")
+    p.add_argument("--results", type=Path, help="results file, merged over envs across runs "
+                   "[bench/results/bitnet_rl.json, or bitnet_rl_text.json]")
     args = p.parse_args(argv)
     command = "python bench/bitnet_rl.py" + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
     seeds = list(range(args.seeds))
+    name = "bitnet_rl" if args.encoder == "numeric" else "bitnet_rl_text"
+    results_file = args.results or ROOT / "bench" / "results" / f"{name}.json"
+    if args.table_only:
+        return _publish(merged(results_file, {}), results_file, args)
     args.runs = args.runs or ROOT / "bench" / "runs" / ("bitnet" if args.encoder == "numeric" else "bitnet-text")
     root = str(args.runs)
     for env_id in args.envs:
@@ -235,16 +263,21 @@ def main(argv: list[str] | None = None) -> int:
                          check=False).stdout.strip()
     meta = {"command": command, "commit": rev, "machine": machine.summary(), "minutes": (time.time() - t0) / 60,
             "jobs": args.jobs, "seeds": seeds, "episodes": args.episodes, "envs": args.envs, "encoder": args.encoder}
-    text = render(results, meta)
+    for e in args.envs:
+        results[e]["meta"] = meta
+    return _publish(merged(results_file, results), results_file, args)
+
+
+def _publish(results: dict, results_file: Path, args) -> int:
+    """Print the table, write the results file (every env measured so far) and, unless --no-docs, the docs."""
+    text = render(results)
     print(text)
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    name = "bitnet_rl" if args.encoder == "numeric" else "bitnet_rl_text"
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    results_file.parent.mkdir(exist_ok=True)
+    results_file.write_text(json.dumps({"results": results}, indent=1, default=str))
     begin, end = (BEGIN, END) if args.encoder == "numeric" else (BEGIN.replace(":", " --encoder text:"),
                                                                   END.replace(":", " --encoder text:"))
     if not args.no_docs and replace_section(DOCS, begin, end, text):
-        log(f"updated {DOCS}")
+        print(f"updated {DOCS}", file=sys.stderr)
     return 0
 
 
