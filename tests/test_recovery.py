@@ -117,3 +117,12 @@ def test_the_plain_rule_counts_every_state_and_hopeless_steps_are_not_compiled(q
     assert tried[0].step == "ptq" and not any(a.kept for a in tried) and all(a.record["agreement"] < 1 for a in tried)
     assert all("(numpy reference; not compiled)" in line for line in lines if line.startswith("keep 100 %")), lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_budget_covers_the_whole_recovery():
+    """--keep-budget is CPU seconds of the whole recovery: distillation gets what the measurements and compiles
+    leave (two more like the plain one), at least a quarter of it, and says when the recovery will overrun."""
+    assert recovery.distill_budget(180, spent=10, step=5) == 160
+    lines: list[str] = []
+    assert recovery.distill_budget(180, spent=150, step=20, log=lines.append) == 45
+    assert len(lines) == 1 and "take 190 of the 180 CPU s; distillation gets 45 s" in lines[0]

@@ -5,17 +5,17 @@
                                                          the first that keeps `target` is written, nothing before
 
     ptq        the plain compile: every linear layer ternary, the weights as given
-    distill    distillation into the ternary network (trainers/distill.py, two thirds of `budget` seconds; MLP
+    distill    distillation into the ternary network (trainers/distill.py, two thirds of its budget: `distill_budget`; MLP
                policies with vector observations, and CNN policies such as SB3's CnnPolicy on images): still every
                layer ternary, the algorithm kept (a DQN stays a Q-network)
-               A recurrent (LSTM) policy distils through time instead (trainers/distill_recurrent.py, the whole
+               A recurrent (LSTM) policy distils through time instead (trainers/distill_recurrent.py, its whole
                budget) in one step, "distill + int8 [i]": the layer whose ternary version fits its own outputs
                worst along the original's episodes (distill_recurrent.rank_layers; the first LSTM layer's input
                weights on CartPole) int8 in training and in the artifact. Measured on three RecurrentPPO CartPole
                teachers (plain agreement with SB3's predict on 4000 states it visits): 99.4-99.6 % with it, 99.0-
                99.2 % every layer ternary (its misses near-ties): a plain 99 % is not kept reliably without it
     distill + int8 [i]
-               the same student, trained on (the last third of the budget) with the layer whose int8 version
+               the same student, trained on (the last third of its budget) with the layer whose int8 version
                removes most of the output error (precision.rank_layers, on the visited states) int8 in training
                and in the artifact. Not int8 made after training: measured on an RL-Zoo DQN CartPole, a student
                distilled for ternary layers loses agreement when layers are made int8 afterwards (95.7 % ->
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,8 +105,11 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     output, ...): pipeline.compile_policy's arguments. Returns (the CompiledPolicy written, [Attempt]); raises
     NotKept when no step keeps the target (nothing written). `base`: the original already measured
     (fidelity.baseline, same env, episodes and seed), else measured here once for every attempt. `rule`: "weighted"
-    (the default) or "plain" agreement (module docstring); it also sets the distillation's (DistillArgs.rule)."""
+    (the default) or "plain" agreement (module docstring); it also sets the distillation's (DistillArgs.rule).
+    `budget`: CPU seconds of this process for the whole recovery, measurements and compiles included (see
+    `distill_budget`); `distill_args` given: their budget_s as they are."""
     fidelity.check_rule(rule)
+    started = time.process_time()
     attempts: list[Attempt] = []
     base = base or fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
     measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base)
@@ -131,12 +135,15 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
         except _Short:
             return None
 
+    before_ptq = time.process_time()
     result = attempt("ptq", original)
     if result is not None:
         return result, attempts
     from bitrl_compile.trainers import distill
 
-    args = distill_args or distill.DistillArgs(seed=seed, budget_s=budget, per_channel=per_channel)
+    spent, step = time.process_time() - started, time.process_time() - before_ptq
+    args = distill_args or distill.DistillArgs(seed=seed, budget_s=distill_budget(budget, spent, step, log),
+                                               per_channel=per_channel)
     args = dataclasses.replace(args, agreement=min(1.0, max(args.agreement, target + 0.005)), rule=rule)
     if original.input.get("recurrent"):
         ranked_recurrent = _ranking_recurrent(original, base, per_channel, log)
@@ -165,6 +172,19 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     accept = f"accept it with --keep {accept:g}, or " if accept > 0 else ""
     raise NotKept(f"--keep {target:g} not met: the best recovery ({best.step}) keeps {100 * best.share:.1f} % "
                   f"({tried}); nothing was written: {accept}give distillation more time (--keep-budget)", attempts)
+
+
+def distill_budget(budget: float, spent: float, step: float, log=lambda s: None) -> float:
+    """The distillation's share of a recovery budget: what is left after `spent` (the original measured, the plain
+    compile tried) and two more steps like the plain one (each distilled student is compiled and measured), at
+    least a quarter of the budget (a policy whose measurement alone eats the budget still gets a distillation;
+    the recovery then overruns, and says so)."""
+    left = budget - spent - 2 * step
+    if left < budget / 4:
+        log(f"keep: measuring and compiling take {spent + 2 * step:.0f} of the {budget:g} CPU s; distillation gets "
+            f"{budget / 4:.0f} s, so the recovery will take longer than its budget (--keep-budget)")
+        return budget / 4
+    return left
 
 
 def _precheck(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool) -> dict | None:

@@ -52,7 +52,8 @@ from bitrl_compile.cli.train import finetune_cmd
                    "distillation, then distillation with its most sensitive layer int8, then int8 layers alone; "
                    "the first that keeps it is written, and if none does, nothing is")
 @click.option("--keep-budget", type=click.FloatRange(min=1), default=180, show_default=True, metavar="SECONDS",
-              help="--keep's distillation time (one core)")
+              help="--keep's time, CPU seconds of one core for the whole recovery: measurements and compiles "
+                   "included, distillation gets what they leave")
 @click.option("--keep-rule", type=click.Choice(["weighted", "plain"]), default="weighted", show_default=True,
               help="--keep's agreement: weighted by the original's stakes (a near-tie counts little), or plain (every "
                    "visited state counts one: what a comparison with the original's own predict counts)")
