@@ -70,7 +70,7 @@ EVAL_SEED = 10_000
 TARGET = 0.98          # issue 14: the score the recovery must keep
 POLICY_SECONDS = 180   # issue 14: at most 3 minutes per policy
 COLUMNS = ("ptq", "per-channel", "distill", "mixed", "rl-finetune", "keep")
-LABELS = {"fp32": "fp32 (SB3)", "ptq": "PTQ", "per-channel": "PTQ per-channel", "distill": "distilled",
+LABELS = {"fp32": "fp32 (original)", "ptq": "PTQ", "per-channel": "PTQ per-channel", "distill": "distilled",
           "mixed": "mixed (int8 auto)", "rl-finetune": "RL fine-tune", "keep": "--keep 0.98"}
 ACTOR_CRITIC = ("ppo", "a2c", "sac", "td3", "cleanrl-ppo")  # where the PPO fine-tune applies (not to a DQN)
 
@@ -241,6 +241,7 @@ def col_rl_finetune(*, algo, env_id, seed, path, load, hook, out, opts, **_):
 
 def col_keep(*, env_id, seed, original, load, base, out, opts, **_):
     """recovery.keep on the score of the evaluation episodes; records every attempt (also when none keeps it)."""
+    from bitrl_compile.fidelity import shared as fidelity_shared
     from bitrl_compile.trainers import recovery
 
     def compile_fn(loaded, int8_layers, measure):
@@ -256,7 +257,8 @@ def col_keep(*, env_id, seed, original, load, base, out, opts, **_):
                 "tried": len(e.attempts), "best_engine": best.get("engine")}
     record = compiled.manifest["fidelity"]
     return {"step": attempts[-1].step, "kept": True, "return": record["return"],
-            "agreement": recovery.share(record), "tried": len(attempts), "log": lines}
+            "agreement": fidelity_shared(record), "kept_share": recovery.share(record), "tried": len(attempts),
+            "log": lines}
 
 
 COLUMN_RUNS = {"ptq": col_ptq, "per-channel": col_per_channel, "distill": col_distill, "mixed": col_mixed,
