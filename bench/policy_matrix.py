@@ -334,7 +334,9 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
             pick, score, seconds = _keep_cell(us)
             cells += [pick, f"{100 * score:.1f} %" if np.isfinite(score) else "–",
                       f"{seconds:.0f}" if np.isfinite(seconds) else "–"]
-            goal.append((name, score, seconds))
+            missed = sum(1 for u in us if u["columns"].get("keep") and not u["columns"]["keep"].get("kept"))
+            if np.isfinite(seconds):  # a row without a --keep result yet is not counted
+                goal.append((name, score, seconds, missed))
         lines.append("| " + " | ".join(cells) + " |")
         secs = []
         for c in columns:
@@ -365,9 +367,13 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
     if notes or skipped:
         out += ["Notes:", ""] + [f"- {n}" for n in notes] + [f"- skipped: {s}" for s in skipped] + [""]
     if goal:
-        ok = [g for g in goal if np.isfinite(g[1]) and g[1] >= TARGET and g[2] <= POLICY_SECONDS]
-        bad = [f"{n} ({100 * s:.1f} %, {t:.0f} s)" for n, s, t in goal if (n, s, t) not in ok]
-        out.append(f"**Goal** (≥ {100 * TARGET:.0f} % score with the --keep pick, ≤ {POLICY_SECONDS} s per policy): "
+        # a seed not kept is a compile that wrote nothing: its row misses the goal whatever the mean score (which
+        # counts the best step's return for it)
+        ok = [g for g in goal if np.isfinite(g[1]) and g[1] >= TARGET and g[2] <= POLICY_SECONDS and not g[3]]
+        bad = [f"{n} ({100 * s:.1f} %, {t:.0f} s" + (f", {m} seed{'s' * (m > 1)} not kept" if m else "") + ")"
+               for n, s, t, m in goal if (n, s, t, m) not in ok]
+        out.append(f"**Goal** (≥ {100 * TARGET:.0f} % score with the --keep pick on every seed, ≤ {POLICY_SECONDS} s "
+                   "CPU per policy): "
                    f"{len(ok)} of {len(goal)} rows met" + (f"; not met: {'; '.join(bad)}" if bad else "") + ".")
     return "\n".join(out) + "\n"
 
