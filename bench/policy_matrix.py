@@ -334,7 +334,7 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
             pick, score, seconds = _keep_cell(us)
             cells += [pick, f"{100 * score:.1f} %" if np.isfinite(score) else "–",
                       f"{seconds:.0f}" if np.isfinite(seconds) else "–"]
-            missed = sum(1 for u in us if u["columns"].get("keep") and not u["columns"]["keep"].get("kept"))
+            missed = sum(1 for u in us if u["columns"].get("keep") and u["columns"]["keep"].get("step") is None)
             if np.isfinite(seconds):  # a row without a --keep result yet is not counted
                 goal.append((name, score, seconds, missed))
         lines.append("| " + " | ".join(cells) + " |")

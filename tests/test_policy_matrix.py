@@ -60,7 +60,13 @@ def test_the_table_scores_every_column_and_checks_the_goal():
     dqn = lines["| SB3 DQN CartPole-v1"]
     assert "| 2 | 500.0 ± 0.0 | 20.0 ± 0.0 (0 %) | n/a | distill ×2 | 100.0 % | 100 |" in dqn
     assert "(50 %)" in lines["| SB3 SAC Pendulum-v1"] and "(99 %)" in lines["| SB3 SAC Pendulum-v1"]
-    assert "not kept ×1" in text and "1 of 2 rows met; not met: SB3 SAC Pendulum-v1 (22.7 %, 200 s)" in text
+    assert "not kept ×1" in text
+    assert "1 of 2 rows met; not met: SB3 SAC Pendulum-v1 (22.7 %, 200 s, 1 seed not kept)" in text
+    # a seed not kept (a compile that wrote nothing) misses the goal, whatever the row's mean score
+    units.append(_unit("dqn", "CartPole-v1", 2, 500.0, 20.0, ptq={"return": 20.0, "seconds": 5.0},
+                       keep={"return": 495.0, "step": None, "seconds": 150.0}))
+    text = matrix.render(units, ["ptq", "keep"], {"episodes": 10})
+    assert "0 of 2 rows met" in text and "SB3 DQN CartPole-v1 (99.7 %, 150 s, 1 seed not kept)" in text
 
 
 def test_one_tiny_row_end_to_end(sb3_trained, tmp_path, monkeypatch):
