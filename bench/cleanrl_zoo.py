@@ -37,7 +37,7 @@ exploration schedule is a fraction of the run). CleanRL keeps the last model, no
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,9 +46,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitrl_compile.runtime.files import write_atomic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/zoo.py: the benchmark models' cache
+import zoo
+
 ALGOS = ("cleanrl-dqn", "cleanrl-ppo")
 ENVS = ("CartPole-v1", "Acrobot-v1")
-CACHE = Path.home() / ".cache" / "bitrl-compile" / "bench"  # bench/zoo.py's CACHE: the benchmark's models
+CACHE = zoo.CACHE  # the benchmark's models, beside SB3's
 SOURCE = "vwxyzjn/cleanrl cleanrl/dqn.py and cleanrl/ppo.py, their default arguments"
 PROGRESS_LINES = 5  # log lines over a run, besides the last one
 
@@ -319,6 +324,11 @@ def settings(algo: str, scale: float = 1.0) -> DQNArgs | PPOArgs:
     return replace(PPOArgs(), total_timesteps=max(1, round(PPOArgs.total_timesteps * scale)))
 
 
+def rows(algos=ALGOS, envs=ENVS) -> list[tuple[str, str]]:
+    """The (algo, env) pairs trained here, in the order of `algos` then `envs` (as bench/zoo.py's `rows`)."""
+    return [(a, e) for a in algos for e in envs if a in ALGOS and e in ENVS]
+
+
 def cache_path(algo: str, env_id: str, seed: int, scale: float = 1.0, cache: Path | None = None) -> Path:
     tail = "" if scale == 1.0 else f"-x{scale:g}"
     return Path(cache or CACHE) / f"{_check(algo)}-{env_id}-seed{seed}{tail}.cleanrl_model"
@@ -337,9 +347,8 @@ def teacher(algo: str, env_id: str, seed: int, log=print, scale: float = 1.0,
     train = train_dqn if algo == "cleanrl-dqn" else train_ppo
     net = train(env_id, seed, settings(algo, scale), log=log, name=path.stem)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
+    state = net.state_dict()
+    write_atomic(path, lambda f: torch.save(state, f))
     log(f"trained {path.name} in {time.perf_counter() - t0:.0f} s")
     return path
 

@@ -84,17 +84,20 @@ def name_of(algo: str) -> str:
     return f"CleanRL {algo.split('-', 1)[1].upper()}" if is_cleanrl(algo) else f"SB3 {algo.upper()}"
 
 
+def _zoo(algo: str):
+    """Who trains and caches `algo`'s models: SB3 with RL Zoo's settings (bench/zoo.py) or CleanRL-style
+    (bench/cleanrl_zoo.py); both have rows() and teacher()."""
+    return cleanrl_zoo if is_cleanrl(algo) else zoo
+
+
 def teacher(algo: str, env_id: str, seed: int, scale: float) -> Path:
-    """The cached model file of (algo, env, seed), trained first when missing: SB3 (bench/zoo.py) or CleanRL-style
-    (bench/cleanrl_zoo.py)."""
-    module = cleanrl_zoo if is_cleanrl(algo) else zoo
-    return module.teacher(algo, env_id, seed, log=_log, scale=scale)
+    """The cached model file of (algo, env, seed), trained first when missing."""
+    return _zoo(algo).teacher(algo, env_id, seed, log=_log, scale=scale)
 
 
 def rows_of(algos: list[str], envs: list[str]) -> list[tuple[str, str]]:
     """(algo, env) in the order of `algos` then `envs`: RL Zoo's settings for SB3, CleanRL's envs for its agents."""
-    return [(a, e) for a in algos for e in envs
-            if (a, e) in zoo.ZOO or (is_cleanrl(a) and e in cleanrl_zoo.ENVS)]
+    return [row for a in algos for row in _zoo(a).rows([a], envs)]
 
 
 # ------------------------------------------------------------------------------------------------ one policy
