@@ -20,6 +20,7 @@ Per environment (runs in bench/runs/bitnet/ENV/; finished stages are reused, del
 Every policy is evaluated deterministically on the same --episodes episodes (reset seeds 10000 + i). The results
 file (--results) keeps every env measured so far, each with its run's command, so a run of one env (MountainCar's
 1M-step runs take hours) updates its row and leaves the others; `--table-only` renders it (and the docs) again.
+Every file a later run reads back (result.json, compiled.json, the results file) is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 
 from bitrl_compile.bench import machine
 from bitrl_compile.bench.markdown import replace_section
+from bitrl_compile.runtime.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = ["CartPole-v1", "Acrobot-v1", "MountainCar-v0"]  # BitRL's table (LunarLander-v3 too with --envs)
@@ -78,7 +80,7 @@ def train_job(kind: str, env_id: str, seed: int, scale: float, episodes: int, ro
                        log=lambda s: None)
     record = {"kind": kind, "env": env_id, "seed": seed, "returns": [float(r) for r in result.eval_returns],
               "steps": result.global_step, "seconds": round(time.perf_counter() - t0, 1)}
-    done.write_text(json.dumps(record))
+    write_atomic(done, json.dumps(record).encode())
     return record
 
 
@@ -95,7 +97,7 @@ def pretrain_job(env_id: str, root: str, steps: int, updates: int, encoder: str 
         log = open(folder / "pretrain.log", "w")  # noqa: SIM115 - closed below
         pre.pretrain(args, log=lambda s: print(s, file=log, flush=True))
         log.close()
-        (folder / "backbone" / "seconds.txt").write_text(f"{time.perf_counter() - t0:.0f}")
+        write_atomic(folder / "backbone" / "seconds.txt", f"{time.perf_counter() - t0:.0f}".encode())
     if not (folder / "backbone-untrained" / "config.json").exists():
         trained = bitnet.load_backbone(folder / "backbone")
         fresh = bitnet.new_backbone(trained.model.config, trained.spec, seed=0)  # same statistics, initial weights
@@ -137,7 +139,7 @@ def compiled_job(env_id: str, root: str, seeds: list[int], episodes: int) -> dic
                 return int(heads(torch.from_numpy(policy.features(np.asarray(o, np.float32)[None]))).argmax(1)[0])
 
         out["returns"][str(seed)] = evaluate(act, env_id, episodes, EVAL_SEED)[0]
-    done.write_text(json.dumps(out))
+    write_atomic(done, json.dumps(out).encode())
     return out
 
 
@@ -273,7 +275,7 @@ def _publish(results: dict, results_file: Path, args) -> int:
     text = render(results)
     print(text)
     results_file.parent.mkdir(exist_ok=True)
-    results_file.write_text(json.dumps({"results": results}, indent=1, default=str))
+    write_atomic(results_file, json.dumps({"results": results}, indent=1, default=str).encode())
     begin, end = (BEGIN, END) if args.encoder == "numeric" else (BEGIN.replace(":", " --encoder text:"),
                                                                   END.replace(":", " --encoder text:"))
     if not args.no_docs and replace_section(DOCS, begin, end, text):
