@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,8 +108,10 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     (the default) or "plain" agreement (module docstring); it also sets the distillation's (DistillArgs.rule).
     `budget`: CPU seconds of this process for the whole recovery, measurements and compiles included (see
     `distill_budget`); `distill_args` given: their budget_s as they are."""
+    from bitrl_compile.trainers import distill
+
     fidelity.check_rule(rule)
-    started = time.process_time()
+    started = distill.cpu_clock()  # the budget's clock: the one distillation stops on
     attempts: list[Attempt] = []
     base = base or fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
     measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base)
@@ -136,13 +137,11 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
         except _Short:
             return None
 
-    before_ptq = time.process_time()
+    before_ptq = distill.cpu_clock()
     result = attempt("ptq", original)
     if result is not None:
         return result, attempts
-    from bitrl_compile.trainers import distill
-
-    spent, step = time.process_time() - started, time.process_time() - before_ptq
+    spent, step = distill.cpu_clock() - started, distill.cpu_clock() - before_ptq
     args = distill_args or distill.DistillArgs(seed=seed, budget_s=distill_budget(budget, spent, step, log),
                                                per_channel=per_channel)
     args = dataclasses.replace(args, agreement=min(1.0, max(args.agreement, target + 0.005)), rule=rule)
