@@ -129,6 +129,30 @@ def sb3_returns(path: Path, algo: str, env_id: str, episodes: int) -> list[float
     return evaluate(act, env_id, episodes, EVAL_SEED)[0]
 
 
+def teacher_digest(loaded) -> str:
+    """sha256 of what the policy computes: its tensors (by name) and its input spec (normalisation statistics).
+    The model file's own bytes would not do: a zip written again differs in its timestamps."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(loaded.input, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(loaded.module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def stale_cells(fp32: dict, digest: str, ret_fp32: float) -> str | None:
+    """Why the cached cells of a policy belong to another model than the one loaded now, or None. A model trained
+    again (its cache lost) must be the same one for the cells measured before to stay valid: by its digest, or,
+    in cells recorded before the digest was, by the fp32 return of the same deterministic episodes."""
+    if "teacher" in fp32:
+        return None if fp32["teacher"] == digest else (
+            f"measured on model {fp32['teacher'][:12]}, the model now is {digest[:12]}")
+    if fp32.get("return_ours") != ret_fp32:
+        return f"measured on a model whose fp32 return was {fp32.get('return_ours')}, now {ret_fp32}"
+    return None
+
+
 def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) -> dict:
     """Every column of one policy (algo, env, seed): {column: result}, each cached as <column>.json."""
     import torch
@@ -161,6 +185,15 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
     t0 = time.perf_counter()
     base = fidelity.baseline(original, env_id, episodes=episodes, seed=EVAL_SEED)  # the fp32 side, measured once
     base_seconds = time.perf_counter() - t0
+    digest = teacher_digest(original)
+    if "fp32" in results:  # cells measured earlier (maybe on another machine, from a model trained again)
+        stale = stale_cells(results["fp32"], digest, base.ret_fp32)
+        if stale:
+            return {"stale": f"{out}: {stale}; its cells are kept as they are (delete the folder to measure "
+                             "them again on this model)"}
+        if "teacher" not in results["fp32"]:  # an older cell whose return matched: record the digest from now on
+            results["fp32"]["teacher"] = digest
+            write_atomic(out / "fp32.json", json.dumps(results["fp32"], indent=1).encode())
     hook = fidelity.compile_hook(original, env_id, episodes=episodes, seed=EVAL_SEED, base=base)
     for column in todo:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -169,7 +202,7 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
                        else sb3_returns(path, algo, env_id, episodes))
             result = {"return": float(np.mean(returns)), "returns": returns, "return_ours": base.ret_fp32,
                       "random": base.ret_random, "baseline_seconds": round(base_seconds, 1),
-                      "vecnormalize": stats is not None,
+                      "vecnormalize": stats is not None, "teacher": digest,
                       "dropped": [] if is_cleanrl(algo) else zoo.dropped(algo, env_id)}
         else:
             result = COLUMN_RUNS[column](algo=algo, env_id=env_id, seed=seed, path=path, load=load, original=original,
@@ -437,19 +470,24 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if not a.table_only:
         def job(key):
-            return _train(*key, a.scale) if a.train_only else run_unit(*key, columns, opts).get("unavailable")
+            return _train(*key, a.scale) if a.train_only else run_unit(*key, columns, opts)
 
         if a.jobs > 1:  # processes of their own (spawn: no TVM or torch state forked)
             with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 submitted = {k: pool.submit(_train, *k, a.scale) if a.train_only else
                              pool.submit(run_unit, *k, columns, opts) for k in keys}
                 done = {k: f.result() for k, f in submitted.items()}
-                done = {k: r if a.train_only else r.get("unavailable") for k, r in done.items()}
         else:
             done = {k: job(k) for k in keys}
-        unavailable = {f"{algo} {env_id}": why for (algo, env_id, _), why in done.items() if why}
+        if a.train_only:
+            done = {k: {"unavailable": why} if why else {} for k, why in done.items()}
+        unavailable = {f"{algo} {env_id}": r["unavailable"] for (algo, env_id, _), r in done.items()
+                       if r.get("unavailable")}
         for line in sorted(set(unavailable.values())):
             _log(f"policy_matrix: skipped: {line}")
+        for r in done.values():
+            if r.get("stale"):
+                _log(f"policy_matrix: not measured: {r['stale']}")
         if a.train_only:
             return 0
     units = _collect(runs, keys, columns)

@@ -91,3 +91,22 @@ def test_one_tiny_row_end_to_end(sb3_trained, tmp_path, monkeypatch):
     (unit / "ptq.json").write_text(json.dumps({**ptq, "return": 123.0}))  # cached: a second run measures nothing
     assert matrix.main(argv) == 0
     assert "123.0 ± 0.0" in (tmp_path / "policy_matrix.md").read_text()
+    # cells of another model (its cache lost and trained again into something else) are not mixed with this one's
+    assert len(fp32["teacher"]) == 64
+    (unit / "fp32.json").write_text(json.dumps({**fp32, "teacher": "0" * 64}))
+    (unit / "ptq.json").unlink()
+    assert matrix.main(argv) == 0
+    assert not (unit / "ptq.json").exists()
+    # an older cell without the digest is adopted when the fp32 return of the same episodes matches
+    older = {k: v for k, v in fp32.items() if k != "teacher"}
+    (unit / "fp32.json").write_text(json.dumps(older))
+    assert matrix.main(argv) == 0
+    assert json.loads((unit / "fp32.json").read_text())["teacher"] == fp32["teacher"]
+    assert json.loads((unit / "ptq.json").read_text())["return"] == ptq["return"]  # measured again, same model
+
+
+def test_stale_cells_name_the_two_models():
+    assert matrix.stale_cells({"teacher": "a" * 64}, "a" * 64, 1.0) is None
+    assert "aaaaaaaaaaaa" in matrix.stale_cells({"teacher": "a" * 64}, "b" * 64, 1.0)
+    assert matrix.stale_cells({"return_ours": 500.0}, "b" * 64, 500.0) is None
+    assert "was 500.0, now 9.5" in matrix.stale_cells({"return_ours": 500.0}, "b" * 64, 9.5)
