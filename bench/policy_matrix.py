@@ -141,13 +141,28 @@ def teacher_digest(loaded) -> str:
     return h.hexdigest()
 
 
+def trainer_versions() -> dict[str, str]:
+    """The packages a model trained again depends on: the same seed gives the same model on one machine, but not
+    across their versions (measured: SB3 DQN CartPole seed 1 from a later gymnasium/SB3 install was another model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("stable-baselines3", "gymnasium", "torch", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def stale_cells(fp32: dict, digest: str, ret_fp32: float) -> str | None:
     """Why the cached cells of a policy belong to another model than the one loaded now, or None. A model trained
     again (its cache lost) must be the same one for the cells measured before to stay valid: by its digest, or,
     in cells recorded before the digest was, by the fp32 return of the same deterministic episodes."""
     if "teacher" in fp32:
+        versions = f" (trained with {fp32['versions']}, now {trainer_versions()})" if "versions" in fp32 else ""
         return None if fp32["teacher"] == digest else (
-            f"measured on model {fp32['teacher'][:12]}, the model now is {digest[:12]}")
+            f"measured on model {fp32['teacher'][:12]}, the model now is {digest[:12]}{versions}")
     if fp32.get("return_ours") != ret_fp32:
         return f"measured on a model whose fp32 return was {fp32.get('return_ours')}, now {ret_fp32}"
     return None
@@ -202,7 +217,7 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
                        else sb3_returns(path, algo, env_id, episodes))
             result = {"return": float(np.mean(returns)), "returns": returns, "return_ours": base.ret_fp32,
                       "random": base.ret_random, "baseline_seconds": round(base_seconds, 1),
-                      "vecnormalize": stats is not None, "teacher": digest,
+                      "vecnormalize": stats is not None, "teacher": digest, "versions": trainer_versions(),
                       "dropped": [] if is_cleanrl(algo) else zoo.dropped(algo, env_id)}
         else:
             result = COLUMN_RUNS[column](algo=algo, env_id=env_id, seed=seed, path=path, load=load, original=original,

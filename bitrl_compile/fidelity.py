@@ -414,6 +414,12 @@ def _act(spec: dict, forward: Forward, input_spec: dict | None = None) -> _Act:
     return _Act(spec, forward, input_spec)
 
 
+def returns(loaded, forward: Forward, env_id: str, episodes: int, seed: int = 0) -> list[float]:
+    """The returns of `episodes` deterministic episodes (reset seeds seed..seed+episodes-1) in which `forward`
+    (raw observations -> raw outputs, e.g. the numpy reference of a student of `loaded`) takes the actions."""
+    return evaluate(_act(loaded.output, forward, loaded.input), env_id, episodes, seed)[0]
+
+
 def _check_kind(spec: dict) -> None:
     if spec["kind"] not in ("discrete", "continuous"):
         raise ValueError(f"fidelity needs a policy with actions, not output kind {spec['kind']!r}")
@@ -432,7 +438,7 @@ def baseline(loaded, env_id: str, *, episodes: int = 0, seed: int = 0, rollouts:
     if episodes:
         space = make_env(env_id).action_space
         space.seed(seed)
-        base.ret_fp32 = float(np.mean(evaluate(_act(spec, fp32, loaded.input), env_id, episodes, seed)[0]))
+        base.ret_fp32 = float(np.mean(returns(loaded, fp32, env_id, episodes, seed)))
         base.ret_random = float(np.mean(evaluate(lambda obs: space.sample(), env_id, episodes, seed)[0]))
     return base
 
@@ -454,7 +460,7 @@ def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", 
                       **compare(spec, in_order(ternary, base.states, base.starts), base.outputs))
     if episodes:
         result.episodes = episodes
-        result.ret = float(np.mean(evaluate(_act(spec, ternary, loaded.input), env_id, episodes, seed)[0]))
+        result.ret = float(np.mean(returns(loaded, ternary, env_id, episodes, seed)))
         result.ret_fp32, result.ret_random = base.ret_fp32, base.ret_random
     return result
 

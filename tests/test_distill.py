@@ -150,3 +150,54 @@ def test_the_ranking_floor_decides_near_ties_the_teachers_way(kind):
 def test_a_backbone_cannot_be_distilled():
     with pytest.raises(ValueError, match="not a backbone"):
         distill.output_kind({"kind": "features", "dim": 8})
+
+
+def test_candidates_keep_the_best_by_agreement_then_loss():
+    net = torch.nn.Linear(2, 2)
+    top = distill.Candidates(3)
+    for round_, key in enumerate([(0.5, -1.0), (0.9, -2.0), (0.9, -1.0), (0.7, 0.0), (0.9, -1.0), (0.1, 0.0)]):
+        top.offer(key, net, round_)
+    assert [(c.round, c.key) for c in top.entries] == [(2, (0.9, -1.0)), (4, (0.9, -1.0)), (1, (0.9, -2.0))]
+    assert top.best == 0.9  # of equal keys, the one offered first comes first
+    state = top.entries[0].state
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert not torch.equal(state["weight"], net.weight)  # a copy, not the live tensor
+
+
+def test_selection_picks_the_return_then_the_agreement_and_stops_at_the_deadline():
+    net = torch.nn.Linear(2, 2)
+    top = distill.Candidates(4)
+    for round_, key in enumerate([(0.99, 0.0), (0.98, 0.0), (0.97, 0.0), (0.96, 0.0)]):
+        top.offer(key, net, round_)
+    returns = {0: 450.0, 1: 500.0, 2: 500.0, 3: 600.0}
+    ids = {id(c.state): c.round for c in top.entries}
+    lines = []
+    chosen = distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False, log=lines.append)
+    assert chosen.round == 3 and chosen.ret == 600.0
+    assert "round 0 (99.0 %): 450.0" in lines[0] and lines[0].endswith("-> round 3")
+    # a return tie goes to the higher agreement; past the deadline only the first two are measured
+    chosen = distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: True)
+    assert chosen.round == 1 and top.entries[2].ret is not None  # (measured in the first call)
+    returns[3] = 500.0
+    assert distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False).round == 1
+
+
+def test_selection_by_return_measures_the_candidates_episodes(dqn):
+    """select_episodes: the candidates' returns on episodes of their own, through the numpy reference; the student
+    returned is the best of them by that return."""
+    lines = []
+    result = distill.distill(load_policy(dqn), "CartPole-v1", None,
+                             small(max_rounds=3, select_episodes=2, candidates=3), log=lines.append)
+    selection = [line for line in lines if "selection by return" in line]
+    assert len(selection) == 1 and selection[0].count("round") == 4  # three candidates and the pick
+    picked = int(selection[0].rsplit("round ", 1)[1])
+    measured = {int(part.split()[1]): float(part.rsplit(": ", 1)[1])
+                for part in selection[0].split(": ", 1)[1].rsplit(" -> ", 1)[0].split(", ")}
+    assert measured[picked] == max(measured.values())
+    student = load_policy(dqn)
+    student.module.load_state_dict(result.student.state_dict())
+    forward = reference_forward(student)
+    from bitrl_compile import fidelity
+
+    assert np.mean(fidelity.returns(student, forward, "CartPole-v1", 2, distill.SELECT_SEED)) == measured[picked]

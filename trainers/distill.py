@@ -92,6 +92,9 @@ from bitrl_compile.trainers.ppo import make_envs
 PLAIN_FLOOR = 0.3  # DistillArgs.floor with rule "plain": a lead of 0.3 median gaps on every state
 
 
+SELECT_SEED = 2_000_003  # + seed: the reset seeds of the episodes that select a student (DistillArgs.select_episodes)
+
+
 def cpu_clock() -> float:
     """The budget's clock: CPU seconds of this process (its threads; the rollouts' environments step in it).
     Wall time would train less on a loaded machine (a bench next to other jobs, CI), so the same budget would give
@@ -124,6 +127,14 @@ class DistillArgs:
     margin: float = 0.5              # q_values: fraction of the teacher's gap its argmax must keep
     max_states: int = 200_000        # aggregated states kept (the oldest go first)
     calibrate: bool = True           # scale and bias correction of every layer before training (`calibrate_`)
+    select_episodes: int = 0         # > 0 (MLP policies): the student returned is, of the `candidates` best by
+                                     # held-out agreement, the one with the highest mean return on this many
+                                     # deterministic episodes of its own (numpy reference; reset seeds
+                                     # SELECT_SEED + seed + i, none of an evaluation's), ties by agreement; the last
+                                     # `select_share` of the budget is theirs. Where agreement and return disagree
+                                     # (a DQN whose action gaps are near the rounding), the return decides
+    candidates: int = 4
+    select_share: float = 0.1
     torch_threads: int = 1
     out: str | None = None           # folder for progress.csv (round, name, value); None: nothing written
 
@@ -394,6 +405,58 @@ class Rollouts:
 
 # ------------------------------------------------------------------------------------------------ the run
 
+@dataclass
+class Candidate:
+    key: tuple[float, float]         # (held-out agreement, -held-out loss)
+    state: dict                      # the student's state_dict then
+    round: int
+    ret: float | None = None         # its mean return on the selection episodes, once measured
+
+
+class Candidates:
+    """The `size` best students seen, by held-out agreement then loss (the first offered wins a tie)."""
+
+    def __init__(self, size: int):
+        self.size, self.entries = max(1, size), []
+
+    def offer(self, key: tuple[float, float], student: nn.Module, round_: int) -> None:
+        if len(self.entries) == self.size and key <= self.entries[-1].key:
+            return
+        self.entries.append(Candidate(key, copy.deepcopy(student.state_dict()), round_))
+        self.entries.sort(key=lambda c: c.key, reverse=True)  # stable: equal keys keep their order
+        del self.entries[self.size:]
+
+    @property
+    def best(self) -> float:
+        return self.entries[0].key[0]
+
+
+def select(top: Candidates, ret, deadline, log=lambda s: None) -> Candidate:
+    """The candidate with the highest return (`ret(state)`), ties by agreement; measured best agreement first, as
+    long as `deadline()` has not passed (the best by agreement is always measured, and at least one more)."""
+    measured = []
+    for c in top.entries:
+        if len(measured) >= 2 and deadline():
+            break
+        c.ret = float(ret(c.state))
+        measured.append(c)
+    chosen = max(measured, key=lambda c: (c.ret, c.key))
+    log("  selection by return: " + ", ".join(
+        f"round {c.round} ({100 * c.key[0]:.1f} %): {c.ret:.1f}" for c in measured) + f" -> round {chosen.round}")
+    return chosen
+
+
+def _select_return(loaded, student: nn.Module, state: dict, env_id: str, args: DistillArgs) -> float:
+    """The mean return of the student with `state` on the selection episodes (its numpy reference, the artifact's
+    arithmetic)."""
+    probe = copy.deepcopy(student)
+    probe.load_state_dict(state)
+    forward = reference_forward(dataclasses.replace(loaded, module=probe.eval()), per_channel=args.per_channel,
+                                int8_layers=args.int8_layers)
+    return float(np.mean(fidelity.returns(loaded, forward, env_id, args.select_episodes,
+                                          SELECT_SEED + args.seed)))
+
+
 def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
     """Raise ValueError unless `loaded` is an MLP policy for env_id with plain vector observations, or a
     convolutional one (plain Conv2d layers) on its images or plain observations; its kind."""
@@ -486,7 +549,8 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
             held_env.close()
         held_t = teacher_out(held_x)
         before = heldout_agreement()
-        best_key, best_state = (before, -math.inf), copy.deepcopy(student.state_dict())  # PTQ, if nothing beats it
+        top = Candidates(args.candidates if args.select_episodes > 0 and mlp else 1)
+        top.offer((before, -math.inf), student, 0)  # PTQ, if nothing beats it
         if args.calibrate:
             calibrate_(student, teacher, torch.from_numpy(_inputs(held_x[::2], image)), args.per_channel,
                        args.int8_layers)
@@ -504,9 +568,9 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
             return (heldout_agreement() if mlp else agreement(spec, out.numpy(), held_t, args.rule)), loss
 
         calibrated, held_loss = held_out()
-        if (calibrated, -held_loss) > best_key:
-            best_key, best_state = (calibrated, -held_loss), copy.deepcopy(student.state_dict())
-        best = best_key[0]
+        top.offer((calibrated, -held_loss), student, 0)
+        best = top.best
+        training_s = args.budget_s * (1 - args.select_share) if top.size > 1 else args.budget_s
         log(f"distill {kind} policy on {env_id}: PTQ agrees with the fp32 policy on {100 * before:.1f} % of "
             f"{len(held_x)} held-out states, {100 * calibrated:.1f} % after scale/bias calibration; target "
             f"{100 * args.agreement:.1f} %, budget {args.budget_s:.0f} s")
@@ -522,14 +586,14 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         logger.scalar("agreement/heldout", before, 0)
         try:
             while best < args.agreement and rounds < args.max_rounds and \
-                    cpu_clock() - started < args.budget_s:
+                    cpu_clock() - started < training_s:
                 beta = 0.5 ** rounds
                 x = rollouts.collect(args.steps_per_round, [teacher_out, student_out], beta)
                 xs = np.concatenate([xs, x])[-max_states:]
                 ts = np.concatenate([ts, teacher_out(x)])[-max_states:]
                 x_all, t_all = torch.from_numpy(xs), torch.from_numpy(ts)
                 total = 0.0
-                progress = (cpu_clock() - started) / args.budget_s  # the rate decays linearly to 10 %
+                progress = (cpu_clock() - started) / training_s  # the rate decays linearly to 10 %
                 for group in optimizer.param_groups:
                     group["lr"] = args.learning_rate * max(0.1, 1.0 - max(progress, rounds / args.max_rounds))
                 for _ in range(args.updates_per_round):
@@ -542,8 +606,8 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
                     total += loss.item()
                 rounds += 1
                 agree, held_loss = held_out()
-                if (agree, -held_loss) > best_key:
-                    best_key, best_state, best = (agree, -held_loss), copy.deepcopy(student.state_dict()), agree
+                top.offer((agree, -held_loss), student, rounds)
+                best = top.best
                 for name, value in (("loss/train", total / args.updates_per_round), ("loss/heldout", held_loss),
                                     ("agreement/heldout", agree), ("states", len(xs))):
                     logger.scalar(name, value, rounds)
@@ -553,10 +617,15 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         finally:
             rollouts.close()
             logger.close()
+        chosen = top.entries[0]
+        if top.size > 1:
+            chosen = select(top, lambda state: _select_return(loaded, student, state, env_id, args),
+                            deadline=lambda: cpu_clock() - started >= args.budget_s, log=log)
     finally:
         torch.set_num_threads(threads)
-    student.load_state_dict(best_state)
+    student.load_state_dict(chosen.state)
     student.eval()
+    best = chosen.key[0]
     result = DistillResult(student, kind, before, best, rounds, len(xs), time.perf_counter() - wall)
     if path is not None:
         trained = {"recovery": "distill", "env": env_id, "teacher": loaded.description, "kind": kind,
