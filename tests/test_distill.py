@@ -181,6 +181,22 @@ def test_selection_picks_the_return_then_the_agreement_and_stops_at_the_deadline
     assert chosen.round == 1 and top.entries[2].ret is not None  # (measured in the first call)
     returns[3] = 500.0
     assert distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False).round == 1
+    # the first accepted by agreement wins, and the rest are not measured
+    for c in top.entries:
+        c.ret = None
+    chosen = distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False,
+                            accept=lambda ret: ret >= 490)
+    assert chosen.round == 1 and top.entries[2].ret is None
+    # past the deadline with nothing accepted: the best of the two measured
+    assert distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: True,
+                          accept=lambda ret: ret > 1000).round == 1
+
+
+def test_the_selection_score_is_the_one_of_fidelity():
+    base = distill.fidelity.Baseline("CartPole-v1", 0, np.zeros((1, 4)), np.zeros((1, 2)), 2, 500.0, 20.0)
+    assert distill._score(500.0, base) == 1.0 and distill._score(260.0, base) == 0.5
+    flat = distill.fidelity.Baseline("CartPole-v1", 0, np.zeros((1, 4)), np.zeros((1, 2)), 2, 9.0, 9.0)
+    assert distill._score(9.0, flat) == 1.0 and distill._score(8.0, flat) == 0.0
 
 
 def test_selection_by_return_measures_the_candidates_episodes(dqn):
@@ -188,7 +204,8 @@ def test_selection_by_return_measures_the_candidates_episodes(dqn):
     returned is the best of them by that return."""
     lines = []
     result = distill.distill(load_policy(dqn), "CartPole-v1", None,
-                             small(max_rounds=3, select_episodes=2, candidates=3), log=lines.append)
+                             small(max_rounds=3, select_episodes=2, candidates=3, select_target=2.0),
+                             log=lines.append)  # a target no return reaches: all three measured
     selection = [line for line in lines if "selection by return" in line]
     assert len(selection) == 1 and selection[0].count("round") == 4  # three candidates and the pick
     picked = int(selection[0].rsplit("round ", 1)[1])

@@ -126,3 +126,16 @@ def test_the_budget_covers_the_whole_recovery():
     lines: list[str] = []
     assert recovery.distill_budget(180, spent=150, step=20, log=lines.append) == 45
     assert len(lines) == 1 and "take 190 of the 180 CPU s; distillation gets 45 s" in lines[0]
+
+
+def test_with_episodes_each_distillation_checks_its_students_return(q_network, tmp_path):
+    """With episodes (the return decides), distillation ends by measuring its best students' return on episodes
+    of their own (DistillArgs.select_episodes, select_target = the target). A target no step reaches: both run."""
+    loaded = load_policy(q_network, config={"env": "CartPole-v1"})
+    lines: list[str] = []
+    with pytest.raises(recovery.NotKept):
+        recovery.keep(loaded, "CartPole-v1", 50.0, compiler(tmp_path / "q.bitrl"), episodes=2, budget=8,
+                      log=lines.append)
+    selections = [line for line in lines if "selection by return" in line]
+    assert len(selections) == 2, lines  # all ternary, then with the top-ranked layer int8
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,9 @@
                weights on CartPole) int8 in training and in the artifact. Measured on three RecurrentPPO CartPole
                teachers (plain agreement with SB3's predict on 4000 states it visits): 99.4-99.6 % with it, 99.0-
                99.2 % every layer ternary (its misses near-ties): a plain 99 % is not kept reliably without it
+               With `episodes` (the return decides), each distillation ends by checking its best students'
+               return on episodes of their own (DistillArgs.select_episodes: reset seeds no evaluation uses): the
+               best by agreement whose score there reaches the target, else the best by that return
     distill + int8 [i]
                the same student, trained on (the last third of its budget) with the layer whose int8 version
                removes most of the output error (precision.rank_layers, on the visited states) int8 in training
@@ -143,7 +146,8 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
         return result, attempts
     spent, step = distill.cpu_clock() - started, distill.cpu_clock() - before_ptq
     args = distill_args or distill.DistillArgs(seed=seed, budget_s=distill_budget(budget, spent, step, log),
-                                               per_channel=per_channel)
+                                               per_channel=per_channel, select_target=target,
+                                               select_episodes=episodes if rule == "weighted" else 0)
     args = dataclasses.replace(args, agreement=min(1.0, max(args.agreement, target + 0.005)), rule=rule)
     if original.input.get("recurrent"):
         ranked_recurrent = _ranking_recurrent(original, base, per_channel, log)
