@@ -8,15 +8,15 @@
     distill    distillation into the ternary network (trainers/distill.py, two thirds of its budget: `distill_budget`; MLP
                policies with vector observations, and CNN policies such as SB3's CnnPolicy on images): still every
                layer ternary, the algorithm kept (a DQN stays a Q-network)
+               With `episodes` (the return decides), an MLP's distillation ends by checking its best students'
+               return on episodes of their own (DistillArgs.select_episodes: reset seeds no evaluation uses): the
+               best by agreement whose score there reaches the target, else the best by that return
                A recurrent (LSTM) policy distils through time instead (trainers/distill_recurrent.py, its whole
                budget) in one step, "distill + int8 [i]": the layer whose ternary version fits its own outputs
                worst along the original's episodes (distill_recurrent.rank_layers; the first LSTM layer's input
                weights on CartPole) int8 in training and in the artifact. Measured on three RecurrentPPO CartPole
                teachers (plain agreement with SB3's predict on 4000 states it visits): 99.4-99.6 % with it, 99.0-
                99.2 % every layer ternary (its misses near-ties): a plain 99 % is not kept reliably without it
-               With `episodes` (the return decides), each distillation ends by checking its best students'
-               return on episodes of their own (DistillArgs.select_episodes: reset seeds no evaluation uses): the
-               best by agreement whose score there reaches the target, else the best by that return
     distill + int8 [i]
                the same student, trained on (the last third of its budget) with the layer whose int8 version
                removes most of the output error (precision.rank_layers, on the visited states) int8 in training
