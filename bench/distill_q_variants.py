@@ -8,7 +8,9 @@ Per variant: `distill.distill` with DistillArgs(budget_s=--budget, **VARIANTS[na
 10000 + i) through the numpy reference (what the artifact computes, int8 layers included), its held-out
 stake-weighted agreement before (PTQ) and after, and the CPU seconds. "centred" replaces the Q-network loss by
 its centred MSE and ranking hinge alone (no absolute Q level to fit; `forward` would then be off by a per-state
-constant, so it is an experiment, not an option).
+constant, so it is an experiment, not an option). "select" is the default run ending as `--keep` with `--episodes
+10` ends it: its four best students by agreement played on 10 episodes of their own (reset seeds 2000003 + seed +
+i), the best by agreement that keeps 98 % there taken.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ VARIANTS = {
     "centred": {},
     "int8-all": {"int8_layers": (0, 1, 2)},
     "int8-first-last": {"int8_layers": (0, 2)},
+    "select": {"select_episodes": 10},  # what --keep --episodes 10 does: its best students checked by their return
 }
 
 
