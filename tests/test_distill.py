@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from bitrl_compile import fidelity
 from bitrl_compile.frontends import load_policy
-from bitrl_compile.trainers import distill
+from bitrl_compile.trainers import distill, selection
 from bitrl_compile.trainers.export import reference_forward
 
 
@@ -154,7 +155,7 @@ def test_a_backbone_cannot_be_distilled():
 
 def test_candidates_keep_the_best_by_agreement_then_loss():
     net = torch.nn.Linear(2, 2)
-    top = distill.Candidates(3)
+    top = selection.Candidates(3)
     for round_, key in enumerate([(0.5, -1.0), (0.9, -2.0), (0.9, -1.0), (0.7, 0.0), (0.9, -1.0), (0.1, 0.0)]):
         top.offer(key, net, round_)
     assert [(c.round, c.key) for c in top.entries] == [(2, (0.9, -1.0)), (4, (0.9, -1.0)), (1, (0.9, -2.0))]
@@ -167,36 +168,36 @@ def test_candidates_keep_the_best_by_agreement_then_loss():
 
 def test_selection_picks_the_return_then_the_agreement_and_stops_at_the_deadline():
     net = torch.nn.Linear(2, 2)
-    top = distill.Candidates(4)
+    top = selection.Candidates(4)
     for round_, key in enumerate([(0.99, 0.0), (0.98, 0.0), (0.97, 0.0), (0.96, 0.0)]):
         top.offer(key, net, round_)
     returns = {0: 450.0, 1: 500.0, 2: 500.0, 3: 600.0}
     ids = {id(c.state): c.round for c in top.entries}
     lines = []
-    chosen = distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False, log=lines.append)
+    chosen = selection.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False, log=lines.append)
     assert chosen.round == 3 and chosen.ret == 600.0
     assert "round 0 (99.0 %): 450.0" in lines[0] and lines[0].endswith("-> round 3")
     # a return tie goes to the higher agreement; past the deadline only the first two are measured
-    chosen = distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: True)
+    chosen = selection.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: True)
     assert chosen.round == 1 and top.entries[2].ret is not None  # (measured in the first call)
     returns[3] = 500.0
-    assert distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False).round == 1
+    assert selection.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False).round == 1
     # the first accepted by agreement wins, and the rest are not measured
     for c in top.entries:
         c.ret = None
-    chosen = distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False,
+    chosen = selection.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: False,
                             accept=lambda ret: ret >= 490)
     assert chosen.round == 1 and top.entries[2].ret is None
     # past the deadline with nothing accepted: the best of the two measured
-    assert distill.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: True,
+    assert selection.select(top, lambda s: returns[ids[id(s)]], deadline=lambda: True,
                           accept=lambda ret: ret > 1000).round == 1
 
 
 def test_the_selection_score_is_the_one_of_fidelity():
-    base = distill.fidelity.Baseline("CartPole-v1", 0, np.zeros((1, 4)), np.zeros((1, 2)), 2, 500.0, 20.0)
-    assert distill._score(500.0, base) == 1.0 and distill._score(260.0, base) == 0.5
-    flat = distill.fidelity.Baseline("CartPole-v1", 0, np.zeros((1, 4)), np.zeros((1, 2)), 2, 9.0, 9.0)
-    assert distill._score(9.0, flat) == 1.0 and distill._score(8.0, flat) == 0.0
+    base = fidelity.Baseline("CartPole-v1", 0, np.zeros((1, 4)), np.zeros((1, 2)), 2, 500.0, 20.0)
+    assert selection.score(500.0, base) == 1.0 and selection.score(260.0, base) == 0.5
+    flat = fidelity.Baseline("CartPole-v1", 0, np.zeros((1, 4)), np.zeros((1, 2)), 2, 9.0, 9.0)
+    assert selection.score(9.0, flat) == 1.0 and selection.score(8.0, flat) == 0.0
 
 
 def test_selection_by_return_measures_the_candidates_episodes(dqn):
@@ -206,15 +207,13 @@ def test_selection_by_return_measures_the_candidates_episodes(dqn):
     result = distill.distill(load_policy(dqn), "CartPole-v1", None,
                              small(max_rounds=3, select_episodes=2, candidates=3, select_target=2.0),
                              log=lines.append)  # a target no return reaches: all three measured
-    selection = [line for line in lines if "selection by return" in line]
-    assert len(selection) == 1 and selection[0].count("round") == 4  # three candidates and the pick
-    picked = int(selection[0].rsplit("round ", 1)[1])
+    picks = [line for line in lines if "selection by return" in line]
+    assert len(picks) == 1 and picks[0].count("round") == 4  # three candidates and the pick
+    picked = int(picks[0].rsplit("round ", 1)[1])
     measured = {int(part.split()[1]): float(part.rsplit(": ", 1)[1])
-                for part in selection[0].split(": ", 1)[1].rsplit(" -> ", 1)[0].split(", ")}
+                for part in picks[0].split(": ", 1)[1].rsplit(" -> ", 1)[0].split(", ")}
     assert measured[picked] == max(measured.values())
     student = load_policy(dqn)
     student.module.load_state_dict(result.student.state_dict())
     forward = reference_forward(student)
-    from bitrl_compile import fidelity
-
-    assert np.mean(fidelity.returns(student, forward, "CartPole-v1", 2, distill.SELECT_SEED)) == measured[picked]
+    assert np.mean(fidelity.returns(student, forward, "CartPole-v1", 2, selection.SEED)) == measured[picked]

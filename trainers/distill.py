@@ -76,6 +76,7 @@ from bitrl_compile.quant import (
     quantize_weight_int8_ste,
 )
 from bitrl_compile.runtime.policy import flatten_observations, postprocess
+from bitrl_compile.trainers import selection
 from bitrl_compile.trainers.backbones import normalize
 from bitrl_compile.trainers.export import (
     check_policy_fits,
@@ -90,9 +91,6 @@ from bitrl_compile.trainers.logs import Logger
 from bitrl_compile.trainers.ppo import make_envs
 
 PLAIN_FLOOR = 0.3  # DistillArgs.floor with rule "plain": a lead of 0.3 median gaps on every state
-
-
-SELECT_SEED = 2_000_003  # + seed: the reset seeds of the episodes that select a student (DistillArgs.select_episodes)
 
 
 def cpu_clock() -> float:
@@ -130,7 +128,7 @@ class DistillArgs:
     select_episodes: int = 0         # > 0 (MLP policies): the student returned is, of the `candidates` best by
                                      # held-out agreement, the first (best agreement first) whose score (R - R_random)
                                      # / (R_fp32 - R_random) on this many deterministic episodes of its own reaches
-                                     # `select_target` (numpy reference; reset seeds SELECT_SEED + seed + i, none of
+                                     # `select_target` (numpy reference; reset seeds selection.SEED + seed + i, none of
                                      # an evaluation's), else the one with the highest return; the last
                                      # `select_share` of the budget is theirs. Where agreement and return disagree
                                      # (a DQN whose action gaps are near the rounding), the return decides
@@ -407,70 +405,6 @@ class Rollouts:
 
 # ------------------------------------------------------------------------------------------------ the run
 
-@dataclass
-class Candidate:
-    key: tuple[float, float]         # (held-out agreement, -held-out loss)
-    state: dict                      # the student's state_dict then
-    round: int
-    ret: float | None = None         # its mean return on the selection episodes, once measured
-
-
-class Candidates:
-    """The `size` best students seen, by held-out agreement then loss (the first offered wins a tie)."""
-
-    def __init__(self, size: int):
-        self.size, self.entries = max(1, size), []
-
-    def offer(self, key: tuple[float, float], student: nn.Module, round_: int) -> None:
-        if len(self.entries) == self.size and key <= self.entries[-1].key:
-            return
-        self.entries.append(Candidate(key, copy.deepcopy(student.state_dict()), round_))
-        self.entries.sort(key=lambda c: c.key, reverse=True)  # stable: equal keys keep their order
-        del self.entries[self.size:]
-
-    @property
-    def best(self) -> float:
-        return self.entries[0].key[0]
-
-
-def select(top: Candidates, ret, deadline, log=lambda s: None, accept=lambda ret: False) -> Candidate:
-    """The first candidate (best agreement first) whose return (`ret(state)`) is accepted, else the one with the
-    highest return, ties by agreement; each measured as long as `deadline()` has not passed (the best by agreement
-    always, and at least one more). Measured on an RL-Zoo DQN CartPole, the best return alone picked a 97.4 %
-    student whose 500 on the selection episodes was 10 % short on the evaluation's, where the 98.1 % one kept 100 %:
-    agreement stays the first criterion, the return a check of it."""
-    measured, chosen = [], None
-    for c in top.entries:
-        if len(measured) >= 2 and deadline():
-            break
-        c.ret = float(ret(c.state))
-        measured.append(c)
-        if accept(c.ret):
-            chosen = c
-            break
-    chosen = chosen or max(measured, key=lambda c: (c.ret, c.key))
-    log("  selection by return: " + ", ".join(
-        f"round {c.round} ({100 * c.key[0]:.1f} %): {c.ret:.1f}" for c in measured) + f" -> round {chosen.round}")
-    return chosen
-
-
-def _score(ret: float, base) -> float:
-    """(R - R_random) / (R_fp32 - R_random) of the selection episodes (`base`: fidelity.baseline of them)."""
-    span = base.ret_fp32 - base.ret_random
-    return (ret - base.ret_random) / span if abs(span) > 1e-9 else (1.0 if ret >= base.ret_fp32 else 0.0)
-
-
-def _select_return(loaded, student: nn.Module, state: dict, env_id: str, args: DistillArgs) -> float:
-    """The mean return of the student with `state` on the selection episodes (its numpy reference, the artifact's
-    arithmetic)."""
-    probe = copy.deepcopy(student)
-    probe.load_state_dict(state)
-    forward = reference_forward(dataclasses.replace(loaded, module=probe.eval()), per_channel=args.per_channel,
-                                int8_layers=args.int8_layers)
-    return float(np.mean(fidelity.returns(loaded, forward, env_id, args.select_episodes,
-                                          SELECT_SEED + args.seed)))
-
-
 def check_distillable(loaded, env_id: str, name: str = "policy") -> str:
     """Raise ValueError unless `loaded` is an MLP policy for env_id with plain vector observations, or a
     convolutional one (plain Conv2d layers) on its images or plain observations; its kind."""
@@ -563,7 +497,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
             held_env.close()
         held_t = teacher_out(held_x)
         before = heldout_agreement()
-        top = Candidates(args.candidates if args.select_episodes > 0 and mlp else 1)
+        top = selection.Candidates(args.candidates if args.select_episodes > 0 and mlp else 1)
         top.offer((before, -math.inf), student, 0)  # PTQ, if nothing beats it
         if args.calibrate:
             calibrate_(student, teacher, torch.from_numpy(_inputs(held_x[::2], image)), args.per_channel,
@@ -633,11 +567,8 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
             logger.close()
         chosen = top.entries[0]
         if top.size > 1:
-            base = fidelity.baseline(loaded, env_id, episodes=args.select_episodes, seed=SELECT_SEED + args.seed,
-                                     rollouts=1, max_states=1)  # the fp32 and random returns of those episodes
-            chosen = select(top, lambda state: _select_return(loaded, student, state, env_id, args),
-                            deadline=lambda: cpu_clock() - started >= args.budget_s, log=log,
-                            accept=lambda ret: _score(ret, base) >= args.select_target)
+            chosen = selection.by_return(top, loaded, student, env_id, args,
+                                         deadline=lambda: cpu_clock() - started >= args.budget_s, log=log)
     finally:
         torch.set_num_threads(threads)
     student.load_state_dict(chosen.state)
