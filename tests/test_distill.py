@@ -217,3 +217,44 @@ def test_selection_by_return_measures_the_candidates_episodes(dqn):
     student.module.load_state_dict(result.student.state_dict())
     forward = reference_forward(student)
     assert np.mean(fidelity.returns(student, forward, "CartPole-v1", 2, selection.SEED)) == measured[picked]
+
+
+def test_held_out_states_cover_whole_episodes():
+    """The held-out states are spread over every environment's whole episode: on Pendulum (200 steps, never ends
+    early) 64 states of 2 environments reach the last step of the second one's episode, which 32 steps from the
+    start (the old held-out) never saw."""
+    import gymnasium
+
+    from bitrl_compile.trainers.rollouts import Rollouts
+
+    spec = {"kind": "continuous", "shape": [1], "low": [-2.0], "high": [2.0], "squash": "clip"}
+    rollouts = Rollouts("Pendulum-v1", 2, 7, spec, None, epsilon=0.0)
+    try:
+        held = rollouts.whole_episodes(lambda x: np.full((len(x), 1), 0.5, np.float32), 64)
+    finally:
+        rollouts.close()
+    env = gymnasium.make("Pendulum-v1")
+    obs, _ = env.reset(seed=8)  # the vector env's second environment: seed + 1
+    for _ in range(199):
+        obs, *_ = env.step(np.array([0.5], np.float32))
+    assert held.shape == (64, 3) and held.dtype == np.float32
+    np.testing.assert_array_equal(held[-1], obs.astype(np.float32))
+    first, _ = gymnasium.make("Pendulum-v1").reset(seed=7)
+    np.testing.assert_array_equal(held[0], first.astype(np.float32))
+
+
+def test_continuous_loss_is_one_sided_where_the_teacher_saturates():
+    """A tanh actor's pre-squash targets past +-3: a student past them the same way costs nothing, one on the other
+    side costs its full distance and gets a gradient toward the teacher (clamping both left it none)."""
+    spec = {"kind": "continuous", "shape": [1], "low": [-1.0], "high": [1.0], "squash": "tanh"}
+    loss = distill.Loss("continuous", spec, np.zeros((4, 1), np.float32), margin=0.5)
+    t = torch.tensor([[100.0], [-40.0], [1.0]])
+    s = torch.tensor([[10.0], [-5.0], [1.0]], requires_grad=True)
+    assert loss(s, t).item() == 0.0
+    s = torch.tensor([[-50.0], [-5.0], [1.0]], requires_grad=True)
+    value = loss(s, t)
+    value.backward()
+    assert value.item() == pytest.approx(53.0 ** 2 / 3)
+    assert s.grad[0, 0] < 0 and s.grad[1, 0] == 0 and s.grad[2, 0] == 0  # descent raises the first
+    s = torch.tensor([[3.0], [-3.0], [5.0]], requires_grad=True)
+    assert loss(s, t).item() == pytest.approx(16.0 / 3)  # an unsaturated target: the student unclamped

@@ -51,11 +51,11 @@ from bitrl_compile.trainers.distill import (
     _layer,
     _ternary,
     agreement,
-    explore,
     floor_of,
     output_kind,
 )
 from bitrl_compile.trainers.export import layers
+from bitrl_compile.trainers.rollouts import explore
 
 BPTT = 32              # steps per chunk of truncated back-propagation through time
 MAX_EPISODE = 1000     # steps kept of one episode
