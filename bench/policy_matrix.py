@@ -141,6 +141,23 @@ def teacher_digest(loaded) -> str:
     return h.hexdigest()
 
 
+def code_version() -> str:
+    """The commit the measuring code is at (+ "-dirty" when the recovery's code has uncommitted changes), recorded
+    in every cell: a resumed matrix mixes cells of several commits, and a cell of a recovery that changed since
+    can then be found and measured again (delete its .json)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--", "bitrl_compile", "passes", "targets", "runtime", "trainers")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
 def trainer_versions() -> dict[str, str]:
     """The packages a model trained again depends on: the same seed gives the same model on one machine, but not
     across their versions (measured: SB3 DQN CartPole seed 1 from a later gymnasium/SB3 install was another model)."""
@@ -224,6 +241,7 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
                                          base=base, hook=hook, out=out, opts=opts)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         result["cpu_seconds"] = round(time.process_time() - c0, 1)  # what the goal counts (a loaded machine too)
+        result["code"] = opts.get("code", "unknown")  # the commit imported when the run started
         write_atomic(out / f"{column}.json", json.dumps(result, indent=1).encode())
         _log(f"{algo} {env_id} seed {seed} {column}: " + (f"return {result['return']:.1f}, "
                                                             if result.get("return") is not None
@@ -480,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = a.runs or (RUNS if a.scale == 1.0 else RUNS.with_name(f"policy_matrix-scale{a.scale:g}"))
     keys = [(algo, env_id, seed) for algo, env_id in rows for seed in range(a.seeds)]
     opts = {"runs": str(runs), "episodes": a.episodes, "budget": a.budget, "qat_steps": a.qat_steps,
-            "scale": a.scale, "target": a.target}
+            "scale": a.scale, "target": a.target, "code": code_version()}
     unavailable: dict[str, str] = {}
     t0 = time.perf_counter()
     if not a.table_only:

@@ -4,6 +4,7 @@ script cannot silently rot. No timing assertions."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,10 @@ def test_one_tiny_row_end_to_end(sb3_trained, tmp_path, monkeypatch):
     assert fp32["return"] == pytest.approx(fp32["return_ours"])  # SB3's predict = our reading of the model
     assert len(fp32["returns"]) == 2 and np.isfinite(fp32["random"])
     assert 0 <= ptq["agreement"] <= 1 and ptq["return"] > 0 and rl["steps"] >= 256
+    # every cell names the commit it was measured with (the checkout's HEAD; "unknown" only outside git)
+    assert ptq["code"] == rl["code"] == fp32["code"]
+    if (Path(__file__).resolve().parents[1] / ".git").exists():
+        assert ptq["code"].split("-")[0] != "unknown"
     report = (tmp_path / "policy_matrix.md").read_text()
     assert "| SB3 PPO CartPole-v1 | 1 |" in report and "budgets × 0.001" in report
     assert json.loads((tmp_path / "policy_matrix.json").read_text())["units"][0]["columns"]["ptq"] == ptq
