@@ -34,6 +34,7 @@ VARIANTS = {
     "int8-all": {"int8_layers": (0, 1, 2)},
     "int8-first-last": {"int8_layers": (0, 2)},
     "select": {"select_episodes": 10},  # what --keep --episodes 10 does: its best students checked by their return
+    "raw": {"standardize": False},  # the student on raw observations (before trainers/standardize.py)
 }
 
 
@@ -70,9 +71,7 @@ def main(argv=None) -> int:
         c0 = time.process_time()
         result = distill.distill(loaded, "CartPole-v1", args=distill.DistillArgs(budget_s=a.budget, **settings),
                                  log=lambda s: None)
-        student = load_policy(path, config={"env": "CartPole-v1"}, trust_pickle=True)
-        student.module.load_state_dict(result.student.state_dict())
-        forward = reference_forward(student, int8_layers=settings.get("int8_layers", ()))
+        forward = reference_forward(result.policy, int8_layers=settings.get("int8_layers", ()))
         returns = evaluate(lambda o, f=forward: int(f(np.asarray(o, np.float32)[None]).argmax(1)[0]),
                            "CartPole-v1", 10, 10_000)[0]
         print(f"seed {a.seed} {name}: return {np.mean(returns):.1f}, held-out weighted agreement "

@@ -13,7 +13,8 @@ import torch
 
 from bitrl_compile import fidelity
 from bitrl_compile.frontends import load_policy
-from bitrl_compile.trainers import distill, selection
+from bitrl_compile.trainers import distill, selection, standardize
+from bitrl_compile.trainers.backbones import normalize
 from bitrl_compile.trainers.export import reference_forward
 
 
@@ -58,8 +59,9 @@ def test_distilled_dqn_compiles_to_the_students_q_values_and_actions(distilled_d
         q = artifact.forward(cartpole_obs)
         actions = artifact.act(cartpole_obs)
     reference = reference_forward(loaded)(cartpole_obs)  # the numpy BitLinear: what was measured
+    x = torch.from_numpy(normalize(cartpole_obs, loaded.input["normalize"]))  # the student's standardised input
     with torch.no_grad():
-        trained = distill.ste_forward(result.student, torch.from_numpy(cartpole_obs)).numpy()  # what was trained
+        trained = distill.ste_forward(result.student, x).numpy()  # what was trained
     np.testing.assert_array_equal(q, reference)  # ReLU: bit for bit
     scale = np.abs(reference).max()  # torch against numpy: an ulp can move one int8 rounding, in a few rows
     assert np.isclose(trained, reference, rtol=1e-4, atol=1e-4 * scale).all(axis=1).mean() >= 0.9
@@ -77,7 +79,7 @@ def test_a_student_trained_with_an_int8_layer_compiles_to_what_was_trained(dqn, 
 
     teacher = load_policy(dqn)
     result = distill.distill(teacher, "CartPole-v1", tmp_path / "s.safetensors", small(max_rounds=2, int8_layers=(1,)),
-                             log=lambda s: None, start=distilled_dqn[0].student)
+                             log=lambda s: None, start=distilled_dqn[0].policy)
     loaded = load_policy(tmp_path / "s.safetensors")
     compiled = pipeline.compile_policy(loaded, "host", tmp_path / "s.bitrl", int8_layers=[1])
     assert [layer["precision"] for layer in compiled.manifest["layers"]] == ["ternary", "int8", "ternary"]
@@ -85,13 +87,45 @@ def test_a_student_trained_with_an_int8_layer_compiles_to_what_was_trained(dqn, 
         q = artifact.forward(cartpole_obs)
     reference = reference_forward(loaded, int8_layers=(1,))(cartpole_obs)
     with torch.no_grad():
-        trained = distill.ste_forward(result.student, torch.from_numpy(cartpole_obs), int8_layers=(1,)).numpy()
+        x = torch.from_numpy(normalize(cartpole_obs, loaded.input["normalize"]))
+        trained = distill.ste_forward(result.student, x, int8_layers=(1,)).numpy()
     np.testing.assert_array_equal(q, reference)
     # torch's float ops are not numpy's: an ulp can move one int8 rounding (seen: 1 row of 64, 2e-4 of the output)
     scale = np.abs(reference).max()
     assert np.isclose(trained, reference, rtol=1e-4, atol=1e-4 * scale).all(axis=1).mean() >= 0.9
     np.testing.assert_allclose(trained, reference, rtol=0, atol=1e-2 * scale)
     assert not np.array_equal(reference, reference_forward(loaded)(cartpole_obs))  # the int8 layer is not ternary
+
+
+def test_the_student_takes_standardised_observations_folded_into_its_first_layer(dqn, distilled_dqn, cartpole_obs):
+    """A policy on raw observations: the student's layer 0 takes them standardised by the teacher's states (its
+    statistics in the file's input spec, as VecNormalize's are), and the fold alone changes nothing in fp32."""
+    teacher = load_policy(dqn)
+    assert teacher.input["normalize"] is None
+    result, path = distilled_dqn
+    norm = load_policy(path).input["normalize"]
+    assert norm == result.policy.input["normalize"] and norm["clip"] is None
+    std = np.sqrt(np.asarray(norm["var"]) + norm["eps"])
+    assert std.min() < 0.5 * std.max()  # CartPole's features differ in spread: a real rescaling, not identity
+    assert result.config["trained"]["standardized"] and result.config["input"]["normalize"] == norm
+    folded = standardize.fold_to(teacher, norm)
+    with torch.no_grad():
+        raw = teacher.module(torch.from_numpy(cartpole_obs)).numpy()
+        standardised = folded.module(torch.from_numpy(normalize(cartpole_obs, norm))).numpy()
+    np.testing.assert_allclose(standardised, raw, rtol=1e-5, atol=1e-5 * np.abs(raw).max())
+    assert teacher.input["normalize"] is None and teacher.module is not folded.module  # the teacher is untouched
+    with pytest.raises(ValueError, match="statistics of its own"):
+        standardize.fold_to(folded, norm)
+
+
+def test_a_policy_with_statistics_or_without_standardize_keeps_its_input(dqn, tmp_path):
+    teacher = load_policy(dqn)
+    result = distill.distill(teacher, "CartPole-v1", None, small(max_rounds=1, standardize=False), log=lambda s: None)
+    assert result.policy.input["normalize"] is None
+    with_stats = standardize.fold_to(teacher, {"mean": [0.0] * 4, "var": [1.0] * 4, "eps": 1e-8, "clip": None})
+    assert not standardize.applies(with_stats, True, False, None)  # VecNormalize's statistics stay the only ones
+    result = distill.distill(with_stats, "CartPole-v1", None, small(max_rounds=1), log=lambda s: None)
+    assert result.policy.input["normalize"] == with_stats.input["normalize"]
 
 
 def test_continuous_actor_keeps_its_squash_and_bounds(sb3_trained, tmp_path):
@@ -213,8 +247,7 @@ def test_selection_by_return_measures_the_candidates_episodes(dqn):
     measured = {int(part.split()[1]): float(part.rsplit(": ", 1)[1])
                 for part in picks[0].split(": ", 1)[1].rsplit(" -> ", 1)[0].split(", ")}
     assert measured[picked] == max(measured.values())
-    student = load_policy(dqn)
-    student.module.load_state_dict(result.student.state_dict())
+    student = result.policy  # with its input spec (standardised observations)
     forward = reference_forward(student)
     assert np.mean(fidelity.returns(student, forward, "CartPole-v1", 2, selection.SEED)) == measured[picked]
 

@@ -66,6 +66,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,8 @@ from bitrl_compile.quant import (
     quantize_weight_int8_ste,
 )
 from bitrl_compile.runtime.policy import flatten_observations
-from bitrl_compile.trainers import selection
+from bitrl_compile.trainers import selection, standardize
+from bitrl_compile.trainers.backbones import normalize
 from bitrl_compile.trainers.export import (
     check_policy_fits,
     conv_padding,
@@ -129,6 +131,8 @@ class DistillArgs:
     margin: float = 0.5              # q_values: fraction of the teacher's gap its argmax must keep
     max_states: int = 200_000        # aggregated states kept (the oldest go first)
     calibrate: bool = True           # scale and bias correction of every layer before training (`calibrate_`)
+    standardize: bool = True         # a flat MLP without observation statistics: the student takes standardised
+                                     # states, the statistics folded into layer 0 (trainers/standardize.py)
     select_episodes: int = 0         # > 0 (MLP policies): the student returned is, of the `candidates` best by
                                      # held-out agreement, the first (best agreement first) whose score (R - R_random)
                                      # / (R_fp32 - R_random) on this many deterministic episodes of its own reaches
@@ -153,6 +157,7 @@ class DistillResult:
     states: int
     seconds: float
     config: dict | None = None       # the written file's config (None when no path was given)
+    policy: Any = None               # the student as a LoadedPolicy: its input spec (standardisation) included
 
     def summary(self) -> str:
         return (f"distill ({self.kind}): held-out action agreement {100 * self.agreement_before:.1f} % (PTQ) -> "
@@ -406,11 +411,22 @@ def _check_dict_fits(loaded, env_id: str, name: str) -> None:
                          f"{env_id}'s {action_space}; give the environment it was trained on")
 
 
+def _copies(module: nn.Module, start: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
+    """(teacher, student): float32 copies, the teacher frozen, the student (from `start` when given) trainable."""
+    teacher = copy.deepcopy(module).float().eval()
+    student = copy.deepcopy(start if start is not None else module).float().train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return teacher, student
+
+
 def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillArgs | None = None,
-            log=lambda s: print(s, file=sys.stderr), start: MLPPolicy | None = None) -> DistillResult:
+            log=lambda s: print(s, file=sys.stderr), start=None) -> DistillResult:
     """Distil the fp32 MLP policy `loaded` (a LoadedPolicy) into its ternary version on env_id's states; write it
     to `path` (a policy .safetensors with the teacher's specs and "trained": {"recovery": "distill", ...}). The
-    student starts from the teacher's weights, or from `start` (an earlier student of the same architecture)."""
+    student starts from the teacher's weights, or from `start` (an earlier result's `.policy`: a student of the same
+    architecture with its input spec). The result's `.policy` is the student with its input spec, which differs
+    from the teacher's when it takes standardised observations (`args.standardize`)."""
     args = args or DistillArgs()
     started, wall = cpu_clock(), time.perf_counter()
     kind = check_distillable(loaded, env_id)
@@ -423,11 +439,11 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
     torch.manual_seed(args.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.torch_threads)
+    standardized = start is not None and start.input.get("normalize") != loaded.input.get("normalize")
+    if standardized:  # the teacher in the earlier student's input space
+        loaded = standardize.fold_to(loaded, start.input["normalize"])
     spec, stats = loaded.output, loaded.input.get("normalize")
-    teacher = copy.deepcopy(loaded.module).float().eval()
-    student = copy.deepcopy(start if start is not None else loaded.module).float().train()
-    for p in student.parameters():
-        p.requires_grad_(True)
+    teacher, student = _copies(loaded.module, None if start is None else start.module)
 
     def teacher_out(x: np.ndarray) -> np.ndarray:  # states as stored (frames: uint8)
         with torch.no_grad():
@@ -451,6 +467,12 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
             held_x = held_env.whole_episodes(teacher_out, args.heldout)
         finally:
             held_env.close()
+        if args.standardize and start is None and standardize.applies(loaded, mlp, image, keys):
+            loaded = standardize.fold(loaded, held_x)  # the same function, its layer 0 on standardised states
+            stats, standardized = loaded.input["normalize"], True
+            teacher, student = _copies(loaded.module)
+            held_x = normalize(held_x, stats)
+            log(f"distill: the student takes standardised observations (std {np.sqrt(stats['var']).round(3)})")
         held_t = teacher_out(held_x)
         before = heldout_agreement()
         top = selection.Candidates(args.candidates if args.select_episodes > 0 and mlp else 1)
@@ -530,12 +552,14 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
     student.load_state_dict(chosen.state)
     student.eval()
     best = chosen.key[0]
-    result = DistillResult(student, kind, before, best, rounds, len(xs), time.perf_counter() - wall)
+    result = DistillResult(student, kind, before, best, rounds, len(xs), time.perf_counter() - wall,
+                           policy=dataclasses.replace(loaded, module=student, recovery="distill"))
     if path is not None:
         trained = {"recovery": "distill", "env": env_id, "teacher": loaded.description, "kind": kind,
                    "per_channel": args.per_channel, "int8_layers": list(args.int8_layers),
                    "agreement_before": round(before, 4),
-                   "agreement_after": round(best, 4), "rounds": rounds, "seed": args.seed}
+                   "agreement_after": round(best, 4), "rounds": rounds, "seed": args.seed,
+                   "standardized": standardized}
         result.config = save_like(Path(path), loaded, student, trained) if mlp else \
             save_program(Path(path), loaded, student, trained)
     log(result.summary())

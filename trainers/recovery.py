@@ -282,9 +282,9 @@ def _distill(original, env_id: str, base, ranking: Callable[[], list[int]], atte
         layers = () if step == 0 else (ranking()[0],)
         args = dataclasses.replace(base, budget_s=base.budget_s * part, int8_layers=layers)
         student = distill.distill(original, env_id, None, args, log=lambda s: log(f"  {s}"),
-                                  start=None if student is None else student.student)
+                                  start=None if student is None else student.policy)
         name = "distill" + (f" + int8 layers {list(layers)}" if layers else "")
-        result = attempt(name, dataclasses.replace(original, module=student.student, recovery="distill"), layers)
+        result = attempt(name, student.policy, layers)
         if result is not None:
             return result
     return None
