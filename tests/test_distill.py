@@ -126,6 +126,8 @@ def test_a_policy_with_statistics_or_without_standardize_keeps_its_input(dqn, tm
     assert not standardize.applies(with_stats, True, False, None)  # VecNormalize's statistics stay the only ones
     result = distill.distill(with_stats, "CartPole-v1", None, small(max_rounds=1), log=lambda s: None)
     assert result.policy.input["normalize"] == with_stats.input["normalize"]
+    with pytest.raises(ValueError, match="raw observations where the teacher has statistics"):
+        distill.distill(with_stats, "CartPole-v1", None, small(max_rounds=1), log=lambda s: None, start=teacher)
 
 
 def test_continuous_actor_keeps_its_squash_and_bounds(sb3_trained, tmp_path):

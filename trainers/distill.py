@@ -441,6 +441,9 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
     torch.set_num_threads(args.torch_threads)
     standardized = start is not None and start.input.get("normalize") != loaded.input.get("normalize")
     if standardized:  # the teacher in the earlier student's input space
+        if not start.input.get("normalize"):
+            raise ValueError("distill: `start` takes raw observations where the teacher has statistics; give an "
+                             "earlier distillation's `.policy` of this teacher")
         loaded = standardize.fold_to(loaded, start.input["normalize"])
     spec, stats = loaded.output, loaded.input.get("normalize")
     teacher, student = _copies(loaded.module, None if start is None else start.module)
