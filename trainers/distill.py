@@ -12,6 +12,10 @@ math, so the artifact computes what was trained (held-out agreement is measured 
 `export.reference_forward`, which the artifact matches; a CNN's rounds with its ternary forward pass, the same
 arithmetic).
 
+A flat MLP on raw observations (no statistics of its own) gets a student that takes them standardised: the mean
+and spread of the held-out teacher states folded exactly into layer 0 and written as the file's observation
+statistics (trainers/standardize.py: a ternary first layer weighs its inputs alike, in whatever units they come).
+
 Convolutional policies (SB3's CnnPolicy: NatureCNN, its linear and the head; any module of Conv2d/Linear layers
 called in definition order) distil the same way: every Conv2d runs as the compiler's BitConv2d
 (`quant.bitconv2d_ste`: per-sample int8 activations over C x H x W, the convolution on the integers, bit-exact with
