@@ -21,7 +21,8 @@ import dataclasses
 
 import numpy as np
 import torch
-from torch import nn
+
+from bitrl_compile.trainers.export import layers
 
 EPS = 1e-8
 FLOOR = 0.01  # a feature's standard deviation is at least this share of the widest one's (a near-constant
@@ -30,10 +31,10 @@ FLOOR = 0.01  # a feature's standard deviation is at least this share of the wid
 
 
 def applies(loaded, mlp: bool, image: bool, keys) -> bool:
-    """A flat-observation MLP policy without observation statistics of its own."""
+    """A flat-observation MLP policy (frontends' MLPPolicy: `mlp`, its Linears with biases) without observation
+    statistics of its own."""
     return (mlp and not image and keys is None and not loaded.input.get("normalize")
-            and len(loaded.input.get("shape", ())) == 1 and isinstance(_first(loaded.module), nn.Linear)
-            and _first(loaded.module).bias is not None)
+            and len(loaded.input.get("shape", ())) == 1)
 
 
 def fold(loaded, states: np.ndarray):
@@ -55,13 +56,9 @@ def fold_to(loaded, norm: dict):
     mean = np.asarray(norm["mean"], np.float32).astype(np.float64)
     scale = np.sqrt(np.asarray(norm["var"], np.float32) + np.float32(norm.get("eps", EPS))).astype(np.float64)
     module = copy.deepcopy(loaded.module)
-    layer = _first(module)
+    layer = layers(module)[0]
     with torch.no_grad():  # what the runtime divides by is float32's sqrt(var + eps): the fold uses that
         w = layer.weight.double()
         layer.bias.copy_((layer.bias.double() + w @ torch.from_numpy(mean)).float())
         layer.weight.copy_((w * torch.from_numpy(scale)).float())
     return dataclasses.replace(loaded, module=module, input={**loaded.input, "normalize": dict(norm)})
-
-
-def _first(module: nn.Module):
-    return next((m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
