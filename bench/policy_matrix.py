@@ -29,8 +29,11 @@ random actions on the same episodes):
     mixed         --int8-layers auto, calibrated on the states the fp32 policy visits
     RL fine-tune  the PPO QAT of `bitrl-compile finetune --method ppo` (`ppo.finetune_args`), actor-critic policies
                   (PPO, A2C, SAC, TD3) only, then the plain compile
-    --keep 0.98   `trainers.recovery.keep` (the target on the score of these episodes): the step it picked, its
-                  score, its seconds
+    --keep 0.98   `trainers.recovery.keep`: the step it picked, its score, its seconds. It decides on episodes
+                  of its own (reset seeds 20000 + i, its own fp32 and random returns, as a user's compile --keep
+                  --episodes measures them); what it writes is scored on the evaluation episodes above, which it
+                  never saw: a stop at the first step that reaches the target would otherwise report the lucky
+                  draw it stopped on
 
 Every compiled column's return is the compiled artifact's own (`fidelity.compile_hook`: the artifact runs the
 episodes in this process), measured against the fp32 side measured once per policy (`fidelity.baseline`). The
@@ -40,7 +43,9 @@ cached per (policy, seed, column) in bench/runs/policy_matrix/<algo>-<env>-seed<
 where it stopped (those JSON files are committed: the matrix takes longer than one session);
 the table goes to bench/results/policy_matrix.md and .json (and with --docs to docs/returns.md between its
 markers). The footer checks issue 14's goal: a score of at least 98 % for every row with the --keep pick, in at
-most 3 minutes per policy. A missing Box2D skips LunarLander's rows with one line naming the pip install.
+most 3 minutes per policy; every seed kept, and none below 98 % by more than two standard errors of its score (the
+paired per-episode differences from fp32: ten LunarLander episodes leave about ±15 %, so one seed alone cannot be
+judged at 98 %, a row of five can). A missing Box2D skips LunarLander's rows with one line naming the pip install.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "returns.md"
 BEGIN, END = "<!-- policy_matrix.py: begin -->", "<!-- policy_matrix.py: end -->"
 EVAL_SEED = 10_000
+KEEP_SEED = 20_000   # the episodes --keep decides on: not the evaluation's (col_keep)
 TARGET = 0.98          # issue 14: the score the recovery must keep
 POLICY_SECONDS = 180   # issue 14: at most 3 minutes per policy
 COLUMNS = ("ptq", "per-channel", "distill", "mixed", "rl-finetune", "keep")
@@ -198,6 +204,8 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
     out = unit_dir(Path(opts["runs"]), algo, env_id, seed)
     results = {c: json.loads((out / f"{c}.json").read_text()) for c in ["fp32", *columns]
                if (out / f"{c}.json").is_file()}
+    if "keep" in results and not results["keep"].get("heldout"):  # picked and scored on the same episodes
+        del results["keep"]                                          # (before col_keep's held-out score)
     todo = [c for c in ["fp32", *columns] if c not in results]
     if not todo:
         return results
@@ -240,7 +248,8 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
             result = COLUMN_RUNS[column](algo=algo, env_id=env_id, seed=seed, path=path, load=load, original=original,
                                          base=base, hook=hook, out=out, opts=opts)
         result["seconds"] = round(time.perf_counter() - t0, 1)
-        result["cpu_seconds"] = round(time.process_time() - c0, 1)  # what the goal counts (a loaded machine too)
+        # what the goal counts (a loaded machine too): not the bench's own measuring of a column's result
+        result["cpu_seconds"] = round(time.process_time() - c0 - result.get("bench_cpu_seconds", 0.0), 1)
         result["code"] = opts.get("code", "unknown")  # the commit imported when the run started
         write_atomic(out / f"{column}.json", json.dumps(result, indent=1).encode())
         _log(f"{algo} {env_id} seed {seed} {column}: " + (f"return {result['return']:.1f}, "
@@ -308,25 +317,47 @@ def col_rl_finetune(*, algo, env_id, seed, path, load, hook, out, opts, **_):
                      steps=result.global_step)
 
 
-def col_keep(*, env_id, seed, original, load, base, out, opts, **_):
-    """recovery.keep on the score of the evaluation episodes; records every attempt (also when none keeps it)."""
-    from bitrl_compile.fidelity import shared as fidelity_shared
+def col_keep(*, env_id, original, load, out, opts, **_):
+    """recovery.keep deciding on episodes of its own (reset seeds KEEP_SEED + i, its own fp32 and random returns, as
+    a user's compile measures them), then the artifact it writes scored on the evaluation episodes of every other
+    column (EVAL_SEED + i), which it never saw: stopping at the first step that reaches the target on noisy
+    episodes would otherwise report the lucky draw it stopped on. Records every attempt (also when none keeps it)."""
+    from bitrl_compile import fidelity
     from bitrl_compile.trainers import recovery
 
+    heldout: dict = {}
+
     def compile_fn(loaded, int8_layers, measure):
-        return _compile(loaded, out, "keep", opts, measure=measure, int8_layers=int8_layers)
+        def then_heldout(manifest, members, quantized, output):
+            record = measure(manifest, members, quantized, output)  # raises when this step does not keep it
+            c0 = time.process_time()  # the bench's measuring, not the recovery's: not in the goal's seconds
+            forward, engine, close = fidelity.artifact_forward(manifest, members, quantized, output)
+            try:
+                heldout.update(returns=fidelity.returns(original, forward, env_id, opts["episodes"], EVAL_SEED),
+                               engine=engine)
+            finally:
+                close()
+            heldout["cpu_seconds"] = time.process_time() - c0
+            return record
+
+        return _compile(loaded, out, "keep", opts, measure=then_heldout, int8_layers=int8_layers)
 
     lines: list[str] = []
     try:
         compiled, attempts = recovery.keep(load(), env_id, TARGET, compile_fn, episodes=opts["episodes"],
-                                           seed=EVAL_SEED, budget=opts["budget"], base=base, log=lines.append)
-    except recovery.NotKept as e:  # the best step's return (its record: the artifact's, or the numpy reference's)
+                                           seed=KEEP_SEED, budget=opts["budget"], log=lines.append)
+    except recovery.NotKept as e:  # the best step's return on the selection episodes (no artifact to score)
         best = max((a.record for a in e.attempts), key=lambda r: r.get("score", -np.inf), default={})
-        return {"step": None, "kept": False, "return": best.get("return"), "message": str(e), "log": lines,
-                "tried": len(e.attempts), "best_engine": best.get("engine")}
+        return {"step": None, "kept": False, "return": best.get("return"), "return_on": "selection",
+                "heldout": True, "message": str(e), "log": lines, "tried": len(e.attempts),
+                "best_engine": best.get("engine")}
     record = compiled.manifest["fidelity"]
-    return {"step": attempts[-1].step, "kept": True, "return": record["return"],
-            "agreement": fidelity_shared(record), "kept_share": recovery.share(record), "tried": len(attempts),
+    return {"step": attempts[-1].step, "kept": True, "return": float(np.mean(heldout["returns"])),
+            "returns": heldout["returns"], "engine": heldout["engine"], "heldout": True,
+            "bench_cpu_seconds": round(heldout["cpu_seconds"], 1),
+            "selection": {"return": record["return"], "score": record.get("score"),
+                          "return_fp32": record.get("return_fp32"), "seed": KEEP_SEED},
+            "agreement": fidelity.shared(record), "kept_share": recovery.share(record), "tried": len(attempts),
             "log": lines}
 
 
@@ -361,15 +392,34 @@ def _cell(units: list[dict], column: str) -> str:
     return cell + (f" ({100 * np.nanmean(s):.0f} %)" if np.isfinite(s).any() else "")
 
 
-def _keep_cell(units: list[dict]) -> tuple[str, float, float]:
-    """("distill ×2, ptq ×1", mean score, max seconds) of the --keep column."""
-    ks = [u["columns"]["keep"] for u in units if u["columns"].get("keep")]
+def seed_error(unit: dict, column: str) -> float:
+    """The standard error of one seed's score in `column`: the paired per-episode differences from the fp32
+    returns of the same reset seeds, std / sqrt(n) / (R_fp32 - R_random); NaN where the episodes were not kept."""
+    fp32, c = unit["columns"].get("fp32") or {}, unit["columns"].get(column) or {}
+    a, b = np.asarray(c.get("returns") or [], float), np.asarray(fp32.get("returns") or [], float)
+    span = fp32.get("return", np.nan) - fp32.get("random", np.nan)
+    if len(a) < 2 or len(a) != len(b) or not abs(span) > 1e-9:
+        return np.nan
+    return float(np.std(a - b, ddof=1) / np.sqrt(len(a)) / abs(span))
+
+
+def _keep_cell(units: list[dict]) -> dict:
+    """The --keep column of one row: "pick" ("distill ×2, ptq ×1"), the mean score, the max CPU seconds, the seeds
+    not kept, the seeds scored below the target (of them, those below it by more than two standard errors: the
+    score's noise, `seed_error`, cannot explain them) and the seeds still without a held-out score."""
+    ks = [u for u in units if u["columns"].get("keep")]
     if not ks:
-        return "–", np.nan, np.nan
-    picks = Counter(k["step"] or "not kept" for k in ks)
+        return {"pick": "–", "score": np.nan, "seconds": np.nan}
+    picks = Counter(u["columns"]["keep"]["step"] or "not kept" for u in ks)
     s = _scores(units, "keep")
-    return (", ".join(f"{step} ×{n}" for step, n in picks.most_common()),
-            float(np.nanmean(s)) if np.isfinite(s).any() else np.nan, max(_cpu_seconds(k) for k in ks))
+    below = [u for u in ks if u["columns"]["keep"].get("step") is not None and _scores([u], "keep")[0] < TARGET]
+    return {"pick": ", ".join(f"{step} ×{n}" for step, n in picks.most_common()),
+            "score": float(np.nanmean(s)) if np.isfinite(s).any() else np.nan,
+            "seconds": max(_cpu_seconds(u["columns"]["keep"]) for u in ks),
+            "missed": sum(1 for u in ks if u["columns"]["keep"].get("step") is None),
+            "below": len(below),
+            "clearly_below": sum(1 for u in below if _scores([u], "keep")[0] + 2 * seed_error(u, "keep") < TARGET),
+            "old": sum(1 for u in ks if not u["columns"]["keep"].get("heldout"))}
 
 
 def _cpu_seconds(result: dict) -> float:
@@ -400,12 +450,12 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
         name = f"{name_of(algo)} {env_id}"
         cells = [name, str(len(us)), *[_cell(us, c) for c in ret_cols]]
         if "keep" in columns:
-            pick, score, seconds = _keep_cell(us)
-            cells += [pick, f"{100 * score:.1f} %" if np.isfinite(score) else "–",
-                      f"{seconds:.0f}" if np.isfinite(seconds) else "–"]
-            missed = sum(1 for u in us if u["columns"].get("keep") and u["columns"]["keep"].get("step") is None)
-            if np.isfinite(seconds):  # a row without a --keep result yet is not counted
-                goal.append((name, score, seconds, missed))
+            k = _keep_cell(us)
+            cells += [k["pick"] + (" †" if k.get("old") else ""),
+                      f"{100 * k['score']:.1f} %" if np.isfinite(k["score"]) else "–",
+                      f"{k['seconds']:.0f}" if np.isfinite(k["seconds"]) else "–"]
+            if np.isfinite(k["seconds"]):  # a row without a --keep result yet is not counted
+                goal.append((name, k))
         lines.append("| " + " | ".join(cells) + " |")
         secs = []
         for c in columns:
@@ -435,16 +485,38 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
     skipped = meta.get("unavailable", [])
     if notes or skipped:
         out += ["Notes:", ""] + [f"- {n}" for n in notes] + [f"- skipped: {s}" for s in skipped] + [""]
+    if any(k.get("old") for _, k in goal):
+        out += [("† some seeds' --keep pick was scored on the episodes it was picked on (cells measured before "
+                 "col_keep's held-out score); those rows are not counted below until measured again."), ""]
     if goal:
-        # a seed not kept is a compile that wrote nothing: its row misses the goal whatever the mean score (which
-        # counts the best step's return for it)
-        ok = [g for g in goal if np.isfinite(g[1]) and g[1] >= TARGET and g[2] <= POLICY_SECONDS and not g[3]]
-        bad = [f"{n} ({100 * s:.1f} %, {t:.0f} s" + (f", {m} seed{'s' * (m > 1)} not kept" if m else "") + ")"
-               for n, s, t, m in goal if (n, s, t, m) not in ok]
-        out.append(f"**Goal** (≥ {100 * TARGET:.0f} % score with the --keep pick on every seed, ≤ {POLICY_SECONDS} s "
-                   "CPU per policy): "
-                   f"{len(ok)} of {len(goal)} rows met" + (f"; not met: {'; '.join(bad)}" if bad else "") + ".")
+        out.append(goal_line(goal))
     return "\n".join(out) + "\n"
+
+
+def goal_line(goal: list[tuple[str, dict]]) -> str:
+    """Issue 14's goal, per row of the --keep column: a mean score of at least TARGET on the held-out episodes, every
+    seed kept (a seed not kept is a compile that wrote nothing, whatever the mean, which counts the best step's
+    return for it), no seed below TARGET by more than two standard errors of its score (10 episodes of
+    LunarLander leave about ±15 %: a seed cannot be judged at 98 % alone, a row of seeds can), at most
+    POLICY_SECONDS of CPU on every seed."""
+    def why(k: dict) -> str:
+        return ", ".join(x for x in [
+            f"{100 * k['score']:.1f} %" if np.isfinite(k["score"]) else "no score", f"{k['seconds']:.0f} s",
+            f"{k['missed']} not kept" if k["missed"] else "",
+            f"{k['clearly_below']} of {k['below']} seeds below {100 * TARGET:.0f} % beyond their noise"
+            if k["clearly_below"] else ""] if x)
+
+    counted = [(n, k) for n, k in goal if not k["old"]]
+    ok = [n for n, k in counted if np.isfinite(k["score"]) and k["score"] >= TARGET and k["seconds"] <= POLICY_SECONDS
+          and not k["missed"] and not k["clearly_below"]]
+    bad = [f"{n} ({why(k)})" for n, k in counted if n not in ok]
+    noisy = [f"{n} ({k['below']})" for n, k in counted if n in ok and k["below"]]
+    pending = [n for n, k in goal if k["old"]]
+    return (f"**Goal** (a mean score ≥ {100 * TARGET:.0f} % on episodes the --keep pick never saw, every seed kept "
+            f"and none below {100 * TARGET:.0f} % beyond two standard errors, ≤ {POLICY_SECONDS} s CPU per policy): "
+            f"{len(ok)} of {len(counted)} rows met" + (f"; not met: {'; '.join(bad)}" if bad else "")
+            + (f"; seeds below {100 * TARGET:.0f} % within their noise: {', '.join(noisy)}" if noisy else "")
+            + (f"; not yet measured held-out: {', '.join(pending)}" if pending else "") + ".")
 
 
 # ------------------------------------------------------------------------------------------------ main
