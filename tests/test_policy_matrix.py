@@ -110,17 +110,19 @@ def test_one_tiny_row_end_to_end(sb3_trained, tmp_path, monkeypatch):
     model.parent.mkdir()
     shutil.copy(sb3_trained("ppo", "CartPole-v1").path, model)
     argv = ["--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "1", "--scale", "0.001", "--columns",
-            "ptq,rl-finetune,keep", "--qat-steps", "256", "--episodes", "2", "--budget", "6", "--runs",
+            "ptq,rl-finetune,keep", "--qat-steps", "256", "--episodes", "2", "--heldout-episodes", "3", "--budget", "6", "--runs",
             str(tmp_path / "runs"), "--out", str(tmp_path)]
     assert matrix.main(argv) == 0
     unit = tmp_path / "runs" / "ppo-CartPole-v1-seed0"
     fp32, ptq, rl = (json.loads((unit / f"{c}.json").read_text()) for c in ("fp32", "ptq", "rl-finetune"))
     # --keep decides on episodes of its own; what it wrote is scored on the evaluation's, which it never saw
     keep = json.loads((unit / "keep.json").read_text())
-    assert keep["heldout"] and keep["log"]
+    assert keep["heldout"] == 3 and keep["log"]
     if keep["kept"]:
         assert keep["selection"]["seed"] == matrix.KEEP_SEED != matrix.EVAL_SEED and keep["engine"] == "artifact"
-        assert len(keep["returns"]) == 2 and keep["return"] == pytest.approx(np.mean(keep["returns"]))
+        assert len(keep["returns"]) == len(keep["returns_fp32"]) == 3 and np.isfinite(keep["random"])
+        assert keep["return"] == pytest.approx(np.mean(keep["returns"]))
+        assert keep["returns_fp32"][:2] == pytest.approx(fp32["returns"])  # the fp32 column's first episodes
         assert 0 <= keep["bench_cpu_seconds"] and keep["cpu_seconds"] >= 0
     else:
         assert keep["step"] is None and keep["return_on"] == "selection"
