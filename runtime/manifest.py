@@ -24,7 +24,7 @@ The fields (required: target, input, output, params; the rest may be absent in o
     versions, source  objects of strings; stats  {"ternary_weights": int, "int8_weights": int, "param_bytes": int}
     recovery      str: how the compiled file was made ternary-ready ("distill": trainers/distill.py)
     fidelity      {"env": str, "states": int, "agreement", "weighted": number in [0, 1], "engine", "kind", "rule": str,
-                   "q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score": number,
+                   "q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score", "score_error": number,
                    "episodes": int} (bitrl_compile/fidelity.py: the ternary policy against the original on the
                    states the original visits; readers only print it)
 
@@ -350,7 +350,7 @@ def _fidelity(value, where: str) -> None:
             if not 0 <= share <= 1:
                 raise _fail(f"{where}.{key}", f"is {_short(share)}, not in [0, 1]")
     _strings(record, ("engine", "kind", "rule"), where)
-    for key in ("q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score"):
+    for key in ("q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score", "score_error"):
         if key in record:
             _number(record[key], f"{where}.{key}")
             if not math.isfinite(record[key]):

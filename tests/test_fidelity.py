@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from bitrl_compile.cli import main
+from bitrl_compile.fidelity import score_text
 
 
 def compile_cli(*args):
@@ -54,7 +55,8 @@ def test_a_q_network_with_tiny_gaps_loses_and_the_warning_names_the_recovery(q_n
     assert {"return_random", "states"} <= set(record)
     warnings = [line for line in r.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "recovery: --keep 0.98 or --qat CartPole-v1, or --per-channel" in warnings[0], r.stderr
-    assert f"keeps only {100 * record['score']:.1f} % of the fp32 policy's return over 2 episodes" in warnings[0]
+    assert f"keeps only {score_text(record)} of the fp32 policy's return over 2 episodes" in warnings[0]
+    assert record["score_error"] >= 0  # the paired standard error of the two episodes' score
     assert f"action agreement {100 * record['agreement']:.1f} %" in r.stdout and "over 2 episodes" in r.stdout
 
 
@@ -144,6 +146,27 @@ def test_with_episodes_the_return_decides_the_warning_else_the_agreement():
     assert "action agreement 99.0 %" in loud and "recovery: --keep 0.98" in loud
     assert "--episodes N" not in warning({**record, "score": 0.5, "episodes": 10}, recovered=True)
     assert kept({**record, "score": 0.5}, "plain") == 0.752  # the plain rule: the plain agreement alone
+
+
+def test_where_the_return_is_noise_the_agreement_decides():
+    from bitrl_compile.fidelity import kept, score_error, score_text, warning
+
+    record = {"env": "LunarLander-v3", "states": 2000, "agreement": 0.97, "weighted": 0.99, "episodes": 30}
+    # LunarLander-like: the score 90 % within two of its standard errors (6 %) of 98 %; the agreement reaches it
+    noisy = {**record, "score": 0.90, "score_error": 0.06}
+    assert kept(noisy) == pytest.approx(0.99) and warning(noisy) is None
+    assert score_text(noisy) == "90.0 ± 6.0 %"
+    # ... but not a score below it beyond its noise, nor a noisy score without the agreement
+    assert kept({**noisy, "score": 0.80}) == pytest.approx(0.92) and warning({**noisy, "score": 0.80})
+    assert kept({**noisy, "weighted": 0.95}) == pytest.approx(0.95)
+    assert "keeps only 90.0 ± 6.0 % of the fp32" in warning({**noisy, "weighted": 0.95})
+    # a score at the target keeps whatever the agreement; deterministic returns (error 0) decide alone
+    assert kept({**noisy, "score": 1.0, "weighted": 0.5}) == 1.0
+    assert kept({**noisy, "score_error": 0.0}) == 0.90 and kept({**record, "score": 0.9}) == 0.90
+    # the error: std of the paired per-episode differences / sqrt(n) / the span
+    assert score_error([1.0, 3.0], [2.0, 2.0], 10.0) == pytest.approx(np.std([-1, 1], ddof=1) / np.sqrt(2) / 10)
+    assert score_error([500.0] * 5, [500.0] * 5, 480.0) == 0.0
+    assert score_error([1.0], [2.0], 10.0) is None and score_error([1.0, 2.0], None, 10.0) is None
 
 
 def test_the_weighted_agreement_counts_states_by_the_fp32_policys_stakes():

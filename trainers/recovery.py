@@ -27,8 +27,9 @@
                up to every layer (the DQN above: 49 % with every layer ternary, 99.2 % weighted all int8)
 
 Kept means the fidelity record's agreement (stake-weighted for discrete actions: fidelity.shared) reaches the
-target or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does, whatever the agreement
-(fidelity.kept, the same rule as compile's warning: the return decides where it was measured). With rule
+target or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does, whatever the agreement,
+or the agreement does and the score is within two of its standard errors of the target (fidelity.kept, the same
+rule as compile's warning: the return decides where it was measured, unless it is noise). With rule
 "plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting one, the
 original's near-ties too (what a check against SB3's own predict counts), and no score: distillation then
 stops on plain held-out agreement and adds a ranking floor (DistillArgs.floor: the original's argmax must lead
@@ -93,7 +94,7 @@ class Attempt:
         return share(self.record, self.rule)
 
     def line(self) -> str:
-        what = f"score {100 * self.record['score']:.1f} %, " if "score" in self.record and self.rule != "plain" \
+        what = f"score {fidelity.score_text(self.record)}, " if "score" in self.record and self.rule != "plain" \
             else ""
         plain = " plain" if self.rule == "plain" and "weighted" in self.record else ""
         return f"{self.step}: {what}agreement {100 * fidelity.shared(self.record, self.rule):.1f} %{plain}"
