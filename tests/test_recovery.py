@@ -121,11 +121,11 @@ def test_the_plain_rule_counts_every_state_and_hopeless_steps_are_not_compiled(q
 
 def test_the_budget_covers_the_whole_recovery():
     """--keep-budget is CPU seconds of the whole recovery: distillation gets what the measurements and compiles
-    leave (two more like the plain one), at least a quarter of it, and says when the recovery will overrun."""
-    assert recovery.distill_budget(180, spent=10, step=5) == pytest.approx(180 * (1 - recovery.BUDGET_MARGIN) - 20)
+    leave (four more like the plain one), at least a quarter of it, and says when the recovery will overrun."""
+    assert recovery.distill_budget(180, spent=10, step=5) == pytest.approx(180 * (1 - recovery.BUDGET_MARGIN) - 30)
     lines: list[str] = []
     assert recovery.distill_budget(180, spent=150, step=20, log=lines.append) == 45
-    assert len(lines) == 1 and "take 190 of the 180 CPU s; distillation gets 45 s" in lines[0]
+    assert len(lines) == 1 and "take 230 of the 180 CPU s; distillation gets 45 s" in lines[0]
 
 
 def test_with_episodes_each_distillation_checks_its_students_return(q_network, tmp_path):

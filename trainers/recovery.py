@@ -56,6 +56,7 @@ from bitrl_compile import fidelity
 
 PRECHECK_SLACK = 0.01  # an attempt whose reference misses the target by more is not compiled
 BUDGET_MARGIN = 0.06   # of --keep-budget, kept from distillation for what its clock does not see coming
+STEPS_AFTER = 4        # measurements like the plain step's that follow the distillation (`distill_budget`)
 
 
 class NotKept(ValueError):
@@ -181,15 +182,16 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
 
 def distill_budget(budget: float, spent: float, step: float, log=lambda s: None) -> float:
     """The distillation's share of a recovery budget: what is left after `spent` (the original measured, the plain
-    compile tried), two more steps like the plain one (each distilled student is compiled and measured) and a
-    margin of BUDGET_MARGIN of the budget (the layer ranking before the int8 step; a DAgger round ends after the
-    clock passes its budget: measured on an RL-Zoo DQN CartPole, 187 CPU s of a 180 s budget without it), at
-    least a quarter of the budget (a policy whose measurement alone eats the budget still gets a distillation;
-    the recovery then overruns, and says so)."""
-    left = budget * (1 - BUDGET_MARGIN) - spent - 2 * step
+    compile tried), STEPS_AFTER more steps like the plain one (each of the two distilled students is measured on
+    its numpy reference, the kept one then compiled and measured again) and a margin of BUDGET_MARGIN of the
+    budget (the layer ranking before the int8 step; a DAgger round ends after the clock passes its budget:
+    measured on an RL-Zoo DQN CartPole, 187 CPU s of a 180 s budget without it; with two steps reserved instead
+    of four, an RL-Zoo DQN LunarLander took 185 s, its episodes long), at least a quarter of the budget (a policy
+    whose measurement alone eats the budget still gets a distillation; the recovery then overruns, and says so)."""
+    left = budget * (1 - BUDGET_MARGIN) - spent - STEPS_AFTER * step
     if left < budget / 4:
-        log(f"keep: measuring and compiling take {spent + 2 * step:.0f} of the {budget:g} CPU s; distillation gets "
-            f"{budget / 4:.0f} s, so the recovery will take longer than its budget (--keep-budget)")
+        log(f"keep: measuring and compiling take {spent + STEPS_AFTER * step:.0f} of the {budget:g} CPU s; "
+            f"distillation gets {budget / 4:.0f} s, so the recovery will take longer than its budget (--keep-budget)")
         return budget / 4
     return left
 
