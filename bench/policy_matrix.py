@@ -42,7 +42,7 @@ seconds of every column are recorded, wall and CPU (training the SB3 model is no
 seconds of one core, as distillation's budget does, so a run beside other jobs is measured alike). Results are
 cached per (policy, seed, column) in bench/runs/policy_matrix/<algo>-<env>-seed<S>/<column>.json, so a run resumes
 where it stopped (those JSON files are committed: the matrix takes longer than one session);
-the table goes to bench/results/policy_matrix.md and .json (and with --docs to docs/returns.md between its
+the table goes to bench/results/policy_matrix.md and .json, a plot of it to .png (and with --docs to docs/returns.md between its
 markers). The footer checks issue 14's goal: a score of at least 98 % for every row with the --keep pick, in at
 most 3 minutes per policy; every seed kept, and none below 98 % by more than two standard errors of its score (the
 paired per-episode differences from fp32). LunarLander's returns are chaotic: measured on SB3 DQN seed 0, merely
@@ -632,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     write_atomic(a.out / "policy_matrix.md", text.encode())
     write_atomic(a.out / "policy_matrix.json", json.dumps({"meta": meta, "units": units}, indent=1).encode())
+    import policy_matrix_plot  # bench/, beside this script (sys.path above)
+
+    policy_matrix_plot.write(sys.modules[__name__], units, columns, a.out)
     if a.docs:
         from bitrl_compile.bench.markdown import replace_section
 

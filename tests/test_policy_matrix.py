@@ -134,6 +134,7 @@ def test_one_tiny_row_end_to_end(sb3_trained, tmp_path, monkeypatch):
     if (Path(__file__).resolve().parents[1] / ".git").exists():
         assert ptq["code"].split("-")[0] != "unknown"
     report = (tmp_path / "policy_matrix.md").read_text()
+    assert (tmp_path / "policy_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # and the picture of it
     assert "| SB3 PPO CartPole-v1 | 1 |" in report and "budgets × 0.001" in report
     assert json.loads((tmp_path / "policy_matrix.json").read_text())["units"][0]["columns"]["ptq"] == ptq
     (unit / "ptq.json").write_text(json.dumps({**ptq, "return": 123.0}))  # cached: a second run measures nothing
