@@ -630,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     from bitrl_compile.runtime.files import write_atomic
 
     a.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(a.out / "policy_matrix.md", text.encode())
+    picture = "![The policy matrix: every column's score per row, the --keep pick's per seed]({}policy_matrix.png)"
+    write_atomic(a.out / "policy_matrix.md", (text + "\n" + picture.format("") + "\n").encode())
     write_atomic(a.out / "policy_matrix.json", json.dumps({"meta": meta, "units": units}, indent=1).encode())
     import policy_matrix_plot  # bench/, beside this script (sys.path above)
 
@@ -638,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.docs:
         from bitrl_compile.bench.markdown import replace_section
 
-        if not replace_section(DOCS, BEGIN, END, text.split("\n", 2)[2].strip()):
+        beside = Path("..") / a.out.resolve().relative_to(ROOT) if a.out.resolve().is_relative_to(ROOT) else a.out
+        section = text.split("\n", 2)[2].strip() + "\n\n" + picture.format(f"{beside.as_posix()}/")
+        if not replace_section(DOCS, BEGIN, END, section):
             _log(f"policy_matrix: {DOCS} has no {BEGIN} ... {END} markers; add them where the table goes")
     return 0
 
