@@ -41,13 +41,14 @@ episodes in this process), measured against the fp32 side measured once per poli
 seconds of every column are recorded, wall and CPU (training the SB3 model is not counted; the goal counts CPU
 seconds of one core, as distillation's budget does, so a run beside other jobs is measured alike). Results are
 cached per (policy, seed, column) in bench/runs/policy_matrix/<algo>-<env>-seed<S>/<column>.json, so a run resumes
-where it stopped (those JSON files are committed: the matrix takes longer than one session);
-the table goes to bench/results/policy_matrix.md and .json, a plot of it to .png (and with --docs to docs/returns.md between its
-markers). The footer checks issue 14's goal: a score of at least 98 % for every row with the --keep pick, in at
-most 3 minutes per policy; every seed kept, and none below 98 % by more than two standard errors of its score (the
-paired per-episode differences from fp32). LunarLander's returns are chaotic: measured on SB3 DQN seed 0, merely
-rounding its weights to fp16 changes 29 of 30 episodes and scores 83.6 ± 12.0 % (bf16 98.5 ± 12.2 %), so one seed
-cannot be judged at 98 % on a few dozen episodes; a row of five seeds can, by its mean. A missing Box2D skips LunarLander's rows with one line naming the pip install.
+where it stopped (those JSON files are committed: the matrix takes longer than one session); the table goes to
+bench/results/policy_matrix.md and .json, a picture of it to .png (bench/policy_matrix_plot.py), and with --docs
+to docs/returns.md between its markers. The footer checks issue 14's goal: a score of at least 98 % for every
+row with the --keep pick, in at most 3 minutes per policy; every seed kept, and none below 98 % by more than two
+standard errors of its score (the paired per-episode differences from fp32). LunarLander's returns are chaotic:
+measured on SB3 DQN seed 0, merely rounding its weights to fp16 changes 29 of 30 episodes and scores 83.6 ± 12.0 %
+(bf16 98.5 ± 12.2 %), so one seed cannot be judged at 98 % on a few dozen episodes; a row of five seeds can, by
+its mean. A missing Box2D skips LunarLander's rows with one line naming the pip install.
 """
 
 from __future__ import annotations
