@@ -139,7 +139,8 @@ class Fidelity:
                "kind": self.kind, "rule": rule(self.kind)}
         for key, value in (("weighted", self.weighted), ("q_gap", self.q_gap), ("q_error", self.q_error), ("error", self.error),
                            ("return", self.ret), ("return_fp32", self.ret_fp32), ("return_random", self.ret_random),
-                           ("score", self.score), ("score_error", self.score_error if self.score is not None else None)):
+                           ("score", self.score),
+                           ("score_error", self.score_error if self.score is not None else None)):
             if value is not None and math.isfinite(value):
                 out[key] = round(float(value), 6)
         if self.episodes:

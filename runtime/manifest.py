@@ -24,9 +24,9 @@ The fields (required: target, input, output, params; the rest may be absent in o
     versions, source  objects of strings; stats  {"ternary_weights": int, "int8_weights": int, "param_bytes": int}
     recovery      str: how the compiled file was made ternary-ready ("distill": trainers/distill.py)
     fidelity      {"env": str, "states": int, "agreement", "weighted": number in [0, 1], "engine", "kind", "rule": str,
-                   "q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score", "score_error": number,
-                   "episodes": int} (bitrl_compile/fidelity.py: the ternary policy against the original on the
-                   states the original visits; readers only print it)
+                   "q_gap", "q_error", "error", "return", "return_fp32", "return_random", "score": number,
+                   "score_error": number >= 0, "episodes": int} (bitrl_compile/fidelity.py: the ternary policy
+                   against the original on the states the original visits; readers only print it)
 
 Pure Python but for the specs (runtime/specs.py, numpy): nothing here allocates by a declared size.
 """
@@ -355,6 +355,8 @@ def _fidelity(value, where: str) -> None:
             _number(record[key], f"{where}.{key}")
             if not math.isfinite(record[key]):
                 raise _fail(f"{where}.{key}", f"is {_short(record[key])}, not a finite number")
+    if record.get("score_error", 0) < 0:
+        raise _fail(f"{where}.score_error", f"is {_short(record['score_error'])}, not a standard error (>= 0)")
     if "episodes" in record:
         _int(record["episodes"], f"{where}.episodes", 1)
 

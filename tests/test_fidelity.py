@@ -241,8 +241,10 @@ def test_the_manifest_check_accepts_a_fidelity_record_and_refuses_a_malformed_on
     good = {"env": "CartPole-v1", "states": 1500, "agreement": 0.971, "engine": "artifact", "q_gap": 0.24,
             "return": 9.0, "return_fp32": 500.0, "episodes": 3}
     check_manifest({**base, "fidelity": good})
-    check_manifest({**base, "fidelity": {**good, "weighted": 0.99}})
+    check_manifest({**base, "fidelity": {**good, "weighted": 0.99, "score": 0.5, "score_error": 0.12}})
     for edit, says in [({"agreement": 1.5}, "fidelity.agreement is 1.5, not in [0, 1]"),
+                       ({"score_error": -0.1}, "fidelity.score_error is -0.1, not a standard error (>= 0)"),
+                       ({"score_error": "big"}, "fidelity.score_error is not a number"),
                        ({"weighted": -0.5}, "fidelity.weighted is -0.5, not in [0, 1]"),
                        ({"states": "many"}, "fidelity.states is not an integer"),
                        ({"env": None}, "fidelity.env is not a string (null)"),
