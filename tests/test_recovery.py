@@ -123,6 +123,8 @@ def test_the_budget_covers_the_whole_recovery():
     """--keep-budget is CPU seconds of the whole recovery: distillation gets what the measurements and compiles
     leave (four more like the plain one), at least a quarter of it, and says when the recovery will overrun."""
     assert recovery.distill_budget(180, spent=10, step=5) == pytest.approx(180 * (1 - recovery.BUDGET_MARGIN) - 30)
+    # and one step per int8-only attempt (a 3-layer MLP: 3 more)
+    assert recovery.distill_budget(180, spent=10, step=5, after=7) == pytest.approx(180 * (1 - recovery.BUDGET_MARGIN) - 45)
     lines: list[str] = []
     assert recovery.distill_budget(180, spent=150, step=20, log=lines.append) == 45
     assert len(lines) == 1 and "take 230 of the 180 CPU s; distillation gets 45 s" in lines[0]

@@ -118,7 +118,9 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     fidelity.check_rule(rule)
     started = distill.cpu_clock()  # the budget's clock: the one distillation stops on
     attempts: list[Attempt] = []
-    base = base or fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
+    if base is None:
+        base = fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
+    measuring = distill.cpu_clock() - started  # the original's full-length episodes: what a good student's take
     measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base)
 
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):
@@ -146,8 +148,11 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     result = attempt("ptq", original)
     if result is not None:
         return result, attempts
-    spent, step = distill.cpu_clock() - started, distill.cpu_clock() - before_ptq
-    args = distill_args or distill.DistillArgs(seed=seed, budget_s=distill_budget(budget, spent, step, log),
+    # a step costs what the plain one did, or what measuring the original did where the plain policy's episodes
+    # ended early (a ternary DQN LunarLander crashes in a few dozen steps; a student that flies plays them whole)
+    spent, step = distill.cpu_clock() - started, max(distill.cpu_clock() - before_ptq, measuring)
+    after = STEPS_AFTER + _layer_count(original)  # and the int8-only steps, one per layer at most
+    args = distill_args or distill.DistillArgs(seed=seed, budget_s=distill_budget(budget, spent, step, log, after),
                                                per_channel=per_channel, select_target=target,
                                                select_episodes=episodes if rule == "weighted" else 0)
     args = dataclasses.replace(args, agreement=min(1.0, max(args.agreement, target + 0.005)), rule=rule)
@@ -169,6 +174,9 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     ranking = rank()
     for k in range(1, len(ranking) + 1):  # mixed precision alone, on the original's weights
         layers = tuple(sorted(ranking[:k]))
+        if distill.cpu_clock() - started > budget:
+            log(f"keep: the {budget:g} CPU s are spent; int8 layers {list(layers)} and more not tried")
+            break
         result = attempt(f"int8 layers {list(layers)}", original, layers)
         if result is not None:
             return result, attempts
@@ -180,20 +188,30 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
                   f"({tried}); nothing was written: {accept}give distillation more time (--keep-budget)", attempts)
 
 
-def distill_budget(budget: float, spent: float, step: float, log=lambda s: None) -> float:
+def distill_budget(budget: float, spent: float, step: float, log=lambda s: None, after: int = 0) -> float:
     """The distillation's share of a recovery budget: what is left after `spent` (the original measured, the plain
-    compile tried), STEPS_AFTER more steps like the plain one (each of the two distilled students is measured on
-    its numpy reference, the kept one then compiled and measured again) and a margin of BUDGET_MARGIN of the
+    compile tried), `after` (at least STEPS_AFTER) more steps like the plain one (each of the two distilled
+    students is measured on its numpy reference, the kept one then compiled and measured again; then the int8-only
+    steps, one per layer at most, which stop once the budget is spent) and a margin of BUDGET_MARGIN of the
     budget (the layer ranking before the int8 step; a DAgger round ends after the clock passes its budget:
     measured on an RL-Zoo DQN CartPole, 187 CPU s of a 180 s budget without it; with two steps reserved instead
     of four, an RL-Zoo DQN LunarLander took 185 s, its episodes long), at least a quarter of the budget (a policy
     whose measurement alone eats the budget still gets a distillation; the recovery then overruns, and says so)."""
-    left = budget * (1 - BUDGET_MARGIN) - spent - STEPS_AFTER * step
+    after = max(after, STEPS_AFTER)
+    left = budget * (1 - BUDGET_MARGIN) - spent - after * step
     if left < budget / 4:
-        log(f"keep: measuring and compiling take {spent + STEPS_AFTER * step:.0f} of the {budget:g} CPU s; "
+        log(f"keep: measuring and compiling take {spent + after * step:.0f} of the {budget:g} CPU s; "
             f"distillation gets {budget / 4:.0f} s, so the recovery will take longer than its budget (--keep-budget)")
         return budget / 4
     return left
+
+
+def _layer_count(loaded) -> int:
+    """The linear layers of an MLP or CNN policy (the int8-only steps are at most this many); 0 for a recurrent
+    policy (it ranks its own) or an ONNX graph (no torch module)."""
+    from bitrl_compile.trainers.export import layers
+
+    return len(layers(loaded.module)) if loaded.module is not None and not loaded.input.get("recurrent") else 0
 
 
 def _precheck(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool) -> dict | None:
