@@ -373,12 +373,9 @@ def fp32_sides(original, env_id: str, episodes: int) -> tuple[list[float], float
     """The fp32 policy's returns on the evaluation episodes (our reading of it, equal to SB3's predict: the table's
     notes check that on the fp32 column's episodes) and a uniform random policy's mean return on them."""
     from bitrl_compile import fidelity
-    from bitrl_compile.evaluate import evaluate, make_env
 
     fp32 = fidelity.returns(original, fidelity.original_forward(original), env_id, episodes, EVAL_SEED)
-    space = make_env(env_id).action_space
-    space.seed(EVAL_SEED)
-    return fp32, float(np.mean(evaluate(lambda obs: space.sample(), env_id, episodes, EVAL_SEED)[0]))
+    return fp32, fidelity.random_return(env_id, episodes, EVAL_SEED)
 
 
 COLUMN_RUNS = {"ptq": col_ptq, "per-channel": col_per_channel, "distill": col_distill, "mixed": col_mixed,
@@ -416,13 +413,13 @@ def _cell(units: list[dict], column: str) -> str:
 def seed_error(unit: dict, column: str) -> float:
     """The standard error of one seed's score in `column`: the paired per-episode differences from the fp32
     returns of the same reset seeds, std / sqrt(n) / (R_fp32 - R_random); NaN where the episodes were not kept."""
+    from bitrl_compile.fidelity import score_error
+
     fp32, c = unit["columns"].get("fp32") or {}, unit["columns"].get(column) or {}
-    a = np.asarray(c.get("returns") or [], float)
-    b = np.asarray(c.get("returns_fp32") or fp32.get("returns") or [], float)  # a cell's own episodes' fp32
+    paired = c.get("returns_fp32") or fp32.get("returns") or []  # a cell's own episodes' fp32, else the column's
     span = c.get("return_fp32", fp32.get("return", np.nan)) - c.get("random", fp32.get("random", np.nan))
-    if len(a) < 2 or len(a) != len(b) or not abs(span) > 1e-9:
-        return np.nan
-    return float(np.std(a - b, ddof=1) / np.sqrt(len(a)) / abs(span))
+    error = score_error(c.get("returns") or [], paired, span)
+    return np.nan if error is None else error
 
 
 def _keep_cell(units: list[dict]) -> dict:
@@ -434,13 +431,14 @@ def _keep_cell(units: list[dict]) -> dict:
         return {"pick": "–", "score": np.nan, "seconds": np.nan}
     picks = Counter(u["columns"]["keep"]["step"] or "not kept" for u in ks)
     s = _scores(units, "keep")
-    below = [u for u in ks if u["columns"]["keep"].get("step") is not None and _scores([u], "keep")[0] < TARGET]
+    kept = [(u, _scores([u], "keep")[0]) for u in ks if u["columns"]["keep"].get("step") is not None]
+    below = [(u, score) for u, score in kept if score < TARGET]
     return {"pick": ", ".join(f"{step} ×{n}" for step, n in picks.most_common()),
             "score": float(np.nanmean(s)) if np.isfinite(s).any() else np.nan,
             "seconds": max(_cpu_seconds(u["columns"]["keep"]) for u in ks),
             "missed": sum(1 for u in ks if u["columns"]["keep"].get("step") is None),
             "below": len(below),
-            "clearly_below": sum(1 for u in below if _scores([u], "keep")[0] + 2 * seed_error(u, "keep") < TARGET),
+            "clearly_below": sum(1 for u, score in below if score + 2 * seed_error(u, "keep") < TARGET),
             "old": sum(1 for u in ks if not u["columns"]["keep"].get("heldout"))}
 
 

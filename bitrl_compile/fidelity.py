@@ -452,12 +452,18 @@ def baseline(loaded, env_id: str, *, episodes: int = 0, seed: int = 0, rollouts:
     base = Baseline(env=env_id, seed=seed, states=states, outputs=in_order(fp32, states, starts),
                     episodes=episodes, starts=starts)
     if episodes:
-        space = make_env(env_id).action_space
-        space.seed(seed)
         base.returns_fp32 = returns(loaded, fp32, env_id, episodes, seed)
         base.ret_fp32 = float(np.mean(base.returns_fp32))
-        base.ret_random = float(np.mean(evaluate(lambda obs: space.sample(), env_id, episodes, seed)[0]))
+        base.ret_random = random_return(env_id, episodes, seed)
     return base
+
+
+def random_return(env_id: str, episodes: int, seed: int = 0) -> float:
+    """The mean return of uniform random actions (the action space seeded with `seed`) over the deterministic
+    episodes reset with seeds seed..seed+episodes-1: the score's zero."""
+    space = make_env(env_id).action_space
+    space.seed(seed)
+    return float(np.mean(evaluate(lambda obs: space.sample(), env_id, episodes, seed)[0]))
 
 
 def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", episodes: int = 0, seed: int = 0,
