@@ -169,6 +169,45 @@ def test_where_the_return_is_noise_the_agreement_decides():
     assert score_error([1.0], [2.0], 10.0) is None and score_error([1.0, 2.0], None, 10.0) is None
 
 
+def test_a_score_within_noise_of_the_target_is_measured_on_more_episodes(q_network):
+    """Sequential testing (fidelity.MoreEpisodes, what --keep decides with): a score that alone decides and is
+    within two standard errors of the target gets `extra` more episodes, the fp32 and random sides measured on
+    the same reset seeds, and the record counts them all; outside the noise, or where the agreement reaches the
+    target, nothing more is run."""
+    from bitrl_compile import fidelity
+    from bitrl_compile.frontends import load_policy
+
+    loaded = load_policy(q_network, config={"env": "CartPole-v1"})
+    fp32 = fidelity.original_forward(loaded)
+
+    def shaky(obs):  # the fp32 policy, with the other action on a fixed slice of the states: returns that vary
+        out = fp32(obs)
+        flip = (np.abs(np.asarray(obs, np.float64)[:, 2]) * 1e4 % 1.0) < 0.1
+        out[flip] = out[flip][:, ::-1]
+        return out
+
+    base = fidelity.baseline(loaded, "CartPole-v1", episodes=4)
+    first = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base)
+    target = first.weighted + 0.03  # the agreement short of it, the score (89 ± 7 % here) within its noise
+    assert first.score_error > 0 and abs(first.score - target) < 2 * first.score_error
+    within = fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, extra=8)
+    assert within.wanted(first)
+    longer = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base, more=within)
+    ours, theirs = (fidelity.returns(loaded, f, "CartPole-v1", 12) for f in (shaky, fp32))
+    assert longer.episodes == 12 and longer.record()["episodes"] == 12
+    assert longer.ret == pytest.approx(np.mean(ours)) and longer.ret_fp32 == pytest.approx(np.mean(theirs))
+    assert longer.ret_random == pytest.approx(
+        (4 * fidelity.random_return("CartPole-v1", 4) + 8 * fidelity.random_return("CartPole-v1", 8, 4)) / 12)
+    assert longer.score_error == pytest.approx(
+        fidelity.score_error(ours, theirs, longer.ret_fp32 - longer.ret_random))
+    assert longer.agreement == first.agreement  # the states compared are the same
+    # far from the target, or the agreement at it: the first measurement decides
+    for more in (fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.score + 3 * first.score_error, extra=8),
+                 fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.weighted - 0.01, extra=8)):
+        assert not more.wanted(first)
+        again = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base, more=more)
+        assert again.record() == first.record()
+
 def test_the_weighted_agreement_counts_states_by_the_fp32_policys_stakes():
     """Stakes: the best-two Q gap of a Q-network, the best-two probability gap of logits; a disagreement where the
     fp32 policy is indifferent costs little, one where it is sure costs much."""

@@ -29,7 +29,10 @@
 Kept means the fidelity record's agreement (stake-weighted for discrete actions: fidelity.shared) reaches the
 target or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does, whatever the agreement,
 or the agreement does and the score is within two of its standard errors of the target (fidelity.kept, the same
-rule as compile's warning: the return decides where it was measured, unless it is noise). With rule
+rule as compile's warning: the return decides where it was measured, unless it is noise). A score that alone
+decides (the agreement short of the target) within two standard errors of the target is measured on
+MORE_EPISODES times the episodes more before it decides (fidelity.MoreEpisodes: sequential testing, so that a
+lucky draw on 10 episodes is not what is kept). With rule
 "plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting one, the
 original's near-ties too (what a check against SB3's own predict counts), and no score: distillation then
 stops on plain held-out agreement and adds a ranking floor (DistillArgs.floor: the original's argmax must lead
@@ -57,6 +60,7 @@ from bitrl_compile import fidelity
 PRECHECK_SLACK = 0.01  # an attempt whose reference misses the target by more is not compiled
 BUDGET_MARGIN = 0.06   # of --keep-budget, kept from distillation for what its clock does not see coming
 STEPS_AFTER = 4        # measurements like the plain step's that follow the distillation (`distill_budget`)
+MORE_EPISODES = 2      # a score within noise of the target is measured on this many times the episodes more
 
 
 class NotKept(ValueError):
@@ -95,8 +99,8 @@ class Attempt:
         return share(self.record, self.rule)
 
     def line(self) -> str:
-        what = f"score {fidelity.score_text(self.record)}, " if "score" in self.record and self.rule != "plain" \
-            else ""
+        what = f"score {fidelity.score_text(self.record)} over {self.record.get('episodes', '?')} episodes, " \
+            if "score" in self.record and self.rule != "plain" else ""
         plain = " plain" if self.rule == "plain" and "weighted" in self.record else ""
         return f"{self.step}: {what}agreement {100 * fidelity.shared(self.record, self.rule):.1f} %{plain}"
 
@@ -121,10 +125,12 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     if base is None:
         base = fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
     measuring = distill.cpu_clock() - started  # the original's full-length episodes: what a good student's take
-    measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base)
+    more = fidelity.MoreEpisodes(original, env_id, target, MORE_EPISODES * episodes) \
+        if episodes and rule == "weighted" else None
+    measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base, more=more)
 
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):
-        record = _precheck(loaded, int8_layers, env_id, episodes, seed, base, per_channel)
+        record = _precheck(loaded, int8_layers, env_id, episodes, seed, base, per_channel, more)
         if record is not None and share(record, rule) < target - PRECHECK_SLACK:
             attempts.append(Attempt(step, int8_layers, record, False, rule))
             log(f"keep {100 * target:.0f} %: {attempts[-1].line()} (numpy reference; not compiled)")
@@ -152,6 +158,8 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     # ended early (a ternary DQN LunarLander crashes in a few dozen steps; a student that flies plays them whole)
     spent, step = distill.cpu_clock() - started, max(distill.cpu_clock() - before_ptq, measuring)
     after = STEPS_AFTER + _layer_count(original)  # and the int8-only steps, one per layer at most
+    if more is not None and len(set(base.returns_fp32 or ())) > 1:  # returns that vary: longer measurements
+        after += MORE_EPISODES
     args = distill_args or distill.DistillArgs(seed=seed, budget_s=distill_budget(budget, spent, step, log, after),
                                                per_channel=per_channel, select_target=target,
                                                select_episodes=episodes if rule == "weighted" else 0)
@@ -214,13 +222,14 @@ def _layer_count(loaded) -> int:
     return len(layers(loaded.module)) if loaded.module is not None and not loaded.input.get("recurrent") else 0
 
 
-def _precheck(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool) -> dict | None:
+def _precheck(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool,
+              more=None) -> dict | None:
     """The fidelity record of `loaded` compiled with int8_layers, measured on its numpy reference (no TVM build; a
     recurrent policy: its ternary torch forward, the reference to 1e-4, each step with its own state); None when
     the reference cannot run it (a network the reference does not know, observations it does not prepare)."""
     spec = loaded.input
     if spec.get("recurrent"):
-        return _precheck_recurrent(loaded, int8_layers, env_id, episodes, seed, base, per_channel)
+        return _precheck_recurrent(loaded, int8_layers, env_id, episodes, seed, base, per_channel, more)
     if spec.get("preprocess", "none") not in ("none", "image") or \
             any(key.get("preprocess", "none") != "none" for key in spec.get("keys") or ()):
         return None
@@ -229,12 +238,13 @@ def _precheck(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, 
     try:
         forward = reference_forward(loaded, per_channel=per_channel, int8_layers=tuple(int8_layers))
         return fidelity.measure(loaded, forward, env_id, engine="reference", episodes=episodes, seed=seed,
-                                base=base).record()
+                                base=base, more=more).record()
     except ValueError:  # a network the reference does not run: the artifact decides
         return None
 
 
-def _precheck_recurrent(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool):
+def _precheck_recurrent(loaded, int8_layers, env_id: str, episodes: int, seed: int, base, per_channel: bool,
+                        more=None):
     import numpy as np
     import torch
 
@@ -255,7 +265,7 @@ def _precheck_recurrent(loaded, int8_layers, env_id: str, episodes: int, seed: i
 
     forward = fidelity.Recurrent(step, spec["recurrent"]["state_size"])
     return fidelity.measure(loaded, forward, env_id, engine="reference", episodes=episodes, seed=seed,
-                            base=base).record()
+                            base=base, more=more).record()
 
 
 def _distill_recurrent(original, env_id: str, args, int8_layers: list[int], attempt: Callable, log):
