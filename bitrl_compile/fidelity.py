@@ -476,15 +476,17 @@ class MoreEpisodes:
     episodes a score within noise now gets show before the step is kept. Measurements outside the noise (most
     of them: deterministic returns have an error of 0) cost nothing more."""
 
-    def __init__(self, loaded, env_id: str, target: float, extra: int, fp32: Forward | None = None):
+    def __init__(self, loaded, env_id: str, target: float, extra: int, fp32: Forward | None = None,
+                 affordable: Callable[[], bool] = lambda: True):
         self.loaded, self.env_id, self.target, self.extra, self.fp32 = loaded, env_id, target, extra, fp32
+        self.affordable = affordable  # False: the episodes would overrun a budget (the first measurement decides)
         self._base: Baseline | None = None
 
     def wanted(self, result: Fidelity) -> bool:
         score, error = result.score, result.score_error
         agreement = result.weighted if result.weighted is not None else result.agreement
         return (self.extra > 0 and score is not None and bool(error) and agreement < self.target
-                and abs(score - self.target) < 2 * error)
+                and abs(score - self.target) < 2 * error and self.affordable())
 
     def baseline(self, seed: int, episodes: int) -> Baseline:
         """The original's returns on the `extra` episodes after `episodes` from `seed` (and a random policy's)."""

@@ -201,9 +201,10 @@ def test_a_score_within_noise_of_the_target_is_measured_on_more_episodes(q_netwo
     assert longer.score_error == pytest.approx(
         fidelity.score_error(ours, theirs, longer.ret_fp32 - longer.ret_random))
     assert longer.agreement == first.agreement  # the states compared are the same
-    # far from the target, or the agreement at it: the first measurement decides
+    # far from the target, the agreement at it, or no budget left for them: the first measurement decides
     for more in (fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.score + 3 * first.score_error, extra=8),
-                 fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.weighted - 0.01, extra=8)):
+                 fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.weighted - 0.01, extra=8),
+                 fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, extra=8, affordable=lambda: False)):
         assert not more.wanted(first)
         again = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base, more=more)
         assert again.record() == first.record()

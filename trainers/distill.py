@@ -192,7 +192,7 @@ def ste_forward(mlp: nn.Module, x: torch.Tensor, per_channel: bool = False, int8
             x, i = _bitlinear(m, x, per_channel, int8=i in int8_layers), i + 1
         else:
             x = m(x)
-    return x
+    return x[:, 1:] + x[:, :1] if mlp.shared_row else x
 
 
 def _bitlinear(m: nn.Linear, x: torch.Tensor, per_channel: bool = False, bias: bool = True,
@@ -285,6 +285,8 @@ def calibrate_(student: nn.Module, teacher: nn.Module, x: torch.Tensor, per_chan
                 continue
             index += 1
             int8 = index in int8_layers
+            if ms.out_features != mt.out_features:  # a shared-row head (frontends.shared_row): left as it is
+                break
             z = _bitlinear(ms, xs, per_channel, bias=False, int8=int8)
             h = mt(xt)
             zc, hc = z - z.mean(0), h - h.mean(0)

@@ -89,7 +89,7 @@ def save_like(path: Path, loaded, module: MLPPolicy, trained: dict) -> dict:
     lins = linears(module)
     config = {"arch": "mlp", "obs_shape": list(loaded.input["shape"]), "hidden": [lin.out_features for lin in lins[:-1]],
               "activation": module.activation, "output": dict(loaded.output), "input": dict(loaded.input),
-              "trained": trained}
+              "trained": trained, **({"shared_row": True} if module.shared_row else {})}
     save_mlp_policy(path, module.state_dict(), config)
     return config
 
@@ -210,13 +210,15 @@ def reference_forward(loaded, ternary: bool = True, per_channel: bool = False, i
             layers.append((*(quantize_weight_int8(w) if i in int8_layers else ternarize_weight(w, per_channel)), b))
     stats = loaded.input.get("normalize")
 
+    shared = loaded.module.shared_row
+
     def forward(obs):
         x = normalize(np.asarray(obs, np.float32), stats)
         for i, layer in enumerate(layers):
             x = bitlinear_reference(x, *layer) if ternary else (x @ layer[0].T + layer[1]).astype(np.float32)
             if i < len(layers) - 1:
                 x = apply_activation(x, activation)
-        return x
+        return x[:, 1:] + x[:, :1] if shared else x
 
     return forward
 

@@ -23,10 +23,14 @@ _TORCH_ACTIVATIONS = {cls.__name__: name for name, cls in ACTIVATIONS.items()}
 
 
 class MLPPolicy(nn.Module):
-    """Observation (flattened) -> Linear -> activation -> ... -> Linear; keys net.0.weight, net.0.bias, ..."""
+    """Observation (flattened) -> Linear -> activation -> ... -> Linear; keys net.0.weight, net.0.bias, ...
 
-    def __init__(self, sizes: list[int], activation: str = "tanh", obs_shape: list[int] | None = None):
+    shared_row: the last Linear has one output more, its first, which is added to every other (`shared_row`)."""
+
+    def __init__(self, sizes: list[int], activation: str = "tanh", obs_shape: list[int] | None = None,
+                 shared_row: bool = False):
         super().__init__()
+        self.shared_row = bool(shared_row)
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
         layers: list[nn.Module] = []
@@ -39,7 +43,32 @@ class MLPPolicy(nn.Module):
         self.flatten = obs_shape is not None and len(obs_shape) > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1) if self.flatten else x)
+        y = self.net(x.flatten(1) if self.flatten else x)
+        return y[:, 1:] + y[:, :1] if self.shared_row else y
+
+
+def shared_row(mlp: MLPPolicy) -> MLPPolicy:
+    """The same function with the last layer W, b split into a shared row and the differences: W' = [w; W - w]
+    (w the mean row), b' = [0; b], the shared output added to every other (MLPPolicy.shared_row). For a
+    Q-network: its Q-values share a large common part (the state's value) and differ by gaps a hundred times
+    smaller, and quantizing each row of W on its own scale blurs the gaps with errors of the common part's
+    size; quantized apart, the common part's error shifts every action's value alike. Measured on an RL-Zoo DQN
+    Acrobot (Q-values -51..2.5, median best-two gap 0.77), the last layer int8, the rest fp32: 91.8 % of the
+    stake-weighted actions as one matrix, 99.8 % split."""
+    if mlp.shared_row:
+        return mlp
+    lins = [m for m in mlp.net if isinstance(m, nn.Linear)]
+    sizes = [lins[0].in_features, *[m.out_features for m in lins[:-1]], lins[-1].out_features + 1]
+    out = MLPPolicy(sizes, mlp.activation, shared_row=True)
+    out.flatten = mlp.flatten
+    state = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
+    last = f"net.{len(mlp.net) - 1}"
+    w, b = state[f"{last}.weight"], state[f"{last}.bias"]
+    common = w.mean(0, keepdim=True)
+    state[f"{last}.weight"] = torch.cat([common, w - common])
+    state[f"{last}.bias"] = torch.cat([torch.zeros(1, dtype=b.dtype), b])
+    out.load_state_dict(state)
+    return out
 
 
 def check_state_dict(obj, where: str, fix: str) -> dict:
@@ -176,6 +205,9 @@ def _load_mlp_config(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
         raise ModelLoadError(f"{path}: the config needs \"obs_shape\" and \"hidden\" (e.g. {{\"arch\": \"mlp\", "
                              "\"obs_shape\": [4], \"hidden\": [64, 64], \"activation\": \"tanh\", \"output\": ...}})")
     sizes, output = _config_sizes(path, cfg, obs_shape, sd, env_out)
+    shared = bool(cfg.get("shared_row"))  # the last layer's first row shared by every output (`shared_row`)
+    if shared:
+        sizes = [*sizes[:-1], sizes[-1] + 1]
     expected = {}
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         expected[f"net.{2 * i}.weight"] = (n_out, n_in)
@@ -189,16 +221,16 @@ def _load_mlp_config(path: Path, sd: dict, cfg: dict) -> LoadedPolicy:
         raise ModelLoadError(f"{path}: {bad[:80]} is a {sd[bad].dtype} tensor; an MLP's weights are floating point: "
                              "save them as float32")
     try:
-        mlp = MLPPolicy(sizes, cfg.get("activation", "tanh"), list(obs_shape))
+        mlp = MLPPolicy(sizes, cfg.get("activation", "tanh"), list(obs_shape), shared_row=shared)
     except ValueError as e:
         raise ModelLoadError(f"{path}: config: {e}") from None
     _check_finite(sd, path)
     mlp.load_state_dict({k: v.float() for k, v in sd.items()})
     input_spec = {**(env_in or {}), **cfg.get("input", {}), "shape": list(obs_shape)}
     input_spec.setdefault("preprocess", "none")
-    desc = f"MLP {sizes} {mlp.activation}"
+    desc = f"MLP {sizes} {mlp.activation}" + (" (shared row)" if shared else "")
     recovery = cfg.get("trained", {}).get("recovery") if isinstance(cfg.get("trained"), dict) else None
-    return LoadedPolicy(mlp, None, input_spec, output or _default_output(sizes[-1]), "state-dict", desc,
+    return LoadedPolicy(mlp, None, input_spec, output or _default_output(sizes[-1] - shared), "state-dict", desc,
                         recovery if isinstance(recovery, str) else None)
 
 
