@@ -4,6 +4,7 @@ names the recovery. Real SB3 policies (tests/conftest.py's sb3_trained), real gy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 
@@ -201,9 +202,13 @@ def test_a_score_within_noise_of_the_target_is_measured_on_more_episodes(q_netwo
     assert longer.score_error == pytest.approx(
         fidelity.score_error(ours, theirs, longer.ret_fp32 - longer.ret_random))
     assert longer.agreement == first.agreement  # the states compared are the same
-    # far from the target, the agreement at it, or no budget left for them: the first measurement decides
+    # a score below the target within its noise that the agreement would keep is measured on more episodes too
+    assert fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.score + 0.01, extra=8).wanted(
+        dataclasses.replace(first, weighted=first.score + 0.02))
+    # far from the target, the score and the agreement at it, or no budget left: the first measurement decides
     for more in (fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.score + 3 * first.score_error, extra=8),
-                 fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.weighted - 0.01, extra=8),
+                 fidelity.MoreEpisodes(loaded, "CartPole-v1", target=min(first.weighted, first.score) - 0.01,
+                                       extra=8),
                  fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, extra=8, affordable=lambda: False)):
         assert not more.wanted(first)
         again = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base, more=more)

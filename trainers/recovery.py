@@ -34,10 +34,10 @@
 Kept means the fidelity record's agreement (stake-weighted for discrete actions: fidelity.shared) reaches the
 target or, with `episodes`, that the score (R - R_random) / (R_fp32 - R_random) does, whatever the agreement,
 or the agreement does and the score is within two of its standard errors of the target (fidelity.kept, the same
-rule as compile's warning: the return decides where it was measured, unless it is noise). A score that alone
-decides (the agreement short of the target) within two standard errors of the target is measured on
-MORE_EPISODES times the episodes more before it decides (fidelity.MoreEpisodes: sequential testing, so that a
-lucky draw on 10 episodes is not what is kept), as long as they fit the budget. With rule
+rule as compile's warning: the return decides where it was measured, unless it is noise). A score within two
+standard errors of the target (unless it and the agreement both reach it) is measured on MORE_EPISODES times the
+episodes more before it decides (fidelity.MoreEpisodes: sequential testing, so that neither a lucky draw on 10
+episodes nor a loss taken for noise is what is kept), as long as they fit the budget. With rule
 "plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting one, the
 original's near-ties too (what a check against SB3's own predict counts), and no score: distillation then
 stops on plain held-out agreement and adds a ranking floor (DistillArgs.floor: the original's argmax must lead
