@@ -189,7 +189,7 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     ranking = rank()
     for k in range(1, len(ranking) + 1):  # mixed precision alone, on the original's weights
         layers = tuple(sorted(ranking[:k]))
-        if distill.cpu_clock() - started > budget:
+        if distill.cpu_clock() - started + step > budget:  # a step costs what the plain one did: it must fit
             log(f"keep: the {budget:g} CPU s are spent; int8 layers {list(layers)} and more not tried")
             break
         mixed = _with_shared_row(original, layers)
@@ -208,8 +208,8 @@ def distill_budget(budget: float, spent: float, step: float, log=lambda s: None,
     """The distillation's share of a recovery budget: what is left after `spent` (the original measured, the plain
     compile tried), `after` (at least STEPS_AFTER) more steps like the plain one (each of the two distilled
     students is measured on its numpy reference, the kept one then compiled and measured again; then the int8-only
-    steps, one per layer at most, which stop once the budget is spent) and a margin of BUDGET_MARGIN of the
-    budget (the layer ranking before the int8 step; a DAgger round ends after the clock passes its budget:
+    steps, one per layer at most, which stop where one more would not fit the budget) and a margin of
+    BUDGET_MARGIN of the budget (the layer ranking before the int8 step; a DAgger round ends after the clock passes its budget:
     measured on an RL-Zoo DQN CartPole, 187 CPU s of a 180 s budget without it; with two steps reserved instead
     of four, an RL-Zoo DQN LunarLander took 185 s, its episodes long), at least a quarter of the budget (a policy
     whose measurement alone eats the budget still gets a distillation; the recovery then overruns, and says so)."""
