@@ -130,12 +130,19 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     if base is None:
         base = fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
     measuring = distill.cpu_clock() - started  # the original's full-length episodes: what a good student's take
-    cost = [measuring]  # of a step (below: the plain one's); more episodes are played while they fit the budget
+    cost = [measuring]  # of a step (the plain one's, then the dearest attempt's): what must fit the budget
     more = fidelity.MoreEpisodes(original, env_id, target, MORE_EPISODES * episodes, affordable=lambda: (
         distill.cpu_clock() - started + MORE_EPISODES * cost[0] <= budget)) if episodes and rule == "weighted" else None
     measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base, more=more)
 
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):
+        began = distill.cpu_clock()
+        try:
+            return _attempt(step, loaded, int8_layers)
+        finally:  # the dearest step so far is what the next one may cost (compiled, with more episodes)
+            cost[0] = max(cost[0], distill.cpu_clock() - began)
+
+    def _attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):
         record = _precheck(loaded, int8_layers, env_id, episodes, seed, base, per_channel, more)
         if record is not None and share(record, rule) < target - PRECHECK_SLACK:
             attempts.append(Attempt(step, int8_layers, record, False, rule))
@@ -163,7 +170,7 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     # a step costs what the plain one did, or what measuring the original did where the plain policy's episodes
     # ended early (a ternary DQN LunarLander crashes in a few dozen steps; a student that flies plays them whole)
     spent, step = distill.cpu_clock() - started, max(distill.cpu_clock() - before_ptq, measuring)
-    cost[0] = step
+    cost[0] = max(cost[0], step)
     after = STEPS_AFTER + _layer_count(original)  # and the int8-only steps, one per layer at most
     if more is not None and len(set(base.returns_fp32 or ())) > 1:  # returns that vary: longer measurements,
         after += MORE_EPISODES + 1  # the first of them also the original's and a random policy's (DQN LunarLander:
@@ -190,7 +197,7 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     ranking = rank()
     for k in range(1, len(ranking) + 1):  # mixed precision alone, on the original's weights
         layers = tuple(sorted(ranking[:k]))
-        if distill.cpu_clock() - started + step > budget:  # a step costs what the plain one did: it must fit
+        if distill.cpu_clock() - started + cost[0] > budget:  # the dearest step so far must still fit
             log(f"keep: the {budget:g} CPU s are spent; int8 layers {list(layers)} and more not tried")
             break
         mixed = _with_shared_row(original, layers)
