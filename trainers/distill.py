@@ -192,7 +192,7 @@ def ste_forward(mlp: nn.Module, x: torch.Tensor, per_channel: bool = False, int8
             x, i = _bitlinear(m, x, per_channel, int8=i in int8_layers), i + 1
         else:
             x = m(x)
-    return x[:, 1:] + x[:, :1] if mlp.shared_row else x
+    return x[:, 1:] + x[:, :1] if getattr(mlp, "shared_row", False) else x
 
 
 def _bitlinear(m: nn.Linear, x: torch.Tensor, per_channel: bool = False, bias: bool = True,

@@ -89,7 +89,7 @@ def save_like(path: Path, loaded, module: MLPPolicy, trained: dict) -> dict:
     lins = linears(module)
     config = {"arch": "mlp", "obs_shape": list(loaded.input["shape"]), "hidden": [lin.out_features for lin in lins[:-1]],
               "activation": module.activation, "output": dict(loaded.output), "input": dict(loaded.input),
-              "trained": trained, **({"shared_row": True} if module.shared_row else {})}
+              "trained": trained, **({"shared_row": True} if getattr(module, "shared_row", False) else {})}
     save_mlp_policy(path, module.state_dict(), config)
     return config
 
@@ -210,7 +210,7 @@ def reference_forward(loaded, ternary: bool = True, per_channel: bool = False, i
             layers.append((*(quantize_weight_int8(w) if i in int8_layers else ternarize_weight(w, per_channel)), b))
     stats = loaded.input.get("normalize")
 
-    shared = loaded.module.shared_row
+    shared = getattr(loaded.module, "shared_row", False)
 
     def forward(obs):
         x = normalize(np.asarray(obs, np.float32), stats)

@@ -131,8 +131,9 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
         base = fidelity.baseline(original, env_id, episodes=episodes, seed=seed)
     measuring = distill.cpu_clock() - started  # the original's full-length episodes: what a good student's take
     cost = [measuring]  # of a step (the plain one's, then the dearest attempt's): what must fit the budget
-    more = fidelity.MoreEpisodes(original, env_id, target, MORE_EPISODES * episodes, affordable=lambda: (
-        distill.cpu_clock() - started + MORE_EPISODES * cost[0] <= budget)) if episodes and rule == "weighted" else None
+    more = None if not episodes or rule != "weighted" else fidelity.MoreEpisodes(
+        original, env_id, target, MORE_EPISODES * episodes,
+        affordable=lambda: distill.cpu_clock() - started + MORE_EPISODES * cost[0] <= budget)
     measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base, more=more)
 
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = ()):
@@ -217,10 +218,11 @@ def distill_budget(budget: float, spent: float, step: float, log=lambda s: None,
     compile tried), `after` (at least STEPS_AFTER) more steps like the plain one (each of the two distilled
     students is measured on its numpy reference, the kept one then compiled and measured again; then the int8-only
     steps, one per layer at most, which stop where one more would not fit the budget) and a margin of
-    BUDGET_MARGIN of the budget (the layer ranking before the int8 step; a DAgger round ends after the clock passes its budget:
-    measured on an RL-Zoo DQN CartPole, 187 CPU s of a 180 s budget without it; with two steps reserved instead
-    of four, an RL-Zoo DQN LunarLander took 185 s, its episodes long), at least a quarter of the budget (a policy
-    whose measurement alone eats the budget still gets a distillation; the recovery then overruns, and says so)."""
+    BUDGET_MARGIN of the budget (the layer ranking before the int8 step; a DAgger round ends after the clock
+    passes its budget: measured on an RL-Zoo DQN CartPole, 187 CPU s of a 180 s budget without it; with two
+    steps reserved instead of four, an RL-Zoo DQN LunarLander took 185 s, its episodes long), at least a quarter
+    of the budget (a policy whose measurement alone eats the budget still gets a distillation; the recovery then
+    overruns, and says so)."""
     after = max(after, STEPS_AFTER)
     left = budget * (1 - BUDGET_MARGIN) - spent - after * step
     if left < budget / 4:

@@ -44,7 +44,7 @@ class MLPPolicy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(x.flatten(1) if self.flatten else x)
-        return y[:, 1:] + y[:, :1] if self.shared_row else y
+        return y[:, 1:] + y[:, :1] if getattr(self, "shared_row", False) else y  # (older pickles: none)
 
 
 def shared_row(mlp: MLPPolicy) -> MLPPolicy:
