@@ -9,17 +9,12 @@ Q-network whose last layer it makes int8 (trainers/recovery.py)."""
 from __future__ import annotations
 
 import dataclasses
-import shlex
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from bitrl_compile import fidelity, pipeline, reference
-from bitrl_compile.cli.capi import capi_cmd
 from bitrl_compile.devices import EmulatedPolicy
 from bitrl_compile.frontends import MLPPolicy, load_policy
 from bitrl_compile.frontends.mlp import shared_row
@@ -27,8 +22,8 @@ from bitrl_compile.loaded import LoadedPolicy
 from bitrl_compile.runtime import load
 from bitrl_compile.trainers import recovery
 from bitrl_compile.trainers.export import reference_forward, save_like
+from capi_lib import open_libbitrl
 
-ROOT = Path(__file__).resolve().parents[1]
 Q = {"kind": "discrete", "n": 4, "outputs": "q_values"}
 
 
@@ -77,7 +72,7 @@ def split_host(tmp_path_factory):
     return split, pipeline.compile_policy(split, "host", path, int8_layers=[2], tuning=False)
 
 
-def test_the_host_artifact_and_the_c_api_equal_the_reference(split_host, tmp_path):
+def test_the_host_artifact_and_the_c_api_equal_the_reference(split_host):
     split, result = split_host
     assert [la["precision"] for la in result.manifest["layers"]] == ["ternary", "ternary", "int8"]
     x = _x(64)
@@ -86,17 +81,16 @@ def test_the_host_artifact_and_the_c_api_equal_the_reference(split_host, tmp_pat
         assert out.shape == (64, 4)
         np.testing.assert_array_equal(out, reference_forward(split, int8_layers=(2,))(x))
         np.testing.assert_array_equal(policy.act(x), out.argmax(1))
-    flags = shlex.split(CliRunner().invoke(capi_cmd, ["--target", "host", "--cflags", "--libs"]).stdout
-                        .strip().splitlines()[-1])
-    exe = tmp_path / "control_loop"
-    subprocess.run(["cc", "-std=c11", "-O2", str(ROOT / "examples" / "c" / "control_loop.c"), "-o", str(exe), *flags],
-                   check=True, capture_output=True, text=True)
-    lines = "".join(" ".join(f"{float(v):.9g}" for v in row) + "\n" for row in x)
-    run = subprocess.run([str(exe), "--forward", str(result.path)], input=lines, capture_output=True, text=True,
-                         timeout=60, check=False)
-    assert run.returncode == 0, run.stderr
-    np.testing.assert_array_equal(np.array([[np.float32(v) for v in line.split()] for line in run.stdout.splitlines()]),
-                                  out)
+    lib = open_libbitrl()  # the C API in this process: libbitrl.so, the same plan
+    handle = lib.bitrl_load(str(result.path).encode())
+    assert handle, lib.bitrl_last_error().decode()
+    try:
+        assert lib.bitrl_output_size(handle) == 4
+        c_out = np.zeros((64, 4), np.float32)
+        assert lib.bitrl_forward(handle, x.ctypes.data, 64, c_out.ctypes.data) == 0, lib.bitrl_last_error().decode()
+    finally:
+        lib.bitrl_free(handle)
+    np.testing.assert_array_equal(c_out, out)
 
 
 def test_the_rasp4_artifact_equals_the_reference_under_qemu(tmp_path):
