@@ -250,7 +250,7 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
         keep, c0 = results["keep"], time.process_time()
         policy = runtime.load(out / "keep.bitrl")
         try:
-            keep.update(heldout_scores(original, policy.forward, env_id, keep))
+            keep.update(heldout_scores(original, policy.forward, env_id, keep, opts.get("heldout_max", HELDOUT_MAX)))
         finally:
             policy.close()
         keep["bench_cpu_seconds"] = round(keep.get("bench_cpu_seconds", 0.0) + time.process_time() - c0, 1)
@@ -355,7 +355,8 @@ def col_keep(*, env_id, original, load, out, opts, **_):
             c0 = time.process_time()  # the bench's measuring, not the recovery's: not in the goal's seconds
             forward, engine, close = fidelity.artifact_forward(manifest, members, quantized, output)
             try:
-                heldout.update(heldout_scores(original, forward, env_id, {"heldout": episodes}), engine=engine)
+                heldout.update(heldout_scores(original, forward, env_id, {"heldout": episodes},
+                                              opts.get("heldout_max", HELDOUT_MAX)), engine=engine)
             finally:
                 close()
             heldout["cpu_seconds"] = time.process_time() - c0
@@ -381,11 +382,12 @@ def col_keep(*, env_id, original, load, out, opts, **_):
             "log": lines}
 
 
-def heldout_scores(original, forward, env_id: str, cell: dict) -> dict:
+def heldout_scores(original, forward, env_id: str, cell: dict, most: int = HELDOUT_MAX) -> dict:
     """The --keep pick (`forward`: its artifact) and the fp32 policy (our reading of it, equal to SB3's predict: the
     table's notes check that on the fp32 column's episodes) on the evaluation episodes EVAL_SEED + i, first
     cell["heldout"] of them, then twice as many, again, until the paired score's standard error is at most
-    HELDOUT_ERROR or HELDOUT_MAX are played (a stop on the error, not on the score: the score is not steered).
+    HELDOUT_ERROR or `most` (HELDOUT_MAX, --heldout-max) are played (a stop on the error, not on the score: the
+    score is not steered).
     The returns already in `cell` (same reset seeds, deterministic) are kept. A uniform random policy's mean
     return on the same episodes is the score's zero."""
     from bitrl_compile import fidelity
@@ -400,9 +402,9 @@ def heldout_scores(original, forward, env_id: str, cell: dict) -> dict:
             if n > len(fp32) else []
         rnd = fidelity.random_return(env_id, n, EVAL_SEED)
         error = fidelity.score_error(ours, fp32, float(np.mean(fp32)) - rnd)
-        if error is None or error <= HELDOUT_ERROR or n >= HELDOUT_MAX:
+        if error is None or error <= HELDOUT_ERROR or n >= most:
             break
-        n = min(2 * n, HELDOUT_MAX)
+        n = min(2 * n, most)
     return {"return": float(np.mean(ours)), "returns": ours, "return_fp32": float(np.mean(fp32)),
             "returns_fp32": fp32, "random": rnd, "heldout_episodes": n, "heldout_error": HELDOUT_ERROR}
 
@@ -606,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--heldout-episodes", type=int, default=HELDOUT_EPISODES,
                    help="episodes the --keep pick is scored on (it decides on --episodes of its own)")
+    p.add_argument("--heldout-max", type=int, default=HELDOUT_MAX,
+                   help="at most this many: twice as many, again, while the score's standard error is above "
+                        f"{100 * HELDOUT_ERROR:g} %%")
     p.add_argument("--budget", type=float, default=180.0, help="seconds of distillation (distill column, --keep)")
     p.add_argument("--qat-steps", type=int, help="environment steps of the RL fine-tune [ppo.finetune_args']")
     p.add_argument("--scale", type=float, default=1.0, help="multiply RL Zoo's training budgets (a quick look)")
@@ -625,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no settings for {a.algos} on {a.envs} here (bench/zoo.py's ZOO, bench/cleanrl_zoo.py's ENVS)")
     runs = a.runs or (RUNS if a.scale == 1.0 else RUNS.with_name(f"policy_matrix-scale{a.scale:g}"))
     keys = [(algo, env_id, seed) for algo, env_id in rows for seed in range(a.seeds)]
-    opts = {"runs": str(runs), "episodes": a.episodes, "heldout_episodes": a.heldout_episodes, "budget": a.budget,
+    opts = {"runs": str(runs), "episodes": a.episodes, "heldout_episodes": a.heldout_episodes,
+            "heldout_max": max(a.heldout_max, a.heldout_episodes), "budget": a.budget,
             "qat_steps": a.qat_steps,
             "scale": a.scale, "target": a.target, "code": code_version()}
     unavailable: dict[str, str] = {}
