@@ -482,7 +482,7 @@ class MoreEpisodes:
                  affordable: Callable[[], bool] = lambda: True):
         self.loaded, self.env_id, self.target, self.extra, self.fp32 = loaded, env_id, target, extra, fp32
         self.affordable = affordable  # False: the episodes would overrun a budget (the first measurement decides)
-        self._base: Baseline | None = None
+        self._sides: dict[int, tuple[list[float], float]] = {}
 
     def wanted(self, result: Fidelity) -> bool:
         score, error = result.score, result.score_error
@@ -490,15 +490,13 @@ class MoreEpisodes:
         return (self.extra > 0 and score is not None and bool(error) and min(agreement, score) < self.target
                 and abs(score - self.target) < 2 * error and self.affordable())
 
-    def baseline(self, seed: int, episodes: int) -> Baseline:
-        """The original's returns on the `extra` episodes after `episodes` from `seed` (and a random policy's)."""
-        first = seed + episodes
-        if self._base is None or self._base.seed != first:
+    def sides(self, first: int) -> tuple[list[float], float]:
+        """The original's returns on the `extra` episodes reset with seeds first.. and a random policy's mean return
+        on them: measured once, for every measurement they extend."""
+        if first not in self._sides:
             ret = returns(self.loaded, self.fp32 or original_forward(self.loaded), self.env_id, self.extra, first)
-            self._base = Baseline(env=self.env_id, seed=first, states=np.zeros((0,)), outputs=np.zeros((0,)),
-                                  episodes=self.extra, ret_fp32=float(np.mean(ret)),
-                                  ret_random=random_return(self.env_id, self.extra, first), returns_fp32=ret)
-        return self._base
+            self._sides[first] = (list(ret), random_return(self.env_id, self.extra, first))
+        return self._sides[first]
 
 
 def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", episodes: int = 0, seed: int = 0,
@@ -524,12 +522,12 @@ def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", 
         result.ret_fp32, result.ret_random = base.ret_fp32, base.ret_random
         result.score_error = score_error(ours, base.returns_fp32, base.ret_fp32 - base.ret_random)
         if more is not None and base.returns_fp32 is not None and more.wanted(result):
-            extra = more.baseline(seed, episodes)
-            ours = list(ours) + list(returns(loaded, ternary, env_id, extra.episodes, extra.seed))
-            fp = list(base.returns_fp32) + list(extra.returns_fp32)
+            fp32_more, random_more = more.sides(seed + episodes)
+            ours = list(ours) + list(returns(loaded, ternary, env_id, more.extra, seed + episodes))
+            fp = list(base.returns_fp32) + fp32_more
             result.episodes = len(ours)
             result.ret, result.ret_fp32 = float(np.mean(ours)), float(np.mean(fp))
-            result.ret_random = (base.ret_random * episodes + extra.ret_random * extra.episodes) / len(ours)
+            result.ret_random = (base.ret_random * episodes + random_more * more.extra) / len(ours)
             result.score_error = score_error(ours, fp, result.ret_fp32 - result.ret_random)
     return result
 
