@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import stat
 import tempfile
 import time
@@ -86,6 +87,9 @@ def _check_name(path: Path) -> None:
                          f"system's limit of {limit}; choose a shorter name")
 
 
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None], mode: int | None = None) -> Path:
     """Write a file whole or not at all: into a temporary file beside `path` (bytes, or `data(f)` writes it),
     flushed to disk, then renamed over `path`; on any error or interrupt the temporary file is removed.
@@ -98,8 +102,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         raise FileNotFoundError(f"output folder {folder} does not exist; create it first")
     _check_name(path)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{_temp_stem(path.name, name_max(folder))}.", suffix=".tmp", dir=folder)
+    # the interrupts wait until the handler below is armed: a Ctrl-C just after mkstemp made the file would
+    # otherwise leave it behind (seen in tests/test_bad_inputs.py's signal cases, once in a few runs)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{_temp_stem(path.name, name_max(folder))}.", suffix=".tmp", dir=folder)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a pending interrupt is raised here, inside the try
         os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             if isinstance(data, (bytes, bytearray, memoryview)):
