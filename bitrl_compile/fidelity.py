@@ -38,6 +38,7 @@ Work layer, beside the pipeline: imports the reference, the floor (evaluate) and
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -469,34 +470,67 @@ def random_return(env_id: str, episodes: int, seed: int = 0) -> float:
 
 class MoreEpisodes:
     """Sequential testing of a decision against `target` (recovery.keep): a measurement whose score is within two
-    standard errors of the target, unless both the score and the agreement reach it, is measured on `extra` more
-    episodes (the reset seeds after the first ones, the fp32 and random sides measured once, on first need) and
-    decided on all of them (`kept`). That is a score that alone decides (the agreement short of the target), and
-    one below the target that the agreement would keep as noise. Measured: an RL-Zoo DQN LunarLander student at
-    77 % agreement was kept at a score of 101.6 % on 10 episodes, and scored 80.6 ± 5.8 % on 30 held-out ones;
-    an A2C LunarLander student at 98.7 % agreement was kept at 79.4 ± 25.2 % as noise, and scored 34.0 ± 6.1 % on
-    960 held-out ones. Measurements outside the noise (most of them: deterministic returns have an error of 0)
-    cost nothing more."""
+    standard errors of the target, unless both the score and the agreement reach it, is measured on more episodes
+    (the reset seeds after the ones already played; the fp32 side measured once per seed, for every measurement
+    it extends) and decided on all of them (`kept`), round after round: each adds `factor` times the episodes so
+    far (10 -> 30 -> 90 -> ...) while the score is still within noise, up to `most` in all, and cut to the CPU
+    seconds `left()` (a budget's rest; what was played decides when not even a round's worth fits). That is a
+    score that alone decides (the agreement short of the target), and one below the target that the agreement
+    would keep as noise. Measured: an RL-Zoo DQN LunarLander student at 77 % agreement
+    was kept at a score of 101.6 % on 10 episodes, and scored 80.6 ± 5.8 % on 30 held-out ones; an A2C LunarLander
+    student at 99.1 % weighted agreement was kept at 62.6 ± 25.2 % as noise on 30 episodes (one round), and
+    scored 72.7 ± 6.2 % on 960 held-out ones: its teacher barely beats a random policy, and a paired episode's
+    score varies by about twice the span between them. Measurements outside the noise (most of them:
+    deterministic returns have an error of 0) cost nothing more."""
 
-    def __init__(self, loaded, env_id: str, target: float, extra: int, fp32: Forward | None = None,
-                 affordable: Callable[[], bool] = lambda: True):
-        self.loaded, self.env_id, self.target, self.extra, self.fp32 = loaded, env_id, target, extra, fp32
-        self.affordable = affordable  # False: the episodes would overrun a budget (the first measurement decides)
-        self._sides: dict[int, tuple[list[float], float]] = {}
+    def __init__(self, loaded, env_id: str, target: float, most: int, factor: int = 2,
+                 fp32: Forward | None = None, left: Callable[[], float] = lambda: math.inf):
+        self.loaded, self.env_id, self.target, self.fp32 = loaded, env_id, target, fp32
+        self.factor, self.most = factor, most
+        self.left = left  # CPU seconds the rounds may still take (a budget's rest): a round is cut to fit them
+        self._fp32: dict[int, float] = {}  # the original's return per reset seed
+        self._random: dict[tuple[int, int], float] = {}  # a random policy's mean return per (first seed, count)
 
-    def wanted(self, result: Fidelity) -> bool:
+    def within_noise(self, result: Fidelity) -> bool:
+        """Whether `result` is undecided: its score within two standard errors of the target, and not both the
+        score and the agreement at it."""
         score, error = result.score, result.score_error
         agreement = result.weighted if result.weighted is not None else result.agreement
-        return (self.extra > 0 and score is not None and bool(error) and min(agreement, score) < self.target
-                and abs(score - self.target) < 2 * error and self.affordable())
+        return (score is not None and bool(error) and min(agreement, score) < self.target
+                and abs(score - self.target) < 2 * error)
 
-    def sides(self, first: int) -> tuple[list[float], float]:
-        """The original's returns on the `extra` episodes reset with seeds first.. and a random policy's mean return
-        on them: measured once, for every measurement they extend."""
-        if first not in self._sides:
-            ret = returns(self.loaded, self.fp32 or original_forward(self.loaded), self.env_id, self.extra, first)
-            self._sides[first] = (list(ret), random_return(self.env_id, self.extra, first))
-        return self._sides[first]
+    def extension(self, result: Fidelity, seconds_per_episode: float = 0.0, first: int = 0) -> int:
+        """How many episodes more `result` (measured on result.episodes) is to be measured on, reset with seeds
+        first..: `factor` times those played, fewer where `most` or the CPU seconds `left` end it first
+        (`seconds_per_episode`: what one of its episodes took, an fp32 episode not measured yet counted the same);
+        0 when the result is decided, or when not even as many as were played fit (a round that small would
+        hardly narrow the score's error)."""
+        played = result.episodes or 0
+        n = min(self.factor * played, self.most - played)
+        if n <= 0 or not self.within_noise(result):
+            return 0
+        left = self.left()
+        if left <= 0:
+            return 0
+        per = seconds_per_episode * (1 + sum(s not in self._fp32 for s in range(first, first + n)) / n)
+        fit = left / per if per > 0 else math.inf
+        if fit < n:  # cut to the budget: still at least as many as were played, or none
+            n = int(fit) if fit >= played else 0
+        return n
+
+    def sides(self, first: int, n: int) -> tuple[list[float], float]:
+        """The original's returns on the `n` episodes reset with seeds first.. (each measured once, for every
+        measurement it extends) and a random policy's mean return on them (once per first seed and count)."""
+        todo = [s for s in range(first, first + n) if s not in self._fp32]
+        forward = self.fp32 or original_forward(self.loaded)
+        while todo:  # runs of consecutive seeds, each one evaluate()
+            run = next((i for i in range(1, len(todo)) if todo[i] != todo[i - 1] + 1), len(todo))
+            got = returns(self.loaded, forward, self.env_id, run, todo[0])
+            self._fp32.update(zip(todo[:run], got))
+            todo = todo[run:]
+        if (first, n) not in self._random:
+            self._random[(first, n)] = random_return(self.env_id, n, first)
+        return [self._fp32[s] for s in range(first, first + n)], self._random[(first, n)]
 
 
 def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", episodes: int = 0, seed: int = 0,
@@ -516,20 +550,31 @@ def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", 
     result = Fidelity(env=env_id, states=len(base.states), engine=engine, kind=spec["kind"],
                       **compare(spec, in_order(ternary, base.states, base.starts), base.outputs))
     if episodes:
-        result.episodes = episodes
+        clock = time.process_time()
         ours = returns(loaded, ternary, env_id, episodes, seed)
-        result.ret = float(np.mean(ours))
-        result.ret_fp32, result.ret_random = base.ret_fp32, base.ret_random
-        result.score_error = score_error(ours, base.returns_fp32, base.ret_fp32 - base.ret_random)
-        if more is not None and base.returns_fp32 is not None and more.wanted(result):
-            fp32_more, random_more = more.sides(seed + episodes)
-            ours = list(ours) + list(returns(loaded, ternary, env_id, more.extra, seed + episodes))
-            fp = list(base.returns_fp32) + fp32_more
-            result.episodes = len(ours)
-            result.ret, result.ret_fp32 = float(np.mean(ours)), float(np.mean(fp))
-            result.ret_random = (base.ret_random * episodes + random_more * more.extra) / len(ours)
-            result.score_error = score_error(ours, fp, result.ret_fp32 - result.ret_random)
+        spent = time.process_time() - clock  # CPU seconds of our episodes: what the next round's are estimated at
+        fp, random_sum = list(base.returns_fp32 or ()), base.ret_random * episodes
+        _returns_into(result, ours, fp, random_sum, base.ret_fp32)
+        while more is not None and base.returns_fp32 is not None and \
+                (n := more.extension(result, spent / len(ours), seed + len(ours))):
+            fp32_more, random_more = more.sides(seed + len(ours), n)
+            clock = time.process_time()
+            ours = ours + list(returns(loaded, ternary, env_id, n, seed + len(ours)))
+            spent += time.process_time() - clock
+            fp, random_sum = fp + fp32_more, random_sum + random_more * n
+            _returns_into(result, ours, fp, random_sum)
     return result
+
+
+def _returns_into(result: Fidelity, ours: list[float], fp32: list[float], random_sum: float,
+                  ret_fp32: float | None = None) -> None:
+    """`result`'s returns and score error from the paired per-episode returns (the fp32 side's mean `ret_fp32`
+    where the baseline has no pairs) and the random policy's summed means."""
+    result.episodes = len(ours)
+    result.ret = float(np.mean(ours))
+    result.ret_fp32 = float(np.mean(fp32)) if fp32 else ret_fp32
+    result.ret_random = random_sum / len(ours)
+    result.score_error = score_error(ours, fp32 or None, result.ret_fp32 - result.ret_random)
 
 
 def score_error(ours, fp32, span: float) -> float | None:

@@ -172,9 +172,10 @@ def test_where_the_return_is_noise_the_agreement_decides():
 
 def test_a_score_within_noise_of_the_target_is_measured_on_more_episodes(q_network):
     """Sequential testing (fidelity.MoreEpisodes, what --keep decides with): a score that alone decides and is
-    within two standard errors of the target gets `extra` more episodes, the fp32 and random sides measured on
-    the same reset seeds, and the record counts them all; outside the noise, or where the agreement reaches the
-    target, nothing more is run."""
+    within two standard errors of the target gets `factor` times the episodes played more, round after round
+    while it stays within noise (up to `most`), the fp32 and random sides measured on the same reset seeds, and
+    the record counts them all; outside the noise, where the agreement reaches the target too, or with no budget
+    left, nothing more is run, and a round is cut to the budget's rest."""
     from bitrl_compile import fidelity
     from bitrl_compile.frontends import load_policy
 
@@ -191,8 +192,8 @@ def test_a_score_within_noise_of_the_target_is_measured_on_more_episodes(q_netwo
     first = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base)
     target = first.weighted + 0.03  # the agreement short of it, the score (89 ± 7 % here) within its noise
     assert first.score_error > 0 and abs(first.score - target) < 2 * first.score_error
-    within = fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, extra=8)
-    assert within.wanted(first)
+    within = fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, most=12)
+    assert within.extension(first) == 8
     longer = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base, more=within)
     ours, theirs = (fidelity.returns(loaded, f, "CartPole-v1", 12) for f in (shaky, fp32))
     assert longer.episodes == 12 and longer.record()["episodes"] == 12
@@ -202,15 +203,36 @@ def test_a_score_within_noise_of_the_target_is_measured_on_more_episodes(q_netwo
     assert longer.score_error == pytest.approx(
         fidelity.score_error(ours, theirs, longer.ret_fp32 - longer.ret_random))
     assert longer.agreement == first.agreement  # the states compared are the same
+
+    # round after round: 4 -> 12 -> 36 while the score stays within noise (80 ± 12 % on 12 episodes here)
+    rounds = fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, most=36)
+    assert rounds.within_noise(longer) and rounds.extension(longer) == 24
+    third = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base, more=rounds)
+    ours, theirs = (fidelity.returns(loaded, f, "CartPole-v1", 36) for f in (shaky, fp32))
+    assert third.episodes == 36 and third.ret == pytest.approx(np.mean(ours))
+    assert third.ret_fp32 == pytest.approx(np.mean(theirs))
+    assert third.ret_random == pytest.approx((4 * fidelity.random_return("CartPole-v1", 4) + 8 * fidelity.random_return(
+        "CartPole-v1", 8, 4) + 24 * fidelity.random_return("CartPole-v1", 24, 12)) / 36)
+    assert rounds.extension(third) == 0  # at `most`
+
+    # the budget: a round costs its episodes and the fp32 side's not measured yet; cut to what is left, but not
+    # below as many as were played
+    budgeted = fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, most=100, left=lambda: 30.0)
+    assert budgeted.extension(longer, seconds_per_episode=1.0, first=12) == 15  # 24 wanted, 2 s each: 15 fit
+    budgeted.sides(12, 24)  # the fp32 side measured once: then only ours cost
+    assert budgeted.extension(longer, seconds_per_episode=1.0, first=12) == 24
+    assert fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, most=100, left=lambda: 20.0).extension(
+        longer, seconds_per_episode=1.0, first=12) == 0  # 10 would fit: fewer than the 12 played
+
     # a score below the target within its noise that the agreement would keep is measured on more episodes too
-    assert fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.score + 0.01, extra=8).wanted(
-        dataclasses.replace(first, weighted=first.score + 0.02))
+    assert fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.score + 0.01, most=12).extension(
+        dataclasses.replace(first, weighted=first.score + 0.02)) == 8
     # far from the target, the score and the agreement at it, or no budget left: the first measurement decides
-    for more in (fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.score + 3 * first.score_error, extra=8),
+    for more in (fidelity.MoreEpisodes(loaded, "CartPole-v1", target=first.score + 3 * first.score_error, most=12),
                  fidelity.MoreEpisodes(loaded, "CartPole-v1", target=min(first.weighted, first.score) - 0.01,
-                                       extra=8),
-                 fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, extra=8, affordable=lambda: False)):
-        assert not more.wanted(first)
+                                       most=12),
+                 fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, most=12, left=lambda: 0.0)):
+        assert not more.extension(first, seconds_per_episode=0.01, first=4)
         again = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base, more=more)
         assert again.record() == first.record()
 
