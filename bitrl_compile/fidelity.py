@@ -475,13 +475,9 @@ class MoreEpisodes:
     it extends) and decided on all of them (`kept`), round after round: each adds `factor` times the episodes so
     far (10 -> 30 -> 90 -> ...) while the score is still within noise, up to `most` in all, and cut to the CPU
     seconds `left()` (a budget's rest; what was played decides when not even a round's worth fits). That is a
-    score that alone decides (the agreement short of the target), and one below the target that the agreement
-    would keep as noise. Measured: an RL-Zoo DQN LunarLander student at 77 % agreement
-    was kept at a score of 101.6 % on 10 episodes, and scored 80.6 ± 5.8 % on 30 held-out ones; an A2C LunarLander
-    student at 99.1 % weighted agreement was kept at 62.6 ± 25.2 % as noise on 30 episodes (one round), and
-    scored 72.7 ± 6.2 % on 960 held-out ones: its teacher barely beats a random policy, and a paired episode's
-    score varies by about twice the span between them. Measurements outside the noise (most of them:
-    deterministic returns have an error of 0) cost nothing more."""
+    score that alone decides (the agreement short of the target: a lucky draw), and one below the target that
+    the agreement would keep as noise (measured cases: recovery's docstring). Measurements outside the noise
+    (most: deterministic returns have an error of 0) cost nothing more."""
 
     def __init__(self, loaded, env_id: str, target: float, most: int, factor: int = 2,
                  fp32: Forward | None = None, left: Callable[[], float] = lambda: math.inf):
@@ -568,8 +564,7 @@ def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", 
 
 def _returns_into(result: Fidelity, ours: list[float], fp32: list[float], random_sum: float,
                   ret_fp32: float | None = None) -> None:
-    """`result`'s returns and score error from the paired per-episode returns (the fp32 side's mean `ret_fp32`
-    where the baseline has no pairs) and the random policy's summed means."""
+    """`result`'s returns and score error from paired returns (no fp32 pairs: their mean `ret_fp32`)."""
     result.episodes = len(ours)
     result.ret = float(np.mean(ours))
     result.ret_fp32 = float(np.mean(fp32)) if fp32 else ret_fp32

@@ -38,12 +38,14 @@ rule as compile's warning: the return decides where it was measured, unless it i
 standard errors of the target (unless it and the agreement both reach it) is measured on MORE_EPISODES times the
 episodes more before it decides, round after round while it stays within noise, up to MORE_ROUNDS_MOST times the
 episodes (fidelity.MoreEpisodes: sequential testing, so that neither a lucky draw on 10 episodes nor a loss taken
-for noise is what is kept), as long as they fit the budget: what follows the step (the second distillation after
-the first student) keeps its share. An RL-Zoo A2C LunarLander whose teacher barely beats a random policy (a
-paired episode's score varies by twice their span) had a student at 99.1 % weighted agreement kept as noise at
-62.6 ± 25.2 % on 30 episodes; it scores 72.7 ± 6.2 % on 960 held-out ones. The artifact is what plays them
-(the numpy precheck stays at `episodes`: a bit-exact artifact would only play them again). With rule
-"plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting one, the
+for noise is what is kept), as long as they fit the budget: what follows the step (the second distillation after the
+first student) keeps its share. The artifact plays them (the numpy precheck stays at `episodes`: a bit-exact
+artifact would play them again). Measured: an RL-Zoo DQN LunarLander student at 77 % agreement was kept at a score
+of 101.6 % on 10 episodes, and scored 80.6 ± 5.8 % on 30 held-out ones. An RL-Zoo A2C LunarLander whose teacher
+barely beats a random policy (a paired episode's score varies by twice their span) had a student at 99.1 % weighted
+agreement kept as noise at 62.6 ± 25.2 % on 30 episodes, one round; it scores 72.7 ± 6.2 % on 960 held-out ones. In
+rounds, its like is not kept at 73.3 ± 12.3 % on 270.
+With rule "plain" (`--keep-rule plain`) it is the plain agreement instead, every visited state counting one, the
 original's near-ties too (what a check against SB3's own predict counts), and no score: distillation then
 stops on plain held-out agreement and adds a ranking floor (DistillArgs.floor: the original's argmax must lead
 by a share of its median gap on every state, so that a near-tie is decided the original's way with room for
