@@ -101,6 +101,11 @@ from bitrl_compile.trainers.logs import Logger
 from bitrl_compile.trainers.rollouts import Rollouts
 
 PLAIN_FLOOR = 0.3  # DistillArgs.floor with rule "plain": a lead of 0.3 median gaps on every state
+# reset seeds, + DistillArgs.seed: the held-out states' and the training rollouts', apart from those a measurement
+# with the same seed plays (fidelity: seed + i; --keep passes its seed here). Training on reset seeds seed.. made
+# --keep measure an RL-Zoo A2C LunarLander student on starts it was trained on: 98.8 % plain agreement there,
+# 94.1-96.4 % on three other sets of seeds
+HELDOUT_SEEDS, TRAIN_SEEDS = 1_000_003, 3_000_017
 
 
 def cpu_clock() -> float:
@@ -471,7 +476,7 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
         return agreement(spec, student_ref(held_x), held_t, args.rule)
 
     try:
-        held_env = Rollouts(env_id, args.num_envs, args.seed + 1_000_003, spec, stats, 0.0, image, not mlp, keys)
+        held_env = Rollouts(env_id, args.num_envs, args.seed + HELDOUT_SEEDS, spec, stats, 0.0, image, not mlp, keys)
         try:
             held_x = held_env.whole_episodes(teacher_out, args.heldout)
         finally:
@@ -510,7 +515,8 @@ def distill(loaded, env_id: str, path: str | Path | None = None, args: DistillAr
             f"{len(held_x)} held-out states, {100 * calibrated:.1f} % after scale/bias calibration; target "
             f"{100 * args.agreement:.1f} %, budget {args.budget_s:.0f} s")
         optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate)
-        rollouts = Rollouts(env_id, args.num_envs, args.seed, spec, stats, args.epsilon, image, not mlp, keys)
+        rollouts = Rollouts(env_id, args.num_envs, args.seed + TRAIN_SEEDS, spec, stats, args.epsilon, image, not mlp,
+                            keys)
         gen = torch.Generator().manual_seed(args.seed)
         xs, ts = np.zeros((0, *held_x.shape[1:]), held_x.dtype), np.zeros((0, held_t.shape[1]), np.float32)
         max_states = min(args.max_states, max(1, (256 << 20) // held_x[0].nbytes))  # at most 256 MB of states

@@ -45,6 +45,8 @@ from bitrl_compile.evaluate import make_env
 from bitrl_compile.quant import quantize_activations_ste, quantize_weight_int8_ste, ternarize_weight_ste
 from bitrl_compile.runtime.policy import normalization, postprocess, prepare_observations
 from bitrl_compile.trainers.distill import (
+    HELDOUT_SEEDS,
+    TRAIN_SEEDS,
     DistillArgs,
     DistillResult,
     Loss,
@@ -297,7 +299,7 @@ def distill(loaded, env_id: str, args: DistillArgs | None = None,
     try:
         # held-out: the teacher's own deterministic episodes, other seeds (fidelity's visited states)
         states, starts = fidelity.visited(fidelity.original_forward(loaded), spec, env_id, rollouts=64,
-                                          max_states=args.heldout, seed=args.seed + 1_000_003)
+                                          max_states=args.heldout, seed=args.seed + HELDOUT_SEEDS)
         norm = normalization(loaded.input)
         held = [prepare_observations(loaded.input, e, norm)[0] for e in _split(states, starts)]
         held_x, held_mask = _pad(held)
@@ -325,7 +327,7 @@ def distill(loaded, env_id: str, args: DistillArgs | None = None,
             f"({args.rule}), budget {args.budget_s:.0f} s" + (f", layers {list(int8)} int8" if int8 else ""))
         rate = args.learning_rate * LR_FACTOR
         optimizer = torch.optim.Adam(student.parameters(), lr=rate)
-        source = Episodes(loaded, env_id, args.seed, args.epsilon)
+        source = Episodes(loaded, env_id, args.seed + TRAIN_SEEDS, args.epsilon)
         gen = torch.Generator().manual_seed(args.seed)
         xs: list[np.ndarray] = []
         ts: list[np.ndarray] = []
