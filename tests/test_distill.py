@@ -293,3 +293,25 @@ def test_continuous_loss_is_one_sided_where_the_teacher_saturates():
     assert s.grad[0, 0] < 0 and s.grad[1, 0] == 0 and s.grad[2, 0] == 0  # descent raises the first
     s = torch.tensor([[3.0], [-3.0], [5.0]], requires_grad=True)
     assert loss(s, t).item() == pytest.approx(16.0 / 3)  # an unsaturated target: the student unclamped
+
+
+def test_training_and_held_out_states_start_on_reset_seeds_no_measurement_plays(dqn, monkeypatch):
+    """--keep passes its seed to the distillation and measures with it (fidelity: the visited states and the
+    episodes, reset seeds seed + i, up to MORE_ROUNDS_MOST times --episodes); the student's training and
+    held-out rollouts start elsewhere, so --keep does not measure it on starts it was trained on."""
+    from bitrl_compile.trainers import recovery
+    from bitrl_compile.trainers.rollouts import Rollouts
+
+    seen = []
+
+    class Recorded(Rollouts):  # the real rollouts, their reset seeds noted
+        def __init__(self, env_id, num_envs, seed, *args, **kwargs):
+            seen.append(range(seed, seed + num_envs))
+            super().__init__(env_id, num_envs, seed, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "Rollouts", Recorded)
+    seed = 5
+    distill.distill(load_policy(dqn), "CartPole-v1", None, small(seed=seed, max_rounds=1), log=lambda s: None)
+    assert len(seen) == 2  # the held-out states', the training's
+    measured = set(range(seed, seed + max(fidelity.ROLLOUTS, recovery.MORE_ROUNDS_MOST * 100)))
+    assert not any(measured & set(r) for r in seen), seen
