@@ -469,20 +469,19 @@ def random_return(env_id: str, episodes: int, seed: int = 0) -> float:
 
 
 class MoreEpisodes:
-    """Sequential testing of a decision against `target` (recovery.keep): a measurement whose score is within two
-    standard errors of the target, unless both the score and the agreement reach it, is measured on more episodes
-    (the reset seeds after the ones already played; the fp32 side measured once per seed, for every measurement
-    it extends) and decided on all of them (`kept`), round after round: each adds `factor` times the episodes so
-    far (10 -> 30 -> 90 -> ...) while the score is still within noise, up to `most` in all, and cut to the CPU
-    seconds `left()` (a budget's rest; what was played decides when not even a round's worth fits). That is a
-    score that alone decides (the agreement short of the target: a lucky draw), and one below the target that
-    the agreement would keep as noise (measured cases: recovery's docstring). Measurements outside the noise
-    (most: deterministic returns have an error of 0) cost nothing more."""
+    """Sequential testing against `target` (recovery.keep): a measurement whose score is within two standard errors
+    of the target, unless the score and the agreement both reach it, is measured on more episodes (the reset seeds
+    after those played; the fp32 side measured once per seed) and decided on all of them (`kept`), round after
+    round: each adds `factor` times the episodes so far (10 -> 30 -> 90 ...) while the score is within noise, up to
+    `most` in all, cut to the CPU seconds `left()` (a budget's rest: none when not even a round's worth fits). So a
+    lucky draw does not decide, nor a loss that the agreement would keep as noise (cases: recovery's docstring);
+    a deterministic return (error 0) costs nothing more. `log` hears of each round."""
 
     def __init__(self, loaded, env_id: str, target: float, most: int, factor: int = 2,
-                 fp32: Forward | None = None, left: Callable[[], float] = lambda: math.inf):
+                 fp32: Forward | None = None, left: Callable[[], float] = lambda: math.inf,
+                 log: Callable[[str], None] = lambda s: None):
         self.loaded, self.env_id, self.target, self.fp32 = loaded, env_id, target, fp32
-        self.factor, self.most = factor, most
+        self.factor, self.most, self.log = factor, most, log
         self.left = left  # CPU seconds the rounds may still take (a budget's rest): a round is cut to fit them
         self._fp32: dict[int, float] = {}  # the original's return per reset seed
         self._random: dict[tuple[int, int], float] = {}  # a random policy's mean return per (first seed, count)
@@ -553,6 +552,8 @@ def measure(loaded, ternary: Forward, env_id: str, *, engine: str = "artifact", 
         _returns_into(result, ours, fp, random_sum, base.ret_fp32)
         while more is not None and base.returns_fp32 is not None and \
                 (n := more.extension(result, spent / len(ours), seed + len(ours))):
+            more.log(f"score {score_text(result.record())} over {len(ours)} episodes, within noise of "
+                     f"{100 * more.target:g} %: {n} more")
             fp32_more, random_more = more.sides(seed + len(ours), n)
             clock = time.process_time()
             ours = ours + list(returns(loaded, ternary, env_id, n, seed + len(ours)))
@@ -573,9 +574,8 @@ def _returns_into(result: Fidelity, ours: list[float], fp32: list[float], random
 
 
 def score_error(ours, fp32, span: float) -> float | None:
-    """The standard error of the score (R - R_random) / span from the per-episode pairs (the same reset seed on
-    both sides): std(R_i - R_fp32_i) / sqrt(n) / |span|; None with fewer than two pairs (or a baseline measured
-    without them)."""
+    """The standard error of the score (R - R_random) / span from per-episode pairs (same reset seed on both sides):
+    std(R_i - R_fp32_i) / sqrt(n) / |span|; None with fewer than two pairs (or a baseline measured without them)."""
     if fp32 is None or len(ours) < 2 or len(ours) != len(fp32) or not abs(span) > 1e-9:
         return None
     diff = np.asarray(ours, float) - np.asarray(fp32, float)

@@ -205,7 +205,8 @@ def test_a_score_within_noise_of_the_target_is_measured_on_more_episodes(q_netwo
     assert longer.agreement == first.agreement  # the states compared are the same
 
     # round after round: 4 -> 12 -> 36 while the score stays within noise (80 ± 12 % on 12 episodes here)
-    rounds = fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, most=36)
+    heard = []
+    rounds = fidelity.MoreEpisodes(loaded, "CartPole-v1", target=target, most=36, log=heard.append)
     assert rounds.within_noise(longer) and rounds.extension(longer) == 24
     third = fidelity.measure(loaded, shaky, "CartPole-v1", engine="reference", episodes=4, base=base, more=rounds)
     ours, theirs = (fidelity.returns(loaded, f, "CartPole-v1", 36) for f in (shaky, fp32))
@@ -214,6 +215,8 @@ def test_a_score_within_noise_of_the_target_is_measured_on_more_episodes(q_netwo
     assert third.ret_random == pytest.approx((4 * fidelity.random_return("CartPole-v1", 4) + 8 * fidelity.random_return(
         "CartPole-v1", 8, 4) + 24 * fidelity.random_return("CartPole-v1", 24, 12)) / 36)
     assert rounds.extension(third) == 0  # at `most`
+    assert [line.rsplit(": ", 1)[1] for line in heard] == ["8 more", "24 more"]  # each round, with its score
+    assert heard[1].startswith(f"score {fidelity.score_text(longer.record())} over 12 episodes, within noise of")
 
     # the budget: a round costs its episodes and the fp32 side's not measured yet; cut to what is left, but not
     # below as many as were played

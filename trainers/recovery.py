@@ -142,7 +142,7 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     ahead = [0.0]  # CPU seconds committed to what follows the attempt being measured: not for its more episodes
     more = None if not episodes or rule != "weighted" else fidelity.MoreEpisodes(
         original, env_id, target, MORE_ROUNDS_MOST * episodes, factor=MORE_EPISODES,
-        left=lambda: budget - (distill.cpu_clock() - started) - ahead[0])
+        left=lambda: budget - (distill.cpu_clock() - started) - ahead[0], log=lambda s: log(f"  {s}"))
     measured = fidelity.compile_hook(original, env_id, episodes=episodes, seed=seed, base=base, more=more)
 
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = (), then: float = 0.0):
