@@ -5,14 +5,15 @@ that scores below the target on many episodes although it agrees with the teache
     python bench/teacher_noise.py --algo a2c --env CartPole-v1 --seed 0 --episodes 30 --sigmas 0.01
 
 The teacher is the policy matrix's (bench/policy_matrix.py: SB3 with RL Zoo's settings, cached). Its fp32 copies
-with every weight multiplied by (1 + sigma * N(0, 1)) (torch seed 0) act as it does on most of its states; each is
-measured as the --keep pick is: plain and weighted agreement on the states the teacher visits (fidelity.baseline,
-reset seeds 10000 + i), and the score (R - R_random) / (R_fp32 - R_random) on the same held-out episodes as the
-matrix's --keep column (reset seeds 10000 + i, paired with the teacher's returns; ± one standard error). The
-matrix's --keep pick (its keep.bitrl) is measured alike on the first row. A pick that loses no more than a copy
-of the teacher that agrees as often has lost to the teacher's own fragility, not to ternary weights: a
-deterministic policy whose returns swing by twice its margin over a random one, and that changes about one
-action in a hundred, may play every episode differently. The table goes to bench/results/teacher_noise.md.
+with every weight multiplied by (1 + sigma * N(0, 1)) (torch seeds 0 .. draws-1) act as it does on most of its
+states; each is measured as the --keep pick is: plain and weighted agreement on the states the teacher visits
+(fidelity.baseline, reset seeds 10000 + i), and the score (R - R_random) / (R_fp32 - R_random) on the same held-out
+episodes as the matrix's --keep column (reset seeds 10000 + i, paired with the teacher's returns; ± one standard
+error). The matrix's --keep pick (its keep.bitrl) is measured alike on the first row. Where copies of the teacher
+that agree as often score far apart, a pick's distance from 100 % says how fragile the teacher's return is, not what
+ternary weights cost: a deterministic policy whose returns swing by twice its margin over a random one, and that
+changes about one action in a hundred, plays every episode differently. The table goes to
+bench/results/teacher_noise.md.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import zoo
 RESULTS = policy_matrix.ROOT / "bench" / "results" / "teacher_noise.md"
 
 
-def perturbed(loaded, sigma: float):
+def perturbed(loaded, sigma: float, draw: int):
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(draw)
     module = copy.deepcopy(loaded.module)
     with torch.no_grad():
         for p in module.parameters():
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", default="LunarLander-v3")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--episodes", type=int, default=960)
-    p.add_argument("--sigmas", default="0.001,0.003,0.01")
+    p.add_argument("--sigmas", default="0.003,0.01")
+    p.add_argument("--draws", type=int, default=3, help="perturbations per sigma (torch seeds 0, 1, ...)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     from bitrl_compile import fidelity, runtime
@@ -87,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             policy.close()
     for sigma in (float(s) for s in a.sigmas.split(",") if s.strip()):
-        lines.append(row(f"fp32, weights × (1 + {sigma:g} N(0,1))", original,
-                         fidelity.original_forward(perturbed(original, sigma)), a.env, base, fp32, rnd))
+        for draw in range(a.draws):
+            lines.append(row(f"fp32, weights × (1 + {sigma:g} N(0,1)), draw {draw}", original,
+                             fidelity.original_forward(perturbed(original, sigma, draw)), a.env, base, fp32, rnd))
     span = float(np.mean(fp32)) - rnd
     text = "\n".join([
         f"# A teacher's own fragility: {policy_matrix.name_of(a.algo)} {a.env} seed {a.seed}", "",
         (f"`python bench/teacher_noise.py --algo {a.algo} --env {a.env} --seed {a.seed} --episodes {a.episodes} "
-        f"--sigmas {a.sigmas}`: the teacher returns {np.mean(fp32):.1f} (per episode {np.min(fp32):.0f} to "
+        f"--sigmas {a.sigmas} --draws {a.draws}`: the teacher returns {np.mean(fp32):.1f} (per episode {np.min(fp32):.0f} to "
         f"{np.max(fp32):.0f}), a random policy {rnd:.1f}, on {a.episodes} held-out episodes (reset seeds "
         f"{policy_matrix.EVAL_SEED} + i); its returns' standard deviation is {np.std(fp32) / abs(span):.1f} times "
         "the span between them."), "",
