@@ -199,13 +199,21 @@ def stale_cells(fp32: dict, digest: str, ret_fp32: float) -> str | None:
     return None
 
 
+def load_teacher(algo: str, env_id: str, path: Path):
+    """The cached model at `path` as the compiler reads it: an SB3 zip with the VecNormalize saved beside it, a
+    CleanRL agent without unpickling."""
+    from bitrl_compile.frontends import load_policy
+
+    stats = None if is_cleanrl(algo) else zoo.statistics(path)
+    return load_policy(path, config={"env": env_id}, trust_pickle=not is_cleanrl(algo), vecnormalize=stats)
+
+
 def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) -> dict:
     """Every column of one policy (algo, env, seed): {column: result}, each cached as <column>.json."""
     import torch
 
     from bitrl_compile import fidelity
     from bitrl_compile.evaluate import EnvUnavailable, make_env
-    from bitrl_compile.frontends import load_policy
     from bitrl_compile.runtime.files import write_atomic
 
     torch.set_num_threads(1)
@@ -226,8 +234,8 @@ def run_unit(algo: str, env_id: str, seed: int, columns: list[str], opts: dict) 
     out.mkdir(parents=True, exist_ok=True)
     stats = None if is_cleanrl(algo) else zoo.statistics(path)
 
-    def load(p=path, vecnormalize=stats):  # a fresh copy each time: the trainers change the module they are given
-        return load_policy(p, config={"env": env_id}, trust_pickle=not is_cleanrl(algo), vecnormalize=vecnormalize)
+    def load():  # a fresh copy each time: the trainers change the module they are given
+        return load_teacher(algo, env_id, path)
 
     episodes = opts["episodes"]
     original = load()

@@ -29,7 +29,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import policy_matrix  # bench/, beside this script
-import zoo
 
 RESULTS = policy_matrix.ROOT / "bench" / "results" / "teacher_noise.md"
 
@@ -66,20 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=960)
     p.add_argument("--sigmas", default="0.003,0.01")
     p.add_argument("--draws", type=int, default=3, help="perturbations per sigma (torch seeds 0, 1, ...)")
+    p.add_argument("--runs", type=Path, default=policy_matrix.RUNS, help="the matrix's cells (its --keep pick)")
+    p.add_argument("--scale", type=float, default=1.0, help="the matrix's --scale (which cached teacher)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     from bitrl_compile import fidelity, runtime
-    from bitrl_compile.frontends import load_policy
     from bitrl_compile.runtime.files import write_atomic
 
-    path = policy_matrix.teacher(a.algo, a.env, a.seed, 1.0)
-    original = load_policy(path, config={"env": a.env}, trust_pickle=not policy_matrix.is_cleanrl(a.algo),
-                           vecnormalize=None if policy_matrix.is_cleanrl(a.algo) else zoo.statistics(path))
+    path = policy_matrix.teacher(a.algo, a.env, a.seed, a.scale)
+    original = policy_matrix.load_teacher(a.algo, a.env, path)
     base = fidelity.baseline(original, a.env, seed=policy_matrix.EVAL_SEED)
     fp32 = fidelity.returns(original, fidelity.original_forward(original), a.env, a.episodes, policy_matrix.EVAL_SEED)
     rnd = fidelity.random_return(a.env, a.episodes, policy_matrix.EVAL_SEED)
     lines = []
-    cell = policy_matrix.unit_dir(policy_matrix.RUNS, a.algo, a.env, a.seed)
+    cell = policy_matrix.unit_dir(a.runs, a.algo, a.env, a.seed)
     if (cell / "keep.bitrl").is_file():
         keep = json.loads((cell / "keep.json").read_text()) if (cell / "keep.json").is_file() else {}
         policy = runtime.load(cell / "keep.bitrl")

@@ -166,3 +166,27 @@ def test_stale_cells_name_the_two_models():
     assert "aaaaaaaaaaaa" in matrix.stale_cells({"teacher": "a" * 64}, "b" * 64, 1.0)
     assert matrix.stale_cells({"return_ours": 500.0}, "b" * 64, 500.0) is None
     assert "was 500.0, now 9.5" in matrix.stale_cells({"return_ours": 500.0}, "b" * 64, 9.5)
+
+
+def test_teacher_noise_measures_copies_of_the_teacher_and_the_pick(sb3_trained, tmp_path, monkeypatch):
+    """bench/teacher_noise.py on a tiny SB3 PPO: a copy perturbed by 0 is the teacher (every action, every episode,
+    a score of 100 % with no error), the matrix's --keep pick (here a real ternary artifact) is measured the same
+    way on the first row, and the table is written whole."""
+    from bitrl_compile.pipeline import compile_policy
+
+    monkeypatch.setattr(zoo, "CACHE", tmp_path / "cache")
+    model = zoo.cache_path("ppo", "CartPole-v1", 0, scale=0.001)
+    model.parent.mkdir()
+    shutil.copy(sb3_trained("ppo", "CartPole-v1").path, model)
+    noise = load_script("bench/teacher_noise.py", "bench_teacher_noise")
+    cell = noise.policy_matrix.unit_dir(tmp_path / "runs", "ppo", "CartPole-v1", 0)
+    cell.mkdir(parents=True)
+    compile_policy(noise.policy_matrix.load_teacher("ppo", "CartPole-v1", model), "host", cell / "keep.bitrl")
+    out = tmp_path / "noise.md"
+    assert noise.main(["--algo", "ppo", "--env", "CartPole-v1", "--seed", "0", "--scale", "0.001", "--episodes",
+                       "3", "--sigmas", "0,0.05", "--draws", "1", "--runs", str(tmp_path / "runs"),
+                       "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "policy" not in line]
+    assert len(rows) == 3 and rows[0].startswith("| --keep pick (?, ?) |")
+    assert rows[1] == "| fp32, weights × (1 + 0 N(0,1)), draw 0 | 100.00 % | 100.00 % | 100.0 ± 0.0 % | 100 % |"
+    assert "weights × (1 + 0.05 N(0,1))" in rows[2]

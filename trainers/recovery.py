@@ -148,7 +148,8 @@ def keep(original, env_id: str, target: float, compile_fn: Callable, *, episodes
     def attempt(step: str, loaded, int8_layers: tuple[int, ...] = (), then: float = 0.0):
         """`then`: CPU seconds of training that follow this step (0: only steps that fit what is left); its more
         episodes leave them, and a step like the dearest so far after them."""
-        began, ahead[0] = distill.cpu_clock(), then + cost[0] if then else 0.0
+        began = distill.cpu_clock()
+        ahead[0] = then + cost[0] if then else 0.0
         try:
             return _attempt(step, loaded, int8_layers)
         finally:  # the dearest step so far is what the next one may cost (compiled, with more episodes)
@@ -333,7 +334,8 @@ def _distill(original, env_id: str, base, ranking: Callable[[], list[int]], atte
         return None
     two = len(layers_of(original.module)) > 1  # all ternary, then the top layer int8
     student = None
-    for step, part in enumerate([2 / 3, 1 / 3] if two else [1.0]):
+    parts = [2 / 3, 1 / 3] if two else [1.0]
+    for step, part in enumerate(parts):
         if step == 1 and len(ranking()) < 2:
             break
         layers = () if step == 0 else (ranking()[0],)
@@ -341,7 +343,7 @@ def _distill(original, env_id: str, base, ranking: Callable[[], list[int]], atte
         start = None if student is None else _with_shared_row(student.policy, layers)
         student = distill.distill(original, env_id, None, args, log=lambda s: log(f"  {s}"), start=start)
         name = "distill" + (f" + int8 layers {list(layers)}" if layers else "") + _shared_name(student.policy)
-        result = attempt(name, student.policy, layers, then=base.budget_s / 3 if two and step == 0 else 0.0)
+        result = attempt(name, student.policy, layers, then=base.budget_s * sum(parts[step + 1:]))
         if result is not None:
             return result
     return None
