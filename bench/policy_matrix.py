@@ -8,8 +8,8 @@
     python bench/policy_matrix.py --table-only                     # the table of the results cached so far
 
 Rows: PPO and A2C on CartPole-v1, Acrobot-v1, LunarLander-v3, Pendulum-v1, MountainCarContinuous-v0; DQN on the
-three discrete ones; SAC and TD3 on the two continuous ones (LunarLanderContinuous-v3 with `--envs`: its RL Zoo
-budgets are hours per seed). Each policy is trained by Stable-Baselines3 itself with RL Zoo's settings
+three discrete ones; SAC and TD3 on the two continuous ones (LunarLanderContinuous-v3 and SAC on BipedalWalker-v3
+with `--envs`: their RL Zoo budgets are an hour or more per seed). Each policy is trained by Stable-Baselines3 itself with RL Zoo's settings
 (bench/zoo.py, shared with bench/distill.py: where RL Zoo uses gSDE, which we cannot compile, the plain Gaussian;
 `normalize: true` is a VecNormalize saved beside the zip and compiled in with --vecnormalize) and cached in
 ~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip. `--scale x` multiplies the training budgets (separate

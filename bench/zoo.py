@@ -226,6 +226,8 @@ def teacher(algo: str, env_id: str, seed: int, log=print, scale: float = 1.0) ->
             model.save(tmp)
             if s["normalize"]:
                 venv.save(tmp_stats)
+        log(f"training {path.name}: {model.num_timesteps} of {s['steps']} steps, evaluation {score:.1f} "
+            f"(best {best['score']:.1f}), {time.perf_counter() - t0:.0f} s")
 
     class Best(BaseCallback):  # RL Zoo's EvalCallback: the best of periodic deterministic evaluations
         def _on_step(self) -> bool:
