@@ -27,13 +27,17 @@ with SB3's default initial log std; `ortho_init` and everything else is kept.
 
 Training (`teacher`): SB3 itself, one `learn` over the whole budget (so "lin_" schedules and DQN's exploration
 schedule run as RL Zoo runs them), with a deterministic evaluation of 5 episodes every tenth of the budget (once
-past learning_starts); the best evaluated model is kept, as RL Zoo's EvalCallback keeps best_model.zip. The DQN
+past learning_starts); the best evaluated model is kept, as RL Zoo's EvalCallback keeps best_model.zip. Each
+evaluation (and every ten minutes) leaves a checkpoint beside the cache (`Checkpoint`), so a training that a
+session's end kills resumes where it stopped instead of from step 0. The DQN
 CartPole, SAC and TD3 Pendulum models cached before this module existed were trained by ten `learn` calls of a
 tenth each (bench/distill.py's former loop, whose schedules restarted every tenth); delete them to retrain.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -121,6 +125,7 @@ ZOO: dict[tuple[str, str], dict] = {
 
 GSDE = ("use_sde", "sde_sample_freq")  # and policy_kwargs' log_std_init where use_sde is set
 EVALUATIONS = 10  # deterministic evaluations over a training run (the best is kept)
+CHECKPOINT_SECONDS = 600  # and a checkpoint at least this often (Checkpoint)
 
 
 def rows(algos=ALGOS, envs=ENVS) -> list[tuple[str, str]]:
@@ -185,7 +190,7 @@ def _action_noise(noise, n: int):
 def teacher(algo: str, env_id: str, seed: int, log=print, scale: float = 1.0) -> Path:
     """The cached SB3 model of (algo, env, seed), trained with RL Zoo's settings (times `scale`) when missing; its
     VecNormalize (where RL Zoo normalises) is `statistics(path)`. Raises evaluate.EnvUnavailable (one line with the
-    pip install) when the env cannot be made here."""
+    pip install) when the env cannot be made here. A training resumes from its last checkpoint (`Checkpoint`)."""
     path = cache_path(algo, env_id, seed, scale)
     if path.is_file():
         return path
@@ -202,20 +207,41 @@ def teacher(algo: str, env_id: str, seed: int, log=print, scale: float = 1.0) ->
     torch.set_num_threads(1)
     s = sb3_settings(algo, env_id, scale)
     kwargs = dict(s["kwargs"])
-    venv = make_vec_env(env_id, n_envs=s["n_envs"], seed=seed)
-    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 100_000)
-    if s["normalize"]:  # RL Zoo passes the discount to VecNormalize; evaluation sees the training statistics
-        venv = VecNormalize(venv, gamma=kwargs.get("gamma", 0.99))
-        eval_env = VecNormalize(eval_env, training=False, norm_reward=False)
-    if s["noise"]:
-        kwargs["action_noise"] = _action_noise(s["noise"], int(np.prod(venv.action_space.shape)))
-    model = getattr(stable_baselines3, algo.upper())("MlpPolicy", venv, seed=seed, verbose=0, device="cpu",
-                                                     **kwargs)
+    cls = getattr(stable_baselines3, algo.upper())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, tmp_stats = path.with_suffix(".tmp.zip"), path.with_suffix(".tmp.pkl")
     every = max(1, s["steps"] // EVALUATIONS)
     starts = int(kwargs.get("learning_starts", 0))
-    best = {"score": -np.inf, "next": every}
+    checkpoint = Checkpoint(path)
+    state = checkpoint.state()
+    done = state["steps"] if state else 0  # the resumed run's envs and random streams start anew from here
+    venv = make_vec_env(env_id, n_envs=s["n_envs"], seed=seed + done)
+    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 100_000 + done)
+    if s["normalize"]:  # RL Zoo passes the discount to VecNormalize; evaluation sees the training statistics
+        venv = (VecNormalize.load(str(checkpoint.file("normalize.pkl")), venv) if state else
+                VecNormalize(venv, gamma=kwargs.get("gamma", 0.99)))
+        eval_env = VecNormalize(eval_env, training=False, norm_reward=False)
+    if state:
+        model = checkpoint.restore(cls, venv, seed + done, tmp, tmp_stats if s["normalize"] else None)
+        best = {"score": state["best"], "next": state["next"]}
+        log(f"training {path.name}: resumed at {done} of {s['steps']} steps (best {best['score']:.1f})")
+    else:
+        for stale in (tmp, tmp_stats):  # a best model of a run that left no checkpoint
+            stale.unlink(missing_ok=True)
+        if s["noise"]:
+            kwargs["action_noise"] = _action_noise(s["noise"], int(np.prod(venv.action_space.shape)))
+        model = cls("MlpPolicy", venv, seed=seed, verbose=0, device="cpu", **kwargs)
+        best = {"score": -np.inf, "next": every}
+    clock = {"start": time.perf_counter(), "saved": time.perf_counter(), "before": state["seconds"] if state else 0.0}
+
+    def seconds() -> float:
+        return clock["before"] + time.perf_counter() - clock["start"]
+
+    def save() -> None:
+        checkpoint.save(model, venv if s["normalize"] else None, tmp, tmp_stats if s["normalize"] else None,
+                        {"steps": int(model.num_timesteps), "best": float(best["score"]), "next": best["next"],
+                         "seconds": seconds()})
+        clock["saved"] = time.perf_counter()
 
     def evaluate_and_keep() -> None:
         if s["normalize"]:
@@ -227,7 +253,7 @@ def teacher(algo: str, env_id: str, seed: int, log=print, scale: float = 1.0) ->
             if s["normalize"]:
                 venv.save(tmp_stats)
         log(f"training {path.name}: {model.num_timesteps} of {s['steps']} steps, evaluation {score:.1f} "
-            f"(best {best['score']:.1f}), {time.perf_counter() - t0:.0f} s")
+            f"(best {best['score']:.1f}), {seconds():.0f} s")
 
     class Best(BaseCallback):  # RL Zoo's EvalCallback: the best of periodic deterministic evaluations
         def _on_step(self) -> bool:
@@ -235,17 +261,81 @@ def teacher(algo: str, env_id: str, seed: int, log=print, scale: float = 1.0) ->
                 best["next"] += every
                 if self.num_timesteps >= starts:
                     evaluate_and_keep()
+                    if self.num_timesteps < s["steps"]:
+                        save()
+            elif time.perf_counter() - clock["saved"] > CHECKPOINT_SECONDS:
+                save()
             return True
 
-    t0 = time.perf_counter()
-    model.learn(s["steps"], callback=Best())
+    model.learn(s["steps"] - done, callback=Best(), reset_num_timesteps=not state)
     if not tmp.is_file():  # a budget that ended before learning_starts
         evaluate_and_keep()
     if s["normalize"]:
         tmp_stats.rename(statistics_name(path))
     tmp.rename(path)  # last: the zip's presence means both files are complete
-    log(f"trained {path.name} in {time.perf_counter() - t0:.0f} s (best evaluation {best['score']:.1f})")
+    checkpoint.remove()
+    log(f"trained {path.name} in {seconds():.0f} s (best evaluation {best['score']:.1f})")
     return path
+
+
+class Checkpoint:
+    """A training's state, so RL Zoo's budgets (hours for TD3 MountainCarContinuous or SAC BipedalWalker) survive
+    the end of a process: the model (with its optimisers), its replay buffer, its VecNormalize, the best evaluated
+    model so far and a state.json (steps, best score, next evaluation, seconds), in <name>.ckpt/, written every
+    evaluation and every CHECKPOINT_SECONDS. A new one is written whole as <name>.ckpt-new/ (state.json last), then
+    takes the place of the old, which is <name>.ckpt-old/ meanwhile: a kill at any moment leaves one complete.
+    Resumed, the envs reset and the random streams are seeded anew (seed + steps done), so a resumed run is RL Zoo's
+    settings and budget, not step for step the run that would not have stopped."""
+
+    def __init__(self, path: Path):
+        self.dirs = [path.with_suffix(s) for s in (".ckpt", ".ckpt-old")]
+        self.new = path.with_suffix(".ckpt-new")
+
+    def _complete(self) -> Path | None:
+        return next((d for d in self.dirs if (d / "state.json").is_file()), None)
+
+    def state(self) -> dict | None:
+        d = self._complete()
+        return json.loads((d / "state.json").read_text()) if d else None
+
+    def file(self, name: str) -> Path:
+        return self._complete() / name
+
+    def restore(self, cls, venv, seed: int, tmp: Path, tmp_stats: Path | None):
+        model = cls.load(str(self.file("model.zip")), env=venv, device="cpu")
+        if hasattr(model, "replay_buffer"):
+            model.load_replay_buffer(str(self.file("buffer.pkl")))
+        model.set_random_seed(seed)
+        model._last_obs = None  # learn() resets the new envs instead of stepping from the saved observation
+        for name, to in (("best.zip", tmp), ("best.normalize.pkl", tmp_stats)):  # none before the first evaluation
+            if to is not None:
+                to.unlink(missing_ok=True)  # a best model written after the checkpoint, by the run that stopped
+            if to is not None and self.file(name).is_file():
+                shutil.copyfile(self.file(name), to)
+        return model
+
+    def save(self, model, venv, tmp: Path, tmp_stats: Path | None, state: dict) -> None:
+        shutil.rmtree(self.new, ignore_errors=True)
+        self.new.mkdir()
+        model.save(self.new / "model.zip")
+        if hasattr(model, "replay_buffer"):
+            model.save_replay_buffer(self.new / "buffer.pkl")
+        if venv is not None:
+            venv.save(str(self.new / "normalize.pkl"))
+        for name, best in (("best.zip", tmp), ("best.normalize.pkl", tmp_stats)):
+            if best is not None and best.is_file():
+                shutil.copyfile(best, self.new / name)
+        (self.new / "state.json").write_text(json.dumps(state))
+        current, old = self.dirs
+        shutil.rmtree(old, ignore_errors=True)
+        if current.is_dir():
+            current.rename(old)
+        self.new.rename(current)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def remove(self) -> None:
+        for d in (*self.dirs, self.new):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def statistics_name(path: Path) -> Path:

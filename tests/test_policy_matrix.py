@@ -39,6 +39,44 @@ def test_ppo_settings_are_the_presets_and_gsde_is_replaced():
     assert distill_bench.teacher is zoo.teacher  # bench/distill.py trains and caches through the same table
 
 
+def test_a_training_killed_mid_way_resumes_from_its_checkpoint(tmp_path):
+    """A real SB3 TD3 training (Pendulum, a tiny budget) killed with SIGKILL right after a checkpoint, then run
+    again: it resumes there (no step trained twice from the start), ends with the cached zip of the best evaluated
+    model and leaves no checkpoint behind. The checkpoint is written at every step here (CHECKPOINT_SECONDS = 0) so
+    the kill falls between any two of its files."""
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    code = ("import sys; sys.path.insert(0, 'bench'); import zoo; from pathlib import Path; "
+            f"zoo.CACHE = Path({str(cache)!r}); zoo.CHECKPOINT_SECONDS = 0; "
+            "zoo.teacher('td3', 'Pendulum-v1', 0, scale=0.6)")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=Path(zoo.__file__).parents[1])
+    state = cache / "sb3-td3-Pendulum-v1-seed0-scale0.6.ckpt" / "state.json"
+    deadline = time.monotonic() + 300
+    while not state.is_file() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    child.kill()
+    assert child.wait() != 0, "the training ended before it could be killed"
+    lines = []
+    zoo_cache = zoo.CACHE
+    try:
+        zoo.CACHE = cache
+        path = zoo.teacher("td3", "Pendulum-v1", 0, log=lines.append, scale=0.6)
+    finally:
+        zoo.CACHE = zoo_cache
+    resumed = int(lines[0].split("resumed at ")[1].split()[0])
+    assert 0 < resumed < 12_000 and "of 12000 steps" in lines[0], lines[0]
+    assert lines[-1].startswith("trained sb3-td3-Pendulum-v1-seed0-scale0.6.zip")
+    assert sorted(p.name for p in cache.iterdir()) == [path.name]  # the zip; no checkpoint, no .tmp left
+
+    from stable_baselines3 import TD3
+
+    assert 10_000 <= TD3.load(path, device="cpu").num_timesteps <= 12_000  # evaluated past learning_starts
+
+
 def _unit(algo, env_id, seed, fp32, random, **cols):
     columns = {"fp32": {"return": fp32, "random": random, "return_ours": fp32, "seconds": 1.0, "dropped": [],
                         "vecnormalize": False}}
