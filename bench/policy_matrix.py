@@ -610,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated: ppo,a2c,dqn,sac,td3,cleanrl-dqn,cleanrl-ppo")
     p.add_argument("--envs", default=",".join(zoo.ENVS), help="comma-separated env ids (also "
                    + ", ".join(zoo.EXTRA_ENVS) + ")")
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", default="5", help="how many (seeds 0 to N-1), or which: comma-separated (3,4), so "
+                   "queues on several cores can share a row")
     p.add_argument("--columns", default=",".join(COLUMNS), help="comma-separated: " + ",".join(COLUMNS))
     p.add_argument("--jobs", type=int, default=1, help="policies measured at once (processes)")
     p.add_argument("--episodes", type=int, default=10)
@@ -637,7 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         p.error(f"no settings for {a.algos} on {a.envs} here (bench/zoo.py's ZOO, bench/cleanrl_zoo.py's ENVS)")
     runs = a.runs or (RUNS if a.scale == 1.0 else RUNS.with_name(f"policy_matrix-scale{a.scale:g}"))
-    keys = [(algo, env_id, seed) for algo, env_id in rows for seed in range(a.seeds)]
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")] if "," in a.seeds else list(range(int(a.seeds)))
+    except ValueError:
+        p.error(f"--seeds {a.seeds}: a count (5) or comma-separated seeds (3,4)")
+    keys = [(algo, env_id, seed) for algo, env_id in rows for seed in seeds]
     opts = {"runs": str(runs), "episodes": a.episodes, "heldout_episodes": a.heldout_episodes,
             "heldout_max": max(a.heldout_max, a.heldout_episodes), "budget": a.budget,
             "qat_steps": a.qat_steps,

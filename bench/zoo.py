@@ -36,6 +36,7 @@ tenth each (bench/distill.py's former loop, whose schedules restarted every tent
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import time
@@ -197,6 +198,15 @@ def teacher(algo: str, env_id: str, seed: int, log=print, scale: float = 1.0) ->
     from bitrl_compile.evaluate import make_env
 
     make_env(env_id).close()  # a missing extra (Box2D) is one line, before any training
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:  # one training per model: a second process waits for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return path
+        return _train(algo, env_id, seed, log, scale, path)
+
+
+def _train(algo: str, env_id: str, seed: int, log, scale: float, path: Path) -> Path:
     import stable_baselines3
     import torch
     from stable_baselines3.common.callbacks import BaseCallback
@@ -208,7 +218,6 @@ def teacher(algo: str, env_id: str, seed: int, log=print, scale: float = 1.0) ->
     s = sb3_settings(algo, env_id, scale)
     kwargs = dict(s["kwargs"])
     cls = getattr(stable_baselines3, algo.upper())
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp, tmp_stats = path.with_suffix(".tmp.zip"), path.with_suffix(".tmp.pkl")
     every = max(1, s["steps"] // EVALUATIONS)
     starts = int(kwargs.get("learning_starts", 0))

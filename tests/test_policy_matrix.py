@@ -70,7 +70,8 @@ def test_a_training_killed_mid_way_resumes_from_its_checkpoint(tmp_path):
     resumed = int(lines[0].split("resumed at ")[1].split()[0])
     assert 0 < resumed < 12_000 and "of 12000 steps" in lines[0], lines[0]
     assert lines[-1].startswith("trained sb3-td3-Pendulum-v1-seed0-scale0.6.zip")
-    assert sorted(p.name for p in cache.iterdir()) == [path.name]  # the zip; no checkpoint, no .tmp left
+    left = sorted(p.name for p in cache.iterdir())  # the zip and the lock file; no checkpoint, no .tmp left
+    assert left == [path.with_suffix(".lock").name, path.name], left
 
     from stable_baselines3 import TD3
 
