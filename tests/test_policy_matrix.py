@@ -78,6 +78,26 @@ def test_a_training_killed_mid_way_resumes_from_its_checkpoint(tmp_path):
     assert 10_000 <= TD3.load(path, device="cpu").num_timesteps <= 12_000  # evaluated past learning_starts
 
 
+def test_a_second_process_waits_for_the_training_and_reads_its_model(tmp_path, monkeypatch):
+    """Two queues sharing a row must not train one model twice (their checkpoints would overwrite each other's):
+    while another holds the model's lock, teacher() waits, then returns what the other cached, training nothing."""
+    import fcntl
+    import threading
+
+    monkeypatch.setattr(zoo, "CACHE", tmp_path)
+    path = zoo.cache_path("td3", "Pendulum-v1", 0)
+    with open(path.with_suffix(".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(zoo.teacher("td3", "Pendulum-v1", 0, log=got.append)))
+        waiter.start()
+        waiter.join(2.0)
+        assert waiter.is_alive() and not got  # waiting, not training
+        path.write_bytes(b"the other process's model")
+    waiter.join(60)
+    assert got == [path] and path.read_bytes() == b"the other process's model"
+
+
 def _unit(algo, env_id, seed, fp32, random, **cols):
     columns = {"fp32": {"return": fp32, "random": random, "return_ours": fp32, "seconds": 1.0, "dropped": [],
                         "vecnormalize": False}}
