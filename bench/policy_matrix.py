@@ -9,13 +9,14 @@
 
 Rows: PPO and A2C on CartPole-v1, Acrobot-v1, LunarLander-v3, Pendulum-v1, MountainCarContinuous-v0; DQN on the
 three discrete ones; SAC and TD3 on the two continuous ones (LunarLanderContinuous-v3 and SAC on BipedalWalker-v3
-with `--envs`: their RL Zoo budgets are an hour or more per seed). Each policy is trained by Stable-Baselines3 itself with RL Zoo's settings
-(bench/zoo.py, shared with bench/distill.py: where RL Zoo uses gSDE, which we cannot compile, the plain Gaussian;
-`normalize: true` is a VecNormalize saved beside the zip and compiled in with --vecnormalize) and cached in
-~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip. `--scale x` multiplies the training budgets (separate
-cache names and run folder), for trying the script out. CleanRL-style agents too (`--algos cleanrl-dqn,cleanrl-ppo`,
-in the default set): trained as CleanRL's dqn.py and ppo.py train them, with their defaults, on CartPole-v1 and
-Acrobot-v1, and saved as CleanRL saves them (bench/cleanrl_zoo.py; read by the compiler without unpickling).
+with `--envs`: their RL Zoo budgets are an hour or more per seed). Each policy is trained by Stable-Baselines3 itself
+with RL Zoo's settings (bench/zoo.py, shared with bench/distill.py: where RL Zoo uses gSDE, which we cannot compile,
+the plain Gaussian; `normalize: true` is a VecNormalize saved beside the zip and compiled in with --vecnormalize) and
+cached in ~/.cache/bitrl-compile/bench/sb3-<algo>-<env>-seed<S>.zip. `--scale x` multiplies the training budgets
+(separate cache names and run folder), for trying the script out. CleanRL-style agents too (`--algos
+cleanrl-dqn,cleanrl-ppo`, in the default set): trained as CleanRL's dqn.py and ppo.py train them, with their
+defaults, on CartPole-v1 and Acrobot-v1, and saved as CleanRL saves them (bench/cleanrl_zoo.py; read by the
+compiler without unpickling).
 
 Columns, for every seed the mean return of the same deterministic episodes (reset seeds 10000 + i), then mean ±
 std over the seeds, and the score (R - R_random) / (R_fp32 - R_random) (per seed, averaged; R_random: uniform

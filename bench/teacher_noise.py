@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         f"# A teacher's own fragility: {policy_matrix.name_of(a.algo)} {a.env} seed {a.seed}", "",
         (f"`python bench/teacher_noise.py --algo {a.algo} --env {a.env} --seed {a.seed} --episodes {a.episodes} "
-        f"--sigmas {a.sigmas} --draws {a.draws}`: the teacher returns {np.mean(fp32):.1f} (per episode {np.min(fp32):.0f} to "
+        f"--sigmas {a.sigmas} --draws {a.draws}`: the teacher returns {np.mean(fp32):.1f} "
+        f"(per episode {np.min(fp32):.0f} to "
         f"{np.max(fp32):.0f}), a random policy {rnd:.1f}, on {a.episodes} held-out episodes (reset seeds "
         f"{policy_matrix.EVAL_SEED} + i); its returns' standard deviation is {np.std(fp32) / abs(span):.1f} times "
         "the span between them."), "",

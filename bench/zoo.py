@@ -218,7 +218,8 @@ def _train(algo: str, env_id: str, seed: int, log, scale: float, path: Path) -> 
     s = sb3_settings(algo, env_id, scale)
     kwargs = dict(s["kwargs"])
     cls = getattr(stable_baselines3, algo.upper())
-    tmp, tmp_stats = path.with_suffix(".tmp.zip"), path.with_suffix(".tmp.pkl")
+    tmp = path.with_suffix(".tmp.zip")
+    tmp_stats = path.with_suffix(".tmp.pkl") if s["normalize"] else None
     every = max(1, s["steps"] // EVALUATIONS)
     starts = int(kwargs.get("learning_starts", 0))
     checkpoint = Checkpoint(path)
@@ -231,11 +232,11 @@ def _train(algo: str, env_id: str, seed: int, log, scale: float, path: Path) -> 
                 VecNormalize(venv, gamma=kwargs.get("gamma", 0.99)))
         eval_env = VecNormalize(eval_env, training=False, norm_reward=False)
     if state:
-        model = checkpoint.restore(cls, venv, seed + done, tmp, tmp_stats if s["normalize"] else None)
+        model = checkpoint.restore(cls, venv, seed + done, tmp, tmp_stats)
         best = {"score": state["best"], "next": state["next"]}
         log(f"training {path.name}: resumed at {done} of {s['steps']} steps (best {best['score']:.1f})")
     else:
-        for stale in (tmp, tmp_stats):  # a best model of a run that left no checkpoint
+        for stale in (tmp, path.with_suffix(".tmp.pkl")):  # a best model of a run that left no checkpoint
             stale.unlink(missing_ok=True)
         if s["noise"]:
             kwargs["action_noise"] = _action_noise(s["noise"], int(np.prod(venv.action_space.shape)))
@@ -247,7 +248,7 @@ def _train(algo: str, env_id: str, seed: int, log, scale: float, path: Path) -> 
         return clock["before"] + time.perf_counter() - clock["start"]
 
     def save() -> None:
-        checkpoint.save(model, venv if s["normalize"] else None, tmp, tmp_stats if s["normalize"] else None,
+        checkpoint.save(model, venv if s["normalize"] else None, tmp, tmp_stats,
                         {"steps": int(model.num_timesteps), "best": float(best["score"]), "next": best["next"],
                          "seconds": seconds()})
         clock["saved"] = time.perf_counter()
@@ -299,16 +300,13 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.dirs = [path.with_suffix(s) for s in (".ckpt", ".ckpt-old")]
         self.new = path.with_suffix(".ckpt-new")
-
-    def _complete(self) -> Path | None:
-        return next((d for d in self.dirs if (d / "state.json").is_file()), None)
+        self.found = next((d for d in self.dirs if (d / "state.json").is_file()), None)  # the one complete
 
     def state(self) -> dict | None:
-        d = self._complete()
-        return json.loads((d / "state.json").read_text()) if d else None
+        return json.loads((self.found / "state.json").read_text()) if self.found else None
 
     def file(self, name: str) -> Path:
-        return self._complete() / name
+        return self.found / name
 
     def restore(self, cls, venv, seed: int, tmp: Path, tmp_stats: Path | None):
         model = cls.load(str(self.file("model.zip")), env=venv, device="cpu")
@@ -316,10 +314,11 @@ class Checkpoint:
             model.load_replay_buffer(str(self.file("buffer.pkl")))
         model.set_random_seed(seed)
         model._last_obs = None  # learn() resets the new envs instead of stepping from the saved observation
-        for name, to in (("best.zip", tmp), ("best.normalize.pkl", tmp_stats)):  # none before the first evaluation
-            if to is not None:
-                to.unlink(missing_ok=True)  # a best model written after the checkpoint, by the run that stopped
-            if to is not None and self.file(name).is_file():
+        for name, to in (("best.zip", tmp), ("best.normalize.pkl", tmp_stats)):
+            if to is None:
+                continue
+            to.unlink(missing_ok=True)  # a best model written after the checkpoint, by the run that stopped
+            if self.file(name).is_file():  # none before the first evaluation
                 shutil.copyfile(self.file(name), to)
         return model
 
