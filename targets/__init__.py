@@ -32,15 +32,48 @@ class Target:
     cpu_features: tuple[str, ...] = field(default_factory=tuple)  # /proc/cpuinfo flags the code needs
 
 
+# LLVM features a CPU name implies -> the /proc/cpuinfo flag that says this CPU (as the OS shows it) has them. A
+# virtual machine may hide some: a Zen 4 guest without AVX-512 still has LLVM's host CPU name "znver4", whose code
+# would SIGILL there, so the host target switches off what /proc/cpuinfo lacks (`hidden_features`). Switching off
+# avx512f switches off every AVX-512 feature and AMX with it (LLVM's implications).
+HOST_FEATURES = {
+    "x86_64": {"avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512dq": "avx512dq",
+               "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+               "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16", "avxvnni": "avx_vnni",
+               "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi2": "bmi2", "gfni": "gfni", "vaes": "vaes",
+               "vpclmulqdq": "vpclmulqdq"},
+    "aarch64": {"dotprod": "asimddp", "fullfp16": "asimdhp", "i8mm": "i8mm", "bf16": "bf16", "sve": "sve"},
+}
+
+
+def hidden_features(tvm_target: dict, arch: str, flags: set[str]) -> list[str]:
+    """The `mattr` entries ("-avx512f") that switch off what `tvm_target`'s CPU name implies but `flags` (this CPU's
+    /proc/cpuinfo) lack; none when the flags are unknown (empty)."""
+    if not flags:
+        return []
+    import tvm
+    from tvm.target.codegen import target_has_features
+
+    target = tvm.target.Target(tvm_target)
+    return [f"-{feature}" for feature, flag in HOST_FEATURES.get(arch, {}).items()
+            if flag not in flags and target_has_features(feature, target)]
+
+
 def _host_target() -> Target:
     arch = host_arch()
     from tvm.target import codegen
 
+    from bitrl_compile.runtime.tvm_runtime import cpu_flags
+
     tvm_target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
     if arch == "aarch64":
         tvm_target["mtriple"] = "aarch64-linux-gnu"
+    off = hidden_features(tvm_target, arch, cpu_flags())
+    if off:
+        tvm_target["mattr"] = off
     # no cpu_features: they are those of the kernel chosen for this CPU (cpu_flags_needed)
-    return Target("host", f"this machine ({arch}, {tvm_target['mcpu']})", tvm_target, arch, None)
+    hidden = f", without {' '.join(f[1:] for f in off)}" if off else ""
+    return Target("host", f"this machine ({arch}, {tvm_target['mcpu']}{hidden})", tvm_target, arch, None)
 
 
 # LLVM target features of the kernels (KernelSpec.features) -> the /proc/cpuinfo flags that say a CPU has them

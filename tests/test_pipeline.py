@@ -5,6 +5,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import tvm
 
 from bitrl_compile import pipeline, reference, targets
 from bitrl_compile.loaded import LoadedPolicy
@@ -89,6 +90,32 @@ def test_host_artifacts_name_the_cpu_flags_their_kernels_need(tmp_path, monkeypa
         monkeypatch.setattr(policy, "enable_amx", lambda: False)
         with pytest.raises(policy.ArtifactError, match="Linux did not grant this process the AMX state"):
             policy.check_runnable_here(result.manifest, "h.bitrl")
+
+
+def test_the_host_target_never_implies_a_feature_this_cpu_hides():
+    """LLVM names the CPU from cpuid ("znver4"); a virtual machine may hide part of it (a Zen 4 guest without AVX-512).
+    Every feature the host target implies must be one /proc/cpuinfo shows, or its code would SIGILL."""
+    from tvm.target.codegen import target_has_features
+
+    from bitrl_compile.runtime import policy
+
+    host = targets.get_target("host")
+    flags, tvm_target = policy.cpu_flags(), targets.tvm_target(host)
+    implied = {flag for feature, flag in targets.HOST_FEATURES[host.arch].items()
+               if target_has_features(feature, tvm_target)}
+    assert implied <= flags, f"{host.device}: implies {sorted(implied - flags)}"
+
+
+@pytest.mark.skipif(targets.get_target("host").arch != "x86_64", reason="an x86-64 CPU name")
+def test_a_zen4_that_hides_avx512_gets_the_avx2_kernel():
+    zen4 = {"kind": "llvm", "mcpu": "znver4"}
+    avx2_only = {"avx", "avx2", "fma", "f16c", "bmi2", "vaes", "vpclmulqdq"}
+    off = targets.hidden_features(zen4, "x86_64", avx2_only)
+    assert "-avx512f" in off and "-avx2" not in off
+    assert targets.kernel_spec(tvm.target.Target({**zen4, "mattr": off})).isa == "avx2"
+    assert targets.kernel_spec(tvm.target.Target(zen4)).isa == "avx512-vnni"  # what it would pick without
+    every = set(targets.HOST_FEATURES["x86_64"].values())
+    assert targets.hidden_features(zen4, "x86_64", every) == [] and targets.hidden_features(zen4, "x86_64", set()) == []
 
 
 def test_x86_avx2_target_runs_here_bit_exact(tmp_path):
