@@ -520,7 +520,7 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
                       f"{100 * k['score']:.1f} %" if np.isfinite(k["score"]) else "–",
                       f"{k['seconds']:.0f}" if np.isfinite(k["seconds"]) else "–"]
             if np.isfinite(k["seconds"]):  # a row without a --keep result yet is not counted
-                goal.append((name, k))
+                goal.append((name, {**k, "seeds": len(us)}))
         lines.append("| " + " | ".join(cells) + " |")
         secs = []
         for c in columns:
@@ -554,16 +554,17 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
         out += [("† some seeds' --keep pick was scored on the episodes it was picked on (cells measured before "
                  "col_keep's held-out score); those rows are not counted below until measured again."), ""]
     if goal:
-        out.append(goal_line(goal))
+        out.append(goal_line(goal, meta.get("seeds")))
     return "\n".join(out) + "\n"
 
 
-def goal_line(goal: list[tuple[str, dict]]) -> str:
+def goal_line(goal: list[tuple[str, dict]], seeds: int | None = None) -> str:
     """Issue 14's goal, per row of the --keep column: a mean score of at least TARGET on the held-out episodes, every
     seed kept (a seed not kept is a compile that wrote nothing, whatever the mean, which counts the best step's
     return for it), no seed below TARGET by more than two standard errors of its score (`seed_error`; 30 episodes
     of LunarLander leave about ±12 %: a seed cannot be judged at 98 % alone, a row of seeds can), at most
-    POLICY_SECONDS of CPU on every seed."""
+    POLICY_SECONDS of CPU on every seed; with `seeds` (the run's count), a row measured on fewer is listed apart,
+    not counted."""
     def why(k: dict) -> str:
         return ", ".join(x for x in [
             f"{100 * k['score']:.1f} %" if np.isfinite(k["score"]) else "no score", f"{k['seconds']:.0f} s",
@@ -571,17 +572,20 @@ def goal_line(goal: list[tuple[str, dict]]) -> str:
             f"{k['clearly_below']} of {k['below']} seeds below {100 * TARGET:.0f} % beyond their noise"
             if k["clearly_below"] else ""] if x)
 
-    counted = [(n, k) for n, k in goal if not k["old"]]
+    short = {n for n, k in goal if seeds and k["seeds"] < seeds}
+    counted = [(n, k) for n, k in goal if not k["old"] and n not in short]
     ok = [n for n, k in counted if np.isfinite(k["score"]) and k["score"] >= TARGET and k["seconds"] <= POLICY_SECONDS
           and not k["missed"] and not k["clearly_below"]]
     bad = [f"{n} ({why(k)})" for n, k in counted if n not in ok]
     noisy = [f"{n} ({k['below']})" for n, k in counted if n in ok and k["below"]]
-    pending = [n for n, k in goal if k["old"]]
+    pending = [n for n, k in goal if k["old"] and n not in short]
+    partial = [f"{n} ({k['seeds']} of {seeds} seeds, {why(k)})" for n, k in goal if n in short]
     return (f"**Goal** (a mean score ≥ {100 * TARGET:.0f} % on episodes the --keep pick never saw, every seed kept "
             f"and none below {100 * TARGET:.0f} % beyond two standard errors, ≤ {POLICY_SECONDS} s CPU per policy): "
             f"{len(ok)} of {len(counted)} rows met" + (f"; not met: {'; '.join(bad)}" if bad else "")
             + (f"; seeds below {100 * TARGET:.0f} % within their noise: {', '.join(noisy)}" if noisy else "")
-            + (f"; not yet measured held-out: {', '.join(pending)}" if pending else "") + ".")
+            + (f"; not yet measured held-out: {', '.join(pending)}" if pending else "")
+            + (f"; not counted yet, on fewer seeds: {', '.join(partial)}" if short else "") + ".")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -676,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"when": time.strftime("%Y-%m-%d"), "command": "python bench/policy_matrix.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "machine": f"{platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}", "scale": a.scale, "episodes": a.episodes,
-        "minutes": round((time.perf_counter() - t0) / 60, 1),
+        "minutes": round((time.perf_counter() - t0) / 60, 1), "seeds": len(seeds),
         "unavailable": [f"{k}: {v}" for k, v in sorted(unavailable.items())]}
     text = render(units, columns, meta)
     print(text)

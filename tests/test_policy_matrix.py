@@ -134,6 +134,10 @@ def test_the_table_scores_every_column_and_checks_the_goal():
     text = matrix.render(units, ["ptq", "keep"], {"episodes": 10})
     assert "distill ×2, ptq ×1 †" in text and "0 of 1 rows met" in text
     assert "not yet measured held-out: SB3 DQN CartPole-v1" in text
+    # asked for three seeds, a row measured on fewer is listed apart, not counted as met or not
+    text = matrix.render(units, ["ptq", "keep"], {"episodes": 10, "seeds": 3})
+    assert "0 of 0 rows met" in text
+    assert "not counted yet, on fewer seeds: SB3 SAC Pendulum-v1 (1 of 3 seeds, 22.7 %, 200 s, 1 not kept)" in text
 
 
 def _noisy(seed, fp32_returns, keep_returns):
