@@ -558,6 +558,13 @@ def render(units: list[dict], columns: list[str], meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: a count ("5": seeds 0 to 4) or the seeds themselves, comma-separated ("3,4"; one seed: "4,")."""
+    if "," in text:
+        return [int(x) for x in text.split(",") if x.strip()]
+    return list(range(int(text)))
+
+
 def goal_line(goal: list[tuple[str, dict]], seeds: int | None = None) -> str:
     """Issue 14's goal, per row of the --keep column: a mean score of at least TARGET on the held-out episodes, every
     seed kept (a seed not kept is a compile that wrote nothing, whatever the mean, which counts the best step's
@@ -615,8 +622,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated: ppo,a2c,dqn,sac,td3,cleanrl-dqn,cleanrl-ppo")
     p.add_argument("--envs", default=",".join(zoo.ENVS), help="comma-separated env ids (also "
                    + ", ".join(zoo.EXTRA_ENVS) + ")")
-    p.add_argument("--seeds", default="5", help="how many (seeds 0 to N-1), or which: comma-separated (3,4), so "
-                   "queues on several cores can share a row")
+    p.add_argument("--seeds", default="5", help="how many (seeds 0 to N-1), or which: comma-separated (3,4; one "
+                   "seed: 4,), so queues on several cores can share a row")
     p.add_argument("--columns", default=",".join(COLUMNS), help="comma-separated: " + ",".join(COLUMNS))
     p.add_argument("--jobs", type=int, default=1, help="policies measured at once (processes)")
     p.add_argument("--episodes", type=int, default=10)
@@ -644,9 +651,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no settings for {a.algos} on {a.envs} here (bench/zoo.py's ZOO, bench/cleanrl_zoo.py's ENVS)")
     runs = a.runs or (RUNS if a.scale == 1.0 else RUNS.with_name(f"policy_matrix-scale{a.scale:g}"))
     try:
-        seeds = [int(x) for x in a.seeds.split(",")] if "," in a.seeds else list(range(int(a.seeds)))
+        seeds = parse_seeds(a.seeds)
     except ValueError:
-        p.error(f"--seeds {a.seeds}: a count (5) or comma-separated seeds (3,4)")
+        p.error(f"--seeds {a.seeds}: a count (5) or comma-separated seeds (3,4; one seed: 4,)")
     keys = [(algo, env_id, seed) for algo, env_id in rows for seed in seeds]
     opts = {"runs": str(runs), "episodes": a.episodes, "heldout_episodes": a.heldout_episodes,
             "heldout_max": max(a.heldout_max, a.heldout_episodes), "budget": a.budget,

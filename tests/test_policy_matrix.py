@@ -98,6 +98,14 @@ def test_a_second_process_waits_for_the_training_and_reads_its_model(tmp_path, m
     assert got == [path] and path.read_bytes() == b"the other process's model"
 
 
+def test_seeds_are_a_count_or_a_list():
+    assert matrix.parse_seeds("5") == [0, 1, 2, 3, 4] and matrix.parse_seeds("3,4") == [3, 4]
+    assert matrix.parse_seeds("4,") == [4]  # one seed, not seeds 0-3
+    with pytest.raises(SystemExit) as e:
+        matrix.main(["--seeds", "x", "--table-only"])
+    assert e.value.code == 2
+
+
 def _unit(algo, env_id, seed, fp32, random, **cols):
     columns = {"fp32": {"return": fp32, "random": random, "return_ours": fp32, "seconds": 1.0, "dropped": [],
                         "vecnormalize": False}}
