@@ -32,21 +32,21 @@ class Target:
     cpu_features: tuple[str, ...] = field(default_factory=tuple)  # /proc/cpuinfo flags the code needs
 
 
-# LLVM features a CPU name implies -> the /proc/cpuinfo flag that says this CPU (as the OS shows it) has them. A
-# virtual machine may hide some: a Zen 4 guest without AVX-512 still has LLVM's host CPU name "znver4", whose code
-# would SIGILL there, so the host target switches off what /proc/cpuinfo lacks (`hidden_features`). Switching off
-# avx512f switches off every AVX-512 feature and AMX with it (LLVM's implications).
-HOST_FEATURES = {
-    "x86_64": {"avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512dq": "avx512dq",
-               "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
-               "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16", "avxvnni": "avx_vnni",
-               "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi2": "bmi2", "gfni": "gfni", "vaes": "vaes",
-               "vpclmulqdq": "vpclmulqdq"},
-    "aarch64": {"dotprod": "asimddp", "fullfp16": "asimdhp", "i8mm": "i8mm", "bf16": "bf16", "sve": "sve"},
-}
+# LLVM target features -> the /proc/cpuinfo flag that says this CPU (as the OS shows it) has them: for the kernels'
+# features (KernelSpec.features: the flags an artifact needs, `cpu_flags_needed`) and for the host target. A virtual
+# machine may hide some: a Zen 4 guest without AVX-512 still has LLVM's host CPU name "znver4", whose code would
+# SIGILL there, so the host target switches off what /proc/cpuinfo lacks (`hidden_features`). Switching off avx512f
+# switches off every AVX-512 feature and AMX with it (LLVM's implications). A feature of another ISA is never
+# implied (target_has_features is False), so one table serves x86 and ARM.
+CPU_FLAGS = {"amx-int8": "amx_int8", "amx-tile": "amx_tile", "avx512vnni": "avx512_vnni", "avx512bw": "avx512bw",
+             "avx2": "avx2", "neon": "asimd", "dotprod": "asimddp",
+             "avx512f": "avx512f", "avx512vl": "avx512vl", "avx512dq": "avx512dq", "avx512bf16": "avx512_bf16",
+             "avx512fp16": "avx512_fp16", "amx-bf16": "amx_bf16", "avxvnni": "avx_vnni", "fma": "fma", "f16c": "f16c",
+             "bmi2": "bmi2", "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
+             "fullfp16": "asimdhp", "i8mm": "i8mm", "bf16": "bf16", "sve": "sve"}
 
 
-def hidden_features(tvm_target: dict, arch: str, flags: set[str]) -> list[str]:
+def hidden_features(tvm_target: dict, flags: set[str]) -> list[str]:
     """The `mattr` entries ("-avx512f") that switch off what `tvm_target`'s CPU name implies but `flags` (this CPU's
     /proc/cpuinfo) lack; none when the flags are unknown (empty)."""
     if not flags:
@@ -55,7 +55,7 @@ def hidden_features(tvm_target: dict, arch: str, flags: set[str]) -> list[str]:
     from tvm.target.codegen import target_has_features
 
     target = tvm.target.Target(tvm_target)
-    return [f"-{feature}" for feature, flag in HOST_FEATURES.get(arch, {}).items()
+    return [f"-{feature}" for feature, flag in CPU_FLAGS.items()
             if flag not in flags and target_has_features(feature, target)]
 
 
@@ -68,17 +68,12 @@ def _host_target() -> Target:
     tvm_target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
     if arch == "aarch64":
         tvm_target["mtriple"] = "aarch64-linux-gnu"
-    off = hidden_features(tvm_target, arch, cpu_flags())
+    off = hidden_features(tvm_target, cpu_flags())
     if off:
         tvm_target["mattr"] = off
     # no cpu_features: they are those of the kernel chosen for this CPU (cpu_flags_needed)
     hidden = f", without {' '.join(f[1:] for f in off)}" if off else ""
     return Target("host", f"this machine ({arch}, {tvm_target['mcpu']}{hidden})", tvm_target, arch, None)
-
-
-# LLVM target features of the kernels (KernelSpec.features) -> the /proc/cpuinfo flags that say a CPU has them
-CPU_FLAGS = {"amx-int8": "amx_int8", "amx-tile": "amx_tile", "avx512vnni": "avx512_vnni", "avx512bw": "avx512bw",
-             "avx2": "avx2", "neon": "asimd", "dotprod": "asimddp"}
 
 
 TARGETS: dict[str, Target] = {
